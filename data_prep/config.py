@@ -1,0 +1,371 @@
+"""Strict, typed configuration shared by every stage.
+
+YAML (``yaml.safe_load`` only) becomes a tree of frozen dataclasses. Unknown keys, wrong
+types and out-of-range values are rejected with the dotted key and what is allowed, and
+``--set dotted.key=value`` overrides are parsed with YAML scalar rules and then checked the
+same way. ``save_resolved`` writes the resolved config next to every output.
+
+Nothing here imports TensorFlow, Horovod or mpi4py.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping, Sequence
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config problem, always naming the dotted key."""
+
+
+# --------------------------------------------------------------------------- schema
+# ``meta`` on a field: ``min``/``max`` bounds (inclusive), ``doc`` for the reference table.
+
+def _f(default, doc: str = "", lo=None, hi=None, **kw):
+    meta = {"doc": doc, "min": lo, "max": hi}
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def _copy(d):
+    if dataclasses.is_dataclass(d):
+        return dataclasses.replace(d)
+    return type(d)(d)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    csv: str = _f("data/Data_Entry_2017.csv", "NIH metadata CSV (2017 or v2020 schema)")
+    images: str = _f("data", "root below which the PNGs are found by name (flat images/ or Kaggle's images_NNN/images/)")
+    image_size: int = _f(384, "side of the square image fed to the network, pixels", 32, 2048)
+    task: Literal["binary", "multilabel"] = _f("binary", "binary: positive_label vs negatives; multilabel: the 14 findings")
+    positive_label: str = _f("Infiltration", "finding that makes an image positive (binary task)")
+    negative_rule: Literal["no_finding", "all_others"] = _f(
+        "no_finding", "negatives: only 'No Finding' images (the article) or every image without the positive label")
+    official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV when present")
+    max_age: int = _f(120, "ages above this are implausible: the image is kept, its age recorded as unknown", 1, 200)
+
+
+@dataclass(frozen=True)
+class PrepConfig:
+    out: str = _f("prepared", "folder for HDF5 shards and manifest.json")
+    shard_size: int = _f(1024, "images per HDF5 shard", 1, 1_000_000)
+    train_per_class: int = _f(0, "training images per class after balancing (resampling with replacement); 0 = no balancing", 0)
+    val_per_class: int = _f(0, "cap on validation images per class, each image at most once; 0 = all", 0)
+    test_per_class: int = _f(0, "cap on test images per class, each image at most once; 0 = all", 0)
+    val_fraction: float = _f(0.1, "share of patients held out for validation (seeded group split)", 0.0, 0.9)
+    test_fraction: float = _f(0.2, "share of patients held out for test (seeded group split)", 0.0, 0.9)
+    seed: int = _f(42, "seed for the split, balancing and sampling", 0)
+    strict: bool = _f(False, "turn every skipped image into an error")
+    overwrite: bool = _f(False, "replace outputs made with a different config instead of refusing")
+    limit: int = _f(0, "use only the first N rows of the CSV (smoke tests); 0 = all", 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: Literal["vgg16", "vgg19", "resnet50", "densenet121", "tiny"] = _f(
+        "vgg16", "tf.keras.applications backbone, without its top; tiny: a small VGG-shaped net for tests and CI only")
+    weights: str = _f("imagenet", "imagenet (Keras cache, ~/.keras/models), none, or a path to an .h5 weight file")
+    dense_units: int = _f(256, "units of the Dense relu layer of the new head", 1)
+    dropout: float = _f(0.5, "dropout before the classifier", 0.0, 0.99)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    enabled: bool = _f(True, "augment training images in-graph")
+    horizontal_flip: bool = _f(True, "random left-right flip")
+    width_shift: float = _f(0.15, "max horizontal shift, fraction of width", 0.0, 1.0)
+    height_shift: float = _f(0.15, "max vertical shift, fraction of height", 0.0, 1.0)
+    rotation: float = _f(5.0, "max rotation, degrees", 0.0, 180.0)
+    shear: float = _f(0.01, "max shear angle in DEGREES as Keras' shear_range: the article's 0.01 is almost none", 0.0, 45.0)
+    zoom: float = _f(0.1, "zoom drawn from [1-zoom, 1+zoom]", 0.0, 0.9)
+
+
+@dataclass(frozen=True)
+class WarmupConfig:
+    epochs: int = _f(1, "epochs training only the new head (base frozen)", 0, 1000)
+    optimizer: Literal["rmsprop", "adam", "sgd"] = _f("rmsprop", "optimizer of the warm-up phase")
+    lr: float = _f(1e-3, "learning rate for one rank (scaled by the number of ranks)", 0.0, 10.0)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    epochs: int = _f(30, "maximum fine-tune epochs", 0, 10000)
+    freeze: Literal["first_n", "all_conv"] = _f(
+        "first_n", "first_n: freeze the first freeze_first layers (the article's option B); all_conv: option A")
+    freeze_first: int = _f(10, "layers of the backbone kept frozen (counted from its input layer)", 0)
+    optimizer: Literal["sgd", "rmsprop", "adam"] = _f("sgd", "optimizer of the fine-tune phase")
+    lr: float = _f(1e-3, "learning rate for one rank (scaled by the number of ranks)", 0.0, 10.0)
+    momentum: float = _f(0.9, "SGD momentum", 0.0, 1.0)
+    nesterov: bool = _f(True, "Nesterov momentum")
+    decay: float = _f(1e-6, "Keras-1 style decay as inverse-time schedule: lr / (1 + decay * step)", 0.0, 1.0)
+    patience: int = _f(3, "early stopping after this many epochs without val_loss improvement", 0)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = _f(16, "images per rank per step", 1, 4096)
+    seed: int = _f(1234, "seed of shuffling, augmentation and initialisation", 0)
+    scale_lr: bool = _f(True, "multiply learning rates by the number of ranks (Horovod recipe)")
+    lr_warmup_epochs: float = _f(1.0, "epochs over which the scaled learning rate ramps up (Horovod recipe)", 0.0, 100.0)
+    steps_per_epoch: int = _f(0, "cap on steps per epoch (smoke tests); 0 = the whole training split", 0)
+    validation_steps: int = _f(0, "cap on validation steps; 0 = the whole validation split", 0)
+    cache: bool = _f(False, "keep decoded training images in memory after the first epoch")
+    augment: AugmentConfig = _f(AugmentConfig(), "")
+    warmup: WarmupConfig = _f(WarmupConfig(), "")
+    finetune: FinetuneConfig = _f(FinetuneConfig(), "")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    onednn: Literal["auto", "on", "off"] = _f("auto", "TF_ENABLE_ONEDNN_OPTS: on, off, or auto (TensorFlow's default on x86)")
+    intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank; 0 = physical cores per local rank", 0)
+    inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank; 0 = auto (1 or 2)", 0)
+    omp_num_threads: int = _f(0, "OMP_NUM_THREADS per rank; 0 = the intra-op threads", 0)
+    kmp_affinity: str = _f("granularity=fine,compact,1,0", "KMP_AFFINITY for OpenMP builds (intel-tensorflow); empty = unset")
+    kmp_blocktime: int = _f(1, "KMP_BLOCKTIME in ms for OpenMP builds", 0, 10000)
+    data_threads: int = _f(0, "tf.data parallelism; 0 = autotune", 0)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    batch_size: int = _f(32, "images per rank per step", 1, 4096)
+    tta: bool = _f(True, "also evaluate with test-time augmentation")
+    tta_rounds: int = _f(5, "augmented copies averaged per image", 1, 100)
+    bootstrap: int = _f(1000, "bootstrap resamples (by patient) for the AUC interval", 0, 100000)
+    threshold: float = _f(0.5, "probability threshold for the class table", 0.0, 1.0)
+    gradcam_per_group: int = _f(8, "images per Grad-CAM grid (true positives, false positives, false negatives)", 0, 64)
+    checkpoint: Literal["best", "last", "final"] = _f("best", "which model of the run directory to evaluate")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    dir: str = _f("runs/default", "run directory: config, history, checkpoints, model, reports")
+    name: str = _f("", "free text shown in reports")
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = _f(DataConfig(), "")
+    prep: PrepConfig = _f(PrepConfig(), "")
+    model: ModelConfig = _f(ModelConfig(), "")
+    train: TrainConfig = _f(TrainConfig(), "")
+    runtime: RuntimeConfig = _f(RuntimeConfig(), "")
+    eval: EvalConfig = _f(EvalConfig(), "")
+    run: RunConfig = _f(RunConfig(), "")
+
+
+# --------------------------------------------------------------------------- building
+
+def _type_name(tp) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_scalar(key: str, tp, value, meta):
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {', '.join(map(repr, allowed))}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r} ({type(value).__name__})")
+    elif tp is float:
+        if isinstance(value, str):
+            # YAML 1.1 reads "1e-3" (no dot) as a string; take it as the number it plainly is.
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
+        value = float(value)
+    elif tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        rng = f"[{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{key}: {value!r} is out of range; allowed {rng}")
+    return value
+
+
+def _build(cls, data: Mapping[str, Any], prefix: str):
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
+        raise ConfigError(f"{key}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = hints[name]
+        if name not in data:
+            continue
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, key)
+        else:
+            kwargs[name] = _check_scalar(key, tp, value, f.metadata)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str, raw: str):
+    parts = dotted.split(".")
+    cls = Config
+    node = tree
+    for i, part in enumerate(parts):
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        key = ".".join(parts[: i + 1])
+        if part not in fields:
+            raise ConfigError(f"{key}: unknown key in --set; allowed keys here: {', '.join(sorted(fields))}")
+        tp = typing.get_type_hints(cls)[part]
+        if i == len(parts) - 1:
+            if dataclasses.is_dataclass(tp):
+                raise ConfigError(f"{key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+            try:
+                value = yaml.safe_load(raw) if raw != "" else ""
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
+            if tp is str and value is not None and not isinstance(value, str):
+                value = raw  # "--set run.name=123" means the string
+            node[part] = value
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise ConfigError(f"{key}: is a value, not a section")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+        cls = tp
+
+
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
+    out = []
+    for item in overrides or ():
+        if "=" not in item:
+            raise ConfigError(f"{item}: --set expects dotted.key=value")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), v))
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Load a YAML file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"<root>: expected a mapping in {p}, got {type(tree).__name__}")
+    for dotted, raw in parse_overrides(overrides):
+        _set_dotted(tree, dotted, raw)
+    return _build(Config, tree, "")
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(section_dicts: Mapping[str, Any]) -> str:
+    """Stable short hash of the parts of a config that decide an output."""
+    blob = json.dumps(section_dicts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def dump_yaml(cfg) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
+    """Write the resolved config beside an output, atomically."""
+    from data_prep.fsutil import atomic_write_text
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    return atomic_write_text(folder / name, dump_yaml(cfg))
+
+
+def reference_rows(cls=Config, prefix: str = ""):
+    """(dotted key, type, default, doc) for every leaf: the README's config reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from reference_rows(tp, key)
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            yield key, _type_name(tp), default, f.metadata.get("doc", "")
+
+
+def add_config_args(parser, required: bool = True):
+    """The two arguments every command takes."""
+    parser.add_argument("--config", "-c", required=required, help="YAML config file")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by its dotted key, e.g. --set train.batch_size=8 (repeatable)")
+    return parser
+
+
+def config_from_args(args) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def run_cli(main_fn):
+    """Run a command's ``main`` so that a config error is one sentence and exit code 2."""
+    import sys
+
+    try:
+        return main_fn()
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _print_main(argv=None):
+    """``python -m data_prep.config --config C [--set k=v]``: print the resolved config."""
+    import argparse
+
+    parser = add_config_args(argparse.ArgumentParser(description=_print_main.__doc__), required=False)
+    parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key")
+    args = parser.parse_args(argv)
+    if args.reference:
+        print(reference_markdown(), end="")
+        return
+    print(dump_yaml(config_from_args(args)), end="")
+
+
+def reference_markdown() -> str:
+    """The README's config reference, generated from the dataclasses (a test keeps them in sync)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, tp, default, doc in reference_rows():
+        lines.append(f"| `{key}` | {tp} | `{default!r}` | {doc} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    run_cli(_print_main)

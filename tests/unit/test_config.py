@@ -1,0 +1,125 @@
+"""The config loader rejects what it does not know, naming the dotted key."""
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from data_prep.config import (Config, ConfigError, config_hash, dump_yaml, load_config, reference_rows,
+                              save_resolved, to_dict)
+
+
+def write(tmp_path, text, name="c.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_paper_and_demo_load(root):
+    paper = load_config(root / "configs/paper.yaml")
+    assert paper.data.image_size == 384
+    assert paper.model.backbone == "vgg16" and paper.model.weights == "imagenet"
+    assert paper.train.warmup.epochs == 1 and paper.train.warmup.optimizer == "rmsprop"
+    ft = paper.train.finetune
+    assert (ft.optimizer, ft.lr, ft.momentum, ft.nesterov, ft.decay) == ("sgd", 1e-3, 0.9, True, 1e-6)
+    assert (ft.epochs, ft.patience, ft.freeze_first) == (30, 3, 10)
+    aug = paper.train.augment
+    assert (aug.width_shift, aug.height_shift, aug.rotation, aug.zoom) == (0.15, 0.15, 5.0, 0.1)
+    # 5,000 training images per class resampled + 1,000 test per class = the article's 6,000 per class.
+    assert paper.prep.train_per_class + paper.prep.test_per_class == 6000
+    assert 2 * paper.prep.test_per_class == 2000
+    demo = load_config(root / "configs/demo.yaml")
+    assert demo.model.weights == "none"
+    assert demo.data.image_size <= 128
+
+
+def test_defaults_are_frozen():
+    cfg = load_config(None)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.data.image_size = 3
+
+
+def test_unknown_key_names_dotted_key(tmp_path):
+    p = write(tmp_path, "train:\n  warmup:\n    epochz: 2\n")
+    with pytest.raises(ConfigError, match=r"train\.warmup\.epochz: unknown key.*epochs"):
+        load_config(p)
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"^trian: unknown key; allowed keys here: data, eval, model"):
+        load_config(write(tmp_path, "trian: {}\n"))
+
+
+def test_wrong_type_names_dotted_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer, got 'big'"):
+        load_config(write(tmp_path, "train:\n  batch_size: big\n"))
+    with pytest.raises(ConfigError, match=r"train\.finetune\.nesterov: expected true or false"):
+        load_config(write(tmp_path, "train:\n  finetune:\n    nesterov: 1\n"))
+    with pytest.raises(ConfigError, match=r"data: expected a mapping"):
+        load_config(write(tmp_path, "data: 3\n"))
+
+
+def test_out_of_range_and_choices(tmp_path):
+    with pytest.raises(ConfigError, match=r"model\.dropout: 1\.5 is out of range; allowed \[0\.0, 0\.99\]"):
+        load_config(write(tmp_path, "model:\n  dropout: 1.5\n"))
+    with pytest.raises(ConfigError, match=r"model\.backbone: 'alexnet' is not allowed; expected one of 'vgg16'"):
+        load_config(write(tmp_path, "model:\n  backbone: alexnet\n"))
+
+
+def test_set_overrides_are_typed():
+    cfg = load_config(None, ["train.batch_size=8", "train.finetune.lr=2e-3", "model.weights=none",
+                             "run.name=123", "train.finetune.nesterov=false"])
+    assert cfg.train.batch_size == 8
+    assert cfg.train.finetune.lr == pytest.approx(2e-3)
+    assert cfg.model.weights == "none"
+    assert cfg.run.name == "123"
+    assert cfg.train.finetune.nesterov is False
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.batch_size=eight", r"train\.batch_size: expected an integer"),
+    ("train.batchsize=8", r"train\.batchsize: unknown key in --set"),
+    ("train.finetune=3", r"train\.finetune: is a section"),
+    ("train.batch_size.x=3", r"train\.batch_size: is a value"),
+    ("train.batch_size", r"train\.batch_size: --set expects dotted\.key=value"),
+    ("data.image_size=0", r"data\.image_size: 0 is out of range"),
+])
+def test_bad_set(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_resolved_config_round_trips(tmp_path, root):
+    cfg = load_config(root / "configs/paper.yaml", ["train.batch_size=4"])
+    path = save_resolved(cfg, tmp_path / "out")
+    assert path.name == "config.yaml"
+    again = load_config(path)
+    assert again == cfg
+    assert yaml.safe_load(dump_yaml(cfg))["train"]["batch_size"] == 4
+    assert config_hash(to_dict(cfg)) == config_hash(to_dict(again))
+    assert not list((tmp_path / "out").glob(".*tmp"))  # atomic write left no temporary file
+
+
+def test_reference_covers_required_keys():
+    keys = {row[0] for row in reference_rows()}
+    for k in ["data.csv", "data.images", "data.image_size", "prep.out", "run.dir", "model.backbone",
+              "model.weights", "train.batch_size", "train.warmup.epochs", "train.finetune.epochs"]:
+        assert k in keys
+
+
+def test_cli_error_is_one_sentence(tmp_path, root):
+    """A bad config on the command line ends with a message, not a traceback."""
+    p = write(tmp_path, "train:\n  batch_size: big\n")
+    r = subprocess.run([sys.executable, "-m", "data_prep.config", "--config", str(p)],
+                       capture_output=True, text=True, cwd=root)
+    assert r.returncode == 2
+    assert "train.batch_size: expected an integer" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_float_written_without_dot(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  finetune:\n    lr: 1e-3\n"))
+    assert cfg.train.finetune.lr == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match=r"train\.finetune\.lr: expected a number, got 'fast'"):
+        load_config(write(tmp_path, "train:\n  finetune:\n    lr: fast\n"))
