@@ -72,5 +72,14 @@ test-parallel: setup
 test-e2e: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
 
+# The whole pipeline on a generated (synthetic, not medical) data set with 2 local ranks.
+# Rerunning skips what is already complete for the same config.
+demo: setup
+	@if [ ! -f $(DEMO_DIR)/data/Data_Entry_2017.csv ]; then \
+	  $(PY) -m data_prep.synthetic --out $(DEMO_DIR)/data --patients 240 --image-size 128 --seed 0; \
+	else echo ">> $(DEMO_DIR)/data exists: reusing the generated data set"; fi
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m launch pipeline --config configs/demo.yaml --np 2
+	@echo ">> report: $(CURDIR)/$(DEMO_DIR)/run/report.md"
+
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache build *.egg-info
