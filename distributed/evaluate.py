@@ -1,0 +1,440 @@
+"""Evaluate a trained run on the test split: ``cxr-eval`` / ``python -m distributed.evaluate``.
+
+    python -m distributed.evaluate --config C [--set eval.tta_rounds=3 ...]
+    horovodrun -np 4 python -m distributed.evaluate --config C      # or mpirun -np 4 ...
+
+Alone or under a launcher: the test split is divided over the ranks
+(``distributed.data.shard_indices``: rank r takes images r, r+size, ...), every rank predicts
+its share (and its test-time-augmented copies), and rank 0 gathers the (global index,
+probability) pairs, checks that every test image came back exactly once, and writes into
+``run.dir``:
+
+* ``predictions.csv``: one row per test image, in split order (image, patient, view, sex, age,
+  label, probability, tta_probability; per finding for multi-label runs);
+* ``metrics.json``: every number (plain and TTA) and the console tables;
+* ``plots/``: ROC with the patient-bootstrap band, precision-recall, confusion matrix,
+  training curves (per-finding ROC for multi-label runs);
+* ``gradcam/``: Grad-CAM grids of the most confident true positives, false positives and
+  false negatives;
+* ``report.md`` and ``eval_config.yaml``.
+
+Test-time augmentation draws ``eval.tta_rounds`` transforms per image with the training
+augmentation (``distributed.data.augment_images``, ``train.augment``) from a stateless seed of
+(train.seed, round, global image index): the result does not depend on the number of ranks or
+the batch size.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
+from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.log import get_logger
+
+CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
+_SEED_MIX = 1_000_003
+STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "confusion", "history", "roc_per_finding")) + \
+    tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives"))
+
+
+class EvalError(RuntimeError):
+    """A problem with the run directory or the data that the user has to fix."""
+
+
+def checkpoint_path(run_dir, which: str) -> Path:
+    """The model file ``eval.checkpoint`` names in ``run_dir`` (best, last or final)."""
+    run_dir = Path(run_dir)
+    if which not in CHECKPOINTS:
+        raise EvalError(f"eval.checkpoint: {which!r} is not one of {', '.join(CHECKPOINTS)}")
+    p = run_dir / CHECKPOINTS[which]
+    if not p.exists():
+        have = [k for k, v in CHECKPOINTS.items() if (run_dir / v).exists()]
+        hint = (f"; this run has: {', '.join(have)} (--set eval.checkpoint={have[0]})" if have
+                else "; train first (python -m distributed.train --config ...)")
+        raise EvalError(f"eval.checkpoint={which}: {p} does not exist{hint}")
+    return p
+
+
+# --------------------------------------------------------------------------- prediction (every rank)
+
+class Predictor:
+    """Plain and test-time-augmented class probabilities for batches of uint8 images."""
+
+    def __init__(self, model, augment=None, tta_rounds: int = 0, seed: int = 0):
+        import tensorflow as tf
+
+        from distributed.data import augment_images
+
+        self.model = model
+        self.rounds = int(tta_rounds) if augment is not None else 0
+        self.seed = int(seed)
+
+        @tf.function(reduce_retracing=True)
+        def plain(x):
+            return model(x, training=False)
+
+        @tf.function(reduce_retracing=True)
+        def augmented(x, seeds):
+            # one transform per image from its own stateless seed: independent of batch and rank
+            xa = tf.map_fn(lambda a: augment_images(a[0], augment, seed=a[1]), (x, seeds),
+                           fn_output_signature=tf.TensorSpec(x.shape[1:], tf.float32))
+            return model(xa, training=False)
+
+        self._plain, self._augmented = plain, augmented
+
+    def seeds(self, gidx: np.ndarray, r: int) -> np.ndarray:
+        s = np.empty((len(gidx), 2), np.int64)
+        s[:, 0] = self.seed * _SEED_MIX + r
+        s[:, 1] = gidx
+        return s
+
+    def __call__(self, images: np.ndarray, gidx: np.ndarray):
+        x = images.astype(np.float32)[..., None]
+        p = self._plain(x).numpy()
+        if not self.rounds:
+            return p, None
+        acc = np.zeros_like(p, dtype=np.float64)
+        for r in range(self.rounds):
+            acc += self._augmented(x, self.seeds(gidx, r)).numpy()
+        return p, (acc / self.rounds).astype(np.float32)
+
+
+def predict_indices(predictor: Predictor, data, indices: np.ndarray, batch_size: int, log=None):
+    """Probabilities (n, K) (and TTA (n, K) or None) for ``indices`` of ``data``, in that order."""
+    out, out_t = [], []
+    t0, last = time.time(), time.time()
+    for b in range(0, len(indices), batch_size):
+        sel = indices[b:b + batch_size]
+        p, pt = predictor(data.read(sel), sel)
+        out.append(p)
+        if pt is not None:
+            out_t.append(pt)
+        if log is not None and time.time() - last > 30:
+            last = time.time()
+            log.info("predicted %d/%d images of this rank (%.1f img/s)", b + len(sel), len(indices),
+                     (b + len(sel)) / (time.time() - t0))
+    k = predictor.model.output_shape[-1]
+    probs = np.concatenate(out) if out else np.zeros((0, k), np.float32)
+    tta = (np.concatenate(out_t) if out_t else np.zeros((0, k), np.float32)) if predictor.rounds else None
+    return probs.astype(np.float32), (tta.astype(np.float32) if tta is not None else None)
+
+
+def gather_predictions(indices, probs, tta, n: int):
+    """All ranks' (index, probabilities) in split order; checks each image came back once."""
+    from distributed import hvd
+
+    gidx = hvd.allgather(np.asarray(indices, np.int64), name="eval_index")
+    gp = hvd.allgather(np.asarray(probs, np.float32), name="eval_probs")
+    gt = hvd.allgather(np.asarray(tta, np.float32), name="eval_tta") if tta is not None else None
+    order = np.argsort(gidx, kind="stable")
+    if len(gidx) != n or not np.array_equal(gidx[order], np.arange(n)):
+        counts = np.bincount(gidx, minlength=n) if len(gidx) else np.zeros(n, int)
+        raise EvalError(f"gathered {len(gidx)} predictions for {n} test images: "
+                        f"{int((counts == 0).sum())} missing, {int((counts > 1).sum())} duplicated")
+    return gp[order], (gt[order] if gt is not None else None)
+
+
+# --------------------------------------------------------------------------- rank 0: outputs
+
+def _col(name: str) -> str:
+    return name.replace(" ", "_")
+
+
+def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=None) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    base = ["index", "image", "patient", "view", "sex", "age", "label"]
+    if multilabel:
+        head = base + [f"label_{_col(c)}" for c in classes] + [f"probability_{_col(c)}" for c in classes]
+        if tta is not None:
+            head += [f"tta_probability_{_col(c)}" for c in classes]
+    else:
+        head = base + ["probability"] + (["tta_probability"] if tta is not None else [])
+    w.writerow(head)
+    for i in range(len(probs)):
+        row = [i, meta["image_index"][i], int(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
+               int(meta["age"][i])]
+        if multilabel:
+            t = targets[i]
+            row.append("|".join(c for c, v in zip(classes, t) if v) or "No Finding")
+            row += [int(v) for v in t] + [f"{v:.9g}" for v in probs[i]]
+            if tta is not None:
+                row += [f"{v:.9g}" for v in tta[i]]
+        else:
+            row += [int(meta["label"][i]), f"{probs[i, 1]:.9g}"]
+            if tta is not None:
+                row.append(f"{tta[i, 1]:.9g}")
+        w.writerow(row)
+    return buf.getvalue()
+
+
+def _rel(path: Path, base: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)
+
+
+def _strip_curves(m):
+    if isinstance(m, dict):
+        return {k: _strip_curves(v) for k, v in m.items() if k != "curves"}
+    return m
+
+
+def gradcam_groups(y, p, threshold: float, k: int) -> dict:
+    """Indices of the ``k`` most confident true positives, false positives, false negatives."""
+    y, p = np.asarray(y), np.asarray(p)
+    pos = p >= threshold
+    tp = np.flatnonzero((y == 1) & pos)
+    fp = np.flatnonzero((y == 0) & pos)
+    fn = np.flatnonzero((y == 1) & ~pos)
+    return {"true_positives": tp[np.argsort(-p[tp], kind="stable")][:k],
+            "false_positives": fp[np.argsort(-p[fp], kind="stable")][:k],
+            "false_negatives": fn[np.argsort(p[fn], kind="stable")][:k]}
+
+
+def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, threshold, per_group, log) -> tuple[dict, str]:
+    from distributed.gradcam import GradCAM, overlay, save_grid
+
+    cam = GradCAM(model)
+    out = {}
+    if multilabel:  # (image, finding) pairs, the CAM of that finding
+        flat_y, flat_p = np.asarray(Y).ravel(), np.asarray(P).ravel()
+        groups = gradcam_groups(flat_y, flat_p, threshold, per_group)
+        groups = {g: [(int(f // P.shape[1]), int(f % P.shape[1])) for f in v] for g, v in groups.items()}
+    else:
+        groups = {g: [(int(i), 1) for i in v] for g, v in gradcam_groups(Y, P[:, 1], threshold, per_group).items()}
+    titles = {"true_positives": "Most confident true positives", "false_positives": "Most confident false positives",
+              "false_negatives": "Most confident false negatives"}
+    for g, pairs in groups.items():
+        if not pairs:
+            log.info("Grad-CAM: no %s", g.replace("_", " "))
+            continue
+        idx = np.array([i for i, _ in pairs])
+        cls = np.array([c for _, c in pairs])
+        imgs = data.read(idx)
+        heats = cam(imgs, cls)
+        tiles = [overlay(im, h) for im, h in zip(imgs, heats)]
+        caps = []
+        for (i, c) in pairs:
+            name = f"{classes[c]} " if multilabel else ""
+            caps.append(f"{meta['image_index'][i]} {meta['view'][i]}\n{name}p={P[i, c]:.3f}")
+        label = classes[1] if not multilabel else "finding"
+        rel = f"gradcam/{g}.png"
+        save_grid(run_dir / rel, tiles, caps, title=f"{titles[g]} ({label}, threshold {threshold:g}, "
+                                                       f"layer {cam.layer_name})")
+        out[g] = rel
+    return out, cam.layer_name
+
+
+def console_text(metrics: dict) -> str:
+    from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
+
+    plain, tta = metrics["plain"], metrics.get("tta")
+    lines = [f"Test split: {metrics['n']} images, {plain['patients']} patients; model {metrics['model']} "
+             f"({metrics['checkpoint']}); {metrics['ranks']} rank(s)", ""]
+    if metrics["task"] == "binary":
+        left = format_class_table(plain["report"], title="without test-time augmentation")
+        if tta:
+            right = format_class_table(tta["report"], title=f"with test-time augmentation ({metrics['tta_rounds']} rounds)")
+            lines.append(format_side_by_side(left, right))
+        else:
+            lines.append(left)
+        lines += ["", "plain: " + format_auc_line(plain)]
+        if tta:
+            lines.append("TTA:   " + format_auc_line(tta))
+        for g, vals in plain.get("subgroups", {}).items():
+            parts = []
+            for k, v in vals.items():
+                t = (tta or {}).get("subgroups", {}).get(g, {}).get(k, {}) if tta else {}
+                a = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
+                if tta and t.get("auc") is not None:
+                    a += f" (TTA {t['auc']:.3f})"
+                parts.append(f"{k} {a}, n={v['n']}")
+            lines.append(f"AUC by {g}: " + "; ".join(parts))
+    else:
+        lines.append(format_auc_table(plain, tta))
+        lines += ["", format_class_table(plain["report"], title=f"per finding at threshold {plain['threshold']:g}")]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- the command
+
+def evaluate(cfg) -> dict | None:
+    """Run the evaluation described by ``cfg``; returns the metrics on rank 0, None elsewhere.
+    Thread settings (``distributed.tuning.apply``) must be in place before TensorFlow starts."""
+    from distributed import hvd
+
+    hvd.init()
+    rank, size = hvd.rank(), hvd.size()
+    run_dir = Path(cfg.run.dir)
+    log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
+    t_start = time.time()
+
+    from data_prep.manifest import load_manifest
+    from distributed.data import SplitData, shard_indices
+    from distributed.model import load_model
+
+    model_path = checkpoint_path(run_dir, cfg.eval.checkpoint)
+    manifest = load_manifest(cfg.prep.out)
+    data = SplitData(cfg.prep.out, "test", manifest=manifest)
+    if data.n == 0:
+        raise EvalError(f"{cfg.prep.out}: the test split is empty")
+    multilabel = data.multilabel
+    classes = data.classes
+    model = load_model(model_path)
+    in_size = model.input_shape[1]
+    if in_size is not None and in_size != data.image_size:
+        raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
+    n_out = int(model.output_shape[-1])
+    if n_out != data.num_classes:
+        raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
+    if data.n < size:
+        log.warning("%d test images for %d ranks: some ranks predict nothing", data.n, size)
+    tta_rounds = cfg.eval.tta_rounds if cfg.eval.tta else 0
+    if tta_rounds and not cfg.train.augment.enabled:
+        log.warning("train.augment.enabled is false: TTA still uses the train.augment transform ranges")
+    log.info("evaluating %s on %d test images over %d rank(s), batch %d per rank, TTA %s",
+             model_path, data.n, size, cfg.eval.batch_size, f"{tta_rounds} rounds" if tta_rounds else "off")
+
+    predictor = Predictor(model, cfg.train.augment if tta_rounds else None, tta_rounds, cfg.train.seed)
+    mine = shard_indices(data.n, rank, size)
+    t0 = time.time()
+    probs, tta = predict_indices(predictor, data, mine, cfg.eval.batch_size, log)
+    t_pred = time.time() - t0
+    probs, tta = gather_predictions(mine, probs, tta, data.n)
+    secs = hvd.allgather(np.array([t_pred], np.float64), name="eval_seconds")
+    if rank != 0:
+        data.close()
+        return None
+    log.info("predictions gathered: %d images (slowest rank %.1f s, %.1f img/s overall)", data.n,
+             float(secs.max()), data.n * (1 + tta_rounds) / max(float(secs.max()), 1e-9))
+    try:
+        return _write_outputs(cfg, run_dir, model, model_path, manifest, data, classes, multilabel, probs, tta,
+                              tta_rounds, size, t_start, secs, log)
+    finally:
+        data.close()
+
+
+def _write_outputs(cfg, run_dir, model, model_path, manifest, data, classes, multilabel, probs, tta, tta_rounds,
+                   size, t_start, secs, log) -> dict:
+    from distributed import metrics as M
+    from distributed import plots
+    from distributed.report import write_report
+
+    meta = data.metadata()
+    groups = np.asarray(meta["patient_id"])
+    subgroups = {"view": meta["view"], "sex": meta["sex"]}
+    threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
+    atomic_write_text(run_dir / "predictions.csv",
+                      predictions_csv(meta, classes, multilabel, probs, tta, data.targets if multilabel else None))
+
+    if multilabel:
+        Y = data.targets.astype(int)
+
+        def one(P):
+            return M.multilabel_metrics(Y, P, class_names=classes, threshold=threshold, groups=groups,
+                                        n_boot=n_boot, seed=seed, subgroups=subgroups)
+    else:
+        Y = np.asarray(meta["label"]).astype(int)
+        if not set(np.unique(Y)).issubset({0, 1}):
+            raise EvalError(f"binary test labels must be 0/1, found {sorted(set(np.unique(Y)))}")
+
+        def one(P):
+            return M.binary_metrics(Y, P[:, 1], class_names=classes, threshold=threshold, groups=groups,
+                                    subgroups=subgroups, n_boot=n_boot, seed=seed)
+    t0 = time.time()
+    plain = one(probs)
+    tta_m = one(tta) if tta is not None else None
+    t_metrics = time.time() - t0
+
+    # plots (files of an earlier evaluation that this one would not rewrite are removed first)
+    for rel in STALE_OUTPUTS:
+        (run_dir / rel).unlink(missing_ok=True)
+    plot_files = {}
+    pdir = run_dir / "plots"
+    try:
+        if multilabel:
+            plots.plot_multilabel_roc(pdir / "roc_per_finding.png", plain)
+            plot_files["roc_per_finding"] = "plots/roc_per_finding.png"
+        else:
+            curves = [("plain", plain)] + ([(f"TTA x{tta_rounds}", tta_m)] if tta_m else [])
+            if plain.get("curves"):
+                plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
+                plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
+                plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
+            plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
+                                 title=f"Confusion matrix (threshold {threshold:g})")
+            plot_files["confusion"] = "plots/confusion.png"
+        if plots.plot_history(pdir / "history.png", run_dir / "history.csv", cfg.train.warmup.epochs):
+            plot_files["history"] = "plots/history.png"
+        else:
+            log.warning("no %s: no training curves", run_dir / "history.csv")
+    except Exception as e:  # noqa: BLE001 - a plot never costs the evaluation
+        log.warning("plots incomplete: %s: %s", type(e).__name__, e)
+
+    # Grad-CAM
+    cam_files, cam_layer = {}, None
+    if cfg.eval.gradcam_per_group > 0:
+        try:
+            cam_files, cam_layer = make_gradcam(run_dir, model, data, meta, classes, multilabel, Y, probs, threshold,
+                                                cfg.eval.gradcam_per_group, log)
+        except Exception as e:  # noqa: BLE001
+            log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
+
+    metrics = {
+        "format": 1, "task": "multilabel" if multilabel else "binary", "classes": classes,
+        "positive_class": None if multilabel else classes[1], "model": _rel(model_path, run_dir),
+        "checkpoint": cfg.eval.checkpoint, "image_size": data.image_size, "n": data.n, "ranks": size,
+        "threshold": threshold, "tta_rounds": tta_rounds, "bootstrap": n_boot, "bootstrap_by": "patient",
+        "seconds": time.time() - t_start,
+        "timings": {"predict_per_rank": secs.tolist(), "metrics": t_metrics},
+        "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
+    }
+    text = console_text(metrics)
+    metrics["console"] = text
+    atomic_write_json(run_dir / "metrics.json", _strip_curves(metrics))
+    print(text, flush=True)
+    save_resolved(cfg, run_dir, "eval_config.yaml")
+    write_report(run_dir, cfg=cfg, manifest=manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
+                 config_yaml=dump_yaml(cfg), console=text)
+    log.info("wrote predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)", run_dir,
+             time.time() - t_start)
+    return metrics
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="cxr-eval", description=__doc__.split("\n\n")[0])
+    add_config_args(parser)
+    args = parser.parse_args(argv)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        print(f"cxr-eval: config error: {e}", file=sys.stderr)
+        return 2
+    from distributed import tuning
+
+    plan = tuning.apply(cfg.runtime)
+    tuning.configure_tensorflow(plan)
+    from data_prep.manifest import ManifestError
+
+    try:
+        evaluate(cfg)
+    except (EvalError, ManifestError, FileNotFoundError) as e:
+        print(f"cxr-eval: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        from distributed import hvd
+        hvd.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,345 @@
+"""Evaluation metrics: pure numpy and scikit-learn, no TensorFlow.
+
+Everything here works on plain arrays so that a test can recompute any number of
+``metrics.json`` from ``predictions.csv`` with scikit-learn alone.
+
+* :func:`binary_metrics` -- the article's table (precision, recall, F1, support per class,
+  macro/weighted averages, accuracy) at a threshold, ROC AUC with a 95% bootstrap interval
+  resampled **by patient**, Youden's threshold, the confusion matrix, and AUC per subgroup
+  (view, sex) where both classes are present.
+* :func:`multilabel_metrics` -- per-finding AUC with patient-bootstrap intervals and the mean
+  AUC, in the form of CheXNet's table, plus the per-finding table at a threshold.
+* :func:`format_class_table`, :func:`format_side_by_side`, :func:`format_auc_table` -- text
+  tables for the console and the report.
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
+                             confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
+
+# AUROC of CheXNet (Rajpurkar et al. 2017, table 1) on its own patient split of ChestX-ray14:
+# a reference point only, never a like-for-like comparison.
+CHEXNET_AUC = {
+    "atelectasis": 0.8094, "cardiomegaly": 0.9248, "effusion": 0.8638, "infiltration": 0.7345,
+    "mass": 0.8676, "nodule": 0.7802, "pneumonia": 0.7680, "pneumothorax": 0.8887,
+    "consolidation": 0.7901, "edema": 0.8878, "emphysema": 0.9371, "fibrosis": 0.8047,
+    "pleural thickening": 0.8062, "hernia": 0.9164,
+}
+
+FPR_GRID = np.linspace(0.0, 1.0, 101)
+
+
+def _norm_name(name: str) -> str:
+    return str(name).replace("_", " ").strip().lower()
+
+
+def _clean(x):
+    """Floats for JSON: NaN/inf become None."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def both_classes(y) -> bool:
+    y = np.asarray(y)
+    return y.size > 0 and (y == 1).any() and (y == 0).any()
+
+
+def auc(y, p) -> float | None:
+    """ROC AUC (scikit-learn), or None when only one class is present."""
+    y = np.asarray(y).astype(int)
+    if not both_classes(y):
+        return None
+    return float(roc_auc_score(y, np.asarray(p, dtype=np.float64)))
+
+
+# --------------------------------------------------------------------------- bootstrap by patient
+
+class _TieGroups:
+    """Scores grouped into descending tie groups, so that a weighted ROC/AUC per bootstrap
+    resample is a few bincounts and cumulative sums (no sort per resample)."""
+
+    def __init__(self, y, p):
+        self.y = np.asarray(y).astype(np.float64)
+        p = np.asarray(p, dtype=np.float64)
+        _, self.inv = np.unique(-p, return_inverse=True)  # group 0 = highest score
+        self.n_groups = int(self.inv.max()) + 1 if p.size else 0
+
+    def group_sums(self, w):
+        wp = np.bincount(self.inv, weights=w * self.y, minlength=self.n_groups)
+        wn = np.bincount(self.inv, weights=w * (1.0 - self.y), minlength=self.n_groups)
+        return wp, wn
+
+    def auc(self, w) -> float:
+        wp, wn = self.group_sums(w)
+        tp, tn = wp.sum(), wn.sum()
+        if tp <= 0 or tn <= 0:
+            return float("nan")
+        below = tn - np.cumsum(wn)  # negative weight strictly below each group's score
+        return float((wp * (below + 0.5 * wn)).sum() / (tp * tn))
+
+    def roc(self, w):
+        wp, wn = self.group_sums(w)
+        tp, tn = wp.sum(), wn.sum()
+        if tp <= 0 or tn <= 0:
+            return None
+        fpr = np.concatenate([[0.0], np.cumsum(wn) / tn])
+        tpr = np.concatenate([[0.0], np.cumsum(wp) / tp])
+        return fpr, tpr
+
+
+def weighted_auc(y, p, w=None) -> float:
+    """ROC AUC with sample weights (ties count one half); equals roc_auc_score(sample_weight=w)."""
+    y = np.asarray(y)
+    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
+    return _TieGroups(y, p).auc(w)
+
+
+def patient_resample_weights(groups, n_boot: int, seed: int = 0):
+    """Yield, per resample, how often each image is drawn when PATIENTS are drawn with
+    replacement (all images of a drawn patient come along; a patient drawn twice counts twice)."""
+    _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
+    n_pat = int(g_inv.max()) + 1 if g_inv.size else 0
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        counts = np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat)
+        yield counts[g_inv].astype(np.float64)
+
+
+def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                  roc_band: bool = False) -> dict:
+    """Percentile interval of the ROC AUC over ``n_boot`` resamples of patients.
+
+    Resamples with a single class are skipped and counted. With ``roc_band`` also returns the
+    pointwise ``level`` band of the TPR on :data:`FPR_GRID`.
+    """
+    y = np.asarray(y).astype(int)
+    out = {"n_boot": int(n_boot), "n_valid": 0, "level": level, "low": None, "high": None,
+           "std": None, "by": "patient"}
+    if n_boot <= 0 or not both_classes(y):
+        return out
+    tg = _TieGroups(y, p)
+    aucs, tprs = [], []
+    for w in patient_resample_weights(groups, n_boot, seed):
+        a = tg.auc(w)
+        if not math.isfinite(a):
+            continue
+        aucs.append(a)
+        if roc_band:
+            fpr, tpr = tg.roc(w)
+            tprs.append(np.interp(FPR_GRID, fpr, tpr))
+    if not aucs:
+        return out
+    aucs = np.asarray(aucs)
+    q = (1.0 - level) / 2.0 * 100.0
+    out.update(n_valid=int(aucs.size), low=float(np.percentile(aucs, q)),
+               high=float(np.percentile(aucs, 100.0 - q)), std=float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0)
+    if roc_band:
+        t = np.asarray(tprs)
+        out["roc_band"] = {"fpr": FPR_GRID.tolist(), "tpr_low": np.percentile(t, q, axis=0).tolist(),
+                           "tpr_high": np.percentile(t, 100.0 - q, axis=0).tolist()}
+    return out
+
+
+# --------------------------------------------------------------------------- thresholds, tables
+
+def youden(y, p) -> dict:
+    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on the ROC curve."""
+    y = np.asarray(y).astype(int)
+    if not both_classes(y):
+        return {"threshold": None, "j": None, "sensitivity": None, "specificity": None}
+    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64))
+    j = tpr - fpr
+    i = int(np.argmax(j))
+    t = float(min(thr[i], 1.0))  # roc_curve's first threshold is +inf
+    return {"threshold": t, "j": float(j[i]), "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
+
+
+def class_table(y, pred, class_names: Sequence[str]) -> dict:
+    """scikit-learn's classification_report as a dict: per class and the averages."""
+    labels = list(range(len(class_names)))
+    rep = classification_report(np.asarray(y).astype(int), np.asarray(pred).astype(int), labels=labels,
+                                target_names=list(class_names), output_dict=True, zero_division=0)
+    out = {}
+    for k, v in rep.items():
+        if isinstance(v, Mapping):
+            out[k] = {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                      "f1-score": float(v["f1-score"]), "support": int(v["support"])}
+        else:
+            out[k] = float(v)
+    if "accuracy" not in out:  # sklearn drops it when 'micro avg' replaces it
+        out["accuracy"] = float(accuracy_score(np.asarray(y).astype(int), np.asarray(pred).astype(int)))
+    return out
+
+
+def subgroup_auc(y, p, keys) -> dict:
+    """AUC for every value of ``keys`` (e.g. view, sex); None where one class is missing."""
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    keys = np.asarray(keys).astype(str)
+    out = {}
+    for k in sorted(set(keys.tolist())):
+        m = keys == k
+        out[k] = {"n": int(m.sum()), "positives": int(y[m].sum()), "auc": auc(y[m], p[m])}
+        if out[k]["auc"] is None:
+            out[k]["note"] = "one class only: AUC undefined"
+    return out
+
+
+def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"), threshold: float = 0.5,
+                   groups=None, subgroups: Mapping[str, Iterable] | None = None, n_boot: int = 1000,
+                   seed: int = 0, curves: bool = True) -> dict:
+    """Every number of the binary evaluation for one probability column.
+
+    ``p`` is the probability of class 1 (``class_names[1]``); an image is predicted positive
+    when ``p >= threshold``. ``groups`` are patient ids for the bootstrap (each image its own
+    patient when None).
+    """
+    y = np.asarray(y).astype(int)
+    p = np.asarray(p, dtype=np.float64)
+    if groups is None:
+        groups = np.arange(len(y))
+    pred = (p >= threshold).astype(int)
+    yd = youden(y, p)
+    boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed, roc_band=curves)
+    band = boot.pop("roc_band", None)
+    m = {
+        "n": int(len(y)),
+        "positives": int(y.sum()),
+        "patients": int(len(np.unique(np.asarray(groups)))),
+        "threshold": float(threshold),
+        "report": class_table(y, pred, class_names),
+        "confusion_matrix": confusion_matrix(y, pred, labels=[0, 1]).tolist(),
+        "auc": auc(y, p),
+        "auc_ci": boot,
+        "average_precision": _clean(average_precision_score(y, p)) if both_classes(y) else None,
+        "youden": yd,
+    }
+    if yd["threshold"] is not None:
+        pred_y = (p >= yd["threshold"]).astype(int)
+        m["youden"]["accuracy"] = float(accuracy_score(y, pred_y))
+    m["subgroups"] = {name: subgroup_auc(y, p, keys) for name, keys in (subgroups or {}).items()}
+    if curves and both_classes(y):
+        fpr, tpr, _ = roc_curve(y, p)
+        prec, rec, _ = precision_recall_curve(y, p)
+        m["curves"] = {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()},
+                       "pr": {"precision": prec.tolist(), "recall": rec.tolist()},
+                       "roc_band": band}
+    return m
+
+
+def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,
+                       n_boot: int = 1000, seed: int = 0, subgroups: Mapping[str, Iterable] | None = None,
+                       curves: bool = True) -> dict:
+    """Per-finding AUC (patient-bootstrap interval), mean AUC, and the per-finding table at a
+    threshold. ``Y`` is (N, K) 0/1, ``P`` (N, K) sigmoid probabilities."""
+    Y = np.asarray(Y).astype(int)
+    P = np.asarray(P, dtype=np.float64)
+    if groups is None:
+        groups = np.arange(len(Y))
+    findings = {}
+    for k, name in enumerate(class_names):
+        y, p = Y[:, k], P[:, k]
+        boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed + k, roc_band=False)
+        f = {"positives": int(y.sum()), "auc": auc(y, p), "auc_ci": boot,
+             "chexnet_auc": CHEXNET_AUC.get(_norm_name(name))}
+        f["subgroups"] = {g: subgroup_auc(y, p, keys) for g, keys in (subgroups or {}).items()}
+        if curves and both_classes(y):
+            fpr, tpr, _ = roc_curve(y, p)
+            f["curves"] = {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+        findings[name] = f
+    aucs = [f["auc"] for f in findings.values() if f["auc"] is not None]
+    pred = (P >= threshold).astype(int)
+    rep = classification_report(Y, pred, labels=list(range(len(class_names))), target_names=list(class_names),
+                                output_dict=True, zero_division=0)
+    report = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                  "f1-score": float(v["f1-score"]), "support": int(v["support"])} for k, v in rep.items()}
+    report["accuracy"] = float(accuracy_score(Y, pred))  # exact match of all findings (subset accuracy)
+    return {"n": int(len(Y)), "patients": int(len(np.unique(np.asarray(groups)))), "threshold": float(threshold),
+            "findings": findings, "mean_auc": float(np.mean(aucs)) if aucs else None,
+            "findings_with_auc": len(aucs), "report": report}
+
+
+# --------------------------------------------------------------------------- text tables
+
+def _fmt(x, digits=2):
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def format_class_table(report: Mapping, digits: int = 2, title: str | None = None) -> str:
+    """A classification_report-style table from :func:`class_table`'s dict."""
+    rows = [k for k, v in report.items() if isinstance(v, Mapping) and not k.endswith(" avg")]
+    avgs = [k for k, v in report.items() if isinstance(v, Mapping) and k.endswith(" avg")]
+    width = max([len(r) for r in rows + avgs] + [len("weighted avg")])
+    head = f"{'':>{width}} {'precision':>9} {'recall':>9} {'f1-score':>9} {'support':>9}"
+    lines = ([title] if title else []) + [head, ""]
+    for r in rows:
+        v = report[r]
+        lines.append(f"{r:>{width}} {v['precision']:>9.{digits}f} {v['recall']:>9.{digits}f} "
+                     f"{v['f1-score']:>9.{digits}f} {v['support']:>9d}")
+    lines.append("")
+    if "accuracy" in report:
+        support = sum(report[r]["support"] for r in rows) if not avgs else report[avgs[0]]["support"]
+        lines.append(f"{'accuracy':>{width}} {'':>9} {'':>9} {report['accuracy']:>9.{digits}f} {support:>9d}")
+    for r in avgs:
+        v = report[r]
+        lines.append(f"{r:>{width}} {v['precision']:>9.{digits}f} {v['recall']:>9.{digits}f} "
+                     f"{v['f1-score']:>9.{digits}f} {v['support']:>9d}")
+    return "\n".join(lines)
+
+
+def format_auc_line(m: Mapping, digits: int = 3) -> str:
+    ci = m.get("auc_ci") or {}
+    s = f"ROC AUC {_fmt(m.get('auc'), digits)}"
+    if ci.get("low") is not None:
+        s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, "
+              f"{ci['n_valid']} bootstrap resamples by patient)")
+    yd = m.get("youden") or {}
+    s += f"; threshold {m.get('threshold')}"
+    if yd.get("threshold") is not None:
+        s += (f"; Youden threshold {yd['threshold']:.3f} (sensitivity {yd['sensitivity']:.2f}, "
+              f"specificity {yd['specificity']:.2f})")
+    return s
+
+
+def format_side_by_side(left: str, right: str, gap: int = 6) -> str:
+    """Two text blocks next to each other (the plain and the TTA table)."""
+    a, b = left.splitlines(), right.splitlines()
+    w = max((len(x) for x in a), default=0)
+    n = max(len(a), len(b))
+    a += [""] * (n - len(a))
+    b += [""] * (n - len(b))
+    return "\n".join(f"{x:<{w}}{' ' * gap}{y}".rstrip() for x, y in zip(a, b))
+
+
+def format_auc_table(ml: Mapping, tta: Mapping | None = None, digits: int = 3) -> str:
+    """CheXNet-style per-finding AUROC table (text)."""
+    names = list(ml["findings"])
+    w = max(len("Pathology"), max((len(n) for n in names), default=0))
+    head = f"{'Pathology':<{w}}  {'AUROC':>6}  {'95% CI':>13}"
+    if tta:
+        head += f"  {'TTA':>6}"
+    head += f"  {'pos.':>5}  {'CheXNet':>7}"
+    lines = [head, "-" * len(head)]
+    for n in names:
+        f = ml["findings"][n]
+        ci = f["auc_ci"]
+        cis = f"{_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}" if ci.get("low") is not None else "-"
+        line = f"{n:<{w}}  {_fmt(f['auc'], digits):>6}  {cis:>13}"
+        if tta:
+            line += f"  {_fmt(tta['findings'][n]['auc'], digits):>6}"
+        line += f"  {f['positives']:>5d}  {_fmt(f['chexnet_auc'], 4):>7}"
+        lines.append(line)
+    lines.append("-" * len(head))
+    tail = f"{'Mean AUROC':<{w}}  {_fmt(ml['mean_auc'], digits):>6}  {'':>13}"
+    if tta:
+        tail += f"  {_fmt(tta['mean_auc'], digits):>6}"
+    ref = [v for k, v in CHEXNET_AUC.items() if k in {_norm_name(n) for n in names}]
+    tail += f"  {'':>5}  {_fmt(float(np.mean(ref)) if ref else None, 4):>7}"
+    lines.append(tail)
+    return "\n".join(lines)

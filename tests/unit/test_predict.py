@@ -1,0 +1,113 @@
+"""cxr-predict on the real NIH fixtures, an RGBA and a 16-bit file, and a corrupt one."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+from PIL import Image  # noqa: E402
+
+import data_prep.imaging  # noqa: E402
+from data_prep.config import load_config, save_resolved  # noqa: E402
+from distributed import predict  # noqa: E402
+from distributed.model import build_model, load_model  # noqa: E402
+
+S = 64
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A run directory shaped like the contract: config.yaml and model.keras (untrained tiny)."""
+    d = tmp_path_factory.mktemp("run")
+    cfg = load_config(None, ["model.backbone=tiny", "model.weights=none", "model.dense_units=8",
+                             f"data.image_size={S}", f"run.dir={d}", f"prep.out={d / 'no-prep'}",
+                             "data.positive_label=Effusion", "eval.threshold=0.3"])
+    tf.keras.utils.set_random_seed(0)
+    build_model(cfg.model, S, 2).save(d / "model.keras")
+    save_resolved(cfg, d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory, fixtures):
+    d = tmp_path_factory.mktemp("imgs")
+    gray = np.asarray(Image.open(fixtures / "00000001_000.png").convert("L"))
+    rgba = np.dstack([gray, gray, gray, np.full_like(gray, 200)])[:, :400]       # 400 x 512 (W x H)
+    Image.fromarray(rgba, "RGBA").save(d / "rgba.png")
+    Image.fromarray((gray.astype(np.uint16) * 257)[:300], "I;16").save(d / "x16.png")  # 512 x 300
+    (d / "corrupt.png").write_bytes((fixtures / "00027426_000.png").read_bytes()[:2500])
+    return {"nih1": str(fixtures / "00000001_000.png"), "nih2": str(fixtures / "00027426_000.png"),
+            "rgba": str(d / "rgba.png"), "x16": str(d / "x16.png"), "corrupt": str(d / "corrupt.png"), "dir": d}
+
+
+def test_uses_the_one_preprocessing_function():
+    assert predict.load_xray is data_prep.imaging.load_xray
+
+
+def test_all_kinds_of_input_with_overlays(run_dir, images, tmp_path, capsys):
+    files = [images[k] for k in ("nih1", "nih2", "rgba", "x16")]
+    cams = tmp_path / "cams"
+    rc = predict.main(["--model", str(run_dir), *files, "--json", "--gradcam", str(cams)])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["failed"] == 0
+    assert out["image_size"] == S and out["classes"] == ["No Finding", "Effusion"] and out["threshold"] == 0.3
+    by = {r["file"]: r for r in out["results"]}
+    assert by[images["rgba"]]["converted_from"] == "RGBA" and by[images["x16"]]["bits"] == 16
+    model = load_model(str(run_dir / "model.keras"))
+    for f in files:
+        r = by[f]
+        assert 0.0 <= r["probability"] <= 1.0
+        assert r["prediction"] == ("Effusion" if r["probability"] >= 0.3 else "No Finding")
+        # the same number as the model on load_xray's output
+        x, _ = data_prep.imaging.load_xray(f, S)
+        ref = model.predict(x[None, ..., None].astype(np.float32), verbose=0)[0, 1]
+        assert r["probability"] == pytest.approx(float(ref), abs=1e-5)
+        with Image.open(f) as src, Image.open(r["gradcam"]) as ov:
+            assert ov.size == src.size and ov.mode == "RGB"
+        assert os.path.dirname(r["gradcam"]) == str(cams)
+
+
+def test_corrupt_file_is_reported_and_the_rest_still_run(run_dir, images, capsys):
+    rc = predict.main(["--model", str(run_dir / "model.keras"), images["nih1"], images["corrupt"],
+                       str(images["dir"] / "missing.png"), images["x16"]])
+    cap = capsys.readouterr()
+    assert rc == 1
+    lines = cap.out.splitlines()
+    assert len(lines) == 5  # header + 4 files
+    assert any(images["corrupt"] in ln and "ERROR" in ln and "truncated" in ln for ln in lines)
+    assert any("missing.png" in ln and "file not found" in ln for ln in lines)
+    for key in ("nih1", "x16"):
+        row = next(ln for ln in lines if ln.startswith(images[key]))
+        assert 0.0 <= float(row.split()[1]) <= 1.0
+    assert "corrupt.png: truncated" in cap.err
+
+
+def test_overlay_beside_the_input_and_gradcam_before_images(run_dir, images, capsys):
+    # "--gradcam IMG ..." : argparse would take IMG as the folder; it is recognised as an image
+    rc = predict.main(["--model", str(run_dir), "--json", "--gradcam", images["rgba"]])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and len(out["results"]) == 1
+    ov = out["results"][0]["gradcam"]
+    assert ov == str(images["dir"] / "rgba.gradcam.png")
+    with Image.open(ov) as im:
+        assert im.size == (400, 512)
+
+
+def test_image_size_must_match_a_fixed_model(run_dir, images, capsys):
+    assert predict.main(["--model", str(run_dir), "--image-size", "128", images["nih1"]]) == 2
+    assert "does not match" in capsys.readouterr().err
+    assert predict.main(["--model", str(run_dir / "nope.keras"), images["nih1"]]) == 2
+
+
+def test_command_line_exit_code(run_dir, images, root):
+    env = {**os.environ, "PYTHONPATH": str(root), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    p = subprocess.run([sys.executable, "-m", "distributed.predict", "--model", str(run_dir), "--json",
+                        images["nih2"], images["corrupt"]], capture_output=True, text=True, cwd=root, env=env,
+                       timeout=300)
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["failed"] == 1
+    assert [("error" in r) for r in doc["results"]] == [False, True]
