@@ -1,0 +1,45 @@
+"""``python -m benchmarks {epoch-timing,scaling,prep} ...`` (console script ``cxr-bench``).
+
+* ``epoch-timing``: s/epoch of the article's warm-up and fine-tune per TensorFlow variant;
+* ``scaling``: fine-tune throughput per number of Horovod ranks, with and without thread tuning;
+* ``prep``: throughput of the MPI prep stage (``benchmarks/prep.py``).
+See BENCHMARKS.md for the commands and dated results.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,prep}")
+    from benchmarks import epoch_timing, scaling
+
+    epoch_timing.register(sub)
+    scaling.register(sub)
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec("benchmarks.prep") is not None:
+        importlib.import_module("benchmarks.prep").register(sub)
+    else:
+        p = sub.add_parser("prep", help="prep throughput (benchmarks/prep.py is not installed here)")
+        p.set_defaults(func=_no_prep)
+    return ap
+
+
+def _no_prep(args) -> int:
+    print("cxr-bench: error: benchmarks/prep.py is missing from this checkout", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

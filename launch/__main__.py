@@ -1,0 +1,218 @@
+"""``python -m launch {prep,train,evaluate,pipeline} --config C ...`` (console script ``cxr-launch``).
+
+Builds the real command line of each stage (a plain python process for one rank, ``mpirun`` for
+prep, ``horovodrun`` or ``mpirun`` for train and evaluate) with process binding and the tuned
+thread environment for every rank, and runs it, or prints it with ``--dry-run``. ``pipeline`` runs
+prep, train and evaluate, skipping the stages whose outputs are complete for the same config and
+resuming an interrupted training run from its checkpoints.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from data_prep.config import ConfigError, add_config_args, config_from_args
+from launch import pipeline as pl
+from launch.cluster import LAUNCHERS, ClusterConfig, load_cluster
+from launch.commands import StageCommand, build_command, find_tool, node_topology, plan_layout
+from launch.hosts import (Allocation, Host, LaunchError, check_hosts_answer, parse_hostfile, parse_hosts,
+                          slurm_allocation)
+
+PROG = "cxr-launch"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Run a stage (or the whole pipeline) on one node, a list of hosts, or a Slurm "
+                               "allocation, with process binding and tuned threads for every rank.")
+    p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline"))
+    add_config_args(p)
+    p.add_argument("--np", type=int, default=None,
+                   help="total ranks (default: the hosts' slots, the Slurm tasks, or one per socket of this node; "
+                        "1 = a plain python process)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--hosts", "-H", help="hosts and slots, e.g. node01:2,node02:2")
+    where.add_argument("--hostfile", help="Open MPI hostfile ('host slots=N' per line)")
+    p.add_argument("--cluster", help="cluster file (hosts, ranks per node, network interface, MPI flavour), "
+                                     "e.g. configs/cluster.yaml")
+    p.add_argument("--mpi-launcher", choices=LAUNCHERS, default=None,
+                   help="launcher for train/evaluate (default: the cluster file's, else horovodrun); "
+                        "mpirun where horovodrun's ssh is not allowed; prep always uses mpirun")
+    p.add_argument("--dry-run", action="store_true", help="print the command of each stage, run nothing")
+    p.add_argument("--resume", action="store_true", help="train: continue from run.dir/checkpoints "
+                                                         "(pipeline does this by itself)")
+    p.add_argument("--force", action="store_true", help="pipeline: run every stage even when its outputs are complete")
+    p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
+    return p
+
+
+def resolve_allocation(args, cluster: ClusterConfig, environ=os.environ) -> Allocation:
+    if args.hosts:
+        return Allocation(parse_hosts(args.hosts), "hosts")
+    if args.hostfile:
+        return Allocation(parse_hostfile(args.hostfile), "hostfile", hostfile=args.hostfile)
+    slurm = slurm_allocation(environ)
+    if slurm is not None:
+        return slurm
+    if cluster.hosts:
+        return Allocation(cluster.hosts, "cluster")
+    if cluster.hostfile:
+        return Allocation(parse_hostfile(cluster.hostfile), "cluster", hostfile=cluster.hostfile)
+    return Allocation((Host("localhost", 0),), "local", slots_given=False)
+
+
+def describe(cmd: StageCommand) -> str:
+    lay = cmd.layout
+    if cmd.kind == "python":
+        return f"{cmd.stage}: 1 process (no MPI)"
+    nodes = max(1, len(lay.hosts))
+    bind = f"--map-by {lay.map_by} --bind-to core" if lay.bind_to == "core" else "not bound"
+    if "--gloo" in cmd.argv:
+        bind = "not bound (Gloo controller)"
+    cores = f"{lay.cores_per_rank} core(s) per rank, " if lay.cores_per_rank else ""
+    return (f"{cmd.stage}: {lay.np} rank(s) on {nodes} node(s), up to {lay.ranks_per_node} per node, {cores}{bind}, "
+            f"via {cmd.kind}")
+
+
+class Interrupted(Exception):
+    def __init__(self, signum):
+        self.signum = signum
+
+
+def run(cmd: StageCommand) -> int:
+    """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole group
+    (mpirun passes them on to the ranks), which is stopped for good if it does not end by itself."""
+    env = {**os.environ, **cmd.env}
+    proc = subprocess.Popen(cmd.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
+    got: list[int] = []
+
+    def handler(signum, frame):
+        got.append(signum)
+        _signal_group(proc, signum)
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=1.0)
+                break
+            except subprocess.TimeoutExpired:
+                if got:
+                    rc = _stop(proc)
+                    break
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if got:
+        raise Interrupted(got[0])
+    return rc
+
+
+def _signal_group(proc: subprocess.Popen, signum: int) -> None:
+    try:
+        os.killpg(proc.pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _stop(proc: subprocess.Popen) -> int:
+    """After an interrupt: give the stage 20 s to stop, then SIGTERM, 20 s more, then SIGKILL."""
+    for sig, grace in ((None, 20), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if sig is not None:
+            _signal_group(proc, sig)
+        try:
+            return proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return proc.wait()
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except (LaunchError, ConfigError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        name = signal.Signals(e.signum).name
+        print(f"{PROG}: interrupted by {name}; run the same command again to continue where it stopped",
+              file=sys.stderr)
+        return 128 + e.signum
+
+
+def _main(args) -> int:
+    cfg = config_from_args(args)
+    cluster = load_cluster(args.cluster)
+    allocation = resolve_allocation(args, cluster)
+    node = node_topology(cluster)
+    launcher = args.mpi_launcher or cluster.launcher
+    stages = pl.STAGES if args.stage == "pipeline" else (args.stage,)
+    say = (lambda m: print(f"[launch] {m}", file=sys.stderr))
+    checked_hosts = False
+
+    for stage in stages:
+        extra: list[str] = []
+        if args.stage == "pipeline":
+            st = pl.stage_status(stage, cfg)
+            if st.complete and not args.force:
+                if args.dry_run:
+                    print(f"# skip {stage}: {st.why}")
+                else:
+                    say(f"skip {stage}: {st.why}")
+                continue
+            if stage == "train" and st.resume:
+                extra.append("--resume")
+        elif stage == "train" and args.resume:
+            extra.append("--resume")
+
+        layout = plan_layout(stage, allocation, cluster, node, args.np)
+        cmd = build_command(stage, layout, config=args.config, overrides=args.overrides, extra=extra,
+                            cluster=cluster, launcher=launcher, runtime=cfg.runtime,
+                            hostfile=allocation.hostfile)
+        tool = cmd.argv[0] if cmd.kind != "python" else None
+        if tool and not find_tool(tool):
+            msg = (f"{tool} not found on PATH; " + (
+                "build Horovod (`make setup`) and put the venv's bin first on PATH, or use --mpi-launcher mpirun"
+                if tool == "horovodrun" else "install Open MPI (`make mpi`)") + ", or run one process with --np 1")
+            if not args.dry_run:
+                raise LaunchError(msg)
+            print(f"{PROG}: warning: {msg}", file=sys.stderr)
+        if args.dry_run:
+            for note in layout.notes:
+                print(f"{PROG}: note: {note}", file=sys.stderr)
+            if args.stage != "pipeline":
+                try:
+                    pl.check_inputs(stage, cfg, args.config)
+                except LaunchError as e:
+                    print(f"{PROG}: warning: {e}", file=sys.stderr)
+            print(cmd.shell())
+            continue
+
+        pl.check_inputs(stage, cfg, args.config)
+        if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
+                and allocation.source != "slurm"):
+            check_hosts_answer(layout.hosts, cluster.ssh_port)
+            checked_hosts = True
+        say(describe(cmd))
+        say(cmd.shell())
+        t0 = time.monotonic()
+        rc = run(cmd)
+        if rc != 0:
+            where = f"; see the messages above and {Path(cfg.run.dir) / 'train.log'}" if stage == "train" else \
+                "; see the messages above"
+            print(f"{PROG}: error: {stage} failed with exit code {rc}{where}", file=sys.stderr)
+            return rc
+        if stage in ("train", "evaluate"):
+            pl.write_marker(cfg, stage, layout.np, cmd.shell())
+        say(f"{stage} finished in {time.monotonic() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""The cluster file (``--cluster configs/cluster.yaml``): hosts, ranks, network, MPI flavour.
+
+Checked as strictly as the run config: an unknown key or a wrong type is one sentence naming
+the key. Every key is optional; the flags of ``python -m launch`` override the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from launch.hosts import Host, LaunchError, parse_hosts
+
+MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
+LAUNCHERS = ("horovodrun", "mpirun")
+CONTROLLERS = ("mpi", "gloo")
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    hosts: tuple[Host, ...] = ()          # node01:2 items; empty = this node (or the Slurm allocation)
+    hostfile: str = ""                    # Open MPI hostfile instead of hosts
+    ranks_per_node: int = 0               # 0 = the slots of each host; on one node: one rank per socket
+    prep_ranks_per_node: int = 0          # 0 = as ranks_per_node (prep is single-threaded per rank)
+    cores_per_rank: int = 0               # 0 = the node's cores divided among its ranks
+    sockets_per_node: int = 0             # 0 = as this node (set when login and compute nodes differ)
+    cores_per_socket: int = 0             # 0 = as this node
+    network_interface: str = ""           # e.g. eth0, ib0; empty = MPI's choice
+    mpi: str = "openmpi"                  # openmpi | mpich | intelmpi
+    launcher: str = "horovodrun"          # train/evaluate: horovodrun | mpirun (prep is always mpirun)
+    horovod_controller: str = "mpi"       # horovodrun --mpi (binding applies) or --gloo (no binding)
+    python: str = ""                      # interpreter on every node; empty = this one (shared file system)
+    ssh_port: int = 0                     # 0 = ssh's default
+    check_hosts: bool = True              # probe remote hosts with a short ssh before starting
+    mpi_args: tuple[str, ...] = ()        # extra arguments for mpirun, e.g. ["--mca", "btl", "^openib"]
+    source: str = field(default="", compare=False)
+
+
+_INT_KEYS = ("ranks_per_node", "prep_ranks_per_node", "cores_per_rank", "sockets_per_node",
+             "cores_per_socket", "ssh_port")
+_STR_KEYS = ("hostfile", "network_interface", "python")
+_CHOICES = {"mpi": MPI_FLAVOURS, "launcher": LAUNCHERS, "horovod_controller": CONTROLLERS}
+
+
+def load_cluster(path: str | Path | None) -> ClusterConfig:
+    if not path:
+        return ClusterConfig()
+    p = Path(path)
+    if not p.is_file():
+        raise LaunchError(f"cluster file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise LaunchError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise LaunchError(f"{p}: expected a mapping of cluster settings, got {type(tree).__name__}")
+    return cluster_from_dict(tree, str(p))
+
+
+def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> ClusterConfig:
+    allowed = [f.name for f in dataclasses.fields(ClusterConfig) if f.name != "source"]
+    unknown = sorted(set(tree) - set(allowed))
+    if unknown:
+        raise LaunchError(f"{source}: unknown key '{unknown[0]}'; allowed keys: {', '.join(allowed)}")
+    kw: dict[str, Any] = {"source": source}
+    for key, value in tree.items():
+        if value is None:
+            continue
+        if key == "hosts":
+            kw[key] = _hosts(value, source)
+        elif key in _INT_KEYS:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise LaunchError(f"{source}: {key} must be a whole number >= 0, got {value!r}")
+            kw[key] = value
+        elif key in _STR_KEYS:
+            if not isinstance(value, str):
+                raise LaunchError(f"{source}: {key} must be a string, got {value!r}")
+            kw[key] = value
+        elif key in _CHOICES:
+            if value not in _CHOICES[key]:
+                raise LaunchError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
+            kw[key] = value
+        elif key == "check_hosts":
+            if not isinstance(value, bool):
+                raise LaunchError(f"{source}: check_hosts must be true or false, got {value!r}")
+            kw[key] = value
+        elif key == "mpi_args":
+            if isinstance(value, str):
+                value = value.split()
+            if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
+                raise LaunchError(f"{source}: mpi_args must be a list of strings")
+            kw[key] = tuple(str(v) for v in value)
+    cfg = ClusterConfig(**kw)
+    if cfg.hosts and cfg.hostfile:
+        raise LaunchError(f"{source}: give either hosts or hostfile, not both")
+    return cfg
+
+
+def _hosts(value, source: str) -> tuple[Host, ...]:
+    if isinstance(value, str):
+        return parse_hosts(value)
+    if not isinstance(value, list):
+        raise LaunchError(f"{source}: hosts must be a list like [node01:2, node02:2]")
+    items = []
+    for v in value:
+        if isinstance(v, dict):
+            extra = set(v) - {"host", "slots"}
+            if "host" not in v or extra:
+                raise LaunchError(f"{source}: each host is 'name:slots' or {{host: name, slots: N}}, got {v!r}")
+            items.append(f"{v['host']}:{v.get('slots', 1)}")
+        else:
+            items.append(str(v))
+    return parse_hosts(items)

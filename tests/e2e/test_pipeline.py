@@ -1,0 +1,122 @@
+"""``python -m launch pipeline`` with 2 ranks on a tiny generated data set, to a finished report;
+then a second run (fresh run directory) interrupted during training and rerun to the end.
+
+Tiny backbone, 32 px, ~150 images: a few minutes on 2 cores. Needs Open MPI and Horovod.
+"""
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _horovod_ok() -> bool:
+    r = subprocess.run([sys.executable, "-c", "import horovod.tensorflow as h; assert h.mpi_built()"],
+                       capture_output=True, timeout=120)
+    return r.returncode == 0
+
+
+pytestmark = [
+    pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI (mpirun) not installed"),
+    pytest.mark.skipif(not _horovod_ok(), reason="Horovod with MPI not built (make setup)"),
+]
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_COMM_WORLD", "HOROVOD_"))}
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if os.getuid() == 0:
+        e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return e
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("pipeline")
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(d / "data"), "--patients", "40",
+                    "--image-size", "64", "--seed", "3", "--no-progress"], cwd=ROOT, env=env(), check=True,
+                   capture_output=True, timeout=300)
+    (d / "c.yaml").write_text(
+        f"data: {{csv: {d}/data/Data_Entry_2017.csv, images: {d}/data, image_size: 32}}\n"
+        f"prep: {{out: {d}/prepared, shard_size: 32, train_per_class: 40, val_fraction: 0.2, test_fraction: 0.25}}\n"
+        "model: {backbone: tiny, weights: none, dense_units: 16}\n"
+        "train: {batch_size: 8, warmup: {epochs: 1}, finetune: {epochs: 2, patience: 10}}\n"
+        "eval: {tta_rounds: 2, bootstrap: 20, gradcam_per_group: 2}\n"
+        f"run: {{dir: {d}/run}}\n")
+    return d
+
+
+def launch(workdir, *args, timeout=900):
+    return subprocess.run([sys.executable, "-m", "launch", "pipeline", "--config", str(workdir / "c.yaml"),
+                           "--np", "2", *args], cwd=ROOT, env=env(), capture_output=True, text=True, timeout=timeout)
+
+
+def history_epochs(run: Path) -> list[int]:
+    with open(run / "history.csv") as f:
+        return [int(float(row["epoch"])) for row in csv.DictReader(f)]
+
+
+def test_pipeline_two_ranks_to_a_report(workdir):
+    r = launch(workdir)
+    assert r.returncode == 0, r.stderr[-4000:]
+    run = workdir / "run"
+    for f in ("model.keras", "report.md", "metrics.json", "history.csv", "pipeline.json"):
+        assert (run / f).exists(), f
+    assert (workdir / "prepared" / "manifest.json").exists()
+    # every stage on 2 ranks: prep by mpirun, train and evaluate by horovodrun, bound, tuned threads
+    assert "prep: 2 rank(s)" in r.stderr and "via mpirun" in r.stderr
+    assert "train: 2 rank(s)" in r.stderr and "evaluate: 2 rank(s)" in r.stderr and "horovodrun -np 2" in r.stderr
+    assert "OMP_NUM_THREADS=1" in r.stderr
+    marker = json.loads((run / "pipeline.json").read_text())
+    assert marker["train"]["ranks"] == 2
+    assert history_epochs(run) == [1, 2, 3]
+    assert "AUC" in (run / "report.md").read_text()
+
+    # a second run finds every stage complete and runs nothing
+    t0 = time.monotonic()
+    r = launch(workdir, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for stage in ("prep", "train", "evaluate"):
+        assert f"skip {stage}" in r.stderr
+    assert time.monotonic() - t0 < 120
+
+
+def test_pipeline_interrupted_during_training_reruns_to_the_end(workdir):
+    run = workdir / "run2"
+    args = ["--set", f"run.dir={run}", "--set", "train.finetune.epochs=4"]
+    cmd = [sys.executable, "-m", "launch", "pipeline", "--config", str(workdir / "c.yaml"), "--np", "2", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    state = run / "checkpoints" / "state.json"
+    deadline = time.monotonic() + 600
+    try:
+        while not state.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before its first checkpoint: " + proc.communicate()[1][-3000:]
+        assert state.exists(), "no checkpoint within 10 minutes"
+        proc.send_signal(signal.SIGTERM)  # as Slurm's scancel or a kill would
+        _, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "interrupted by SIGTERM" in err and "Traceback (most recent call last)" not in err.split("[launch]")[-1]
+    assert not (run / "model.keras").exists(), "training finished before the interrupt: nothing was tested"
+    done_before = json.loads(state.read_text())["epoch"]
+    assert 1 <= done_before < 5
+
+    r = launch(workdir, *args)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "skip prep" in r.stderr  # same prep config: prepared data reused
+    assert "distributed.train --config" in r.stderr and "--resume" in r.stderr
+    assert (run / "model.keras").exists() and (run / "report.md").exists()
+    assert history_epochs(run) == [1, 2, 3, 4, 5]  # no epoch lost or repeated
+    assert json.loads(state.read_text())["complete"] is True

@@ -1,0 +1,176 @@
+"""Benchmarks: FLOP counting, extrapolation arithmetic, variants file, a variant that cannot be installed."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import report
+from benchmarks.epoch_timing import (Variant, VariantError, current_satisfies, extrapolate, load_variants,
+                                     steps_per_epoch, variant_env)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+def test_vgg16_224_with_top_is_the_published_15_5_gmac():
+    tf = pytest.importorskip("tensorflow")
+    from benchmarks.flops import count_flops
+
+    c = count_flops(tf.keras.applications.VGG16(include_top=True, weights=None))
+    assert abs(c.macs / 15.5e9 - 1) < 0.02, c.macs
+    assert c.forward_flops == 2 * c.macs
+    assert len([layer for layer in c.layers if layer.kind == "conv"]) == 13
+    assert len([layer for layer in c.layers if layer.kind == "dense"]) == 3
+    # everything trainable: training = 3 x forward
+    assert c.training_flops == 3 * c.forward_flops
+
+
+def test_small_model_exact_counts_and_training_convention():
+    tf = pytest.importorskip("tensorflow")
+    from benchmarks.flops import count_flops
+
+    x = tf.keras.Input((8, 8, 2))
+    h = tf.keras.layers.Conv2D(4, 3, padding="same", name="c1")(x)          # 8*8*4 * 3*3*2 = 4608
+    h = tf.keras.layers.Conv2D(6, 3, strides=2, padding="valid", name="c2")(h)  # 3*3*6 * 3*3*4 = 1944
+    h = tf.keras.layers.GlobalAveragePooling2D()(h)
+    y = tf.keras.layers.Dense(10, name="d")(h)                                  # 6*10 = 60
+    m = tf.keras.Model(x, y)
+    c = count_flops(m)
+    assert [(lc.name, lc.macs) for lc in c.layers] == [("c1", 4608), ("c2", 1944), ("d", 60)]
+    m.get_layer("c1").trainable = False
+    c = count_flops(m)
+    assert c.trainable_tail_macs() == 1944 + 60
+    assert c.training_flops == 2 * (4608 + 1944 + 60) + 2 * 2 * (1944 + 60)
+    for layer in m.layers:
+        layer.trainable = False
+    assert count_flops(m).training_flops == count_flops(m).forward_flops
+
+
+# --------------------------------------------------------------------------- extrapolation
+
+def test_extrapolation_arithmetic():
+    assert steps_per_epoch(10_000, 16) == 625
+    assert steps_per_epoch(10_000, 16, ranks=2) == 312  # full global batches, as training
+    assert steps_per_epoch(10_000, 48) == 208
+    assert extrapolate(2.0, 10_000, 16) == 1250.0
+    assert extrapolate(0.5, 10_000, 32) == 0.5 * 312
+
+
+def test_summary_numbers():
+    results = {
+        "setup": {"batch_size": 16, "epoch_images": 10_000},
+        "baseline": "stock",
+        "variants": [
+            {"name": "stock", "status": "ok", "matmul": {"gflops": 100.0},
+             "phases": {"finetune": {"step_s": [4.0, 2.0, 3.0],
+                                     "flops": {"training_flops": 10e9, "forward_flops": 5e9}}}},
+            {"name": "fast", "status": "ok", "matmul": {"gflops": 200.0},
+             "phases": {"finetune": {"step_s": [1.0, 1.0, 1.5],
+                                     "flops": {"training_flops": 10e9, "forward_flops": 5e9}}}},
+            {"name": "broken", "status": "not installable", "error": "no such wheel"},
+        ],
+    }
+    s = report.summarize_epoch(results)
+    st = s["stock"]["finetune"]
+    assert st["step_s"] == {"min": 2.0, "median": 3.0, "max": 4.0}
+    assert st["s_per_epoch"] == {"min": 1250.0, "median": 1875.0, "max": 2500.0}
+    assert st["images_per_s"] == pytest.approx(16 / 3)
+    assert st["gflops"] == pytest.approx(10 * 16 / 3)
+    assert results["peak_gflops"] == 200.0  # the best matmul of the run is the MFU denominator
+    assert st["mfu"] == pytest.approx(10 * 16 / 3 / 200)
+    assert s["fast"]["finetune"]["speedup"] == pytest.approx(3.0)
+    assert s["broken"]["status"] == "not installable"
+    md = report.epoch_markdown({**results, "machine": {}, "setup": {
+        **results["setup"], "backbone": "vgg16", "image_size": 384, "repeats": 3, "timed_steps": 5,
+        "warmup_steps": 2, "steps_per_epoch": 625}})
+    assert "| broken | not installable |" in md and "EXTRAPOLATED" in md and "3.00x" in md
+
+
+# --------------------------------------------------------------------------- variants
+
+def test_shipped_variants_file():
+    variants, baseline, common = load_variants(ROOT / "configs/bench/variants.yaml")
+    by = {v.name: v for v in variants}
+    assert list(by) == ["stock", "onednn", "onednn-tuned", "intel-tensorflow", "itex"]
+    assert baseline == "stock"
+    assert by["stock"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "0"} and by["stock"].threads == "default"
+    assert by["onednn"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "1"} and by["onednn"].threads == "default"
+    assert by["onednn-tuned"].threads == "tuned"
+    assert by["stock"].requirements == by["onednn"].requirements == ("tensorflow-cpu==2.15.1",)
+    assert by["intel-tensorflow"].requirements == ("intel-tensorflow==2.14.0",)
+    assert "intel-extension-for-tensorflow[cpu]==2.15.0.0" in by["itex"].requirements
+    assert any(c.startswith("numpy==1.") for c in common)
+
+
+@pytest.mark.parametrize("text,match", [
+    ("variants: {a: {python: current, colour: red}}", "variants.a.colour: unknown key"),
+    ("variants: {a: {python: current, requirements: [x==1]}}", "exactly one of python"),
+    ("variants: {a: {python: current, threads: many}}", "threads"),
+    ("variants: {}", "non-empty"),
+    ("baseline: z\nvariants: {a: {python: current}}", "baseline 'z'"),
+])
+def test_variants_file_errors(tmp_path, text, match):
+    p = tmp_path / "v.yaml"
+    p.write_text(text)
+    with pytest.raises(VariantError, match=match):
+        load_variants(p)
+
+
+def test_current_interpreter_reused_only_for_exact_pins():
+    import numpy
+
+    assert current_satisfies([f"numpy=={numpy.__version__}"])
+    assert not current_satisfies(["numpy>=1"])
+    assert not current_satisfies(["numpy==0.0.1"])
+    assert not current_satisfies(["cxr-no-such-package==1.0"])
+
+
+def test_variant_env_clears_thread_variables():
+    env = variant_env(Variant("v", python="current", env=(("TF_ENABLE_ONEDNN_OPTS", "0"),)),
+                      base={"OMP_NUM_THREADS": "7", "KMP_AFFINITY": "x", "HOME": "/h", "OMPI_COMM_WORLD_RANK": "1"})
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "0" and env["HOME"] == "/h"
+    assert "OMP_NUM_THREADS" not in env and "KMP_AFFINITY" not in env and "OMPI_COMM_WORLD_RANK" not in env
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+
+
+def test_variant_that_cannot_be_installed_is_reported_and_others_run(tmp_path):
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        "variants:\n"
+        "  here:\n    description: this interpreter\n    python: current\n"
+        "  bogus:\n    description: does not exist\n    requirements: [cxr-bench-no-such-package==0.0.0]\n"
+        "    pip_args: [--no-index]\n"
+        "  here-tuned:\n    python: current\n    env: {TF_ENABLE_ONEDNN_OPTS: '1'}\n    threads: tuned\n")
+    out = tmp_path / "out"
+    env = {**os.environ, "CXR_BENCH_CACHE": str(tmp_path / "cache")}
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "epoch-timing", "--variants", str(variants),
+                        "--fake-workload", "0.002", "--quick", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "epoch-timing.json").read_text())
+    status = {v["name"]: v["status"] for v in res["variants"]}
+    assert status == {"here": "ok", "bogus": "not installable", "here-tuned": "ok"}
+    bogus = next(v for v in res["variants"] if v["name"] == "bogus")
+    assert "cxr-bench-no-such-package" in bogus["error"]
+    tuned = next(v for v in res["variants"] if v["name"] == "here-tuned")
+    assert tuned["env"]["TF_ENABLE_ONEDNN_OPTS"] == "1" and "OMP_NUM_THREADS" in tuned["env"]
+    here = next(v for v in res["variants"] if v["name"] == "here")
+    assert "OMP_NUM_THREADS" not in here["env"]  # default threads: nothing set
+    assert res["quick"] and res["setup"]["image_size"] == 64 and res["setup"]["extrapolated"]
+    assert set(res["summary"]["here"]) >= {"warmup", "finetune"}
+    md = (out / "epoch-timing.md").read_text()
+    assert "| bogus | not installable |" in md and "QUICK" in md
+    assert (out / "epoch-timing.png").stat().st_size > 1000
+    assert "machine" in res and res["machine"]["physical_cores"] >= 1
+
+
+def test_cli_lists_the_three_benchmarks():
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0
+    for name in ("epoch-timing", "scaling", "prep"):
+        assert name in r.stdout
