@@ -1,0 +1,61 @@
+"""``python -m data_prep --config C [--set k=v ...] [--strict] [--overwrite]`` (console script ``cxr-prep``).
+
+Runs alone or under ``mpirun -np N``; see ``data_prep.prepare`` for the flow and
+ARCHITECTURE.md for the shard and manifest formats.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from data_prep.config import add_config_args
+
+    ap = argparse.ArgumentParser(prog="cxr-prep", description="NIH ChestX-ray14 -> HDF5 shards + manifest.json "
+                                 "(one process or mpirun -np N)")
+    add_config_args(ap)
+    ap.add_argument("--strict", action="store_true", help="any skipped image or CSV row is an error (prep.strict)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace output made with a different config instead of refusing (prep.overwrite)")
+    return ap
+
+
+def main(argv=None) -> int:
+    from data_prep.config import ConfigError, config_from_args
+    from data_prep.log import env_size, get_logger
+
+    args = build_parser().parse_args(argv)
+    log = get_logger()
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        log.error("config: %s", e)
+        return 2
+    prep = cfg.prep
+    if args.strict or args.overwrite:
+        prep = dataclasses.replace(prep, strict=prep.strict or args.strict, overwrite=prep.overwrite or args.overwrite)
+        cfg = dataclasses.replace(cfg, prep=prep)
+
+    from data_prep.metadata import MetadataError
+    from data_prep.prepare import PrepError, get_comm, run
+
+    comm = None
+    try:
+        comm = get_comm()
+        run(cfg, comm)
+        return 0
+    except (PrepError, MetadataError) as e:
+        if not getattr(e, "echo", False):
+            log.error("%s", e)
+        return 1
+    except Exception:  # noqa: BLE001 - a bug on one rank must not leave the others waiting
+        log.exception("prep failed")
+        if comm is not None and comm.size > 1 and env_size() > 1:
+            comm.Abort(1)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""The one image preprocessing function, shared by the prep stage and ``distributed.predict``.
+
+``load_xray(path, size)`` decodes a chest X-ray file and returns a ``uint8`` ``(size, size)`` array
+and an ``info`` dict. Steps:
+
+1. decode with Pillow (PNG 8/16-bit, JPEG, anything Pillow reads); zero-byte, truncated and
+   non-image input raises ``ImageError(reason)`` with a short reason;
+2. colour (RGB, RGBA, LA, P, CMYK, 1-bit) becomes 8-bit gray (ITU-R 601 luma; alpha dropped) and the
+   conversion is recorded in ``info['converted_from']``; 16/32-bit and float images stay in float
+   and are scaled later by their own min..max (never clipped to 8 bits first);
+3. resize to ``size x size`` with anti-aliasing: Pillow's separable filter (its support widens with
+   the reduction factor, so it low-passes) after an integer box pre-reduction (``reducing_gap``),
+   all in uint8 for 8-bit input; aspect ratio is not kept (NIH images are square);
+4. per-image min-max to the full 0..255 range (the article's normalisation); a constant image
+   becomes all zeros.
+
+It is about as fast as decoding the PNG alone: the resize of an 8-bit image costs ~1 ms and the
+min-max is a 256-entry lookup table.
+"""
+from __future__ import annotations
+
+import io
+import os
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+
+# Modes decoded as integers/floats wider than 8 bits: scaled by their real range.
+_WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
+# reducing_gap: Pillow first box-reduces by the integer factor int(scale / gap) (a proper low-pass),
+# then the bilinear filter does the rest. 1.3 makes 1024 -> 384 a 2x box reduce + 512 -> 384 bilinear:
+# 1.6x faster than the plain filter, mean difference 0.5 grey levels.
+REDUCING_GAP = 1.3
+RESAMPLE = Image.BILINEAR
+
+
+class ImageError(Exception):
+    """An unreadable image; ``reason`` is short and meant for the manifest."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _open(src):
+    """Open lazily from a path, bytes or a binary file object; raise ImageError for bad input."""
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        if len(src) == 0:
+            raise ImageError("zero-byte file")
+        fp = io.BytesIO(bytes(src))
+    elif hasattr(src, "read"):
+        fp = src
+    else:
+        p = os.fspath(src)
+        try:
+            st = os.stat(p)
+        except FileNotFoundError:
+            raise ImageError("file not found") from None
+        except OSError as e:
+            raise ImageError(f"cannot stat file: {e.strerror or e}") from None
+        if not os.path.isfile(p):
+            raise ImageError("not a regular file")
+        if st.st_size == 0:
+            raise ImageError("zero-byte file")
+        fp = p
+    try:
+        return Image.open(fp)
+    except UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"image too large: {e}") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"cannot open image: {e}") from None
+
+
+def _minmax_pil(img: Image.Image) -> np.ndarray:
+    """Per-image min-max of an 8-bit PIL image through a lookup table, in Pillow's C code."""
+    a = np.asarray(img)
+    lo, hi = int(a.min()), int(a.max())
+    if hi == lo:
+        return np.zeros_like(a)
+    if lo == 0 and hi == 255:
+        return np.array(a)  # writable copy
+    return np.array(img.point(_lut(lo, hi)))
+
+
+def _lut(lo: int, hi: int) -> list[int]:
+    lut = np.round((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo)))
+    return np.clip(lut, 0, 255).astype(np.uint8).tolist()
+
+
+def _minmax_u8(a: np.ndarray) -> np.ndarray:
+    """Per-image min-max of a uint8 array to 0..255 through a lookup table."""
+    lo, hi = int(a.min()), int(a.max())
+    if lo == 0 and hi == 255:
+        return a
+    if hi == lo:
+        return np.zeros_like(a)
+    lut = np.clip(np.round((np.arange(256, dtype=np.float32) - lo) * (255.0 / (hi - lo))), 0, 255).astype(np.uint8)
+    return lut[a]
+
+
+def _minmax_float(a: np.ndarray) -> np.ndarray:
+    lo, hi = float(a.min()), float(a.max())
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+    if hi == lo:
+        return np.zeros(a.shape, np.uint8)
+    out = (a - lo) * np.float32(255.0 / (hi - lo))
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+
+
+def load_xray(src, size: int) -> tuple[np.ndarray, dict]:
+    """Decode, convert to gray, resize (anti-aliased) and min-max one image.
+
+    ``src`` is a path, ``bytes`` or a binary file object. Returns ``(uint8 (size, size), info)``
+    with ``info = {"mode", "format", "width", "height", "bits", "converted_from"}``
+    (``converted_from`` is ``None`` unless a colour image was turned into gray).
+    Raises ``ImageError`` with a short reason for anything unreadable.
+    """
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    try:
+        return _load(src, size)
+    except (ImageError, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the caller's
+        raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def _load(src, size: int) -> tuple[np.ndarray, dict]:
+    img = _open(src)
+    try:
+        mode, fmt = img.mode, img.format
+        w, h = img.size
+        if w < 1 or h < 1:
+            raise ImageError(f"empty image ({w}x{h})")
+        info = {"mode": mode, "format": fmt, "width": w, "height": h, "bits": 8, "converted_from": None}
+        if fmt == "JPEG" and mode in ("L", "RGB", "CMYK", "YCbCr"):
+            img.draft("L", (size, size))  # DCT-domain downscale: never below the asked size
+        try:
+            img.load()
+        except (OSError, SyntaxError, ValueError, EOFError) as e:
+            msg = str(e).lower()
+            if "truncat" in msg or "eof" in msg or isinstance(e, EOFError):
+                raise ImageError("truncated image data") from None
+            raise ImageError(f"corrupt image data: {e}") from None
+        except Image.DecompressionBombError as e:
+            raise ImageError(f"image too large: {e}") from None
+        mode = img.mode
+        if mode in _WIDE_MODES:
+            info["bits"] = 16 if mode.startswith("I;16") else 32
+            if mode != "F":
+                img = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
+            if img.size != (size, size):
+                img = img.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
+            return _minmax_float(np.asarray(img, dtype=np.float32)), info
+        if mode != "L":
+            info["converted_from"] = mode
+            if mode in ("LA", "La"):
+                img = img.getchannel(0)
+            elif mode == "P":
+                img = img.convert("RGBA").convert("L")
+            else:
+                img = img.convert("L")
+        if img.size != (size, size):
+            img = img.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
+        return _minmax_pil(img), info
+    finally:
+        img.close()
+
+
+def decode_only(src) -> np.ndarray:
+    """Bare decode (no conversion, resize or scaling): the benchmark's lower bound."""
+    with Image.open(src) as img:
+        img.load()
+        return np.asarray(img)
+
+
+def article_load(path, size: int) -> np.ndarray:
+    """The article's method: ``skimage.io.imread`` + ``skimage.transform.resize`` (benchmark baseline)."""
+    from skimage import io as skio
+    from skimage import transform
+
+    a = skio.imread(os.fspath(path))
+    if a.ndim == 3:
+        from skimage.color import rgb2gray, rgba2rgb
+        a = rgb2gray(rgba2rgb(a) if a.shape[-1] == 4 else a)
+    r = transform.resize(a, (size, size), anti_aliasing=True, preserve_range=True)
+    lo, hi = r.min(), r.max()
+    return ((r - lo) / (hi - lo if hi > lo else 1) * 255).astype(np.uint8)
+
+

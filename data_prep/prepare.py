@@ -1,0 +1,643 @@
+"""The prep stage: NIH metadata + PNGs -> HDF5 shards + manifest.json, on one or many MPI ranks.
+
+Flow (the same code with one process or under ``mpirun -np N``):
+
+1. rank 0 plans: reads the CSV, finds the images, picks the task's rows, splits by patient,
+   samples (balancing only in train) and cuts every split into shards of ``prep.shard_size``
+   rows. The plan depends only on the config and the data, never on the number of ranks. Rank 0
+   also checks what is already in ``prep.out`` (a different config is refused unless
+   ``prep.overwrite``) and removes temporary files of killed runs. The plan is broadcast.
+2. rank 0 hands out shards on request, largest first (a rank on a busier core simply does
+   fewer; a shard's content never depends on which rank writes it). A shard is decoded with
+   ``imaging.load_xray`` and written to a temporary file beside its final name, then renamed:
+   a shard file that exists is complete.
+   A rerun keeps every shard whose stored config hash matches and writes only the missing ones.
+   Images that cannot be decoded are dropped from their shard and listed (``--strict``: error).
+   A skipped image of a balanced training split is NOT replaced (it may have had resampled
+   copies; all are dropped): the manifest's counts are always the real ones.
+3. ranks send progress counts to rank 0 (one tqdm bar) and, at the end, per-shard results
+   (count, sha256, label counts, patients, pixel sums). The training mean/std come from the
+   pixel sums reduced over ranks (stored in each shard's attributes, so resumed shards are not
+   re-decoded), as exact integers: identical for any number of ranks.
+4. rank 0 writes ``manifest.json`` last and atomically, and ``config.yaml`` beside it.
+
+mpi4py is imported only when the launcher says there is more than one rank.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import sys
+import time
+import traceback
+from collections import deque
+from pathlib import Path
+
+import numpy as np
+
+from data_prep import config as cfgmod
+from data_prep import metadata as md
+from data_prep.fsutil import atomic_write_json, sha256_file
+from data_prep.imaging import ImageError, load_xray
+from data_prep.log import env_size, get_logger
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+_TAG_PROGRESS, _TAG_RESULT, _TAG_REQUEST, _TAG_ASSIGN = 11, 12, 13, 14
+_POLL_S = 0.005
+_WRITE_BATCH = 32
+_LEVELS = np.arange(256, dtype=np.int64)
+_LEVELS2 = _LEVELS * _LEVELS
+# Seconds to sleep per image: lets tests kill the stage mid-run deterministically. Never set it otherwise.
+_THROTTLE_ENV = "CXR_PREP_THROTTLE_S"
+
+
+class PrepError(RuntimeError):
+    """The stage refuses or fails; the message says why and what to do.
+    ``echo`` is True on ranks that only relay rank 0's error (the CLI does not log it twice)."""
+
+    def __init__(self, msg: str, echo: bool = False):
+        super().__init__(msg)
+        self.echo = echo
+
+
+# --------------------------------------------------------------------------- config hash
+
+def prep_hash(cfg) -> str:
+    """Hash of everything that decides the shards' content (not prep.out/strict/overwrite)."""
+    prep = {k: v for k, v in cfgmod.to_dict(cfg.prep).items() if k not in ("out", "strict", "overwrite")}
+    return cfgmod.config_hash({"format": FORMAT, "data": cfgmod.to_dict(cfg.data), "prep": prep})
+
+
+def shard_name(index: int, of: int) -> str:
+    return f"shard-{index:05d}-of-{of:05d}.h5"
+
+
+# --------------------------------------------------------------------------- plan (rank 0)
+
+def make_plan(cfg, log=None) -> dict:
+    """Everything the ranks need, as plain picklable data. Deterministic for a config."""
+    log = log or get_logger()
+    t0 = time.perf_counter()
+    d, p = cfg.data, cfg.prep
+    classes = md.task_classes(d.task, d.positive_label, d.negative_rule)
+    frame, issues = md.read_metadata(d.csv, d.max_age, p.limit)
+    log.info("metadata: %d usable rows of %s (%d rows skipped, %d notes)", len(frame), d.csv,
+             len(issues.skipped), len(issues.notes))
+    df = md.select_task(frame, d.task, d.positive_label, d.negative_rule)
+    # files: find by name below data.images; missing and empty files are skipped here
+    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out])
+    paths = df["image"].map(found)
+    missing = paths.isna()
+    issues.skip_rows(df, missing, "file not found below data.images")
+    df = df.loc[~missing].copy()
+    df["path"] = paths.loc[df.index]
+    sizes = np.fromiter((_size(x) for x in df["path"]), dtype=np.int64, count=len(df))
+    empty = sizes == 0
+    issues.skip_rows(df, empty, "zero-byte file")
+    df = df.loc[~empty]
+    # split by patient
+    official, split_method = None, "seeded"
+    if d.official_split:
+        lists = md.find_official_lists(d.csv, d.images)
+        if lists is None:
+            log.warning("data.official_split: no %s/%s beside %s or in %s: using the seeded patient split",
+                        *md.LIST_FILES, d.csv, d.images)
+            split_method = "seeded (official lists not found)"
+        else:
+            official = (md.read_list(lists[0]), md.read_list(lists[1]))
+            split_method = f"official ({lists[0]}, {lists[1]})"
+    split, split_issues = md.split_patients(df, p.val_fraction, p.test_fraction, p.seed, official)
+    issues.extend(split_issues)
+    if d.task == "multilabel" and (p.train_per_class or p.val_per_class or p.test_per_class):
+        log.warning("prep.*_per_class apply to the binary task only; ignored for multilabel")
+    splits, shards = {}, []
+    for name in md.SPLITS:
+        per_class = {"train": p.train_per_class, "val": p.val_per_class, "test": p.test_per_class}[name]
+        rows = md.sample_split(df.loc[split == name], name, d.task, per_class, p.seed)
+        splits[name] = {
+            "image": rows["image"].tolist(), "path": rows["path"].tolist(),
+            "label": rows["label"].to_numpy(np.int64), "targets": md.targets_matrix(rows, d.task),
+            "patient": rows["patient"].to_numpy(np.int64), "view": rows["view"].tolist(),
+            "age": rows["age"].to_numpy(np.int16), "sex": rows["sex"].tolist(),
+            "available": md.label_counts(df.loc[split == name], d.task, classes),
+        }
+        n = len(rows)
+        m = math.ceil(n / p.shard_size)
+        for i in range(m):
+            shards.append({"split": name, "index": i, "of": m, "file": f"{name}/{shard_name(i, m)}",
+                           "start": i * p.shard_size, "stop": min(n, (i + 1) * p.shard_size)})
+    if not shards:
+        why = "; ".join(f"{k}: {v}" for k, v in _reason_counts(issues.skipped).items()) or "no rows of the task"
+        raise PrepError(f"nothing to prepare from {d.csv} for task {d.task!r} ({why})")
+    if not len(splits["train"]["image"]):
+        log.warning("the training split is empty")
+    plan = {"config_hash": prep_hash(cfg), "task": d.task, "classes": classes, "image_size": d.image_size,
+            "splits": splits, "shards": shards, "skipped": issues.skipped, "notes": issues.notes,
+            "split_method": split_method, "plan_s": time.perf_counter() - t0}
+    for name in md.SPLITS:
+        s = splits[name]
+        log.info("plan %-5s: %6d images, %5d patients, %d shards", name, len(s["image"]),
+                 len(np.unique(s["patient"])), sum(sh["split"] == name for sh in shards))
+    return plan
+
+
+def _reason_counts(skipped: list[dict]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for it in skipped:
+        out[it["reason"]] = out.get(it["reason"], 0) + 1
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])[:5])
+
+
+def _size(path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1
+
+
+def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
+    """Refuse (or, with overwrite, clear) outputs of another config; drop temporary leftovers.
+    Returns ``{"kept": n, "removed": n}``."""
+    import h5py
+
+    want = {sh["file"] for sh in plan["shards"]}
+    conflicts, stale = [], []
+    man = out / MANIFEST
+    if man.exists():
+        try:
+            old = json.loads(man.read_text()).get("config_hash")
+        except (OSError, ValueError):
+            old = "<unreadable>"
+        if old != plan["config_hash"]:
+            conflicts.append((man, f"manifest config hash {old}"))
+    kept = 0
+    for name in md.SPLITS:
+        folder = out / name
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.name.startswith(".shard-") and ".tmp" in f.name:
+                stale.append(f)
+                continue
+            if not (f.name.startswith("shard-") and f.name.endswith(".h5")):
+                continue
+            rel = f"{name}/{f.name}"
+            try:
+                with h5py.File(f, "r") as h:
+                    h_hash = h.attrs.get("config_hash")
+                    h_hash = h_hash.decode() if isinstance(h_hash, bytes) else h_hash
+            except Exception:  # noqa: BLE001 - a broken file of ours is rewritten
+                h_hash = None
+            if h_hash is None or (h_hash == plan["config_hash"] and rel in want):
+                if h_hash is None:
+                    stale.append(f)
+                else:
+                    kept += 1
+                continue
+            conflicts.append((f, f"config hash {h_hash}" if h_hash != plan["config_hash"] else "not in this plan"))
+    if conflicts and not overwrite:
+        first = "; ".join(f"{f} ({why})" for f, why in conflicts[:3])
+        raise PrepError(
+            f"{out} holds prep output made with a different config (this config's hash is {plan['config_hash']}): "
+            f"{first}{'; ...' if len(conflicts) > 3 else ''}. Rerun with --overwrite (prep.overwrite=true) to replace it, "
+            f"or choose another prep.out.")
+    for f, _ in conflicts:
+        log.warning("overwrite: removing %s", f)
+        f.unlink()
+    for f in stale:
+        f.unlink()
+    if kept:
+        log.info("resume: %d of %d shards already complete in %s", kept, len(want), out)
+    return {"kept": kept, "removed": len(conflicts) + len(stale)}
+
+
+# --------------------------------------------------------------------------- one shard
+
+def _str_dtype():
+    import h5py
+    return h5py.string_dtype("utf-8")
+
+
+def _attr_str(v):
+    return v.decode() if isinstance(v, bytes) else str(v)
+
+
+def _result_from_file(path: Path, shard: dict, plan: dict) -> dict:
+    """Result of a complete shard already on disk (resume): attributes only, no decoding."""
+    import h5py
+
+    with h5py.File(path, "r") as h:
+        a = h.attrs
+        res = {"file": shard["file"], "split": shard["split"], "count": int(a["count"]),
+               "pixel_sum": int(a["pixel_sum"]), "pixel_sumsq": int(a["pixel_sumsq"]),
+               "pixel_count": int(a["pixel_count"]),
+               "skipped": json.loads(_attr_str(a["skipped"])), "converted": json.loads(_attr_str(a["converted"])),
+               "label_counts": json.loads(_attr_str(a["label_counts"])),
+               "patients": sorted(set(h["patient_id"][...].tolist())), "resumed": True}
+    res["sha256"] = sha256_file(path)
+    return res
+
+
+def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
+    """Decode and write one shard (or pick it up when complete); returns its result dict."""
+    import h5py
+
+    path = out / shard["file"]
+    if path.exists():
+        try:
+            return _result_from_file(path, shard, plan)
+        except Exception:  # noqa: BLE001 - unreadable: write it again
+            path.unlink()
+    sp = plan["splits"][shard["split"]]
+    lo, hi = shard["start"], shard["stop"]
+    S = int(plan["image_size"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    keep, skipped, converted = [], [], []
+    psum = psq = 0
+    try:
+        with h5py.File(tmp, "w", libver="earliest", track_order=False) as h:
+            ds = h.create_dataset("images", shape=(hi - lo, S, S), maxshape=(None, S, S), dtype=np.uint8,
+                                  chunks=(1, S, S), track_times=False)
+            buf, k = [], 0
+            throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
+            for i in range(lo, hi):
+                if throttle:
+                    time.sleep(throttle)
+                name = sp["image"][i]
+                try:
+                    arr, info = load_xray(sp["path"][i], S)
+                except ImageError as e:
+                    skipped.append({"image": name, "reason": e.reason})
+                else:
+                    keep.append(i)
+                    buf.append(arr)
+                    hist = np.bincount(arr.ravel(), minlength=256).astype(np.int64)  # exact, one pass
+                    psum += int(hist @ _LEVELS)
+                    psq += int(hist @ _LEVELS2)
+                    if info.get("converted_from"):
+                        converted.append({"image": name, "from": info["converted_from"]})
+                if len(buf) >= _WRITE_BATCH or (i == hi - 1 and buf):
+                    ds[k:k + len(buf)] = np.stack(buf)
+                    k += len(buf)
+                    buf = []
+                if tick is not None:
+                    tick(1)
+            n = len(keep)
+            ds.resize(n, axis=0)
+            idx = np.asarray(keep, dtype=np.int64)
+            st = _str_dtype()
+            opts = {"track_times": False}
+            h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **opts)
+            h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **opts)
+            h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st, **opts)
+            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **opts)
+            h.create_dataset("view", data=np.array([sp["view"][i] for i in keep], dtype=object), dtype=st, **opts)
+            h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **opts)
+            h.create_dataset("sex", data=np.array([sp["sex"][i] for i in keep], dtype=object), dtype=st, **opts)
+            rows = {"label": sp["label"][idx], "targets": sp["targets"][idx]}
+            lc = _label_counts(rows, plan)
+            a = h.attrs
+            a["format"] = FORMAT
+            a["config_hash"] = plan["config_hash"]
+            a["split"] = shard["split"]
+            a["shard"] = shard["index"]
+            a["of"] = shard["of"]
+            a["count"] = n
+            a["image_size"] = S
+            a["task"] = plan["task"]
+            a["classes"] = json.dumps(plan["classes"])
+            a["pixel_sum"] = np.int64(psum)
+            a["pixel_sumsq"] = np.int64(psq)
+            a["pixel_count"] = np.int64(n * S * S)
+            a["label_counts"] = json.dumps(lc)
+            a["skipped"] = json.dumps(skipped)
+            a["converted"] = json.dumps(converted)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        digest = sha256_file(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return {"file": shard["file"], "split": shard["split"], "count": n, "sha256": digest,
+            "pixel_sum": psum, "pixel_sumsq": psq, "pixel_count": n * S * S, "skipped": skipped,
+            "converted": converted, "label_counts": lc,
+            "patients": sorted(set(sp["patient"][idx].tolist())), "resumed": False}
+
+
+def _label_counts(rows: dict, plan: dict) -> dict:
+    if plan["task"] == "multilabel":
+        t = rows["targets"]
+        out = {f: int(t[:, j].sum()) for j, f in enumerate(md.FINDINGS)}
+        out[md.NO_FINDING] = int((t.sum(axis=1) == 0).sum()) if len(t) else 0
+        return out
+    lab = rows["label"]
+    return {plan["classes"][0]: int((lab == 0).sum()), plan["classes"][1]: int((lab == 1).sum())}
+
+
+# --------------------------------------------------------------------------- ranks
+
+class _Serial:
+    """Stands in for an MPI communicator with one rank."""
+    rank, size = 0, 1
+
+    def bcast(self, obj, root=0):
+        return obj
+
+    def reduce(self, obj, op=None, root=0):
+        return obj
+
+    def Abort(self, code=1):  # noqa: N802 - MPI's spelling
+        os._exit(code)
+
+
+def _warm_imports():
+    """Import h5py and Pillow's plugins before the timed write phase, on every rank."""
+    import h5py  # noqa: F401
+    from PIL import Image
+
+    Image.preinit()
+
+
+def get_comm():
+    """``MPI.COMM_WORLD`` under a multi-rank launcher, else a one-rank stand-in (no mpi4py import)."""
+    if env_size() <= 1:
+        return _Serial()
+    try:
+        from mpi4py import MPI
+    except ImportError as e:
+        raise PrepError(f"launched with {env_size()} ranks but mpi4py cannot be imported: {e}") from None
+    return MPI.COMM_WORLD
+
+
+class _Coordinator:
+    """Rank 0 hands out shards on request and keeps the one tqdm bar; every rank asks for its
+    next shard when it is free, so a rank on a busier core simply does fewer shards (what a
+    shard holds never depends on who writes it). Workers send progress counts with
+    non-blocking sends; rank 0 serves requests and counts between its own images."""
+
+    def __init__(self, comm, order: list[int], total: int, initial: int):
+        self.comm, self.rank, self.size = comm, comm.rank, comm.size
+        self.queue = deque(order) if self.rank == 0 else deque()
+        self.results: dict[int, dict] = {}
+        self.pending, self.reqs = 0, []
+        self.last = time.monotonic()
+        self.bar = None
+        if self.rank == 0:
+            try:
+                from tqdm import tqdm
+                self.bar = tqdm(total=total, initial=initial, desc="prep", unit="img", file=sys.stderr,
+                                mininterval=0.5 if sys.stderr.isatty() else 5.0, dynamic_ncols=True)
+            except ImportError:  # pragma: no cover
+                self.bar = None
+
+    # -- work
+    def next_shard(self) -> int | None:
+        if self.rank == 0:
+            self.poll()
+            return self.queue.popleft() if self.queue else None
+        self._flush()
+        self.reqs.append(self.comm.isend(None, dest=0, tag=_TAG_REQUEST))
+        while not self.comm.iprobe(source=0, tag=_TAG_ASSIGN):
+            time.sleep(_POLL_S / 5)
+        idx = self.comm.recv(source=0, tag=_TAG_ASSIGN)
+        return None if idx < 0 else idx
+
+    # -- progress
+    def tick(self, n: int = 1):
+        if self.rank == 0:
+            if self.bar is not None:
+                self.bar.update(n)
+            self.poll()
+            return
+        self.pending += n
+        now = time.monotonic()
+        if now - self.last > 0.5:
+            self._flush()
+            self.last = now
+
+    def _flush(self):
+        if self.pending:
+            self.reqs.append(self.comm.isend(self.pending, dest=0, tag=_TAG_PROGRESS))
+            self.pending = 0
+
+    # -- rank 0
+    def poll(self):
+        if self.size == 1:
+            return
+        from mpi4py import MPI
+        st = MPI.Status()
+        while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st):
+            src, tag = st.Get_source(), st.Get_tag()
+            msg = self.comm.recv(source=src, tag=tag)
+            if tag == _TAG_PROGRESS:
+                if self.bar is not None:
+                    self.bar.update(msg)
+            elif tag == _TAG_REQUEST:
+                idx = self.queue.popleft() if self.queue else -1
+                self.reqs.append(self.comm.isend(idx, dest=src, tag=_TAG_ASSIGN))
+            elif tag == _TAG_RESULT:
+                self.results[src] = msg
+
+    def finish(self, mine: dict) -> dict[int, dict] | None:
+        """Workers send their results; rank 0 collects everyone's (in rank order). Waiting
+        sleeps between polls instead of spinning in MPI (ranks that finish early leave the
+        cores to the ones still decoding)."""
+        if self.rank != 0:
+            self._flush()
+            self.reqs.append(self.comm.isend(mine, dest=0, tag=_TAG_RESULT))
+        else:
+            self.results[0] = mine
+            while len(self.results) < self.size:
+                self.poll()
+                if len(self.results) < self.size:
+                    time.sleep(_POLL_S)
+            if self.bar is not None:
+                self.bar.close()
+        if self.size > 1:
+            from mpi4py import MPI
+            while not MPI.Request.testall(self.reqs):
+                time.sleep(_POLL_S)
+        return dict(sorted(self.results.items())) if self.rank == 0 else None
+
+
+def work_order(plan: dict, out: Path) -> list[int]:
+    """Shards to write, largest first (better balance at the end), then the finished ones."""
+    def key(i):
+        sh = plan["shards"][i]
+        return ((out / sh["file"]).exists(), -(sh["stop"] - sh["start"]), i)
+    return sorted(range(len(plan["shards"])), key=key)
+
+
+def quiet_barrier(comm):
+    """A barrier that sleeps while it waits (MPI's blocking calls busy-poll a core)."""
+    if comm.size == 1:
+        return
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(_POLL_S)
+
+
+# --------------------------------------------------------------------------- the stage
+
+def versions() -> dict:
+    """Versions of what made the shards (package metadata: nothing is imported, mpi4py included)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version(), "format": FORMAT}
+    for dist in ("numpy", "pillow", "h5py", "pandas", "mpi4py", "cxr-transfer"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def _dedupe(items: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for it in items:
+        key = json.dumps(it, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(it)
+    return out
+
+
+def run(cfg, comm=None) -> dict | None:
+    """Run the stage on this rank. Returns the manifest on rank 0, None elsewhere.
+    Raises ``PrepError`` (every rank) when it refuses or fails."""
+    t_start = time.perf_counter()
+    comm = comm or get_comm()
+    rank, size = comm.rank, comm.size
+    log = get_logger()
+    out = Path(cfg.prep.out)
+    plan, plan_error = None, None
+    _warm_imports()
+    if rank == 0:
+        try:
+            plan = make_plan(cfg, log)
+            if cfg.prep.strict and plan["skipped"]:
+                raise PrepError(_strict_message(plan["skipped"]))
+            out.mkdir(parents=True, exist_ok=True)
+            check_existing(out, plan, cfg.prep.overwrite, log)
+        except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed
+            plan_error = e
+            plan = {"error": f"{type(e).__name__}: {e}"}
+    if size > 1:
+        quiet_barrier(comm)  # the others sleep while rank 0 plans
+        plan = comm.bcast(plan, root=0)
+    if "error" in plan:
+        if rank == 0:
+            raise plan_error
+        raise PrepError(plan["error"], echo=True)
+    t_plan = time.perf_counter()
+    done_before = sum((out / sh["file"]).exists() for sh in plan["shards"])
+    total = sum(sh["stop"] - sh["start"] for sh in plan["shards"])
+    initial = sum(sh["stop"] - sh["start"] for sh in plan["shards"] if (out / sh["file"]).exists())
+    coord = _Coordinator(comm, work_order(plan, out) if rank == 0 else [], total, initial)
+    results, error = [], None
+    cpu0 = time.process_time()
+    try:
+        while (idx := coord.next_shard()) is not None:
+            sh = plan["shards"][idx]
+            existed = (out / sh["file"]).exists()
+            results.append(write_shard(plan, sh, out, tick=None if existed else coord.tick))
+    except Exception as e:  # noqa: BLE001 - reported to rank 0, which fails the stage
+        # this rank asks for nothing more; the others write the remaining shards
+        error = f"rank {rank}: {type(e).__name__}: {e}\n{traceback.format_exc()}"
+    t_write = time.perf_counter()
+    train_sums = np.array([sum(r[k] for r in results if r["split"] == "train")
+                           for k in ("pixel_sum", "pixel_sumsq", "pixel_count")], dtype=np.int64)
+    mine_msg = {"results": results, "error": error, "write_s": t_write - t_plan,
+                "write_cpu_s": time.process_time() - cpu0,
+                "written": sum(not r["resumed"] for r in results)}
+    gathered = coord.finish(mine_msg)
+    if size > 1:
+        from mpi4py import MPI
+        train_sums = comm.reduce(train_sums, op=MPI.SUM, root=0)  # exact int64, element-wise
+    status, failure, manifest = None, None, None
+    if rank == 0:
+        try:
+            timings = {"plan_s": round(plan["plan_s"], 3),
+                       "check_outputs_and_bcast_s": round(t_plan - t_start - plan["plan_s"], 3),
+                       "ranks": size, "shards_before": done_before}
+            manifest = _finish(cfg, plan, gathered, train_sums, out, log, timings)
+            manifest["timings"]["total_s"] = round(time.perf_counter() - t_start, 3)
+            atomic_write_json(out / MANIFEST, manifest)
+            cfgmod.save_resolved(cfg, out)
+            status = "ok"
+        except Exception as e:  # noqa: BLE001 - every rank must learn it
+            failure, status = e, f"{type(e).__name__}: {e}"
+    if size > 1:
+        quiet_barrier(comm)  # the others sleep while rank 0 writes the manifest
+        status = comm.bcast(status, root=0)
+    if failure is not None:
+        raise failure
+    if status != "ok":
+        raise PrepError(status, echo=True)
+    return manifest
+
+
+def _strict_message(skipped: list[dict]) -> str:
+    first = "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:5])
+    return f"--strict: {len(skipped)} image(s) would be skipped: {first}{' ...' if len(skipped) > 5 else ''}"
+
+
+def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
+    errors = [m["error"] for m in gathered.values() if m["error"]]
+    if errors:
+        raise PrepError("shard writing failed; rerun to resume:\n" + "\n".join(errors))
+    results = {r["file"]: r for m in gathered.values() for r in m["results"]}
+    psum, psq, pcount = (int(v) for v in train_sums)
+    tr = [r for r in results.values() if r["split"] == "train"]
+    if (psum, pcount) != (sum(r["pixel_sum"] for r in tr), sum(r["pixel_count"] for r in tr)):
+        raise PrepError("internal error: reduced pixel sums disagree with the shard results")
+    skipped = list(plan["skipped"])
+    converted = []
+    splits = {}
+    for name in md.SPLITS:
+        shards = [results[sh["file"]] for sh in plan["shards"] if sh["split"] == name]
+        lc: dict[str, int] = {}
+        patients = set()
+        for r in shards:
+            for k, v in r["label_counts"].items():
+                lc[k] = lc.get(k, 0) + v
+            patients.update(r["patients"])
+            skipped += [dict(s, split=name) for s in r["skipped"]]
+            converted += r["converted"]
+        if not lc:
+            lc = {c: 0 for c in plan["classes"]} if plan["task"] == "binary" else {}
+        splits[name] = {"count": sum(r["count"] for r in shards), "planned": len(plan["splits"][name]["image"]),
+                        "label_counts": lc, "available": plan["splits"][name]["available"],
+                        "patients": len(patients),
+                        "shards": [{"file": r["file"], "count": r["count"], "sha256": r["sha256"]} for r in shards]}
+    if cfg.prep.strict and len(skipped) > len(plan["skipped"]):
+        raise PrepError(_strict_message(skipped[len(plan["skipped"]):]))
+    mean = psum / pcount if pcount else 0.0
+    var = max(psq / pcount - mean * mean, 0.0) if pcount else 0.0
+    write_s = [m["write_s"] for m in gathered.values()]
+    timings.update({"write_s_max": round(max(write_s), 3), "write_s_per_rank": [round(w, 3) for w in write_s],
+                    "write_cpu_s_per_rank": [round(m["write_cpu_s"], 3) for m in gathered.values()],
+                    "shards_per_rank": [len(m["results"]) for m in gathered.values()],
+                    "shards_written": sum(m["written"] for m in gathered.values())})
+    manifest = {
+        "format": FORMAT, "config_hash": plan["config_hash"], "config": cfgmod.to_dict(cfg),
+        "task": plan["task"], "classes": plan["classes"], "image_size": plan["image_size"],
+        "split_method": plan["split_method"], "splits": splits,
+        "mean": mean, "std": math.sqrt(var), "pixel_count": pcount,
+        "skipped": _dedupe(skipped), "converted": _dedupe(converted), "notes": plan["notes"],
+        "versions": versions(), "timings": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    for name in md.SPLITS:
+        s = splits[name]
+        log.info("%-5s: %6d images (%s), %d patients, %d shards", name, s["count"],
+                 ", ".join(f"{k} {v}" for k, v in s["label_counts"].items()), s["patients"], len(s["shards"]))
+    log.info("skipped %d, converted %d, notes %d; train mean %.2f std %.2f; manifest %s",
+             len(manifest["skipped"]), len(manifest["converted"]), len(manifest["notes"]), mean,
+             manifest["std"], out / MANIFEST)
+    return manifest
