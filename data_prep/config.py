@@ -175,6 +175,8 @@ def _check_scalar(key: str, tp, value, meta):
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool) and "on" in allowed and "off" in allowed:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare on/off as true/false
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not allowed; expected one of {', '.join(map(repr, allowed))}")
         return value

@@ -123,3 +123,13 @@ def test_float_written_without_dot(tmp_path):
     assert cfg.train.finetune.lr == pytest.approx(1e-3)
     with pytest.raises(ConfigError, match=r"train\.finetune\.lr: expected a number, got 'fast'"):
         load_config(write(tmp_path, "train:\n  finetune:\n    lr: fast\n"))
+
+
+def test_readme_reference_in_sync(root):
+    """README's config table is generated from the dataclasses: regenerate it when a key changes
+    (python -m data_prep.config --reference)."""
+    from data_prep.config import reference_markdown
+
+    readme = (root / "README.md").read_text()
+    missing = [line for line in reference_markdown().splitlines() if line not in readme]
+    assert not missing, f"README.md config reference is stale, e.g. {missing[0]}"

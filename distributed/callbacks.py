@@ -1,0 +1,403 @@
+"""Keras callbacks and run-state bookkeeping of the trainer.
+
+Every rank runs every callback, in the list's order, so that every rank takes the same
+decisions (validation metrics are computed from predictions gathered on all ranks, hence are
+identical everywhere); only rank 0 touches files. Collectives go through ``distributed.hvd``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from data_prep.fsutil import atomic_write_json
+from data_prep.log import get_logger
+from distributed import hvd
+
+HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
+                   "seconds", "images_per_s")
+STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
+
+
+# --------------------------------------------------------------------------- run state
+
+@dataclass
+class RunState:
+    """What ``checkpoints/state.json`` records; enough to resume exactly."""
+    phase: str = "warmup"          # phase of the last completed epoch (or the next one to run)
+    phase_epoch: int = 0           # epochs completed in ``phase``
+    epoch: int = 0                 # epochs completed in the whole run (the history's rows)
+    best_val_loss: float = math.inf
+    best_epoch: int = 0
+    early_stopping: dict = field(default_factory=lambda: {"best": math.inf, "wait": 0, "stopped": False})
+    complete: bool = False
+    size: int = 1
+    writer_rank: int = 0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["best_val_loss"] = _num(d["best_val_loss"])
+        d["early_stopping"] = {**d["early_stopping"], "best": _num(d["early_stopping"]["best"])}
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "RunState":
+        d = dict(d)
+        d["best_val_loss"] = _unnum(d.get("best_val_loss"))
+        es = dict(d.get("early_stopping") or {})
+        es["best"] = _unnum(es.get("best"))
+        es.setdefault("wait", 0)
+        es.setdefault("stopped", False)
+        d["early_stopping"] = es
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def _num(x):
+    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
+
+
+def _unnum(x):
+    return math.inf if x is None else float(x)
+
+
+# --------------------------------------------------------------------------- learning rate
+
+@tf.keras.utils.register_keras_serializable(package="cxr")
+class WarmupInverseTimeDecay(tf.keras.optimizers.schedules.LearningRateSchedule):
+    """lr(step) = base * (1 + (size - 1) * min(1, step / warmup_steps)) / (1 + decay * step).
+
+    Horovod's learning-rate warm-up (Goyal et al.) from the one-rank rate to ``size`` times it
+    over ``warmup_steps``, and Keras 1's ``decay`` (inverse time) on top, both functions of
+    ``optimizer.iterations``, so a restored optimizer continues the curve exactly. With
+    ``scale=False`` the rate is ``base`` for any number of ranks (no warm-up)."""
+
+    def __init__(self, base_lr, size=1, warmup_steps=0, decay=0.0, scale=True, name=None):
+        super().__init__()
+        self.base_lr, self.size, self.warmup_steps = float(base_lr), int(size), int(warmup_steps)
+        self.decay, self.scale, self.name = float(decay), bool(scale), name
+
+    def __call__(self, step):
+        step = tf.cast(step, tf.float32)
+        factor = tf.constant(float(self.size) if self.scale else 1.0)
+        if self.scale and self.warmup_steps > 0 and self.size > 1:
+            factor = 1.0 + (self.size - 1.0) * tf.minimum(1.0, step / float(self.warmup_steps))
+        return self.base_lr * factor / (1.0 + self.decay * step)
+
+    def get_config(self):
+        return {"base_lr": self.base_lr, "size": self.size, "warmup_steps": self.warmup_steps,
+                "decay": self.decay, "scale": self.scale, "name": self.name}
+
+
+# --------------------------------------------------------------------------- metrics
+
+def auc_score(y: np.ndarray, p: np.ndarray) -> float:
+    """ROC AUC by the rank-sum statistic (ties averaged); NaN without both classes."""
+    y = np.asarray(y).astype(bool).ravel()
+    p = np.asarray(p, dtype=np.float64).ravel()
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        return float("nan")
+    order = np.argsort(p, kind="mergesort")
+    sp = p[order]
+    ranks = np.empty(len(p), dtype=np.float64)
+    _, first, counts = np.unique(sp, return_index=True, return_counts=True)
+    avg = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
+    ranks[order] = np.repeat(avg, counts)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+
+
+def classification_metrics(y: np.ndarray, p: np.ndarray, multilabel: bool) -> dict:
+    """loss, accuracy, auc as Keras computes the first two (clipped at 1e-7). Binary softmax:
+    AUC of the second class ("positive"); multilabel: mean AUC over classes with both labels."""
+    y = np.asarray(y, dtype=np.float64)
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-7, 1 - 1e-7)
+    if len(y) == 0:
+        return {"loss": float("nan"), "accuracy": float("nan"), "auc": float("nan")}
+    if multilabel:
+        loss = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
+        acc = float(np.mean((p > 0.5) == (y > 0.5)))
+        aucs = [auc_score(y[:, k], p[:, k]) for k in range(y.shape[1])]
+        aucs = [a for a in aucs if not math.isnan(a)]
+        auc = float(np.mean(aucs)) if aucs else float("nan")
+    else:
+        p = p / p.sum(axis=1, keepdims=True)
+        loss = float(np.mean(-np.sum(y * np.log(p), axis=1)))
+        acc = float(np.mean(np.argmax(p, 1) == np.argmax(y, 1)))
+        auc = auc_score(y[:, -1], p[:, -1]) if y.shape[1] >= 2 else float("nan")
+    return {"loss": loss, "accuracy": acc, "auc": auc}
+
+
+def predict_shard(model, dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(probabilities, targets, indices) of this rank's evaluation dataset (with_index=True)."""
+    step = getattr(model, "_cxr_predict_step", None)
+    if step is None:  # one trace per model (input batch dimension left free)
+        step = tf.function(lambda x: model(x, training=False),
+                           input_signature=[tf.TensorSpec((None,) + tuple(model.input_shape[1:]), tf.float32)])
+        model._cxr_predict_step = step
+    ps, ys, ids = [], [], []
+    for x, y, i in dataset:
+        ps.append(step(x).numpy())
+        ys.append(y.numpy())
+        ids.append(i.numpy())
+    k = model.output_shape[-1]
+    cat = lambda a, shape: np.concatenate(a) if a else np.zeros(shape, np.float32)  # noqa: E731
+    return cat(ps, (0, k)).astype(np.float32), cat(ys, (0, k)).astype(np.float32), cat(ids, (0,)).astype(np.int64)
+
+
+def gathered_predictions(model, dataset):
+    """Predictions of every rank's share, gathered on every rank and put in split order."""
+    p, y, i = predict_shard(model, dataset)
+    p, y, i = hvd.allgather(p), hvd.allgather(y), hvd.allgather(i)  # Horovod: whole split everywhere
+    order = np.argsort(i, kind="stable")
+    return p[order], y[order], i[order]
+
+
+# --------------------------------------------------------------------------- callbacks
+
+class EpochTimer(tf.keras.callbacks.Callback):
+    """``seconds`` (training part of the epoch) and ``images_per_s`` over all ranks."""
+
+    def __init__(self, images_per_epoch: int):
+        super().__init__()
+        self.images = images_per_epoch
+        self._t = 0.0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        dt = time.perf_counter() - self._t
+        dt = float(hvd.allreduce(np.float64(dt), op="max", name="epoch_seconds"))  # Horovod: slowest rank's time
+        if logs is not None:
+            logs["seconds"] = dt
+            logs["images_per_s"] = self.images / dt if dt > 0 else float("nan")
+
+
+def batchnorm_statistics(model) -> list:
+    """Moving mean/variance of the model's BatchNormalization layers: updated by each rank from
+    its own batches, not by gradients, so they drift apart across ranks unless averaged."""
+    out = []
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.BatchNormalization):
+            out += [layer.moving_mean, layer.moving_variance]
+    return out
+
+
+class AverageBatchNormStatistics(tf.keras.callbacks.Callback):
+    """At each epoch end, before validation and checkpoints: BatchNorm moving statistics averaged
+    over ranks (one allreduce), so every rank holds the same model (VGG has no BatchNorm)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        vs = batchnorm_statistics(self.model)
+        if not vs or hvd.size() == 1:
+            return
+        flat = np.concatenate([v.numpy().ravel() for v in vs])
+        flat = hvd.allreduce(flat, op="average", name="bn_statistics")  # Horovod: one model on all ranks
+        i = 0
+        for v in vs:
+            n = int(np.prod(v.shape))
+            v.assign(flat[i:i + n].reshape(v.shape))
+            i += n
+
+
+class LearningRateLogger(tf.keras.callbacks.Callback):
+    """``lr``: the learning rate the last step used (schedules evaluated at the step)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        opt = self.model.optimizer
+        lr = opt.learning_rate if hasattr(opt, "learning_rate") else opt.lr
+        if isinstance(lr, tf.keras.optimizers.schedules.LearningRateSchedule):
+            lr = lr(tf.maximum(opt.iterations - 1, 0))
+        if logs is not None:
+            logs["lr"] = float(tf.keras.backend.get_value(lr))
+
+
+class Validation(tf.keras.callbacks.Callback):
+    """val_loss, val_accuracy, val_auc on the whole validation split, sharded over ranks: each rank
+    predicts its share, the predictions are gathered, every rank computes the same numbers."""
+
+    def __init__(self, dataset_fn, multilabel: bool):
+        super().__init__()
+        self.dataset_fn = dataset_fn
+        self.multilabel = multilabel
+
+    def on_epoch_end(self, epoch, logs=None):
+        p, y, _ = gathered_predictions(self.model, self.dataset_fn())
+        m = classification_metrics(y, p, self.multilabel)
+        if logs is not None:
+            logs.update({"val_loss": m["loss"], "val_accuracy": m["accuracy"], "val_auc": m["auc"]})
+
+
+class EarlyStopping(tf.keras.callbacks.Callback):
+    """Keras' EarlyStopping on val_loss (min_delta 0), with its state kept in ``RunState`` so a
+    resumed run stops where the uninterrupted one would have."""
+
+    def __init__(self, state: RunState, patience: int, active: bool):
+        super().__init__()
+        self.state, self.patience, self.active = state, patience, active
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.active:
+            return
+        es = self.state.early_stopping
+        current = (logs or {}).get("val_loss", float("nan"))
+        if current is not None and math.isfinite(current) and current < es["best"]:
+            es["best"], es["wait"] = float(current), 0
+            return
+        es["wait"] += 1
+        if es["wait"] >= self.patience and epoch > 0:
+            es["stopped"] = True
+            self.model.stop_training = True
+            get_logger().info("early stopping: val_loss did not improve for %d epoch(s) (best %.4f)",
+                              es["wait"], es["best"])
+
+
+class Checkpointer(tf.keras.callbacks.Callback):
+    """Updates ``RunState`` on every rank; rank 0 writes, each atomically (temp file, rename):
+    ``history.csv`` row, TensorBoard scalars, ``checkpoints/last.keras`` (+ optimizer state),
+    ``best.keras`` on a new best val_loss, and ``state.json`` LAST, which commits the epoch."""
+
+    def __init__(self, run_dir: Path, state: RunState, phase: str, save_optimizer, tb_writer=None):
+        super().__init__()
+        self.run_dir = Path(run_dir)
+        self.ckpt = self.run_dir / "checkpoints"
+        self.state, self.phase = state, phase
+        self.save_optimizer = save_optimizer
+        self.tb = tb_writer
+        self.root = hvd.is_root()
+        self.writes = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = dict(logs or {})
+        s = self.state
+        s.phase, s.phase_epoch, s.epoch = self.phase, epoch + 1, s.epoch + 1
+        vl = logs.get("val_loss", float("nan"))
+        improved = vl is not None and math.isfinite(vl) and vl < s.best_val_loss
+        if improved:
+            s.best_val_loss, s.best_epoch = float(vl), s.epoch
+        log = get_logger()
+        log.info("epoch %d (%s %d): loss %.4f acc %.4f | val_loss %.4f val_acc %.4f val_auc %.4f | lr %.3g | "
+                 "%.1f s, %.1f img/s%s", s.epoch, self.phase, s.phase_epoch, logs.get("loss", float("nan")),
+                 logs.get("accuracy", float("nan")), vl, logs.get("val_accuracy", float("nan")),
+                 logs.get("val_auc", float("nan")), logs.get("lr", float("nan")), logs.get("seconds", float("nan")),
+                 logs.get("images_per_s", float("nan")), " *best*" if improved else "")
+        if not self.root:  # Horovod: only rank 0 writes files; the others keep the same state in memory
+            return
+        append_history(self.run_dir / "history.csv", {**logs, "phase": self.phase, "epoch": s.epoch})
+        if self.tb is not None:
+            with self.tb.as_default():
+                for k in HISTORY_COLUMNS[2:]:
+                    if k in logs and logs[k] is not None:
+                        tf.summary.scalar(k, logs[k], step=s.epoch)
+            self.tb.flush()
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        save_model_atomic(self.model, self.ckpt / "last.keras")
+        self.save_optimizer(self.ckpt / "last-optimizer.npz")
+        if improved:
+            save_model_atomic(self.model, self.ckpt / "best.keras")
+        s.writer_rank = hvd.rank()
+        atomic_write_json(self.ckpt / "state.json", s.to_json())
+        self.writes += 1
+
+
+class StopHook(tf.keras.callbacks.Callback):
+    """Test hook: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
+    right after the n-th epoch of that phase was committed (after every rank got there)."""
+
+    def __init__(self, phase: str):
+        super().__init__()
+        self.phase = phase
+        spec = os.environ.get("CXR_STOP_AFTER", "")
+        self.at = None
+        if ":" in spec:
+            ph, n = spec.split(":", 1)
+            if ph == phase:
+                self.at = int(n)
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.at is not None and epoch + 1 == self.at:
+            hvd.barrier()  # Horovod: rank 0 has committed the checkpoint before anyone exits
+            get_logger().warning("CXR_STOP_AFTER=%s:%d: stopping here as if killed", self.phase, self.at)
+            for h in get_logger().handlers:
+                h.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(STOP_EXIT_CODE)
+
+
+# --------------------------------------------------------------------------- files
+
+def append_history(path: Path, row: dict) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(HISTORY_COLUMNS)
+        w.writerow([_fmt(row.get(k)) for k in HISTORY_COLUMNS])
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, (float, np.floating)):
+        return "nan" if not math.isfinite(float(v)) else f"{float(v):.6g}"
+    return str(v)
+
+
+def read_history(path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def truncate_history(path: Path, epochs: int) -> int:
+    """Keep the header and the first ``epochs`` rows (a resumed run drops uncommitted rows)."""
+    from data_prep.fsutil import atomic_write_text
+
+    rows = read_history(path)
+    if len(rows) <= epochs:
+        return len(rows)
+    lines = [",".join(HISTORY_COLUMNS)] + [",".join(r.get(k, "") or "" for k in HISTORY_COLUMNS) for r in rows[:epochs]]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return epochs
+
+
+def inference_view(model) -> tf.keras.Model:
+    """The same layers (shared weights, nothing copied) without optimizer and compile settings:
+    what is saved, so a saved model loads anywhere, Horovod or not, without training objects."""
+    return tf.keras.Model(model.inputs, model.outputs, name=model.name)
+
+
+def save_model_atomic(model, path: Path) -> Path:
+    """Save (without optimizer) to a temporary name beside ``path`` (Keras wants the suffix),
+    then rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.stem}.tmp-{os.getpid()}{path.suffix}"
+    try:
+        inference_view(model).save(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def read_state(run_dir) -> RunState | None:
+    p = Path(run_dir) / "checkpoints" / "state.json"
+    if not p.is_file():
+        return None
+    return RunState.from_json(json.loads(p.read_text()))

@@ -1,0 +1,179 @@
+"""The only module that imports Horovod: a thin edge with a single-process fallback.
+
+Everything else calls these functions and never tests whether Horovod is there. Without Horovod
+(not installed, built without TensorFlow, or ``CXR_NO_HOROVOD=1``) the job runs as one process:
+rank 0 of 1, collectives are identities, and the first call says so once. Started by a launcher
+with several ranks but without Horovod, it refuses instead of letting N copies race on one
+run directory.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from data_prep.log import env_size, get_logger
+
+__all__ = ["init", "enabled", "rank", "size", "local_rank", "local_size", "is_root", "allreduce",
+           "allgather", "allgather_object", "broadcast", "broadcast_object", "broadcast_variables",
+           "DistributedOptimizer", "broadcast_callback", "metric_average_callback", "barrier", "shutdown"]
+
+_hvd = None           # horovod.tensorflow.keras once initialised
+_state = {"init": False, "enabled": False}
+
+
+def init() -> bool:
+    """Initialise Horovod once (idempotent). True when Horovod runs this job."""
+    global _hvd
+    if _state["init"]:
+        return _state["enabled"]
+    _state["init"] = True
+    log = get_logger()
+    reason = None
+    if os.environ.get("CXR_NO_HOROVOD", "") not in ("", "0"):
+        reason = "CXR_NO_HOROVOD is set"
+    else:
+        try:
+            import horovod.tensorflow.keras as hvd_keras  # noqa: WPS433 - the one Horovod import
+            _hvd = hvd_keras
+        except Exception as e:  # ImportError, or Horovod built without TensorFlow support
+            reason = f"Horovod cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+    if reason is not None:
+        if env_size() > 1:
+            raise RuntimeError(f"{reason}, but the launcher started {env_size()} ranks: each would train alone "
+                               f"on the same run directory. Install/build Horovod or start one process.")
+        log.warning("%s: training on ONE process (rank 0 of 1), no distributed collectives", reason)
+        _hvd = None
+        return False
+    _hvd.init()
+    _state["enabled"] = True
+    log.info("Horovod %s: %d rank(s), %d on this node", _version(), _hvd.size(), _hvd.local_size())
+    return True
+
+
+def _version():
+    try:
+        import horovod
+        return horovod.__version__
+    except Exception:  # noqa: BLE001
+        return "?"
+
+
+def enabled() -> bool:
+    return _state["enabled"]
+
+
+def rank() -> int:
+    return _hvd.rank() if _state["enabled"] else 0
+
+
+def size() -> int:
+    return _hvd.size() if _state["enabled"] else 1
+
+
+def local_rank() -> int:
+    return _hvd.local_rank() if _state["enabled"] else 0
+
+
+def local_size() -> int:
+    return _hvd.local_size() if _state["enabled"] else 1
+
+
+def is_root() -> bool:
+    return rank() == 0
+
+
+def _op(op: str):
+    import horovod.tensorflow as hvd_tf
+
+    return {"average": hvd_tf.Average, "sum": hvd_tf.Sum, "max": hvd_tf.Max, "min": hvd_tf.Min}[op]
+
+
+def allreduce(value, op: str = "average", name: str | None = None) -> np.ndarray:
+    """Reduce a number/array over ranks (op: average, sum, max, min); numpy result."""
+    if not _state["enabled"] or size() == 1:
+        return np.asarray(value)
+    import tensorflow as tf
+
+    return _hvd.allreduce(tf.convert_to_tensor(value), op=_op(op), name=name).numpy()
+
+
+def allgather(value, name: str | None = None) -> np.ndarray:
+    """Concatenate arrays from all ranks along axis 0 in rank order (first dims may differ)."""
+    if not _state["enabled"] or size() == 1:
+        return np.asarray(value)
+    import tensorflow as tf
+
+    return _hvd.allgather(tf.convert_to_tensor(value), name=name).numpy()
+
+
+def allgather_object(obj) -> list:
+    """A picklable object from every rank, as a list in rank order."""
+    if not _state["enabled"] or size() == 1:
+        return [obj]
+    import horovod.tensorflow as hvd_tf
+
+    return hvd_tf.allgather_object(obj)
+
+
+def broadcast(value, root_rank: int = 0, name: str | None = None) -> np.ndarray:
+    if not _state["enabled"] or size() == 1:
+        return np.asarray(value)
+    import tensorflow as tf
+
+    return _hvd.broadcast(tf.convert_to_tensor(value), root_rank, name=name).numpy()
+
+
+def broadcast_object(obj, root_rank: int = 0):
+    """A picklable object (a dict of resume state, say) from ``root_rank`` to every rank."""
+    if not _state["enabled"] or size() == 1:
+        return obj
+    import horovod.tensorflow as hvd_tf
+
+    return hvd_tf.broadcast_object(obj, root_rank)
+
+
+def broadcast_variables(variables, root_rank: int = 0) -> None:
+    """Overwrite ``variables`` on every rank with root's values (in place)."""
+    if not _state["enabled"] or size() == 1:
+        return
+    import horovod.tensorflow as hvd_tf
+
+    hvd_tf.broadcast_variables(list(variables), root_rank)
+
+
+def DistributedOptimizer(optimizer, **kwargs):  # noqa: N802 - Horovod's name
+    """Wrap a Keras optimizer so gradients are averaged over ranks before they are applied."""
+    if not _state["enabled"] or size() == 1:
+        return optimizer
+    return _hvd.DistributedOptimizer(optimizer, **kwargs)
+
+
+def broadcast_callback(root_rank: int = 0):
+    """Horovod's callback broadcasting model and optimizer variables after the first batch (the
+    optimizer's slots exist only then); a no-op callback without Horovod."""
+    import tensorflow as tf
+
+    if not _state["enabled"] or size() == 1:
+        return tf.keras.callbacks.Callback()
+    return _hvd.callbacks.BroadcastGlobalVariablesCallback(root_rank)
+
+
+def metric_average_callback():
+    """Horovod's callback averaging the epoch's logged metrics over ranks; no-op without Horovod."""
+    import tensorflow as tf
+
+    if not _state["enabled"] or size() == 1:
+        return tf.keras.callbacks.Callback()
+    return _hvd.callbacks.MetricAverageCallback()
+
+
+def barrier() -> None:
+    if _state["enabled"] and size() > 1:
+        allreduce(np.int32(0), op="sum", name="cxr_barrier")
+
+
+def shutdown() -> None:
+    if _state["enabled"]:
+        _hvd.shutdown()
+        _state.update(init=False, enabled=False)

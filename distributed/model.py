@@ -1,0 +1,237 @@
+"""The network: an ImageNet backbone from ``tf.keras.applications`` with a new head.
+
+Input ``image`` (S, S, 1) float32 in [0, 255]. Inside the model, two registered, serializable
+layers replicate the gray channel to RGB and apply the backbone's own ``preprocess_input``, so a
+saved model takes raw pixels and nobody can forget the preprocessing. The backbone is built FLAT
+on that tensor (``input_tensor=``), so its layers (``block5_conv3`` ...) are layers of the model,
+which Grad-CAM and layer freezing need. Head: global average pooling, Dense relu, Dropout, Dense
+softmax (sigmoid for multilabel).
+
+No Horovod, no MPI here: the same model serves training, evaluation and prediction.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import tensorflow as tf
+
+__all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
+           "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES",
+           "imagenet_weights_file", "copy_weights"]
+
+_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
+# backbone -> (constructor, preprocess mode, ImageNet no-top weights file, its download URL folder)
+BACKBONES = {
+    "vgg16": ("VGG16", "caffe", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "vgg16/"),
+    "vgg19": ("VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "vgg19/"),
+    "resnet50": ("ResNet50", "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "resnet/"),
+    "densenet121": ("DenseNet121", "torch", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "densenet/"),
+    "tiny": (None, "tf", None, None),
+}
+_PREPROCESS = {  # the backbone modules' own preprocess_input (imagenet_utils modes)
+    "caffe": lambda x: tf.keras.applications.vgg16.preprocess_input(x),
+    "torch": lambda x: tf.keras.applications.densenet.preprocess_input(x),
+    "tf": lambda x: tf.keras.applications.mobilenet_v2.preprocess_input(x),
+}
+HEAD_LAYERS = ("head_gap", "head_dense", "head_dropout", "predictions")
+
+
+class WeightsUnavailable(RuntimeError):
+    """Pretrained weights cannot be found or loaded; the message says which file goes where."""
+
+
+@tf.keras.utils.register_keras_serializable(package="cxr")
+class GrayToRGB(tf.keras.layers.Layer):
+    """(…, 1) gray to (…, 3) by replication: ImageNet backbones expect three channels."""
+
+    def call(self, x):
+        return tf.concat([x, x, x], axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-1].concatenate([3])
+
+
+@tf.keras.utils.register_keras_serializable(package="cxr")
+class BackbonePreprocess(tf.keras.layers.Layer):
+    """The backbone's ``preprocess_input`` on RGB in [0, 255] (caffe: BGR minus ImageNet mean;
+    torch: /255, minus mean, over std; tf: to [-1, 1])."""
+
+    def __init__(self, mode: str = "caffe", **kwargs):
+        super().__init__(**kwargs)
+        if mode not in _PREPROCESS:
+            raise ValueError(f"unknown preprocess mode {mode!r}; expected one of {sorted(_PREPROCESS)}")
+        self.mode = mode
+
+    def call(self, x):
+        return _PREPROCESS[self.mode](x)
+
+    def get_config(self):
+        return {**super().get_config(), "mode": self.mode}
+
+
+CUSTOM_OBJECTS = {"GrayToRGB": GrayToRGB, "BackbonePreprocess": BackbonePreprocess,
+                  "cxr>GrayToRGB": GrayToRGB, "cxr>BackbonePreprocess": BackbonePreprocess}
+
+
+def _tiny_backbone(x):
+    """VGG16's shape (5 blocks of 2-2-3-3-3 3x3 convs, max pooling, the same layer names) at 1/8 to
+    1/4 of the width, each conv followed by batch normalization so that it learns from scratch in
+    a few epochs: fast enough for tests and CI. Its last conv is ``block5_conv3``."""
+    widths, convs = (8, 16, 32, 64, 64), (2, 2, 3, 3, 3)
+    for b, (w, n) in enumerate(zip(widths, convs), start=1):
+        for c in range(1, n + 1):
+            x = tf.keras.layers.Conv2D(w, 3, padding="same", use_bias=False, kernel_initializer="he_normal",
+                                       name=f"block{b}_conv{c}")(x)
+            x = tf.keras.layers.BatchNormalization(momentum=0.9, name=f"block{b}_bn{c}")(x)
+            x = tf.keras.layers.Activation("relu", name=f"block{b}_relu{c}")(x)
+        x = tf.keras.layers.MaxPooling2D(2, strides=2, name=f"block{b}_pool")(x)
+    return x
+
+
+def keras_cache_dir() -> Path:
+    base = os.environ.get("KERAS_HOME") or os.path.join(os.path.expanduser("~"), ".keras")
+    return Path(base) / "models"
+
+
+def imagenet_weights_file(backbone: str) -> tuple[str, str]:
+    """(file name, download URL) of the backbone's ImageNet no-top weights."""
+    ctor, _, fname, folder = BACKBONES[backbone]
+    if fname is None:
+        raise WeightsUnavailable(f"model.backbone={backbone!r} has no ImageNet weights (it is a test network); "
+                                 f"set model.weights=none or a path to an .h5 file")
+    return fname, _APPS + folder + fname
+
+
+def _imagenet_path(backbone: str) -> str:
+    fname, url = imagenet_weights_file(backbone)
+    cached = keras_cache_dir() / fname
+    if cached.is_file():
+        return str(cached)
+    try:  # Keras' own cache and download, when the network allows it
+        return tf.keras.utils.get_file(fname, url, cache_subdir="models")
+    except Exception as e:  # noqa: BLE001 - any download failure means the same to the user
+        raise WeightsUnavailable(
+            f"ImageNet weights for {backbone} are not in the Keras cache and cannot be downloaded "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}). Put {fname} in "
+            f"{keras_cache_dir()}/ (download it from {url} on a machine with network access), or set "
+            f"model.weights to the path of that .h5 file, or model.weights=none to train from scratch.") from None
+
+
+def _load_weight_file(path: str, base: tf.keras.Model, model: tf.keras.Model, backbone: str):
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise WeightsUnavailable(f"model.weights={path!r}: no such file; expected 'imagenet', 'none' or the path "
+                                 f"of an .h5 weight file (e.g. {BACKBONES[backbone][2] or 'weights.h5'})")
+    errors = []
+    for target, what in ((base, "backbone (no-top)"), (model, "whole model")):
+        try:
+            target.load_weights(str(p))
+            return what
+        except (ValueError, KeyError, OSError) as e:
+            errors.append(f"as {what}: {str(e).splitlines()[0][:200]}")
+    raise WeightsUnavailable(f"cannot load {p} into a {backbone} model; " + "; ".join(errors))
+
+
+def build_model(model_cfg, image_size: int, num_classes: int, multilabel: bool = False) -> tf.keras.Model:
+    """The network for ``model_cfg`` (the config's ``model`` section: backbone, weights,
+    dense_units, dropout), square gray input of ``image_size`` pixels, ``num_classes`` outputs."""
+    backbone = model_cfg.backbone
+    if backbone not in BACKBONES:
+        raise ValueError(f"model.backbone: {backbone!r} is not one of {sorted(BACKBONES)}")
+    ctor, mode, _, _ = BACKBONES[backbone]
+    image = tf.keras.Input((image_size, image_size, 1), dtype="float32", name="image")
+    x = GrayToRGB(name="gray_to_rgb")(image)
+    x = BackbonePreprocess(mode, name="preprocess")(x)
+    if ctor is None:
+        features = _tiny_backbone(x)
+    else:
+        # input_tensor=: the backbone's layers are built on our tensor, flat in one graph
+        app = getattr(tf.keras.applications, ctor)
+        features = app(include_top=False, weights=None, input_tensor=x).output
+    base = tf.keras.Model(image, features, name=f"{backbone}_base")
+    h = tf.keras.layers.GlobalAveragePooling2D(name="head_gap")(features)
+    h = tf.keras.layers.Dense(model_cfg.dense_units, activation="relu", name="head_dense")(h)
+    h = tf.keras.layers.Dropout(model_cfg.dropout, name="head_dropout")(h)
+    out = tf.keras.layers.Dense(num_classes, activation="sigmoid" if multilabel else "softmax",
+                                dtype="float32", name="predictions")(h)
+    model = tf.keras.Model(image, out, name=f"cxr_{backbone}")
+    weights = (model_cfg.weights or "none").strip()
+    if weights.lower() == "imagenet":
+        _load_weight_file(_imagenet_path(backbone), base, model, backbone)
+    elif weights.lower() not in ("none", ""):
+        _load_weight_file(weights, base, model, backbone)
+    return model
+
+
+def load_model(path, compile: bool = False) -> tf.keras.Model:
+    """A model saved by training (``model.keras``, ``checkpoints/{best,last}.keras``; also ``.h5``
+    and Keras SavedModel folders), custom layers known. Not compiled unless ``compile``."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"no model at {p}")
+    if p.is_dir() and (p / "saved_model.pb").exists() and not (p / "keras_metadata.pb").exists():
+        raise ValueError(f"{p} is an inference-only SavedModel (serving): load it with "
+                         f"tf.saved_model.load(path).serve(images), or pass the run's model.keras here")
+    with tf.keras.utils.custom_object_scope(CUSTOM_OBJECTS):
+        return tf.keras.models.load_model(str(p), custom_objects=CUSTOM_OBJECTS, compile=compile)
+
+
+def copy_weights(src, dst) -> int:
+    """Copy weights layer by layer, by name (safe whatever the layers' trainable flags, which
+    reorder ``Model.get_weights()``). Returns the number of layers copied."""
+    n = 0
+    for layer in dst.layers:
+        if layer.weights:
+            layer.set_weights(src.get_layer(layer.name).get_weights())
+            n += 1
+    return n
+
+
+def _index(model, name):
+    for i, layer in enumerate(model.layers):
+        if layer.name == name:
+            return i
+    raise ValueError(f"model {model.name} has no layer {name!r}: not built by distributed.model.build_model")
+
+
+def backbone_layers(model) -> list:
+    """The backbone's layers in order, counted from the input layer (as ``VGG16().layers``)."""
+    start, stop = _index(model, "preprocess"), _index(model, "head_gap")
+    return [model.layers[0]] + list(model.layers[start + 1:stop])
+
+
+def last_conv_layer(model) -> str:
+    """Name of the last convolutional feature map: 'block5_conv3' for VGG16, 'block5_conv4' for
+    VGG19, 'conv5_block3_out' for ResNet50, 'relu' for DenseNet121 (the Grad-CAM layer)."""
+    for layer in reversed(backbone_layers(model)[1:]):
+        shape = layer.output_shape
+        if isinstance(layer, (tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D,
+                              tf.keras.layers.ZeroPadding2D, tf.keras.layers.Dropout)):
+            continue
+        if isinstance(shape, tuple) and len(shape) == 4:
+            return layer.name
+    raise ValueError(f"model {model.name} has no 4-D feature map in its backbone")
+
+
+def set_trainable(model, phase: str, freeze: str = "first_n", freeze_first: int = 10) -> int:
+    """Freeze for a phase; returns the number of trainable weight tensors.
+
+    warmup: the whole backbone frozen, only the head trains. finetune: ``first_n`` freezes the
+    first ``freeze_first`` backbone layers (the article's option B), ``all_conv`` the whole
+    backbone (option A). Recompile after calling this. Frozen BatchNorm layers run in inference
+    mode (Keras 2 semantics of ``trainable=False``).
+    """
+    layers = backbone_layers(model)
+    if phase == "warmup" or freeze == "all_conv":
+        frozen = len(layers)
+    elif freeze == "first_n":
+        frozen = min(freeze_first, len(layers))
+    else:
+        raise ValueError(f"freeze: {freeze!r} is not first_n or all_conv")
+    model.trainable = True
+    for i, layer in enumerate(layers):
+        layer.trainable = i >= frozen
+    for name in HEAD_LAYERS:
+        model.get_layer(name).trainable = True
+    return len(model.trainable_weights)

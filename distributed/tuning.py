@@ -1,0 +1,272 @@
+"""oneDNN / OpenMP / TensorFlow thread settings per rank, chosen BEFORE TensorFlow is imported.
+
+TensorFlow sizes its thread pools once, when its runtime starts, from ``TF_NUM_INTRAOP_THREADS``
+/ ``TF_NUM_INTEROP_THREADS`` (and oneDNN/OpenMP builds from ``OMP_NUM_THREADS``, ``KMP_*``), so
+these have to be in the environment before ``import tensorflow``. The rule, from the node's
+physical cores, its sockets/NUMA nodes and the number of ranks on the node:
+
+* intra-op threads = physical cores / local ranks (at least 1): ranks share a node's cores,
+  never more threads than cores (hyper-threads do not help these GEMM-bound kernels);
+  a rank that the launcher bound to a set of cores (``mpirun --bind-to ...``) uses those cores;
+* inter-op threads = 2 when a rank spans two or more sockets/NUMA nodes, else 1;
+* ``OMP_NUM_THREADS`` = intra-op threads; ``KMP_AFFINITY``/``KMP_BLOCKTIME`` as configured
+  (they only matter to OpenMP builds such as intel-tensorflow; stock TF ignores them);
+* ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset).
+
+Explicit ``runtime.*`` values win over the rule. :func:`thread_env` is the pure function the
+launcher passes to every rank (``mpirun -x``); :func:`apply` is what a rank calls first.
+Nothing here imports TensorFlow.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping
+
+__all__ = ["Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env", "apply",
+           "configure_tensorflow"]
+
+
+@dataclass(frozen=True)
+class Topology:
+    """What a node offers. ``bound_cores``: physical cores in this process' CPU affinity mask when
+    a launcher bound it to fewer CPUs than the node has (then the mask is the rank's share)."""
+    sockets: int
+    physical_cores: int
+    logical_cpus: int = 0
+    numa_nodes: int = 1
+    bound_cores: int | None = None
+    source: str = "given"
+
+    def __post_init__(self):
+        if self.sockets < 1 or self.physical_cores < 1:
+            raise ValueError(f"topology needs at least one socket and one core, got {self}")
+
+    @property
+    def domains(self) -> int:
+        """Memory domains: sockets, or NUMA nodes when there are more (AMD NPS>1, sub-NUMA)."""
+        return max(self.sockets, self.numa_nodes, 1)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    intra_op: int
+    inter_op: int
+    omp_num_threads: int
+    kmp_affinity: str
+    kmp_blocktime: int
+    onednn: str  # on | off | auto
+    local_ranks: int
+    topology: Topology
+    origin: Mapping[str, str] = field(default_factory=dict)  # value -> "config" | "auto"
+
+    def env(self) -> dict[str, str]:
+        env = {
+            "OMP_NUM_THREADS": str(self.omp_num_threads),
+            "TF_NUM_INTRAOP_THREADS": str(self.intra_op),
+            "TF_NUM_INTEROP_THREADS": str(self.inter_op),
+        }
+        if self.kmp_affinity:
+            env["KMP_AFFINITY"] = self.kmp_affinity
+            env["KMP_BLOCKTIME"] = str(self.kmp_blocktime)
+        if self.onednn != "auto":
+            env["TF_ENABLE_ONEDNN_OPTS"] = "1" if self.onednn == "on" else "0"
+        return env
+
+    def describe(self) -> str:
+        t = self.topology
+        share = (f"{t.bound_cores} bound cores" if t.bound_cores
+                 else f"{t.physical_cores} physical cores / {self.local_ranks} local rank(s)")
+        o = self.origin
+        return (f"threads: intra_op={self.intra_op} ({o.get('intra_op', 'auto')}), "
+                f"inter_op={self.inter_op} ({o.get('inter_op', 'auto')}), "
+                f"OMP_NUM_THREADS={self.omp_num_threads}, KMP_AFFINITY={self.kmp_affinity or '(unset)'}, "
+                f"KMP_BLOCKTIME={self.kmp_blocktime}, oneDNN={self.onednn}; node: {t.sockets} socket(s), "
+                f"{t.numa_nodes} NUMA node(s), {t.physical_cores} physical cores, {t.logical_cpus} CPUs "
+                f"[{t.source}]; share: {share}")
+
+
+# --------------------------------------------------------------------------- detection
+
+def _parse_cpulist(text: str) -> set[int]:
+    cpus: set[int] = set()
+    for part in text.strip().split(","):
+        part = part.strip()
+        if not part:
+            continue
+        if "-" in part:
+            a, b = part.split("-", 1)
+            cpus.update(range(int(a), int(b) + 1))
+        else:
+            cpus.add(int(part))
+    return cpus
+
+
+def _read(p: Path) -> str | None:
+    try:
+        return p.read_text().strip()
+    except OSError:
+        return None
+
+
+def _from_sys(sys_root: Path) -> tuple[dict[int, tuple[int, int]], int] | None:
+    """cpu -> (package, core) for online CPUs, and the NUMA node count."""
+    cpu_root = sys_root / "devices/system/cpu"
+    online = _read(cpu_root / "online")
+    if online is None:
+        return None
+    cores: dict[int, tuple[int, int]] = {}
+    for cpu in sorted(_parse_cpulist(online)):
+        topo = cpu_root / f"cpu{cpu}" / "topology"
+        pkg, core = _read(topo / "physical_package_id"), _read(topo / "core_id")
+        if pkg is None or core is None:
+            return None
+        cores[cpu] = (int(pkg), int(core))
+    if not cores:
+        return None
+    nodes = [p for p in (sys_root / "devices/system/node").glob("node[0-9]*") if p.is_dir()]
+    return cores, max(1, len(nodes))
+
+
+def _from_lscpu() -> tuple[dict[int, tuple[int, int]], int] | None:
+    if not shutil.which("lscpu"):
+        return None
+    try:
+        out = subprocess.run(["lscpu", "-p=CPU,CORE,SOCKET,NODE"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    cores, nodes = {}, set()
+    for line in out.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        cpu, core, sock, node = (line.split(",") + ["", "", "", ""])[:4]
+        cores[int(cpu)] = (int(sock or 0), int(core or cpu))
+        nodes.add(node or "0")
+    return (cores, max(1, len(nodes))) if cores else None
+
+
+def detect_topology(sys_root: str | os.PathLike = "/sys") -> Topology:
+    """The node's sockets, NUMA nodes and physical cores from /sys (lscpu, then os.cpu_count()
+    as fallbacks), and the cores of this process' affinity mask when a launcher bound it."""
+    found, source = _from_sys(Path(sys_root)), "sysfs"
+    if found is None:
+        found, source = _from_lscpu(), "lscpu"
+    if found is None:
+        n = os.cpu_count() or 1
+        return Topology(sockets=1, physical_cores=n, logical_cpus=n, numa_nodes=1, source="os.cpu_count")
+    cores, numa = found
+    sockets = len({pkg for pkg, _ in cores.values()})
+    physical = len(set(cores.values()))
+    bound = None
+    try:
+        mask = os.sched_getaffinity(0)
+    except (AttributeError, OSError):
+        mask = set(cores)
+    if mask and set(cores) - mask:  # bound to a subset of the node: that subset is our share
+        bound = max(1, len({cores[c] for c in mask if c in cores}))
+    return Topology(sockets=sockets, physical_cores=physical, logical_cpus=len(cores), numa_nodes=numa,
+                    bound_cores=bound, source=source)
+
+
+# --------------------------------------------------------------------------- the rule
+
+def _rt(runtime, name, default):
+    return getattr(runtime, name, default) if runtime is not None else default
+
+
+def plan_threads(topology: Topology, local_ranks: int, runtime=None) -> ThreadPlan:
+    """Thread settings for one rank of ``local_ranks`` on a node with ``topology``.
+
+    ``runtime`` is the config's ``runtime`` section (or None for all-auto); its non-zero values win.
+    """
+    local_ranks = max(1, int(local_ranks))
+    if topology.bound_cores:
+        cores = topology.bound_cores
+        domains_per_rank = 1
+    else:
+        cores = max(1, topology.physical_cores // local_ranks)
+        domains_per_rank = max(1, topology.domains // local_ranks)
+    origin = {}
+    intra = _rt(runtime, "intra_op_threads", 0)
+    origin["intra_op"] = "config" if intra else "auto"
+    intra = intra or cores
+    inter = _rt(runtime, "inter_op_threads", 0)
+    origin["inter_op"] = "config" if inter else "auto"
+    inter = inter or (2 if domains_per_rank >= 2 else 1)
+    omp = _rt(runtime, "omp_num_threads", 0)
+    origin["omp_num_threads"] = "config" if omp else "auto"
+    omp = omp or intra
+    return ThreadPlan(
+        intra_op=intra, inter_op=inter, omp_num_threads=omp,
+        kmp_affinity=_rt(runtime, "kmp_affinity", "granularity=fine,compact,1,0"),
+        kmp_blocktime=_rt(runtime, "kmp_blocktime", 1),
+        onednn=_rt(runtime, "onednn", "auto"),
+        local_ranks=local_ranks, topology=topology, origin=origin)
+
+
+def thread_env(topology: Topology, local_ranks: int, runtime=None) -> dict[str, str]:
+    """The environment one rank should get (pure: what the launcher passes with ``-x``)."""
+    return plan_threads(topology, local_ranks, runtime).env()
+
+
+# --------------------------------------------------------------------------- applying
+
+def apply(runtime=None, local_ranks: int | None = None, topology: Topology | None = None,
+          environ: dict | None = None, log: bool = True) -> ThreadPlan:
+    """Compute this rank's plan and put it into ``os.environ``. Call before importing TensorFlow.
+
+    ``local_ranks`` defaults to the launcher's local size (1 without a launcher).
+    """
+    from data_prep.log import env_local_size, get_logger
+
+    environ = os.environ if environ is None else environ
+    topology = topology or detect_topology()
+    local_ranks = env_local_size() if local_ranks is None else local_ranks
+    plan = plan_threads(topology, local_ranks, runtime)
+    logger = get_logger(all_ranks=True)
+    if "tensorflow" in sys.modules and environ is os.environ:
+        logger.warning("thread settings applied after TensorFlow was imported: intra/inter-op "
+                       "threads are set through tf.config where still possible, OMP/KMP may be ignored")
+    changed = []
+    for k, v in plan.env().items():
+        old = environ.get(k)
+        if old is not None and old != v:
+            changed.append(f"{k}={old}->{v}")
+        environ[k] = v
+    if log:
+        logger.info(plan.describe() + (f" (replaced {', '.join(changed)})" if changed else ""))
+        if local_ranks > topology.physical_cores and not topology.bound_cores:
+            logger.warning("%d ranks on %d physical cores: oversubscribed, one thread each",
+                           local_ranks, topology.physical_cores)
+    return plan
+
+
+def configure_tensorflow(plan: ThreadPlan) -> bool:
+    """After ``import tensorflow``: make tf.config agree with the plan (the env vars already did
+    when set before import). Returns False when TensorFlow's runtime had already started."""
+    import tensorflow as tf
+
+    try:
+        if tf.config.threading.get_intra_op_parallelism_threads() != plan.intra_op:
+            tf.config.threading.set_intra_op_parallelism_threads(plan.intra_op)
+        if tf.config.threading.get_inter_op_parallelism_threads() != plan.inter_op:
+            tf.config.threading.set_inter_op_parallelism_threads(plan.inter_op)
+        return True
+    except RuntimeError:
+        return False
+
+
+def effective_threads() -> dict:
+    """What TensorFlow reports now (for logs and tests)."""
+    import tensorflow as tf
+
+    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+

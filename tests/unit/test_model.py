@@ -1,0 +1,134 @@
+"""The model: in-model preprocessing, flat backbone, head, freezing, weights, save/load."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from data_prep.config import load_config  # noqa: E402
+from distributed import model as M  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _cfg(*sets):
+    return load_config(None, ["model.weights=none", *sets]).model
+
+
+@pytest.fixture(scope="module")
+def vgg16():
+    return M.build_model(_cfg(), 32, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return M.build_model(_cfg("model.backbone=tiny"), 32, 2)
+
+
+def test_head_and_io(tiny):
+    assert tiny.input_shape == (None, 32, 32, 1) and tiny.input.name.startswith("image")
+    x = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype(np.float32)
+    p = tiny(x).numpy()
+    assert p.shape == (3, 2)
+    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-5)  # softmax
+    assert [tiny.get_layer(n).__class__.__name__ for n in M.HEAD_LAYERS] == \
+        ["GlobalAveragePooling2D", "Dense", "Dropout", "Dense"]
+    assert tiny.get_layer("head_dense").units == 256 and tiny.get_layer("head_dropout").rate == 0.5
+    ml = M.build_model(_cfg("model.backbone=tiny", "model.dense_units=8"), 32, 14, multilabel=True)
+    q = ml(x).numpy()
+    assert q.shape == (3, 14) and not np.allclose(q.sum(1), 1.0)  # sigmoid, independent outputs
+    assert ml.get_layer("predictions").activation.__name__ == "sigmoid"
+
+
+def test_vgg16_is_flat_with_in_model_preprocessing(vgg16):
+    assert not any(isinstance(l, tf.keras.Model) for l in vgg16.layers)  # no nested model
+    names = [l.name for l in vgg16.layers]
+    assert names[:4] == ["image", "gray_to_rgb", "preprocess", "block1_conv1"]
+    assert M.last_conv_layer(vgg16) == "block5_conv3"
+    gray = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 1)).astype(np.float32)
+    rgb = vgg16.get_layer("gray_to_rgb")(gray)
+    ours = vgg16.get_layer("preprocess")(rgb).numpy()
+    ref = tf.keras.applications.vgg16.preprocess_input(np.repeat(gray, 3, axis=-1))
+    np.testing.assert_allclose(ours, ref, rtol=1e-6)
+
+
+def test_tiny_has_vgg_shape_and_findable_last_conv(tiny):
+    assert M.last_conv_layer(tiny) == "block5_relu3"  # the last conv's activated feature map
+    assert tiny.get_layer("block5_conv3") is not None
+    assert tiny.count_params() < 500_000
+
+
+@pytest.mark.parametrize("backbone,last", [("vgg19", "block5_conv4"), ("resnet50", "conv5_block3_out"),
+                                           ("densenet121", "relu")])
+def test_other_backbones(backbone, last):
+    m = M.build_model(_cfg(f"model.backbone={backbone}"), 32, 2)
+    assert M.last_conv_layer(m) == last
+    assert m.get_layer("preprocess").mode == ("torch" if backbone == "densenet121" else "caffe")
+
+
+def test_freezing_phases(vgg16):
+    bl = M.backbone_layers(vgg16)
+    assert [l.name for l in bl[:10]][-1] == "block3_conv3"  # VGG16().layers[:10]: the article's option B
+    M.set_trainable(vgg16, "warmup")
+    assert {w.name.split("/")[0] for w in vgg16.trainable_weights} == {"head_dense", "predictions"}
+    M.set_trainable(vgg16, "finetune", "first_n", 10)
+    trainable = {l.name for l in vgg16.layers if l.trainable and l.weights}
+    assert "block3_conv3" not in trainable and "block4_conv1" in trainable and "predictions" in trainable
+    assert "block1_conv1" not in trainable
+    M.set_trainable(vgg16, "finetune", "all_conv", 10)
+    assert {w.name.split("/")[0] for w in vgg16.trainable_weights} == {"head_dense", "predictions"}
+    M.set_trainable(vgg16, "finetune", "first_n", 0)
+    assert len(vgg16.trainable_weights) == len(vgg16.weights)
+
+
+def test_save_load_roundtrip_keeps_custom_layers(tiny, tmp_path):
+    x = np.random.default_rng(2).uniform(0, 255, (2, 32, 32, 1)).astype(np.float32)
+    tiny.save(tmp_path / "m.keras")
+    loaded = M.load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(loaded(x).numpy(), tiny(x).numpy(), rtol=1e-5, atol=1e-6)
+    assert M.last_conv_layer(loaded) == M.last_conv_layer(tiny)
+    with pytest.raises(FileNotFoundError):
+        M.load_model(tmp_path / "missing.keras")
+
+
+def test_imagenet_weights_from_keras_cache_and_from_a_path(tmp_path, monkeypatch):
+    base = tf.keras.applications.VGG16(include_top=False, weights=None, input_shape=(32, 32, 3))
+    fname, _ = M.imagenet_weights_file("vgg16")
+    (tmp_path / "models").mkdir()
+    base.save_weights(str(tmp_path / "models" / fname))
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+    m = M.build_model(load_config(None, []).model, 32, 2)  # weights: imagenet (the default)
+    ref = base.get_layer("block5_conv3").get_weights()[0]
+    np.testing.assert_array_equal(m.get_layer("block5_conv3").get_weights()[0], ref)
+    by_path = M.build_model(_cfg(f"model.weights={tmp_path / 'models' / fname}"), 32, 2)
+    np.testing.assert_array_equal(by_path.get_layer("block5_conv3").get_weights()[0], ref)
+
+
+def test_missing_imagenet_weights_say_which_file_goes_where(tmp_path, monkeypatch):
+    monkeypatch.setenv("KERAS_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise Exception("URL fetch failure: no network")
+
+    monkeypatch.setattr(tf.keras.utils, "get_file", offline)
+    with pytest.raises(M.WeightsUnavailable) as e:
+        M.build_model(load_config(None, []).model, 32, 2)
+    msg = str(e.value)
+    assert "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in msg and str(tmp_path / "models") in msg
+    with pytest.raises(M.WeightsUnavailable, match="no such file"):
+        M.build_model(_cfg(f"model.weights={tmp_path / 'nope.h5'}"), 32, 2)
+    with pytest.raises(M.WeightsUnavailable, match="tiny"):
+        M.build_model(load_config(None, ["model.backbone=tiny"]).model, 32, 2)
+
+
+def test_model_and_data_never_import_horovod_or_mpi():
+    code = ("import sys; import distributed.model, distributed.data, distributed.callbacks, distributed.train; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('horovod', 'mpi4py')]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+    for f in ("model.py", "data.py"):
+        src = (ROOT / "distributed" / f).read_text()
+        assert "import horovod" not in src and "mpi4py" not in src

@@ -1,0 +1,121 @@
+"""Thread tuning from an injected topology: no TensorFlow, no real hardware assumptions."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.config import load_config
+from distributed import tuning
+from distributed.tuning import Topology, plan_threads, thread_env
+
+ONE_SOCKET_2 = Topology(sockets=1, physical_cores=2, logical_cpus=2, numa_nodes=1)
+TWO_SOCKETS_28 = Topology(sockets=2, physical_cores=28, logical_cpus=56, numa_nodes=2)
+
+
+def test_one_socket_two_cores_two_ranks_get_one_thread_each():
+    env = thread_env(ONE_SOCKET_2, local_ranks=2)
+    assert env["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert env["TF_NUM_INTEROP_THREADS"] == "1"
+    assert env["OMP_NUM_THREADS"] == "1"
+    assert "TF_ENABLE_ONEDNN_OPTS" not in env  # auto: TensorFlow's own default
+
+
+def test_two_sockets_28_cores_two_ranks_one_socket_each():
+    plan = plan_threads(TWO_SOCKETS_28, local_ranks=2)
+    assert (plan.intra_op, plan.inter_op, plan.omp_num_threads) == (14, 1, 14)
+    env = plan.env()
+    assert env["TF_NUM_INTRAOP_THREADS"] == "14" and env["OMP_NUM_THREADS"] == "14"
+    assert env["KMP_AFFINITY"] == "granularity=fine,compact,1,0" and env["KMP_BLOCKTIME"] == "1"
+
+
+def test_two_sockets_28_cores_one_rank_uses_both_sockets():
+    plan = plan_threads(TWO_SOCKETS_28, local_ranks=1)
+    assert (plan.intra_op, plan.inter_op, plan.omp_num_threads) == (28, 2, 28)
+    # hyper-threads are not counted: 56 logical CPUs, 28 threads
+    assert thread_env(TWO_SOCKETS_28, 1)["TF_NUM_INTRAOP_THREADS"] == "28"
+
+
+def test_more_ranks_than_cores_still_one_thread():
+    assert plan_threads(ONE_SOCKET_2, local_ranks=4).intra_op == 1
+
+
+def test_bound_rank_uses_its_mask():
+    t = Topology(sockets=2, physical_cores=28, logical_cpus=56, numa_nodes=2, bound_cores=7)
+    plan = plan_threads(t, local_ranks=4)
+    assert plan.intra_op == 7 and plan.inter_op == 1
+
+
+def test_explicit_config_values_win():
+    cfg = load_config(None, ["runtime.intra_op_threads=3", "runtime.inter_op_threads=4",
+                             "runtime.omp_num_threads=5", "runtime.onednn=off",
+                             "runtime.kmp_affinity=", "runtime.kmp_blocktime=0"])
+    plan = plan_threads(TWO_SOCKETS_28, 2, cfg.runtime)
+    env = plan.env()
+    assert (plan.intra_op, plan.inter_op, plan.omp_num_threads) == (3, 4, 5)
+    assert plan.origin["intra_op"] == "config"
+    assert env["TF_ENABLE_ONEDNN_OPTS"] == "0"
+    assert "KMP_AFFINITY" not in env  # empty = unset
+    on = load_config(None, ["runtime.onednn=on"]).runtime
+    assert thread_env(ONE_SOCKET_2, 1, on)["TF_ENABLE_ONEDNN_OPTS"] == "1"
+
+
+def test_apply_writes_environment_and_logs_every_rank(caplog):
+    environ = {"OMP_NUM_THREADS": "8"}
+    plan = tuning.apply(None, local_ranks=2, topology=ONE_SOCKET_2, environ=environ)
+    assert environ["OMP_NUM_THREADS"] == "1" and environ["TF_NUM_INTRAOP_THREADS"] == "1"
+    assert plan.intra_op == 1
+
+
+def _fake_sys(root: Path, cpus: dict[int, tuple[int, int]], nodes: int):
+    cpu_root = root / "devices/system/cpu"
+    cpu_root.mkdir(parents=True)
+    (cpu_root / "online").write_text(f"0-{max(cpus)}\n")
+    for cpu, (pkg, core) in cpus.items():
+        t = cpu_root / f"cpu{cpu}/topology"
+        t.mkdir(parents=True)
+        (t / "physical_package_id").write_text(f"{pkg}\n")
+        (t / "core_id").write_text(f"{core}\n")
+    for n in range(nodes):
+        (root / f"devices/system/node/node{n}").mkdir(parents=True)
+
+
+def test_detect_topology_from_sysfs_counts_physical_cores(tmp_path, monkeypatch):
+    # 2 sockets x 4 cores x 2 hyper-threads: cpu i and i+8 are siblings
+    cpus = {}
+    for i in range(8):
+        cpus[i] = (i // 4, i % 4)
+        cpus[i + 8] = (i // 4, i % 4)
+    _fake_sys(tmp_path, cpus, nodes=2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    t = tuning.detect_topology(tmp_path)
+    assert (t.sockets, t.physical_cores, t.logical_cpus, t.numa_nodes, t.bound_cores) == (2, 8, 16, 2, None)
+    # bound to the first socket's 4 cores (8 CPUs with siblings)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3, 8, 9, 10, 11})
+    assert tuning.detect_topology(tmp_path).bound_cores == 4
+
+
+def test_detect_topology_of_this_machine_is_sane():
+    t = tuning.detect_topology()
+    assert 1 <= t.physical_cores <= (os.cpu_count() or 1)
+    assert t.sockets >= 1
+
+
+def test_tuning_does_not_import_tensorflow():
+    code = ("import sys; from distributed import tuning; import distributed.train; "
+            "tuning.apply(None, local_ranks=2); assert 'tensorflow' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
+
+
+@pytest.mark.parametrize("ranks,expected", [(2, "1")])
+def test_tensorflow_sees_the_threads(ranks, expected, tmp_path):
+    """Applied before import, TensorFlow's pools have the planned size (2 ranks on 2 cores)."""
+    code = ("from distributed import tuning\n"
+            f"plan = tuning.apply(None, local_ranks={ranks}, topology=tuning.Topology(1, 2, 2, 1))\n"
+            "import tensorflow as tf\n"
+            "tuning.configure_tensorflow(plan)\n"
+            "import os; print(tf.config.threading.get_intra_op_parallelism_threads(), os.environ['OMP_NUM_THREADS'])\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.split()
+    assert out == [expected, expected]
