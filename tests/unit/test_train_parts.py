@@ -1,0 +1,96 @@
+"""Pieces of the trainer, in process: learning-rate schedule, validation metrics, run state,
+history truncation, atomic checkpoints, optimizer state round trip."""
+import logging
+import math
+
+import numpy as np
+import pytest
+
+tf = pytest.importorskip("tensorflow")
+
+from data_prep.config import load_config  # noqa: E402
+from distributed import callbacks as cb  # noqa: E402
+from distributed import model as M  # noqa: E402
+from distributed import train as T  # noqa: E402
+
+
+def test_lr_schedule_warms_up_to_size_times_and_decays():
+    s = cb.WarmupInverseTimeDecay(1e-3, size=4, warmup_steps=10, decay=1e-2)
+    assert float(s(0)) == pytest.approx(1e-3)  # the one-rank rate at the start
+    assert float(s(5)) == pytest.approx(1e-3 * 2.5 / 1.05, rel=1e-5)
+    assert float(s(100)) == pytest.approx(4e-3 / 2.0, rel=1e-5)  # x4, then inverse-time decay
+    assert float(cb.WarmupInverseTimeDecay(1e-3, size=4, warmup_steps=0)(0)) == pytest.approx(4e-3)
+    assert float(cb.WarmupInverseTimeDecay(1e-3, size=4, warmup_steps=10, scale=False)(50)) == pytest.approx(1e-3)
+    again = tf.keras.optimizers.schedules.deserialize(tf.keras.optimizers.schedules.serialize(s))
+    assert float(again(5)) == pytest.approx(float(s(5)))
+
+
+def test_make_optimizer_follows_the_config():
+    cfg = load_config(None, [])
+    sgd = T.make_optimizer("finetune", cfg.train.finetune, cfg.train, size=2, steps_per_epoch=10)
+    assert type(sgd).__name__ == "SGD" and sgd.nesterov and sgd.get_config()["momentum"] == pytest.approx(0.9)
+    assert float(sgd.learning_rate(10)) == pytest.approx(2e-3 / (1 + 1e-6 * 10), rel=1e-6)
+    rms = T.make_optimizer("warmup", cfg.train.warmup, cfg.train, size=1, steps_per_epoch=10)
+    assert type(rms).__name__ == "RMSprop"
+
+
+def test_auc_and_validation_metrics_match_references():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.uniform(0, 1, 300) * 0.5 + 0.3 * y, 2)  # with ties
+    assert cb.auc_score(y, p) == pytest.approx(roc_auc_score(y, p), abs=1e-12)
+    assert math.isnan(cb.auc_score(np.ones(5), np.arange(5)))
+    probs = np.stack([1 - p, p], 1).astype(np.float32)
+    onehot = np.eye(2, dtype=np.float32)[y]
+    m = cb.classification_metrics(onehot, probs, multilabel=False)
+    keras_loss = float(tf.reduce_mean(tf.keras.losses.categorical_crossentropy(onehot, probs)))
+    assert m["loss"] == pytest.approx(keras_loss, rel=1e-5)
+    assert m["accuracy"] == pytest.approx(np.mean((p > 0.5) == y))
+    Y = rng.integers(0, 2, (200, 3)).astype(np.float32)
+    P = rng.uniform(0, 1, (200, 3)).astype(np.float32)
+    ml = cb.classification_metrics(Y, P, multilabel=True)
+    assert ml["loss"] == pytest.approx(float(tf.reduce_mean(tf.keras.losses.binary_crossentropy(Y, P))), rel=1e-4)
+    assert ml["auc"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], P[:, k]) for k in range(3)]))
+
+
+def test_run_state_json_and_history_truncation(tmp_path):
+    s = cb.RunState(phase="finetune", phase_epoch=2, epoch=3)
+    d = s.to_json()
+    assert d["best_val_loss"] is None  # inf is not JSON
+    assert cb.RunState.from_json(d) == s
+    h = tmp_path / "history.csv"
+    for e in range(1, 5):
+        cb.append_history(h, {"phase": "finetune", "epoch": e, "loss": 1.0 / e, "val_auc": float("nan")})
+    assert cb.truncate_history(h, 2) == 2
+    rows = cb.read_history(h)
+    assert [r["epoch"] for r in rows] == ["1", "2"] and rows[0]["val_auc"] == "nan"
+    assert list(rows[0]) == list(cb.HISTORY_COLUMNS)
+
+
+def test_checkpoint_is_atomic_and_optimizer_state_round_trips(tmp_path):
+    cfg = load_config(None, ["model.backbone=tiny", "model.weights=none", "model.dense_units=8"])
+    model = M.build_model(cfg.model, 32, 2)
+    M.set_trainable(model, "finetune", "first_n", 10)
+    opt = T.make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, 5)
+    model.compile(opt, "categorical_crossentropy")
+    x = np.random.default_rng(0).uniform(0, 255, (8, 32, 32, 1)).astype(np.float32)
+    y = np.eye(2, dtype=np.float32)[[0, 1] * 4]
+    model.fit(x, y, epochs=2, verbose=0)
+    cb.save_model_atomic(model, tmp_path / "ckpt" / "last.keras")
+    assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.keras"]
+    T._save_optimizer(opt, model, tmp_path / "ckpt" / "opt.npz", "finetune")
+
+    fresh = M.build_model(cfg.model, 32, 2)
+    M.copy_weights(M.load_model(tmp_path / "ckpt" / "last.keras"), fresh)
+    M.set_trainable(fresh, "finetune", "first_n", 10)
+    opt2 = T.make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, 5)
+    fresh.compile(opt2, "categorical_crossentropy")
+    T._build_optimizer(opt2, fresh)
+    T._load_optimizer(opt2, fresh, tmp_path / "ckpt" / "opt.npz", "finetune", logging.getLogger("t"))
+    assert int(opt2.iterations.numpy()) == int(opt.iterations.numpy()) == 2
+    for a, b in zip(T._opt_variables(opt), T._opt_variables(opt2)):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(model.get_weights(), fresh.get_weights()):
+        np.testing.assert_array_equal(a, b)
