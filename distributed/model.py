@@ -77,7 +77,8 @@ CUSTOM_OBJECTS = {"GrayToRGB": GrayToRGB, "BackbonePreprocess": BackbonePreproce
 def _tiny_backbone(x):
     """VGG16's shape (5 blocks of 2-2-3-3-3 3x3 convs, max pooling, the same layer names) at 1/8 to
     1/4 of the width, each conv followed by batch normalization so that it learns from scratch in
-    a few epochs: fast enough for tests and CI. Its last conv is ``block5_conv3``."""
+    a few epochs: fast enough for tests and CI. Its last conv is ``block5_conv3``; the Grad-CAM
+    layer (:func:`last_conv_layer`) is the activation after it, ``block5_relu3``."""
     widths, convs = (8, 16, 32, 64, 64), (2, 2, 3, 3, 3)
     for b, (w, n) in enumerate(zip(widths, convs), start=1):
         for c in range(1, n + 1):
