@@ -36,7 +36,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
+from data_prep.config import read_yaml_mapping
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ROOT / "configs" / "bench" / "variants.yaml"
@@ -87,13 +87,8 @@ def _str_list(v, where) -> tuple[str, ...]:
 def load_variants(path) -> tuple[list[Variant], str, tuple[str, ...]]:
     """(variants in file order, baseline name, common requirements)."""
     p = Path(path)
-    if not p.is_file():
-        raise VariantError(f"variants file not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise VariantError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict) or not isinstance(tree.get("variants"), dict) or not tree["variants"]:
+    tree = read_yaml_mapping(p, VariantError, "variants")
+    if not isinstance(tree.get("variants"), dict) or not tree["variants"]:
         raise VariantError(f"{p}: expected a mapping with a non-empty 'variants:' mapping")
     unknown = set(tree) - {"variants", "baseline", "common_requirements"}
     if unknown:

@@ -271,19 +271,25 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+def read_yaml_mapping(path: str | os.PathLike, error=None, what: str = "config") -> dict:
+    """``yaml.safe_load`` of a file that must hold a mapping (config, cluster and variant files),
+    every problem raised as ``error`` (an exception class) in one sentence."""
+    error = error or ConfigError
+    p = Path(path)
+    if not p.is_file():
+        raise error(f"{what} file not found: {p}")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise error(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise error(f"<root>: expected a mapping in {p}, got {type(tree).__name__}")
+    return tree
+
+
 def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] = ()) -> Config:
     """Load a YAML file (or defaults when ``path`` is None) and apply ``--set`` overrides."""
-    tree: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"<root>: expected a mapping in {p}, got {type(tree).__name__}")
+    tree: dict = read_yaml_mapping(path) if path is not None else {}
     for dotted, raw in parse_overrides(overrides):
         _set_dotted(tree, dotted, raw)
     return _build(Config, tree, "")

@@ -10,8 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from data_prep.config import read_yaml_mapping
 from launch.hosts import Host, LaunchError, parse_hosts
 
 MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
@@ -49,14 +48,7 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     if not path:
         return ClusterConfig()
     p = Path(path)
-    if not p.is_file():
-        raise LaunchError(f"cluster file not found: {p}")
-    try:
-        tree = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise LaunchError(f"{p} is not valid YAML: {str(e).splitlines()[0]}") from None
-    if not isinstance(tree, dict):
-        raise LaunchError(f"{p}: expected a mapping of cluster settings, got {type(tree).__name__}")
+    tree = read_yaml_mapping(p, LaunchError, "cluster")
     return cluster_from_dict(tree, str(p))
 
 
