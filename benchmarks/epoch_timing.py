@@ -513,18 +513,20 @@ def _write(results, out_dir: Path, report, final: bool = False):
     return paths
 
 
-def _worker_main(argv) -> int:
-    spec_file, out_file = argv
-    spec = json.loads(Path(spec_file).read_text())
-    result = worker(spec)
-    from data_prep.fsutil import atomic_write_json
+def worker_entry(worker_fn, command: str) -> int:
+    """``python -m benchmarks.<module> --worker SPEC OUT``: run ``worker_fn(spec)`` in this process
+    and write its result (when it returns one: only rank 0 does in scaling) atomically to OUT."""
+    if len(sys.argv) != 4 or sys.argv[1] != "--worker":
+        print(f"usage: python -m benchmarks {command} ... (this module's --worker is internal)", file=sys.stderr)
+        return 2
+    spec_file, out_file = sys.argv[2:]
+    result = worker_fn(json.loads(Path(spec_file).read_text()))
+    if result is not None:
+        from data_prep.fsutil import atomic_write_json
 
-    atomic_write_json(out_file, result)
+        atomic_write_json(out_file, result)
     return 0
 
 
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: python -m benchmarks epoch-timing ... (this module's --worker is internal)", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(worker_entry(worker, "epoch-timing"))

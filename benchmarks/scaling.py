@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
-                                     extrapolate)
+                                     extrapolate, worker_entry)
 
 MODES = ("tuned", "untuned")
 
@@ -211,18 +211,5 @@ def main(args) -> int:
     return 0 if ok else 1
 
 
-def _worker_main(argv) -> int:
-    spec_file, out_file = argv
-    result = rank_worker(json.loads(Path(spec_file).read_text()))
-    if result is not None:
-        from data_prep.fsutil import atomic_write_json
-
-        atomic_write_json(out_file, result)
-    return 0
-
-
 if __name__ == "__main__":
-    if len(sys.argv) >= 2 and sys.argv[1] == "--worker":
-        sys.exit(_worker_main(sys.argv[2:]))
-    print("usage: python -m benchmarks scaling ... (this module's --worker is internal)", file=sys.stderr)
-    sys.exit(2)
+    sys.exit(worker_entry(rank_worker, "scaling"))
