@@ -47,7 +47,7 @@ PHASES = ("warmup", "finetune")
 # Variables that decide threads/oneDNN: cleared for every variant, then set by it (or by tuning).
 THREAD_VARS = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "KMP_AFFINITY",
                "KMP_BLOCKTIME", "KMP_SETTINGS", "KMP_HW_SUBSET", "TF_ENABLE_ONEDNN_OPTS", "OMP_PROC_BIND",
-               "OMP_PLACES", "ITEX_AUTO_MIXED_PRECISION")
+               "OMP_PLACES", "ITEX_AUTO_MIXED_PRECISION", "HOROVOD_CYCLE_TIME")
 QUICK = {"image_size": 64, "warmup_steps": 1, "timed_steps": 2, "repeats": 2}
 FULL = {"warmup_steps": 2, "timed_steps": 5, "repeats": 3}
 

@@ -11,7 +11,14 @@ physical cores, its sockets/NUMA nodes and the number of ranks on the node:
 * inter-op threads = 2 when a rank spans two or more sockets/NUMA nodes, else 1;
 * ``OMP_NUM_THREADS`` = intra-op threads; ``KMP_AFFINITY``/``KMP_BLOCKTIME`` as configured
   (they only matter to OpenMP builds such as intel-tensorflow; stock TF ignores them);
-* ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset).
+* ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset);
+* ``HOROVOD_CYCLE_TIME`` = 50 ms. Horovod's background thread wakes every cycle and, even with
+  nothing to reduce, negotiates with every other rank; its 1 ms default suits GPU steps of tens of
+  ms. Here every core of a rank runs TensorFlow's threads, so each wake-up (and Open MPI's busy
+  polling while it waits for a rank that is descheduled) takes CPU from the step. On this 2-core
+  machine, 2 ranks bound one per core ran a VGG16 fine-tune step in 10.4 s with 1 ms and 7.0 s
+  with 50 ms (two independent processes without Horovod: 7.3 s), see BENCHMARKS.md. A step of
+  seconds loses at most one cycle waiting to start its allreduce.
 
 Explicit ``runtime.*`` values win over the rule. :func:`thread_env` is the pure function the
 launcher passes to every rank (``mpirun -x``); :func:`apply` is what a rank calls first.
@@ -29,6 +36,9 @@ from typing import Mapping
 
 __all__ = ["Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env", "apply",
            "configure_tensorflow"]
+
+
+AUTO_CYCLE_MS = 50.0  # HOROVOD_CYCLE_TIME for CPU training (see the module's docstring)
 
 
 @dataclass(frozen=True)
@@ -62,6 +72,7 @@ class ThreadPlan:
     onednn: str  # on | off | auto
     local_ranks: int
     topology: Topology
+    horovod_cycle_ms: float = AUTO_CYCLE_MS
     origin: Mapping[str, str] = field(default_factory=dict)  # value -> "config" | "auto"
 
     def env(self) -> dict[str, str]:
@@ -75,6 +86,7 @@ class ThreadPlan:
             env["KMP_BLOCKTIME"] = str(self.kmp_blocktime)
         if self.onednn != "auto":
             env["TF_ENABLE_ONEDNN_OPTS"] = "1" if self.onednn == "on" else "0"
+        env["HOROVOD_CYCLE_TIME"] = f"{self.horovod_cycle_ms:g}"
         return env
 
     def describe(self) -> str:
@@ -85,7 +97,8 @@ class ThreadPlan:
         return (f"threads: intra_op={self.intra_op} ({o.get('intra_op', 'auto')}), "
                 f"inter_op={self.inter_op} ({o.get('inter_op', 'auto')}), "
                 f"OMP_NUM_THREADS={self.omp_num_threads}, KMP_AFFINITY={self.kmp_affinity or '(unset)'}, "
-                f"KMP_BLOCKTIME={self.kmp_blocktime}, oneDNN={self.onednn}; node: {t.sockets} socket(s), "
+                f"KMP_BLOCKTIME={self.kmp_blocktime}, oneDNN={self.onednn}, "
+                f"HOROVOD_CYCLE_TIME={self.horovod_cycle_ms:g} ms ({o.get('horovod_cycle_ms', 'auto')}); node: {t.sockets} socket(s), "
                 f"{t.numa_nodes} NUMA node(s), {t.physical_cores} physical cores, {t.logical_cpus} CPUs "
                 f"[{t.source}]; share: {share}")
 
@@ -201,12 +214,15 @@ def plan_threads(topology: Topology, local_ranks: int, runtime=None) -> ThreadPl
     omp = _rt(runtime, "omp_num_threads", 0)
     origin["omp_num_threads"] = "config" if omp else "auto"
     omp = omp or intra
+    cycle = _rt(runtime, "horovod_cycle_ms", 0.0)
+    origin["horovod_cycle_ms"] = "config" if cycle else "auto"
+    cycle = cycle or AUTO_CYCLE_MS
     return ThreadPlan(
         intra_op=intra, inter_op=inter, omp_num_threads=omp,
         kmp_affinity=_rt(runtime, "kmp_affinity", "granularity=fine,compact,1,0"),
         kmp_blocktime=_rt(runtime, "kmp_blocktime", 1),
         onednn=_rt(runtime, "onednn", "auto"),
-        local_ranks=local_ranks, topology=topology, origin=origin)
+        local_ranks=local_ranks, topology=topology, horovod_cycle_ms=float(cycle), origin=origin)
 
 
 def thread_env(topology: Topology, local_ranks: int, runtime=None) -> dict[str, str]:

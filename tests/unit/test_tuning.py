@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from data_prep.config import load_config
+from data_prep.config import RuntimeConfig, load_config
 from distributed import tuning
 from distributed.tuning import Topology, plan_threads, thread_env
 
@@ -119,3 +119,14 @@ def test_tensorflow_sees_the_threads(ranks, expected, tmp_path):
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True,
                          cwd=Path(__file__).resolve().parents[2]).stdout.split()
     assert out == [expected, expected]
+
+
+def test_horovod_cycle_time_defaults_to_50ms_and_config_wins():
+    # Horovod's 1 ms default makes each rank's background thread negotiate 1,000 times a second,
+    # which costs CPU on ranks whose cores are all TensorFlow's (measured in BENCHMARKS.md).
+    plan = plan_threads(ONE_SOCKET_2, 2)
+    assert plan.env()["HOROVOD_CYCLE_TIME"] == "50" and plan.origin["horovod_cycle_ms"] == "auto"
+    cfg = RuntimeConfig(horovod_cycle_ms=2.5)
+    plan = plan_threads(TWO_SOCKETS_28, 1, cfg)
+    assert plan.env()["HOROVOD_CYCLE_TIME"] == "2.5" and plan.origin["horovod_cycle_ms"] == "config"
+    assert "HOROVOD_CYCLE_TIME=2.5 ms (config)" in plan.describe()
