@@ -87,7 +87,7 @@ class Interrupted(Exception):
 def run(cmd: StageCommand) -> int:
     """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole group
     (mpirun passes them on to the ranks), which is stopped for good if it does not end by itself."""
-    env = {**os.environ, **cmd.env}
+    env = cmd.process_env(os.environ)
     proc = subprocess.Popen(cmd.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
     got: list[int] = []
 

@@ -60,6 +60,16 @@ class StageCommand:
     layout: Layout | None = None
     kind: str = "python"  # python | mpirun | horovodrun
 
+    def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` plus this command's variables; when the launcher is not on PATH but beside this
+        interpreter (a venv run without activating it), that bin directory goes first on PATH."""
+        env = {**base, **self.env}
+        if self.kind != "python" and not shutil.which(self.argv[0], path=env.get("PATH")):
+            found = find_tool(self.argv[0])
+            if found:
+                env["PATH"] = str(Path(found).parent) + (os.pathsep + env["PATH"] if env.get("PATH") else "")
+        return env
+
     def shell(self) -> str:
         prefix = " ".join(f"{k}={shlex.quote(v)}" for k, v in self.env.items())
         return (prefix + " " if prefix else "") + shlex.join(self.argv)

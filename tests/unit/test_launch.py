@@ -406,3 +406,22 @@ def test_hostfile_is_passed_through(tmp_path, cfg_file):
     r = launch("evaluate", "--config", cfg_file, "--hostfile", hf, "--cluster", node_file(tmp_path, 1, 2), "--dry-run")
     _, argv = split_env(commands(r.stdout)[0])
     assert argv[:5] == ["horovodrun", "-np", "4", "--hostfile", str(hf)]
+
+
+def test_launcher_beside_the_interpreter_is_put_on_path(tmp_path, monkeypatch):
+    # A venv used without activating it: horovodrun is in .venv/bin but not on PATH.
+    from launch.commands import StageCommand
+
+    bin_dir = tmp_path / "venv-bin"
+    bin_dir.mkdir()
+    tool = bin_dir / "horovodrun"
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setattr(sys, "executable", str(bin_dir / "python"))
+    monkeypatch.setenv("PATH", "/usr/bin")
+    cmd = StageCommand("train", ["horovodrun", "-np", "2", "python"], {"OMP_NUM_THREADS": "1"}, kind="horovodrun")
+    env = cmd.process_env({"PATH": "/usr/bin", "HOME": "/h"})
+    assert env["PATH"].split(os.pathsep) == [str(bin_dir), "/usr/bin"]
+    assert env["OMP_NUM_THREADS"] == "1" and env["HOME"] == "/h"
+    plain = StageCommand("train", ["python", "-m", "x"], kind="python").process_env({"PATH": "/usr/bin"})
+    assert plain["PATH"] == "/usr/bin"
