@@ -192,18 +192,30 @@ def epoch_chart(results: dict, path) -> Path | None:
 # --------------------------------------------------------------------------- scaling
 
 def summarize_scaling(results: dict) -> dict:
-    """Throughput per (tuning, ranks), speedup and efficiency vs the 1-rank run of the same tuning."""
+    """Throughput per (mode, ranks), speedup and efficiency vs the 1-rank run of the same mode
+    (independent ranks: vs tuned's 1 rank), and the per-round (paired) speedups."""
+    import statistics
+
     out = {}
     for mode, runs in results["runs"].items():
+        base_runs = results["runs"].get("tuned", {}) if mode == "independent" else runs
         ok = {int(n): r for n, r in runs.items() if r.get("status") == "ok"}
-        base = ok.get(1) or (ok[min(ok)] if ok else None)
+        base_ok = {int(n): r for n, r in base_runs.items() if r.get("status") == "ok"}
+        base = base_ok.get(1) or (base_ok[min(base_ok)] if base_ok else None)
         base_per_rank = (base["images_per_s"] / base["ranks"]) if base else None
         rows = {}
         for n, r in sorted(ok.items()):
             ips = r["images_per_s"]
+            paired = []
+            if base:
+                for mine, theirs in zip(r.get("rounds", []), base.get("rounds", [])):
+                    if mine.get("status") == theirs.get("status") == "ok":
+                        paired.append(mine["images_per_s"] / theirs["images_per_s"] * base["ranks"])
             rows[n] = {"images_per_s": ips, "step_s": r["step_s"],
                        "speedup": ips / base["images_per_s"] * base["ranks"] if base else None,
                        "efficiency": ips / (n * base_per_rank) if base_per_rank else None,
+                       "round_speedups": paired,
+                       "round_speedup_median": statistics.median(paired) if paired else None,
                        "s_per_epoch": r.get("s_per_epoch")}
         out[mode] = rows
     results["summary"] = out
@@ -219,21 +231,27 @@ def scaling_markdown(results: dict) -> str:
          f"Run {results.get('started', '?')} on {m.get('cpu_model', '?')} ({m.get('sockets')} socket(s), "
          f"{m.get('physical_cores')} physical cores). Command: `{results.get('command', '')}`", "",
          f"Each rank count runs under {results.get('launcher', 'horovodrun')} with the launcher's layout "
-         f"({s['warmup_steps']} untimed + {s['timed_steps']} timed steps, median of {s['repeats']} repeats, "
-         f"allreduce of the gradients every step). 'tuned': binding and the project's thread variables per rank; "
-         f"'untuned': no binding, TensorFlow's default threads in every rank. Efficiency = throughput / "
-         f"(ranks x 1-rank throughput of the same mode).", ""]
+         f"({s['warmup_steps']} untimed + {s['timed_steps']} timed steps per run, median of {s['repeats']} "
+         f"interleaved rounds, allreduce of the gradients every step). 'tuned': binding and the project's thread "
+         f"variables per rank (incl. HOROVOD_CYCLE_TIME); 'untuned': no binding, TensorFlow's and Horovod's "
+         f"defaults in every rank; 'independent': the tuned layout with every rank training alone (no allreduce): "
+         f"the machine's own limit for N processes. Efficiency = throughput / (ranks x 1-rank throughput of the "
+         f"same mode; independent: of tuned). Per-round speedups pair each round's run with the same round's "
+         f"1-rank run.", ""]
     if m.get("busy"):
         L += [f"**Warning:** busy machine (1-minute load {m.get('loadavg_1m')}): timings are noisy.", ""]
-    L += ["| mode | ranks | images/s | s/step (median) | s/epoch (extrapolated) | speedup | efficiency |",
-          "|---|---:|---:|---:|---:|---:|---:|"]
+    L += ["| mode | ranks | images/s | s/step (median) | s/epoch (extrapolated) | speedup | per-round speedups "
+          "| efficiency |",
+          "|---|---:|---:|---:|---:|---:|---|---:|"]
     for mode, rows in summary.items():
         for n, r in rows.items():
+            rounds = ", ".join(f"{x:.2f}" for x in r.get("round_speedups") or [])
             L.append(f"| {mode} | {n} | {r['images_per_s']:.2f} | {r['step_s']:.3f} | "
-                     f"{_fmt(r.get('s_per_epoch'), 0)} | {r['speedup']:.2f}x | {100 * r['efficiency']:.0f}% |")
+                     f"{_fmt(r.get('s_per_epoch'), 0)} | {_fmt(r['speedup'], 2)}x | {rounds} | "
+                     f"{_fmt(None if r['efficiency'] is None else 100 * r['efficiency'], 0)}% |")
         for n, r in results["runs"][mode].items():
             if r.get("status") != "ok":
-                L.append(f"| {mode} | {n} | {r.get('status')}: {r.get('error', '')} | | | | |")
+                L.append(f"| {mode} | {n} | {r.get('status')}: {r.get('error', '')} | | | | | |")
     L += ["", "Commands:", ""]
     for mode, runs in results["runs"].items():
         for n, r in runs.items():

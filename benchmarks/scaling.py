@@ -1,12 +1,18 @@
 """``python -m benchmarks scaling --np 1,2,... [--config C] [--quick] [--out DIR]``
 
 Fine-tune throughput (images/s over all ranks) for each rank count, started the way
-``python -m launch train`` starts training (``horovodrun`` by default, the same layout), in two
-modes: ``tuned`` (process binding + the project's thread variables per rank) and ``untuned`` (no
-binding, TensorFlow's default thread pools in every rank). Each rank runs the article's
+``python -m launch train`` starts training (``horovodrun`` by default, the same layout), in up to
+three modes: ``tuned`` (process binding + the project's thread variables per rank),
+``untuned`` (no binding, TensorFlow's default thread pools in every rank) and ``independent``
+(the tuned layout, but every rank trains alone: no Horovod allreduce, the floor that the machine
+itself sets for N processes sharing its caches and memory bandwidth). Each rank runs the article's
 fine-tune step (VGG16, frozen first layers, SGD, Horovod's DistributedOptimizer: the gradient
 allreduce every step) on random in-memory images with in-graph augmentation. Scaling
-efficiency = throughput(N) / (N x throughput(1)) within a mode. One rank runs as a plain process.
+efficiency = throughput(N) / (N x throughput(1)) within a mode (independent: against tuned, 1
+rank). One rank runs as a plain process.
+
+Runs are interleaved: every repeat is a round that runs each (mode, ranks) once, so slow drift of
+a shared machine hits all of them alike; ratios are also computed per round (paired).
 """
 from __future__ import annotations
 
@@ -24,7 +30,7 @@ from pathlib import Path
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
                                      extrapolate, worker_entry)
 
-MODES = ("tuned", "untuned")
+MODES = ("tuned", "untuned", "independent")
 
 
 def rank_worker(spec: dict) -> dict | None:
@@ -32,10 +38,13 @@ def rank_worker(spec: dict) -> dict | None:
     cfg = bench_config(spec.get("config"), spec.get("overrides", ()), spec.get("quick", False),
                        spec.get("image_size"))
     plan = None
-    if spec["mode"] == "tuned":
+    alone = spec["mode"] == "independent"  # tuned layout, no Horovod collective while timing
+    if spec["mode"] in ("tuned", "independent"):
         from distributed import tuning
 
         plan = tuning.apply(cfg.runtime, log=False)
+    import statistics
+
     import numpy as np
     import tensorflow as tf
 
@@ -48,15 +57,19 @@ def rank_worker(spec: dict) -> dict | None:
         from distributed import tuning
 
         tuning.configure_tensorflow(plan)
-    hvd.init()
+    if not alone:
+        hvd.init()
+    size = 1 if alone else hvd.size()
     S, B = cfg.data.image_size, cfg.train.batch_size
     tf.keras.utils.set_random_seed(cfg.train.seed)
     model = M.build_model(cfg.model, S, 2)
     M.set_trainable(model, "finetune", cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
-    steps_epoch = max(1, spec["epoch_images"] // (B * hvd.size()))
-    opt = hvd.DistributedOptimizer(make_optimizer("finetune", cfg.train.finetune, cfg.train, hvd.size(), steps_epoch))
+    steps_epoch = max(1, spec["epoch_images"] // (B * size))
+    opt = make_optimizer("finetune", cfg.train.finetune, cfg.train, size, steps_epoch)
+    if not alone:
+        opt = hvd.DistributedOptimizer(opt)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
-    rng = np.random.default_rng(hvd.rank())
+    rng = np.random.default_rng(int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0"))))
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]
     aug = cfg.train.augment
@@ -76,19 +89,38 @@ def rank_worker(spec: dict) -> dict | None:
         model.fit(ds, steps_per_epoch=W + K, epochs=1, verbose=0, callbacks=[timer])
         steps.append((timer.ends[W + K - 1] - timer.ends[W - 1]) / K if W else
                      (timer.ends[-1] - timer.ends[0]) / max(1, K - 1))
-    # The slowest rank decides the pace; report rank 0's times, which the allreduce synchronises.
-    threads = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+    if alone:
+        hvd.init()  # only now, to gather the results: nothing of Horovod ran while timing
+    # With the allreduce the slowest rank sets the pace and rank 0's times are everybody's;
+    # independent ranks each report their own.
+    threads = {"step_s": statistics.median(steps),"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     all_threads = hvd.allgather_object(threads)
     if hvd.rank() != 0:
         return None
+    med = statistics.median(steps)
+    ips = sum(B / r["step_s"] for r in all_threads) if alone else hvd.size() * B / med
+    return {"ranks": hvd.size(), "step_s_repeats": steps, "step_s": med,
+            "images_per_s": ips, "per_rank": all_threads, "tensorflow": tf.__version__}
+
+
+def merge_rounds(rec: dict, ranks: int, epoch_images: int, batch_size: int) -> dict:
+    """``rec``'s medians over its successful rounds (status ok when at least one round is)."""
     import statistics
 
-    med = statistics.median(steps)
-    return {"ranks": hvd.size(), "step_s_repeats": steps, "step_s": med,
-            "images_per_s": hvd.size() * B / med, "per_rank": all_threads, "tensorflow": tf.__version__}
+    ok = [r for r in rec["rounds"] if r.get("status") == "ok"]
+    if not ok:
+        rec.update(status="failed", error=rec["rounds"][-1].get("error", "failed"))
+        return rec
+    rec.pop("error", None)
+    step = statistics.median(r["step_s"] for r in ok)
+    rec.update(status="ok", ranks=ranks, step_s=step,
+               images_per_s=statistics.median(r["images_per_s"] for r in ok),
+               s_per_epoch=extrapolate(step, epoch_images, batch_size, ranks),
+               per_rank=ok[-1].get("per_rank"), tensorflow=ok[-1].get("tensorflow"))
+    return rec
 
 
 def register(subparsers) -> None:
@@ -97,10 +129,11 @@ def register(subparsers) -> None:
     p.add_argument("--np", default="1,2", help="rank counts, e.g. 1,2,4 (default %(default)s)")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="run config (default %(default)s)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--modes", default="tuned,untuned", help="tuned, untuned or both (default %(default)s)")
+    p.add_argument("--modes", default="tuned,untuned,independent",
+                   help="any of tuned, untuned, independent (default %(default)s)")
     p.add_argument("--quick", action="store_true", help="64x64, 1+2 steps, 2 repeats (labelled QUICK)")
     p.add_argument("--steps", help="untimed,timed steps per repeat (default 2,5; quick 1,2)")
-    p.add_argument("--repeats", type=int)
+    p.add_argument("--repeats", type=int, help="rounds; each runs every (mode, ranks) once (default 3)")
     p.add_argument("--image-size", type=int)
     p.add_argument("--epoch-images", type=int, default=EPOCH_IMAGES)
     p.add_argument("--hosts", help="hosts:slots as for python -m launch (default: this node)")
@@ -125,7 +158,8 @@ def main(args) -> int:
         if not counts or min(counts) < 1 or set(modes) - set(MODES):
             raise ValueError
     except ValueError:
-        print("cxr-bench: error: --np takes rank counts like 1,2,4 and --modes tuned and/or untuned", file=sys.stderr)
+        print("cxr-bench: error: --np takes rank counts like 1,2,4 and --modes any of tuned, untuned, independent",
+              file=sys.stderr)
         return 2
     params = dict(QUICK) if args.quick else {"warmup_steps": 2, "timed_steps": 5, "repeats": 3}
     params.pop("image_size", None)
@@ -164,8 +198,11 @@ def main(args) -> int:
     base_env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     base_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
     base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    for mode in modes:
-        for n in counts:
+    rounds = params["repeats"]
+    spec_base["repeats"] = 1  # one timed repeat per process; the rounds are the repeats
+    plan = [(mode, n) for mode in modes for n in counts if not (mode == "independent" and n == 1)]
+    for rnd in range(rounds):
+        for mode, n in plan:
             layout = layouts[n]
             if mode == "untuned":
                 layout = dataclasses.replace(layout, bind_to="none", map_by="slot", cores_per_rank=0)
@@ -175,27 +212,28 @@ def main(args) -> int:
             spec_file.write_text(json.dumps({**spec_base, "mode": mode}))
             inner = [sys.executable, "-m", "benchmarks.scaling", "--worker", str(spec_file), str(out_file)]
             cmd = build_command("train", layout, config=args.config, cluster=cluster, launcher=args.mpi_launcher,
-                                runtime=cfg.runtime, module_argv=inner, thread_vars=mode == "tuned",
+                                runtime=cfg.runtime, module_argv=inner, thread_vars=mode != "untuned",
                                 hostfile=allocation.hostfile)
-            print(f"== {mode}, {n} rank(s): {cmd.shell()}", flush=True)
-            rec = {"command": cmd.shell(), "log": str(log_file)}
+            print(f"== round {rnd + 1}/{rounds}, {mode}, {n} rank(s): {cmd.shell()}", flush=True)
+            rec = results["runs"][mode].setdefault(str(n), {"command": cmd.shell(), "rounds": []})
+            one = {"log": str(log_file)}
             try:
                 with open(log_file, "w") as lf:
-                    rc = subprocess.run(cmd.argv, env={**base_env, **cmd.env}, cwd=ROOT, stdout=lf,
+                    rc = subprocess.run(cmd.argv, env=cmd.process_env(base_env), cwd=ROOT, stdout=lf,
                                         stderr=subprocess.STDOUT, timeout=args.timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
             if rc == 0 and out_file.exists():
                 r = json.loads(out_file.read_text())
-                r["s_per_epoch"] = extrapolate(r["step_s"], args.epoch_images, cfg.train.batch_size, n)
-                rec.update(status="ok", **r)
+                one.update(status="ok", **r)
                 print(f"   {r['images_per_s']:.2f} images/s ({r['step_s']:.3f} s/step)", flush=True)
             else:
                 from benchmarks.epoch_timing import _tail
 
-                rec.update(status="failed", error=f"exit {rc}: {_tail(log_file)}")
-                print(f"   failed: {rec['error']}", flush=True)
-            results["runs"][mode][str(n)] = rec
+                one.update(status="failed", error=f"exit {rc}: {_tail(log_file)}")
+                print(f"   failed: {one['error']}", flush=True)
+            rec["rounds"].append(one)
+            merge_rounds(rec, n, args.epoch_images, cfg.train.batch_size)
             spec_file.unlink(missing_ok=True)
             out_file.unlink(missing_ok=True)
             report.summarize_scaling(results)

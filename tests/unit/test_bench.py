@@ -174,3 +174,37 @@ def test_cli_lists_the_three_benchmarks():
     assert r.returncode == 0
     for name in ("epoch-timing", "scaling", "prep"):
         assert name in r.stdout
+
+
+def test_scaling_summary_pairs_rounds_and_uses_tuned_as_independent_base():
+    from benchmarks import report
+    from benchmarks.scaling import merge_rounds
+
+    def rec(n, ips_per_round):
+        r = {"rounds": [{"status": "ok", "images_per_s": x, "step_s": 16 * n / x} for x in ips_per_round]}
+        return merge_rounds(r, n, 10000, 16)
+
+    results = {"runs": {"tuned": {"1": rec(1, [5.0, 4.0, 6.0]), "2": rec(2, [4.5, 4.0, 5.4])},
+                        "independent": {"2": rec(2, [4.0, 3.6, 4.8])}},
+               "setup": {"backbone": "vgg16", "image_size": 128, "batch_size": 16, "warmup_steps": 2,
+                         "timed_steps": 5, "repeats": 3},
+               "machine": {"cpu_model": "x", "sockets": 1, "physical_cores": 2}}
+    s = report.summarize_scaling(results)
+    t2 = s["tuned"][2]
+    assert t2["images_per_s"] == pytest.approx(4.5) and t2["speedup"] == pytest.approx(0.9)
+    assert t2["round_speedups"] == pytest.approx([0.9, 1.0, 0.9]) and t2["round_speedup_median"] == pytest.approx(0.9)
+    assert t2["efficiency"] == pytest.approx(0.45)
+    assert s["independent"][2]["speedup"] == pytest.approx(0.8)  # against tuned's 1 rank
+    assert results["runs"]["tuned"]["2"]["step_s"] == pytest.approx(32 / 4.5)
+    md = report.scaling_markdown(results)
+    assert "| tuned | 2 | 4.50 |" in md and "0.90, 1.00, 0.90" in md and "| independent | 2 |" in md
+
+
+def test_scaling_round_failures_are_kept_and_a_mode_fails_only_when_every_round_did():
+    from benchmarks.scaling import merge_rounds
+
+    r = merge_rounds({"rounds": [{"status": "failed", "error": "exit 1: boom"}]}, 2, 100, 16)
+    assert r["status"] == "failed" and "boom" in r["error"]
+    r["rounds"].append({"status": "ok", "images_per_s": 3.0, "step_s": 10.0})
+    merge_rounds(r, 2, 100, 16)
+    assert r["status"] == "ok" and r["step_s"] == 10.0 and "error" not in r
