@@ -303,10 +303,6 @@ def worker(spec: dict) -> dict:
           .map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
     W, K, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
-    class Timer(tf.keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
     for phase in spec.get("phases", PHASES):
         pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
         ntrain = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
@@ -315,14 +311,7 @@ def worker(spec: dict) -> dict:
         flops = count_flops(model)
         steps = []
         for _ in range(R):
-            timer = Timer()
-            timer.ends = []
-            model.fit(ds, steps_per_epoch=W + K, epochs=1, verbose=0, callbacks=[timer])
-            t0 = timer.ends[W - 1] if W > 0 else None
-            if t0 is None:  # no untimed step: time from the first step's end (K-1 steps)
-                steps.append((timer.ends[-1] - timer.ends[0]) / max(1, K - 1))
-            else:
-                steps.append((timer.ends[W + K - 1] - t0) / K)
+            steps.append(timed_fit(model, ds, W, K))
         out["phases"][phase] = {"step_s": steps, "trainable_weight_tensors": ntrain,
                                 "flops": flops.summary()}
     out["worker_s"] = round(time.perf_counter() - t_start, 1)
@@ -355,6 +344,24 @@ def _fake_worker(spec, cfg, out) -> dict:
 
 
 # --------------------------------------------------------------------------- the driver
+
+def step_time(ends: list[float], warmup: int, timed: int) -> float:
+    """Seconds per step from the end times of W untimed + K timed steps: from the end of step W to
+    the end of step W+K; with no untimed step, from the first step's end (K-1 steps)."""
+    if warmup:
+        return (ends[warmup + timed - 1] - ends[warmup - 1]) / timed
+    return (ends[-1] - ends[0]) / max(1, timed - 1)
+
+
+def timed_fit(model, dataset, warmup: int, timed: int) -> float:
+    """One ``model.fit`` of W+K steps on ``dataset``; seconds per timed step (:func:`step_time`)."""
+    import tensorflow as tf
+
+    ends: list[float] = []
+    timer = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
+    model.fit(dataset, steps_per_epoch=warmup + timed, epochs=1, verbose=0, callbacks=[timer])
+    return step_time(ends, warmup, timed)
+
 
 def steps_per_epoch(epoch_images: int, batch_size: int, ranks: int = 1) -> int:
     """As training counts them (``distributed.data.steps_per_epoch``): full global batches."""

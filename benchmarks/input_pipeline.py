@@ -39,7 +39,7 @@ import time
 from pathlib import Path
 
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, QUICK, ROOT, THREAD_VARS, Variant, _tail, bench_config,
-                                     extrapolate, variant_env, worker_entry)
+                                     extrapolate, step_time, timed_fit, variant_env, worker_entry)
 
 TARGET = 0.95
 MODES = ("real", "memory")
@@ -66,13 +66,6 @@ def parse_steps(text: str | None, quick: bool = False, repeats: int | None = Non
     if params["warmup_steps"] == 0 and params["timed_steps"] < 2:
         raise ValueError("with no untimed step, time at least 2 steps (the first step's end is the start)")
     return params
-
-
-def step_time(ends: list[float], warmup: int, timed: int) -> float:
-    """Seconds per step from the end times of W+K steps (as epoch_timing and scaling time them)."""
-    if warmup:
-        return (ends[warmup + timed - 1] - ends[warmup - 1]) / timed
-    return (ends[-1] - ends[0]) / max(1, timed - 1)
 
 
 def summarize(results: dict) -> dict:
@@ -239,19 +232,12 @@ def worker(spec: dict) -> dict:
     makers = {"real": real, "memory": memory}
     W, Kt, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
-    class Timer(tf.keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
     out = {"modes": {m: {"step_s": []} for m in MODES}, "order": []}
     t0 = time.perf_counter()
     for r in range(R):
         for mode in MODES:
-            timer = Timer()
-            timer.ends = []
             # a fresh dataset per repeat, epoch r: real reads a different permutation each time
-            model.fit(makers[mode](r), steps_per_epoch=W + Kt, epochs=1, verbose=0, callbacks=[timer])
-            out["modes"][mode]["step_s"].append(step_time(timer.ends, W, Kt))
+            out["modes"][mode]["step_s"].append(timed_fit(model, makers[mode](r), W, Kt))
             out["order"].append(mode)
     out["timed_s"] = round(time.perf_counter() - t0, 1)
     # Informational: each pipeline alone (no model), after W+2 batches to fill the prefetch buffer.

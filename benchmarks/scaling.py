@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
-                                     extrapolate, worker_entry)
+                                     extrapolate, timed_fit, worker_entry)
 
 MODES = ("tuned", "untuned", "independent")
 
@@ -69,7 +69,9 @@ def rank_worker(spec: dict) -> dict | None:
     if not alone:
         opt = hvd.DistributedOptimizer(opt)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
-    rng = np.random.default_rng(int(os.environ.get("OMPI_COMM_WORLD_RANK", os.environ.get("HOROVOD_RANK", "0"))))
+    from data_prep.log import env_rank
+
+    rng = np.random.default_rng(env_rank())  # the launcher's rank: Horovod may not be initialised yet
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]
     aug = cfg.train.augment
@@ -78,29 +80,19 @@ def rank_worker(spec: dict) -> dict | None:
           .prefetch(tf.data.AUTOTUNE))
     W, K, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
-    class Timer(tf.keras.callbacks.Callback):
-        def on_train_batch_end(self, batch, logs=None):
-            self.ends.append(time.perf_counter())
-
-    steps = []
-    for _ in range(R):
-        timer = Timer()
-        timer.ends = []
-        model.fit(ds, steps_per_epoch=W + K, epochs=1, verbose=0, callbacks=[timer])
-        steps.append((timer.ends[W + K - 1] - timer.ends[W - 1]) / K if W else
-                     (timer.ends[-1] - timer.ends[0]) / max(1, K - 1))
+    steps = [timed_fit(model, ds, W, K) for _ in range(R)]
     if alone:
         hvd.init()  # only now, to gather the results: nothing of Horovod ran while timing
     # With the allreduce the slowest rank sets the pace and rank 0's times are everybody's;
     # independent ranks each report their own.
-    threads = {"step_s": statistics.median(steps),"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
+    med = statistics.median(steps)
+    threads = {"step_s": med, "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
     all_threads = hvd.allgather_object(threads)
     if hvd.rank() != 0:
         return None
-    med = statistics.median(steps)
     ips = sum(B / r["step_s"] for r in all_threads) if alone else hvd.size() * B / med
     return {"ranks": hvd.size(), "step_s_repeats": steps, "step_s": med,
             "images_per_s": ips, "per_rank": all_threads, "tensorflow": tf.__version__}
