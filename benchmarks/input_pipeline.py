@@ -38,15 +38,14 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, QUICK, ROOT, THREAD_VARS, Variant, _tail, bench_config,
-                                     extrapolate, step_time, timed_fit, variant_env, worker_entry)
+from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, Variant, _tail,
+                                     bench_config, extrapolate, step_time, timed_fit, variant_env, worker_entry)
 
 TARGET = 0.95
 MODES = ("real", "memory")
 FULL = {"warmup_steps": 2, "timed_steps": 5, "repeats": 5}  # 5 repeats: the target is a 5% margin
 # --quick without --prep: a small training split (the config's train_per_class would be 10,000 images).
 QUICK_PREP = {"prep.train_per_class": "128", "prep.val_per_class": "16", "prep.test_per_class": "16"}
-EPOCH_IMAGES = 10_000
 
 
 # --------------------------------------------------------------------------- pure parts
@@ -197,7 +196,6 @@ def worker(spec: dict) -> dict:
     opt = hvd.DistributedOptimizer(make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, steps))
     model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
                   metrics=["accuracy"])
-    aug = cfg.train.augment if getattr(cfg.train.augment, "enabled", True) else None
     threads = cfg.runtime.data_threads
 
     def real(epoch: int):
@@ -215,18 +213,11 @@ def worker(spec: dict) -> dict:
 
     def memory(epoch: int):
         # train_dataset's map on tensors already in memory: no generator, no reads
-        seed = int(cfg.train.seed)
-
-        def prepare(b, x, y):
-            x = tf.cast(x, tf.float32)[..., None]
-            if aug is not None:
-                s = tf.stack([tf.constant(seed, tf.int64) * D._SEED_MIX, tf.cast(epoch, tf.int64) * D._SEED_MIX + b])
-                x = D.augment_images(x, aug, seed=s)
-            return x, tf.cast(y, tf.float32)
-
+        prepare = D.batch_preparer(cfg.train.augment, int(cfg.train.seed))
         ds = tf.data.Dataset.zip((tf.data.Dataset.counter(), tf.data.Dataset.from_tensor_slices(images).repeat(),
                                   tf.data.Dataset.from_tensor_slices(targets).repeat()))
-        ds = ds.map(prepare, num_parallel_calls=threads or tf.data.AUTOTUNE)
+        ds = ds.map(lambda b, x, y: prepare(tf.constant(epoch, tf.int64), b, x, y),
+                    num_parallel_calls=threads or tf.data.AUTOTUNE)
         return ds.prefetch(tf.data.AUTOTUNE).with_options(D._options(threads))
 
     makers = {"real": real, "memory": memory}

@@ -233,6 +233,23 @@ def _options(data_threads: int) -> tf.data.Options:
     return opts
 
 
+def batch_preparer(augment, seed: int, rank: int = 0):
+    """The training map: (epoch, batch, uint8 images (B,S,S), uint8 targets) -> (float32 images
+    (B,S,S,1), float32 targets), augmented when ``augment`` is set (None or ``enabled: false``:
+    not). The augmentation seed is stateless per (seed, rank, epoch, batch): the same draws after
+    a resume."""
+    augment = augment if (augment is not None and getattr(augment, "enabled", True)) else None
+
+    def prepare(epoch, b, x, y):
+        x = tf.cast(x, tf.float32)[..., None]
+        if augment is not None:
+            s = tf.stack([tf.constant(seed, tf.int64) * _SEED_MIX + rank, tf.cast(epoch, tf.int64) * _SEED_MIX + b])
+            x = augment_images(x, augment, seed=s)
+        return x, tf.cast(y, tf.float32)
+
+    return prepare
+
+
 def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
                   start_epoch: int = 0, steps: int | None = None, augment=None,
                   data_threads: int = 0) -> tf.data.Dataset:
@@ -241,7 +258,6 @@ def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int 
     ``augment``: the config's ``train.augment`` section (None or ``enabled: false``: none)."""
     steps = steps or steps_per_epoch(data.n, batch_size, size)
     S, K = data.image_size, data.num_classes
-    augment = augment if (augment is not None and getattr(augment, "enabled", True)) else None
 
     def batches(epoch):
         idx = epoch_indices(data.n, batch_size, rank, size, seed, int(epoch), steps)
@@ -255,16 +271,8 @@ def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int 
         ds = tf.data.Dataset.from_generator(batches, args=(epoch,), output_signature=spec)
         return ds.map(lambda b, x, y: (epoch, b, x, y))
 
-    def prepare(epoch, b, x, y):
-        x = tf.cast(x, tf.float32)[..., None]
-        if augment is not None:
-            # stateless seed per (seed, rank, epoch, batch): the same draws after a resume
-            s = tf.stack([tf.constant(seed, tf.int64) * _SEED_MIX + rank, epoch * _SEED_MIX + b])
-            x = augment_images(x, augment, seed=s)
-        return x, tf.cast(y, tf.float32)
-
     ds = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
-    ds = ds.map(prepare, num_parallel_calls=data_threads or AUTOTUNE)
+    ds = ds.map(batch_preparer(augment, seed, rank), num_parallel_calls=data_threads or AUTOTUNE)
     return ds.prefetch(AUTOTUNE).with_options(_options(data_threads))
 
 
