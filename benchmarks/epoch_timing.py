@@ -345,6 +345,24 @@ def _fake_worker(spec, cfg, out) -> dict:
 
 # --------------------------------------------------------------------------- the driver
 
+def parse_steps(text: str | None, quick: bool = False, repeats: int | None = None, full: dict = FULL) -> dict:
+    """{"warmup_steps", "timed_steps", "repeats"} from ``--steps W,K`` and ``--repeats`` (defaults:
+    QUICK's with ``quick``, else ``full``); ValueError with the message for the user."""
+    params = {k: QUICK[k] for k in ("warmup_steps", "timed_steps", "repeats")} if quick else dict(full)
+    if text:
+        parts = [p.strip() for p in str(text).split(",")]
+        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
+            raise ValueError(f"--steps takes untimed,timed steps like 2,5, got {text!r}")
+        params.update(warmup_steps=int(parts[0]), timed_steps=int(parts[1]))
+    if repeats is not None:
+        params["repeats"] = int(repeats)
+    if params["warmup_steps"] < 0 or params["timed_steps"] < 1 or params["repeats"] < 1:
+        raise ValueError("untimed steps must be >= 0, timed steps and repeats >= 1")
+    if params["warmup_steps"] == 0 and params["timed_steps"] < 2:
+        raise ValueError("with no untimed step, time at least 2 steps (the first step's end is the start)")
+    return params
+
+
 def step_time(ends: list[float], warmup: int, timed: int) -> float:
     """Seconds per step from the end times of W untimed + K timed steps: from the end of step W to
     the end of step W+K; with no untimed step, from the first step's end (K-1 steps)."""
@@ -455,14 +473,12 @@ def main(args) -> int:
             print(f"cxr-bench: error: no variant {missing[0]!r} in {args.variants}", file=sys.stderr)
             return 2
         variants = [v for v in variants if v.name in args.only]
-    params = dict(QUICK if args.quick else FULL)
-    if args.steps:
-        w, k = (int(x) for x in args.steps.split(","))
-        params.update(warmup_steps=w, timed_steps=k)
-    if args.repeats:
-        params["repeats"] = args.repeats
-    if args.timeout <= 0 or params["timed_steps"] < 1 or params["repeats"] < 1:
-        print("cxr-bench: error: timed steps and repeats must be at least 1", file=sys.stderr)
+    try:
+        params = parse_steps(args.steps, args.quick, args.repeats)
+        if args.timeout <= 0:
+            raise ValueError("--timeout must be positive")
+    except ValueError as e:
+        print(f"cxr-bench: error: {e}", file=sys.stderr)
         return 2
     try:
         cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)

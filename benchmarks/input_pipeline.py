@@ -28,6 +28,7 @@ benchmark cache (``$CXR_BENCH_CACHE``, default ~/.cache/cxr-bench), reused by la
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import json
 import os
@@ -38,34 +39,19 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks import epoch_timing
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, Variant, _tail,
                                      bench_config, extrapolate, step_time, timed_fit, variant_env, worker_entry)
 
 TARGET = 0.95
 MODES = ("real", "memory")
 FULL = {"warmup_steps": 2, "timed_steps": 5, "repeats": 5}  # 5 repeats: the target is a 5% margin
+parse_steps = functools.partial(epoch_timing.parse_steps, full=FULL)  # this benchmark's defaults
 # --quick without --prep: a small training split (the config's train_per_class would be 10,000 images).
 QUICK_PREP = {"prep.train_per_class": "128", "prep.val_per_class": "16", "prep.test_per_class": "16"}
 
 
 # --------------------------------------------------------------------------- pure parts
-
-def parse_steps(text: str | None, quick: bool = False, repeats: int | None = None) -> dict:
-    """{"warmup_steps", "timed_steps", "repeats"} from ``--steps W,K`` and ``--repeats``."""
-    params = {k: QUICK[k] for k in ("warmup_steps", "timed_steps", "repeats")} if quick else dict(FULL)
-    if text:
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(f"--steps takes untimed,timed steps like 2,5, got {text!r}")
-        params.update(warmup_steps=int(parts[0]), timed_steps=int(parts[1]))
-    if repeats is not None:
-        params["repeats"] = int(repeats)
-    if params["warmup_steps"] < 0 or params["timed_steps"] < 1 or params["repeats"] < 1:
-        raise ValueError("untimed steps must be >= 0, timed steps and repeats >= 1")
-    if params["warmup_steps"] == 0 and params["timed_steps"] < 2:
-        raise ValueError("with no untimed step, time at least 2 steps (the first step's end is the start)")
-    return params
-
 
 def summarize(results: dict) -> dict:
     """Adds ``summary`` to the results: per mode min/median/max s/step and images/s, the ratio

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
-                                     extrapolate, timed_fit, worker_entry)
+                                     extrapolate, parse_steps, timed_fit, worker_entry)
 
 MODES = ("tuned", "untuned", "independent")
 
@@ -153,14 +153,8 @@ def main(args) -> int:
         print("cxr-bench: error: --np takes rank counts like 1,2,4 and --modes any of tuned, untuned, independent",
               file=sys.stderr)
         return 2
-    params = dict(QUICK) if args.quick else {"warmup_steps": 2, "timed_steps": 5, "repeats": 3}
-    params.pop("image_size", None)
-    if args.steps:
-        w, k = (int(x) for x in args.steps.split(","))
-        params.update(warmup_steps=w, timed_steps=k)
-    if args.repeats:
-        params["repeats"] = args.repeats
     try:
+        params = parse_steps(args.steps, args.quick, args.repeats)
         cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)
         cluster = load_cluster(args.cluster)
         ns = argparse.Namespace(hosts=args.hosts, hostfile=None)
