@@ -1,8 +1,9 @@
-"""``python -m benchmarks {epoch-timing,scaling,input-pipeline,prep} ...`` (console script ``cxr-bench``).
+"""``python -m benchmarks {epoch-timing,scaling,input-pipeline,timeline,prep} ...`` (console script ``cxr-bench``).
 
 * ``epoch-timing``: s/epoch of the article's warm-up and fine-tune per TensorFlow variant;
 * ``scaling``: fine-tune throughput per number of Horovod ranks, with and without thread tuning;
 * ``input-pipeline``: the fine-tune step fed by the real HDF5 pipeline vs in-memory tensors (target >= 0.95x);
+* ``timeline``: rank skew, allreduce and exposed communication per step from a Horovod timeline;
 * ``prep``: throughput of the MPI prep stage (``benchmarks/prep.py``).
 See BENCHMARKS.md for the commands and dated results.
 """
@@ -14,12 +15,13 @@ import sys
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,prep}")
-    from benchmarks import epoch_timing, input_pipeline, scaling
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep}")
+    from benchmarks import epoch_timing, input_pipeline, scaling, timeline
 
     epoch_timing.register(sub)
     scaling.register(sub)
     input_pipeline.register(sub)
+    timeline.register(sub)
     import importlib
     import importlib.util
 

@@ -222,6 +222,25 @@ def summarize_scaling(results: dict) -> dict:
     return out
 
 
+def timeline_lines(results: dict) -> list[str]:
+    """The ``--timeline`` section: per (mode, ranks) the medians over rounds of the per-step
+    breakdown from Horovod's timeline (``benchmarks.timeline``)."""
+    from benchmarks.timeline import TABLE_HEAD, markdown_row
+
+    rows = [(mode, n, r) for mode, runs in results["runs"].items() for n, r in runs.items() if r.get("timeline")]
+    if not rows:
+        return []
+    L = ["", "Where a multi-rank step's time goes (Horovod timeline, rank 0's view; per step, median over the "
+         "timed steps and the rounds): *rank skew* = how long the first rank to have the last gradient waited for "
+         "the last rank (imbalance, includes up to one cycle), *backward window* = first to last gradient ready, "
+         "*allreduce busy* = time with a reduction running (overlapped with the backward pass), *exposed* = last "
+         "gradient ready on all ranks to its reduction done. Files: `timelines/` beside this report "
+         "(open in chrome://tracing; summarise with `python -m benchmarks timeline FILE`).", "", *TABLE_HEAD]
+    for mode, n, r in rows:
+        L.append(markdown_row(f"{mode}, {n} ranks ({r['timeline']['rounds']} round(s))", r["timeline"], r.get("step_s")))
+    return L
+
+
 def scaling_markdown(results: dict) -> str:
     summary = results.get("summary") or summarize_scaling(results)
     s, m = results["setup"], results["machine"]
@@ -252,6 +271,7 @@ def scaling_markdown(results: dict) -> str:
         for n, r in results["runs"][mode].items():
             if r.get("status") != "ok":
                 L.append(f"| {mode} | {n} | {r.get('status')}: {r.get('error', '')} | | | | | |")
+    L += timeline_lines(results)
     L += ["", "Commands:", ""]
     for mode, runs in results["runs"].items():
         for n, r in runs.items():

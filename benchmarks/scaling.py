@@ -98,6 +98,15 @@ def rank_worker(spec: dict) -> dict | None:
             "images_per_s": ips, "per_rank": all_threads, "tensorflow": tf.__version__}
 
 
+def _timeline_summary(path: Path, warmup_steps: int) -> dict:
+    from benchmarks import timeline
+
+    try:
+        return timeline.summarize(path, skip=warmup_steps)
+    except (OSError, ValueError) as e:  # a missing or torn timeline is reported, not fatal
+        return {"file": str(path), "error": str(e)}
+
+
 def merge_rounds(rec: dict, ranks: int, epoch_images: int, batch_size: int) -> dict:
     """``rec``'s medians over its successful rounds (status ok when at least one round is)."""
     import statistics
@@ -112,6 +121,12 @@ def merge_rounds(rec: dict, ranks: int, epoch_images: int, batch_size: int) -> d
                images_per_s=statistics.median(r["images_per_s"] for r in ok),
                s_per_epoch=extrapolate(step, epoch_images, batch_size, ranks),
                per_rank=ok[-1].get("per_rank"), tensorflow=ok[-1].get("tensorflow"))
+    from benchmarks.timeline import METRICS
+
+    tls = [r["timeline"] for r in ok if r.get("timeline", {}).get("steps_used")]
+    if tls:
+        rec["timeline"] = {m: statistics.median(t[m] for t in tls) for m in METRICS}
+        rec["timeline"].update(rounds=len(tls), tensors=tls[-1]["tensors"])
     return rec
 
 
@@ -133,6 +148,10 @@ def register(subparsers) -> None:
     p.add_argument("--mpi-launcher", choices=("horovodrun", "mpirun"), default="horovodrun")
     p.add_argument("--out", default="bench-results/scaling")
     p.add_argument("--timeout", type=float, default=4 * 3600, help="seconds per run")
+    p.add_argument("--timeline", action="store_true",
+                   help="record a Horovod timeline of every multi-rank tuned/untuned run (OUT/timelines/) and "
+                        "report rank skew, allreduce and exposed communication per step (python -m benchmarks "
+                        "timeline)")
     p.set_defaults(func=main)
 
 
@@ -197,6 +216,14 @@ def main(args) -> int:
                                              runs_dir / f"{stamp}.log")
             spec_file.write_text(json.dumps({**spec_base, "mode": mode}))
             inner = [sys.executable, "-m", "benchmarks.scaling", "--worker", str(spec_file), str(out_file)]
+            run_env = dict(base_env)
+            tl_file = None
+            if args.timeline and n > 1 and mode != "independent":
+                # Horovod's rank 0 writes it; a local rank, so the environment reaches it under either launcher.
+                tl_file = out_dir / "timelines" / f"{mode}-{n}ranks-round{rnd + 1}.json"
+                tl_file.parent.mkdir(parents=True, exist_ok=True)
+                tl_file.unlink(missing_ok=True)
+                run_env["HOROVOD_TIMELINE"] = str(tl_file.resolve())
             cmd = build_command("train", layout, config=args.config, cluster=cluster, launcher=args.mpi_launcher,
                                 runtime=cfg.runtime, module_argv=inner, thread_vars=mode != "untuned",
                                 hostfile=allocation.hostfile)
@@ -205,7 +232,7 @@ def main(args) -> int:
             one = {"log": str(log_file)}
             try:
                 with open(log_file, "w") as lf:
-                    rc = subprocess.run(cmd.argv, env=cmd.process_env(base_env), cwd=ROOT, stdout=lf,
+                    rc = subprocess.run(cmd.argv, env=cmd.process_env(run_env), cwd=ROOT, stdout=lf,
                                         stderr=subprocess.STDOUT, timeout=args.timeout).returncode
             except subprocess.TimeoutExpired:
                 rc = "timeout"
@@ -213,6 +240,8 @@ def main(args) -> int:
                 r = json.loads(out_file.read_text())
                 one.update(status="ok", **r)
                 print(f"   {r['images_per_s']:.2f} images/s ({r['step_s']:.3f} s/step)", flush=True)
+                if tl_file is not None:
+                    one["timeline"] = _timeline_summary(tl_file, params["warmup_steps"])
             else:
                 from benchmarks.epoch_timing import _tail
 

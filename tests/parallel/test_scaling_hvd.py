@@ -22,7 +22,7 @@ def test_scaling_two_ranks_tuned_and_independent(tmp_path):
     env = {**os.environ, "CXR_BENCH_CACHE": str(tmp_path / "cache")}
     env.pop("HOROVOD_CYCLE_TIME", None)
     r = subprocess.run([sys.executable, "-m", "benchmarks", "scaling", "--quick", "--np", "1,2", "--repeats", "1",
-                        "--modes", "tuned,independent", "--set", "model.backbone=tiny", "--out", str(out)],
+                        "--modes", "tuned,independent", "--set", "model.backbone=tiny", "--timeline", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "scaling.json").read_text())
@@ -44,3 +44,11 @@ def test_scaling_two_ranks_tuned_and_independent(tmp_path):
     assert s["independent"]["2"]["speedup"] == pytest.approx(alone["2"]["images_per_s"] / tuned["1"]["images_per_s"])
     md = (out / "scaling.md").read_text()
     assert "| tuned | 2 |" in md and "| independent | 2 |" in md
+    # --timeline: HOROVOD_TIMELINE reached rank 0 of the allreducing run (not the independent one),
+    # and every timed step reduced every trainable tensor once.
+    tl = tuned["2"]["rounds"][0]["timeline"]
+    assert (out / "timelines" / "tuned-2ranks-round1.json").is_file() and "error" not in tl
+    assert tl["steps"] == 3 and tl["steps_used"] == 2 and tl["tensors"] >= 2  # 1 untimed + 2 timed, quick
+    assert tl["allreduce_ms"] > 0 and tl["skew_ms"] >= 0 and tl["exposed_ms"] >= 0
+    assert tuned["2"]["timeline"]["rounds"] == 1 and "timeline" not in alone["2"]
+    assert "Where a multi-rank step's time goes" in md and "| tuned, 2 ranks (1 round(s)) |" in md

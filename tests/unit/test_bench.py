@@ -208,3 +208,31 @@ def test_scaling_round_failures_are_kept_and_a_mode_fails_only_when_every_round_
     r["rounds"].append({"status": "ok", "images_per_s": 3.0, "step_s": 10.0})
     merge_rounds(r, 2, 100, 16)
     assert r["status"] == "ok" and r["step_s"] == 10.0 and "error" not in r
+
+
+def test_scaling_timeline_medians_over_rounds_and_report_section():
+    from benchmarks import report
+    from benchmarks.scaling import merge_rounds
+
+    def tl(skew, exposed):
+        return {"steps": 7, "steps_used": 5, "tensors": 16, "skew_ms": skew, "backward_ms": 3800.0,
+                "allreduce_ms": 90.0, "exposed_ms": exposed}
+
+    rounds = [{"status": "ok", "images_per_s": 4.0, "step_s": 8.0, "timeline": tl(500.0, 10.0)},
+              {"status": "ok", "images_per_s": 4.0, "step_s": 8.0, "timeline": tl(300.0, 30.0)},
+              {"status": "ok", "images_per_s": 4.0, "step_s": 8.0, "timeline": tl(400.0, 20.0)},
+              {"status": "ok", "images_per_s": 4.0, "step_s": 8.0, "timeline": {"error": "torn file"}}]
+    rec = merge_rounds({"rounds": rounds}, 2, 10000, 16)
+    assert rec["timeline"]["skew_ms"] == 400.0 and rec["timeline"]["exposed_ms"] == 20.0
+    assert rec["timeline"]["rounds"] == 3 and rec["timeline"]["tensors"] == 16  # the torn one left out
+    one = merge_rounds({"rounds": [{"status": "ok", "images_per_s": 2.0, "step_s": 8.0}]}, 1, 10000, 16)
+    assert "timeline" not in one
+    results = {"runs": {"tuned": {"1": one, "2": rec}},
+               "setup": {"backbone": "vgg16", "image_size": 128, "batch_size": 16, "warmup_steps": 2,
+                         "timed_steps": 5, "repeats": 4},
+               "machine": {"cpu_model": "x", "sockets": 1, "physical_cores": 2}}
+    md = report.scaling_markdown(results)
+    # (400 + 20) ms waiting of an 8 s step
+    assert "| tuned, 2 ranks (3 round(s)) | 400 | 3,800 | 90 | 20 | 5.2% |" in md
+    assert "Where a multi-rank step's time goes" not in report.scaling_markdown(
+        {**results, "runs": {"tuned": {"1": one}}})
