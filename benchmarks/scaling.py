@@ -219,7 +219,8 @@ def main(args) -> int:
             run_env = dict(base_env)
             tl_file = None
             if args.timeline and n > 1 and mode != "independent":
-                # Horovod's rank 0 writes it; a local rank, so the environment reaches it under either launcher.
+                # Horovod's rank 0 writes it; it runs on the first host (normally this one), which inherits
+                # this environment under either launcher.
                 tl_file = out_dir / "timelines" / f"{mode}-{n}ranks-round{rnd + 1}.json"
                 tl_file.parent.mkdir(parents=True, exist_ok=True)
                 tl_file.unlink(missing_ok=True)

@@ -101,9 +101,11 @@ def step_breakdown(events: list[dict]) -> list[dict]:
     return steps
 
 
-def summarize(path: str | Path, skip: int = 0) -> dict:
-    """Medians of :func:`step_breakdown` over the steps after the first ``skip``."""
-    steps = step_breakdown(load_events(path))
+def summarize(path: str | Path, skip: int = 0, steps: list[dict] | None = None) -> dict:
+    """Medians of :func:`step_breakdown` (of ``path``, or the given ``steps``) over the steps
+    after the first ``skip``; all of them when there are no more than ``skip``."""
+    if steps is None:
+        steps = step_breakdown(load_events(path))
     used = steps[skip:] if len(steps) > skip else steps
     out = {"file": str(path), "steps": len(steps), "steps_used": len(used),
            "tensors": used[0]["tensors"] if used else 0}
@@ -138,19 +140,20 @@ def main(argv=None) -> int:
     lines = list(TABLE_HEAD)
     for f in args.files:
         try:
-            s = summarize(f, args.skip)
+            steps = step_breakdown(load_events(f))
         except (OSError, ValueError) as e:
             print(f"cxr-bench: error: {e}", file=sys.stderr)
             rc = 2
             continue
-        if not s["steps"]:
+        if not steps:
             print(f"cxr-bench: error: {f}: no allreduce in the timeline", file=sys.stderr)
             rc = 2
             continue
+        s = summarize(f, args.skip, steps)
         lines.append(markdown_row(f"{Path(f).name} ({s['steps_used']} of {s['steps']} steps, "
                                   f"{s['tensors']} tensors)", s))
         if args.steps:
-            for i, st in enumerate(step_breakdown(load_events(f))):
+            for i, st in enumerate(steps):
                 lines.append(markdown_row(f"  step {i}", st))
     if len(lines) > len(TABLE_HEAD):
         print("\n".join(lines))

@@ -77,6 +77,10 @@ def test_bad_files_and_cli(tmp_path, capsys):
     assert T.main([str(good), str(junk)]) == 2  # the good file is still reported
     cap = capsys.readouterr()
     assert "good.json" in cap.out and "junk.json" in cap.err
+    gather_only = _write(tmp_path / "gather.json", _tensor(1, "g") + _span(1, "NEGOTIATE_ALLGATHER", 0, 5)
+                         + _span(1, "ALLGATHER", 5, 6))
+    assert T.main([str(gather_only)]) == 2
+    assert "no allreduce in the timeline" in capsys.readouterr().err
 
 
 def test_markdown_row_share_of_step():
