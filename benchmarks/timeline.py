@@ -130,12 +130,19 @@ TABLE_HEAD = ["| run | rank skew (ms) | backward window (ms) | allreduce busy (m
               "| skew + exposed, % of step |", "|---|---:|---:|---:|---:|---:|"]
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="cxr-bench timeline", description=__doc__.split("\n\n")[0])
+def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("files", nargs="+", help="Horovod timeline JSON file(s)")
     ap.add_argument("--skip", type=int, default=1, help="leading steps to leave out (default %(default)s)")
     ap.add_argument("--steps", action="store_true", help="also print every step")
-    args = ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="cxr-bench timeline", description=__doc__.split("\n\n")[0])
+    _add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args) -> int:
     rc = 0
     lines = list(TABLE_HEAD)
     for f in args.files:
@@ -162,9 +169,9 @@ def main(argv=None) -> int:
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("timeline", help="where a data-parallel step's time goes (Horovod timeline)",
-                              description=__doc__.split("\n\n")[0], add_help=False)
-    p.add_argument("rest", nargs=argparse.REMAINDER)
-    p.set_defaults(func=lambda args: main(args.rest))
+                              description=__doc__.split("\n\n")[0])
+    _add_arguments(p)
+    p.set_defaults(func=run)
 
 
 if __name__ == "__main__":

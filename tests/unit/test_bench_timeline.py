@@ -87,3 +87,15 @@ def test_markdown_row_share_of_step():
     row = T.markdown_row("x", {"skew_ms": 450.0, "backward_ms": 3000.0, "allreduce_ms": 90.0, "exposed_ms": 50.0},
                          step_s=10.0)
     assert row == "| x | 450 | 3,000 | 90 | 50 | 5.0% |"
+
+
+def test_subcommand_of_cxr_bench(tmp_path, capsys):
+    from benchmarks.__main__ import main as bench_main
+
+    good = _write(tmp_path / "good.json", _tensor(1, "a") + _tensor(2, "b") + _step(0) + _step(1000))
+    assert bench_main(["timeline", str(good), "--skip", "0", "--steps"]) == 0
+    out = capsys.readouterr().out
+    assert "| good.json (2 of 2 steps, 2 tensors) | 250 |" in out and "|   step 1 | 250 |" in out
+    with pytest.raises(SystemExit) as e:  # options before the files reach the subcommand
+        bench_main(["timeline", "--help"])
+    assert e.value.code == 0 and "--skip" in capsys.readouterr().out
