@@ -299,8 +299,8 @@ def worker(spec: dict) -> dict:
     def prepare(x, y):
         return D.augment_images(tf.cast(x, tf.float32), aug), y
 
-    ds = (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-          .map(prepare, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE))
+    ds = D.map_and_prefetch(tf.data.Dataset.from_tensor_slices((images, labels)).repeat(), prepare,
+                            cfg.runtime.data_threads, cfg.runtime.data_autotune)  # as training's pipeline
     W, K, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
     for phase in spec.get("phases", PHASES):

@@ -187,7 +187,8 @@ def worker(spec: dict) -> dict:
     def real(epoch: int):
         # exactly as distributed/train.py builds it (rank 0 of 1)
         return D.train_dataset(split, batch_size=B, rank=0, size=1, seed=cfg.train.seed, start_epoch=epoch,
-                               steps=steps, augment=cfg.train.augment, data_threads=threads)
+                               steps=steps, augment=cfg.train.augment, data_threads=threads,
+                               autotune=cfg.runtime.data_autotune)
 
     rng = np.random.default_rng(cfg.train.seed)
     pool = 8
@@ -202,9 +203,8 @@ def worker(spec: dict) -> dict:
         prepare = D.batch_preparer(cfg.train.augment, int(cfg.train.seed))
         ds = tf.data.Dataset.zip((tf.data.Dataset.counter(), tf.data.Dataset.from_tensor_slices(images).repeat(),
                                   tf.data.Dataset.from_tensor_slices(targets).repeat()))
-        ds = ds.map(lambda b, x, y: prepare(tf.constant(epoch, tf.int64), b, x, y),
-                    num_parallel_calls=threads or tf.data.AUTOTUNE)
-        return ds.prefetch(tf.data.AUTOTUNE).with_options(D._options(threads))
+        return D.map_and_prefetch(ds, lambda b, x, y: prepare(tf.constant(epoch, tf.int64), b, x, y), threads,
+                                  cfg.runtime.data_autotune)
 
     makers = {"real": real, "memory": memory}
     W, Kt, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]

@@ -75,9 +75,9 @@ def rank_worker(spec: dict) -> dict | None:
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]
     aug = cfg.train.augment
-    ds = (tf.data.Dataset.from_tensor_slices((images, labels)).repeat()
-          .map(lambda x, y: (D.augment_images(tf.cast(x, tf.float32), aug), y), num_parallel_calls=tf.data.AUTOTUNE)
-          .prefetch(tf.data.AUTOTUNE))
+    ds = D.map_and_prefetch(tf.data.Dataset.from_tensor_slices((images, labels)).repeat(),
+                            lambda x, y: (D.augment_images(tf.cast(x, tf.float32), aug), y),
+                            cfg.runtime.data_threads, cfg.runtime.data_autotune)  # as training's pipeline
     W, K, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
     steps = [timed_fit(model, ds, W, K) for _ in range(R)]

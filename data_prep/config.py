@@ -133,6 +133,8 @@ class RuntimeConfig:
     kmp_affinity: str = _f("granularity=fine,compact,1,0", "KMP_AFFINITY for OpenMP builds (intel-tensorflow); empty = unset")
     kmp_blocktime: int = _f(1, "KMP_BLOCKTIME in ms for OpenMP builds", 0, 10000)
     data_threads: int = _f(0, "tf.data parallelism; 0 = autotune", 0)
+    data_autotune: Literal["auto", "on", "off"] = _f("auto", "tf.data autotuning: on, off, or auto (on, but off for "
+                                                    "validation on a one-CPU rank: there it delays each pass's end)")
     horovod_cycle_ms: float = _f(0.0, "HOROVOD_CYCLE_TIME in ms: how often Horovod's background thread negotiates "
                                  "with the other ranks; 0 = auto (50 ms: CPU steps take seconds, Horovod's 1 ms "
                                  "default is for GPUs)", 0.0, 10000.0)

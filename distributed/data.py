@@ -14,6 +14,15 @@
   (seed, rank, epoch, batch). The evaluator reuses it for test-time augmentation.
 * Images leave the pipeline as (B, S, S, 1) float32 in [0, 255]: gray-to-RGB and the backbone's
   preprocessing live inside the model.
+* Parallelism (:func:`map_and_prefetch`, the one place every pipeline here and in ``benchmarks``
+  gets its map/prefetch/options): tf.data's autotuning, except for the finite evaluation
+  pipelines of a rank that may run on one CPU only (``runtime.data_autotune: auto``). There the
+  autotuner's model thread sleeps through ever longer optimisation periods and each iterator's
+  teardown waits for it to wake: on this project's 2-core machine (one rank bound per core)
+  8-10 s idle at the end of a 30-s validation pass, 11-16 s at the end of a benchmark's ``fit``,
+  none with autotuning off. Training keeps it: in 7 interleaved pairs of 2-rank fine-tune runs
+  the steps were 3-10 % slower without it in 6 (BENCHMARKS.md), more than one wait per phase
+  costs. Off: ``data_threads`` (or the process's CPUs) map calls and a prefetch buffer of 2.
 
 No Horovod here: rank and size are arguments.
 """
@@ -29,7 +38,8 @@ from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 
 __all__ = ["SplitData", "load_split", "steps_per_epoch", "epoch_indices", "shard_indices",
-           "random_transforms", "augment_images", "train_dataset", "eval_dataset", "random_dataset"]
+           "random_transforms", "augment_images", "train_dataset", "eval_dataset", "random_dataset",
+           "autotune_enabled", "map_and_prefetch", "available_cpus"]
 
 AUTOTUNE = tf.data.AUTOTUNE
 _SEED_MIX = np.int64(1_000_003)
@@ -225,12 +235,44 @@ def augment_images(images, aug, seed=None, interpolation: str = "BILINEAR") -> t
 
 # --------------------------------------------------------------------------- datasets
 
-def _options(data_threads: int) -> tf.data.Options:
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity: a rank bound by ``mpirun --bind-to core``
+    sees its own cores only)."""
+    import os
+
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def autotune_enabled(setting: str = "auto", cpus: int | None = None, finite: bool = False) -> bool:
+    """``runtime.data_autotune``: ``on``, ``off``, or ``auto`` = on, except for a ``finite``
+    (evaluation) pipeline in a process that may run on one CPU only (the module docstring says why)."""
+    if setting not in ("auto", "on", "off"):
+        raise ValueError(f"runtime.data_autotune must be auto, on or off, not {setting!r}")
+    if setting != "auto":
+        return setting == "on"
+    return not finite or (available_cpus() if cpus is None else cpus) > 1
+
+
+def _options(data_threads: int, autotune: bool = True) -> tf.data.Options:
     opts = tf.data.Options()
     opts.deterministic = True
     if data_threads:
         opts.threading.private_threadpool_size = data_threads
+    opts.autotune.enabled = autotune
     return opts
+
+
+def map_and_prefetch(ds: tf.data.Dataset, fn, data_threads: int = 0, autotune: str = "auto",
+                     finite: bool = False) -> tf.data.Dataset:
+    """``ds.map(fn)`` in parallel, then prefetch, with this project's options: deterministic order,
+    ``data_threads`` (0 = tf.data's choice), ``autotune`` as :func:`autotune_enabled`."""
+    on = autotune_enabled(autotune, finite=finite)
+    calls = data_threads or (AUTOTUNE if on else available_cpus())
+    ds = ds.map(fn, num_parallel_calls=calls)
+    return ds.prefetch(AUTOTUNE if on else 2).with_options(_options(data_threads, on))
 
 
 def batch_preparer(augment, seed: int, rank: int = 0):
@@ -252,7 +294,7 @@ def batch_preparer(augment, seed: int, rank: int = 0):
 
 def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
                   start_epoch: int = 0, steps: int | None = None, augment=None,
-                  data_threads: int = 0) -> tf.data.Dataset:
+                  data_threads: int = 0, autotune: str = "auto") -> tf.data.Dataset:
     """Infinite dataset of (images (B,S,S,1) float32, targets (B,K) float32): ``steps`` batches
     of epoch ``start_epoch``, then of the next epoch, ... Use with ``fit(steps_per_epoch=steps)``.
     ``augment``: the config's ``train.augment`` section (None or ``enabled: false``: none)."""
@@ -272,12 +314,12 @@ def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int 
         return ds.map(lambda b, x, y: (epoch, b, x, y))
 
     ds = tf.data.Dataset.counter(start_epoch).flat_map(one_epoch)
-    ds = ds.map(batch_preparer(augment, seed, rank), num_parallel_calls=data_threads or AUTOTUNE)
-    return ds.prefetch(AUTOTUNE).with_options(_options(data_threads))
+    return map_and_prefetch(ds, batch_preparer(augment, seed, rank), data_threads, autotune)
 
 
 def eval_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int = 1, with_index: bool = False,
-                 augment=None, seed: int | None = None, data_threads: int = 0) -> tf.data.Dataset:
+                 augment=None, seed: int | None = None, data_threads: int = 0,
+                 autotune: str = "auto") -> tf.data.Dataset:
     """Finite dataset over rank ``rank``'s share (:func:`shard_indices`) of the split:
     (images, targets) or, ``with_index``, (images, targets, global indices) so that gathered
     predictions can be put back in split order. ``augment`` for test-time augmentation
@@ -304,8 +346,7 @@ def eval_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int =
 
     ds = tf.data.Dataset.from_generator(batches, output_signature=spec)
     ds = ds.apply(tf.data.experimental.assert_cardinality(nb))
-    ds = ds.map(prepare, num_parallel_calls=data_threads or AUTOTUNE)
-    return ds.prefetch(AUTOTUNE).with_options(_options(data_threads))
+    return map_and_prefetch(ds, prepare, data_threads, autotune, finite=True)
 
 
 def random_dataset(*, batch_size: int, image_size: int, num_classes: int, seed: int = 0,

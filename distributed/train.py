@@ -82,8 +82,9 @@ def train(cfg, resume: bool = False, plan=None) -> dict:
     multilabel = manifest_data.multilabel
     # Horovod: each rank takes 1/size of every epoch, so an epoch is the same number of images.
     steps = D.steps_per_epoch(manifest_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
-    log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s",
-             manifest_data.n, val_data.n, hvd.size(), cfg.train.batch_size, steps, plan.describe())
+    log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s; tf.data autotuning %s",
+             manifest_data.n, val_data.n, hvd.size(), cfg.train.batch_size, steps, plan.describe(),
+             _autotune_note(cfg.runtime.data_autotune))
 
     if val_data.n == 0:
         log.warning("the validation split is empty: no val metrics, no early stopping, the last epoch is kept")
@@ -135,7 +136,8 @@ def train(cfg, resume: bool = False, plan=None) -> dict:
             # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
             cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
                                                  size=hvd.size(), with_index=True,
-                                                 data_threads=cfg.runtime.data_threads), multilabel),
+                                                 data_threads=cfg.runtime.data_threads,
+                                                 autotune=cfg.runtime.data_autotune), multilabel),
             cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
             ckpt,  # Horovod: writes on rank 0 only
             cb.StopHook(phase),
@@ -143,7 +145,8 @@ def train(cfg, resume: bool = False, plan=None) -> dict:
         # Horovod: disjoint share of each epoch per rank; the epoch number keeps resumes exact.
         ds = D.train_dataset(manifest_data, batch_size=cfg.train.batch_size, rank=hvd.rank(), size=hvd.size(),
                              seed=cfg.train.seed, start_epoch=state.epoch, steps=steps,
-                             augment=cfg.train.augment, data_threads=cfg.runtime.data_threads)
+                             augment=cfg.train.augment, data_threads=cfg.runtime.data_threads,
+                             autotune=cfg.runtime.data_autotune)
         log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)",
                  phase, state.phase_epoch + 1, pcfg.epochs, len(model.trainable_weights), pcfg.optimizer,
                  pcfg.lr, hvd.size() if cfg.train.scale_lr else 1)
@@ -290,6 +293,16 @@ def _finalize(model, run_dir: Path, state, log, M, cb) -> None:
     atomic_write_json(run_dir / "checkpoints" / "state.json", state.to_json())
     log.info("done: %d epochs, best val_loss %.4f at epoch %d; %s, %s", state.epoch, state.best_val_loss,
              state.best_epoch, run_dir / "model.keras", sm)
+
+
+def _autotune_note(setting: str) -> str:
+    from distributed import data as D
+
+    if setting != "auto":
+        return setting + " (config)"
+    cpus = D.available_cpus()
+    val = "on" if D.autotune_enabled(setting, cpus, finite=True) else "off"
+    return f"on for training, {val} for validation ({cpus} CPU(s) for this rank)"
 
 
 def _logger(logfile: Path):

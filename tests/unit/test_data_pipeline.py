@@ -147,6 +147,58 @@ def test_eval_dataset_shards_cover_split_once(prepared):
     np.testing.assert_array_equal(ids, imgs)
 
 
+def test_autotune_rule_is_off_for_evaluation_on_one_cpu_only():
+    assert D.autotune_enabled("auto", cpus=1, finite=True) is False   # validation on a rank bound to one core
+    assert D.autotune_enabled("auto", cpus=1, finite=False) is True   # training keeps it (faster steps)
+    assert D.autotune_enabled("auto", cpus=2, finite=True) is True
+    assert D.autotune_enabled("auto", cpus=56, finite=True) is True
+    assert D.autotune_enabled("on", cpus=1, finite=True) is True      # the config wins
+    assert D.autotune_enabled("off", cpus=56) is False
+    with pytest.raises(ValueError, match="runtime.data_autotune"):
+        D.autotune_enabled("maybe")
+    assert D.available_cpus() == len(__import__("os").sched_getaffinity(0))
+
+
+def test_auto_follows_this_process_affinity(prepared):
+    """eval_dataset with ``auto`` reads the process's CPUs: bound to one, autotuning is off."""
+    import os
+
+    va = D.load_split(prepared, "val")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        one = D.eval_dataset(va, batch_size=4)
+        train = D.train_dataset(D.load_split(prepared, "train"), batch_size=8, steps=2)
+    finally:
+        os.sched_setaffinity(0, before)
+    assert one.options().autotune.enabled is False
+    assert train.options().autotune.enabled is True
+    assert D.eval_dataset(va, batch_size=4).options().autotune.enabled is (len(before) > 1)
+
+
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_pipelines_carry_the_autotune_setting(prepared, aug, setting):
+    tr, va = D.load_split(prepared, "train"), D.load_split(prepared, "val")
+    made = [D.train_dataset(tr, batch_size=8, steps=2, augment=aug, autotune=setting),
+            D.eval_dataset(va, batch_size=4, autotune=setting, data_threads=2)]
+    for ds in made:
+        opts = ds.options()
+        assert opts.autotune.enabled is (setting == "on")
+        assert opts.deterministic is True
+    assert made[1].options().threading.private_threadpool_size == 2
+
+
+def test_autotune_off_reads_the_same_batches(prepared, aug):
+    """Only parallelism changes with the setting: same images, same augmentation, same order."""
+    tr = D.load_split(prepared, "train")
+    kw = dict(batch_size=8, rank=1, size=2, seed=5, steps=3, augment=aug)
+    on, off = (iter(D.train_dataset(tr, autotune=a, **kw)) for a in ("on", "off"))
+    for _ in range(4):
+        (xa, ya), (xb, yb) = next(on), next(off)
+        np.testing.assert_array_equal(xa.numpy(), xb.numpy())
+        np.testing.assert_array_equal(ya.numpy(), yb.numpy())
+
+
 def test_random_transforms_respect_the_ranges_in_degrees(aug):
     a = replace(aug, horizontal_flip=False, width_shift=0.0, height_shift=0.0, zoom=0.0, shear=0.0)
     t = D.random_transforms(2000, 64, 64, a, seed=[1, 2]).numpy()
