@@ -301,8 +301,8 @@ def _autotune_note(setting: str) -> str:
     if setting != "auto":
         return setting + " (config)"
     cpus = D.available_cpus()
-    val = "on" if D.autotune_enabled(setting, cpus, finite=True) else "off"
-    return f"on for training, {val} for validation ({cpus} CPU(s) for this rank)"
+    train, val = ("on" if D.autotune_enabled(setting, cpus, finite=f) else "off" for f in (False, True))
+    return f"{train} for training, {val} for validation ({cpus} CPU(s) for this rank)"
 
 
 def _logger(logfile: Path):
