@@ -73,7 +73,7 @@ def describe(cmd: StageCommand) -> str:
     nodes = max(1, len(lay.hosts))
     bind = f"--map-by {lay.map_by} --bind-to core" if lay.bind_to == "core" else "not bound"
     if "--gloo" in cmd.argv:
-        bind = "not bound (Gloo controller)"
+        bind = "each rank binds itself to its cores (Gloo controller)"
     cores = f"{lay.cores_per_rank} core(s) per rank, " if lay.cores_per_rank else ""
     return (f"{cmd.stage}: {lay.np} rank(s) on {nodes} node(s), up to {lay.ranks_per_node} per node, {cores}{bind}, "
             f"via {cmd.kind}")

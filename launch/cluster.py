@@ -30,7 +30,7 @@ class ClusterConfig:
     network_interface: str = ""           # e.g. eth0, ib0; empty = MPI's choice
     mpi: str = "openmpi"                  # openmpi | mpich | intelmpi
     launcher: str = "horovodrun"          # train/evaluate: horovodrun | mpirun (prep is always mpirun)
-    horovod_controller: str = "mpi"       # horovodrun --mpi (binding applies) or --gloo (no binding)
+    horovod_controller: str = "mpi"       # horovodrun --mpi (mpirun binds) or --gloo (each rank binds itself, distributed.tuning)
     python: str = ""                      # interpreter on every node; empty = this one (shared file system)
     ssh_port: int = 0                     # 0 = ssh's default
     check_hosts: bool = True              # probe remote hosts with a short ssh before starting

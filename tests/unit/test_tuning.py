@@ -130,3 +130,54 @@ def test_horovod_cycle_time_defaults_to_50ms_and_config_wins():
     plan = plan_threads(TWO_SOCKETS_28, 1, cfg)
     assert plan.env()["HOROVOD_CYCLE_TIME"] == "2.5" and plan.origin["horovod_cycle_ms"] == "config"
     assert "HOROVOD_CYCLE_TIME=2.5 ms (config)" in plan.describe()
+
+
+def _ht_node():
+    """2 sockets x 4 cores x 2 hyper-threads: cpu i and i+8 are siblings."""
+    cpus = {}
+    for i in range(8):
+        cpus[i] = cpus[i + 8] = (i // 4, i % 4)
+    return cpus
+
+
+def test_rank_cpus_cut_the_cores_like_mpirun_bind_to_core():
+    one_socket_2 = {0: (0, 0), 1: (0, 1)}
+    assert tuning.rank_cpus(one_socket_2, 0, 2) == {0} and tuning.rank_cpus(one_socket_2, 1, 2) == {1}
+    node = _ht_node()
+    # one rank per socket: its 4 cores with their hyper-threads
+    assert tuning.rank_cpus(node, 0, 2) == {0, 1, 2, 3, 8, 9, 10, 11}
+    assert tuning.rank_cpus(node, 1, 2) == {4, 5, 6, 7, 12, 13, 14, 15}
+    # 4 ranks: 2 cores each, never a core split between ranks
+    assert tuning.rank_cpus(node, 3, 4) == {6, 7, 14, 15}
+    # more ranks than physical cores, or a bad rank: nothing to bind to
+    assert tuning.rank_cpus(node, 0, 9) == set() and tuning.rank_cpus(node, 2, 2) == set()
+
+
+def test_bind_gloo_rank_only_under_the_gloo_launcher():
+    assert tuning.bind_gloo_rank({}) is None  # mpirun binds, a plain process is not a rank
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 CPUs in the affinity mask")
+def test_apply_binds_a_gloo_rank_to_its_core():
+    """As ``horovodrun --gloo -np 2`` starts rank 1: the process ends bound to the second half of
+    the node's cores and the plan counts that share."""
+    code = ("import os; from distributed import tuning\n"
+            "plan = tuning.apply(None, log=False)\n"
+            "print(sorted(os.sched_getaffinity(0)), plan.topology.bound_cores, plan.intra_op)\n")
+    cores = tuning._from_sys(Path("/sys"))
+    if cores is None or len(set(cores[0].values())) < 2 or set(cores[0]) != os.sched_getaffinity(0):
+        pytest.skip("needs an unbound process on a node with 2+ physical cores in sysfs")
+    want = sorted(tuning.rank_cpus(cores[0], 1, 2))
+    env = {**os.environ, "HOROVOD_GLOO_RENDEZVOUS_ADDR": "127.0.0.1", "HOROVOD_LOCAL_RANK": "1",
+           "HOROVOD_LOCAL_SIZE": "2"}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    physical = len(set(cores[0].values()))
+    assert out.split("]")[0] + "]" == str(want)
+    assert out.split("]")[1].split() == [str(physical // 2), str(physical // 2)]
+    # without the Gloo launcher's variable nothing is bound
+    env.pop("HOROVOD_GLOO_RENDEZVOUS_ADDR")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2]).stdout
+    assert out.startswith(str(sorted(os.sched_getaffinity(0))))
