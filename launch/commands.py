@@ -195,6 +195,19 @@ def find_tool(name: str) -> str | None:
     return str(beside) if beside.exists() else None
 
 
+def horovodrun_hosts(layout: Layout) -> list[Host]:
+    """``-H`` for horovodrun: each host with the ranks placed on it, not its free slots.
+    horovodrun --gloo (0.28.1) starts a rank in every listed slot whatever ``-np`` says:
+    ``-np 1 -H localhost:2`` ran 2 ranks of size 2 (--mpi ran 1)."""
+    left, out = layout.np, []
+    for h in layout.hosts or (Host("localhost", layout.np),):
+        n = min(h.slots, max(1, layout.ranks_per_node), left)
+        if n > 0:
+            out.append(Host(h.name, n))
+            left -= n
+    return out
+
+
 def build_command(stage: str, layout: Layout, *, config: str, overrides: Sequence[str] = (),
                   extra: Sequence[str] = (), cluster: ClusterConfig = ClusterConfig(), launcher: str = "mpirun",
                   python: str | None = None, runtime=None, hostfile: str = "",
@@ -219,8 +232,7 @@ def build_command(stage: str, layout: Layout, *, config: str, overrides: Sequenc
         if hostfile:
             argv += ["--hostfile", hostfile]
         else:
-            hosts = layout.hosts or (Host("localhost", layout.np),)
-            argv += ["-H", ",".join(h.spec() for h in hosts)]
+            argv += ["-H", ",".join(h.spec() for h in horovodrun_hosts(layout))]
         if cluster.network_interface:
             argv += ["--network-interfaces", cluster.network_interface]
         if cluster.ssh_port:

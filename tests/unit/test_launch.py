@@ -425,3 +425,23 @@ def test_launcher_beside_the_interpreter_is_put_on_path(tmp_path, monkeypatch):
     assert env["OMP_NUM_THREADS"] == "1" and env["HOME"] == "/h"
     plain = StageCommand("train", ["python", "-m", "x"], kind="python").process_env({"PATH": "/usr/bin"})
     assert plain["PATH"] == "/usr/bin"
+
+
+def test_horovodrun_lists_the_ranks_per_host_not_the_free_slots():
+    """horovodrun --gloo starts a rank in every slot given with -H, whatever -np says (0.28.1:
+    ``-np 1 -H localhost:2`` ran 2 ranks), so -H carries the ranks placed on each host."""
+    from launch.commands import horovodrun_hosts
+
+    def hosts(spec, np, controller="gloo"):
+        cl = ClusterConfig(horovod_controller=controller)
+        lay = plan_layout("train", Allocation(parse_hosts(spec), "hosts"), cl, ONE_SOCKET_2, np=np)
+        argv = build_command("train", lay, config="c.yaml", cluster=cl, launcher="horovodrun").argv
+        assert argv[argv.index("-H") + 1] == ",".join(h.spec() for h in horovodrun_hosts(lay))
+        return argv[argv.index("-H") + 1]
+
+    assert hosts("localhost:2", 1) == "localhost:1"
+    assert hosts("localhost:2", 1, "mpi") == "localhost:1"
+    assert hosts("localhost:2", 2) == "localhost:2"
+    assert hosts("n1:2,n2:2", 3) == "n1:2,n2:1"
+    assert hosts("n1:2,n2:2", 2) == "n1:1,n2:1"  # an even spread: one rank per node
+    assert hosts("n1:1,n2:4", 3) == "n1:1,n2:2"  # uneven slots: filled in order
