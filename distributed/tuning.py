@@ -211,9 +211,9 @@ def bind_gloo_rank(environ: Mapping[str, str] | None = None, sys_root: str | os.
     every core; under ``--mpi`` the launcher binds. Bound ranks with Gloo ran the VGG16 fine-tune
     step about 4 % faster than bound ranks with MPI in 4 of 5 pairs (BENCHMARKS.md). Only acts
     when the process is unbound, there are 2+ ranks on the node and no more than its physical
-    cores. Returns the CPUs bound to, or None when it did nothing."""
-    from data_prep.log import env_local_rank, env_local_size
-
+    cores. ``environ`` holds horovodrun's variables (``HOROVOD_GLOO_RENDEZVOUS_ADDR``, and the
+    ``HOROVOD_LOCAL_RANK``/``HOROVOD_LOCAL_SIZE`` it always sets with it). Returns the CPUs bound
+    to, or None when it did nothing."""
     environ = os.environ if environ is None else environ
     if "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in environ or not hasattr(os, "sched_setaffinity"):
         return None
@@ -221,10 +221,10 @@ def bind_gloo_rank(environ: Mapping[str, str] | None = None, sys_root: str | os.
     if found is None:
         return None
     cores = found[0]
-    local_ranks = env_local_size()
+    local_ranks = int(environ.get("HOROVOD_LOCAL_SIZE", "1"))
     if local_ranks < 2 or os.sched_getaffinity(0) != set(cores):
         return None
-    cpus = rank_cpus(cores, env_local_rank(), local_ranks)
+    cpus = rank_cpus(cores, int(environ.get("HOROVOD_LOCAL_RANK", "0")), local_ranks)
     if not cpus:
         return None
     os.sched_setaffinity(0, cpus)
