@@ -82,9 +82,9 @@ def train(cfg, resume: bool = False, plan=None) -> dict:
     multilabel = manifest_data.multilabel
     # Horovod: each rank takes 1/size of every epoch, so an epoch is the same number of images.
     steps = D.steps_per_epoch(manifest_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
-    log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s; tf.data autotuning %s",
+    log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s; %s; tf.data autotuning %s",
              manifest_data.n, val_data.n, hvd.size(), cfg.train.batch_size, steps, plan.describe(),
-             _autotune_note(cfg.runtime.data_autotune))
+             tuning.onednn_note(plan), _autotune_note(cfg.runtime.data_autotune))
 
     if val_data.n == 0:
         log.warning("the validation split is empty: no val metrics, no early stopping, the last epoch is kept")

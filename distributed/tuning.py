@@ -11,7 +11,13 @@ physical cores, its sockets/NUMA nodes and the number of ranks on the node:
 * inter-op threads = 2 when a rank spans two or more sockets/NUMA nodes, else 1;
 * ``OMP_NUM_THREADS`` = intra-op threads; ``KMP_AFFINITY``/``KMP_BLOCKTIME`` as configured
   (they only matter to OpenMP builds such as intel-tensorflow; stock TF ignores them);
-* ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset);
+* ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset).
+  That default is ON only on x86 CPUs with AVX512_VNNI, AVX512_BF16 or AMX, and OFF on AVX2-only
+  CPUs such as this project's 2-core AMD machine, so ``auto`` does not mean "oneDNN". Whether it
+  pays depends on the CPU, the image size and the threads per rank (BENCHMARKS.md: at 128 px on
+  AVX2 it made one-thread ranks 1.5x faster, at 384 px it made a 2-thread rank 12 % slower), so
+  it stays a measured choice; :func:`onednn_enabled` says what TensorFlow actually does and the
+  training log prints it;
 * ``HOROVOD_CYCLE_TIME`` = 50 ms. Horovod's background thread wakes every cycle and, even with
   nothing to reduce, negotiates with every other rank; its 1 ms default suits GPU steps of tens of
   ms. Here every core of a rank runs TensorFlow's threads, so each wake-up (and Open MPI's busy
@@ -39,7 +45,7 @@ from typing import Mapping
 
 __all__ = ["Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env", "apply", "rank_cpus",
            "bind_gloo_rank",
-           "configure_tensorflow"]
+           "configure_tensorflow", "onednn_enabled", "onednn_note"]
 
 
 AUTO_CYCLE_MS = 50.0  # HOROVOD_CYCLE_TIME for CPU training (see the module's docstring)
@@ -326,6 +332,26 @@ def configure_tensorflow(plan: ThreadPlan) -> bool:
         return False
 
 
+def onednn_enabled() -> bool | None:
+    """Whether this TensorFlow runs its oneDNN custom ops (after ``import tensorflow``; it decides
+    at import from ``TF_ENABLE_ONEDNN_OPTS`` and, unset, from the CPU). None when it cannot say."""
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+    except ImportError:
+        return None
+    return bool(_pywrap_util_port.IsMklEnabled())
+
+
+def onednn_note(plan: ThreadPlan) -> str:
+    """One phrase for the log: what oneDNN does in this process and who decided it."""
+    state = onednn_enabled()
+    what = "unknown" if state is None else ("on" if state else "off")
+    why = "runtime.onednn" if plan.onednn != "auto" else (
+        "TF_ENABLE_ONEDNN_OPTS from the environment" if "TF_ENABLE_ONEDNN_OPTS" in os.environ
+        else "TensorFlow's default for this CPU")
+    return f"oneDNN custom ops {what} ({why})"
+
+
 def effective_threads() -> dict:
     """What TensorFlow reports now (for logs and tests)."""
     import tensorflow as tf
@@ -333,5 +359,6 @@ def effective_threads() -> dict:
     return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
             "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS")}
+            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
+            "onednn": onednn_enabled()}
 

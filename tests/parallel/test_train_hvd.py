@@ -8,6 +8,7 @@ taken by the ranks, Open MPI's busy-polling progress engine slows the first step
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,3 +91,6 @@ def test_two_ranks_train_both_phases_identically(tmp_path):
     for r in range(2):
         assert f"[rank {r}] INFO threads: intra_op={intra} " in out, out[-4000:]
     assert "Horovod 0.28.1: 2 rank(s)" in out
+    # and the log says what TensorFlow really runs (auto = TensorFlow's choice for this CPU)
+    assert re.search(r"oneDNN custom ops (on|off) \((TensorFlow's default for this CPU|TF_ENABLE_ONEDNN_OPTS from the "
+                     r"environment)\)", out), out[-4000:]

@@ -121,6 +121,33 @@ def test_tensorflow_sees_the_threads(ranks, expected, tmp_path):
     assert out == [expected, expected]
 
 
+@pytest.mark.parametrize("setting,expected", [("on", "True oneDNN custom ops on (runtime.onednn)"),
+                                               ("off", "False oneDNN custom ops off (runtime.onednn)")])
+def test_onednn_setting_reaches_tensorflow_and_the_log(setting, expected):
+    """runtime.onednn=on/off decides what TensorFlow runs (auto leaves it to TensorFlow, which turns
+    it off on AVX2-only CPUs), and the log phrase reports TensorFlow's own answer."""
+    code = ("from data_prep.config import RuntimeConfig\n"
+            "from distributed import tuning\n"
+            f"plan = tuning.apply(RuntimeConfig(onednn={setting!r}), local_ranks=1, log=False)\n"
+            "import tensorflow as tf\n"
+            "print(tuning.onednn_enabled(), tuning.onednn_note(plan))\n")
+    env = {k: v for k, v in os.environ.items() if k != "TF_ENABLE_ONEDNN_OPTS"}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[2]).stdout.strip()
+    assert out == expected
+
+
+def test_onednn_note_names_who_decided(monkeypatch):
+    monkeypatch.setattr(tuning, "onednn_enabled", lambda: False)
+    auto = plan_threads(ONE_SOCKET_2, 1)
+    monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    assert tuning.onednn_note(auto) == "oneDNN custom ops off (TensorFlow's default for this CPU)"
+    monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", "0")
+    assert tuning.onednn_note(auto) == "oneDNN custom ops off (TF_ENABLE_ONEDNN_OPTS from the environment)"
+    monkeypatch.setattr(tuning, "onednn_enabled", lambda: None)
+    assert tuning.onednn_note(auto).startswith("oneDNN custom ops unknown")
+
+
 def test_horovod_cycle_time_defaults_to_50ms_and_config_wins():
     # Horovod's 1 ms default makes each rank's background thread negotiate 1,000 times a second,
     # which costs CPU on ranks whose cores are all TensorFlow's (measured in BENCHMARKS.md).
