@@ -241,6 +241,20 @@ def timeline_lines(results: dict) -> list[str]:
     return L
 
 
+def onednn_lines(results: dict) -> list[str]:
+    """Whether the ranks of each mode ran TensorFlow's oneDNN ops, as they reported it: ``auto``
+    leaves it to TensorFlow, which turns it off on AVX2-only CPUs, and it moves step times a lot."""
+    seen = {}
+    for mode, runs in results.get("runs", {}).items():
+        states = {r.get("onednn") for run in runs.values() for r in (run.get("per_rank") or [])}
+        if states:
+            seen[mode] = "/".join(sorted("?" if x is None else ("on" if x else "off") for x in states))
+    if not seen:
+        return []
+    return ["", "oneDNN custom ops, as TensorFlow reported them in the ranks: "
+            + ", ".join(f"{mode} {state}" for mode, state in seen.items()) + "."]
+
+
 def scaling_markdown(results: dict) -> str:
     summary = results.get("summary") or summarize_scaling(results)
     s, m = results["setup"], results["machine"]
@@ -271,6 +285,7 @@ def scaling_markdown(results: dict) -> str:
         for n, r in results["runs"][mode].items():
             if r.get("status") != "ok":
                 L.append(f"| {mode} | {n} | {r.get('status')}: {r.get('error', '')} | | | | | |")
+    L += onednn_lines(results)
     L += timeline_lines(results)
     L += ["", "Commands:", ""]
     for mode, runs in results["runs"].items():

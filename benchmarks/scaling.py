@@ -37,11 +37,11 @@ def rank_worker(spec: dict) -> dict | None:
     """One rank: time W+K fine-tune steps R times; rank 0 returns the result."""
     cfg = bench_config(spec.get("config"), spec.get("overrides", ()), spec.get("quick", False),
                        spec.get("image_size"))
+    from distributed import tuning
+
     plan = None
     alone = spec["mode"] == "independent"  # tuned layout, no Horovod collective while timing
     if spec["mode"] in ("tuned", "independent"):
-        from distributed import tuning
-
         plan = tuning.apply(cfg.runtime, log=False)
     import statistics
 
@@ -54,8 +54,6 @@ def rank_worker(spec: dict) -> dict | None:
     from distributed.train import make_optimizer
 
     if plan is not None:
-        from distributed import tuning
-
         tuning.configure_tensorflow(plan)
     if not alone:
         hvd.init()
@@ -89,7 +87,8 @@ def rank_worker(spec: dict) -> dict | None:
     threads = {"step_s": med, "intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
-               "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None}
+               "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+               "onednn": tuning.onednn_enabled()}  # what TensorFlow does, not what was asked (auto)
     all_threads = hvd.allgather_object(threads)
     if hvd.rank() != 0:
         return None

@@ -198,6 +198,11 @@ def test_scaling_summary_pairs_rounds_and_uses_tuned_as_independent_base():
     assert results["runs"]["tuned"]["2"]["step_s"] == pytest.approx(32 / 4.5)
     md = report.scaling_markdown(results)
     assert "| tuned | 2 | 4.50 |" in md and "0.90, 1.00, 0.90" in md and "| independent | 2 |" in md
+    assert "oneDNN custom ops" not in md  # no rank said
+    results["runs"]["tuned"]["2"]["per_rank"] = [{"onednn": True}, {"onednn": True}]
+    results["runs"]["independent"]["2"]["per_rank"] = [{"onednn": False}, {"onednn": None}]
+    md = report.scaling_markdown(results)
+    assert "oneDNN custom ops, as TensorFlow reported them in the ranks: tuned on, independent ?/off." in md
 
 
 def test_scaling_round_failures_are_kept_and_a_mode_fails_only_when_every_round_did():
