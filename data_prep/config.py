@@ -126,7 +126,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RuntimeConfig:
-    onednn: Literal["auto", "on", "off"] = _f("auto", "TF_ENABLE_ONEDNN_OPTS: on, off, or auto (TensorFlow's default on x86)")
+    onednn: Literal["auto", "on", "off"] = _f("auto", "TF_ENABLE_ONEDNN_OPTS: on, off, or auto = TensorFlow's "
+                                                  "default (on only for x86 CPUs with AVX512_VNNI/BF16 or AMX; "
+                                                  "measure both, see BENCHMARKS.md)")
     intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank; 0 = physical cores per local rank", 0)
     inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank; 0 = auto (1 or 2)", 0)
     omp_num_threads: int = _f(0, "OMP_NUM_THREADS per rank; 0 = the intra-op threads", 0)
