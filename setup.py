@@ -25,7 +25,7 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10,<3.12",
-    packages=find_packages(include=["data_prep*", "distributed*", "launch*", "benchmarks*", "cxr_common*"]),
+    packages=find_packages(include=["data_prep*", "distributed*", "launch*", "benchmarks*"]),
     package_data={"launch": ["*.sbatch"]},
     install_requires=requirements(),
     extras_require={"horovod": ["horovod==0.28.1"]},
