@@ -312,6 +312,35 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+# --------------------------------------------------------------------------- stage hashes
+# ``launch pipeline`` skips a stage whose output carries the hash of this config; the prep stage
+# stores its hash in the manifest and in every shard. Each hash covers the stage's sections and the
+# hash of the stage before it, so a change upstream reruns everything after it.
+
+SHARD_FORMAT = 1  # layout version of the shards and manifest.json: a new layout invalidates old outputs
+
+
+def prep_hash(cfg) -> str:
+    """Hash of everything that decides the shards' content (not prep.out/strict/overwrite)."""
+    prep = {k: v for k, v in to_dict(cfg.prep).items() if k not in ("out", "strict", "overwrite")}
+    return config_hash({"format": SHARD_FORMAT, "data": to_dict(cfg.data), "prep": prep})
+
+
+def train_hash(cfg) -> str:
+    """Hash of what decides the trained model: the prepared data, the model and train sections."""
+    return config_hash({"prep": prep_hash(cfg), "model": to_dict(cfg.model), "train": to_dict(cfg.train)})
+
+
+def eval_hash(cfg) -> str:
+    """Hash of what decides the evaluation report: the trained model and the eval section."""
+    return config_hash({"train": train_hash(cfg), "eval": to_dict(cfg.eval)})
+
+
+def stage_hash(cfg, stage: str) -> str:
+    """The hash of ``stage`` (prep, train or evaluate) for ``cfg``."""
+    return {"prep": prep_hash, "train": train_hash, "evaluate": eval_hash}[stage](cfg)
+
+
 def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 

@@ -4,10 +4,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_prep.config import SHARD_FORMAT
 from data_prep.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
-FORMAT = 1
+FORMAT = SHARD_FORMAT
 _KEYS = ("format", "config_hash", "task", "classes", "image_size", "splits", "mean", "std", "skipped", "converted")
 SPLITS = ("train", "val", "test")
 

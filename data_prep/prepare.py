@@ -43,7 +43,7 @@ from data_prep.fsutil import atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
 
-FORMAT = 1
+FORMAT = cfgmod.SHARD_FORMAT
 MANIFEST = "manifest.json"
 _TAG_PROGRESS, _TAG_RESULT, _TAG_REQUEST, _TAG_ASSIGN = 11, 12, 13, 14
 _POLL_S = 0.005
@@ -61,14 +61,6 @@ class PrepError(RuntimeError):
     def __init__(self, msg: str, echo: bool = False):
         super().__init__(msg)
         self.echo = echo
-
-
-# --------------------------------------------------------------------------- config hash
-
-def prep_hash(cfg) -> str:
-    """Hash of everything that decides the shards' content (not prep.out/strict/overwrite)."""
-    prep = {k: v for k, v in cfgmod.to_dict(cfg.prep).items() if k not in ("out", "strict", "overwrite")}
-    return cfgmod.config_hash({"format": FORMAT, "data": cfgmod.to_dict(cfg.data), "prep": prep})
 
 
 def shard_name(index: int, of: int) -> str:
@@ -134,7 +126,7 @@ def make_plan(cfg, log=None) -> dict:
         raise PrepError(f"nothing to prepare from {d.csv} for task {d.task!r} ({why})")
     if not len(splits["train"]["image"]):
         log.warning("the training split is empty")
-    plan = {"config_hash": prep_hash(cfg), "task": d.task, "classes": classes, "image_size": d.image_size,
+    plan = {"config_hash": cfgmod.prep_hash(cfg), "task": d.task, "classes": classes, "image_size": d.image_size,
             "splits": splits, "shards": shards, "skipped": issues.skipped, "notes": issues.notes,
             "split_method": split_method, "plan_s": time.perf_counter() - t0}
     for name in md.SPLITS:

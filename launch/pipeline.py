@@ -23,21 +23,6 @@ STAGES = ("prep", "train", "evaluate")
 MARKER = "pipeline.json"
 
 
-def prep_hash(cfg) -> str:
-    from data_prep.prepare import prep_hash as _h  # numpy/pandas, no TensorFlow
-
-    return _h(cfg)
-
-
-def train_hash(cfg) -> str:
-    return cfgmod.config_hash({"prep": prep_hash(cfg), "model": cfgmod.to_dict(cfg.model),
-                               "train": cfgmod.to_dict(cfg.train)})
-
-
-def eval_hash(cfg) -> str:
-    return cfgmod.config_hash({"train": train_hash(cfg), "eval": cfgmod.to_dict(cfg.eval)})
-
-
 def manifest_path(cfg) -> Path:
     return Path(cfg.prep.out) / "manifest.json"
 
@@ -59,7 +44,7 @@ def read_marker(cfg) -> dict:
 
 def write_marker(cfg, stage: str, ranks: int, command: str) -> None:
     data = read_marker(cfg)
-    h = {"train": train_hash, "evaluate": eval_hash, "prep": prep_hash}[stage](cfg)
+    h = cfgmod.stage_hash(cfg, stage)
     data[stage] = {"config_hash": h, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": ranks,
                    "command": command}
     atomic_write_json(Path(cfg.run.dir) / MARKER, data)
@@ -86,7 +71,7 @@ def stage_status(stage: str, cfg) -> Status:
         h = _manifest_hash(cfg)
         if h is None:
             return Status(False, f"no manifest at {manifest_path(cfg)}")
-        if h != prep_hash(cfg):
+        if h != cfgmod.prep_hash(cfg):
             return Status(False, f"{manifest_path(cfg)} was made with another config (hash {h})")
         return Status(True, f"{manifest_path(cfg)} matches this config (hash {h})")
     if stage == "train":
@@ -94,7 +79,7 @@ def stage_status(stage: str, cfg) -> Status:
         marker = read_marker(cfg).get("train", {})
         ckpt = run / "checkpoints"
         resume = (ckpt / "last.keras").exists() or (ckpt / "state.json").exists()
-        if model.exists() and marker.get("config_hash") == train_hash(cfg):
+        if model.exists() and marker.get("config_hash") == cfgmod.train_hash(cfg):
             return Status(True, f"{model} finished for this config")
         if model.exists() and not marker and _trainer_finished(cfg):
             return Status(True, f"{model} finished for this config (checkpoints/state.json, config.yaml)")
@@ -111,7 +96,7 @@ def stage_status(stage: str, cfg) -> Status:
         if not models or report.stat().st_mtime <= max(m.stat().st_mtime for m in models):
             return Status(False, f"{report} is older than the model")
         marker = read_marker(cfg).get("evaluate")
-        if marker and marker.get("config_hash") != eval_hash(cfg):
+        if marker and marker.get("config_hash") != cfgmod.eval_hash(cfg):
             return Status(False, f"{report} was made with another eval config")
         return Status(True, f"{report} is newer than the model")
     raise ValueError(stage)
@@ -128,7 +113,7 @@ def _trainer_finished(cfg) -> bool:
         saved = cfgmod.load_config(run / "config.yaml")
     except (OSError, ValueError, cfgmod.ConfigError):
         return False
-    return train_hash(saved) == train_hash(cfg)
+    return cfgmod.train_hash(saved) == cfgmod.train_hash(cfg)
 
 
 def check_inputs(stage: str, cfg, config_arg: str) -> None:
@@ -146,7 +131,7 @@ def check_inputs(stage: str, cfg, config_arg: str) -> None:
         if h is None:
             raise LaunchError(f"train needs prepared data but {manifest_path(cfg)} does not exist; run "
                               f"`python -m launch prep --config {config_arg}` first (or `launch pipeline`)")
-        if h != prep_hash(cfg):
+        if h != cfgmod.prep_hash(cfg):
             raise LaunchError(f"{manifest_path(cfg)} was prepared with another config than {config_arg}; rerun "
                               f"`python -m launch prep --config {config_arg}` (or `launch pipeline`)")
         return

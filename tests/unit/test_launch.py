@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from data_prep import config as cfgmod
 from data_prep.config import load_config
 from distributed.tuning import Topology
 from launch import pipeline as pl
@@ -312,11 +313,26 @@ def test_error_bad_config_key(cfg_file):
 
 # --------------------------------------------------------------------------- pipeline state
 
+def test_stage_hashes_chain(cfg_file):
+    """A change reruns its stage and every later one, never an earlier one."""
+    base = load_config(cfg_file)
+    hashes = {s: cfgmod.stage_hash(base, s) for s in pl.STAGES}
+    assert hashes == {"prep": cfgmod.prep_hash(base), "train": cfgmod.train_hash(base),
+                      "evaluate": cfgmod.eval_hash(base)}
+    assert len(set(hashes.values())) == 3
+    for override, changed in (("data.image_size=96", {"prep", "train", "evaluate"}),
+                              ("prep.out=elsewhere", set()),
+                              ("train.seed=7", {"train", "evaluate"}),
+                              ("eval.checkpoint=last", {"evaluate"})):
+        other = load_config(cfg_file, [override])
+        assert {s for s in pl.STAGES if cfgmod.stage_hash(other, s) != hashes[s]} == changed, override
+
+
 def test_pipeline_skips_complete_stages_and_resumes(tmp_path, cfg_file):
     cfg = load_config(cfg_file)
     prepared = tmp_path / "prepared"
     prepared.mkdir()
-    (prepared / "manifest.json").write_text(json.dumps({"config_hash": pl.prep_hash(cfg)}))
+    (prepared / "manifest.json").write_text(json.dumps({"config_hash": cfgmod.prep_hash(cfg)}))
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
     (run / "checkpoints" / "last.keras").write_text("x")
