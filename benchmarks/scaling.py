@@ -157,9 +157,8 @@ def register(subparsers) -> None:
 def main(args) -> int:
     from benchmarks import machine, report
     from data_prep.fsutil import atomic_write_json, atomic_write_text
-    from launch.__main__ import resolve_allocation
-    from launch.cluster import load_cluster
-    from launch.commands import build_command, find_tool, node_topology, plan_layout
+    from launch.cluster import load_cluster, resolve_allocation
+    from launch.commands import LaunchSpec, build_command, find_tool, node_topology, plan_layout
     from launch.hosts import LaunchError
 
     try:
@@ -175,8 +174,7 @@ def main(args) -> int:
         params = parse_steps(args.steps, args.quick, args.repeats)
         cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)
         cluster = load_cluster(args.cluster)
-        ns = argparse.Namespace(hosts=args.hosts, hostfile=None)
-        allocation = resolve_allocation(ns, cluster)
+        allocation = resolve_allocation(cluster, hosts=args.hosts)
         node = node_topology(cluster)
         layouts = {n: plan_layout("train", allocation, cluster, node, n) for n in counts}
     except (LaunchError, ValueError) as e:
@@ -224,9 +222,9 @@ def main(args) -> int:
                 tl_file.parent.mkdir(parents=True, exist_ok=True)
                 tl_file.unlink(missing_ok=True)
                 run_env["HOROVOD_TIMELINE"] = str(tl_file.resolve())
-            cmd = build_command("train", layout, config=args.config, cluster=cluster, launcher=args.mpi_launcher,
-                                runtime=cfg.runtime, module_argv=inner, thread_vars=mode != "untuned",
-                                hostfile=allocation.hostfile)
+            cmd = build_command(LaunchSpec("train", layout, config=args.config, cluster=cluster,
+                                           launcher=args.mpi_launcher, runtime=cfg.runtime, module_argv=tuple(inner),
+                                           thread_vars=mode != "untuned", hostfile=allocation.hostfile))
             print(f"== round {rnd + 1}/{rounds}, {mode}, {n} rank(s): {cmd.shell()}", flush=True)
             rec = results["runs"][mode].setdefault(str(n), {"command": cmd.shell(), "rounds": []})
             one = {"log": str(log_file)}

@@ -18,10 +18,9 @@ from pathlib import Path
 
 from data_prep.config import ConfigError, add_config_args, config_from_args
 from launch import pipeline as pl
-from launch.cluster import LAUNCHERS, ClusterConfig, load_cluster
-from launch.commands import StageCommand, build_command, find_tool, node_topology, plan_layout
-from launch.hosts import (Allocation, Host, LaunchError, check_hosts_answer, parse_hostfile, parse_hosts,
-                          slurm_allocation)
+from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
+from launch.commands import LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
+from launch.hosts import LaunchError, check_hosts_answer
 
 PROG = "cxr-launch"
 
@@ -49,21 +48,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="pipeline: run every stage even when its outputs are complete")
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
     return p
-
-
-def resolve_allocation(args, cluster: ClusterConfig, environ=os.environ) -> Allocation:
-    if args.hosts:
-        return Allocation(parse_hosts(args.hosts), "hosts")
-    if args.hostfile:
-        return Allocation(parse_hostfile(args.hostfile), "hostfile", hostfile=args.hostfile)
-    slurm = slurm_allocation(environ)
-    if slurm is not None:
-        return slurm
-    if cluster.hosts:
-        return Allocation(cluster.hosts, "cluster")
-    if cluster.hostfile:
-        return Allocation(parse_hostfile(cluster.hostfile), "cluster", hostfile=cluster.hostfile)
-    return Allocation((Host("localhost", 0),), "local", slots_given=False)
 
 
 def describe(cmd: StageCommand) -> str:
@@ -149,7 +133,7 @@ def main(argv=None) -> int:
 def _main(args) -> int:
     cfg = config_from_args(args)
     cluster = load_cluster(args.cluster)
-    allocation = resolve_allocation(args, cluster)
+    allocation = resolve_allocation(cluster, hosts=args.hosts, hostfile=args.hostfile)
     node = node_topology(cluster)
     launcher = args.mpi_launcher or cluster.launcher
     stages = pl.STAGES if args.stage == "pipeline" else (args.stage,)
@@ -172,9 +156,9 @@ def _main(args) -> int:
             extra.append("--resume")
 
         layout = plan_layout(stage, allocation, cluster, node, args.np)
-        cmd = build_command(stage, layout, config=args.config, overrides=args.overrides, extra=extra,
-                            cluster=cluster, launcher=launcher, runtime=cfg.runtime,
-                            hostfile=allocation.hostfile)
+        cmd = build_command(LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides),
+                                       extra=tuple(extra), cluster=cluster, launcher=launcher, runtime=cfg.runtime,
+                                       hostfile=allocation.hostfile))
         tool = cmd.argv[0] if cmd.kind != "python" else None
         if tool and not find_tool(tool):
             msg = (f"{tool} not found on PATH; " + (

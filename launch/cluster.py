@@ -6,12 +6,13 @@ the key. Every key is optional; the flags of ``python -m launch`` override the f
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 from data_prep.config import read_yaml_mapping
-from launch.hosts import Host, LaunchError, parse_hosts
+from launch.hosts import Allocation, Host, LaunchError, parse_hostfile, parse_hosts, slurm_allocation
 
 MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
 LAUNCHERS = ("horovodrun", "mpirun")
@@ -50,6 +51,24 @@ def load_cluster(path: str | Path | None) -> ClusterConfig:
     p = Path(path)
     tree = read_yaml_mapping(p, LaunchError, "cluster")
     return cluster_from_dict(tree, str(p))
+
+
+def resolve_allocation(cluster: ClusterConfig, hosts: str | None = None, hostfile: str | None = None,
+                       environ: Mapping[str, str] = os.environ) -> Allocation:
+    """Where the ranks may run, first match wins: ``--hosts``, ``--hostfile``, the Slurm allocation
+    in ``environ``, the cluster file's hosts or hostfile, else this node alone."""
+    if hosts:
+        return Allocation(parse_hosts(hosts), "hosts")
+    if hostfile:
+        return Allocation(parse_hostfile(hostfile), "hostfile", hostfile=hostfile)
+    slurm = slurm_allocation(environ)
+    if slurm is not None:
+        return slurm
+    if cluster.hosts:
+        return Allocation(cluster.hosts, "cluster")
+    if cluster.hostfile:
+        return Allocation(parse_hostfile(cluster.hostfile), "cluster", hostfile=cluster.hostfile)
+    return Allocation((Host("localhost", 0),), "local", slots_given=False)
 
 
 def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> ClusterConfig:

@@ -15,7 +15,7 @@ import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from distributed.tuning import Topology, detect_topology, thread_env
 from launch.cluster import ClusterConfig
@@ -208,67 +208,101 @@ def horovodrun_hosts(layout: Layout) -> list[Host]:
     return out
 
 
-def build_command(stage: str, layout: Layout, *, config: str, overrides: Sequence[str] = (),
-                  extra: Sequence[str] = (), cluster: ClusterConfig = ClusterConfig(), launcher: str = "mpirun",
-                  python: str | None = None, runtime=None, hostfile: str = "",
-                  environ: Mapping[str, str] | None = None, uid: int | None = None,
-                  module_argv: Sequence[str] | None = None, thread_vars: bool = True) -> StageCommand:
-    """The command for ``stage`` with ``layout``; ``launcher`` is mpirun or horovodrun (prep: mpirun).
+@dataclass(frozen=True)
+class LaunchSpec:
+    """What to start for one stage, and how: the input of :func:`build_command`."""
+    stage: str  # prep | train | evaluate
+    layout: Layout
+    config: str = ""
+    overrides: tuple[str, ...] = ()  # --set KEY=VALUE items passed on to the stage
+    extra: tuple[str, ...] = ()  # further stage arguments, e.g. --resume
+    cluster: ClusterConfig = ClusterConfig()
+    launcher: str = "mpirun"  # mpirun | horovodrun (prep always uses mpirun)
+    python: str = ""  # interpreter of the ranks; empty: the cluster file's, else this one
+    runtime: Any = None  # the config's runtime section (thread settings); None: defaults
+    hostfile: str = ""
+    module_argv: tuple[str, ...] | None = None  # replaces the stage's ``python -m ...`` (the benchmarks)
+    thread_vars: bool = True  # False leaves the threads to TensorFlow (the benchmarks' untuned baseline)
 
-    ``module_argv`` replaces the stage's own ``python -m ...`` (the benchmarks reuse the layout);
-    ``thread_vars=False`` leaves the threads to TensorFlow (the benchmarks' untuned baseline).
-    """
+    def inner_argv(self) -> list[str]:
+        """The command every rank runs."""
+        if self.module_argv is not None:
+            return list(self.module_argv)
+        python = self.python or self.cluster.python or sys.executable
+        return stage_argv(self.stage, python, self.config, self.overrides, self.extra)
+
+
+def build_command(spec: LaunchSpec, environ: Mapping[str, str] | None = None, uid: int | None = None) -> StageCommand:
+    """The command for ``spec``: a plain process for one local rank, else horovodrun (train,
+    evaluate with ``launcher="horovodrun"``) or the cluster's mpirun (Open MPI, MPICH, Intel MPI).
+    ``environ`` decides which variables are forwarded to remote ranks, ``uid`` whether Open MPI
+    must be allowed to run as root (defaults: this process's)."""
     environ = os.environ if environ is None else environ
     uid = os.getuid() if uid is None else uid
-    python = python or cluster.python or sys.executable
-    inner = list(module_argv) if module_argv is not None else stage_argv(stage, python, config, overrides, extra)
-    threads = rank_thread_env(layout, runtime) if thread_vars else {}
+    layout, cluster = spec.layout, spec.cluster
+    inner = spec.inner_argv()
+    threads = rank_thread_env(layout, spec.runtime) if spec.thread_vars else {}
     if layout.np == 1 and not layout.hosts:
-        return StageCommand(stage, inner, dict(threads), layout, "python")
-
+        return StageCommand(spec.stage, inner, dict(threads), layout, "python")
     root_env = dict(ROOT_VARS) if uid == 0 and cluster.mpi == "openmpi" else {}
-    if launcher == "horovodrun" and stage != "prep":
-        argv = ["horovodrun", "-np", str(layout.np)]
-        if hostfile:
-            argv += ["--hostfile", hostfile]
-        else:
-            argv += ["-H", ",".join(h.spec() for h in horovodrun_hosts(layout))]
-        if cluster.network_interface:
-            argv += ["--network-interfaces", cluster.network_interface]
-        if cluster.ssh_port:
-            argv += ["--ssh-port", str(cluster.ssh_port)]
-        if cluster.horovod_controller == "gloo":
-            argv += ["--gloo"]
-        else:
-            argv += ["--mpi", "--binding-args=" + " ".join(layout.binding_args)]
-            mpi_args = list(cluster.mpi_args)
-            if mpi_args:
-                argv += ["--mpi-args=" + " ".join(mpi_args)]
-        return StageCommand(stage, argv + inner, {**root_env, **threads}, layout, "horovodrun")
-
+    if spec.launcher == "horovodrun" and spec.stage != "prep":
+        argv = _horovodrun_argv(layout, cluster, spec.hostfile)
+        return StageCommand(spec.stage, argv + inner, {**root_env, **threads}, layout, "horovodrun")
     if cluster.mpi == "openmpi":
-        argv = ["mpirun", "-np", str(layout.np)]
-        if hostfile:
-            argv += ["--hostfile", hostfile]
-        elif layout.hosts:
-            argv += ["--host", ",".join(h.spec() for h in layout.hosts)]
-        if layout.oversubscribe:
-            argv += ["--oversubscribe"]
-        argv += layout.binding_args
-        if cluster.network_interface:
-            argv += ["--mca", "btl_tcp_if_include", cluster.network_interface,
-                     "--mca", "oob_tcp_if_include", cluster.network_interface]
-        if cluster.ssh_port:
-            argv += ["--mca", "plm_rsh_args", f"-p {cluster.ssh_port}"]
-        for k, v in threads.items():
-            argv += ["-x", f"{k}={v}"]
-        for k in FORWARD_VARS:
-            if k in environ and k not in threads:
-                argv += ["-x", k]
-        argv += list(cluster.mpi_args)
-        return StageCommand(stage, argv + inner, root_env, layout, "mpirun")
+        argv = _openmpi_argv(layout, cluster, spec.hostfile, threads, environ)
+        return StageCommand(spec.stage, argv + inner, root_env, layout, "mpirun")
+    argv = _hydra_argv(layout, cluster, spec.hostfile, threads, environ)
+    return StageCommand(spec.stage, argv + inner, {}, layout, "mpirun")
 
-    # MPICH and Intel MPI (Hydra): -genv for variables, -ppn for ranks per node.
+
+def _horovodrun_argv(layout: Layout, cluster: ClusterConfig, hostfile: str) -> list[str]:
+    """horovodrun's own arguments; the thread variables travel in its environment."""
+    argv = ["horovodrun", "-np", str(layout.np)]
+    if hostfile:
+        argv += ["--hostfile", hostfile]
+    else:
+        argv += ["-H", ",".join(h.spec() for h in horovodrun_hosts(layout))]
+    if cluster.network_interface:
+        argv += ["--network-interfaces", cluster.network_interface]
+    if cluster.ssh_port:
+        argv += ["--ssh-port", str(cluster.ssh_port)]
+    if cluster.horovod_controller == "gloo":
+        argv += ["--gloo"]
+    else:
+        argv += ["--mpi", "--binding-args=" + " ".join(layout.binding_args)]
+        mpi_args = list(cluster.mpi_args)
+        if mpi_args:
+            argv += ["--mpi-args=" + " ".join(mpi_args)]
+    return argv
+
+
+def _openmpi_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: Mapping[str, str],
+                  environ: Mapping[str, str]) -> list[str]:
+    """Open MPI's mpirun: --host/--hostfile, binding, -x for the thread and forwarded variables."""
+    argv = ["mpirun", "-np", str(layout.np)]
+    if hostfile:
+        argv += ["--hostfile", hostfile]
+    elif layout.hosts:
+        argv += ["--host", ",".join(h.spec() for h in layout.hosts)]
+    if layout.oversubscribe:
+        argv += ["--oversubscribe"]
+    argv += layout.binding_args
+    if cluster.network_interface:
+        argv += ["--mca", "btl_tcp_if_include", cluster.network_interface,
+                 "--mca", "oob_tcp_if_include", cluster.network_interface]
+    if cluster.ssh_port:
+        argv += ["--mca", "plm_rsh_args", f"-p {cluster.ssh_port}"]
+    for k, v in threads.items():
+        argv += ["-x", f"{k}={v}"]
+    for k in FORWARD_VARS:
+        if k in environ and k not in threads:
+            argv += ["-x", k]
+    return argv + list(cluster.mpi_args)
+
+
+def _hydra_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: Mapping[str, str],
+                environ: Mapping[str, str]) -> list[str]:
+    """MPICH and Intel MPI (Hydra): -genv for variables, -ppn for ranks per node."""
     argv = ["mpirun", "-n", str(layout.np)]
     if hostfile:
         argv += ["-f", hostfile]
@@ -289,5 +323,4 @@ def build_command(stage: str, layout: Layout, *, config: str, overrides: Sequenc
     forward = [k for k in FORWARD_VARS if k in environ and k not in threads]
     if forward:
         argv += ["-genvlist", ",".join(forward)]
-    argv += list(cluster.mpi_args)
-    return StageCommand(stage, argv + inner, {}, layout, "mpirun")
+    return argv + list(cluster.mpi_args)

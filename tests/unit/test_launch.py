@@ -20,7 +20,7 @@ from data_prep.config import load_config
 from distributed.tuning import Topology
 from launch import pipeline as pl
 from launch.cluster import ClusterConfig, cluster_from_dict, load_cluster
-from launch.commands import build_command, plan_layout
+from launch.commands import LaunchSpec, build_command, plan_layout
 from launch.hosts import (Allocation, Host, LaunchError, expand_nodelist, expand_tasks_per_node, parse_hostfile,
                           parse_hosts, slurm_allocation)
 
@@ -131,7 +131,7 @@ def test_default_is_one_rank_per_socket():
 def test_more_local_ranks_than_cores_are_oversubscribed_and_unbound():
     lay = plan_layout("train", LOCAL, ClusterConfig(), ONE_SOCKET_2, np=3)
     assert lay.oversubscribe and lay.bind_to == "none"
-    cmd = build_command("train", lay, config="c.yaml", launcher="mpirun", uid=1000)
+    cmd = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun"), uid=1000)
     assert "--oversubscribe" in cmd.argv and x_vars(cmd.argv)["OMP_NUM_THREADS"] == "1"
 
 
@@ -148,8 +148,8 @@ def test_uneven_slots_fill_hosts_in_order():
 
 def test_root_variables_only_for_root():
     lay = plan_layout("train", LOCAL, ClusterConfig(), ONE_SOCKET_2, np=2)
-    as_user = build_command("train", lay, config="c.yaml", launcher="mpirun", uid=1000)
-    as_root = build_command("train", lay, config="c.yaml", launcher="mpirun", uid=0)
+    as_user = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun"), uid=1000)
+    as_root = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun"), uid=0)
     assert "OMPI_ALLOW_RUN_AS_ROOT" not in as_user.env
     assert as_root.env == {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
     assert "--allow-run-as-root" not in as_root.argv
@@ -158,8 +158,8 @@ def test_root_variables_only_for_root():
 def test_hydra_flavours_pass_variables_with_genv():
     alloc = Allocation(parse_hosts("n1:2,n2:2"), "hosts")
     lay = plan_layout("train", alloc, ClusterConfig(mpi="mpich"), TWO_SOCKETS_16)
-    argv = build_command("train", lay, config="c.yaml", launcher="mpirun", cluster=ClusterConfig(mpi="mpich"),
-                         uid=1000).argv
+    argv = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun",
+                                    cluster=ClusterConfig(mpi="mpich")), uid=1000).argv
     assert argv[:3] == ["mpirun", "-n", "4"] and ["-ppn", "2"] == argv[argv.index("-ppn"):argv.index("-ppn") + 2]
     assert "-bind-to" in argv and argv[argv.index("-bind-to") + 1] == "core:8"
     assert ["-genv", "OMP_NUM_THREADS", "8"] == argv[argv.index("OMP_NUM_THREADS") - 1:argv.index("OMP_NUM_THREADS") + 2]
@@ -374,8 +374,8 @@ def test_every_rank_gets_binding_and_threads():
              "print('RANK',r,sorted(os.sched_getaffinity(0)),"
              "*[os.environ.get(v) for v in ('OMP_NUM_THREADS','TF_NUM_INTRAOP_THREADS','TF_NUM_INTEROP_THREADS')])")
     lay = plan_layout("train", LOCAL, ClusterConfig(), ONE_SOCKET_2, np=2)
-    cmd = build_command("train", lay, config="c.yaml", launcher="mpirun",
-                        module_argv=[sys.executable, "-c", probe])
+    cmd = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun",
+                                   module_argv=(sys.executable, "-c", probe)))
     r = subprocess.run(cmd.argv, env={**os.environ, **cmd.env}, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     # mpirun merges the ranks' stdout, and two short writes can land on one line: find the
@@ -451,7 +451,7 @@ def test_horovodrun_lists_the_ranks_per_host_not_the_free_slots():
     def hosts(spec, np, controller="gloo"):
         cl = ClusterConfig(horovod_controller=controller)
         lay = plan_layout("train", Allocation(parse_hosts(spec), "hosts"), cl, ONE_SOCKET_2, np=np)
-        argv = build_command("train", lay, config="c.yaml", cluster=cl, launcher="horovodrun").argv
+        argv = build_command(LaunchSpec("train", lay, config="c.yaml", cluster=cl, launcher="horovodrun")).argv
         assert argv[argv.index("-H") + 1] == ",".join(h.spec() for h in horovodrun_hosts(lay))
         return argv[argv.index("-H") + 1]
 
