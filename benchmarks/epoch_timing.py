@@ -24,9 +24,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
+import platform
+import re
 import shlex
 import shutil
 import subprocess
@@ -36,20 +39,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import machine, report
+from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
+                               parse_steps, steps_per_epoch, tail_text, timed_fit, worker_entry)
 from data_prep.config import read_yaml_mapping
+from data_prep.fsutil import atomic_write_json, atomic_write_text
 
-ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_VARIANTS = ROOT / "configs" / "bench" / "variants.yaml"
-DEFAULT_CONFIG = ROOT / "configs" / "paper.yaml"
-CACHE = Path(os.environ.get("CXR_BENCH_CACHE", Path.home() / ".cache" / "cxr-bench"))
-EPOCH_IMAGES = 10_000
 PHASES = ("warmup", "finetune")
-# Variables that decide threads/oneDNN: cleared for every variant, then set by it (or by tuning).
-THREAD_VARS = ("OMP_NUM_THREADS", "TF_NUM_INTRAOP_THREADS", "TF_NUM_INTEROP_THREADS", "KMP_AFFINITY",
-               "KMP_BLOCKTIME", "KMP_SETTINGS", "KMP_HW_SUBSET", "TF_ENABLE_ONEDNN_OPTS", "OMP_PROC_BIND",
-               "OMP_PLACES", "ITEX_AUTO_MIXED_PRECISION", "HOROVOD_CYCLE_TIME")
-QUICK = {"image_size": 64, "warmup_steps": 1, "timed_steps": 2, "repeats": 2}
-FULL = {"warmup_steps": 2, "timed_steps": 5, "repeats": 3}
 
 
 class VariantError(ValueError):
@@ -133,8 +130,6 @@ def _pinned(req: str) -> tuple[str, str] | None:
 
 
 def _req_name(req: str) -> str:
-    import re
-
     return re.split(r"[\s\[<>=!~;]", req.strip(), 1)[0].lower().replace("_", "-")
 
 
@@ -177,8 +172,6 @@ def ensure_env(variant: Variant, common=(), cache: Path = CACHE, log=print) -> t
     if (venv / ".complete").exists() and py.exists():
         return str(py), f"cached venv {venv}"
     cache.mkdir(parents=True, exist_ok=True)
-    import fcntl
-
     with open(cache / f"venv-{key}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # two benchmark runs never build the same venv at once
         if (venv / ".complete").exists() and py.exists():
@@ -233,20 +226,6 @@ def variant_env(variant: Variant, base=None) -> dict[str, str]:
 
 # --------------------------------------------------------------------------- the worker (in the variant's process)
 
-def bench_config(config: str | None, overrides=(), quick: bool = False, image_size: int | None = None):
-    """The article's setup from the config: VGG16, weights none, augmentation on, its batch size."""
-    from data_prep.config import load_config
-
-    sets = ["model.weights=none", "train.augment.enabled=true", "runtime.onednn=auto"]
-    if not any(o.startswith("model.backbone=") for o in overrides):
-        sets.append("model.backbone=vgg16")
-    if quick and not image_size:
-        image_size = QUICK["image_size"]
-    if image_size:
-        sets.append(f"data.image_size={image_size}")
-    return load_config(config, sets + list(overrides))
-
-
 def worker(spec: dict) -> dict:
     """Time the phases in this process (the variant's interpreter and environment)."""
     t_start = time.perf_counter()
@@ -262,11 +241,11 @@ def worker(spec: dict) -> dict:
         out["env"] = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}
     if spec.get("fake"):
         return _fake_worker(spec, cfg, out)
+    # Only now, after tuning.apply: TensorFlow, numpy and what imports them read the thread variables at load.
     import numpy as np
     import tensorflow as tf
 
     from benchmarks.flops import count_flops
-    from benchmarks.machine import matmul_peak, package_versions
     from distributed import data as D
     from distributed import model as M
     from distributed.train import make_optimizer
@@ -282,11 +261,12 @@ def worker(spec: dict) -> dict:
         itex = getattr(itex_mod, "__version__", "?")
     except Exception:  # noqa: BLE001 - absent, or present but unusable here: both recorded
         pass
-    out["versions"] = {"tensorflow": tf.__version__, **package_versions(), **({"itex_loaded": itex} if itex else {})}
+    out["versions"] = {"tensorflow": tf.__version__, **machine.package_versions(),
+                       **({"itex_loaded": itex} if itex else {})}
     out["threads_effective"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                                 "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     out["onednn_env"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset: TensorFlow's default)")
-    out["matmul"] = matmul_peak(seconds=spec.get("peak_seconds", 3.0))
+    out["matmul"] = machine.matmul_peak(seconds=spec.get("peak_seconds", 3.0))
 
     S, B = cfg.data.image_size, cfg.train.batch_size
     tf.keras.utils.set_random_seed(cfg.train.seed)
@@ -320,8 +300,6 @@ def worker(spec: dict) -> dict:
 
 def _fake_worker(spec, cfg, out) -> dict:
     """Tests: the same protocol without TensorFlow (a sleep per step, fixed FLOPs)."""
-    import platform
-
     step = float(spec.get("fake_step_s", 0.01))
     out["versions"] = {"python": platform.python_version(), "fake": True}
     out["matmul"] = {"gflops": 100.0, "n": 0, "dtype": "float32"}
@@ -344,52 +322,6 @@ def _fake_worker(spec, cfg, out) -> dict:
 
 
 # --------------------------------------------------------------------------- the driver
-
-def parse_steps(text: str | None, quick: bool = False, repeats: int | None = None, full: dict = FULL) -> dict:
-    """{"warmup_steps", "timed_steps", "repeats"} from ``--steps W,K`` and ``--repeats`` (defaults:
-    QUICK's with ``quick``, else ``full``); ValueError with the message for the user."""
-    params = {k: QUICK[k] for k in ("warmup_steps", "timed_steps", "repeats")} if quick else dict(full)
-    if text:
-        parts = [p.strip() for p in str(text).split(",")]
-        if len(parts) != 2 or not all(p.lstrip("-").isdigit() for p in parts):
-            raise ValueError(f"--steps takes untimed,timed steps like 2,5, got {text!r}")
-        params.update(warmup_steps=int(parts[0]), timed_steps=int(parts[1]))
-    if repeats is not None:
-        params["repeats"] = int(repeats)
-    if params["warmup_steps"] < 0 or params["timed_steps"] < 1 or params["repeats"] < 1:
-        raise ValueError("untimed steps must be >= 0, timed steps and repeats >= 1")
-    if params["warmup_steps"] == 0 and params["timed_steps"] < 2:
-        raise ValueError("with no untimed step, time at least 2 steps (the first step's end is the start)")
-    return params
-
-
-def step_time(ends: list[float], warmup: int, timed: int) -> float:
-    """Seconds per step from the end times of W untimed + K timed steps: from the end of step W to
-    the end of step W+K; with no untimed step, from the first step's end (K-1 steps)."""
-    if warmup:
-        return (ends[warmup + timed - 1] - ends[warmup - 1]) / timed
-    return (ends[-1] - ends[0]) / max(1, timed - 1)
-
-
-def timed_fit(model, dataset, warmup: int, timed: int) -> float:
-    """One ``model.fit`` of W+K steps on ``dataset``; seconds per timed step (:func:`step_time`)."""
-    import tensorflow as tf
-
-    ends: list[float] = []
-    timer = tf.keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: ends.append(time.perf_counter()))
-    model.fit(dataset, steps_per_epoch=warmup + timed, epochs=1, verbose=0, callbacks=[timer])
-    return step_time(ends, warmup, timed)
-
-
-def steps_per_epoch(epoch_images: int, batch_size: int, ranks: int = 1) -> int:
-    """As training counts them (``distributed.data.steps_per_epoch``): full global batches."""
-    return max(1, epoch_images // (batch_size * ranks))
-
-
-def extrapolate(step_s: float, epoch_images: int, batch_size: int, ranks: int = 1) -> float:
-    """Seconds per epoch from seconds per step."""
-    return step_s * steps_per_epoch(epoch_images, batch_size, ranks)
-
 
 def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 3600, log=print) -> dict:
     rec: dict[str, Any] = {"name": variant.name, "description": variant.description, "threads": variant.threads,
@@ -418,7 +350,7 @@ def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 36
     except subprocess.TimeoutExpired:
         rc = "timeout"
     if rc != 0 or not out_file.exists():
-        rec.update(status="failed", error=f"exit {rc}: {_tail(log_file)}", log=str(log_file))
+        rec.update(status="failed", error=f"exit {rc}: {tail_text(log_file)}", log=str(log_file))
         log(f"[{variant.name}] failed: {rec['error']}")
         return rec
     rec.update(status="ok", **json.loads(out_file.read_text()))
@@ -426,15 +358,6 @@ def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 36
     for f in (spec_file, out_file):
         f.unlink(missing_ok=True)
     return rec
-
-
-def _tail(path: Path, n: int = 300) -> str:
-    try:
-        lines = [ln for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "no log"
-    err = [ln for ln in lines if "Error" in ln or "error" in ln]
-    return (err[-1] if err else (lines[-1] if lines else "no output")).strip()[:n]
 
 
 def register(subparsers) -> None:
@@ -460,8 +383,6 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from benchmarks import machine, report
-
     try:
         variants, baseline, common = load_variants(args.variants)
     except VariantError as e:
@@ -513,18 +434,16 @@ def main(args) -> int:
         print(f"== {v.name}: {v.description}", flush=True)
         rec = run_variant(v, spec, common, timeout=args.timeout, log=lambda m: print(m, flush=True))
         results["variants"].append(rec)
-        _write(results, out_dir, report)  # partial results survive an interrupted run
+        _write(results, out_dir)  # partial results survive an interrupted run
     results["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     results["machine_end_loadavg_1m"] = round(os.getloadavg()[0], 2)
-    paths = _write(results, out_dir, report, final=True)
+    paths = _write(results, out_dir, final=True)
     print(report.epoch_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if any(v.get("status") == "ok" for v in results["variants"]) else 1
 
 
-def _write(results, out_dir: Path, report, final: bool = False):
-    from data_prep.fsutil import atomic_write_json, atomic_write_text
-
+def _write(results, out_dir: Path, final: bool = False):
     report.summarize_epoch(results)
     j = atomic_write_json(out_dir / "epoch-timing.json", results)
     m = atomic_write_text(out_dir / "epoch-timing.md", report.epoch_markdown(results))
@@ -534,21 +453,6 @@ def _write(results, out_dir: Path, report, final: bool = False):
         if png:
             paths.append(png)
     return paths
-
-
-def worker_entry(worker_fn, command: str) -> int:
-    """``python -m benchmarks.<module> --worker SPEC OUT``: run ``worker_fn(spec)`` in this process
-    and write its result (when it returns one: only rank 0 does in scaling) atomically to OUT."""
-    if len(sys.argv) != 4 or sys.argv[1] != "--worker":
-        print(f"usage: python -m benchmarks {command} ... (this module's --worker is internal)", file=sys.stderr)
-        return 2
-    spec_file, out_file = sys.argv[2:]
-    result = worker_fn(json.loads(Path(spec_file).read_text()))
-    if result is not None:
-        from data_prep.fsutil import atomic_write_json
-
-        atomic_write_json(out_file, result)
-    return 0
 
 
 if __name__ == "__main__":

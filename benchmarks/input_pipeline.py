@@ -39,14 +39,18 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks import epoch_timing
-from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, Variant, _tail,
-                                     bench_config, extrapolate, step_time, timed_fit, variant_env, worker_entry)
+from benchmarks import common, machine
+from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config, extrapolate,
+                               tail_text, timed_fit, worker_entry)
+from benchmarks.epoch_timing import Variant, variant_env
+from benchmarks.report import machine_lines
+from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.manifest import load_manifest
 
 TARGET = 0.95
 MODES = ("real", "memory")
 FULL = {"warmup_steps": 2, "timed_steps": 5, "repeats": 5}  # 5 repeats: the target is a 5% margin
-parse_steps = functools.partial(epoch_timing.parse_steps, full=FULL)  # this benchmark's defaults
+parse_steps = functools.partial(common.parse_steps, full=FULL)  # this benchmark's defaults
 # --quick without --prep: a small training split (the config's train_per_class would be 10,000 images).
 QUICK_PREP = {"prep.train_per_class": "128", "prep.val_per_class": "16", "prep.test_per_class": "16"}
 
@@ -89,8 +93,6 @@ def verdict(summary: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    from benchmarks.report import machine_lines
-
     s = results.get("summary") or summarize(results)
     st, m = results["setup"], results.get("machine") or {}
     label = " — QUICK (not the article's setup)" if results.get("quick") else ""
@@ -250,7 +252,7 @@ def _subprocess_env() -> dict:
 def prepare_synthetic(args, cfg, log=print) -> tuple[Path, str]:
     """Generate a synthetic set and run the prep stage on it (one process); both cached.
     Returns (prep output folder, description)."""
-    from data_prep import synthetic
+    from data_prep import synthetic  # numpy: never at import time in this worker module (tuning comes first)
 
     S = cfg.data.image_size
     base = CACHE / "input-pipeline"
@@ -276,7 +278,7 @@ def prepare_synthetic(args, cfg, log=print) -> tuple[Path, str]:
         rc = subprocess.run(cmd, cwd=ROOT, env=_subprocess_env(), stdout=lf, stderr=subprocess.STDOUT,
                             timeout=args.timeout).returncode
     if rc != 0 or not (out / "manifest.json").exists():
-        raise RuntimeError(f"prep stage failed (exit {rc}): {_tail(logf)} (log {logf})")
+        raise RuntimeError(f"prep stage failed (exit {rc}): {tail_text(logf)} (log {logf})")
     return out, (f"synthetic, {summary['images']} images of {summary['patients']} patients at {S} px "
                  f"(SYNTHETIC, not medical data), prepared with `{shlex.join(cmd)}`")
 
@@ -304,17 +306,12 @@ def register(subparsers) -> None:
 
 
 def main(args) -> int:
-    from benchmarks import machine
-    from data_prep.fsutil import atomic_write_json, atomic_write_text
-
     try:
         params = parse_steps(args.steps, args.quick, args.repeats)
         if args.patients < 1:
             raise ValueError("--patients must be at least 1")
         cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)
         if args.prep:
-            from data_prep.manifest import load_manifest
-
             man = load_manifest(args.prep)
             if args.image_size and int(man["image_size"]) != args.image_size:
                 raise ValueError(f"--image-size {args.image_size} but {args.prep} holds {man['image_size']} px images")
@@ -336,8 +333,6 @@ def main(args) -> int:
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
         print(f"cxr-bench: error: {e}", file=sys.stderr)
         return 1
-    from data_prep.manifest import load_manifest
-
     man = load_manifest(prep)
     S = int(man["image_size"])
     results["setup"] = {"config": str(args.config), "overrides": list(args.overrides), "backbone": cfg.model.backbone,
@@ -367,7 +362,7 @@ def main(args) -> int:
         results["run"] = {"status": "ok", "log": str(log_file), **json.loads(out_file.read_text())}
         results["setup"].update(train_images=results["run"]["train_images"], shards=results["run"]["shards"])
     else:
-        results["run"] = {"status": "failed", "error": f"exit {rc}: {_tail(log_file)}", "log": str(log_file)}
+        results["run"] = {"status": "failed", "error": f"exit {rc}: {tail_text(log_file)}", "log": str(log_file)}
         print(f"   failed: {results['run']['error']}", flush=True)
     spec_file.unlink(missing_ok=True)
     out_file.unlink(missing_ok=True)

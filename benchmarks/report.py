@@ -4,7 +4,8 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from benchmarks.epoch_timing import extrapolate
+from benchmarks.common import extrapolate
+from benchmarks.timeline import TABLE_HEAD, markdown_row
 
 PHASE_TITLES = {"warmup": "warm-up", "finetune": "fine-tune"}
 FLOP_CONVENTION = ("FLOPs count convolutions and dense layers only, 1 multiply-accumulate = 2 FLOPs. Training "
@@ -144,6 +145,7 @@ def epoch_chart(results: dict, path) -> Path | None:
     if not any(r["status"] == "ok" for r in summary.values()):
         return None
     rows = list(summary.items())
+    # matplotlib only when a chart is drawn, and its Agg backend chosen before pyplot loads (no display needed)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,8 +196,6 @@ def epoch_chart(results: dict, path) -> Path | None:
 def summarize_scaling(results: dict) -> dict:
     """Throughput per (mode, ranks), speedup and efficiency vs the 1-rank run of the same mode
     (independent ranks: vs tuned's 1 rank), and the per-round (paired) speedups."""
-    import statistics
-
     out = {}
     for mode, runs in results["runs"].items():
         base_runs = results["runs"].get("tuned", {}) if mode == "independent" else runs
@@ -225,8 +225,6 @@ def summarize_scaling(results: dict) -> dict:
 def timeline_lines(results: dict) -> list[str]:
     """The ``--timeline`` section: per (mode, ranks) the medians over rounds of the per-step
     breakdown from Horovod's timeline (``benchmarks.timeline``)."""
-    from benchmarks.timeline import TABLE_HEAD, markdown_row
-
     rows = [(mode, n, r) for mode, runs in results["runs"].items() for n, r in runs.items() if r.get("timeline")]
     if not rows:
         return []

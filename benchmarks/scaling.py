@@ -22,13 +22,21 @@ import datetime as _dt
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from benchmarks.epoch_timing import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
-                                     extrapolate, parse_steps, timed_fit, worker_entry)
+from benchmarks import machine, report, timeline
+from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config, extrapolate,
+                               parse_steps, tail_text, timed_fit, worker_entry)
+from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.log import env_rank
+from launch.cluster import ClusterConfig, load_cluster, resolve_allocation
+from launch.commands import Layout, LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
+from launch.hosts import Allocation, LaunchError
 
 MODES = ("tuned", "untuned", "independent")
 
@@ -45,6 +53,7 @@ def rank_worker(spec: dict) -> dict | None:
         plan = tuning.apply(cfg.runtime, log=False)
     import statistics
 
+    # Only now, after tuning.apply: TensorFlow, numpy and what imports them read the thread variables at load.
     import numpy as np
     import tensorflow as tf
 
@@ -67,8 +76,6 @@ def rank_worker(spec: dict) -> dict | None:
     if not alone:
         opt = hvd.DistributedOptimizer(opt)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
-    from data_prep.log import env_rank
-
     rng = np.random.default_rng(env_rank())  # the launcher's rank: Horovod may not be initialised yet
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]
@@ -98,8 +105,6 @@ def rank_worker(spec: dict) -> dict | None:
 
 
 def _timeline_summary(path: Path, warmup_steps: int) -> dict:
-    from benchmarks import timeline
-
     try:
         return timeline.summarize(path, skip=warmup_steps)
     except (OSError, ValueError) as e:  # a missing or torn timeline is reported, not fatal
@@ -108,8 +113,6 @@ def _timeline_summary(path: Path, warmup_steps: int) -> dict:
 
 def merge_rounds(rec: dict, ranks: int, epoch_images: int, batch_size: int) -> dict:
     """``rec``'s medians over its successful rounds (status ok when at least one round is)."""
-    import statistics
-
     ok = [r for r in rec["rounds"] if r.get("status") == "ok"]
     if not ok:
         rec.update(status="failed", error=rec["rounds"][-1].get("error", "failed"))
@@ -120,11 +123,9 @@ def merge_rounds(rec: dict, ranks: int, epoch_images: int, batch_size: int) -> d
                images_per_s=statistics.median(r["images_per_s"] for r in ok),
                s_per_epoch=extrapolate(step, epoch_images, batch_size, ranks),
                per_rank=ok[-1].get("per_rank"), tensorflow=ok[-1].get("tensorflow"))
-    from benchmarks.timeline import METRICS
-
     tls = [r["timeline"] for r in ok if r.get("timeline", {}).get("steps_used")]
     if tls:
-        rec["timeline"] = {m: statistics.median(t[m] for t in tls) for m in METRICS}
+        rec["timeline"] = {m: statistics.median(t[m] for t in tls) for m in timeline.METRICS}
         rec["timeline"].update(rounds=len(tls), tensors=tls[-1]["tensors"])
     return rec
 
@@ -154,110 +155,146 @@ def register(subparsers) -> None:
     p.set_defaults(func=main)
 
 
-def main(args) -> int:
-    from benchmarks import machine, report
-    from data_prep.fsutil import atomic_write_json, atomic_write_text
-    from launch.cluster import load_cluster, resolve_allocation
-    from launch.commands import LaunchSpec, build_command, find_tool, node_topology, plan_layout
-    from launch.hosts import LaunchError
+# --------------------------------------------------------------------------- the driver
 
+@dataclasses.dataclass(frozen=True)
+class Campaign:
+    """What every run of one ``scaling`` command shares."""
+    args: argparse.Namespace
+    cfg: Any  # the benchmark config (data_prep.config.Config)
+    counts: tuple[int, ...]
+    modes: tuple[str, ...]
+    params: dict  # warmup_steps, timed_steps, repeats (the rounds)
+    cluster: ClusterConfig
+    allocation: Allocation
+    layouts: dict[int, Layout]  # per rank count, as python -m launch train would place the ranks
+    out_dir: Path
+
+    def runs(self) -> list[tuple[str, int]]:
+        """(mode, ranks) of one round; independent ranks need at least two."""
+        return [(mode, n) for mode in self.modes for n in self.counts if not (mode == "independent" and n == 1)]
+
+
+def plan_campaign(args) -> Campaign:
+    """Check the arguments and plan the layouts; ValueError or LaunchError with the message for the user."""
     try:
-        counts = [int(x) for x in str(args.np).split(",") if x.strip()]
-        modes = [m for m in args.modes.split(",") if m]
-        if not counts or min(counts) < 1 or set(modes) - set(MODES):
-            raise ValueError
+        counts = tuple(int(x) for x in str(args.np).split(",") if x.strip())
     except ValueError:
-        print("cxr-bench: error: --np takes rank counts like 1,2,4 and --modes any of tuned, untuned, independent",
-              file=sys.stderr)
-        return 2
+        counts = ()
+    modes = tuple(m for m in args.modes.split(",") if m)
+    if not counts or min(counts) < 1 or set(modes) - set(MODES):
+        raise ValueError("--np takes rank counts like 1,2,4 and --modes any of tuned, untuned, independent")
+    params = parse_steps(args.steps, args.quick, args.repeats)
+    cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)
+    cluster = load_cluster(args.cluster)
+    allocation = resolve_allocation(cluster, hosts=args.hosts)
+    node = node_topology(cluster)
+    layouts = {n: plan_layout("train", allocation, cluster, node, n) for n in counts}
+    return Campaign(args, cfg, counts, modes, params, cluster, allocation, layouts, Path(args.out))
+
+
+def new_results(c: Campaign) -> dict:
+    args, cfg = c.args, c.cfg
+    return {"benchmark": "scaling", "command": "python -m benchmarks " + shlex.join(args.argv or sys.argv[1:]),
+            "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
+            "launcher": args.mpi_launcher,
+            "setup": {"config": args.config, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
+                      "batch_size": cfg.train.batch_size, "epoch_images": args.epoch_images, **c.params},
+            "machine": machine.facts(), "runs": {m: {} for m in c.modes}}
+
+
+def rank_base_env() -> dict[str, str]:
+    """This environment without thread variables (each mode sets its own), with this checkout importable."""
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return env
+
+
+def run_command(c: Campaign, mode: str, n: int, inner: list[str]) -> StageCommand:
+    """The launcher's command for ``n`` ranks; untuned: no binding and no thread variables."""
+    layout = c.layouts[n]
+    if mode == "untuned":
+        layout = dataclasses.replace(layout, bind_to="none", map_by="slot", cores_per_rank=0)
+    return build_command(LaunchSpec("train", layout, config=c.args.config, cluster=c.cluster,
+                                    launcher=c.args.mpi_launcher, runtime=c.cfg.runtime, module_argv=tuple(inner),
+                                    thread_vars=mode != "untuned", hostfile=c.allocation.hostfile))
+
+
+def run_once(c: Campaign, mode: str, n: int, rnd: int, base_env: dict[str, str]) -> tuple[str, dict]:
+    """One (mode, ranks) run of round ``rnd``: (its shell command, its round record)."""
+    runs_dir = CACHE / "runs"
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    stamp = f"{os.getpid()}-scaling-{mode}-{n}-{int(time.time() * 1000)}"
+    spec_file, out_file, log_file = (runs_dir / f"{stamp}.spec.json", runs_dir / f"{stamp}.out.json",
+                                     runs_dir / f"{stamp}.log")
+    spec = {"config": c.args.config, "overrides": c.args.overrides, "quick": c.args.quick,
+            "image_size": c.args.image_size or (QUICK["image_size"] if c.args.quick else None),
+            "epoch_images": c.args.epoch_images, **c.params,
+            "repeats": 1,  # one timed repeat per process; the rounds are the repeats
+            "mode": mode}
+    spec_file.write_text(json.dumps(spec))
+    cmd = run_command(c, mode, n, [sys.executable, "-m", "benchmarks.scaling", "--worker", str(spec_file),
+                                   str(out_file)])
+    run_env = dict(base_env)
+    tl_file = None
+    if c.args.timeline and n > 1 and mode != "independent":
+        # Horovod's rank 0 writes it; it runs on the first host (normally this one), which inherits
+        # this environment under either launcher.
+        tl_file = c.out_dir / "timelines" / f"{mode}-{n}ranks-round{rnd + 1}.json"
+        tl_file.parent.mkdir(parents=True, exist_ok=True)
+        tl_file.unlink(missing_ok=True)
+        run_env["HOROVOD_TIMELINE"] = str(tl_file.resolve())
+    print(f"== round {rnd + 1}/{c.params['repeats']}, {mode}, {n} rank(s): {cmd.shell()}", flush=True)
+    one: dict[str, Any] = {"log": str(log_file)}
     try:
-        params = parse_steps(args.steps, args.quick, args.repeats)
-        cfg = bench_config(args.config, args.overrides, args.quick, args.image_size)
-        cluster = load_cluster(args.cluster)
-        allocation = resolve_allocation(cluster, hosts=args.hosts)
-        node = node_topology(cluster)
-        layouts = {n: plan_layout("train", allocation, cluster, node, n) for n in counts}
+        with open(log_file, "w") as lf:
+            rc = subprocess.run(cmd.argv, env=cmd.process_env(run_env), cwd=ROOT, stdout=lf,
+                                stderr=subprocess.STDOUT, timeout=c.args.timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = "timeout"
+    if rc == 0 and out_file.exists():
+        r = json.loads(out_file.read_text())
+        one.update(status="ok", **r)
+        print(f"   {r['images_per_s']:.2f} images/s ({r['step_s']:.3f} s/step)", flush=True)
+        if tl_file is not None:
+            one["timeline"] = _timeline_summary(tl_file, c.params["warmup_steps"])
+    else:
+        one.update(status="failed", error=f"exit {rc}: {tail_text(log_file)}")
+        print(f"   failed: {one['error']}", flush=True)
+    spec_file.unlink(missing_ok=True)
+    out_file.unlink(missing_ok=True)
+    return cmd.shell(), one
+
+
+def main(args) -> int:
+    try:
+        c = plan_campaign(args)
     except (LaunchError, ValueError) as e:
         print(f"cxr-bench: error: {e}", file=sys.stderr)
         return 2
-    if max(counts) > 1 and not find_tool(args.mpi_launcher):
+    if max(c.counts) > 1 and not find_tool(args.mpi_launcher):
         print(f"cxr-bench: error: {args.mpi_launcher} not found on PATH; build Horovod (`make setup`) or use "
               f"--mpi-launcher mpirun", file=sys.stderr)
         return 2
-    spec_base = {"config": args.config, "overrides": args.overrides, "quick": args.quick,
-                 "image_size": args.image_size or (QUICK["image_size"] if args.quick else None),
-                 "epoch_images": args.epoch_images, **params}
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    runs_dir = CACHE / "runs"
-    runs_dir.mkdir(parents=True, exist_ok=True)
-    results = {"benchmark": "scaling", "command": "python -m benchmarks " + shlex.join(args.argv or sys.argv[1:]),
-               "started": _dt.datetime.now().astimezone().isoformat(timespec="seconds"), "quick": args.quick,
-               "launcher": args.mpi_launcher,
-               "setup": {"config": args.config, "backbone": cfg.model.backbone, "image_size": cfg.data.image_size,
-                         "batch_size": cfg.train.batch_size, "epoch_images": args.epoch_images, **params},
-               "machine": machine.facts(), "runs": {m: {} for m in modes}}
-    base_env = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
-    base_env["PYTHONPATH"] = str(ROOT) + (os.pathsep + base_env["PYTHONPATH"] if base_env.get("PYTHONPATH") else "")
-    base_env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    rounds = params["repeats"]
-    spec_base["repeats"] = 1  # one timed repeat per process; the rounds are the repeats
-    plan = [(mode, n) for mode in modes for n in counts if not (mode == "independent" and n == 1)]
-    for rnd in range(rounds):
-        for mode, n in plan:
-            layout = layouts[n]
-            if mode == "untuned":
-                layout = dataclasses.replace(layout, bind_to="none", map_by="slot", cores_per_rank=0)
-            stamp = f"{os.getpid()}-scaling-{mode}-{n}-{int(time.time() * 1000)}"
-            spec_file, out_file, log_file = (runs_dir / f"{stamp}.spec.json", runs_dir / f"{stamp}.out.json",
-                                             runs_dir / f"{stamp}.log")
-            spec_file.write_text(json.dumps({**spec_base, "mode": mode}))
-            inner = [sys.executable, "-m", "benchmarks.scaling", "--worker", str(spec_file), str(out_file)]
-            run_env = dict(base_env)
-            tl_file = None
-            if args.timeline and n > 1 and mode != "independent":
-                # Horovod's rank 0 writes it; it runs on the first host (normally this one), which inherits
-                # this environment under either launcher.
-                tl_file = out_dir / "timelines" / f"{mode}-{n}ranks-round{rnd + 1}.json"
-                tl_file.parent.mkdir(parents=True, exist_ok=True)
-                tl_file.unlink(missing_ok=True)
-                run_env["HOROVOD_TIMELINE"] = str(tl_file.resolve())
-            cmd = build_command(LaunchSpec("train", layout, config=args.config, cluster=cluster,
-                                           launcher=args.mpi_launcher, runtime=cfg.runtime, module_argv=tuple(inner),
-                                           thread_vars=mode != "untuned", hostfile=allocation.hostfile))
-            print(f"== round {rnd + 1}/{rounds}, {mode}, {n} rank(s): {cmd.shell()}", flush=True)
-            rec = results["runs"][mode].setdefault(str(n), {"command": cmd.shell(), "rounds": []})
-            one = {"log": str(log_file)}
-            try:
-                with open(log_file, "w") as lf:
-                    rc = subprocess.run(cmd.argv, env=cmd.process_env(run_env), cwd=ROOT, stdout=lf,
-                                        stderr=subprocess.STDOUT, timeout=args.timeout).returncode
-            except subprocess.TimeoutExpired:
-                rc = "timeout"
-            if rc == 0 and out_file.exists():
-                r = json.loads(out_file.read_text())
-                one.update(status="ok", **r)
-                print(f"   {r['images_per_s']:.2f} images/s ({r['step_s']:.3f} s/step)", flush=True)
-                if tl_file is not None:
-                    one["timeline"] = _timeline_summary(tl_file, params["warmup_steps"])
-            else:
-                from benchmarks.epoch_timing import _tail
-
-                one.update(status="failed", error=f"exit {rc}: {_tail(log_file)}")
-                print(f"   failed: {one['error']}", flush=True)
+    c.out_dir.mkdir(parents=True, exist_ok=True)
+    results = new_results(c)
+    base_env = rank_base_env()
+    for rnd in range(c.params["repeats"]):  # interleaved: every round runs each (mode, ranks) once
+        for mode, n in c.runs():
+            command, one = run_once(c, mode, n, rnd, base_env)
+            rec = results["runs"][mode].setdefault(str(n), {"command": command, "rounds": []})
             rec["rounds"].append(one)
-            merge_rounds(rec, n, args.epoch_images, cfg.train.batch_size)
-            spec_file.unlink(missing_ok=True)
-            out_file.unlink(missing_ok=True)
+            merge_rounds(rec, n, args.epoch_images, c.cfg.train.batch_size)
             report.summarize_scaling(results)
-            atomic_write_json(out_dir / "scaling.json", results)
+            atomic_write_json(c.out_dir / "scaling.json", results)  # partial results survive an interruption
     results["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     report.summarize_scaling(results)
-    atomic_write_json(out_dir / "scaling.json", results)
+    atomic_write_json(c.out_dir / "scaling.json", results)
     md = report.scaling_markdown(results)
-    atomic_write_text(out_dir / "scaling.md", md)
+    atomic_write_text(c.out_dir / "scaling.md", md)
     print(md)
-    print(f"wrote {out_dir / 'scaling.json'}, {out_dir / 'scaling.md'}")
+    print(f"wrote {c.out_dir / 'scaling.json'}, {c.out_dir / 'scaling.md'}")
     ok = any(r.get("status") == "ok" for runs in results["runs"].values() for r in runs.values())
     return 0 if ok else 1
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import report
-from benchmarks.epoch_timing import (Variant, VariantError, current_satisfies, extrapolate, load_variants,
-                                     steps_per_epoch, variant_env)
+from benchmarks.common import extrapolate, steps_per_epoch, tail_text
+from benchmarks.epoch_timing import Variant, VariantError, current_satisfies, load_variants, variant_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -241,3 +241,30 @@ def test_scaling_timeline_medians_over_rounds_and_report_section():
     assert "| tuned, 2 ranks (3 round(s)) | 400 | 3,800 | 90 | 20 | 5.2% |" in md
     assert "Where a multi-rank step's time goes" not in report.scaling_markdown(
         {**results, "runs": {"tuned": {"1": one}}})
+
+
+def test_tail_text_prefers_the_last_error_line(tmp_path):
+    log = tmp_path / "run.log"
+    log.write_text("starting\nValueError: first\n\nstill going\nRuntimeError: " + "x" * 400 + "\nbye\n\n")
+    assert tail_text(log) == ("RuntimeError: " + "x" * 400)[:300]
+    assert tail_text(log, 12) == "RuntimeError"
+    log.write_text("one\ntwo\n")
+    assert tail_text(log) == "two"
+    assert tail_text(tmp_path / "missing.log") == "no log"
+
+
+def test_scaling_plans_layouts_and_refuses_bad_arguments(capsys):
+    from benchmarks.__main__ import build_parser
+    from benchmarks.scaling import main, plan_campaign
+
+    args = build_parser().parse_args(["scaling", "--np", "1,2", "--modes", "tuned,independent", "--quick",
+                                      "--set", "model.backbone=tiny", "--hosts", "localhost:2"])
+    c = plan_campaign(args)
+    assert c.counts == (1, 2) and c.params == {"warmup_steps": 1, "timed_steps": 2, "repeats": 2}
+    assert [lay.np for lay in c.layouts.values()] == [1, 2] and c.allocation.source == "hosts"
+    assert c.runs() == [("tuned", 1), ("tuned", 2), ("independent", 2)]  # independent needs two ranks
+    for bad in (["--np", "0"], ["--np", "a"], ["--modes", "fast"]):
+        args = build_parser().parse_args(["scaling", *bad])
+        args.argv = ["scaling", *bad]
+        assert main(args) == 2
+        assert "--np takes rank counts" in capsys.readouterr().err

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks import common
 from benchmarks import input_pipeline as ip
 from benchmarks.__main__ import build_parser
 from benchmarks.__main__ import main as bench_main
@@ -48,8 +49,8 @@ def test_cli_refuses_bad_steps_and_a_missing_prep_output(tmp_path, capsys):
 
 def test_step_time_from_batch_end_times():
     ends = [1.0, 3.0, 4.0, 5.5]
-    assert ip.step_time(ends, 1, 3) == pytest.approx((5.5 - 1.0) / 3)
-    assert ip.step_time(ends, 0, 4) == pytest.approx((5.5 - 1.0) / 3)  # no untimed step: from step 1's end
+    assert common.step_time(ends, 1, 3) == pytest.approx((5.5 - 1.0) / 3)
+    assert common.step_time(ends, 0, 4) == pytest.approx((5.5 - 1.0) / 3)  # no untimed step: from step 1's end
 
 
 # --------------------------------------------------------------------------- arithmetic and Markdown
