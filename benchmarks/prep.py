@@ -25,6 +25,16 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
+import yaml
+from PIL import Image
+from skimage import io as skio
+from skimage import transform
+from skimage.color import rgb2gray, rgba2rgb
+
+from data_prep import synthetic
+from data_prep.imaging import load_xray
+
 TARGETS = {"ours_over_article": (">=", 2.5), "decode_over_ours": ("<=", 1.3), "ranks_over_one": (">=", 1.8)}
 
 
@@ -47,11 +57,27 @@ def register(subparsers):
     return p
 
 
+def decode_only(src) -> np.ndarray:
+    """(c) Bare decode (no conversion, resize or scaling): the floor for any loader."""
+    with Image.open(src) as img:
+        img.load()
+        return np.asarray(img)
+
+
+def article_load(path, size: int) -> np.ndarray:
+    """(a) The article's method: ``skimage.io.imread`` + ``skimage.transform.resize`` (anti-aliased),
+    then min-max to 0..255."""
+    a = skio.imread(os.fspath(path))
+    if a.ndim == 3:
+        a = rgb2gray(rgba2rgb(a) if a.shape[-1] == 4 else a)
+    r = transform.resize(a, (size, size), anti_aliasing=True, preserve_range=True)
+    lo, hi = r.min(), r.max()
+    return ((r - lo) / (hi - lo if hi > lo else 1) * 255).astype(np.uint8)
+
+
 def _time_loaders(files, size, repeat):
     """Per-core cost of each loader: CPU seconds of this (single-threaded) process, best round,
     so other jobs on the machine do not count; wall seconds are recorded beside."""
-    from data_prep.imaging import article_load, decode_only, load_xray
-
     loaders = {"article": lambda f: article_load(f, size), "ours": lambda f: load_xray(f, size),
                "decode": decode_only}
     for f in files[:2]:  # warm caches and imports
@@ -78,8 +104,6 @@ def _mpirun(n: int) -> list[str]:
 
 
 def _stage(data: Path, work: Path, n: int, size: int, n_images: int, repeats: int) -> dict:
-    import yaml
-
     best = None
     for r in range(repeats):
         out = work / f"prepared-np{n}-{r}"
@@ -113,8 +137,6 @@ def _fmt_ratio(name, value):
 
 
 def run(args) -> int:
-    from data_prep import synthetic
-
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="cxr-bench-prep-"))
     work.mkdir(parents=True, exist_ok=True)
     data = work / "data"

@@ -172,26 +172,3 @@ def _load(src, size: int) -> tuple[np.ndarray, dict]:
         return _minmax_pil(img), info
     finally:
         img.close()
-
-
-def decode_only(src) -> np.ndarray:
-    """Bare decode (no conversion, resize or scaling): the benchmark's lower bound."""
-    with Image.open(src) as img:
-        img.load()
-        return np.asarray(img)
-
-
-def article_load(path, size: int) -> np.ndarray:
-    """The article's method: ``skimage.io.imread`` + ``skimage.transform.resize`` (benchmark baseline)."""
-    from skimage import io as skio
-    from skimage import transform
-
-    a = skio.imread(os.fspath(path))
-    if a.ndim == 3:
-        from skimage.color import rgb2gray, rgba2rgb
-        a = rgb2gray(rgba2rgb(a) if a.shape[-1] == 4 else a)
-    r = transform.resize(a, (size, size), anti_aliasing=True, preserve_range=True)
-    lo, hi = r.min(), r.max()
-    return ((r - lo) / (hi - lo if hi > lo else 1) * 255).astype(np.uint8)
-
-

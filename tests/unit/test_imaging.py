@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.imaging import ImageError, decode_only, load_xray
+from data_prep.imaging import ImageError, load_xray
 
 
 def _gradient(n=256):
@@ -111,13 +111,6 @@ def test_constant_image_is_zeros(tmp_path):
     p = _save(Image.fromarray(np.full((100, 100), 77, np.uint8), "L"), tmp_path / "c.png")
     out, _ = load_xray(p, 32)
     assert out.shape == (32, 32) and not out.any()
-
-
-def test_decode_only_matches_pil(fixtures):
-    a = decode_only(fixtures / "00027426_000.png")
-    assert a.shape == (512, 512) and a.dtype == np.uint8
-    with Image.open(fixtures / "00027426_000.png") as im:
-        assert np.array_equal(a, np.asarray(im))
 
 
 def test_same_size_no_resize(tmp_path):
