@@ -12,30 +12,15 @@ from __future__ import annotations
 import argparse
 import sys
 
+from benchmarks import epoch_timing, input_pipeline, prep, scaling, timeline
+
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep}")
-    from benchmarks import epoch_timing, input_pipeline, scaling, timeline
-
-    epoch_timing.register(sub)
-    scaling.register(sub)
-    input_pipeline.register(sub)
-    timeline.register(sub)
-    import importlib
-    import importlib.util
-
-    if importlib.util.find_spec("benchmarks.prep") is not None:
-        importlib.import_module("benchmarks.prep").register(sub)
-    else:
-        p = sub.add_parser("prep", help="prep throughput (benchmarks/prep.py is not installed here)")
-        p.set_defaults(func=_no_prep)
+    for module in (epoch_timing, scaling, input_pipeline, timeline, prep):
+        module.register(sub)
     return ap
-
-
-def _no_prep(args) -> int:
-    print("cxr-bench: error: benchmarks/prep.py is missing from this checkout", file=sys.stderr)
-    return 2
 
 
 def main(argv=None) -> int:

@@ -71,7 +71,7 @@ def _has_trainable_weights(layer) -> bool:
 
 def layer_macs(layer) -> tuple[str, int] | None:
     """(kind, MACs for one image) of a conv/dense layer, or None for layers that are not counted."""
-    import tensorflow as tf
+    import tensorflow as tf  # only in a worker, after tuning has set the thread variables
 
     L = tf.keras.layers
     if isinstance(layer, L.DepthwiseConv2D):  # before Conv2D: it subclasses it
@@ -104,7 +104,7 @@ def layer_macs(layer) -> tuple[str, int] | None:
 
 def count_flops(model) -> FlopCount:
     """Per-layer conv/dense MACs of ``model`` (nested models are walked), in layer order."""
-    import tensorflow as tf
+    import tensorflow as tf  # only in a worker, after tuning has set the thread variables
 
     out = FlopCount()
 

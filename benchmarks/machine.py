@@ -8,6 +8,7 @@ versions, the load average (a busy machine makes timings noisy: reports say so).
 from __future__ import annotations
 
 import datetime as _dt
+import json
 import os
 import platform
 import shutil
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from importlib import metadata
+
+from distributed.tuning import detect_topology
 
 INTERESTING_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni",
                      "avx512_bf16", "avx512_fp16", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8")
@@ -73,8 +76,6 @@ def memory_gib() -> float:
 
 
 def facts() -> dict:
-    from distributed.tuning import detect_topology
-
     t = detect_topology()
     ci = _cpuinfo()
     model = ci.get("model name", platform.processor() or "unknown")
@@ -107,7 +108,7 @@ def matmul_peak(n: int = 1536, seconds: float = 3.0, dtype: str = "float32") -> 
     The best of several timed blocks (each >= 0.3 s) after one warm-up: the peak this TensorFlow
     build reaches here, the denominator of the MFU column.
     """
-    import tensorflow as tf
+    import tensorflow as tf  # only in a worker, after tuning has set the thread variables
 
     a = tf.random.normal((n, n), dtype=dtype)
     b = tf.random.normal((n, n), dtype=dtype)
@@ -135,8 +136,6 @@ def matmul_peak(n: int = 1536, seconds: float = 3.0, dtype: str = "float32") -> 
 
 
 def main() -> None:  # python -m benchmarks.machine: print the facts (and the peak with --peak)
-    import json
-
     out = facts()
     if "--peak" in sys.argv:
         out["matmul_peak"] = matmul_peak()

@@ -9,10 +9,13 @@ import argparse
 import dataclasses
 import sys
 
+from data_prep.config import ConfigError, add_config_args, config_from_args
+from data_prep.log import env_size, get_logger
+from data_prep.metadata import MetadataError
+from data_prep.prepare import PrepError, get_comm, run
+
 
 def build_parser() -> argparse.ArgumentParser:
-    from data_prep.config import add_config_args
-
     ap = argparse.ArgumentParser(prog="cxr-prep", description="NIH ChestX-ray14 -> HDF5 shards + manifest.json "
                                  "(one process or mpirun -np N)")
     add_config_args(ap)
@@ -23,9 +26,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    from data_prep.config import ConfigError, config_from_args
-    from data_prep.log import env_size, get_logger
-
     args = build_parser().parse_args(argv)
     log = get_logger()
     try:
@@ -37,9 +37,6 @@ def main(argv=None) -> int:
     if args.strict or args.overwrite:
         prep = dataclasses.replace(prep, strict=prep.strict or args.strict, overwrite=prep.overwrite or args.overwrite)
         cfg = dataclasses.replace(cfg, prep=prep)
-
-    from data_prep.metadata import MetadataError
-    from data_prep.prepare import PrepError, get_comm, run
 
     comm = None
     try:

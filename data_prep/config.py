@@ -9,16 +9,20 @@ Nothing here imports TensorFlow, Horovod or mpi4py.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import hashlib
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
 import yaml
+
+from data_prep.fsutil import atomic_write_text
 
 
 class ConfigError(ValueError):
@@ -347,8 +351,6 @@ def dump_yaml(cfg) -> str:
 
 def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
     """Write the resolved config beside an output, atomically."""
-    from data_prep.fsutil import atomic_write_text
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     return atomic_write_text(folder / name, dump_yaml(cfg))
@@ -381,8 +383,6 @@ def config_from_args(args) -> Config:
 
 def run_cli(main_fn):
     """Run a command's ``main`` so that a config error is one sentence and exit code 2."""
-    import sys
-
     try:
         return main_fn()
     except ConfigError as e:
@@ -392,8 +392,6 @@ def run_cli(main_fn):
 
 def _print_main(argv=None):
     """``python -m data_prep.config --config C [--set k=v]``: print the resolved config."""
-    import argparse
-
     parser = add_config_args(argparse.ArgumentParser(description=_print_main.__doc__), required=False)
     parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key")
     args = parser.parse_args(argv)

@@ -53,7 +53,7 @@ def shard_paths(prep_out, split: str, manifest: dict | None = None) -> list[Path
 def verify_manifest(prep_out) -> dict:
     """Recompute every shard's sha256 and count (and label counts, image size, config hash)
     against the manifest. Returns a summary; raises ``ManifestError`` listing every mismatch."""
-    import h5py
+    import h5py  # here only: load_manifest is plain JSON, for processes that must not load numpy yet
 
     prep_out = Path(prep_out)
     m = load_manifest(prep_out)

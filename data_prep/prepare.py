@@ -33,9 +33,13 @@ import sys
 import time
 import traceback
 from collections import deque
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
+import h5py
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
 
 from data_prep import config as cfgmod
 from data_prep import metadata as md
@@ -153,8 +157,6 @@ def _size(path) -> int:
 def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
     """Refuse (or, with overwrite, clear) outputs of another config; drop temporary leftovers.
     Returns ``{"kept": n, "removed": n}``."""
-    import h5py
-
     want = {sh["file"] for sh in plan["shards"]}
     conflicts, stale = [], []
     man = out / MANIFEST
@@ -209,7 +211,6 @@ def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
 # --------------------------------------------------------------------------- one shard
 
 def _str_dtype():
-    import h5py
     return h5py.string_dtype("utf-8")
 
 
@@ -219,8 +220,6 @@ def _attr_str(v):
 
 def _result_from_file(path: Path, shard: dict, plan: dict) -> dict:
     """Result of a complete shard already on disk (resume): attributes only, no decoding."""
-    import h5py
-
     with h5py.File(path, "r") as h:
         a = h.attrs
         res = {"file": shard["file"], "split": shard["split"], "count": int(a["count"]),
@@ -235,8 +234,6 @@ def _result_from_file(path: Path, shard: dict, plan: dict) -> dict:
 
 def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
     """Decode and write one shard (or pick it up when complete); returns its result dict."""
-    import h5py
-
     path = out / shard["file"]
     if path.exists():
         try:
@@ -348,10 +345,7 @@ class _Serial:
 
 
 def _warm_imports():
-    """Import h5py and Pillow's plugins before the timed write phase, on every rank."""
-    import h5py  # noqa: F401
-    from PIL import Image
-
+    """Load Pillow's common format plugins before the timed write phase, on every rank."""
     Image.preinit()
 
 
@@ -360,7 +354,7 @@ def get_comm():
     if env_size() <= 1:
         return _Serial()
     try:
-        from mpi4py import MPI
+        from mpi4py import MPI  # only with more than one rank: importing mpi4py initialises MPI
     except ImportError as e:
         raise PrepError(f"launched with {env_size()} ranks but mpi4py cannot be imported: {e}") from None
     return MPI.COMM_WORLD
@@ -380,12 +374,8 @@ class _Coordinator:
         self.last = time.monotonic()
         self.bar = None
         if self.rank == 0:
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, initial=initial, desc="prep", unit="img", file=sys.stderr,
-                                mininterval=0.5 if sys.stderr.isatty() else 5.0, dynamic_ncols=True)
-            except ImportError:  # pragma: no cover
-                self.bar = None
+            self.bar = tqdm(total=total, initial=initial, desc="prep", unit="img", file=sys.stderr,
+                            mininterval=0.5 if sys.stderr.isatty() else 5.0, dynamic_ncols=True)
 
     # -- work
     def next_shard(self) -> int | None:
@@ -421,7 +411,7 @@ class _Coordinator:
     def poll(self):
         if self.size == 1:
             return
-        from mpi4py import MPI
+        from mpi4py import MPI  # more than one rank: get_comm has initialised MPI already
         st = MPI.Status()
         while self.comm.iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=st):
             src, tag = st.Get_source(), st.Get_tag()
@@ -451,7 +441,7 @@ class _Coordinator:
             if self.bar is not None:
                 self.bar.close()
         if self.size > 1:
-            from mpi4py import MPI
+            from mpi4py import MPI  # more than one rank: get_comm has initialised MPI already
             while not MPI.Request.testall(self.reqs):
                 time.sleep(_POLL_S)
         return dict(sorted(self.results.items())) if self.rank == 0 else None
@@ -478,8 +468,6 @@ def quiet_barrier(comm):
 
 def versions() -> dict:
     """Versions of what made the shards (package metadata: nothing is imported, mpi4py included)."""
-    from importlib.metadata import PackageNotFoundError, version
-
     out = {"python": platform.python_version(), "format": FORMAT}
     for dist in ("numpy", "pillow", "h5py", "pandas", "mpi4py", "cxr-transfer"):
         try:
@@ -549,7 +537,7 @@ def run(cfg, comm=None) -> dict | None:
                 "written": sum(not r["resumed"] for r in results)}
     gathered = coord.finish(mine_msg)
     if size > 1:
-        from mpi4py import MPI
+        from mpi4py import MPI  # more than one rank: get_comm has initialised MPI already
         train_sums = comm.reduce(train_sums, op=MPI.SUM, root=0)  # exact int64, element-wise
     status, failure, manifest = None, None, None
     if rank == 0:

@@ -17,9 +17,14 @@ from __future__ import annotations
 import argparse
 import io
 import sys
+import zlib
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
+from tqdm import tqdm
+
+from data_prep.fsutil import atomic_write_bytes, atomic_write_text
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -115,8 +120,6 @@ def _soft_ellipse(x, y, cx, cy, ax, ay, edge):
 
 def _smooth_noise(rng, size: int, cells: int) -> np.ndarray:
     """Low-frequency noise in [-1, 1]: a small random grid upsampled bilinearly (PIL)."""
-    from PIL import Image
-
     small = rng.random((cells, cells), dtype=np.float32) * 2.0 - 1.0
     return np.asarray(Image.fromarray(small, mode="F").resize((size, size), Image.BILINEAR))
 
@@ -127,8 +130,6 @@ _ANATOMY_MAX = 256
 
 def render(size: int, labels: str, view: str, rng: np.random.Generator) -> np.ndarray:
     """One chest-like uint8 (size, size) picture for the given ``Finding Labels`` string."""
-    from PIL import Image
-
     base = min(size, _ANATOMY_MAX)
     img = _anatomy(base, set(labels.split("|")), view, rng)
     if base != size:
@@ -205,10 +206,6 @@ def image_rng(seed: int, patient: int, followup: int) -> np.random.Generator:
 
 def png_bytes(arr: np.ndarray) -> bytes:
     """8-bit gray PNG; zlib's RLE strategy: as small as level 6, about 3x faster to write."""
-    import zlib
-
-    from PIL import Image
-
     buf = io.BytesIO()
     Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=6, compress_type=zlib.Z_RLE)
     return buf.getvalue()
@@ -219,18 +216,12 @@ def png_bytes(arr: np.ndarray) -> bytes:
 def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, progress: bool = True,
              overwrite_images: bool = True) -> dict:
     """Write the whole data set to ``out``; returns a small summary dict."""
-    from data_prep.fsutil import atomic_write_bytes, atomic_write_text
-
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = make_table(patients, seed, image_size)
     train_val, test = split_lists(rows, seed)
-    try:
-        from tqdm import tqdm
-        it = tqdm(rows, desc="synthetic images", unit="img", disable=not progress, file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        it = rows
+    it = tqdm(rows, desc="synthetic images", unit="img", disable=not progress, file=sys.stderr)
     for r in it:
         path = img_dir / r["Image Index"]
         if not overwrite_images and path.exists():
