@@ -1,0 +1,153 @@
+"""The package layout the code promises (ARCHITECTURE.md):
+
+* imports point one way: benchmarks -> launch -> distributed -> data_prep; ``data_prep`` is the
+  ground floor (config, log, file helpers) and imports none of the other three;
+* ``launch`` imports only the pure planner ``distributed.tuning``, never TensorFlow, Horovod,
+  mpi4py or numpy, so the launcher starts in a fraction of a second on a login node;
+* no product package imports ``benchmarks``, and no module imports itself through a circle;
+* benchmark worker modules load neither TensorFlow nor numpy at import time: thread tuning must
+  set its variables first.
+
+The graph is read from the source with ``ast`` (every import, including those inside functions).
+"""
+import ast
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+PACKAGES = ("data_prep", "distributed", "launch", "benchmarks")
+PRODUCT = ("data_prep", "distributed", "launch")
+HEAVY = ("tensorflow", "keras", "horovod", "mpi4py", "numpy")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))}
+
+
+def _imported(name: str, path: Path, known: set[str]) -> set[str]:
+    """The project modules ``name`` imports anywhere in its file (a package's ``from pkg import mod``
+    counts as the module ``pkg.mod``)."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            targets = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + ([base] if base else []))
+            targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
+        else:
+            continue
+        for t in targets:
+            while t and t not in known:  # import a.b.c of a known module a.b
+                t = t.rpartition(".")[0]
+            if t and t != name:
+                out.add(t)
+    return out
+
+
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    mods = _modules()
+    assert {"data_prep.config", "distributed.tuning", "launch.commands", "benchmarks.scaling"} <= set(mods)
+    return {name: _imported(name, path, set(mods)) for name, path in mods.items()}
+
+
+def _top(module: str) -> str:
+    return module.split(".")[0]
+
+
+def test_the_graph_reader_sees_function_level_and_relative_imports(tmp_path):
+    src = tmp_path / "pkg" / "mod.py"
+    src.parent.mkdir()
+    src.write_text("from . import other\nimport pkg.deep.x\ndef f():\n    from pkg.util import helper\n")
+    known = {"pkg.mod", "pkg.other", "pkg.util", "pkg.deep"}
+    assert _imported("pkg.mod", src, known) == {"pkg.other", "pkg.util", "pkg.deep"}
+
+
+def test_no_import_circle(graph):
+    state: dict[str, int] = {}  # 1 = on the current path, 2 = done
+    stack: list[str] = []
+
+    def visit(m: str):
+        state[m] = 1
+        stack.append(m)
+        for n in sorted(graph[m]):
+            if state.get(n) == 1:
+                circle = stack[stack.index(n):] + [n]
+                pytest.fail("import circle: " + " -> ".join(circle))
+            if n not in state:
+                visit(n)
+        stack.pop()
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+
+
+def test_product_code_never_imports_benchmarks(graph):
+    bad = sorted(f"{m} -> {n}" for m, deps in graph.items() if _top(m) in PRODUCT
+                 for n in deps if _top(n) == "benchmarks")
+    assert bad == []
+
+
+def test_layers_point_down(graph):
+    allowed = {
+        "data_prep": lambda n: _top(n) == "data_prep",
+        "distributed": lambda n: _top(n) in ("data_prep", "distributed"),
+        "launch": lambda n: _top(n) in ("data_prep", "launch") or n == "distributed.tuning",
+        "benchmarks": lambda n: True,
+    }
+    bad = sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if not allowed[_top(m)](n))
+    assert bad == [], "imports against the layering (data_prep <- distributed <- launch <- benchmarks; " \
+                      "launch uses only distributed.tuning): " + ", ".join(bad)
+
+
+def _loaded_after(code: str, cwd: Path = ROOT) -> dict:
+    """Run ``code`` in a fresh interpreter with this checkout first on the path; returns its
+    exit code, output and which of HEAVY it had loaded at the end."""
+    probe = (f"import sys, json\nrc = 0\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
+             + "except SystemExit as e:\n    rc = e.code or 0\n"
+             + f"print('\\n' + json.dumps({{'rc': rc, 'heavy': sorted({{m.split('.')[0] for m in sys.modules}} "
+             + f"& set({HEAVY!r}))}}))\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    r = subprocess.run([sys.executable, "-c", probe], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout.strip().splitlines()[-1])
+    result["stdout"] = r.stdout
+    return result
+
+
+def test_launch_help_loads_no_tensorflow_horovod_mpi4py_or_numpy():
+    r = _loaded_after("import runpy\nsys.argv = ['launch', '--help']\nrunpy.run_module('launch', run_name='__main__')")
+    assert r["rc"] == 0 and "usage: cxr-launch" in r["stdout"]
+    assert r["heavy"] == []
+
+
+def test_a_pipeline_dry_run_loads_none_of_them_either(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{csv: {tmp_path}/Data_Entry_2017.csv, images: {tmp_path}, image_size: 32}}\n"
+                   f"prep: {{out: {tmp_path}/prepared}}\nrun: {{dir: {tmp_path}/run}}\n")
+    r = _loaded_after(f"from launch.__main__ import main\nrc = main(['pipeline', '--config', {str(cfg)!r}, "
+                      f"'--np', '1', '--dry-run'])")
+    assert r["rc"] == 0 and "-m data_prep" in r["stdout"] and "-m distributed.evaluate" in r["stdout"]
+    assert r["heavy"] == []  # the stage hashes and skip checks are plain Python
+
+
+def test_benchmark_worker_modules_load_no_tensorflow_or_numpy_at_import():
+    r = _loaded_after("import benchmarks.epoch_timing, benchmarks.scaling, benchmarks.input_pipeline")
+    assert r["heavy"] == []
