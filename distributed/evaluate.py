@@ -37,6 +37,7 @@ import numpy as np
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
+from distributed import runtime
 
 CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
@@ -269,7 +270,7 @@ def console_text(metrics: dict) -> str:
 
 def evaluate(cfg) -> dict | None:
     """Run the evaluation described by ``cfg``; returns the metrics on rank 0, None elsewhere.
-    Thread settings (``distributed.tuning.apply``) must be in place before TensorFlow starts."""
+    Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts."""
     from distributed import hvd
 
     hvd.init()
@@ -419,10 +420,8 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"cxr-eval: config error: {e}", file=sys.stderr)
         return 2
-    from distributed import tuning
-
-    plan = tuning.apply(cfg.runtime)
-    tuning.configure_tensorflow(plan)
+    plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
+    runtime.configure_tensorflow(plan)
     from data_prep.manifest import ManifestError
 
     try:
