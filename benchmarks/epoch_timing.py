@@ -235,9 +235,9 @@ def worker(spec: dict) -> dict:
                            "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ}}
     plan = None
     if spec.get("threads") == "tuned":
-        from distributed import tuning
+        from distributed import runtime
 
-        plan = tuning.apply(cfg.runtime, local_ranks=1, log=False)
+        plan = runtime.apply(cfg.runtime, local_ranks=1, log=False)
         out["env"] = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}
     if spec.get("fake"):
         return _fake_worker(spec, cfg, out)
@@ -248,12 +248,12 @@ def worker(spec: dict) -> dict:
     from benchmarks.flops import count_flops
     from distributed import data as D
     from distributed import model as M
-    from distributed.train import make_optimizer
+    from distributed.trainer import make_optimizer
 
     if plan is not None:
-        from distributed import tuning
+        from distributed import runtime
 
-        tuning.configure_tensorflow(plan)
+        runtime.configure_tensorflow(plan)
     itex = None
     try:
         import intel_extension_for_tensorflow as itex_mod  # noqa: F401 - registers itself when present

@@ -162,18 +162,18 @@ def worker(spec: dict) -> dict:
     """Build the fine-tune step once; time it fed by each dataset, interleaved."""
     cfg = bench_config(spec.get("config"), spec.get("overrides", ()), spec.get("quick", False),
                        spec.get("image_size"))
-    from distributed import tuning
+    from distributed import runtime
 
-    plan = tuning.apply(cfg.runtime, log=False)  # BEFORE TensorFlow, as training does
+    plan = runtime.apply(cfg.runtime, log=False)  # BEFORE TensorFlow, as training does
     import numpy as np
     import tensorflow as tf
 
     from distributed import data as D
     from distributed import hvd
     from distributed import model as M
-    from distributed.train import make_optimizer
+    from distributed.trainer import make_optimizer
 
-    tuning.configure_tensorflow(plan)
+    runtime.configure_tensorflow(plan)
     horovod = hvd.init()
     split = D.load_split(spec["prep"], "train", cache=cfg.train.cache)
     S, B, K, multilabel = split.image_size, cfg.train.batch_size, split.num_classes, split.multilabel

@@ -45,12 +45,12 @@ def rank_worker(spec: dict) -> dict | None:
     """One rank: time W+K fine-tune steps R times; rank 0 returns the result."""
     cfg = bench_config(spec.get("config"), spec.get("overrides", ()), spec.get("quick", False),
                        spec.get("image_size"))
-    from distributed import tuning
+    from distributed import runtime
 
     plan = None
     alone = spec["mode"] == "independent"  # tuned layout, no Horovod collective while timing
     if spec["mode"] in ("tuned", "independent"):
-        plan = tuning.apply(cfg.runtime, log=False)
+        plan = runtime.apply(cfg.runtime, log=False)
     import statistics
 
     # Only now, after tuning.apply: TensorFlow, numpy and what imports them read the thread variables at load.
@@ -60,10 +60,10 @@ def rank_worker(spec: dict) -> dict | None:
     from distributed import data as D
     from distributed import hvd
     from distributed import model as M
-    from distributed.train import make_optimizer
+    from distributed.trainer import make_optimizer
 
     if plan is not None:
-        tuning.configure_tensorflow(plan)
+        runtime.configure_tensorflow(plan)
     if not alone:
         hvd.init()
     size = 1 if alone else hvd.size()
@@ -95,7 +95,7 @@ def rank_worker(spec: dict) -> dict | None:
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-               "onednn": tuning.onednn_enabled()}  # what TensorFlow does, not what was asked (auto)
+               "onednn": runtime.onednn_enabled()}  # what TensorFlow does, not what was asked (auto)
     all_threads = hvd.allgather_object(threads)
     if hvd.rank() != 0:
         return None

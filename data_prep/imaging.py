@@ -121,18 +121,31 @@ def load_xray(src, size: int) -> tuple[np.ndarray, dict]:
     (``converted_from`` is ``None`` unless a colour image was turned into gray).
     Raises ``ImageError`` with a short reason for anything unreadable.
     """
+    arr, info, _ = _load_checked(src, size, keep_original=False)
+    return arr, info
+
+
+def load_xray_and_original(src, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
+    """:func:`load_xray` plus the same gray image, min-maxed, at its original size, from ONE decode
+    (``cxr-predict --gradcam`` draws its overlay on it): ``(uint8 (size, size), uint8 (height,
+    width), info)``. A JPEG is decoded at full size here (no DCT-domain downscale)."""
+    arr, info, original = _load_checked(src, size, keep_original=True)
+    return arr, original, info
+
+
+def _load_checked(src, size, keep_original: bool):
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     try:
-        return _load(src, size)
+        return _load(src, size, keep_original)
     except (ImageError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the caller's
         raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from None
 
 
-def _load(src, size: int) -> tuple[np.ndarray, dict]:
+def _load(src, size: int, keep_original: bool = False) -> tuple[np.ndarray, dict, np.ndarray | None]:
     img = _open(src)
     try:
         mode, fmt = img.mode, img.format
@@ -140,7 +153,7 @@ def _load(src, size: int) -> tuple[np.ndarray, dict]:
         if w < 1 or h < 1:
             raise ImageError(f"empty image ({w}x{h})")
         info = {"mode": mode, "format": fmt, "width": w, "height": h, "bits": 8, "converted_from": None}
-        if fmt == "JPEG" and mode in ("L", "RGB", "CMYK", "YCbCr"):
+        if fmt == "JPEG" and mode in ("L", "RGB", "CMYK", "YCbCr") and not keep_original:
             img.draft("L", (size, size))  # DCT-domain downscale: never below the asked size
         try:
             img.load()
@@ -156,9 +169,10 @@ def _load(src, size: int) -> tuple[np.ndarray, dict]:
             info["bits"] = 16 if mode.startswith("I;16") else 32
             if mode != "F":
                 img = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
+            original = _minmax_float(np.asarray(img, dtype=np.float32)) if keep_original else None
             if img.size != (size, size):
                 img = img.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
-            return _minmax_float(np.asarray(img, dtype=np.float32)), info
+            return _minmax_float(np.asarray(img, dtype=np.float32)), info, original
         if mode != "L":
             info["converted_from"] = mode
             if mode in ("LA", "La"):
@@ -167,8 +181,9 @@ def _load(src, size: int) -> tuple[np.ndarray, dict]:
                 img = img.convert("RGBA").convert("L")
             else:
                 img = img.convert("L")
+        original = _minmax_pil(img) if keep_original else None
         if img.size != (size, size):
             img = img.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
-        return _minmax_pil(img), info
+        return _minmax_pil(img), info, original
     finally:
         img.close()

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data_prep.fsutil import atomic_write_json
+from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from distributed import hvd
 
@@ -365,8 +365,6 @@ def read_history(path) -> list[dict]:
 
 def truncate_history(path: Path, epochs: int) -> int:
     """Keep the header and the first ``epochs`` rows (a resumed run drops uncommitted rows)."""
-    from data_prep.fsutil import atomic_write_text
-
     rows = read_history(path)
     if len(rows) <= epochs:
         return len(rows)

@@ -29,8 +29,10 @@ No Horovod here: rank and size are arguments.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
+import h5py
 import numpy as np
 import tensorflow as tf
 
@@ -49,8 +51,6 @@ class SplitData:
     """One split of ``<prep.out>``: shards, targets and metadata (in memory), images on demand."""
 
     def __init__(self, prep_out, split: str, manifest: dict | None = None, cache: bool = False):
-        import h5py  # noqa: F401 - fail here, early, when h5py is missing
-
         self.prep_out = Path(prep_out)
         self.split = split
         self.manifest = manifest or load_manifest(self.prep_out)
@@ -82,8 +82,6 @@ class SplitData:
         return self.n
 
     def _file(self, i: int):
-        import h5py
-
         h = self._handles.get(i)
         if h is None:
             h = self._handles[i] = h5py.File(self.files[i], "r")
@@ -238,8 +236,6 @@ def augment_images(images, aug, seed=None, interpolation: str = "BILINEAR") -> t
 def available_cpus() -> int:
     """CPUs this process may run on (its affinity: a rank bound by ``mpirun --bind-to core``
     sees its own cores only)."""
-    import os
-
     try:
         return max(1, len(os.sched_getaffinity(0)))
     except (AttributeError, OSError):  # not Linux

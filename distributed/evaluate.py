@@ -22,6 +22,10 @@ Test-time augmentation draws ``eval.tta_rounds`` transforms per image with the t
 augmentation (``distributed.data.augment_images``, ``train.augment``) from a stateless seed of
 (train.seed, round, global image index): the result does not depend on the number of ranks or
 the batch size.
+
+This module is imported before TensorFlow: :func:`main` sets the rank's threads first
+(``distributed.runtime.apply``), so the modules that import TensorFlow (``distributed.data``,
+``distributed.model``, ``distributed.gradcam``) are imported inside the functions that use them.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import csv
 import io
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,13 @@ import numpy as np
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
+from data_prep.manifest import ManifestError, load_manifest
+from distributed import hvd
+from distributed import metrics as M
+from distributed import plots
+from distributed import runtime
+from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
+from distributed.report import write_report
 
 CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
@@ -68,9 +80,9 @@ class Predictor:
     """Plain and test-time-augmented class probabilities for batches of uint8 images."""
 
     def __init__(self, model, augment=None, tta_rounds: int = 0, seed: int = 0):
-        import tensorflow as tf
+        import tensorflow as tf  # after runtime.apply (module docstring)
 
-        from distributed.data import augment_images
+        from distributed.data import augment_images  # imports TensorFlow: after runtime.apply
 
         self.model = model
         self.rounds = int(tta_rounds) if augment is not None else 0
@@ -128,8 +140,6 @@ def predict_indices(predictor: Predictor, data, indices: np.ndarray, batch_size:
 
 def gather_predictions(indices, probs, tta, n: int):
     """All ranks' (index, probabilities) in split order; checks each image came back once."""
-    from distributed import hvd
-
     gidx = hvd.allgather(np.asarray(indices, np.int64), name="eval_index")
     gp = hvd.allgather(np.asarray(probs, np.float32), name="eval_probs")
     gt = hvd.allgather(np.asarray(tta, np.float32), name="eval_tta") if tta is not None else None
@@ -201,7 +211,7 @@ def gradcam_groups(y, p, threshold: float, k: int) -> dict:
 
 
 def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, threshold, per_group, log) -> tuple[dict, str]:
-    from distributed.gradcam import GradCAM, overlay, save_grid
+    from distributed.gradcam import GradCAM, overlay, save_grid  # imports TensorFlow: after runtime.apply
 
     cam = GradCAM(model)
     out = {}
@@ -235,8 +245,6 @@ def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, th
 
 
 def console_text(metrics: dict) -> str:
-    from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
-
     plain, tta = metrics["plain"], metrics.get("tta")
     lines = [f"Test split: {metrics['n']} images, {plain['patients']} patients; model {metrics['model']} "
              f"({metrics['checkpoint']}); {metrics['ranks']} rank(s)", ""]
@@ -267,35 +275,32 @@ def console_text(metrics: dict) -> str:
 
 # --------------------------------------------------------------------------- the command
 
+@dataclass(frozen=True)
+class Gathered:
+    """What rank 0 holds once every rank's predictions are gathered: the input of the outputs."""
+    model: object                 # the Keras model (Grad-CAM)
+    model_path: Path
+    manifest: dict
+    data: object                  # distributed.data.SplitData of the test split, open
+    probs: np.ndarray             # (n, K) in split order
+    tta: np.ndarray | None        # (n, K) with test-time augmentation, or None
+    tta_rounds: int
+    ranks: int
+    predict_seconds: np.ndarray   # per rank
+    started: float                # time.time() when the evaluation began
+
+
 def evaluate(cfg) -> dict | None:
     """Run the evaluation described by ``cfg``; returns the metrics on rank 0, None elsewhere.
-    Thread settings (``distributed.tuning.apply``) must be in place before TensorFlow starts."""
-    from distributed import hvd
+    Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts."""
+    from distributed.data import shard_indices  # imports TensorFlow: after runtime.apply
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     run_dir = Path(cfg.run.dir)
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
     t_start = time.time()
-
-    from data_prep.manifest import load_manifest
-    from distributed.data import SplitData, shard_indices
-    from distributed.model import load_model
-
-    model_path = checkpoint_path(run_dir, cfg.eval.checkpoint)
-    manifest = load_manifest(cfg.prep.out)
-    data = SplitData(cfg.prep.out, "test", manifest=manifest)
-    if data.n == 0:
-        raise EvalError(f"{cfg.prep.out}: the test split is empty")
-    multilabel = data.multilabel
-    classes = data.classes
-    model = load_model(model_path)
-    in_size = model.input_shape[1]
-    if in_size is not None and in_size != data.image_size:
-        raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
-    n_out = int(model.output_shape[-1])
-    if n_out != data.num_classes:
-        raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
+    model_path, manifest, data, model = _load_checked(cfg, run_dir)
     if data.n < size:
         log.warning("%d test images for %d ranks: some ranks predict nothing", data.n, size)
     tta_rounds = cfg.eval.tta_rounds if cfg.eval.tta else 0
@@ -305,97 +310,75 @@ def evaluate(cfg) -> dict | None:
              model_path, data.n, size, cfg.eval.batch_size, f"{tta_rounds} rounds" if tta_rounds else "off")
 
     predictor = Predictor(model, cfg.train.augment if tta_rounds else None, tta_rounds, cfg.train.seed)
-    mine = shard_indices(data.n, rank, size)
+    mine = shard_indices(data.n, rank, size)  # Horovod: rank r predicts images r, r+size, ...
     t0 = time.time()
     probs, tta = predict_indices(predictor, data, mine, cfg.eval.batch_size, log)
     t_pred = time.time() - t0
+    # Horovod: rank 0 gets every rank's predictions (and their times), in split order.
     probs, tta = gather_predictions(mine, probs, tta, data.n)
     secs = hvd.allgather(np.array([t_pred], np.float64), name="eval_seconds")
-    if rank != 0:
+    if rank != 0:  # Horovod: one writer per file
         data.close()
         return None
     log.info("predictions gathered: %d images (slowest rank %.1f s, %.1f img/s overall)", data.n,
              float(secs.max()), data.n * (1 + tta_rounds) / max(float(secs.max()), 1e-9))
     try:
-        return _write_outputs(cfg, run_dir, model, model_path, manifest, data, classes, multilabel, probs, tta,
-                              tta_rounds, size, t_start, secs, log)
+        return _write_outputs(cfg, Gathered(model, model_path, manifest, data, probs, tta, tta_rounds, size, secs,
+                                            t_start), log)
     finally:
         data.close()
 
 
-def _write_outputs(cfg, run_dir, model, model_path, manifest, data, classes, multilabel, probs, tta, tta_rounds,
-                   size, t_start, secs, log) -> dict:
-    from distributed import metrics as M
-    from distributed import plots
-    from distributed.report import write_report
+def _load_checked(cfg, run_dir: Path):
+    """The model ``eval.checkpoint`` names and the test split, checked against each other:
+    (model path, manifest, open SplitData, model)."""
+    from distributed.data import SplitData  # imports TensorFlow: after runtime.apply
+    from distributed.model import load_model  # imports TensorFlow: after runtime.apply
 
+    model_path = checkpoint_path(run_dir, cfg.eval.checkpoint)
+    manifest = load_manifest(cfg.prep.out)
+    data = SplitData(cfg.prep.out, "test", manifest=manifest)
+    if data.n == 0:
+        raise EvalError(f"{cfg.prep.out}: the test split is empty")
+    model = load_model(model_path)
+    in_size = model.input_shape[1]
+    if in_size is not None and in_size != data.image_size:
+        raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
+    n_out = int(model.output_shape[-1])
+    if n_out != data.num_classes:
+        raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
+    return model_path, manifest, data, model
+
+
+def _write_outputs(cfg, g: Gathered, log) -> dict:
+    """Rank 0: predictions.csv, metrics, plots, Grad-CAM, metrics.json, report.md, eval_config.yaml."""
+    run_dir, data = Path(cfg.run.dir), g.data
+    multilabel, classes = data.multilabel, data.classes
     meta = data.metadata()
-    groups = np.asarray(meta["patient_id"])
-    subgroups = {"view": meta["view"], "sex": meta["sex"]}
-    threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
     atomic_write_text(run_dir / "predictions.csv",
-                      predictions_csv(meta, classes, multilabel, probs, tta, data.targets if multilabel else None))
-
-    if multilabel:
-        Y = data.targets.astype(int)
-
-        def one(P):
-            return M.multilabel_metrics(Y, P, class_names=classes, threshold=threshold, groups=groups,
-                                        n_boot=n_boot, seed=seed, subgroups=subgroups)
-    else:
-        Y = np.asarray(meta["label"]).astype(int)
-        if not set(np.unique(Y)).issubset({0, 1}):
-            raise EvalError(f"binary test labels must be 0/1, found {sorted(set(np.unique(Y)))}")
-
-        def one(P):
-            return M.binary_metrics(Y, P[:, 1], class_names=classes, threshold=threshold, groups=groups,
-                                    subgroups=subgroups, n_boot=n_boot, seed=seed)
+                      predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None))
     t0 = time.time()
-    plain = one(probs)
-    tta_m = one(tta) if tta is not None else None
+    Y, plain, tta_m = _compute_metrics(cfg, data, meta, g)
     t_metrics = time.time() - t0
-
-    # plots (files of an earlier evaluation that this one would not rewrite are removed first)
+    # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
         (run_dir / rel).unlink(missing_ok=True)
-    plot_files = {}
-    pdir = run_dir / "plots"
-    try:
-        if multilabel:
-            plots.plot_multilabel_roc(pdir / "roc_per_finding.png", plain)
-            plot_files["roc_per_finding"] = "plots/roc_per_finding.png"
-        else:
-            curves = [("plain", plain)] + ([(f"TTA x{tta_rounds}", tta_m)] if tta_m else [])
-            if plain.get("curves"):
-                plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
-                plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
-                plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
-            plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
-                                 title=f"Confusion matrix (threshold {threshold:g})")
-            plot_files["confusion"] = "plots/confusion.png"
-        if plots.plot_history(pdir / "history.png", run_dir / "history.csv", cfg.train.warmup.epochs):
-            plot_files["history"] = "plots/history.png"
-        else:
-            log.warning("no %s: no training curves", run_dir / "history.csv")
-    except Exception as e:  # noqa: BLE001 - a plot never costs the evaluation
-        log.warning("plots incomplete: %s: %s", type(e).__name__, e)
-
-    # Grad-CAM
+    plot_files = _write_plots(cfg, g, Y, plain, tta_m, log)
     cam_files, cam_layer = {}, None
     if cfg.eval.gradcam_per_group > 0:
         try:
-            cam_files, cam_layer = make_gradcam(run_dir, model, data, meta, classes, multilabel, Y, probs, threshold,
-                                                cfg.eval.gradcam_per_group, log)
+            cam_files, cam_layer = make_gradcam(run_dir, g.model, data, meta, classes, multilabel, Y, g.probs,
+                                                cfg.eval.threshold, cfg.eval.gradcam_per_group, log)
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
 
     metrics = {
         "format": 1, "task": "multilabel" if multilabel else "binary", "classes": classes,
-        "positive_class": None if multilabel else classes[1], "model": _rel(model_path, run_dir),
-        "checkpoint": cfg.eval.checkpoint, "image_size": data.image_size, "n": data.n, "ranks": size,
-        "threshold": threshold, "tta_rounds": tta_rounds, "bootstrap": n_boot, "bootstrap_by": "patient",
-        "seconds": time.time() - t_start,
-        "timings": {"predict_per_rank": secs.tolist(), "metrics": t_metrics},
+        "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),
+        "checkpoint": cfg.eval.checkpoint, "image_size": data.image_size, "n": data.n, "ranks": g.ranks,
+        "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
+        "bootstrap_by": "patient", "seconds": time.time() - g.started,
+        "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
     }
     text = console_text(metrics)
@@ -403,11 +386,60 @@ def _write_outputs(cfg, run_dir, model, model_path, manifest, data, classes, mul
     atomic_write_json(run_dir / "metrics.json", _strip_curves(metrics))
     print(text, flush=True)
     save_resolved(cfg, run_dir, "eval_config.yaml")
-    write_report(run_dir, cfg=cfg, manifest=manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
+    write_report(run_dir, cfg=cfg, manifest=g.manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
                  config_yaml=dump_yaml(cfg), console=text)
     log.info("wrote predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)", run_dir,
-             time.time() - t_start)
+             time.time() - g.started)
     return metrics
+
+
+def _compute_metrics(cfg, data, meta: dict, g: Gathered):
+    """(targets, metrics without TTA, metrics with TTA or None), patient-bootstrapped."""
+    groups = np.asarray(meta["patient_id"])
+    subgroups = {"view": meta["view"], "sex": meta["sex"]}
+    threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
+    if data.multilabel:
+        Y = data.targets.astype(int)
+
+        def one(P):
+            return M.multilabel_metrics(Y, P, class_names=data.classes, threshold=threshold, groups=groups,
+                                        n_boot=n_boot, seed=seed, subgroups=subgroups)
+    else:
+        Y = np.asarray(meta["label"]).astype(int)
+        if not set(np.unique(Y)).issubset({0, 1}):
+            raise EvalError(f"binary test labels must be 0/1, found {sorted(set(np.unique(Y)))}")
+
+        def one(P):
+            return M.binary_metrics(Y, P[:, 1], class_names=data.classes, threshold=threshold, groups=groups,
+                                    subgroups=subgroups, n_boot=n_boot, seed=seed)
+    return Y, one(g.probs), (one(g.tta) if g.tta is not None else None)
+
+
+def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
+    """The evaluation's plots under ``plots/``; {name: relative path} of those written."""
+    run_dir, classes = Path(cfg.run.dir), g.data.classes
+    pdir = run_dir / "plots"
+    plot_files = {}
+    try:
+        if g.data.multilabel:
+            plots.plot_multilabel_roc(pdir / "roc_per_finding.png", plain)
+            plot_files["roc_per_finding"] = "plots/roc_per_finding.png"
+        else:
+            curves = [("plain", plain)] + ([(f"TTA x{g.tta_rounds}", tta_m)] if tta_m else [])
+            if plain.get("curves"):
+                plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
+                plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
+                plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
+            plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
+                                 title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
+            plot_files["confusion"] = "plots/confusion.png"
+        if plots.plot_history(pdir / "history.png", run_dir / "history.csv", cfg.train.warmup.epochs):
+            plot_files["history"] = "plots/history.png"
+        else:
+            log.warning("no %s: no training curves", run_dir / "history.csv")
+    except Exception as e:  # noqa: BLE001 - a plot never costs the evaluation
+        log.warning("plots incomplete: %s: %s", type(e).__name__, e)
+    return plot_files
 
 
 def main(argv=None) -> int:
@@ -419,19 +451,14 @@ def main(argv=None) -> int:
     except ConfigError as e:
         print(f"cxr-eval: config error: {e}", file=sys.stderr)
         return 2
-    from distributed import tuning
-
-    plan = tuning.apply(cfg.runtime)
-    tuning.configure_tensorflow(plan)
-    from data_prep.manifest import ManifestError
-
+    plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
+    runtime.configure_tensorflow(plan)
     try:
         evaluate(cfg)
     except (EvalError, ManifestError, FileNotFoundError) as e:
         print(f"cxr-eval: error: {e}", file=sys.stderr)
         return 1
     finally:
-        from distributed import hvd
         hvd.shutdown()
     return 0
 

@@ -12,22 +12,30 @@ logits are centred (z_c - mean z), which for two classes is half the log-odds.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
-import tensorflow as tf
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display: before pyplot is imported
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_prep.fsutil import atomic_write_bytes  # noqa: E402
+from distributed.model import last_conv_layer  # noqa: E402
 
 
 def find_last_conv(model: tf.keras.Model) -> str:
     """The name of the layer Grad-CAM should look at: the model's own answer
     (``distributed.model.last_conv_layer``) when it has one, else the last 4-D conv output."""
     try:
-        from distributed.model import last_conv_layer  # the contract's answer (block5_conv3 for VGG16)
-        name = last_conv_layer(model)
+        name = last_conv_layer(model)  # the contract's answer (block5_conv3 for VGG16)
         if name:
             return name if isinstance(name, str) else name.name
-    except (ImportError, AttributeError, ValueError):
+    except (AttributeError, ValueError):
         pass
     for layer in reversed(model.layers):
         if isinstance(layer, tf.keras.layers.Conv2D):
@@ -105,8 +113,6 @@ def gradcam(model, images, class_index=1, layer_name: str | None = None, batch_s
 
 
 def resize_heat(heat: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
-    from PIL import Image
-
     heat = np.asarray(heat, dtype=np.float32)
     if heat.shape[::-1] == tuple(size_wh):
         return heat
@@ -116,8 +122,6 @@ def resize_heat(heat: np.ndarray, size_wh: tuple[int, int]) -> np.ndarray:
 def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str = "jet") -> np.ndarray:
     """RGB uint8 (H, W, 3) at ``gray``'s size: the heat map (resized) in ``cmap`` over the image.
     Cold regions keep the X-ray visible; hot ones are tinted up to ``alpha``."""
-    import matplotlib
-
     gray = np.asarray(gray)
     if gray.ndim == 3:
         gray = gray[..., 0]
@@ -135,14 +139,6 @@ def overlay(gray: np.ndarray, heat: np.ndarray, alpha: float = 0.45, cmap: str =
 def save_grid(path, tiles: Sequence[np.ndarray], captions: Sequence[str], title: str = "",
               cols: int = 4, tile_inches: float = 2.4) -> Path:
     """Write overlays as one PNG grid with a caption under each (atomic write)."""
-    import io
-
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from data_prep.fsutil import atomic_write_bytes
-
     n = len(tiles)
     cols = max(1, min(cols, n)) if n else 1
     rows = max(1, -(-n // cols))

@@ -5,6 +5,9 @@ Everything else calls these functions and never tests whether Horovod is there. 
 rank 0 of 1, collectives are identities, and the first call says so once. Started by a launcher
 with several ranks but without Horovod, it refuses instead of letting N copies race on one
 run directory.
+
+The commands import this module before TensorFlow (their thread settings come first), so it
+imports neither at the top: :func:`init` imports Horovod, which imports TensorFlow.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ __all__ = ["init", "enabled", "rank", "size", "local_rank", "local_size", "is_ro
            "DistributedOptimizer", "broadcast_callback", "metric_average_callback", "barrier", "shutdown"]
 
 _hvd = None           # horovod.tensorflow.keras once initialised
-_state = {"init": False, "enabled": False}
+_hvd_tf = None        # horovod.tensorflow (object collectives, reduction ops)
+_state = {"init": False, "enabled": False, "version": "?"}
 
 
 def init() -> bool:
     """Initialise Horovod once (idempotent). True when Horovod runs this job."""
-    global _hvd
+    global _hvd, _hvd_tf
     if _state["init"]:
         return _state["enabled"]
     _state["init"] = True
@@ -34,8 +38,12 @@ def init() -> bool:
         reason = "CXR_NO_HOROVOD is set"
     else:
         try:
-            import horovod.tensorflow.keras as hvd_keras  # noqa: WPS433 - the one Horovod import
-            _hvd = hvd_keras
+            # The one Horovod import, here and not at the top: it may fail (then one process), and
+            # it imports TensorFlow, which must wait for the command's thread settings.
+            import horovod
+            import horovod.tensorflow as hvd_tf
+            import horovod.tensorflow.keras as hvd_keras
+            _hvd, _hvd_tf, _state["version"] = hvd_keras, hvd_tf, getattr(horovod, "__version__", "?")
         except Exception as e:  # ImportError, or Horovod built without TensorFlow support
             reason = f"Horovod cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
     if reason is not None:
@@ -43,20 +51,12 @@ def init() -> bool:
             raise RuntimeError(f"{reason}, but the launcher started {env_size()} ranks: each would train alone "
                                f"on the same run directory. Install/build Horovod or start one process.")
         log.warning("%s: training on ONE process (rank 0 of 1), no distributed collectives", reason)
-        _hvd = None
+        _hvd = _hvd_tf = None
         return False
     _hvd.init()
     _state["enabled"] = True
-    log.info("Horovod %s: %d rank(s), %d on this node", _version(), _hvd.size(), _hvd.local_size())
+    log.info("Horovod %s: %d rank(s), %d on this node", _state["version"], _hvd.size(), _hvd.local_size())
     return True
-
-
-def _version():
-    try:
-        import horovod
-        return horovod.__version__
-    except Exception:  # noqa: BLE001
-        return "?"
 
 
 def enabled() -> bool:
@@ -84,62 +84,60 @@ def is_root() -> bool:
 
 
 def _op(op: str):
-    import horovod.tensorflow as hvd_tf
+    return {"average": _hvd_tf.Average, "sum": _hvd_tf.Sum, "max": _hvd_tf.Max, "min": _hvd_tf.Min}[op]
 
-    return {"average": hvd_tf.Average, "sum": hvd_tf.Sum, "max": hvd_tf.Max, "min": hvd_tf.Min}[op]
+
+def _tensor(value):
+    import tensorflow as tf  # already loaded by init()'s Horovod import (module docstring)
+
+    return tf.convert_to_tensor(value)
+
+
+def _no_op_callback():
+    import tensorflow as tf  # the caller is building a Keras model: TensorFlow runs (module docstring)
+
+    return tf.keras.callbacks.Callback()
 
 
 def allreduce(value, op: str = "average", name: str | None = None) -> np.ndarray:
     """Reduce a number/array over ranks (op: average, sum, max, min); numpy result."""
     if not _state["enabled"] or size() == 1:
         return np.asarray(value)
-    import tensorflow as tf
-
-    return _hvd.allreduce(tf.convert_to_tensor(value), op=_op(op), name=name).numpy()
+    return _hvd.allreduce(_tensor(value), op=_op(op), name=name).numpy()
 
 
 def allgather(value, name: str | None = None) -> np.ndarray:
     """Concatenate arrays from all ranks along axis 0 in rank order (first dims may differ)."""
     if not _state["enabled"] or size() == 1:
         return np.asarray(value)
-    import tensorflow as tf
-
-    return _hvd.allgather(tf.convert_to_tensor(value), name=name).numpy()
+    return _hvd.allgather(_tensor(value), name=name).numpy()
 
 
 def allgather_object(obj) -> list:
     """A picklable object from every rank, as a list in rank order."""
     if not _state["enabled"] or size() == 1:
         return [obj]
-    import horovod.tensorflow as hvd_tf
-
-    return hvd_tf.allgather_object(obj)
+    return _hvd_tf.allgather_object(obj)
 
 
 def broadcast(value, root_rank: int = 0, name: str | None = None) -> np.ndarray:
     if not _state["enabled"] or size() == 1:
         return np.asarray(value)
-    import tensorflow as tf
-
-    return _hvd.broadcast(tf.convert_to_tensor(value), root_rank, name=name).numpy()
+    return _hvd.broadcast(_tensor(value), root_rank, name=name).numpy()
 
 
 def broadcast_object(obj, root_rank: int = 0):
     """A picklable object (a dict of resume state, say) from ``root_rank`` to every rank."""
     if not _state["enabled"] or size() == 1:
         return obj
-    import horovod.tensorflow as hvd_tf
-
-    return hvd_tf.broadcast_object(obj, root_rank)
+    return _hvd_tf.broadcast_object(obj, root_rank)
 
 
 def broadcast_variables(variables, root_rank: int = 0) -> None:
     """Overwrite ``variables`` on every rank with root's values (in place)."""
     if not _state["enabled"] or size() == 1:
         return
-    import horovod.tensorflow as hvd_tf
-
-    hvd_tf.broadcast_variables(list(variables), root_rank)
+    _hvd_tf.broadcast_variables(list(variables), root_rank)
 
 
 def DistributedOptimizer(optimizer, **kwargs):  # noqa: N802 - Horovod's name
@@ -152,19 +150,15 @@ def DistributedOptimizer(optimizer, **kwargs):  # noqa: N802 - Horovod's name
 def broadcast_callback(root_rank: int = 0):
     """Horovod's callback broadcasting model and optimizer variables after the first batch (the
     optimizer's slots exist only then); a no-op callback without Horovod."""
-    import tensorflow as tf
-
     if not _state["enabled"] or size() == 1:
-        return tf.keras.callbacks.Callback()
+        return _no_op_callback()
     return _hvd.callbacks.BroadcastGlobalVariablesCallback(root_rank)
 
 
 def metric_average_callback():
     """Horovod's callback averaging the epoch's logged metrics over ranks; no-op without Horovod."""
-    import tensorflow as tf
-
     if not _state["enabled"] or size() == 1:
-        return tf.keras.callbacks.Callback()
+        return _no_op_callback()
     return _hvd.callbacks.MetricAverageCallback()
 
 

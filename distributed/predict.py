@@ -11,21 +11,33 @@ the others still run; the exit code is 1 when any file failed, 0 otherwise (2 fo
 or arguments).
 
 ``--gradcam`` writes a Grad-CAM overlay at the input's ORIGINAL size beside each input file
-(``<name>.gradcam.png``) or, with a folder, into that folder. ``--model`` may be a ``.keras``
+(``<name>.gradcam.png``) or, with a folder, into that folder; each file is decoded once for
+both the network input and the overlay (``load_xray_and_original``). ``--model`` may be a ``.keras``
 file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``). Class names and
 the default threshold come from the run's ``config.yaml`` when one is found beside the model.
+
+TensorFlow is imported only once a model is to be loaded (``distributed.model``,
+``distributed.gradcam``): argument errors answer at once, and ``TF_CPP_MIN_LOG_LEVEL`` is set
+before TensorFlow reads it.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
-from data_prep.imaging import ImageError, load_xray
+from data_prep.config import ConfigError, load_config
+from data_prep.fsutil import atomic_write_bytes
+from data_prep.imaging import ImageError, load_xray, load_xray_and_original
+from data_prep.manifest import load_manifest
+from data_prep.metadata import FINDINGS
 
 
 # --------------------------------------------------------------------------- model and its run
@@ -44,8 +56,6 @@ def resolve_model_path(path) -> Path:
 
 def find_run_config(model_path: Path):
     """The run's resolved config beside the model (run dir or its checkpoints/), or None."""
-    from data_prep.config import ConfigError, load_config
-
     for folder in (model_path.parent, model_path.parent.parent):
         for name in ("config.yaml", "eval_config.yaml"):
             f = folder / name
@@ -61,20 +71,14 @@ def class_names_for(cfg, num_outputs: int, multilabel: bool) -> list[str]:
     """Class names: the manifest's when it can be found, else derived from the config."""
     if cfg is not None:
         try:
-            from data_prep.manifest import load_manifest
-
             classes = list(load_manifest(cfg.prep.out)["classes"])
             if len(classes) == num_outputs:
                 return classes
         except Exception:  # noqa: BLE001 - the manifest is optional here
             pass
     if multilabel:
-        try:
-            from data_prep.metadata import FINDINGS
-            if len(FINDINGS) == num_outputs:
-                return list(FINDINGS)
-        except ImportError:
-            pass
+        if len(FINDINGS) == num_outputs:
+            return list(FINDINGS)
         return [f"finding_{k}" for k in range(num_outputs)]
     if cfg is not None and num_outputs == 2:
         neg = "No Finding" if cfg.data.negative_rule == "no_finding" else f"not {cfg.data.positive_label}"
@@ -83,7 +87,7 @@ def class_names_for(cfg, num_outputs: int, multilabel: bool) -> list[str]:
 
 
 def is_multilabel(model) -> bool:
-    import tensorflow as tf
+    import tensorflow as tf  # loaded with the model already; not at the top (module docstring)
 
     act = getattr(model.layers[-1], "activation", None)
     # The contract: binary ends in a 2-way softmax, multilabel in K sigmoids.
@@ -111,31 +115,28 @@ def overlay_path(src: Path, folder: str | None, used: set) -> Path:
     return out
 
 
-def original_gray(path, info: dict) -> np.ndarray:
-    """The input as gray uint8 at its original size, through load_xray (no second decoder)."""
-    from PIL import Image
+def write_overlay(path, heat: np.ndarray, gray: np.ndarray) -> Path:
+    """The heat map over ``gray`` (the input at its original size) as an RGB PNG at ``path``."""
+    from distributed.gradcam import overlay  # imports TensorFlow (module docstring)
 
-    w, h = int(info["width"]), int(info["height"])
-    gray, _ = load_xray(path, max(w, h))
-    if (w, h) != (gray.shape[1], gray.shape[0]):
-        gray = np.asarray(Image.fromarray(gray).resize((w, h), Image.BILINEAR))
-    return gray
-
-
-def write_overlay(path, heat: np.ndarray, src, info: dict) -> Path:
-    from PIL import Image
-
-    from data_prep.fsutil import atomic_write_bytes
-    from distributed.gradcam import overlay
-    import io
-
-    rgb = overlay(original_gray(src, info), heat)
     buf = io.BytesIO()
-    Image.fromarray(rgb, mode="RGB").save(buf, format="PNG")
+    Image.fromarray(overlay(gray, heat), mode="RGB").save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
 
 
 # --------------------------------------------------------------------------- main
+
+class UsageError(Exception):
+    """A bad model or argument: one error line, exit code 2."""
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """One readable input: its row in the results, the network input, the original-size gray."""
+    row: int
+    image: np.ndarray
+    original: np.ndarray | None  # only with --gradcam
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-predict", description=__doc__.split("\n\n")[0],
@@ -153,55 +154,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"cxr-predict: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
-    images = list(args.images)
     # "--gradcam a.png b.png": argparse took the first image as DIR; it is an image.
     if args.gradcam and Path(args.gradcam).is_file():
-        images.insert(0, args.gradcam)
+        args.images.insert(0, args.gradcam)
         args.gradcam = ""
-    if not images:
+    if not args.images:
         parser.error("no image files given")
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return args
 
+
+def open_model(path):
+    """(model file, Keras model) for ``--model``; UsageError when it cannot be loaded."""
     try:
-        model_path = resolve_model_path(args.model)
+        model_path = resolve_model_path(path)
     except FileNotFoundError as e:
-        return _fail(str(e))
-    from distributed.model import load_model
+        raise UsageError(str(e)) from None
+    from distributed.model import load_model  # imports TensorFlow (module docstring)
 
     try:
-        model = load_model(str(model_path))
+        return model_path, load_model(str(model_path))
     except Exception as e:  # noqa: BLE001 - any load failure is one clear line
-        return _fail(f"{model_path}: cannot load model: {e}")
+        raise UsageError(f"{model_path}: cannot load model: {e}") from None
 
+
+def input_size(model, cfg, requested: int | None) -> int:
+    """The network input size: ``--image-size``, else the model's fixed size, else the run's."""
     shape = model.input_shape
     fixed = shape[1] if shape[1] is not None and shape[1] == shape[2] else None
-    size = args.image_size or fixed
+    size = requested or fixed
+    if size is None and cfg is not None:
+        size = cfg.data.image_size
     if size is None:
-        cfg0 = find_run_config(model_path)
-        size = cfg0.data.image_size if cfg0 is not None else None
-    if size is None:
-        return _fail("the model's input size is not fixed: give --image-size")
+        raise UsageError("the model's input size is not fixed: give --image-size")
     if fixed is not None and size != fixed:
-        return _fail(f"--image-size {size} does not match the model's input size {fixed}")
+        raise UsageError(f"--image-size {size} does not match the model's input size {fixed}")
+    return size
 
-    cfg = find_run_config(model_path)
-    multilabel = is_multilabel(model)
-    names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
-    threshold = args.threshold if args.threshold is not None else (cfg.eval.threshold if cfg is not None else 0.5)
 
-    results, batch, ok_idx = [], [], []
-    for path in images:
+def read_images(paths, size: int, keep_original: bool) -> tuple[list[dict], list[Decoded]]:
+    """A result row per file (an ``error`` where it cannot be read) and the decoded inputs."""
+    results, decoded = [], []
+    for path in paths:
         r = {"file": path}
         try:
-            arr, info = load_xray(path, size)
+            if keep_original:
+                arr, original, info = load_xray_and_original(path, size)
+            else:
+                (arr, info), original = load_xray(path, size), None
         except ImageError as e:
             r["error"] = e.reason
         except Exception as e:  # noqa: BLE001 - one bad file never stops the others
@@ -209,48 +211,82 @@ def main(argv=None) -> int:
         else:
             r.update(width=info["width"], height=info["height"], bits=info["bits"],
                      converted_from=info["converted_from"])
-            r["_info"] = info
-            batch.append(arr)
-            ok_idx.append(len(results))
+            decoded.append(Decoded(len(results), arr, original))
         results.append(r)
+    return results, decoded
 
-    if batch:
-        x = np.stack(batch).astype(np.float32)[..., None]
+
+def add_predictions(results: list[dict], decoded: list[Decoded], probs, names, threshold: float,
+                    multilabel: bool) -> None:
+    for d, p in zip(decoded, probs):
+        r = results[d.row]
+        if multilabel:
+            r["probabilities"] = {n: float(v) for n, v in zip(names, p)}
+            r["findings"] = [n for n, v in zip(names, p) if v >= threshold]
+        else:
+            r["probability"] = float(p)
+            r["label"] = names[-1]
+            r["prediction"] = names[1] if p >= threshold else names[0]
+
+
+def gradcam_classes(out: np.ndarray, probs: np.ndarray, multilabel: bool) -> np.ndarray:
+    """The class each overlay shows: the most probable finding (multi-label), else the positive class."""
+    return np.argmax(probs, axis=1) if multilabel else np.full(len(out), 1 if out.shape[-1] >= 2 else 0)
+
+
+def add_overlays(model, x, cls, results: list[dict], decoded: list[Decoded], folder: str | None,
+                 batch_size: int) -> None:
+    """Grad-CAM of class ``cls[i]`` over input ``i`` at its original size, one PNG per input."""
+    from distributed.gradcam import GradCAM  # imports TensorFlow (module docstring)
+
+    heats = GradCAM(model)(x, cls, batch_size=batch_size)
+    used: set = set()
+    for d, heat in zip(decoded, heats):
+        r = results[d.row]
+        dest = overlay_path(Path(r["file"]), folder, used)
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            write_overlay(dest, heat, d.original)
+            r["gradcam"] = str(dest)
+        except (OSError, ImageError) as e:
+            r["error"] = f"Grad-CAM overlay not written: {getattr(e, 'reason', e)}"
+
+
+def _fail(msg: str) -> int:
+    print(f"cxr-predict: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
+    try:
+        model_path, model = open_model(args.model)
+        cfg = find_run_config(model_path)
+        size = input_size(model, cfg, args.image_size)
+    except UsageError as e:
+        return _fail(str(e))
+    multilabel = is_multilabel(model)
+    names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
+    threshold = args.threshold if args.threshold is not None else (cfg.eval.threshold if cfg is not None else 0.5)
+
+    results, decoded = read_images(args.images, size, keep_original=args.gradcam is not None)
+    if decoded:
+        x = np.stack([d.image for d in decoded]).astype(np.float32)[..., None]
         out = model.predict(x, batch_size=args.batch_size, verbose=0)
         probs = positive_probability(out, multilabel)
-        cam = None
+        add_predictions(results, decoded, probs, names, threshold, multilabel)
         if args.gradcam is not None:
-            from distributed.gradcam import GradCAM
+            add_overlays(model, x, gradcam_classes(out, probs, multilabel), results, decoded, args.gradcam or None,
+                         args.batch_size)
+    return report(results, args.json, model_path, size, threshold, multilabel, names)
 
-            cam = GradCAM(model)
-            if multilabel:
-                cls = np.argmax(probs, axis=1)
-            else:
-                cls = np.full(len(batch), 1 if out.shape[-1] >= 2 else 0)
-            heats = cam(x, cls, batch_size=args.batch_size)
-        used: set = set()
-        for j, i in enumerate(ok_idx):
-            r = results[i]
-            if multilabel:
-                r["probabilities"] = {n: float(v) for n, v in zip(names, probs[j])}
-                r["findings"] = [n for n, v in zip(names, probs[j]) if v >= threshold]
-            else:
-                r["probability"] = float(probs[j])
-                r["label"] = names[-1]
-                r["prediction"] = names[1] if probs[j] >= threshold else names[0]
-            if cam is not None:
-                dest = overlay_path(Path(r["file"]), args.gradcam or None, used)
-                try:
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    write_overlay(dest, heats[j], r["file"], r["_info"])
-                    r["gradcam"] = str(dest)
-                except (OSError, ImageError) as e:
-                    r["error"] = f"Grad-CAM overlay not written: {getattr(e, 'reason', e)}"
-    for r in results:
-        r.pop("_info", None)
 
+def report(results: list[dict], as_json: bool, model_path, size: int, threshold: float, multilabel: bool,
+           names) -> int:
+    """Print the results (JSON or a table), one stderr line per error; the exit code."""
     failed = sum(1 for r in results if "error" in r)
-    if args.json:
+    if as_json:
         doc = {"model": str(model_path), "image_size": int(size), "threshold": threshold,
                "task": "multilabel" if multilabel else "binary", "classes": names, "results": results,
                "failed": failed}

@@ -1,4 +1,8 @@
-"""oneDNN / OpenMP / TensorFlow thread settings per rank, chosen BEFORE TensorFlow is imported.
+"""This rank's thread plan: oneDNN / OpenMP / TensorFlow / Horovod settings from the node's topology.
+
+Pure planning: this module imports no TensorFlow, numpy or Horovod, so the launcher
+(``launch/commands.py``) uses it to build every rank's environment. Putting a plan into a
+process (environment, CPU binding, tf.config) is :mod:`distributed.runtime`.
 
 TensorFlow sizes its thread pools once, when its runtime starts, from ``TF_NUM_INTRAOP_THREADS``
 / ``TF_NUM_INTEROP_THREADS`` (and oneDNN/OpenMP builds from ``OMP_NUM_THREADS``, ``KMP_*``), so
@@ -12,40 +16,33 @@ physical cores, its sockets/NUMA nodes and the number of ranks on the node:
 * ``OMP_NUM_THREADS`` = intra-op threads; ``KMP_AFFINITY``/``KMP_BLOCKTIME`` as configured
   (they only matter to OpenMP builds such as intel-tensorflow; stock TF ignores them);
 * ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset).
-  That default is ON only on x86 CPUs with AVX512_VNNI, AVX512_BF16 or AMX, and OFF on AVX2-only
-  CPUs such as this project's 2-core AMD machine, so ``auto`` does not mean "oneDNN". Whether it
-  pays depends on the CPU, the image size and the threads per rank (BENCHMARKS.md: at 128 px on
-  AVX2 it made one-thread ranks 1.5x faster, at 384 px it made a 2-thread rank 12 % slower), so
-  it stays a measured choice; :func:`onednn_enabled` says what TensorFlow actually does and the
-  training log prints it;
+  That default is ON only on x86 CPUs with AVX512_VNNI, AVX512_BF16 or AMX and OFF on AVX2-only
+  CPUs, so ``auto`` does not mean "oneDNN". Whether oneDNN pays depends on the CPU, the image
+  size and the threads per rank (measurements in BENCHMARKS.md), so it stays a measured choice;
+  ``distributed.runtime.onednn_enabled`` says what TensorFlow actually does and the training
+  log prints it;
 * ``HOROVOD_CYCLE_TIME`` = 50 ms. Horovod's background thread wakes every cycle and, even with
-  nothing to reduce, negotiates with every other rank; its 1 ms default suits GPU steps of tens of
-  ms. Here every core of a rank runs TensorFlow's threads, so each wake-up (and Open MPI's busy
-  polling while it waits for a rank that is descheduled) takes CPU from the step. On this 2-core
-  machine, 2 ranks bound one per core ran a VGG16 fine-tune step in 10.4 s with 1 ms and 7.0 s
-  with 50 ms (two independent processes without Horovod: 7.3 s), see BENCHMARKS.md. A step of
-  seconds loses at most one cycle waiting to start its allreduce.
-
-A rank started by ``horovodrun --gloo`` (which binds nothing) binds itself to its share of the
-node's cores, as ``mpirun --bind-to core`` would (:func:`bind_gloo_rank`).
+  nothing to reduce, negotiates with every other rank; its 1 ms default suits GPU steps of tens
+  of ms. On CPU every core of a rank runs TensorFlow's threads, so each wake-up (and Open MPI's
+  busy polling while it waits for a descheduled rank) takes CPU from the step; a step of seconds
+  loses at most one cycle waiting to start its allreduce. BENCHMARKS.md has the measured step
+  times with 1 ms and 50 ms.
 
 Explicit ``runtime.*`` values win over the rule. :func:`thread_env` is the pure function the
-launcher passes to every rank (``mpirun -x``); :func:`apply` is what a rank calls first.
-Nothing here imports TensorFlow.
+launcher passes to every rank (``mpirun -x``); :func:`rank_cpus` is the share of cores a rank
+binds itself to when the launcher binds nothing (``horovodrun --gloo``).
 """
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Mapping
 
-__all__ = ["Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env", "apply", "rank_cpus",
-           "bind_gloo_rank",
-           "configure_tensorflow", "onednn_enabled", "onednn_note"]
+__all__ = ["AUTO_CYCLE_MS", "Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env",
+           "rank_cpus", "node_cores"]
 
 
 AUTO_CYCLE_MS = 50.0  # HOROVOD_CYCLE_TIME for CPU training (see the module's docstring)
@@ -196,6 +193,12 @@ def detect_topology(sys_root: str | os.PathLike = "/sys") -> Topology:
                     bound_cores=bound, source=source)
 
 
+def node_cores(sys_root: str | os.PathLike = "/sys") -> dict[int, tuple[int, int]] | None:
+    """CPU -> (package, core) of the node's online CPUs from sysfs, or None when unreadable."""
+    found = _from_sys(Path(sys_root))
+    return found[0] if found is not None else None
+
+
 def rank_cpus(cores: Mapping[int, tuple[int, int]], local_rank: int, local_ranks: int) -> set[int]:
     """The CPUs of rank ``local_rank`` of ``local_ranks`` on a node whose ``cores`` map CPU ->
     (package, core): the physical cores in (package, core) order are cut into ``local_ranks``
@@ -208,33 +211,6 @@ def rank_cpus(cores: Mapping[int, tuple[int, int]], local_rank: int, local_ranks
     per = len(physical) // local_ranks
     mine = set(physical[local_rank * per:(local_rank + 1) * per])
     return {cpu for cpu, core in cores.items() if core in mine}
-
-
-def bind_gloo_rank(environ: Mapping[str, str] | None = None, sys_root: str | os.PathLike = "/sys") -> set[int] | None:
-    """Bind this process to its share of the node's cores when ``horovodrun --gloo`` started it.
-
-    Gloo's launcher binds nothing (``--binding-args`` are MPI-only), so every rank could run on
-    every core; under ``--mpi`` the launcher binds. Bound ranks with Gloo ran the VGG16 fine-tune
-    step about 4 % faster than bound ranks with MPI in 4 of 5 pairs (BENCHMARKS.md). Only acts
-    when the process is unbound, there are 2+ ranks on the node and no more than its physical
-    cores. ``environ`` holds horovodrun's variables (``HOROVOD_GLOO_RENDEZVOUS_ADDR``, and the
-    ``HOROVOD_LOCAL_RANK``/``HOROVOD_LOCAL_SIZE`` it always sets with it). Returns the CPUs bound
-    to, or None when it did nothing."""
-    environ = os.environ if environ is None else environ
-    if "HOROVOD_GLOO_RENDEZVOUS_ADDR" not in environ or not hasattr(os, "sched_setaffinity"):
-        return None
-    found = _from_sys(Path(sys_root))
-    if found is None:
-        return None
-    cores = found[0]
-    local_ranks = int(environ.get("HOROVOD_LOCAL_SIZE", "1"))
-    if local_ranks < 2 or os.sched_getaffinity(0) != set(cores):
-        return None
-    cpus = rank_cpus(cores, int(environ.get("HOROVOD_LOCAL_RANK", "0")), local_ranks)
-    if not cpus:
-        return None
-    os.sched_setaffinity(0, cpus)
-    return cpus
 
 
 # --------------------------------------------------------------------------- the rule
@@ -279,86 +255,3 @@ def plan_threads(topology: Topology, local_ranks: int, runtime=None) -> ThreadPl
 def thread_env(topology: Topology, local_ranks: int, runtime=None) -> dict[str, str]:
     """The environment one rank should get (pure: what the launcher passes with ``-x``)."""
     return plan_threads(topology, local_ranks, runtime).env()
-
-
-# --------------------------------------------------------------------------- applying
-
-def apply(runtime=None, local_ranks: int | None = None, topology: Topology | None = None,
-          environ: dict | None = None, log: bool = True) -> ThreadPlan:
-    """Compute this rank's plan and put it into ``os.environ``. Call before importing TensorFlow.
-
-    ``local_ranks`` defaults to the launcher's local size (1 without a launcher).
-    """
-    from data_prep.log import env_local_size, get_logger
-
-    environ = os.environ if environ is None else environ
-    # Gloo's launcher binds nothing: bind this rank to its cores as mpirun --bind-to core would,
-    # before TensorFlow starts its threads (they inherit the mask) and before the topology is read.
-    bound = bind_gloo_rank(environ) if topology is None and environ is os.environ else None
-    topology = topology or detect_topology()
-    local_ranks = env_local_size() if local_ranks is None else local_ranks
-    plan = plan_threads(topology, local_ranks, runtime)
-    logger = get_logger(all_ranks=True)
-    if "tensorflow" in sys.modules and environ is os.environ:
-        logger.warning("thread settings applied after TensorFlow was imported: intra/inter-op "
-                       "threads are set through tf.config where still possible, OMP/KMP may be ignored")
-    changed = []
-    for k, v in plan.env().items():
-        old = environ.get(k)
-        if old is not None and old != v:
-            changed.append(f"{k}={old}->{v}")
-        environ[k] = v
-    if log:
-        logger.info(plan.describe() + (f" (replaced {', '.join(changed)})" if changed else "")
-                    + (f"; bound to CPUs {sorted(bound)} (Gloo launcher)" if bound else ""))
-        if local_ranks > topology.physical_cores and not topology.bound_cores:
-            logger.warning("%d ranks on %d physical cores: oversubscribed, one thread each",
-                           local_ranks, topology.physical_cores)
-    return plan
-
-
-def configure_tensorflow(plan: ThreadPlan) -> bool:
-    """After ``import tensorflow``: make tf.config agree with the plan (the env vars already did
-    when set before import). Returns False when TensorFlow's runtime had already started."""
-    import tensorflow as tf
-
-    try:
-        if tf.config.threading.get_intra_op_parallelism_threads() != plan.intra_op:
-            tf.config.threading.set_intra_op_parallelism_threads(plan.intra_op)
-        if tf.config.threading.get_inter_op_parallelism_threads() != plan.inter_op:
-            tf.config.threading.set_inter_op_parallelism_threads(plan.inter_op)
-        return True
-    except RuntimeError:
-        return False
-
-
-def onednn_enabled() -> bool | None:
-    """Whether this TensorFlow runs its oneDNN custom ops (after ``import tensorflow``; it decides
-    at import from ``TF_ENABLE_ONEDNN_OPTS`` and, unset, from the CPU). None when it cannot say."""
-    try:
-        from tensorflow.python.util import _pywrap_util_port
-    except ImportError:
-        return None
-    return bool(_pywrap_util_port.IsMklEnabled())
-
-
-def onednn_note(plan: ThreadPlan) -> str:
-    """One phrase for the log: what oneDNN does in this process and who decided it."""
-    state = onednn_enabled()
-    what = "unknown" if state is None else ("on" if state else "off")
-    why = "runtime.onednn" if plan.onednn != "auto" else (
-        "TF_ENABLE_ONEDNN_OPTS from the environment" if "TF_ENABLE_ONEDNN_OPTS" in os.environ
-        else "TensorFlow's default for this CPU")
-    return f"oneDNN custom ops {what} ({why})"
-
-
-def effective_threads() -> dict:
-    """What TensorFlow reports now (for logs and tests)."""
-    import tensorflow as tf
-
-    return {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
-            "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
-            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "TF_ENABLE_ONEDNN_OPTS": os.environ.get("TF_ENABLE_ONEDNN_OPTS"),
-            "onednn": onednn_enabled()}
-

@@ -111,3 +111,17 @@ def test_command_line_exit_code(run_dir, images, root):
     doc = json.loads(p.stdout)
     assert doc["failed"] == 1
     assert [("error" in r) for r in doc["results"]] == [False, True]
+
+
+def test_gradcam_decodes_each_file_once(run_dir, images, tmp_path, monkeypatch, capsys):
+    opened = []
+    real_open = data_prep.imaging._open
+    monkeypatch.setattr(data_prep.imaging, "_open", lambda src: opened.append(str(src)) or real_open(src))
+    files = [images["nih1"], images["x16"], images["rgba"]]
+    assert predict.main(["--model", str(run_dir), *files, "--json", "--gradcam", str(tmp_path)]) == 0
+    assert sorted(opened) == sorted(files)
+    for f, wh in ((images["x16"], (512, 300)), (images["rgba"], (400, 512))):
+        net, original, info = data_prep.imaging.load_xray_and_original(f, S)
+        np.testing.assert_array_equal(net, data_prep.imaging.load_xray(f, S)[0])  # the same network input
+        assert original.shape == (wh[1], wh[0]) == (info["height"], info["width"]) and original.dtype == np.uint8
+        assert (int(original.min()), int(original.max())) == (0, 255)  # min-maxed like the network input

@@ -11,7 +11,7 @@ tf = pytest.importorskip("tensorflow")
 from data_prep.config import load_config  # noqa: E402
 from distributed import callbacks as cb  # noqa: E402
 from distributed import model as M  # noqa: E402
-from distributed import train as T  # noqa: E402
+from distributed import trainer as T  # noqa: E402
 
 
 def test_lr_schedule_warms_up_to_size_times_and_decays():
