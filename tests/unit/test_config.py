@@ -57,7 +57,7 @@ def test_unknown_section(tmp_path):
     ("data: 3\n", r"data: expected a mapping"),
     ("model:\n  dropout: 1.5\n", r"model\.dropout: 1\.5 is out of range; allowed \[0\.0, 0\.99\]"),
     ("model:\n  backbone: alexnet\n", r"model\.backbone: 'alexnet' is not allowed; expected one of 'vgg16'"),
-])
+], ids=["int", "bool", "mapping", "range", "choice"])
 def test_bad_value_names_dotted_key(tmp_path, yaml_text, message):
     """Wrong types, values out of range and unknown choices are rejected with the dotted key."""
     with pytest.raises(ConfigError, match=message):
