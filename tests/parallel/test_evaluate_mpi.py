@@ -10,7 +10,6 @@ import os
 import shutil
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +31,6 @@ def _run(args, timeout=600, **kw):
     p = subprocess.run(args, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout, **kw)
     assert p.returncode == 0, f"{' '.join(map(str, args))}\nstdout:\n{p.stdout[-3000:]}\nstderr:\n{p.stderr[-5000:]}"
     return p
-
-
-@lru_cache(maxsize=1)
-def horovod_ok() -> bool:
-    p = subprocess.run([sys.executable, "-c", "import horovod.tensorflow as h; assert h.mpi_built()"],
-                       capture_output=True, env=_env(), timeout=120)
-    return p.returncode == 0
 
 
 def _config(tmp: Path, task: str = "binary") -> Path:
@@ -185,10 +177,9 @@ def test_metrics_json_matches_predictions_csv(binary_run):
         assert 0.0 <= mm["youden"]["threshold"] <= 1.0
 
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun (Open MPI) not installed")
+@pytest.mark.needs_mpirun
+@pytest.mark.needs_horovod
 def test_two_ranks_give_the_same_predictions(binary_run, tmp_path):
-    if not horovod_ok():
-        pytest.skip("Horovod (TensorFlow + MPI) is not built in this environment")
     cfg, run, _ = binary_run
     run2 = tmp_path / "run2"
     shutil.copytree(run / "checkpoints", run2 / "checkpoints")

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,14 +19,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _horovod_ok() -> bool:
-    if shutil.which("horovodrun") is None:
-        return False
-    p = subprocess.run([sys.executable, "-c", "import horovod.tensorflow.keras"], capture_output=True)
-    return p.returncode == 0
-
-
-pytestmark = pytest.mark.skipif(not _horovod_ok(), reason="Horovod with TensorFlow (horovodrun) not available")
+pytestmark = pytest.mark.needs_horovod  # skipped without it, a failure under CI=true (tests/conftest.py)
 
 
 def _run(cmd, env=None, timeout=600):

@@ -51,20 +51,17 @@ def test_unknown_section(tmp_path):
         load_config(write(tmp_path, "trian: {}\n"))
 
 
-def test_wrong_type_names_dotted_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"train\.batch_size: expected an integer, got 'big'"):
-        load_config(write(tmp_path, "train:\n  batch_size: big\n"))
-    with pytest.raises(ConfigError, match=r"train\.finetune\.nesterov: expected true or false"):
-        load_config(write(tmp_path, "train:\n  finetune:\n    nesterov: 1\n"))
-    with pytest.raises(ConfigError, match=r"data: expected a mapping"):
-        load_config(write(tmp_path, "data: 3\n"))
-
-
-def test_out_of_range_and_choices(tmp_path):
-    with pytest.raises(ConfigError, match=r"model\.dropout: 1\.5 is out of range; allowed \[0\.0, 0\.99\]"):
-        load_config(write(tmp_path, "model:\n  dropout: 1.5\n"))
-    with pytest.raises(ConfigError, match=r"model\.backbone: 'alexnet' is not allowed; expected one of 'vgg16'"):
-        load_config(write(tmp_path, "model:\n  backbone: alexnet\n"))
+@pytest.mark.parametrize("yaml_text, message", [
+    ("train:\n  batch_size: big\n", r"train\.batch_size: expected an integer, got 'big'"),
+    ("train:\n  finetune:\n    nesterov: 1\n", r"train\.finetune\.nesterov: expected true or false"),
+    ("data: 3\n", r"data: expected a mapping"),
+    ("model:\n  dropout: 1.5\n", r"model\.dropout: 1\.5 is out of range; allowed \[0\.0, 0\.99\]"),
+    ("model:\n  backbone: alexnet\n", r"model\.backbone: 'alexnet' is not allowed; expected one of 'vgg16'"),
+], ids=["int", "bool", "mapping", "range", "choice"])
+def test_bad_value_names_dotted_key(tmp_path, yaml_text, message):
+    """Wrong types, values out of range and unknown choices are rejected with the dotted key."""
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, yaml_text))
 
 
 def test_set_overrides_are_typed():

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import shlex
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -297,10 +296,9 @@ def test_error_mpirun_not_found(tmp_path, cfg_file):
     one_sentence_error(r, "mpirun not found")
 
 
+@pytest.mark.needs_mpirun
 def test_error_host_that_does_not_answer(tmp_path, cfg_file):
     make_inputs(tmp_path)
-    if not shutil.which("mpirun"):
-        pytest.skip("mpirun not installed")
     r = launch("prep", "--config", cfg_file, "--hosts", "cxr-no-such-host.invalid:2", "--cluster",
                node_file(tmp_path, 1, 2))
     one_sentence_error(r, "cxr-no-such-host.invalid does not answer")
@@ -367,7 +365,7 @@ def test_pipeline_skips_complete_stages_and_resumes(tmp_path, cfg_file):
 
 # --------------------------------------------------------------------------- real ranks
 
-@pytest.mark.skipif(shutil.which("mpirun") is None, reason="mpirun not installed")
+@pytest.mark.needs_mpirun
 def test_every_rank_gets_binding_and_threads():
     """Run the generated mpirun line with a probe instead of the stage: each rank reports."""
     probe = ("import os;r=os.environ.get('OMPI_COMM_WORLD_RANK');"

@@ -90,9 +90,29 @@ def test_detect_topology_from_sysfs_counts_physical_cores(tmp_path, monkeypatch)
 
 
 def test_detect_topology_of_this_machine_is_sane():
+    """This machine's topology against an independent reading: ``lscpu -p`` (util-linux), or
+    /proc/cpuinfo where lscpu is missing."""
     t = tuning.detect_topology()
-    assert 1 <= t.physical_cores <= (os.cpu_count() or 1)
-    assert t.sockets >= 1
+    try:
+        rows = [line.split(",") for line in subprocess.run(
+            ["lscpu", "-p=CPU,CORE,SOCKET"], capture_output=True, text=True, check=True).stdout.splitlines()
+            if line and not line.startswith("#")]
+        cores = {int(cpu): (sock, core) for cpu, core, sock in rows}
+    except (OSError, subprocess.CalledProcessError):
+        blocks = [dict(kv.split(":", 1) for kv in b.splitlines() if ":" in kv)
+                  for b in Path("/proc/cpuinfo").read_text().split("\n\n") if b.strip()]
+        blocks = [{k.strip(): v.strip() for k, v in b.items()} for b in blocks]
+        if not all("physical id" in b and "core id" in b for b in blocks):
+            pytest.skip("neither lscpu nor /proc/cpuinfo's physical/core ids to compare with")
+        cores = {int(b["processor"]): (b["physical id"], b["core id"]) for b in blocks}
+    assert t.logical_cpus == len(cores)
+    assert t.physical_cores == len(set(cores.values())) <= t.logical_cpus
+    assert t.sockets == len({sock for sock, _ in cores.values()}) <= t.physical_cores
+    mask = os.sched_getaffinity(0)
+    if mask >= set(cores):  # unbound: the whole node is this process' share
+        assert t.bound_cores is None and len(mask) == t.logical_cpus
+    else:
+        assert t.bound_cores == len({cores[c] for c in mask if c in cores})
 
 
 def test_tuning_does_not_import_tensorflow():
