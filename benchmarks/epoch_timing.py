@@ -6,7 +6,7 @@ runs in its own process (its own interpreter or a cached venv, its own environme
 
 * the model of the article's setup (``distributed.model.build_model``: VGG16, 384x384, weights
   none: the weights do not change the cost), the phase's freezing (``set_trainable``) and
-  optimizer (``distributed.train.make_optimizer``), the config's batch size;
+  optimizer (``distributed.trainer.make_optimizer``), the config's batch size;
 * input: random images kept in memory, augmented in-graph exactly as in training
   (``distributed.data.augment_images``), so disk I/O is not timed;
 * per phase: W untimed steps, then K timed steps, repeated R times (``fit`` of W+K steps; the
@@ -241,7 +241,7 @@ def worker(spec: dict) -> dict:
         out["env"] = {k: os.environ[k] for k in THREAD_VARS if k in os.environ}
     if spec.get("fake"):
         return _fake_worker(spec, cfg, out)
-    # Only now, after tuning.apply: TensorFlow, numpy and what imports them read the thread variables at load.
+    # Only now, after runtime.apply: TensorFlow, numpy and what imports them read the thread variables at load.
     import numpy as np
     import tensorflow as tf
 

@@ -4,7 +4,7 @@ Does the real input pipeline keep up with the training step? The issue's target:
 pipeline with augmentation reaches at least 0.95x the throughput of the same steps fed from
 in-memory random tensors. In ONE process (one rank, threads as ``distributed.tuning`` sets them
 for training), the article's fine-tune step (``distributed.model.build_model``, ``set_trainable``
-"finetune", ``distributed.train.make_optimizer`` "finetune" in Horovod's DistributedOptimizer,
+"finetune", ``distributed.trainer.make_optimizer`` "finetune" in Horovod's DistributedOptimizer,
 compiled with the training loss and metric; VGG16, weights none) is fed by
 
 * ``real``: ``distributed.data.train_dataset`` over the prep stage's HDF5 shards of the training

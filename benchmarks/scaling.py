@@ -51,9 +51,7 @@ def rank_worker(spec: dict) -> dict | None:
     alone = spec["mode"] == "independent"  # tuned layout, no Horovod collective while timing
     if spec["mode"] in ("tuned", "independent"):
         plan = runtime.apply(cfg.runtime, log=False)
-    import statistics
-
-    # Only now, after tuning.apply: TensorFlow, numpy and what imports them read the thread variables at load.
+    # Only now, after runtime.apply: TensorFlow, numpy and what imports them read the thread variables at load.
     import numpy as np
     import tensorflow as tf
 

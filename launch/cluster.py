@@ -31,7 +31,7 @@ class ClusterConfig:
     network_interface: str = ""           # e.g. eth0, ib0; empty = MPI's choice
     mpi: str = "openmpi"                  # openmpi | mpich | intelmpi
     launcher: str = "horovodrun"          # train/evaluate: horovodrun | mpirun (prep is always mpirun)
-    horovod_controller: str = "mpi"       # horovodrun --mpi (mpirun binds) or --gloo (each rank binds itself, distributed.tuning)
+    horovod_controller: str = "mpi"       # horovodrun --mpi (mpirun binds) or --gloo (each rank binds itself, distributed.runtime)
     python: str = ""                      # interpreter on every node; empty = this one (shared file system)
     ssh_port: int = 0                     # 0 = ssh's default
     check_hosts: bool = True              # probe remote hosts with a short ssh before starting
