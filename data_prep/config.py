@@ -123,6 +123,9 @@ class TrainConfig:
     steps_per_epoch: int = _f(0, "cap on steps per epoch (smoke tests); 0 = the whole training split", 0)
     validation_steps: int = _f(0, "cap on validation steps; 0 = the whole validation split", 0)
     cache: bool = _f(False, "keep decoded training images in memory after the first epoch")
+    allreduce_compression: Literal["none", "fp16"] = _f(
+        "none", "Horovod gradient compression for the allreduce: none, or fp16 (halves the bytes sent; for "
+                "bandwidth-bound multi-node runs; see BENCHMARKS.md)")
     augment: AugmentConfig = _f(AugmentConfig(), "")
     warmup: WarmupConfig = _f(WarmupConfig(), "")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "")
@@ -141,6 +144,10 @@ class RuntimeConfig:
     data_threads: int = _f(0, "tf.data parallelism; 0 = autotune", 0)
     data_autotune: Literal["auto", "on", "off"] = _f("auto", "tf.data autotuning: on, off, or auto (on, but off for "
                                                     "validation on a one-CPU rank: there it delays each pass's end)")
+    precision: Literal["auto", "float32", "mixed_bfloat16"] = _f(
+        "auto", "compute precision: float32, mixed_bfloat16 (Keras mixed precision: bfloat16 compute, float32 "
+                "weights, loss and outputs; oneDNN is turned on for it), or auto = mixed_bfloat16 on CPUs with "
+                "AMX-BF16 when oneDNN runs, float32 elsewhere (bfloat16 without AMX is emulated and slow)")
     horovod_cycle_ms: float = _f(0.0, "HOROVOD_CYCLE_TIME in ms: how often Horovod's background thread negotiates "
                                  "with the other ranks; 0 = auto (50 ms: CPU steps take seconds, Horovod's 1 ms "
                                  "default is for GPUs)", 0.0, 10000.0)

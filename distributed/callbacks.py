@@ -41,6 +41,7 @@ class RunState:
     complete: bool = False
     size: int = 1
     writer_rank: int = 0
+    precision: str = "float32"     # compute precision of the epochs so far (runtime.precision)
 
     def to_json(self) -> dict:
         d = asdict(self)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -290,9 +291,11 @@ class Gathered:
     started: float                # time.time() when the evaluation began
 
 
-def evaluate(cfg) -> dict | None:
+def evaluate(cfg, precision: str = "float32") -> dict | None:
     """Run the evaluation described by ``cfg``; returns the metrics on rank 0, None elsewhere.
-    Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts."""
+    Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts.
+    ``precision``: the compute precision the model is converted to (``runtime.configure_precision``);
+    probabilities are float32 either way."""
     from distributed.data import shard_indices  # imports TensorFlow: after runtime.apply
 
     hvd.init()
@@ -300,14 +303,15 @@ def evaluate(cfg) -> dict | None:
     run_dir = Path(cfg.run.dir)
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
     t_start = time.time()
-    model_path, manifest, data, model = _load_checked(cfg, run_dir)
+    model_path, manifest, data, model = _load_checked(cfg, run_dir, precision)
     if data.n < size:
         log.warning("%d test images for %d ranks: some ranks predict nothing", data.n, size)
     tta_rounds = cfg.eval.tta_rounds if cfg.eval.tta else 0
     if tta_rounds and not cfg.train.augment.enabled:
         log.warning("train.augment.enabled is false: TTA still uses the train.augment transform ranges")
-    log.info("evaluating %s on %d test images over %d rank(s), batch %d per rank, TTA %s",
-             model_path, data.n, size, cfg.eval.batch_size, f"{tta_rounds} rounds" if tta_rounds else "off")
+    log.info("evaluating %s on %d test images over %d rank(s), batch %d per rank, TTA %s, precision %s",
+             model_path, data.n, size, cfg.eval.batch_size, f"{tta_rounds} rounds" if tta_rounds else "off",
+             precision)
 
     predictor = Predictor(model, cfg.train.augment if tta_rounds else None, tta_rounds, cfg.train.seed)
     mine = shard_indices(data.n, rank, size)  # Horovod: rank r predicts images r, r+size, ...
@@ -329,7 +333,7 @@ def evaluate(cfg) -> dict | None:
         data.close()
 
 
-def _load_checked(cfg, run_dir: Path):
+def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     """The model ``eval.checkpoint`` names and the test split, checked against each other:
     (model path, manifest, open SplitData, model)."""
     from distributed.data import SplitData  # imports TensorFlow: after runtime.apply
@@ -340,7 +344,7 @@ def _load_checked(cfg, run_dir: Path):
     data = SplitData(cfg.prep.out, "test", manifest=manifest)
     if data.n == 0:
         raise EvalError(f"{cfg.prep.out}: the test split is empty")
-    model = load_model(model_path)
+    model = load_model(model_path, precision=precision)
     in_size = model.input_shape[1]
     if in_size is not None and in_size != data.image_size:
         raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
@@ -348,6 +352,14 @@ def _load_checked(cfg, run_dir: Path):
     if n_out != data.num_classes:
         raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
     return model_path, manifest, data, model
+
+
+def _training_precision(run_dir: Path) -> str:
+    """The precision the run trained in, from its checkpoint state ("unknown" for older runs)."""
+    try:
+        return json.loads((run_dir / "checkpoints" / "state.json").read_text()).get("precision", "unknown")
+    except (OSError, ValueError):
+        return "unknown"
 
 
 def _write_outputs(cfg, g: Gathered, log) -> dict:
@@ -364,6 +376,8 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     for rel in STALE_OUTPUTS:
         (run_dir / rel).unlink(missing_ok=True)
     plot_files = _write_plots(cfg, g, Y, plain, tta_m, log)
+    from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
+
     cam_files, cam_layer = {}, None
     if cfg.eval.gradcam_per_group > 0:
         try:
@@ -380,6 +394,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "bootstrap_by": "patient", "seconds": time.time() - g.started,
         "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
+        "precision": {"evaluation": precision_of(g.model), "training": _training_precision(run_dir)},
     }
     text = console_text(metrics)
     metrics["console"] = text
@@ -454,7 +469,7 @@ def main(argv=None) -> int:
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:
-        evaluate(cfg)
+        evaluate(cfg, precision=runtime.configure_precision(plan))
     except (EvalError, ManifestError, FileNotFoundError) as e:
         print(f"cxr-eval: error: {e}", file=sys.stderr)
         return 1

@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from data_prep.fsutil import atomic_write_bytes  # noqa: E402
-from distributed.model import last_conv_layer  # noqa: E402
+from distributed.model import convert_precision, last_conv_layer  # noqa: E402
 
 
 def find_last_conv(model: tf.keras.Model) -> str:
@@ -51,7 +51,8 @@ class GradCAM:
     """Reusable Grad-CAM for one model and layer (builds the two-output model once)."""
 
     def __init__(self, model: tf.keras.Model, layer_name: str | None = None):
-        self.model = model
+        # Gradients in float32: a bfloat16 model's 8-bit mantissa would quantise the heat map.
+        self.model = model = convert_precision(model, "float32")
         self.layer_name = layer_name or find_last_conv(model)
         conv = model.get_layer(self.layer_name).output
         head = model.layers[-1]

@@ -140,11 +140,15 @@ def broadcast_variables(variables, root_rank: int = 0) -> None:
     _hvd_tf.broadcast_variables(list(variables), root_rank)
 
 
-def DistributedOptimizer(optimizer, **kwargs):  # noqa: N802 - Horovod's name
-    """Wrap a Keras optimizer so gradients are averaged over ranks before they are applied."""
+def DistributedOptimizer(optimizer, compression: str = "none", **kwargs):  # noqa: N802 - Horovod's name
+    """Wrap a Keras optimizer so gradients are averaged over ranks before they are applied;
+    ``compression`` ``fp16`` sends them as float16 (Horovod's ``Compression.fp16``)."""
     if not _state["enabled"] or size() == 1:
         return optimizer
-    return _hvd.DistributedOptimizer(optimizer, **kwargs)
+    if compression not in ("none", "fp16"):
+        raise ValueError(f"train.allreduce_compression: {compression!r} is not none or fp16")
+    comp = _hvd.Compression.fp16 if compression == "fp16" else _hvd.Compression.none
+    return _hvd.DistributedOptimizer(optimizer, compression=comp, **kwargs)
 
 
 def broadcast_callback(root_rank: int = 0):

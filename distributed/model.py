@@ -11,6 +11,7 @@ No Horovod, no MPI here: the same model serves training, evaluation and predicti
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import tensorflow as tf
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES",
-           "imagenet_weights_file", "copy_weights"]
+           "imagenet_weights_file", "copy_weights", "precision_of", "convert_precision", "PRECISIONS"]
 
 _APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
 # backbone -> (constructor, preprocess mode, ImageNet no-top weights file, its download URL folder)
@@ -35,6 +36,9 @@ _PREPROCESS = {  # the backbone modules' own preprocess_input (imagenet_utils mo
     "tf": lambda x: tf.keras.applications.mobilenet_v2.preprocess_input(x),
 }
 HEAD_LAYERS = ("head_gap", "head_dense", "head_dropout", "predictions")
+PRECISIONS = ("float32", "mixed_bfloat16")  # runtime.precision once chosen (distributed.precision)
+# Layers that compute in float32 whatever the policy: exact pixel arithmetic in, softmax and loss out.
+FLOAT32_LAYERS = ("gray_to_rgb", "preprocess", "predictions")
 
 
 class WeightsUnavailable(RuntimeError):
@@ -134,29 +138,48 @@ def _load_weight_file(path: str, base: tf.keras.Model, model: tf.keras.Model, ba
     raise WeightsUnavailable(f"cannot load {p} into a {backbone} model; " + "; ".join(errors))
 
 
-def build_model(model_cfg, image_size: int, num_classes: int, multilabel: bool = False) -> tf.keras.Model:
+@contextlib.contextmanager
+def _policy(precision: str):
+    """Keras' global dtype policy while layers are made (the applications take no dtype argument)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"runtime.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    old = tf.keras.mixed_precision.global_policy()
+    tf.keras.mixed_precision.set_global_policy(precision)
+    try:
+        yield
+    finally:
+        tf.keras.mixed_precision.set_global_policy(old)
+
+
+def build_model(model_cfg, image_size: int, num_classes: int, multilabel: bool = False,
+                precision: str = "float32") -> tf.keras.Model:
     """The network for ``model_cfg`` (the config's ``model`` section: backbone, weights,
-    dense_units, dropout), square gray input of ``image_size`` pixels, ``num_classes`` outputs."""
+    dense_units, dropout), square gray input of ``image_size`` pixels, ``num_classes`` outputs.
+
+    ``precision`` ``mixed_bfloat16``: the backbone and the head compute in bfloat16 with float32
+    variables; the input layers (gray to RGB, preprocessing: exact pixel arithmetic) and the
+    classifier (softmax/sigmoid and so the loss) stay float32 (``FLOAT32_LAYERS``)."""
     backbone = model_cfg.backbone
     if backbone not in BACKBONES:
         raise ValueError(f"model.backbone: {backbone!r} is not one of {sorted(BACKBONES)}")
     ctor, mode, _, _ = BACKBONES[backbone]
-    image = tf.keras.Input((image_size, image_size, 1), dtype="float32", name="image")
-    x = GrayToRGB(name="gray_to_rgb")(image)
-    x = BackbonePreprocess(mode, name="preprocess")(x)
-    if ctor is None:
-        features = _tiny_backbone(x)
-    else:
-        # input_tensor=: the backbone's layers are built on our tensor, flat in one graph
-        app = getattr(tf.keras.applications, ctor)
-        features = app(include_top=False, weights=None, input_tensor=x).output
-    base = tf.keras.Model(image, features, name=f"{backbone}_base")
-    h = tf.keras.layers.GlobalAveragePooling2D(name="head_gap")(features)
-    h = tf.keras.layers.Dense(model_cfg.dense_units, activation="relu", name="head_dense")(h)
-    h = tf.keras.layers.Dropout(model_cfg.dropout, name="head_dropout")(h)
-    out = tf.keras.layers.Dense(num_classes, activation="sigmoid" if multilabel else "softmax",
-                                dtype="float32", name="predictions")(h)
-    model = tf.keras.Model(image, out, name=f"cxr_{backbone}")
+    with _policy(precision):
+        image = tf.keras.Input((image_size, image_size, 1), dtype="float32", name="image")
+        x = GrayToRGB(name="gray_to_rgb", dtype="float32")(image)
+        x = BackbonePreprocess(mode, name="preprocess", dtype="float32")(x)
+        if ctor is None:
+            features = _tiny_backbone(x)
+        else:
+            # input_tensor=: the backbone's layers are built on our tensor, flat in one graph
+            app = getattr(tf.keras.applications, ctor)
+            features = app(include_top=False, weights=None, input_tensor=x).output
+        base = tf.keras.Model(image, features, name=f"{backbone}_base")
+        h = tf.keras.layers.GlobalAveragePooling2D(name="head_gap")(features)
+        h = tf.keras.layers.Dense(model_cfg.dense_units, activation="relu", name="head_dense")(h)
+        h = tf.keras.layers.Dropout(model_cfg.dropout, name="head_dropout")(h)
+        out = tf.keras.layers.Dense(num_classes, activation="sigmoid" if multilabel else "softmax",
+                                    dtype="float32", name="predictions")(h)
+        model = tf.keras.Model(image, out, name=f"cxr_{backbone}")
     weights = (model_cfg.weights or "none").strip()
     if weights.lower() == "imagenet":
         _load_weight_file(_imagenet_path(backbone), base, model, backbone)
@@ -165,9 +188,37 @@ def build_model(model_cfg, image_size: int, num_classes: int, multilabel: bool =
     return model
 
 
-def load_model(path, compile: bool = False) -> tf.keras.Model:
+def precision_of(model) -> str:
+    """The compute precision a model was built with: its backbone's (first Conv2D's) dtype policy."""
+    for layer in model.layers:
+        if isinstance(layer, tf.keras.layers.Conv2D):
+            return layer.dtype_policy.name
+    return model.layers[-1].dtype_policy.name
+
+
+def convert_precision(model, precision: str):
+    """``model`` computing in ``precision``: the model itself when it already does, else the same
+    architecture rebuilt with that policy and the weights copied (variables are float32 under
+    both policies, so nothing is rounded). ``FLOAT32_LAYERS`` stay float32."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"runtime.precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision_of(model) == precision:
+        return model
+    config = model.get_config()
+    for layer in config["layers"]:
+        if layer["class_name"] != "InputLayer" and layer["config"]["name"] not in FLOAT32_LAYERS:
+            layer["config"]["dtype"] = tf.keras.mixed_precision.Policy(precision)
+    with tf.keras.utils.custom_object_scope(CUSTOM_OBJECTS):
+        new = tf.keras.Model.from_config(config, custom_objects=CUSTOM_OBJECTS)
+    copy_weights(model, new)
+    return new
+
+
+def load_model(path, compile: bool = False, precision: str | None = None) -> tf.keras.Model:
     """A model saved by training (``model.keras``, ``checkpoints/{best,last}.keras``; also ``.h5``
-    and Keras SavedModel folders), custom layers known. Not compiled unless ``compile``."""
+    and Keras SavedModel folders), custom layers known. Not compiled unless ``compile``.
+    ``precision``: convert to that compute precision (:func:`convert_precision`); None keeps
+    the one it was saved with."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}")
@@ -175,7 +226,8 @@ def load_model(path, compile: bool = False) -> tf.keras.Model:
         raise ValueError(f"{p} is an inference-only SavedModel (serving): load it with "
                          f"tf.saved_model.load(path).serve(images), or pass the run's model.keras here")
     with tf.keras.utils.custom_object_scope(CUSTOM_OBJECTS):
-        return tf.keras.models.load_model(str(p), custom_objects=CUSTOM_OBJECTS, compile=compile)
+        model = tf.keras.models.load_model(str(p), custom_objects=CUSTOM_OBJECTS, compile=compile)
+    return model if precision is None or compile else convert_precision(model, precision)
 
 
 def copy_weights(src, dst) -> int:

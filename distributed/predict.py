@@ -38,6 +38,7 @@ from data_prep.fsutil import atomic_write_bytes
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
+from distributed.precision import plan_precision
 
 
 # --------------------------------------------------------------------------- model and its run
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold; default: the run's eval.threshold, else 0.5")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default="auto",
+                   help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32); "
+                        "probabilities are float32 either way")
     return p
 
 
@@ -166,8 +170,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def open_model(path):
-    """(model file, Keras model) for ``--model``; UsageError when it cannot be loaded."""
+def open_model(path, precision: str | None = None):
+    """(model file, Keras model computing in ``precision``) for ``--model``; UsageError when it
+    cannot be loaded."""
     try:
         model_path = resolve_model_path(path)
     except FileNotFoundError as e:
@@ -175,7 +180,7 @@ def open_model(path):
     from distributed.model import load_model  # imports TensorFlow (module docstring)
 
     try:
-        return model_path, load_model(str(model_path))
+        return model_path, load_model(str(model_path), precision=precision)
     except Exception as e:  # noqa: BLE001 - any load failure is one clear line
         raise UsageError(f"{model_path}: cannot load model: {e}") from None
 
@@ -260,8 +265,12 @@ def _fail(msg: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
+    # bfloat16 needs oneDNN, which TensorFlow reads at import: decide before open_model imports it.
+    precision = plan_precision(args.precision, environ=os.environ)
+    if precision.onednn_env:
+        os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
     try:
-        model_path, model = open_model(args.model)
+        model_path, model = open_model(args.model, precision.precision)
         cfg = find_run_config(model_path)
         size = input_size(model, cfg, args.image_size)
     except UsageError as e:

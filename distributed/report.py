@@ -174,6 +174,9 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                                              if metrics["task"] == "binary" else f" — {len(metrics['classes'])} findings")],
                  ["model", f"`{metrics['model']}` (eval.checkpoint = {metrics['checkpoint']})"],
                  ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"],
+                 *([["precision", f"trained in {metrics['precision']['training']}, evaluated in "
+                                  f"{metrics['precision']['evaluation']} (runtime.precision; probabilities are float32)"]]
+                   if metrics.get("precision") else []),
                  ["test set", f"{metrics['n']} images of {plain['patients']} patients"],
                  ["evaluation", f"{metrics['ranks']} rank(s), {metrics['seconds']:.1f} s; test-time augmentation: "
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],

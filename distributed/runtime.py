@@ -11,14 +11,16 @@ threads.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from typing import Mapping
 
 from data_prep.log import env_local_size, get_logger
+from distributed.precision import plan_precision
 from distributed.tuning import Topology, ThreadPlan, detect_topology, node_cores, plan_threads, rank_cpus
 
-__all__ = ["apply", "bind_gloo_rank", "configure_tensorflow", "onednn_enabled", "onednn_note", "effective_threads"]
+__all__ = ["apply", "bind_gloo_rank", "configure_tensorflow", "configure_precision", "onednn_enabled", "onednn_note", "effective_threads"]
 
 
 def bind_gloo_rank(environ: Mapping[str, str] | None = None, sys_root: str | os.PathLike = "/sys") -> set[int] | None:
@@ -60,12 +62,19 @@ def apply(runtime=None, local_ranks: int | None = None, topology: Topology | Non
     topology = topology or detect_topology()
     local_ranks = env_local_size() if local_ranks is None else local_ranks
     plan = plan_threads(topology, local_ranks, runtime)
+    # The compute precision for this rank's CPU; bfloat16 needs oneDNN, which TensorFlow reads at import.
+    precision = plan_precision(getattr(runtime, "precision", "float32") if runtime is not None else "float32",
+                               plan.onednn, environ=environ)
+    plan = dataclasses.replace(plan, precision=precision)
     logger = get_logger(all_ranks=True)
     if "tensorflow" in sys.modules and environ is os.environ:
         logger.warning("thread settings applied after TensorFlow was imported: intra/inter-op "
                        "threads are set through tf.config where still possible, OMP/KMP may be ignored")
     changed = []
-    for k, v in plan.env().items():
+    env = plan.env()
+    if precision.onednn_env:
+        env["TF_ENABLE_ONEDNN_OPTS"] = precision.onednn_env
+    for k, v in env.items():
         old = environ.get(k)
         if old is not None and old != v:
             changed.append(f"{k}={old}->{v}")
@@ -92,6 +101,19 @@ def configure_tensorflow(plan: ThreadPlan) -> bool:
         return True
     except RuntimeError:
         return False
+
+
+def configure_precision(plan: ThreadPlan) -> str:
+    """After ``import tensorflow``: the precision this process computes in, checked against what
+    TensorFlow really runs. A bfloat16 plan whose oneDNN did not come on (the user's
+    ``TF_ENABLE_ONEDNN_OPTS=0``, or TensorFlow imported before :func:`apply`) is logged as a
+    warning: it stays correct but runs TensorFlow's slow bfloat16 fallback kernels."""
+    chosen = plan.precision.precision if plan.precision is not None else "float32"
+    if chosen == "mixed_bfloat16" and onednn_enabled() is False:
+        get_logger(all_ranks=True).warning(
+            "precision mixed_bfloat16 without oneDNN: correct but slow (TensorFlow's fallback kernels); "
+            "set runtime.onednn=on or runtime.precision=float32")
+    return chosen
 
 
 def onednn_enabled() -> bool | None:

@@ -44,6 +44,7 @@ def run(cfg, plan, resume: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
     {"state", "history", "run_dir"} (the same on every rank)."""
     runtime.configure_tensorflow(plan)
+    precision = runtime.configure_precision(plan)  # float32 or mixed_bfloat16 for this rank's CPU
     hvd.init()  # Horovod: initialise; rank and size come from horovodrun/mpirun (1 process without)
     run_dir = Path(cfg.run.dir)
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
@@ -63,10 +64,11 @@ def run(cfg, plan, resume: bool = False) -> dict:
 
     if val_data.n == 0:
         log.warning("the validation split is empty: no val metrics, no early stopping, the last epoch is kept")
-    model = M.build_model(cfg.model, manifest_data.image_size, manifest_data.num_classes, multilabel)
-    state = cb.RunState(size=hvd.size())
+    model = M.build_model(cfg.model, manifest_data.image_size, manifest_data.num_classes, multilabel,
+                          precision=precision)
+    state = cb.RunState(size=hvd.size(), precision=precision)
     if resume:
-        state, finished = _resume(cfg, run_dir, model, log)
+        state, finished = _resume(cfg, run_dir, model, log, precision)
         if finished:
             log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
             return {"state": state.to_json(), "history": cb.read_history(run_dir / "history.csv"),
@@ -90,8 +92,9 @@ def run(cfg, plan, resume: bool = False) -> dict:
             state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
         M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
         opt = make_optimizer(phase, pcfg, cfg.train, hvd.size(), steps)
-        # Horovod: average gradients over ranks (allreduce) before they are applied.
-        opt = hvd.DistributedOptimizer(opt)
+        # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
+        # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
+        opt = hvd.DistributedOptimizer(opt, compression=cfg.train.allreduce_compression)
         model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
                       metrics=["accuracy"])
         _build_optimizer(opt, model)
@@ -213,7 +216,7 @@ def _phase_done(cfg, state, phase) -> bool:
     return cur == order and state.phase_epoch >= pcfg.epochs
 
 
-def _resume(cfg, run_dir: Path, model, log):
+def _resume(cfg, run_dir: Path, model, log, precision: str):
     """Rank 0 reads the checkpoint state and weights; every rank gets the state by broadcast (and
     the weights by the broadcast before the phase's first step). Returns (state, finished): the
     run was already complete, with its final model."""
@@ -224,6 +227,10 @@ def _resume(cfg, run_dir: Path, model, log):
             log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir / "checkpoints")
         else:
             M.copy_weights(M.load_model(run_dir / "checkpoints" / "last.keras"), model)
+            if state.precision != precision:
+                # Converted explicitly: the variables are float32 under both policies, copied as they are.
+                log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
+                            "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
             kept = cb.truncate_history(run_dir / "history.csv", state.epoch)
             finished = state.complete and (run_dir / "model.keras").is_file()
             log.info("resuming after epoch %d (%s epoch %d), best val_loss %.4f at epoch %d, early-stopping "
@@ -234,6 +241,7 @@ def _resume(cfg, run_dir: Path, model, log):
     if state is None:
         state = cb.RunState(size=hvd.size())
     state.size = hvd.size()
+    state.precision = precision
     return state, finished
 
 
@@ -241,6 +249,9 @@ def _finalize(model, run_dir: Path, state, log) -> None:
     best = run_dir / "checkpoints" / "best.keras"
     if best.is_file():
         M.copy_weights(M.load_model(best), model)
+    # The delivered model computes in float32, so it runs at full speed on any CPU; evaluation and
+    # predict convert it to their own runtime.precision (bfloat16 where AMX is).
+    model = M.convert_precision(model, "float32")
     cb.save_model_atomic(model, run_dir / "model.keras")
     sm, tmp = run_dir / "saved_model", run_dir / f".saved_model.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)

@@ -39,7 +39,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
 __all__ = ["AUTO_CYCLE_MS", "Topology", "ThreadPlan", "detect_topology", "plan_threads", "thread_env",
            "rank_cpus", "node_cores"]
@@ -81,6 +81,7 @@ class ThreadPlan:
     topology: Topology
     horovod_cycle_ms: float = AUTO_CYCLE_MS
     origin: Mapping[str, str] = field(default_factory=dict)  # value -> "config" | "auto"
+    precision: Any = None  # distributed.precision.PrecisionPlan, set by distributed.runtime.apply
 
     def env(self) -> dict[str, str]:
         env = {
@@ -107,7 +108,8 @@ class ThreadPlan:
                 f"KMP_BLOCKTIME={self.kmp_blocktime}, oneDNN={self.onednn}, "
                 f"HOROVOD_CYCLE_TIME={self.horovod_cycle_ms:g} ms ({o.get('horovod_cycle_ms', 'auto')}); node: {t.sockets} socket(s), "
                 f"{t.numa_nodes} NUMA node(s), {t.physical_cores} physical cores, {t.logical_cpus} CPUs "
-                f"[{t.source}]; share: {share}")
+                f"[{t.source}]; share: {share}"
+                + (f"; {self.precision.describe()}" if self.precision is not None else ""))
 
 
 # --------------------------------------------------------------------------- detection

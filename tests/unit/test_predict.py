@@ -50,7 +50,7 @@ def test_uses_the_one_preprocessing_function():
 def test_all_kinds_of_input_with_overlays(run_dir, images, tmp_path, capsys):
     files = [images[k] for k in ("nih1", "nih2", "rgba", "x16")]
     cams = tmp_path / "cams"
-    rc = predict.main(["--model", str(run_dir), *files, "--json", "--gradcam", str(cams)])
+    rc = predict.main(["--model", str(run_dir), *files, "--json", "--gradcam", str(cams), "--precision", "float32"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["failed"] == 0
     assert out["image_size"] == S and out["classes"] == ["No Finding", "Effusion"] and out["threshold"] == 0.3
