@@ -64,13 +64,14 @@ class Variant:
     pip_args: tuple[str, ...] = ()
     env: tuple[tuple[str, str], ...] = ()
     threads: str = "default"  # default | tuned
+    precision: str = "float32"  # float32 | mixed_bfloat16 (runtime.precision of the timed model)
 
     @property
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
 
 
-_VARIANT_KEYS = {"description", "python", "requirements", "pip_args", "env", "threads"}
+_VARIANT_KEYS = {"description", "python", "requirements", "pip_args", "env", "threads", "precision"}
 
 
 def _str_list(v, where) -> tuple[str, ...]:
@@ -110,9 +111,13 @@ def load_variants(path) -> tuple[list[Variant], str, tuple[str, ...]]:
         threads = spec.get("threads", "default")
         if threads not in ("default", "tuned"):
             raise VariantError(f"{where}.threads: expected default or tuned, got {threads!r}")
+        precision = spec.get("precision", "float32")
+        if precision not in ("float32", "mixed_bfloat16"):
+            raise VariantError(f"{where}.precision: expected float32 or mixed_bfloat16, got {precision!r}")
         out.append(Variant(name=str(name), description=str(spec.get("description", "")), python=str(python),
                            requirements=reqs, pip_args=_str_list(spec.get("pip_args") or [], f"{where}.pip_args"),
-                           env=tuple((str(k), str(v)) for k, v in env.items()), threads=threads))
+                           env=tuple((str(k), str(v)) for k, v in env.items()), threads=threads,
+                           precision=precision))
     baseline = str(tree.get("baseline") or out[0].name)
     if baseline not in {v.name for v in out}:
         raise VariantError(f"{p}: baseline {baseline!r} is not a variant")
@@ -266,11 +271,17 @@ def worker(spec: dict) -> dict:
     out["threads_effective"] = {"intra_op": tf.config.threading.get_intra_op_parallelism_threads(),
                                 "inter_op": tf.config.threading.get_inter_op_parallelism_threads()}
     out["onednn_env"] = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "(unset: TensorFlow's default)")
-    out["matmul"] = machine.matmul_peak(seconds=spec.get("peak_seconds", 3.0))
+    precision = spec.get("precision", "float32")
+    out["precision"] = precision
+    # MFU's denominator: the best matmul over several shapes, in the variant's compute type.
+    out["matmul"] = machine.matmul_peak_over_shapes("float32", seconds=spec.get("peak_seconds", 1.5))
+    if precision == "mixed_bfloat16":
+        out["matmul_bf16"] = machine.matmul_peak_over_shapes("bfloat16", seconds=spec.get("peak_seconds", 1.5))
+    out["onednn"] = runtime_onednn()
 
     S, B = cfg.data.image_size, cfg.train.batch_size
     tf.keras.utils.set_random_seed(cfg.train.seed)
-    model = M.build_model(cfg.model, S, 2)
+    model = M.build_model(cfg.model, S, 2, precision=precision)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]
@@ -296,6 +307,13 @@ def worker(spec: dict) -> dict:
                                 "flops": flops.summary()}
     out["worker_s"] = round(time.perf_counter() - t_start, 1)
     return out
+
+
+def runtime_onednn():
+    """Whether TensorFlow runs oneDNN in this worker (None: cannot say)."""
+    from distributed.runtime import onednn_enabled  # after the thread variables: see worker()
+
+    return onednn_enabled()
 
 
 def _fake_worker(spec, cfg, out) -> dict:
@@ -325,6 +343,7 @@ def _fake_worker(spec, cfg, out) -> dict:
 
 def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 3600, log=print) -> dict:
     rec: dict[str, Any] = {"name": variant.name, "description": variant.description, "threads": variant.threads,
+                           "precision": variant.precision,
                            "requirements": list(variant.requirements), "env_set": variant.env_dict}
     t0 = time.perf_counter()
     try:
@@ -339,7 +358,7 @@ def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 36
     tmp.mkdir(parents=True, exist_ok=True)
     stamp = f"{os.getpid()}-{variant.name}-{int(time.time() * 1000)}"
     spec_file, out_file, log_file = tmp / f"{stamp}.spec.json", tmp / f"{stamp}.out.json", tmp / f"{stamp}.log"
-    spec_file.write_text(json.dumps({**spec, "threads": variant.threads}))
+    spec_file.write_text(json.dumps({**spec, "threads": variant.threads, "precision": variant.precision}))
     cmd = [py, "-m", "benchmarks.epoch_timing", "--worker", str(spec_file), str(out_file)]
     log(f"[{variant.name}] running in {py} ({how}); log {log_file}")
     try:
@@ -372,6 +391,9 @@ def register(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="64x64, 1+2 steps, 2 repeats: a few minutes, labelled QUICK")
     p.add_argument("--steps", help="untimed,timed steps per repeat (default 2,5; quick 1,2)")
     p.add_argument("--repeats", type=int, help="repeats (default 3; quick 2)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the variants this many times in turn (A B C A B C ...), each round in fresh "
+                        "processes; the repeats of all rounds are pooled (default %(default)s)")
     p.add_argument("--image-size", type=int, help="override the image size (default: the config's)")
     p.add_argument("--epoch-images", type=int, default=EPOCH_IMAGES,
                    help="images per epoch for the extrapolation (default %(default)s: the article's)")
@@ -430,17 +452,48 @@ def main(args) -> int:
         "machine": machine.facts(),
         "variants": [],
     }
-    for v in variants:
-        print(f"== {v.name}: {v.description}", flush=True)
-        rec = run_variant(v, spec, common, timeout=args.timeout, log=lambda m: print(m, flush=True))
-        results["variants"].append(rec)
-        _write(results, out_dir)  # partial results survive an interrupted run
+    if args.rounds < 1:
+        print("cxr-bench: error: --rounds must be at least 1", file=sys.stderr)
+        return 2
+    results["setup"]["rounds"] = args.rounds
+    for r in range(args.rounds):
+        for v in variants:  # interleaved: a slow spell of the machine hits every variant alike
+            print(f"== round {r + 1}/{args.rounds}, {v.name}: {v.description}", flush=True)
+            rec = run_variant(v, spec, common, timeout=args.timeout, log=lambda m: print(m, flush=True))
+            _pool(results["variants"], rec)
+            _write(results, out_dir)  # partial results survive an interrupted run
     results["finished"] = _dt.datetime.now().astimezone().isoformat(timespec="seconds")
     results["machine_end_loadavg_1m"] = round(os.getloadavg()[0], 2)
     paths = _write(results, out_dir, final=True)
     print(report.epoch_markdown(results))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0 if any(v.get("status") == "ok" for v in results["variants"]) else 1
+
+
+def _pool(records: list, rec: dict) -> None:
+    """Add a variant's round to ``records``: a new record, or its step times appended to the
+    record of the same variant from an earlier round (a failed round is noted, not pooled)."""
+    old = next((x for x in records if x["name"] == rec["name"]), None)
+    if old is None:
+        rec["rounds"] = 1 if rec.get("status") == "ok" else 0
+        records.append(rec)
+        return
+    if rec.get("status") != "ok":
+        old.setdefault("failed_rounds", []).append(rec.get("error", rec.get("status")))
+        return
+    if old.get("status") != "ok":
+        rec["rounds"] = 1
+        records[records.index(old)] = rec
+        return
+    old["rounds"] = old.get("rounds", 1) + 1
+    for phase, ph in rec.get("phases", {}).items():
+        if phase in old["phases"]:
+            old["phases"][phase]["step_s"] += ph["step_s"]
+        else:
+            old["phases"][phase] = ph
+    for key in ("matmul", "matmul_bf16"):
+        if rec.get(key, {}).get("gflops", 0) > old.get(key, {}).get("gflops", 0):
+            old[key] = rec[key]
 
 
 def _write(results, out_dir: Path, final: bool = False):

@@ -30,11 +30,15 @@ def summarize_epoch(results: dict) -> dict:
     B, N = setup["batch_size"], setup["epoch_images"]
     ok = [v for v in results["variants"] if v.get("status") == "ok"]
     peak = max((v.get("matmul", {}).get("gflops", 0.0) for v in ok), default=0.0)
+    peak_bf16 = max((v.get("matmul_bf16", {}).get("gflops", 0.0) for v in ok), default=0.0)
     results["peak_gflops"] = peak
+    results["peak_gflops_bf16"] = peak_bf16
     base = next((v for v in ok if v["name"] == results.get("baseline")), None)
     summary = {}
     for v in results["variants"]:
-        row = {"status": v.get("status"), "error": v.get("error", "")}
+        row = {"status": v.get("status"), "error": v.get("error", ""), "precision": v.get("precision", "float32")}
+        # MFU against the peak of the variant's compute type: bfloat16 rows against the bfloat16 matmul
+        v_peak = peak_bf16 if row["precision"] == "mixed_bfloat16" else peak
         for phase, ph in (v.get("phases") or {}).items():
             steps = ph["step_s"]
             med = statistics.median(steps)
@@ -49,7 +53,7 @@ def summarize_epoch(results: dict) -> dict:
                 "train_gflop_per_image": flops_img / 1e9,
                 "forward_gflop_per_image": ph["flops"]["forward_flops"] / 1e9,
                 "gflops": gflops,
-                "mfu": gflops / peak if peak else None,
+                "mfu": gflops / v_peak if v_peak else None,
             }
             if base and phase in (base.get("phases") or {}):
                 b = statistics.median(base["phases"][phase]["step_s"])
@@ -78,7 +82,9 @@ def epoch_markdown(results: dict) -> str:
     L.append(f"Run {results.get('started', '?')} on {m.get('cpu_model', '?')} ({m.get('sockets')} socket(s), "
              f"{m.get('physical_cores')} physical cores). Command: `{results.get('command', '')}`")
     L.append("")
-    L.append(f"Seconds per epoch are EXTRAPOLATED: median seconds per step over {s['repeats']} repeats of "
+    rounds = s.get("rounds", 1)
+    L.append(f"Seconds per epoch are EXTRAPOLATED: median seconds per step over {s['repeats']} repeats"
+             + (f" x {rounds} interleaved rounds" if rounds > 1 else "") + " of "
              f"{s['timed_steps']} timed steps (after {s['warmup_steps']} untimed), times {s['steps_per_epoch']} "
              f"steps = {s['epoch_images']:,} images // batch {s['batch_size']}. One process, input from memory "
              f"(random images, in-graph augmentation as in training), weights none.")
@@ -86,16 +92,17 @@ def epoch_markdown(results: dict) -> str:
         L += ["", f"**Warning:** the machine was busy (1-minute load {m.get('loadavg_1m')} on "
                   f"{m.get('physical_cores')} cores at the start, {results.get('machine_end_loadavg_1m', '?')} at "
                   f"the end): timings are noisy."]
-    L += ["", "| variant | " + " | ".join(f"{PHASE_TITLES[p]} s/epoch" for p in phases) + " | " +
+    L += ["", "| variant | precision | " + " | ".join(f"{PHASE_TITLES[p]} s/epoch" for p in phases) + " | " +
           " | ".join(f"speedup {PHASE_TITLES[p]}" for p in phases) + " |",
-          "|---|" + "---:|" * (2 * len(phases))]
+          "|---|---|" + "---:|" * (2 * len(phases))]
     for name, row in summary.items():
         if row["status"] != "ok":
-            L.append(f"| {name} | " + " | ".join([f"{row['status']}"] + ["–"] * (2 * len(phases) - 1)) + " |")
+            L.append(f"| {name} | {row['precision']} | "
+                     + " | ".join([f"{row['status']}"] + ["–"] * (2 * len(phases) - 1)) + " |")
             continue
         cells = [_fmt(row[p]["s_per_epoch"]["median"], 0) if p in row else "–" for p in phases]
         cells += [f"{row[p]['speedup']:.2f}x" if p in row and row[p].get("speedup") else "–" for p in phases]
-        L.append(f"| {name} | " + " | ".join(cells) + " |")
+        L.append(f"| {name} | {row['precision']} | " + " | ".join(cells) + " |")
     L += ["", f"Speedup: the baseline ({results.get('baseline')}) median s/epoch over the variant's.", "",
           "## Details", "",
           "| variant | phase | s/step min / median / max | s/epoch min / median / max | images/s | "
@@ -111,10 +118,16 @@ def epoch_markdown(results: dict) -> str:
                      f"{_fmt(se['min'], 0)} / {_fmt(se['median'], 0)} / {_fmt(se['max'], 0)} | "
                      f"{r['images_per_s']:.2f} | {r['train_gflop_per_image']:.1f} | {r['gflops']:.1f} | "
                      + (f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "–") + " |")
-    L += ["", f"Matmul peak in this run: {results.get('peak_gflops', 0):.1f} GFLOP/s (float32). {FLOP_CONVENTION}",
+    peaks = f"{results.get('peak_gflops', 0):.1f} GFLOP/s float32"
+    if results.get("peak_gflops_bf16"):
+        peaks += (f", {results['peak_gflops_bf16']:.1f} GFLOP/s bfloat16 (the MFU of the mixed_bfloat16 rows is "
+                  f"against it)")
+    L += ["", f"Matmul peaks in this run (best over square shapes): {peaks}. {FLOP_CONVENTION}",
           "", "## Variants", ""]
     for v in results["variants"]:
-        L.append(f"- **{v['name']}**: {v.get('description', '')}. Threads: {v.get('threads')}.")
+        L.append(f"- **{v['name']}**: {v.get('description', '')}. Threads: {v.get('threads')}; precision "
+                 f"{v.get('precision', 'float32')}; rounds {v.get('rounds', 1)}"
+                 + (f"; oneDNN {'on' if v['onednn'] else 'off'}" if v.get("onednn") is not None else "") + ".")
         if v.get("status") != "ok":
             L.append(f"  - {v.get('status')}: {v.get('error', '')}")
             continue

@@ -87,7 +87,7 @@ def test_summary_numbers():
     md = report.epoch_markdown({**results, "machine": {}, "setup": {
         **results["setup"], "backbone": "vgg16", "image_size": 384, "repeats": 3, "timed_steps": 5,
         "warmup_steps": 2, "steps_per_epoch": 625}})
-    assert "| broken | not installable |" in md and "EXTRAPOLATED" in md and "3.00x" in md
+    assert "| broken | float32 | not installable |" in md and "EXTRAPOLATED" in md and "3.00x" in md
 
 
 # --------------------------------------------------------------------------- variants
@@ -95,7 +95,10 @@ def test_summary_numbers():
 def test_shipped_variants_file():
     variants, baseline, common = load_variants(ROOT / "configs/bench/variants.yaml")
     by = {v.name: v for v in variants}
-    assert list(by) == ["stock", "onednn", "onednn-tuned", "intel-tensorflow", "itex"]
+    assert list(by) == ["stock", "onednn", "onednn-tuned", "intel-tensorflow", "itex", "onednn-bf16",
+                        "intel-tensorflow-bf16", "itex-bf16"]
+    assert {v.name for v in variants if v.precision == "mixed_bfloat16"} == {"onednn-bf16", "intel-tensorflow-bf16",
+                                                                            "itex-bf16"}
     assert baseline == "stock"
     assert by["stock"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "0"} and by["stock"].threads == "default"
     assert by["onednn"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "1"} and by["onednn"].threads == "default"
@@ -148,7 +151,7 @@ def test_variant_that_cannot_be_installed_is_reported_and_others_run(tmp_path):
     out = tmp_path / "out"
     env = {**os.environ, "CXR_BENCH_CACHE": str(tmp_path / "cache")}
     r = subprocess.run([sys.executable, "-m", "benchmarks", "epoch-timing", "--variants", str(variants),
-                        "--fake-workload", "0.002", "--quick", "--out", str(out)],
+                        "--fake-workload", "0.002", "--quick", "--rounds", "2", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     res = json.loads((out / "epoch-timing.json").read_text())
@@ -160,10 +163,11 @@ def test_variant_that_cannot_be_installed_is_reported_and_others_run(tmp_path):
     assert tuned["env"]["TF_ENABLE_ONEDNN_OPTS"] == "1" and "OMP_NUM_THREADS" in tuned["env"]
     here = next(v for v in res["variants"] if v["name"] == "here")
     assert "OMP_NUM_THREADS" not in here["env"]  # default threads: nothing set
+    assert here["rounds"] == 2 and len(here["phases"]["finetune"]["step_s"]) == 2 * res["setup"]["repeats"]
     assert res["quick"] and res["setup"]["image_size"] == 64 and res["setup"]["extrapolated"]
     assert set(res["summary"]["here"]) >= {"warmup", "finetune"}
     md = (out / "epoch-timing.md").read_text()
-    assert "| bogus | not installable |" in md and "QUICK" in md
+    assert "| bogus | float32 | not installable |" in md and "QUICK" in md
     assert (out / "epoch-timing.png").stat().st_size > 1000
     assert "machine" in res and res["machine"]["physical_cores"] >= 1
 
@@ -268,3 +272,39 @@ def test_scaling_plans_layouts_and_refuses_bad_arguments(capsys):
         args.argv = ["scaling", *bad]
         assert main(args) == 2
         assert "--np takes rank counts" in capsys.readouterr().err
+
+
+def test_bfloat16_rows_get_their_mfu_from_the_bfloat16_peak():
+    flops = {"training_flops": 10e9, "forward_flops": 4e9}
+    results = {"setup": {"batch_size": 16, "epoch_images": 10000}, "baseline": "f32", "variants": [
+        {"name": "f32", "status": "ok", "precision": "float32", "matmul": {"gflops": 200.0},
+         "phases": {"finetune": {"step_s": [2.0], "flops": flops}}},
+        {"name": "bf16", "status": "ok", "precision": "mixed_bfloat16", "matmul": {"gflops": 190.0},
+         "matmul_bf16": {"gflops": 1000.0}, "phases": {"finetune": {"step_s": [0.5], "flops": flops}}}]}
+    s = report.summarize_epoch(results)
+    assert results["peak_gflops"] == 200.0 and results["peak_gflops_bf16"] == 1000.0
+    assert s["f32"]["finetune"]["mfu"] == pytest.approx(10 * 8 / 200)
+    assert s["bf16"]["finetune"]["mfu"] == pytest.approx(10 * 32 / 1000)
+    assert s["bf16"]["finetune"]["speedup"] == pytest.approx(4.0)
+
+
+def test_rounds_pool_the_repeats_of_each_variant():
+    from benchmarks.epoch_timing import _pool
+
+    recs: list = []
+    _pool(recs, {"name": "a", "status": "ok", "matmul": {"gflops": 1.0}, "phases": {"finetune": {"step_s": [1.0]}}})
+    _pool(recs, {"name": "b", "status": "failed", "error": "x"})
+    _pool(recs, {"name": "a", "status": "ok", "matmul": {"gflops": 3.0}, "phases": {"finetune": {"step_s": [2.0]}}})
+    _pool(recs, {"name": "b", "status": "ok", "phases": {"warmup": {"step_s": [5.0]}}})
+    _pool(recs, {"name": "a", "status": "failed", "error": "late"})
+    a, b = recs
+    assert a["phases"]["finetune"]["step_s"] == [1.0, 2.0] and a["rounds"] == 2 and a["matmul"]["gflops"] == 3.0
+    assert a["failed_rounds"] == ["late"]
+    assert b["status"] == "ok" and b["rounds"] == 1 and b["phases"]["warmup"]["step_s"] == [5.0]
+
+
+def test_variant_precision_is_checked(tmp_path):
+    f = tmp_path / "v.yaml"
+    f.write_text("variants:\n  x:\n    python: current\n    precision: float16\n")
+    with pytest.raises(VariantError, match="variants.x.precision"):
+        load_variants(f)
