@@ -179,7 +179,7 @@ def worker(spec: dict) -> dict:
     S, B, K, multilabel = split.image_size, cfg.train.batch_size, split.num_classes, split.multilabel
     steps = D.steps_per_epoch(split.n, B, 1, cfg.train.steps_per_epoch)
     tf.keras.utils.set_random_seed(cfg.train.seed)
-    model = M.build_model(cfg.model, S, K, multilabel)
+    model = M.build_model(cfg.model, S, K, multilabel, precision=runtime.configure_precision(plan))
     M.set_trainable(model, "finetune", cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
     opt = hvd.DistributedOptimizer(make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, steps))
     model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",

@@ -260,10 +260,15 @@ def onednn_lines(results: dict) -> list[str]:
         states = {r.get("onednn") for run in runs.values() for r in (run.get("per_rank") or [])}
         if states:
             seen[mode] = "/".join(sorted("?" if x is None else ("on" if x else "off") for x in states))
-    if not seen:
-        return []
-    return ["", "oneDNN custom ops, as TensorFlow reported them in the ranks: "
-            + ", ".join(f"{mode} {state}" for mode, state in seen.items()) + "."]
+    precisions = sorted({r.get("precision") or "float32" for runs in results.get("runs", {}).values()
+                         for run in runs.values() for r in (run.get("per_rank") or [])})
+    out = []
+    if seen:
+        out += ["", "oneDNN custom ops, as TensorFlow reported them in the ranks: "
+                + ", ".join(f"{mode} {state}" for mode, state in seen.items()) + "."]
+    if precisions:
+        out += ["", f"Compute precision of the ranks: {', '.join(precisions)} (runtime.precision)."]
+    return out
 
 
 def scaling_markdown(results: dict) -> str:

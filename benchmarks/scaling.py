@@ -46,6 +46,7 @@ def rank_worker(spec: dict) -> dict | None:
     cfg = bench_config(spec.get("config"), spec.get("overrides", ()), spec.get("quick", False),
                        spec.get("image_size"))
     from distributed import runtime
+    from distributed.precision import plan_precision
 
     plan = None
     alone = spec["mode"] == "independent"  # tuned layout, no Horovod collective while timing
@@ -62,17 +63,19 @@ def rank_worker(spec: dict) -> dict | None:
 
     if plan is not None:
         runtime.configure_tensorflow(plan)
+    precision = (plan.precision if plan is not None else
+                 plan_precision(cfg.runtime.precision, cfg.runtime.onednn, environ=os.environ)).precision
     if not alone:
         hvd.init()
     size = 1 if alone else hvd.size()
     S, B = cfg.data.image_size, cfg.train.batch_size
     tf.keras.utils.set_random_seed(cfg.train.seed)
-    model = M.build_model(cfg.model, S, 2)
+    model = M.build_model(cfg.model, S, 2, precision=precision)
     M.set_trainable(model, "finetune", cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
     steps_epoch = max(1, spec["epoch_images"] // (B * size))
     opt = make_optimizer("finetune", cfg.train.finetune, cfg.train, size, steps_epoch)
     if not alone:
-        opt = hvd.DistributedOptimizer(opt)
+        opt = hvd.DistributedOptimizer(opt, compression=cfg.train.allreduce_compression)
     model.compile(optimizer=opt, loss="categorical_crossentropy")
     rng = np.random.default_rng(env_rank())  # the launcher's rank: Horovod may not be initialised yet
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
@@ -93,7 +96,8 @@ def rank_worker(spec: dict) -> dict | None:
                "inter_op": tf.config.threading.get_inter_op_parallelism_threads(),
                "env": {k: os.environ[k] for k in THREAD_VARS if k in os.environ},
                "affinity": sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-               "onednn": runtime.onednn_enabled()}  # what TensorFlow does, not what was asked (auto)
+               "onednn": runtime.onednn_enabled(),  # what TensorFlow does, not what was asked (auto)
+               "precision": precision}
     all_threads = hvd.allgather_object(threads)
     if hvd.rank() != 0:
         return None
