@@ -356,11 +356,13 @@ def dump_yaml(cfg) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml") -> Path:
-    """Write the resolved config beside an output, atomically."""
+def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml", note: str = "") -> Path:
+    """Write the resolved config beside an output, atomically; ``note`` becomes leading YAML
+    comments (what an ``auto`` value resolved to, which the values themselves keep as ``auto``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    return atomic_write_text(folder / name, dump_yaml(cfg))
+    head = "".join(f"# {line}\n" for line in note.splitlines())
+    return atomic_write_text(folder / name, head + dump_yaml(cfg))
 
 
 def reference_rows(cls=Config, prefix: str = ""):

@@ -49,7 +49,8 @@ def run(cfg, plan, resume: bool = False) -> dict:
     run_dir = Path(cfg.run.dir)
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
     if hvd.is_root():  # Horovod: one writer per file
-        save_resolved(cfg, run_dir)
+        save_resolved(cfg, run_dir, note=f"runtime.precision {cfg.runtime.precision}: rank 0 computed in "
+                                         f"{plan.precision.describe() if plan.precision else precision}")
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
     tf.keras.utils.set_random_seed(cfg.train.seed + hvd.rank())
 

@@ -91,6 +91,21 @@ def test_kill_after_first_finetune_epoch_and_resume(config, tmp_path):
     assert len(_history(cut)) == 4 and "epoch 5" not in again.stderr
 
 
+def test_resume_in_another_precision_says_so_and_carries_the_weights(config, tmp_path):
+    run = tmp_path / "prec"
+    killed = _train(config, run, "--set", "runtime.precision=float32", env={"CXR_STOP_AFTER": "warmup:1"},
+                    check=False)
+    assert killed.returncode == STOP_EXIT_CODE, killed.stderr[-3000:]
+    assert json.loads((run / "checkpoints" / "state.json").read_text())["precision"] == "float32"
+    assert "# runtime.precision float32: rank 0 computed in precision float32" in (run / "config.yaml").read_text()
+    resumed = _train(config, run, "--resume", "--set", "runtime.precision=mixed_bfloat16",
+                     "--set", "train.finetune.epochs=1")
+    assert "the checkpoint was trained in float32, this run computes in mixed_bfloat16" in resumed.stderr
+    state = json.loads((run / "checkpoints" / "state.json").read_text())
+    assert state["complete"] and state["precision"] == "mixed_bfloat16" and state["epoch"] == 2
+    assert [r["phase"] for r in _history(run)] == ["warmup", "finetune"]
+
+
 def test_resume_keeps_early_stopping_state(tmp_path):
     pytest.importorskip("tensorflow")
     from distributed.callbacks import EarlyStopping, RunState
