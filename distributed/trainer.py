@@ -307,5 +307,5 @@ def _dump_for_tests(model, writes: int) -> None:
         return
     Path(folder).mkdir(parents=True, exist_ok=True)
     info = {"rank": hvd.rank(), "size": hvd.size(), "horovod": hvd.enabled(), "weights_sha256": weights_digest(model),
-            "checkpoint_writes": writes, "pid": os.getpid(), "time": time.time()}
+            "checkpoint_writes": writes, "pid": os.getpid(), "time": time.time(), "host": os.uname().nodename}
     (Path(folder) / f"rank{hvd.rank()}.json").write_text(json.dumps(info))

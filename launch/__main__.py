@@ -4,14 +4,15 @@ Builds the real command line of each stage (a plain python process for one rank,
 prep, ``horovodrun`` or ``mpirun`` for train and evaluate) with process binding and the tuned
 thread environment for every rank, and runs it, or prints it with ``--dry-run``. ``pipeline`` runs
 prep, train and evaluate, skipping the stages whose outputs are complete for the same config and
-resuming an interrupted training run from its checkpoints.
+resuming an interrupted training run from its checkpoints. Running a stage (process group, ssh
+through the cluster's client file, a bounded end when a node or rank fails) is
+:mod:`launch.supervise`; ``python -m launch vcluster up|down|status`` is :mod:`launch.vcluster`.
 """
 from __future__ import annotations
 
 import argparse
-import os
+import shlex
 import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
 from launch.commands import LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
 from launch.hosts import LaunchError, check_hosts_answer
+from launch.supervise import Interrupted, check_launch_site, run
 
 PROG = "cxr-launch"
 
@@ -28,7 +30,9 @@ PROG = "cxr-launch"
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Run a stage (or the whole pipeline) on one node, a list of hosts, or a Slurm "
-                               "allocation, with process binding and tuned threads for every rank.")
+                               "allocation, with process binding and tuned threads for every rank.",
+        epilog=f"`{PROG} vcluster up|down|status` makes a virtual cluster of namespace nodes on this machine "
+               f"(root) to rehearse a multi-node run; see `{PROG} vcluster --help`.")
     p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline"))
     add_config_args(p)
     p.add_argument("--np", type=int, default=None,
@@ -63,63 +67,14 @@ def describe(cmd: StageCommand) -> str:
             f"via {cmd.kind}")
 
 
-class Interrupted(Exception):
-    def __init__(self, signum):
-        self.signum = signum
-
-
-def run(cmd: StageCommand) -> int:
-    """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole group
-    (mpirun passes them on to the ranks), which is stopped for good if it does not end by itself."""
-    env = cmd.process_env(os.environ)
-    proc = subprocess.Popen(cmd.argv, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
-    got: list[int] = []
-
-    def handler(signum, frame):
-        got.append(signum)
-        _signal_group(proc, signum)
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        while True:
-            try:
-                rc = proc.wait(timeout=1.0)
-                break
-            except subprocess.TimeoutExpired:
-                if got:
-                    rc = _stop(proc)
-                    break
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
-    if got:
-        raise Interrupted(got[0])
-    return rc
-
-
-def _signal_group(proc: subprocess.Popen, signum: int) -> None:
-    try:
-        os.killpg(proc.pid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _stop(proc: subprocess.Popen) -> int:
-    """After an interrupt: give the stage 20 s to stop, then SIGTERM, 20 s more, then SIGKILL."""
-    for sig, grace in ((None, 20), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        if sig is not None:
-            _signal_group(proc, sig)
-        try:
-            return proc.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            continue
-    return proc.wait()
-
-
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["vcluster"]:
+        from launch import vcluster  # a rehearsal cluster on this machine: its own verbs and options
+        return vcluster.cli(argv[1:], prog=f"{PROG} vcluster")
     args = build_parser().parse_args(argv)
     try:
-        return _main(args)
+        return _main(args, argv)
     except (LaunchError, ConfigError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
@@ -130,7 +85,7 @@ def main(argv=None) -> int:
         return 128 + e.signum
 
 
-def _main(args) -> int:
+def _main(args, argv: list[str]) -> int:
     cfg = config_from_args(args)
     cluster = load_cluster(args.cluster)
     allocation = resolve_allocation(cluster, hosts=args.hosts, hostfile=args.hostfile)
@@ -179,14 +134,20 @@ def _main(args) -> int:
             continue
 
         pl.check_inputs(stage, cfg, args.config)
+        if allocation.source != "slurm":  # under Slurm the job script runs on the first node
+            check_launch_site(layout.hosts, cluster.network_interface, cluster.ssh_config,
+                              "python -m launch " + shlex.join(argv))
         if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
                 and allocation.source != "slurm"):
-            check_hosts_answer(layout.hosts, cluster.ssh_port)
+            check_hosts_answer(layout.hosts, cluster.ssh_port, ssh_config=cluster.ssh_config)
             checked_hosts = True
         say(describe(cmd))
         say(cmd.shell())
         t0 = time.monotonic()
-        rc = run(cmd)
+        rc, failure = run(cmd, cluster.ssh_port)
+        if failure:
+            print(f"{PROG}: error: {failure.sentence(stage, time.monotonic() - failure.at)}", file=sys.stderr)
+            return rc or 1
         if rc != 0:
             where = f"; see the messages above and {Path(cfg.run.dir) / 'train.log'}" if stage == "train" else \
                 "; see the messages above"

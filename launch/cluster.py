@@ -34,6 +34,7 @@ class ClusterConfig:
     horovod_controller: str = "mpi"       # horovodrun --mpi (mpirun binds) or --gloo (each rank binds itself, distributed.runtime)
     python: str = ""                      # interpreter on every node; empty = this one (shared file system)
     ssh_port: int = 0                     # 0 = ssh's default
+    ssh_config: str = ""                  # ssh client file (ssh -F) for every ssh the launcher, MPI and Horovod make
     check_hosts: bool = True              # probe remote hosts with a short ssh before starting
     mpi_args: tuple[str, ...] = ()        # extra arguments for mpirun, e.g. ["--mca", "btl", "^openib"]
     source: str = field(default="", compare=False)
@@ -41,7 +42,7 @@ class ClusterConfig:
 
 _INT_KEYS = ("ranks_per_node", "prep_ranks_per_node", "cores_per_rank", "sockets_per_node",
              "cores_per_socket", "ssh_port")
-_STR_KEYS = ("hostfile", "network_interface", "python")
+_STR_KEYS = ("hostfile", "network_interface", "python", "ssh_config")
 _CHOICES = {"mpi": MPI_FLAVOURS, "launcher": LAUNCHERS, "horovod_controller": CONTROLLERS}
 
 
@@ -104,10 +105,24 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
             if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
                 raise LaunchError(f"{source}: mpi_args must be a list of strings")
             kw[key] = tuple(str(v) for v in value)
+    if kw.get("ssh_config"):
+        kw["ssh_config"] = _ssh_config(kw["ssh_config"], source)
     cfg = ClusterConfig(**kw)
     if cfg.hosts and cfg.hostfile:
         raise LaunchError(f"{source}: give either hosts or hostfile, not both")
     return cfg
+
+
+def _ssh_config(value: str, source: str) -> str:
+    """An existing file, as an absolute path (a relative one is read from the cluster file's folder):
+    the ranks' ssh sessions may start elsewhere."""
+    p = Path(value).expanduser()
+    if not p.is_absolute() and Path(source).is_file():
+        p = Path(source).resolve().parent / p
+    if not p.is_file():
+        raise LaunchError(f"{source}: ssh_config {value!r} is not a file; give the ssh client file "
+                          f"(ssh -F) the nodes are reached with, or leave the key out")
+    return str(p.resolve())
 
 
 def _hosts(value, source: str) -> tuple[Host, ...]:

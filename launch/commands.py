@@ -59,6 +59,7 @@ class StageCommand:
     env: dict[str, str] = field(default_factory=dict)
     layout: Layout | None = None
     kind: str = "python"  # python | mpirun | horovodrun
+    ssh_config: str = ""  # horovodrun: its ssh (and its mpirun's) runs `ssh -F ssh_config` (launch.supervise)
 
     def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` plus this command's variables; when the launcher is not on PATH but beside this
@@ -247,7 +248,8 @@ def build_command(spec: LaunchSpec, environ: Mapping[str, str] | None = None, ui
     root_env = dict(ROOT_VARS) if uid == 0 and cluster.mpi == "openmpi" else {}
     if spec.launcher == "horovodrun" and spec.stage != "prep":
         argv = _horovodrun_argv(layout, cluster, spec.hostfile)
-        return StageCommand(spec.stage, argv + inner, {**root_env, **threads}, layout, "horovodrun")
+        return StageCommand(spec.stage, argv + inner, {**root_env, **threads}, layout, "horovodrun",
+                            ssh_config=cluster.ssh_config if layout.hosts else "")
     if cluster.mpi == "openmpi":
         argv = _openmpi_argv(layout, cluster, spec.hostfile, threads, environ)
         return StageCommand(spec.stage, argv + inner, root_env, layout, "mpirun")
@@ -271,9 +273,20 @@ def _horovodrun_argv(layout: Layout, cluster: ClusterConfig, hostfile: str) -> l
     else:
         argv += ["--mpi", "--binding-args=" + " ".join(layout.binding_args)]
         mpi_args = list(cluster.mpi_args)
+        if cluster.ssh_config and layout.hosts:
+            # Open MPI's tree spawn would ssh on from the first remote node, where the launcher's
+            # `ssh -F` wrapper (put first on horovodrun's PATH) does not exist: every ssh from here.
+            mpi_args = ["--mca", "plm_rsh_no_tree_spawn", "1"] + mpi_args
         if mpi_args:
             argv += ["--mpi-args=" + " ".join(mpi_args)]
     return argv
+
+
+def _ssh_args(cluster: ClusterConfig) -> str:
+    """Arguments of every ssh mpirun makes: the cluster's client file and port."""
+    args = (["-F", cluster.ssh_config] if cluster.ssh_config else []) + \
+        (["-p", str(cluster.ssh_port)] if cluster.ssh_port else [])
+    return shlex.join(args)
 
 
 def _openmpi_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: Mapping[str, str],
@@ -290,8 +303,9 @@ def _openmpi_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads
     if cluster.network_interface:
         argv += ["--mca", "btl_tcp_if_include", cluster.network_interface,
                  "--mca", "oob_tcp_if_include", cluster.network_interface]
-    if cluster.ssh_port:
-        argv += ["--mca", "plm_rsh_args", f"-p {cluster.ssh_port}"]
+    ssh_args = _ssh_args(cluster)
+    if ssh_args and layout.hosts:
+        argv += ["--mca", "plm_rsh_args", ssh_args]
     for k, v in threads.items():
         argv += ["-x", f"{k}={v}"]
     for k in FORWARD_VARS:
@@ -311,6 +325,9 @@ def _hydra_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: 
     argv += ["-ppn", str(layout.ranks_per_node)]
     if cluster.network_interface:
         argv += ["-iface", cluster.network_interface]
+    ssh_args = _ssh_args(cluster)
+    if ssh_args and layout.hosts:
+        argv += ["-bootstrap", "ssh", "-bootstrap-exec-args", ssh_args]
     if cluster.mpi == "mpich":
         argv += ["-bind-to", f"core:{layout.cores_per_rank}" if layout.bind_to == "core" else "none"]
     else:

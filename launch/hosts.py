@@ -233,15 +233,16 @@ def is_local_host(name: str) -> bool:
     return name in me
 
 
-def check_hosts_answer(hosts: Sequence[Host], ssh_port: int = 0, timeout: float = 5.0) -> None:
+def check_hosts_answer(hosts: Sequence[Host], ssh_port: int = 0, timeout: float = 5.0, ssh_config: str = "") -> None:
     """Raise LaunchError naming the first remote host that does not answer over ssh within ``timeout``."""
     remote = [h.name for h in hosts if not is_local_host(h.name)]
     if not remote:
         return
 
     def probe(name: str):
-        cmd = ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(max(1, timeout))}",
-               "-o", "StrictHostKeyChecking=accept-new"]
+        cmd = ["ssh"] + (["-F", ssh_config] if ssh_config else [])
+        cmd += ["-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(max(1, timeout))}",
+                "-o", "StrictHostKeyChecking=accept-new"]
         if ssh_port:
             cmd += ["-p", str(ssh_port)]
         cmd += [name, "true"]

@@ -291,6 +291,25 @@ def node_command(state: State, node: str, argv: list[str]) -> list[str]:
     return ["nsenter", "-t", str(n.sshd_pid), "--net", "--uts", "--"] + list(argv)
 
 
+def node_processes(state: State, node: str) -> dict[int, str]:
+    """pid -> command line of every process in ``node``'s network namespace but its sshd."""
+    n = next(x for x in state.nodes if x.name == node)
+    out = {}
+    for pid in _netns_pids(n.netns):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+        except OSError:
+            continue
+        if pid != n.sshd_pid:
+            out[pid] = cmd
+    return out
+
+
+def set_link(state: State, node: str, up: bool) -> None:
+    """Cut ``node`` off the cluster network (its eth0 down), or connect it again."""
+    _run(node_command(state, node, ["ip", "link", "set", "eth0", "up" if up else "down"]))
+
+
 def ssh_command(state: State, node: str, command: str) -> list[str]:
     """ssh into ``node`` with the cluster's own client file."""
     return ["ssh", "-F", str(Path(state.dir) / "ssh_config"), node, command]
@@ -402,11 +421,6 @@ def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:
 
 # --------------------------------------------------------------------------- command line
 
-def register(sub) -> None:
-    add_verbs(sub.add_parser("vcluster", help="a virtual cluster of network-namespace nodes on this machine",
-                             description=__doc__.split("\n\n")[0]))
-
-
 def add_verbs(p) -> None:
     verbs = p.add_subparsers(dest="verb", required=True)
     u = verbs.add_parser("up", help="make N nodes with sshd and write a cluster file")
@@ -437,11 +451,15 @@ def main(args) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m launch.vcluster", description=__doc__.split("\n\n")[0])
+def cli(argv: list[str] | None = None, prog: str = "python -m launch vcluster") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     add_verbs(parser)
     try:
-        sys.exit(main(parser.parse_args()))
+        return main(parser.parse_args(argv))
     except LaunchError as e:
-        print(f"vcluster: {e}", file=sys.stderr)
-        sys.exit(2)
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli(prog="python -m launch.vcluster"))
