@@ -1,0 +1,59 @@
+"""A virtual cluster for the multi-node tests: two namespace nodes with sshd (launch.vcluster).
+
+Cluster id 3 (``CXR_VCLUSTER_TEST_ID`` overrides), so a user's cluster 0 is never touched. It is
+made once per module and always removed (finally, and atexit for an interrupted run); a later
+``up`` of the same id also clears what a killed test run left. Without root or ``ip netns`` every
+test here is skipped with the one-sentence reason (shown by pytest's ``-rs``).
+"""
+import atexit
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+from cluster_tools import CLUSTER_ID, ROOT
+
+from launch import vcluster
+
+
+
+@pytest.fixture(scope="session")
+def cluster_available():
+    why = vcluster.unavailable_reason()
+    if why:
+        pytest.skip(why)
+
+
+@pytest.fixture(scope="module")
+def cluster(cluster_available, tmp_path_factory):
+    """A 2-node cluster (1 slot each) for this module; removed afterwards whatever happened."""
+    folder = tmp_path_factory.mktemp("vcluster") / f"c{CLUSTER_ID}"
+    undo = lambda: vcluster.down(folder, CLUSTER_ID, quiet=True)  # noqa: E731
+    atexit.register(undo)
+    try:
+        yield vcluster.up(nodes=2, slots=1, folder=folder, python=sys.executable, cluster_id=CLUSTER_ID,
+                          log=lambda m: None)
+    finally:
+        undo()
+        atexit.unregister(undo)
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """A tiny generated data set (32 px) and a config training the tiny backbone for 4 short epochs."""
+    base = tmp_path_factory.mktemp("multinode")
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120",
+                    "--image-size", "32", "--seed", "5", "--no-progress"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    cfg = {
+        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
+        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
+                 "test_fraction": 0.1},
+        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
+        "train": {"batch_size": 16, "warmup": {"epochs": 1}, "finetune": {"epochs": 3, "patience": 10}},
+        "eval": {"tta": False, "bootstrap": 0, "gradcam_per_group": 0},
+        "run": {"dir": str(base / "run")},
+    }
+    (base / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return base
