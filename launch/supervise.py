@@ -321,15 +321,41 @@ def _signal_group(proc: subprocess.Popen, signum: int) -> None:
 
 def _stop(proc: subprocess.Popen, steps=((None, 20), (signal.SIGTERM, 20), (signal.SIGKILL, 10))) -> int:
     """Stop the group: by default (after an interrupt) 20 s to stop by itself, then SIGTERM,
-    20 s more, then SIGKILL. The group is killed at the end even when its leader has gone."""
+    20 s more, then SIGKILL. At the end every process of the group and every descendant of the
+    stage is killed, also those mpirun started in process groups of their own (its local ranks)
+    and those orphaned when their parent died first."""
+    tree = _descendants(proc.pid)
     rc = None
     for sig, grace in steps:
         if sig is not None:
+            tree |= _descendants(proc.pid)
             _signal_group(proc, sig)
         try:
             rc = proc.wait(timeout=grace)
             break
         except subprocess.TimeoutExpired:
             continue
-    _signal_group(proc, signal.SIGKILL)  # whatever of the group is left (an mpirun whose horovodrun ended)
+    _signal_group(proc, signal.SIGKILL)
+    for pid in tree:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
     return rc if rc is not None else proc.wait()
+
+
+def _descendants(root: int) -> set[int]:
+    """pids of every living descendant of ``root`` (from /proc; empty where there is none)."""
+    children: dict[int, list[int]] = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(p.name))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
