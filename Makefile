@@ -10,9 +10,11 @@ HOROVOD_VERSION := 0.28.1
 PYTEST_ARGS ?=
 DEMO_DIR ?= demo-output
 
-.PHONY: setup mpi venv deps horovod check-build test test-unit test-parallel test-e2e demo bench clean
+NODES ?= 2
 
-setup: check-build
+.PHONY: setup mpi vcluster-deps vcluster-up vcluster-down venv deps horovod check-build test test-unit test-parallel test-e2e demo bench clean
+
+setup: check-build vcluster-deps
 
 # Open MPI from Debian, only when mpirun is missing (root on these machines; sudo elsewhere).
 mpi:
@@ -21,6 +23,23 @@ mpi:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
 	else echo ">> Open MPI present: $$(mpirun --version 2>&1 | head -1)"; fi
+
+# sshd (Debian's openssh-server) and ip for the virtual cluster of the multi-node tests, only when
+# missing and only as root (the tests need root for network namespaces and skip without it).
+vcluster-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo ">> not root: the multi-node tests will be skipped (no sshd installed)"; \
+	elif [ ! -x /usr/sbin/sshd ] || ! command -v ip >/dev/null 2>&1; then \
+	  echo ">> installing openssh-server iproute2 (virtual cluster of tests/multinode)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssh-server iproute2 >/dev/null; \
+	else echo ">> sshd present: $$(/usr/sbin/sshd -V 2>&1 | head -1)"; fi
+
+# A virtual cluster of $(NODES) network-namespace nodes on this machine (root) to rehearse a
+# multi-node run: cluster file /tmp/cxr-vcluster-0/cluster.yaml (README: "Rehearse a multi-node run").
+vcluster-up: setup
+	$(PY) -m launch vcluster up --nodes $(NODES)
+
+vcluster-down:
+	$(PY) -m launch vcluster down
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
