@@ -144,7 +144,7 @@ def _main(args, argv: list[str]) -> int:
         say(describe(cmd))
         say(cmd.shell())
         t0 = time.monotonic()
-        rc, failure = run(cmd, cluster.ssh_port)
+        rc, failure = run(cmd, cluster.ssh_port, probe_nodes=allocation.source != "slurm")
         if failure:
             print(f"{PROG}: error: {failure.sentence(stage, time.monotonic() - failure.at)}", file=sys.stderr)
             return rc or 1

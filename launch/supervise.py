@@ -8,8 +8,8 @@ A multi-host stage is watched two ways while it runs:
   code C``) starts a clock; if the stage has not ended ``FAULT_GRACE_S`` later, the whole process
   group is stopped;
 * the nodes: every ``PROBE_INTERVAL_S`` a TCP connection to each remote node's ssh port (from the
-  cluster's ssh client file when it names one); a node that misses ``PROBE_MISSES`` probes in a row
-  is cut off, and the stage is stopped at once (a rank waiting for a lost peer in an allreduce
+  cluster's ssh client file when it names one); a node that answered once and then misses
+  ``PROBE_MISSES`` probes in a row is cut off, and the stage is stopped at once (a rank waiting for a lost peer in an allreduce
   never returns: mpirun alone would wait for hours).
 
 Stopping is SIGTERM to the group, then SIGKILL ``STOP_GRACE_S`` later: mpirun, horovodrun and the
@@ -174,13 +174,14 @@ _LOST, _KILLED, _EXITED = 3, 2, 1
 class Watch:
     """Watches one running stage (see the module's docstring); ``failure`` is the first fault seen."""
 
-    def __init__(self, where: list[tuple[str, list[int]]], ssh_config: str = "", ssh_port: int = 0):
+    def __init__(self, where: list[tuple[str, list[int]]], ssh_config: str = "", ssh_port: int = 0,
+                 probe: bool = True):
         self.where = where
         self.failure: Failure | None = None
         self._kind = 0  # _LOST, _KILLED or _EXITED: how the failure was seen
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        remote = [h for h, _ in where if not is_local_host(h)]
+        remote = [h for h, _ in where if probe and not is_local_host(h)]
         self._targets = {h: ssh_target(h, ssh_config, ssh_port) for h in remote}
         self._thread = threading.Thread(target=self._probe_loop, daemon=True) if self._targets else None
 
@@ -224,14 +225,16 @@ class Watch:
 
     def _probe_loop(self) -> None:
         misses = {h: 0 for h in self._targets}
+        answered: set[str] = set()  # a node that never answered (no sshd, a firewall) is not lost
         while not self._stop.wait(PROBE_INTERVAL_S):
             for host, (addr, port) in self._targets.items():
                 try:
                     with socket.create_connection((addr, port), timeout=PROBE_TIMEOUT_S):
                         misses[host] = 0
+                        answered.add(host)
                 except OSError:
                     misses[host] += 1
-                    if misses[host] >= PROBE_MISSES:
+                    if host in answered and misses[host] >= PROBE_MISSES:
                         seconds = PROBE_MISSES * PROBE_INTERVAL_S
                         self._record(_LOST, host, _ranks_text(self._ranks_on(host)),
                                      f"the node stopped answering on its ssh port for {seconds:.0f} s")
@@ -253,16 +256,17 @@ def _signame(sig: int) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def run(cmd: StageCommand, cluster_ssh_port: int = 0) -> tuple[int, Failure | None]:
+def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True) -> tuple[int, Failure | None]:
     """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole
     group (mpirun passes them on to the ranks), which is stopped for good if it does not end by
-    itself. A multi-host command is watched (module docstring); returns (exit code, first fault)."""
+    itself. A multi-host command is watched (module docstring; ``probe_nodes=False``: its output
+    only, as under Slurm, whose nodes need not run sshd); returns (exit code, first fault)."""
     where = placement(cmd)
     with contextlib.ExitStack() as stack:
         env = cmd.process_env(os.environ)
         if cmd.ssh_config and cmd.kind == "horovodrun":
             env["PATH"] = stack.enter_context(ssh_wrapper(cmd.ssh_config)) + os.pathsep + env.get("PATH", "")
-        watch = Watch(where, cmd.ssh_config, cluster_ssh_port) if where else None
+        watch = Watch(where, cmd.ssh_config, cluster_ssh_port, probe_nodes) if where else None
         pipe = subprocess.PIPE if watch else None
         proc = subprocess.Popen(cmd.argv, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
                                 start_new_session=True, bufsize=0)
