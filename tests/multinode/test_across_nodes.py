@@ -195,7 +195,7 @@ def test_rank_killed_then_node_cut_off_then_resume(reference, dataset, cluster):
     assert _state(run)["complete"] and (run / "report.md").is_file()
     man = json.loads((dataset / "prepared" / "manifest.json").read_text())
     _record("train", controller="mpi", nodes=2, ranks=2, kill9_rank_to_exit_s=round(killed_s, 1),
-            cut_off_node_to_exit_s=round(cut_s, 1), epochs_repeated=2, epochs_total=len(ref),
+            cut_off_node_to_exit_s=round(cut_s, 1), epochs_repeated_per_fault=1, epochs_total=len(ref),
             images_lost=0, train_images=man["splits"]["train"]["count"])
 
 
