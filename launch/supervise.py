@@ -311,7 +311,10 @@ def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True) 
 def _pump(src, dst, watch: Watch) -> None:
     """Copy the stage's output through, line by line, showing each line to the watch."""
     for raw in iter(src.readline, b""):
-        dst.buffer.write(raw) if hasattr(dst, "buffer") else dst.write(raw.decode(errors="replace"))
+        if hasattr(dst, "buffer"):
+            dst.buffer.write(raw)
+        else:  # a replaced sys.stdout (pytest's capture): text only
+            dst.write(raw.decode(errors="replace"))
         dst.flush()
         watch.feed(raw.decode(errors="replace"))
 

@@ -6,7 +6,6 @@ made once per module and always removed (finally, and atexit for an interrupted 
 test here is skipped with the one-sentence reason (shown by pytest's ``-rs``).
 """
 import atexit
-import os
 import subprocess
 import sys
 
