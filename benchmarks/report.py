@@ -12,8 +12,9 @@ FLOP_CONVENTION = ("FLOPs count convolutions and dense layers only, 1 multiply-a
                    "FLOPs per image = forward of the whole model + 2 x forward of the trainable part (every layer "
                    "from the first one with trainable weights to the output: the backward pass costs about twice "
                    "the forward); frozen layers before it run forward only. So warm-up (backbone frozen) costs about "
-                   "1x forward, a fully trainable model 3x. MFU = achieved GFLOP/s / the best float32 matmul GFLOP/s "
-                   "measured on this machine in the same run (by every variant's own TensorFlow; the best of them).")
+                   "1x forward, a fully trainable model 3x. MFU = achieved GFLOP/s / the best matmul GFLOP/s "
+                   "of the row's compute type (float32, or bfloat16 for mixed_bfloat16 rows) measured on this machine "
+                   "in the same run (over square shapes, by every variant's own TensorFlow; the best of them).")
 
 
 def _fmt(x, nd=1):
@@ -136,7 +137,8 @@ def epoch_markdown(results: dict) -> str:
         L.append(f"  - {v.get('install', '')}; {vers}")
         L.append(f"  - environment: {env}; TensorFlow pools intra/inter-op = "
                  f"{v.get('threads_effective', {}).get('intra_op')}/{v.get('threads_effective', {}).get('inter_op')} "
-                 f"(0 = TensorFlow's default); matmul {v.get('matmul', {}).get('gflops', 0):.1f} GFLOP/s")
+                 f"(0 = TensorFlow's default); matmul {v.get('matmul', {}).get('gflops', 0):.1f} GFLOP/s"
+                 + (f" float32, {v['matmul_bf16']['gflops']:.1f} bfloat16" if v.get("matmul_bf16") else ""))
     L += ["", "## Machine", "", *machine_lines(m), ""]
     return "\n".join(L)
 
