@@ -1,14 +1,15 @@
 """A virtual cluster on one machine: network-namespace nodes with their own hostname and sshd.
 
-``python -m launch vcluster up --nodes 2 [--slots 1] [--dir D]`` makes, for node k:
+``python -m launch vcluster up --nodes 2 [--slots 1] [--id C] [--dir D]`` makes, for node k of
+cluster C (0-3; the tests use 3, so they never touch a user's cluster 0):
 
-* a network namespace ``cxr-nodeK`` with an ``eth0`` (one end of a veth pair whose other end sits
-  on the bridge ``cxrbr0`` in the root namespace), address ``198.18.0.(10+K)/24``. The bridge has
-  ``198.18.0.1/24``. Addresses come only from 198.18.0.0/24 (RFC 2544, reserved for network
-  benchmark tests); nothing routes anywhere else (no default route in a node);
-* a UTS namespace with hostname ``nodeK`` (ranks started over ssh report it);
+* a network namespace ``cxrC-nodeK`` with an ``eth0`` (one end of a veth pair whose other end sits
+  on the bridge ``cxrbrC`` in the root namespace), address ``198.18.0.(64C+10+K)/26``; the bridge
+  has ``198.18.0.(64C+1)``. Addresses come only from 198.18.0.0/24 (RFC 2544, reserved for network
+  benchmark tests), a /26 per cluster; nothing routes anywhere else (no default route in a node);
+* a UTS namespace with hostname ``nodeK`` (cluster 0) or ``cCnodeK`` (ranks started over ssh report it);
 * an sshd listening on the node's address with a host key and a client key made for this cluster;
-* a line ``198.18.0.(10+K) nodeK`` in /etc/hosts, marked with ``# cxr-vcluster``.
+* a line ``<address> <hostname>`` in /etc/hosts, marked with ``# cxr-vcluster-C``.
 
 It writes ``D/cluster.yaml`` (the ``configs/cluster.yaml`` format: hosts, slots, ``eth0``, and
 ``ssh_config``, an ssh client file holding the identity and the nodes' pinned host keys) and
@@ -38,16 +39,61 @@ import yaml
 
 from launch.hosts import LaunchError
 
-SUBNET = ipaddress.ip_network("198.18.0.0/24")
-BRIDGE = "cxrbr0"
-BRIDGE_ADDR = "198.18.0.1"
-NS_PREFIX = "cxr-node"
-VETH_PREFIX = "cxrv"
+BLOCK = ipaddress.ip_network("198.18.0.0/24")  # the only addresses a virtual cluster ever uses
 HOSTS_FILE = Path("/etc/hosts")
-HOSTS_MARK = "# cxr-vcluster"
-DEFAULT_DIR = Path(os.environ.get("CXR_VCLUSTER_DIR", "/tmp/cxr-vcluster"))
 MAX_NODES = 8
+MAX_ID = 3
 SSHD = "/usr/sbin/sshd"
+
+
+@dataclass(frozen=True)
+class Names:
+    """Every name and address of virtual cluster ``id`` (one /26 of 198.18.0.0/24 each)."""
+    id: int = 0
+
+    def __post_init__(self):
+        if not 0 <= self.id <= MAX_ID:
+            raise LaunchError(f"--id must be between 0 and {MAX_ID}, got {self.id}")
+
+    @property
+    def subnet(self) -> ipaddress.IPv4Network:
+        return list(BLOCK.subnets(new_prefix=26))[self.id]
+
+    @property
+    def bridge(self) -> str:
+        return f"cxrbr{self.id}"
+
+    @property
+    def bridge_addr(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    @property
+    def mark(self) -> str:
+        return f"# cxr-vcluster-{self.id}"
+
+    @property
+    def ns_prefix(self) -> str:
+        return f"cxr{self.id}-node"
+
+    @property
+    def veth_prefix(self) -> str:
+        return f"cxr{self.id}v"
+
+    def hostname(self, k: int) -> str:
+        return f"node{k}" if self.id == 0 else f"c{self.id}node{k}"
+
+    def addr(self, k: int) -> str:
+        a = self.subnet.network_address + 10 + k
+        assert 1 <= k <= MAX_NODES and a in self.subnet and a in BLOCK
+        return str(a)
+
+    def node(self, k: int) -> "Node":
+        return Node(name=self.hostname(k), netns=f"{self.ns_prefix}{k}", veth=f"{self.veth_prefix}{k}",
+                    addr=self.addr(k))
+
+
+def default_dir(cluster_id: int = 0) -> Path:
+    return Path(os.environ.get("CXR_VCLUSTER_DIR", f"/tmp/cxr-vcluster-{cluster_id}"))
 
 
 @dataclass
@@ -63,8 +109,12 @@ class Node:
 class State:
     dir: str
     slots: int
+    id: int = 0
     nodes: list[Node] = field(default_factory=list)
-    bridge: str = BRIDGE
+
+    @property
+    def names(self) -> Names:
+        return Names(self.id)
 
     def save(self) -> None:
         Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=1))
@@ -75,8 +125,7 @@ class State:
         if not p.is_file():
             return None
         raw = json.loads(p.read_text())
-        return cls(dir=raw["dir"], slots=raw["slots"], nodes=[Node(**n) for n in raw["nodes"]],
-                   bridge=raw.get("bridge", BRIDGE))
+        return cls(dir=raw["dir"], slots=raw["slots"], id=raw.get("id", 0), nodes=[Node(**n) for n in raw["nodes"]])
 
 
 # --------------------------------------------------------------------------- checks
@@ -91,7 +140,7 @@ def unavailable_reason() -> str | None:
             return f"the virtual cluster needs '{tool}' (Debian package {pkg})"
     if not os.access(SSHD, os.X_OK):
         return f"the virtual cluster needs {SSHD} (Debian package openssh-server; `make vcluster-deps`)"
-    probe = f"{NS_PREFIX}-probe{os.getpid()}"
+    probe = f"cxr-probe{os.getpid()}"
     r = _run(["ip", "netns", "add", probe], check=False)
     if r.returncode != 0:
         return f"network namespaces are not available here (ip netns add: {r.stderr.strip() or r.returncode})"
@@ -108,46 +157,43 @@ def _run(argv, check=True, **kw) -> subprocess.CompletedProcess:
 
 # --------------------------------------------------------------------------- up
 
-def node_addr(k: int) -> str:
-    addr = SUBNET.network_address + 10 + k
-    assert addr in SUBNET and k >= 1
-    return str(addr)
-
-
-def up(nodes: int = 2, slots: int = 1, folder: Path = DEFAULT_DIR, python: str = "",
+def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str = "", cluster_id: int = 0,
        log=print) -> State:
-    """Make the cluster (after removing any earlier one in ``folder``); returns its state."""
+    """Make the cluster (after removing any earlier one of the same id); returns its state."""
+    names = Names(cluster_id)
     if not 1 <= nodes <= MAX_NODES:
         raise LaunchError(f"--nodes must be between 1 and {MAX_NODES}, got {nodes}")
+    if slots < 1:
+        raise LaunchError(f"--slots must be at least 1, got {slots}")
     why = unavailable_reason()
     if why:
         raise LaunchError(why)
-    folder = Path(folder).resolve()
-    down(folder, quiet=True)  # recover from a crashed or forgotten earlier cluster
+    folder = Path(folder or default_dir(cluster_id)).resolve()
+    down(folder, cluster_id, quiet=True)  # recover from a crashed or forgotten earlier cluster
     folder.mkdir(parents=True, exist_ok=True)
     os.chmod(folder, 0o700)
-    state = State(dir=str(folder), slots=slots)
+    state = State(dir=str(folder), slots=slots, id=cluster_id)
     state.save()  # from here on, down() can undo whatever exists
     try:
         _keys(folder)
-        _run(["ip", "link", "add", BRIDGE, "type", "bridge"])
-        _run(["ip", "addr", "add", f"{BRIDGE_ADDR}/{SUBNET.prefixlen}", "dev", BRIDGE])
-        _run(["ip", "link", "set", BRIDGE, "up"])
+        _run(["ip", "link", "add", names.bridge, "type", "bridge"])
+        _run(["ip", "addr", "add", f"{names.bridge_addr}/{names.subnet.prefixlen}", "dev", names.bridge])
+        _run(["ip", "link", "set", names.bridge, "up"])
         for k in range(1, nodes + 1):
-            node = Node(name=f"node{k}", netns=f"{NS_PREFIX}{k}", veth=f"{VETH_PREFIX}{k}", addr=node_addr(k))
+            node = names.node(k)
             state.nodes.append(node)
             state.save()
-            _make_node(node, folder)
+            _make_node(node, folder, names)
             state.save()
-        _hosts_add(state.nodes)
+        _hosts_add(state.nodes, names)
         for node in state.nodes:
             _wait_ssh(node, folder)
         _write_client_files(state, python or sys.executable)
     except BaseException:
-        down(folder, quiet=True)
+        down(folder, cluster_id, quiet=True)
         raise
     log(f"virtual cluster up: {', '.join(f'{n.name} ({n.addr})' for n in state.nodes)}; "
-        f"cluster file {folder / 'cluster.yaml'}; ssh -F {folder / 'ssh_config'} node1")
+        f"cluster file {folder / 'cluster.yaml'}; ssh -F {folder / 'ssh_config'} {state.nodes[0].name}")
     return state
 
 
@@ -159,12 +205,12 @@ def _keys(folder: Path) -> None:
     os.chmod(folder / "authorized_keys", 0o600)
 
 
-def _make_node(node: Node, folder: Path) -> None:
+def _make_node(node: Node, folder: Path, names: Names) -> None:
     _run(["ip", "netns", "add", node.netns])
     _run(["ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", node.netns])
-    _run(["ip", "link", "set", node.veth, "master", BRIDGE, "up"])
+    _run(["ip", "link", "set", node.veth, "master", names.bridge, "up"])
     inside = ["ip", "netns", "exec", node.netns]
-    _run(inside + ["ip", "addr", "add", f"{node.addr}/{SUBNET.prefixlen}", "dev", "eth0"])
+    _run(inside + ["ip", "addr", "add", f"{node.addr}/{names.subnet.prefixlen}", "dev", "eth0"])
     _run(inside + ["ip", "link", "set", "eth0", "up"])
     _run(inside + ["ip", "link", "set", "lo", "up"])
     cfg = folder / f"sshd_{node.name}.conf"
@@ -198,10 +244,10 @@ def _wait_ssh(node: Node, folder: Path, timeout: float = 15.0) -> None:
                       + (f": {tail[0]}" if tail else ""))
 
 
-def _hosts_add(nodes: list[Node]) -> None:
+def _hosts_add(nodes: list[Node], names: Names) -> None:
     text = HOSTS_FILE.read_text()
-    lines = [ln for ln in text.splitlines() if HOSTS_MARK not in ln]
-    lines += [f"{n.addr} {n.name} {HOSTS_MARK}" for n in nodes]
+    lines = [ln for ln in text.splitlines() if not ln.endswith(names.mark)]
+    lines += [f"{n.addr} {n.name} {names.mark}" for n in nodes]
     _rewrite_hosts("\n".join(lines) + "\n")
 
 
@@ -252,27 +298,29 @@ def ssh_command(state: State, node: str, command: str) -> list[str]:
 
 # --------------------------------------------------------------------------- down
 
-def down(folder: Path = DEFAULT_DIR, quiet: bool = False, log=print) -> list[str]:
-    """Remove everything of the cluster in ``folder`` and any leftover of the naming scheme."""
-    folder = Path(folder).resolve()
+def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool = False, log=print) -> list[str]:
+    """Remove everything of the cluster in ``folder`` and any leftover named as cluster ``cluster_id``
+    (by default the id recorded in the folder's state, else 0)."""
+    folder = Path(folder or default_dir(cluster_id or 0)).resolve()
     state = State.load(folder)
+    names = Names(cluster_id if cluster_id is not None else (state.id if state else 0))
     removed: list[str] = []
     pids = [n.sshd_pid for n in state.nodes if n.sshd_pid] if state else []
     for pid in pids:
         if _is_our_sshd(pid, folder):
             _kill(pid)
             removed.append(f"sshd {pid}")
-    for ns in _our_netns():
+    for ns in _our_netns(names):
         for pid in _netns_pids(ns):  # ranks, orted, ssh sessions left in the node
             _kill(pid)
             removed.append(f"pid {pid} in {ns}")
         _run(["ip", "netns", "del", ns], check=False)
         removed.append(f"netns {ns}")
-    for link in _our_links():
+    for link in _our_links(names):
         _run(["ip", "link", "del", link], check=False)
         removed.append(f"link {link}")
-    if HOSTS_FILE.is_file() and HOSTS_MARK in HOSTS_FILE.read_text():
-        lines = [ln for ln in HOSTS_FILE.read_text().splitlines() if HOSTS_MARK not in ln]
+    if HOSTS_FILE.is_file() and any(ln.endswith(names.mark) for ln in HOSTS_FILE.read_text().splitlines()):
+        lines = [ln for ln in HOSTS_FILE.read_text().splitlines() if not ln.endswith(names.mark)]
         _rewrite_hosts("\n".join(lines) + "\n")
         removed.append("/etc/hosts entries")
     if folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir())):
@@ -314,9 +362,9 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def _our_netns() -> list[str]:
+def _our_netns(names: Names) -> list[str]:
     r = _run(["ip", "netns", "list"], check=False)
-    return [ln.split()[0] for ln in r.stdout.splitlines() if ln.split() and ln.split()[0].startswith(NS_PREFIX)]
+    return [ln.split()[0] for ln in r.stdout.splitlines() if ln.split() and ln.split()[0].startswith(names.ns_prefix)]
 
 
 def _netns_pids(ns: str) -> list[int]:
@@ -324,24 +372,30 @@ def _netns_pids(ns: str) -> list[int]:
     return [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
 
 
-def _our_links() -> list[str]:
+def _our_links(names: Names) -> list[str]:
     r = _run(["ip", "-o", "link", "show"], check=False)
-    names = [ln.split(":")[1].strip().split("@")[0] for ln in r.stdout.splitlines() if ln.count(":") >= 2]
-    return [n for n in names if n == BRIDGE or (n.startswith(VETH_PREFIX) and n[len(VETH_PREFIX):].isdigit())]
+    links = [ln.split(":")[1].strip().split("@")[0] for ln in r.stdout.splitlines() if ln.count(":") >= 2]
+    vp = names.veth_prefix
+    return [n for n in links if n == names.bridge or (n.startswith(vp) and n[len(vp):].isdigit())]
 
 
-def leftovers() -> list[str]:
-    """What of any virtual cluster exists now (empty after a clean ``down``)."""
-    out = [f"netns {n}" for n in _our_netns()] + [f"link {n}" for n in _our_links()]
-    if HOSTS_FILE.is_file() and HOSTS_MARK in HOSTS_FILE.read_text():
+def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:
+    """What of virtual cluster ``cluster_id`` exists now (empty after a clean ``down``); sshd
+    processes are found by the cluster folder in their command line."""
+    names = Names(cluster_id)
+    folder = Path(folder or default_dir(cluster_id)).resolve()
+    out = [f"netns {n}" for n in _our_netns(names)] + [f"link {n}" for n in _our_links(names)]
+    if HOSTS_FILE.is_file() and any(ln.endswith(names.mark) for ln in HOSTS_FILE.read_text().splitlines()):
         out.append("/etc/hosts entries")
+    if folder.exists():
+        out.append(str(folder))
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
                 cmd = (p / "cmdline").read_bytes()
             except OSError:
                 continue
-            if b"sshd" in cmd and b"cxr-vcluster" in cmd.replace(b"\0", b" "):
+            if b"sshd" in cmd and str(folder).encode() in cmd:
                 out.append(f"sshd {p.name}")
     return out
 
@@ -358,27 +412,28 @@ def add_verbs(p) -> None:
     u = verbs.add_parser("up", help="make N nodes with sshd and write a cluster file")
     u.add_argument("--nodes", type=int, default=2)
     u.add_argument("--slots", type=int, default=1, help="ranks each node may run")
-    u.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     u.add_argument("--python", default="", help="interpreter for the ranks (default: this one)")
     d = verbs.add_parser("down", help="remove the cluster and everything it made")
-    d.add_argument("--dir", type=Path, default=DEFAULT_DIR)
     s = verbs.add_parser("status", help="list the nodes, or what a crashed cluster left")
-    s.add_argument("--dir", type=Path, default=DEFAULT_DIR)
+    for v in (u, d, s):
+        v.add_argument("--id", type=int, default=0, help=f"which cluster, 0-{MAX_ID} (its own /26 of 198.18.0.0/24)")
+        v.add_argument("--dir", type=Path, default=None, help="its folder (default /tmp/cxr-vcluster-ID)")
 
 
 def main(args) -> int:
+    folder = Path(args.dir or default_dir(args.id)).resolve()
     if args.verb == "up":
-        up(args.nodes, args.slots, args.dir, args.python)
+        up(args.nodes, args.slots, folder, args.python, args.id)
     elif args.verb == "down":
-        if not down(args.dir):
+        if not down(folder, args.id):
             print("virtual cluster down: nothing to remove")
     else:
-        state = State.load(Path(args.dir).resolve())
+        state = State.load(folder)
         for n in state.nodes if state else ():
             print(f"{n.name} {n.addr} netns {n.netns} sshd pid {n.sshd_pid}")
         if not state:
-            rest = leftovers()
-            print("no virtual cluster in " + str(args.dir) + "; leftovers: " + (", ".join(rest) or "none"))
+            rest = leftovers(args.id, folder)
+            print(f"no virtual cluster {args.id} in {folder}; leftovers: " + (", ".join(rest) or "none"))
     return 0
 
 
