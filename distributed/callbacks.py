@@ -310,18 +310,25 @@ class Checkpointer(tf.keras.callbacks.Callback):
 
 
 class StopHook(tf.keras.callbacks.Callback):
-    """Test hook: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
-    right after the n-th epoch of that phase was committed (after every rank got there)."""
+    """Test hooks: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
+    right after the n-th epoch of that phase was committed (after every rank got there);
+    ``CXR_STEP_SLEEP_S=<s>`` sleeps after every training step, so that a test can kill or cancel
+    a job in the middle of an epoch of a tiny model."""
 
     def __init__(self, phase: str):
         super().__init__()
         self.phase = phase
+        self.sleep = float(os.environ.get("CXR_STEP_SLEEP_S", "") or 0)
         spec = os.environ.get("CXR_STOP_AFTER", "")
         self.at = None
         if ":" in spec:
             ph, n = spec.split(":", 1)
             if ph == phase:
                 self.at = int(n)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.sleep > 0:
+            time.sleep(self.sleep)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at is not None and epoch + 1 == self.at:
