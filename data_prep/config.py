@@ -123,6 +123,8 @@ class TrainConfig:
     steps_per_epoch: int = _f(0, "cap on steps per epoch (smoke tests); 0 = the whole training split", 0)
     validation_steps: int = _f(0, "cap on validation steps; 0 = the whole validation split", 0)
     cache: bool = _f(False, "keep decoded training images in memory after the first epoch")
+    elastic: bool = _f(False, "Horovod elastic: go on with the ranks that remain when one is lost, grow back "
+                              "when hosts return (state committed each epoch; `launch train --elastic`)")
     augment: AugmentConfig = _f(AugmentConfig(), "")
     warmup: WarmupConfig = _f(WarmupConfig(), "")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "")

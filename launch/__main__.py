@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 from data_prep.config import ConfigError, add_config_args, config_from_args
+from launch import elastic
 from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
 from launch.commands import LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
@@ -47,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(pipeline does this by itself)")
     p.add_argument("--force", action="store_true", help="pipeline: run every stage even when its outputs are complete")
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
+    elastic.add_arguments(p)
     return p
 
 
@@ -156,9 +158,9 @@ def _main(args) -> int:
             extra.append("--resume")
 
         layout = plan_layout(stage, allocation, cluster, node, args.np)
-        cmd = build_command(LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides),
-                                       extra=tuple(extra), cluster=cluster, launcher=launcher, runtime=cfg.runtime,
-                                       hostfile=allocation.hostfile))
+        spec = LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides), extra=tuple(extra),
+                          cluster=cluster, launcher=launcher, runtime=cfg.runtime, hostfile=allocation.hostfile)
+        cmd = elastic.build_command(spec, args) if elastic.wanted(stage, args, cfg) else build_command(spec)
         tool = cmd.argv[0] if cmd.kind != "python" else None
         if tool and not find_tool(tool):
             msg = (f"{tool} not found on PATH; " + (
@@ -180,7 +182,7 @@ def _main(args) -> int:
 
         pl.check_inputs(stage, cfg, args.config)
         if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
-                and allocation.source != "slurm"):
+                and allocation.source != "slurm" and not elastic.is_elastic(cmd)):  # elastic: discovery decides
             check_hosts_answer(layout.hosts, cluster.ssh_port)
             checked_hosts = True
         say(describe(cmd))
