@@ -17,7 +17,7 @@ committed :class:`Committed` values, broadcast from rank 0:
 * files: rank 0 alone writes, each file atomically (temp file, rename), ``state.json`` last.
 
 Cost: one copy of the weights and optimizer variables into host memory per epoch on every rank
-(a fraction of a second for VGG16's 15 M parameters) and a broadcast of them at each restart.
+(about 120 MB for VGG16 with SGD momentum) and a broadcast of them at each restart.
 Horovod calls stay in ``distributed.hvd``.
 """
 from __future__ import annotations
