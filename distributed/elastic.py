@@ -34,7 +34,9 @@ from distributed import callbacks as cb
 from distributed import data as D
 from distributed import hvd
 from distributed import model as M
-from distributed import trainer as T
+
+
+T = None  # distributed.trainer, set by run()
 
 
 @dataclass(frozen=True)
@@ -53,8 +55,12 @@ class _Local:
     tb: object = None
 
 
-def run(cfg, model, train_data, val_data, resume: bool, log) -> dict:
-    """Train elastically; the same result as :func:`distributed.trainer.run` (on every rank)."""
+def run(cfg, model, train_data, val_data, resume: bool, log, recipe) -> dict:
+    """Train elastically; the same result as :func:`distributed.trainer.run` (on every rank).
+    ``recipe``: the ``distributed.trainer`` module, whose optimizer, checkpoint and finishing helpers
+    this reuses (handed in, not imported: trainer imports this module)."""
+    global T
+    T = recipe
     run_dir = Path(cfg.run.dir)
     state = None
     if hvd.is_root():  # rank 0 reads or clears the checkpoints; the first synchronisation hands them on

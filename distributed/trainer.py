@@ -66,7 +66,7 @@ def run(cfg, plan, resume: bool = False) -> dict:
     model = M.build_model(cfg.model, manifest_data.image_size, manifest_data.num_classes, multilabel)
     if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
         from distributed import elastic
-        return elastic.run(cfg, model, manifest_data, val_data, resume, log)
+        return elastic.run(cfg, model, manifest_data, val_data, resume, log, recipe=sys.modules[__name__])
     state = cb.RunState(size=hvd.size())
     if resume:
         state, finished = _resume(cfg, run_dir, model, log)
