@@ -12,7 +12,7 @@ DEMO_DIR ?= demo-output
 
 NODES ?= 2
 
-.PHONY: setup mpi vcluster-deps vcluster-up vcluster-down venv deps horovod check-build test test-unit test-parallel test-e2e demo bench clean
+.PHONY: setup mpi vcluster-deps vcluster-up vcluster-down slurm-deps venv deps horovod check-build test test-unit test-parallel test-e2e demo bench clean
 
 setup: check-build vcluster-deps
 
@@ -40,6 +40,17 @@ vcluster-up: setup
 
 vcluster-down:
 	$(PY) -m launch vcluster down
+
+# Slurm and munge from Debian for the real-Slurm tests (tests/multinode/test_slurm.py, launch/vslurm.py),
+# only where they are missing and only as root (the tests need root for their namespace nodes anyway).
+# Debian's package scripts do not start the daemons in containers (policy-rc.d); the tests start their own.
+slurm-deps:
+	@if command -v sbatch >/dev/null 2>&1 && command -v slurmd >/dev/null 2>&1 && command -v munged >/dev/null 2>&1; then \
+	  echo ">> Slurm present: $$(slurmd -V 2>&1 | head -1)"; \
+	elif [ "$$(id -u)" != 0 ]; then echo ">> Slurm missing and not root: the real-Slurm tests will be skipped"; \
+	else echo ">> installing Slurm (slurmctld slurmd slurm-client munge)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    slurmctld slurmd slurm-client munge >/dev/null; fi
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -79,7 +90,7 @@ check-build: mpi $(VENV)/.project-stamp
 	done
 	@$(PY) -c "import tensorflow as tf, numpy, horovod; print('>> ok: tensorflow', tf.__version__, 'numpy', numpy.__version__, 'horovod', horovod.__version__)"
 
-test: setup
+test: setup slurm-deps
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS)
 
 test-unit: setup

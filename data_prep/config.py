@@ -126,6 +126,8 @@ class TrainConfig:
     allreduce_compression: Literal["none", "fp16"] = _f(
         "none", "Horovod gradient compression for the allreduce: none, or fp16 (halves the bytes sent; for "
                 "bandwidth-bound multi-node runs; see BENCHMARKS.md)")
+    elastic: bool = _f(False, "Horovod elastic: go on with the ranks that remain when one is lost, grow back "
+                              "when hosts return (state committed each epoch; `launch train --elastic`)")
     augment: AugmentConfig = _f(AugmentConfig(), "")
     warmup: WarmupConfig = _f(WarmupConfig(), "")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "")

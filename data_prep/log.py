@@ -74,3 +74,17 @@ def get_logger(name: str = "cxr", rank: int | None = None, all_ranks: bool = Fal
         fh.setFormatter(logging.Formatter("%(asctime)s [rank %(rank)s] %(levelname)s %(message)s"))
         logger.addHandler(fh)
     return logger
+
+
+def follow_rank(rank: int, name: str = "cxr", logfile: str | None = None) -> logging.Logger:
+    """After an elastic restart gave this process another rank: the label, the level (INFO on rank 0)
+    and the log file (rank 0 only) follow the new rank."""
+    logger = get_logger(name, rank=rank, logfile=logfile)
+    for f in logger.filters:
+        if isinstance(f, _RankFilter):
+            f.rank = rank
+    if rank != 0:
+        for h in [h for h in logger.handlers if isinstance(h, logging.FileHandler)]:
+            logger.removeHandler(h)
+            h.close()
+    return logger

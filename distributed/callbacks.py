@@ -23,7 +23,7 @@ from data_prep.log import get_logger
 from distributed import hvd
 
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
-                   "seconds", "images_per_s")
+                   "seconds", "images_per_s", "ranks")
 STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
 
 
@@ -293,7 +293,8 @@ class Checkpointer(tf.keras.callbacks.Callback):
                  logs.get("images_per_s", float("nan")), " *best*" if improved else "")
         if not self.root:  # Horovod: only rank 0 writes files; the others keep the same state in memory
             return
-        append_history(self.run_dir / "history.csv", {**logs, "phase": self.phase, "epoch": s.epoch})
+        append_history(self.run_dir / "history.csv", {**logs, "phase": self.phase, "epoch": s.epoch,
+                                                      "ranks": hvd.size()})
         if self.tb is not None:
             with self.tb.as_default():
                 for k in HISTORY_COLUMNS[2:]:
@@ -311,18 +312,25 @@ class Checkpointer(tf.keras.callbacks.Callback):
 
 
 class StopHook(tf.keras.callbacks.Callback):
-    """Test hook: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
-    right after the n-th epoch of that phase was committed (after every rank got there)."""
+    """Test hooks: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
+    right after the n-th epoch of that phase was committed (after every rank got there);
+    ``CXR_STEP_SLEEP_S=<s>`` sleeps after every training step, so that a test can kill or cancel
+    a job in the middle of an epoch of a tiny model."""
 
     def __init__(self, phase: str):
         super().__init__()
         self.phase = phase
+        self.sleep = float(os.environ.get("CXR_STEP_SLEEP_S", "") or 0)
         spec = os.environ.get("CXR_STOP_AFTER", "")
         self.at = None
         if ":" in spec:
             ph, n = spec.split(":", 1)
             if ph == phase:
                 self.at = int(n)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.sleep > 0:
+            time.sleep(self.sleep)
 
     def on_epoch_end(self, epoch, logs=None):
         if self.at is not None and epoch + 1 == self.at:
@@ -339,11 +347,15 @@ class StopHook(tf.keras.callbacks.Callback):
 
 def append_history(path: Path, row: dict) -> None:
     new = not path.exists() or path.stat().st_size == 0
+    columns = HISTORY_COLUMNS
+    if not new:  # a history begun by an older version keeps its columns
+        with open(path, newline="") as f:
+            columns = tuple(next(csv.reader(f), HISTORY_COLUMNS))
     with open(path, "a", newline="") as f:
         w = csv.writer(f)
         if new:
-            w.writerow(HISTORY_COLUMNS)
-        w.writerow([_fmt(row.get(k)) for k in HISTORY_COLUMNS])
+            w.writerow(columns)
+        w.writerow([_fmt(row.get(k)) for k in columns])
         f.flush()
         os.fsync(f.fileno())
 

@@ -19,7 +19,8 @@ from data_prep.log import env_size, get_logger
 
 __all__ = ["init", "enabled", "rank", "size", "local_rank", "local_size", "is_root", "allreduce",
            "allgather", "allgather_object", "broadcast", "broadcast_object", "broadcast_variables",
-           "DistributedOptimizer", "broadcast_callback", "metric_average_callback", "barrier", "shutdown"]
+           "DistributedOptimizer", "broadcast_callback", "metric_average_callback", "barrier", "shutdown",
+           "elastic_state", "elastic_run", "elastic_enabled"]
 
 _hvd = None           # horovod.tensorflow.keras once initialised
 _hvd_tf = None        # horovod.tensorflow (object collectives, reduction ops)
@@ -175,3 +176,47 @@ def shutdown() -> None:
     if _state["enabled"]:
         _hvd.shutdown()
         _state.update(init=False, enabled=False)
+
+
+# --------------------------------------------------------------------------- elastic (horovodrun --min-np/--max-np)
+
+class _LocalState:
+    """One process without Horovod: an elastic state that never resets."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+    def commit(self):
+        pass
+
+    def register_reset_callbacks(self, callbacks):
+        pass
+
+
+def elastic_state(**values):
+    """Horovod's elastic ``ObjectState``: the ``values`` as attributes; ``commit()`` keeps them in memory
+    (and raises ``HostsUpdatedInterrupt`` when hosts were added or removed), a failure restores the last
+    commit, and every (re)start broadcasts rank 0's copy. Values must be picklable and replaced, not
+    changed in place, between commits. Without Horovod: a plain object."""
+    if not _state["enabled"]:
+        return _LocalState(**values)
+    from horovod.common.elastic import ObjectState  # Horovod's own, as KerasState builds on it
+
+    # Horovod: rank 0's values win at every (re)start of the elastic function.
+    return ObjectState(_hvd_tf.broadcast_object, rank, **values)
+
+
+def elastic_run(func):
+    """``func(state)`` under Horovod elastic: after a lost rank (``HorovodInternalError``: state restored
+    to its last commit) or a host change (``HostsUpdatedInterrupt``), Horovod is re-initialised with the
+    ranks there are now and ``func`` runs again from the synchronised state. Without Horovod: ``func``."""
+    if not _state["enabled"]:
+        return func
+    import horovod.tensorflow.keras.elastic as hvd_elastic  # the TensorFlow flavour: maps failed ops to resets
+
+    return hvd_elastic.run(func)
+
+
+def elastic_enabled() -> bool:
+    """True when horovodrun started this process in elastic mode (``--min-np``/``--host-discovery-script``)."""
+    return os.environ.get("HOROVOD_ELASTIC", "") == "1"

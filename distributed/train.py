@@ -16,7 +16,8 @@ SavedModel for serving: ``tf.saved_model.load(p).serve(images)``), both with the
 best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights gives.
 
 Test hooks (environment): ``CXR_STOP_AFTER=<phase>:<n>`` exits like a kill after that epoch;
-``CXR_TEST_DUMP=<dir>`` makes every rank write ``rank<r>.json`` (weights checksum, files written).
+``CXR_TEST_DUMP=<dir>`` makes every rank write ``rank<r>.json`` (weights checksum, files written);
+``CXR_STEP_SLEEP_S=<s>`` sleeps after every training step (to cancel or kill a tiny run mid-epoch).
 """
 from __future__ import annotations
 

@@ -67,6 +67,9 @@ def run(cfg, plan, resume: bool = False) -> dict:
         log.warning("the validation split is empty: no val metrics, no early stopping, the last epoch is kept")
     model = M.build_model(cfg.model, manifest_data.image_size, manifest_data.num_classes, multilabel,
                           precision=precision)
+    if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
+        from distributed import elastic  # only elastic runs need it; it imports this module (the recipe)
+        return elastic.run(cfg, model, manifest_data, val_data, resume, log, recipe=sys.modules[__name__])
     state = cb.RunState(size=hvd.size(), precision=precision)
     if resume:
         state, finished = _resume(cfg, run_dir, model, log, precision)
@@ -221,28 +224,33 @@ def _resume(cfg, run_dir: Path, model, log, precision: str):
     """Rank 0 reads the checkpoint state and weights; every rank gets the state by broadcast (and
     the weights by the broadcast before the phase's first step). Returns (state, finished): the
     run was already complete, with its final model."""
-    state, finished = None, False
-    if hvd.is_root():
-        state = cb.read_state(run_dir)
-        if state is None:
-            log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir / "checkpoints")
-        else:
-            M.copy_weights(M.load_model(run_dir / "checkpoints" / "last.keras"), model)
-            if state.precision != precision:
-                # Converted explicitly: the variables are float32 under both policies, copied as they are.
-                log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
-                            "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
-            kept = cb.truncate_history(run_dir / "history.csv", state.epoch)
-            finished = state.complete and (run_dir / "model.keras").is_file()
-            log.info("resuming after epoch %d (%s epoch %d), best val_loss %.4f at epoch %d, early-stopping "
-                     "wait %d; history has %d rows", state.epoch, state.phase, state.phase_epoch,
-                     state.best_val_loss, state.best_epoch, state.early_stopping.get("wait", 0), kept)
+    state, finished = _read_checkpoint(run_dir, model, log, precision) if hvd.is_root() else (None, False)
     # Horovod: every rank continues from the same phase and epoch (rank 0 read them).
     state, finished = hvd.broadcast_object((state, finished), root_rank=0)
     if state is None:
         state = cb.RunState(size=hvd.size())
     state.size = hvd.size()
     state.precision = precision
+    return state, finished
+
+
+def _read_checkpoint(run_dir: Path, model, log, precision: str = "float32"):
+    """Rank 0's part of a resume: the run state and last weights of ``run_dir`` (into ``model``), the
+    history cut to the committed epochs; (None, False) without a checkpoint."""
+    state = cb.read_state(run_dir)
+    if state is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir / "checkpoints")
+        return None, False
+    M.copy_weights(M.load_model(run_dir / "checkpoints" / "last.keras"), model)
+    if state.precision != precision:
+        # Converted explicitly: the variables are float32 under both policies, copied as they are.
+        log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
+                    "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
+    kept = cb.truncate_history(run_dir / "history.csv", state.epoch)
+    finished = state.complete and (run_dir / "model.keras").is_file()
+    log.info("resuming after epoch %d (%s epoch %d), best val_loss %.4f at epoch %d, early-stopping "
+             "wait %d; history has %d rows", state.epoch, state.phase, state.phase_epoch,
+             state.best_val_loss, state.best_epoch, state.early_stopping.get("wait", 0), kept)
     return state, finished
 
 

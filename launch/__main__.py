@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from data_prep.config import ConfigError, add_config_args, config_from_args
+from launch import elastic
 from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
 from launch.commands import LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
@@ -51,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                          "(pipeline does this by itself)")
     p.add_argument("--force", action="store_true", help="pipeline: run every stage even when its outputs are complete")
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
+    elastic.add_arguments(p)
     return p
 
 
@@ -111,9 +113,9 @@ def _main(args, argv: list[str]) -> int:
             extra.append("--resume")
 
         layout = plan_layout(stage, allocation, cluster, node, args.np)
-        cmd = build_command(LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides),
-                                       extra=tuple(extra), cluster=cluster, launcher=launcher, runtime=cfg.runtime,
-                                       hostfile=allocation.hostfile))
+        spec = LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides), extra=tuple(extra),
+                          cluster=cluster, launcher=launcher, runtime=cfg.runtime, hostfile=allocation.hostfile)
+        cmd = elastic.build_command(spec, args) if elastic.wanted(stage, args, cfg) else build_command(spec)
         tool = cmd.argv[0] if cmd.kind != "python" else None
         if tool and not find_tool(tool):
             msg = (f"{tool} not found on PATH; " + (
@@ -138,13 +140,14 @@ def _main(args, argv: list[str]) -> int:
             check_launch_site(layout.hosts, cluster.network_interface, cluster.ssh_config,
                               "python -m launch " + shlex.join(argv))
         if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
-                and allocation.source != "slurm"):
+                and allocation.source != "slurm" and not elastic.is_elastic(cmd)):  # elastic: discovery decides
             check_hosts_answer(layout.hosts, cluster.ssh_port, ssh_config=cluster.ssh_config)
             checked_hosts = True
         say(describe(cmd))
         say(cmd.shell())
         t0 = time.monotonic()
-        rc, failure = run(cmd, cluster.ssh_port, probe_nodes=allocation.source != "slurm")
+        rc, failure = run(cmd, cluster.ssh_port, probe_nodes=allocation.source != "slurm",
+                          watch_faults=not elastic.is_elastic(cmd))  # elastic: a lost node is survived
         if failure:
             print(f"{PROG}: error: {failure.sentence(stage, time.monotonic() - failure.at)}", file=sys.stderr)
             return rc or 1

@@ -256,17 +256,19 @@ def _signame(sig: int) -> str:
 
 # --------------------------------------------------------------------------- running
 
-def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True) -> tuple[int, Failure | None]:
+def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True,
+        watch_faults: bool = True) -> tuple[int, Failure | None]:
     """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole
     group (mpirun passes them on to the ranks), which is stopped for good if it does not end by
     itself. A multi-host command is watched (module docstring; ``probe_nodes=False``: its output
-    only, as under Slurm, whose nodes need not run sshd); returns (exit code, first fault)."""
+    only, as under Slurm, whose nodes need not run sshd; ``watch_faults=False``: not at all, for
+    elastic training, which lives through a lost rank or node); returns (exit code, first fault)."""
     where = placement(cmd)
     with contextlib.ExitStack() as stack:
         env = cmd.process_env(os.environ)
         if cmd.ssh_config and cmd.kind == "horovodrun":
             env["PATH"] = stack.enter_context(ssh_wrapper(cmd.ssh_config)) + os.pathsep + env.get("PATH", "")
-        watch = Watch(where, cmd.ssh_config, cluster_ssh_port, probe_nodes) if where else None
+        watch = Watch(where, cmd.ssh_config, cluster_ssh_port, probe_nodes) if where and watch_faults else None
         pipe = subprocess.PIPE if watch else None
         proc = subprocess.Popen(cmd.argv, env=env, stdin=subprocess.DEVNULL, stdout=pipe, stderr=pipe,
                                 start_new_session=True, bufsize=0)

@@ -1,0 +1,299 @@
+"""A real Slurm on a virtual cluster, for tests and for rehearsing ``sbatch launch/cxr.sbatch``.
+
+``python -m launch.vslurm up --id C`` (after ``python -m launch.vcluster up --id C``) starts, each
+as a foreground process whose pid it records, with its own pid, spool, state and log files under
+``D`` (default ``/tmp/cxr-vslurm-C``):
+
+* ``munged`` in the root namespace with a key made for this cluster and its socket in ``D`` (a
+  socket on a path is reachable from every network namespace);
+* ``slurmctld`` inside the first node (its network and UTS namespaces), ``SlurmctldHost`` = that
+  node's hostname and address, so the controller's traffic stays on the cluster's bridge;
+* one ``slurmd -N <hostname>`` inside every node, ``CPUs=1`` each (the nodes share this machine's
+  cores), ``proctrack/linuxproc``, ``task/none``, ``jobacct_gather/none`` and a ``cgroup.conf``
+  with ``CgroupPlugin=cgroup/v1`` (without it slurmd stops with ``No filesystem mounted on
+  /sys/fs/cgroup``); nothing under /sys/fs/cgroup is mounted or changed.
+
+Client commands find it through ``SLURM_CONF=D/slurm.conf`` (``python -m launch.vslurm env``
+prints the line). ``down`` cancels the jobs, stops the daemons by pid, kills any ``slurmstepd``
+left in the nodes and removes ``D``. Needs root, a virtual cluster and Debian's ``slurmctld
+slurmd slurm-client munge`` (``make slurm-deps``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from launch import vcluster
+from launch.hosts import LaunchError
+
+DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "sinfo", "squeue")
+CTLD_PORT = 6817  # inside node 1's namespace: no clash with anything of the root namespace
+SLURMD_PORT = 6818
+
+
+def default_dir(cluster_id: int = 0) -> Path:
+    return Path(os.environ.get("CXR_VSLURM_DIR", f"/tmp/cxr-vslurm-{cluster_id}"))
+
+
+@dataclass
+class SlurmState:
+    dir: str
+    cluster_id: int
+    nodes: list[str]                # hostnames = Slurm NodeNames
+    netns: list[str]                # their network namespaces (for leftovers)
+    pids: dict[str, int] = field(default_factory=dict)  # daemon -> pid
+
+    @property
+    def conf(self) -> Path:
+        return Path(self.dir) / "slurm.conf"
+
+    def env(self, base=None) -> dict[str, str]:
+        """``base`` (default os.environ) plus what Slurm's client commands need to find this cluster."""
+        return {**(os.environ if base is None else base), "SLURM_CONF": str(self.conf)}
+
+    def save(self) -> None:
+        Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=1))
+
+    @classmethod
+    def load(cls, folder: Path) -> "SlurmState | None":
+        p = Path(folder) / "state.json"
+        return cls(**json.loads(p.read_text())) if p.is_file() else None
+
+
+def unavailable_reason() -> str | None:
+    """One sentence saying why a test Slurm cannot run here, or None."""
+    why = vcluster.unavailable_reason()
+    if why:
+        return why
+    for tool in DAEMONS:
+        if not shutil.which(tool):
+            return (f"a test Slurm needs '{tool}' (Debian packages slurmctld slurmd slurm-client munge; "
+                    f"`make slurm-deps`)")
+    return None
+
+
+def slurm_conf(cluster: vcluster.State, folder: Path, name: str = "") -> str:
+    """slurm.conf for ``cluster``: controller on its first node, one CPU per node, no cgroup plugins."""
+    first = cluster.nodes[0]
+    lines = [
+        f"ClusterName={name or f'cxr{cluster.id}'}",
+        f"SlurmctldHost={first.name}({first.addr})",
+        f"SlurmctldPort={CTLD_PORT}", f"SlurmdPort={SLURMD_PORT}",
+        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={folder / 'munge.sock'}",
+        "SlurmUser=root", "SlurmdUser=root",
+        f"StateSaveLocation={folder / 'ctld'}", f"SlurmdSpoolDir={folder / 'spool'}/%n",
+        f"SlurmctldPidFile={folder / 'slurmctld.pid'}", f"SlurmdPidFile={folder / 'slurmd-%n.pid'}",
+        f"SlurmctldLogFile={folder / 'log' / 'slurmctld.log'}", f"SlurmdLogFile={folder / 'log' / 'slurmd-%n.log'}",
+        "SlurmctldDebug=info", "SlurmdDebug=info", "MailProg=/bin/true",
+        # No cgroups: processes are tracked by their parent pids, tasks are not confined.
+        "ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
+        "AccountingStorageType=accounting_storage/none", "JobCompType=jobcomp/none", "SwitchType=switch/none",
+        "MpiDefault=none", "SchedulerType=sched/backfill", "SelectType=select/cons_tres",
+        "SelectTypeParameters=CR_Core", "ReturnToService=2", "SlurmdTimeout=30", "InactiveLimit=0",
+        "KillWait=5", "MinJobAge=300",
+    ]
+    lines += [f"NodeName={n.name} NodeAddr={n.addr} CPUs=1 State=UNKNOWN" for n in cluster.nodes]
+    lines.append(f"PartitionName=cxr Nodes={','.join(n.name for n in cluster.nodes)} Default=YES "
+                 f"MaxTime=INFINITE State=UP")
+    return "\n".join(lines) + "\n"
+
+
+def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None, timeout: float = 60.0,
+       log=print) -> SlurmState:
+    """Start munged, slurmctld and the slurmds on virtual cluster ``cluster_id`` (which must be up)."""
+    why = unavailable_reason()
+    if why:
+        raise LaunchError(why)
+    cluster = vcluster.State.load(Path(vdir or vcluster.default_dir(cluster_id)).resolve())
+    if cluster is None or not cluster.nodes:
+        raise LaunchError(f"virtual cluster {cluster_id} is not up; run `python -m launch vcluster up --id "
+                          f"{cluster_id}` first")
+    folder = Path(folder or default_dir(cluster_id)).resolve()
+    down(folder, quiet=True)
+    for sub in ("ctld", "log", "spool"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    state = SlurmState(dir=str(folder), cluster_id=cluster.id, nodes=[n.name for n in cluster.nodes],
+                       netns=[n.netns for n in cluster.nodes])
+    state.save()
+    try:
+        (folder / "munge.key").write_bytes(os.urandom(1024))
+        os.chmod(folder / "munge.key", 0o600)
+        (folder / "slurm.conf").write_text(slurm_conf(cluster, folder))
+        (folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+        for n in cluster.nodes:
+            (folder / "spool" / n.name).mkdir(exist_ok=True)
+        _start(state, "munged", ["munged", "--force", "--foreground", f"--key-file={folder / 'munge.key'}",
+                                 f"--socket={folder / 'munge.sock'}", f"--pid-file={folder / 'munged.pid'}",
+                                 f"--log-file={folder / 'log' / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"])
+        _wait(lambda: (folder / "munge.sock").exists(), 10, "munged did not create its socket", folder / "log")
+        conf = str(folder / "slurm.conf")
+        first = cluster.nodes[0].name
+        _start(state, "slurmctld", vcluster.node_command(cluster, first, ["slurmctld", "-D", "-f", conf]))
+        for n in cluster.nodes:
+            _start(state, f"slurmd-{n.name}",
+                   vcluster.node_command(cluster, n.name, ["slurmd", "-D", "-N", n.name, "-f", conf]))
+        _wait(lambda: _idle_nodes(state) == len(cluster.nodes), timeout,
+              f"Slurm nodes not idle within {timeout:.0f} s", folder / "log")
+    except BaseException:
+        down(folder, quiet=True)
+        raise
+    log(f"Slurm up on {', '.join(state.nodes)} (controller on {state.nodes[0]}); "
+        f"export SLURM_CONF={folder / 'slurm.conf'}")
+    return state
+
+
+def _start(state: SlurmState, name: str, argv: list[str]) -> None:
+    folder = Path(state.dir)
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=open(folder / "log" / f"{name}.out", "ab"), start_new_session=True,
+                            env={**os.environ, "SLURM_CONF": str(state.conf)})
+    state.pids[name] = proc.pid  # nsenter (no --pid) execs the daemon: the same pid
+    state.save()
+
+
+def _wait(ready, timeout: float, what: str, logs: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        time.sleep(0.5)
+    tails = []
+    for f in sorted(logs.glob("*")):
+        lines = [ln for ln in f.read_text(errors="replace").splitlines() if "error" in ln.lower()]
+        if lines:
+            tails.append(f"{f.name}: {lines[-1]}")
+    raise LaunchError(what + (": " + "; ".join(tails) if tails else ""))
+
+
+def _idle_nodes(state: SlurmState) -> int:
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], capture_output=True, text=True, timeout=15,
+                       env=state.env())
+    return sum(1 for ln in r.stdout.splitlines() if ln.split()[1:2] == ["idle"])
+
+
+def down(folder: Path | None = None, cluster_id: int = 0, quiet: bool = False, log=print) -> list[str]:
+    """Cancel the jobs, stop the daemons (by recorded pid), kill slurmstepd left in the nodes, remove ``folder``."""
+    folder = Path(folder or default_dir(cluster_id)).resolve()
+    state = SlurmState.load(folder)
+    removed: list[str] = []
+    if state is not None:
+        if state.pids.get("slurmctld") and _ours(state.pids["slurmctld"], folder):
+            subprocess.run(["scancel", "--full", "--partition", "cxr"], capture_output=True, timeout=15,
+                           env=state.env())
+            _wait_quiet(state, 10)
+        for name, pid in sorted(state.pids.items(), key=lambda kv: kv[0] == "munged"):  # munged last
+            if _ours(pid, folder):
+                _stop(pid)
+                removed.append(f"{name} {pid}")
+        for ns in state.netns:
+            for pid in _netns_pids(ns):
+                if _comm(pid).startswith("slurmstepd"):
+                    _stop(pid)
+                    removed.append(f"slurmstepd {pid}")
+    if folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir())):
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(str(folder))
+    if removed and not quiet:
+        log("Slurm down: removed " + ", ".join(removed))
+    return removed
+
+
+def _wait_quiet(state: SlurmState, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True, timeout=15, env=state.env())
+        if r.returncode != 0 or not r.stdout.strip():
+            return
+        time.sleep(0.5)
+
+
+def _ours(pid: int, folder: Path) -> bool:
+    """``pid`` is a daemon of this Slurm: its command line names ``folder``."""
+    try:
+        return str(folder).encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _netns_pids(ns: str) -> list[int]:
+    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=15)
+    return [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
+
+
+def _stop(pid: int, grace: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; reaps it when it is our child."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
+            if not Path(f"/proc/{pid}").exists() or vcluster._zombie(pid):
+                return
+            time.sleep(0.1)
+
+
+def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:
+    """Daemons of this Slurm still running, and its folder (empty after a clean ``down``)."""
+    folder = Path(folder or default_dir(cluster_id)).resolve()
+    out = [str(folder)] if folder.exists() else []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and _ours(int(p.name), folder) and int(p.name) != os.getpid():
+            out.append(f"{_comm(int(p.name))} {p.name}")
+    return out
+
+
+# --------------------------------------------------------------------------- command line
+
+def add_verbs(p) -> None:
+    verbs = p.add_subparsers(dest="verb", required=True)
+    for name, text in (("up", "start munged, slurmctld and a slurmd per node of the virtual cluster"),
+                       ("down", "cancel the jobs, stop the daemons, remove everything"),
+                       ("env", "print the SLURM_CONF line for the shell")):
+        v = verbs.add_parser(name, help=text)
+        v.add_argument("--id", type=int, default=0, help="the virtual cluster's id")
+        v.add_argument("--dir", type=Path, default=None, help="Slurm's folder (default /tmp/cxr-vslurm-ID)")
+
+
+def main(args) -> int:
+    folder = Path(args.dir or default_dir(args.id)).resolve()
+    if args.verb == "up":
+        up(args.id, folder)
+    elif args.verb == "down":
+        if not down(folder, args.id):
+            print("Slurm down: nothing to remove")
+    else:
+        print(f"export SLURM_CONF={folder / 'slurm.conf'}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m launch.vslurm", description=__doc__.split("\n\n")[0])
+    add_verbs(parser)
+    try:
+        sys.exit(main(parser.parse_args()))
+    except LaunchError as e:
+        print(f"vslurm: {e}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,154 @@
+"""A real Slurm (Debian's slurm-wlm 22.05 and munge) on a two-node virtual cluster.
+
+``launch.vslurm`` starts munged, slurmctld and one slurmd per namespace node; the tests submit
+with ``sbatch`` as a user does: the allocation's variables, ``srun`` and ``mpirun`` inside it, and
+``launch/cxr.sbatch`` running prep, train and evaluate across both nodes, cancelled with
+``scancel`` during training and resubmitted to finish from the checkpoint (about 2 minutes).
+Skipped, with the reason, without root, network namespaces or the Slurm packages (`make slurm-deps`).
+"""
+import csv
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # vnodes, beside this file
+import vnodes  # noqa: E402
+from launch import vslurm  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+VENV = Path(sys.executable).parent.parent  # the venv running pytest: the jobs use it too (cxr.sbatch's VENV)
+WHY = vslurm.unavailable_reason()
+pytestmark = [pytest.mark.needs_mpirun, pytest.mark.needs_horovod,
+              pytest.mark.skipif(WHY is not None, reason=f"real Slurm: {WHY}")]
+
+
+@pytest.fixture(scope="module")
+def slurm():
+    with vnodes.virtual_cluster(2) as cluster:
+        # its own folder per cluster id: a second run first removes what a crashed one left
+        state = vslurm.up(cluster.id, vslurm.default_dir(cluster.id), Path(cluster.dir), log=lambda m: None)
+        try:
+            yield state
+        finally:
+            vslurm.down(Path(state.dir), quiet=True)
+            assert vslurm.leftovers(folder=Path(state.dir)) == []
+
+
+def _env(slurm, **extra) -> dict:
+    env = slurm.env()
+    env.update(PYTHONPATH=str(ROOT), VENV=str(VENV), TF_CPP_MIN_LOG_LEVEL="2", **extra)
+    return env
+
+
+def _sbatch(slurm, script, out: Path, *opts, **env) -> str:
+    r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
+                        f"--output={out}", *opts, str(script)], cwd=ROOT, env=_env(slurm, **env),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def _state(slurm, job: str) -> str:
+    """The job's state, or '' once it has left the queue."""
+    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm.env(), capture_output=True, text=True,
+                       timeout=15)
+    return r.stdout.strip()
+
+
+def _wait(slurm, job: str, timeout: float, until=None) -> float:
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if until is not None and until():
+            return time.monotonic() - t0
+        if not _state(slurm, job):
+            return time.monotonic() - t0
+        time.sleep(1)
+    subprocess.run(["scancel", job], env=slurm.env(), timeout=15)
+    raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s")
+
+
+def test_allocation_srun_and_mpirun_see_both_nodes(slurm, tmp_path):
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n"
+                      "echo ALLOC $SLURM_JOB_NODELIST $SLURM_TASKS_PER_NODE $SLURM_NTASKS $SLURM_CPUS_PER_TASK\n"
+                      "srun bash -c 'echo SRUN $SLURM_PROCID $(hostname)'\n"
+                      "export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1\n"
+                      "mpirun bash -c 'echo MPI $OMPI_COMM_WORLD_RANK $OMPI_COMM_WORLD_SIZE $(hostname)'\n"
+                      f"{VENV}/bin/python -m launch prep --config {ROOT / 'configs/demo.yaml'} --dry-run\n")
+    out = tmp_path / "job.out"
+    _wait(slurm, _sbatch(slurm, script, out), 60)
+    lines = out.read_text().splitlines()
+    a, b = slurm.nodes
+    assert f"ALLOC {a[:-1]}[1-2] 1(x2) 2 1" in lines
+    assert sorted(ln for ln in lines if ln.startswith("SRUN")) == [f"SRUN 0 {a}", f"SRUN 1 {b}"]
+    assert sorted(ln for ln in lines if ln.startswith("MPI")) == [f"MPI 0 2 {a}", f"MPI 1 2 {b}"]
+    # the launcher reads the allocation: one rank on each node, one core each
+    mpirun = next(ln for ln in lines if ln.startswith("OMPI_ALLOW") or ln.startswith("mpirun"))
+    assert f"mpirun -np 2 --host {a}:1,{b}:1 --map-by ppr:1:" in mpirun and "pe=1 --bind-to core" in mpirun
+
+
+@pytest.fixture(scope="module")
+def tiny_config(tmp_path_factory):
+    base = tmp_path_factory.mktemp("slurm-pipeline")
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120",
+                    "--image-size", "32", "--seed", "3", "--no-progress"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=120)
+    cfg = {
+        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
+        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
+                 "test_fraction": 0.2},
+        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
+        "train": {"batch_size": 16, "warmup": {"epochs": 1}, "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}},
+        "eval": {"tta_rounds": 2, "bootstrap": 50, "gradcam_per_group": 2},
+        "run": {"dir": str(base / "run")},
+    }
+    path = base / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_path):
+    run = Path(yaml.safe_load(tiny_config.read_text())["run"]["dir"])
+    history, state_file = run / "history.csv", run / "checkpoints" / "state.json"
+
+    def committed() -> int:
+        try:
+            return json.loads(state_file.read_text())["epoch"]
+        except (OSError, ValueError, KeyError):
+            return 0
+
+    # 1. submitted; cancelled once the first fine-tune epoch is committed (1 s per step: 5 s per epoch)
+    first = tmp_path / "first.out"
+    job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", first, CONFIG=str(tiny_config), CXR_STEP_SLEEP_S="1")
+    _wait(slurm, job, 240, until=lambda: committed() >= 2)
+    assert _state(slurm, job) == "RUNNING", first.read_text()[-3000:]
+    subprocess.run(["scancel", job], env=slurm.env(), check=True, timeout=15)
+    stopped = _wait(slurm, job, 60)
+    log = first.read_text()
+    assert stopped < 30, log[-3000:]
+    state = json.loads(state_file.read_text())
+    assert not state["complete"] and 2 <= state["epoch"] < 4, state
+    assert not (run / "model.keras").exists() and not (run / "report.md").exists()
+    # hosts, ranks and cores of the allocation reached the launcher and Horovod
+    assert "prep: 2 rank(s) on 2 node(s), up to 1 per node, 1 core(s) per rank" in log
+    assert f"--host {slurm.nodes[0]}:1,{slurm.nodes[1]}:1" in log
+    assert "Horovod 0.28.1: 2 rank(s), 1 on this node" in log  # each rank alone on its node
+
+    # 2. the same submission again: prep skipped, training resumed, evaluation, report
+    second = tmp_path / "second.out"
+    _wait(slurm, _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", second, CONFIG=str(tiny_config)), 300)
+    log = second.read_text()
+    assert "skip prep" in log, log[-3000:]
+    assert f"resuming after epoch {state['epoch']}" in (run / "train.log").read_text()
+    with open(history, newline="") as f:
+        hist = [(r["phase"], r["epoch"]) for r in csv.DictReader(f)]
+    assert hist == [("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]
+    assert (run / "report.md").is_file() and (run / "metrics.json").is_file()
+    done = json.loads(state_file.read_text())
+    assert done["complete"] and done["epoch"] == 4
