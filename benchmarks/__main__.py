@@ -13,6 +13,7 @@ import argparse
 import sys
 
 from benchmarks import epoch_timing, input_pipeline, prep, scaling, timeline
+from data_prep.cli import add_debug_arg, command
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,9 +21,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep}")
     for module in (epoch_timing, scaling, input_pipeline, timeline, prep):
         module.register(sub)
+    for p in sub.choices.values():
+        add_debug_arg(p)
     return ap
 
 
+@command("cxr-bench")  # the project's errors: one line, exit 2 (config, arguments) or 1
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     args.argv = list(argv) if argv is not None else sys.argv[1:]

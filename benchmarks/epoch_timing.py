@@ -42,6 +42,7 @@ from typing import Any
 from benchmarks import machine, report
 from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
                                parse_steps, steps_per_epoch, tail_text, timed_fit, worker_entry)
+from data_prep.cli import UsageError
 from data_prep.config import read_yaml_mapping
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 
@@ -49,7 +50,7 @@ DEFAULT_VARIANTS = ROOT / "configs" / "bench" / "variants.yaml"
 PHASES = ("warmup", "finetune")
 
 
-class VariantError(ValueError):
+class VariantError(UsageError, ValueError):
     """A variants file problem, naming the variant and key."""
 
 

@@ -32,6 +32,7 @@ from skimage import io as skio
 from skimage import transform
 from skimage.color import rgb2gray, rgba2rgb
 
+from data_prep.cli import add_debug_arg, command
 from data_prep import synthetic
 from data_prep.imaging import load_xray
 
@@ -220,10 +221,12 @@ def run(args) -> int:
             shutil.rmtree(work, ignore_errors=True)
 
 
+@command("cxr-bench prep")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.prep")
     sub = ap.add_subparsers(dest="command", required=True)
     register(sub)
+    add_debug_arg(sub.choices["prep"])
     args = ap.parse_args(["prep", *(argv if argv is not None else sys.argv[1:])])
     return args.func(args)
 

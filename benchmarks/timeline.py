@@ -27,6 +27,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from data_prep.cli import add_debug_arg, command
+
 NEGOTIATE = "NEGOTIATE_ALLREDUCE"
 REDUCE = "ALLREDUCE"
 METRICS = ("skew_ms", "backward_ms", "allreduce_ms", "exposed_ms")
@@ -136,9 +138,11 @@ def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--steps", action="store_true", help="also print every step")
 
 
+@command("cxr-bench timeline")
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-bench timeline", description=__doc__.split("\n\n")[0])
     _add_arguments(ap)
+    add_debug_arg(ap)
     return run(ap.parse_args(argv))
 
 

@@ -9,7 +9,8 @@ import argparse
 import dataclasses
 import sys
 
-from data_prep.config import ConfigError, add_config_args, config_from_args
+from data_prep.cli import command
+from data_prep.config import add_config_args, config_from_args
 from data_prep.log import env_size, get_logger
 from data_prep.metadata import MetadataError
 from data_prep.prepare import PrepError, get_comm, run
@@ -25,14 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+@command("cxr-prep")  # config errors exit 2, PrepError/MetadataError 1: one line each
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     log = get_logger()
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        log.error("config: %s", e)
-        return 2
+    cfg = config_from_args(args)
     prep = cfg.prep
     if args.strict or args.overwrite:
         prep = dataclasses.replace(prep, strict=prep.strict or args.strict, overwrite=prep.overwrite or args.overwrite)
@@ -44,9 +42,9 @@ def main(argv=None) -> int:
         run(cfg, comm)
         return 0
     except (PrepError, MetadataError) as e:
-        if not getattr(e, "echo", False):
-            log.error("%s", e)
-        return 1
+        if getattr(e, "echo", False):
+            return 1  # this rank only relays rank 0's error, which rank 0 prints
+        raise
     except Exception:  # noqa: BLE001 - a bug on one rank must not leave the others waiting
         log.exception("prep failed")
         if comm is not None and comm.size > 1 and env_size() > 1:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import hashlib
 import json
 import os
@@ -22,11 +23,12 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from data_prep.cli import UsageError, add_debug_arg, command
 from data_prep.fsutil import atomic_write_text
 
 
-class ConfigError(ValueError):
-    """A config problem, always naming the dotted key."""
+class ConfigError(UsageError, ValueError):
+    """A config problem, always naming the dotted key (exit code 2 at the command line)."""
 
 
 # --------------------------------------------------------------------------- schema
@@ -121,7 +123,6 @@ class TrainConfig:
     scale_lr: bool = _f(True, "multiply learning rates by the number of ranks (Horovod recipe)")
     lr_warmup_epochs: float = _f(1.0, "epochs over which the scaled learning rate ramps up (Horovod recipe)", 0.0, 100.0)
     steps_per_epoch: int = _f(0, "cap on steps per epoch (smoke tests); 0 = the whole training split", 0)
-    validation_steps: int = _f(0, "cap on validation steps; 0 = the whole validation split", 0)
     cache: bool = _f(False, "keep decoded training images in memory after the first epoch")
     allreduce_compression: Literal["none", "fp16"] = _f(
         "none", "Horovod gradient compression for the allreduce: none, or fp16 (halves the bytes sent; for "
@@ -233,10 +234,9 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
         raise ConfigError(f"{prefix or '<root>'}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        key = f"{prefix}.{unknown[0]}" if prefix else str(unknown[0])
-        raise ConfigError(f"{key}: unknown key; allowed keys here: {', '.join(sorted(fields))}")
+        raise ConfigError(_unknown_key(cls, prefix, str(unknown[0])))
     kwargs = {}
     for name, f in fields.items():
         key = f"{prefix}.{name}" if prefix else name
@@ -251,6 +251,29 @@ def _build(cls, data: Mapping[str, Any], prefix: str):
     return cls(**kwargs)
 
 
+def _leaf_keys(cls=None, prefix: str = "") -> list[str]:
+    return [key for key, *_ in reference_rows(cls or Config, prefix)]
+
+
+def _unknown_key(cls, prefix: str, name: str, typed: str | None = None) -> str:
+    """``typed: unknown key; ...`` with the keys allowed at ``prefix`` and the closest valid dotted
+    key when one is close (``train.batchsize`` -> ``train.batch_size``)."""
+    typed = typed or (f"{prefix}.{name}" if prefix else name)
+    fields = sorted(f.name for f in dataclasses.fields(cls))
+    where = f"'{prefix}' has" if prefix else "sections are"
+    if typed != (f"{prefix}.{name}" if prefix else name):  # a deeper key below a name that is not a section
+        msg = f"{typed}: unknown key; '{f'{prefix}.{name}' if prefix else name}' is not a section ({where}: " \
+              f"{', '.join(fields)})"
+    else:
+        msg = f"{typed}: unknown key ({where}: {', '.join(fields)})"
+    close = difflib.get_close_matches(typed, _leaf_keys(), n=1, cutoff=0.75) or \
+        difflib.get_close_matches(name, fields, n=1, cutoff=0.6)
+    if close:
+        guess = close[0] if "." in close[0] or not prefix else f"{prefix}.{close[0]}"
+        msg += f"; did you mean {guess}?"
+    return msg
+
+
 def _set_dotted(tree: dict, dotted: str, raw: str):
     parts = dotted.split(".")
     cls = Config
@@ -259,7 +282,7 @@ def _set_dotted(tree: dict, dotted: str, raw: str):
         fields = {f.name: f for f in dataclasses.fields(cls)}
         key = ".".join(parts[: i + 1])
         if part not in fields:
-            raise ConfigError(f"{key}: unknown key in --set; allowed keys here: {', '.join(sorted(fields))}")
+            raise ConfigError(_unknown_key(cls, ".".join(parts[:i]), part, typed=dotted) + " (in --set)")
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
@@ -330,7 +353,7 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # stores its hash in the manifest and in every shard. Each hash covers the stage's sections and the
 # hash of the stage before it, so a change upstream reruns everything after it.
 
-SHARD_FORMAT = 1  # layout version of the shards and manifest.json: a new layout invalidates old outputs
+SHARD_FORMAT = 2  # layout version of the shards and manifest.json (2: `converted` lists every kind); a new one invalidates old outputs
 
 
 def prep_hash(cfg) -> str:
@@ -385,6 +408,7 @@ def add_config_args(parser, required: bool = True):
     parser.add_argument("--config", "-c", required=required, help="YAML config file")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted key, e.g. --set train.batch_size=8 (repeatable)")
+    add_debug_arg(parser)
     return parser
 
 
@@ -392,24 +416,17 @@ def config_from_args(args) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def run_cli(main_fn):
-    """Run a command's ``main`` so that a config error is one sentence and exit code 2."""
-    try:
-        return main_fn()
-    except ConfigError as e:
-        print(f"config error: {e}", file=sys.stderr)
-        sys.exit(2)
-
-
-def _print_main(argv=None):
+@command("python -m data_prep.config")
+def _print_main(argv=None) -> int:
     """``python -m data_prep.config --config C [--set k=v]``: print the resolved config."""
     parser = add_config_args(argparse.ArgumentParser(description=_print_main.__doc__), required=False)
     parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key")
     args = parser.parse_args(argv)
     if args.reference:
         print(reference_markdown(), end="")
-        return
+        return 0
     print(dump_yaml(config_from_args(args)), end="")
+    return 0
 
 
 def reference_markdown() -> str:
@@ -421,4 +438,4 @@ def reference_markdown() -> str:
 
 
 if __name__ == "__main__":
-    run_cli(_print_main)
+    sys.exit(_print_main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from data_prep.cli import UserError
 from data_prep.config import SHARD_FORMAT
 from data_prep.fsutil import sha256_file
 
@@ -13,7 +14,7 @@ _KEYS = ("format", "config_hash", "task", "classes", "image_size", "splits", "me
 SPLITS = ("train", "val", "test")
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """Missing, incomplete or inconsistent prep output."""
 
 

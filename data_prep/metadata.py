@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from data_prep.cli import UserError
+
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
 NO_FINDING = "No Finding"
@@ -40,7 +42,7 @@ SPLITS = ("train", "val", "test")
 LIST_FILES = ("train_val_list.txt", "test_list.txt")
 
 
-class MetadataError(ValueError):
+class MetadataError(UserError, ValueError):
     """The CSV (or the lists) cannot be used at all."""
 
 

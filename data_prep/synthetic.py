@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_prep.cli import add_debug_arg, command
 from data_prep.fsutil import atomic_write_bytes, atomic_write_text
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -239,6 +240,7 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
             "train_val": len(train_val), "test": len(test)}
 
 
+@command("cxr-synth")  # a folder that cannot be written: one line, exit 1
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-synth", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -247,6 +249,7 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=1024, help="side of the square PNGs, pixels")
     ap.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical output")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_debug_arg(ap)
     args = ap.parse_args(argv)
     if args.patients < 1:
         ap.error("--patients must be at least 1")

@@ -40,10 +40,11 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
+from data_prep.cli import UserError, command
+from data_prep.config import add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
-from data_prep.manifest import ManifestError, load_manifest
+from data_prep.manifest import load_manifest
 from distributed import hvd
 from distributed import metrics as M
 from distributed import plots
@@ -57,7 +58,7 @@ STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "confusion", "hist
     tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives"))
 
 
-class EvalError(RuntimeError):
+class EvalError(UserError, RuntimeError):
     """A problem with the run directory or the data that the user has to fix."""
 
 
@@ -457,22 +458,16 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> d
     return plot_files
 
 
+@command("cxr-eval")  # config errors exit 2, EvalError/ManifestError/missing files 1: one line each
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="cxr-eval", description=__doc__.split("\n\n")[0])
     add_config_args(parser)
     args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ConfigError as e:
-        print(f"cxr-eval: config error: {e}", file=sys.stderr)
-        return 2
+    cfg = config_from_args(args)
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:
         evaluate(cfg, precision=runtime.configure_precision(plan))
-    except (EvalError, ManifestError, FileNotFoundError) as e:
-        print(f"cxr-eval: error: {e}", file=sys.stderr)
-        return 1
     finally:
         hvd.shutdown()
     return 0

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import tensorflow as tf
 
+from data_prep.cli import UserError
+
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES",
            "imagenet_weights_file", "copy_weights", "precision_of", "convert_precision", "PRECISIONS"]
@@ -41,7 +43,7 @@ PRECISIONS = ("float32", "mixed_bfloat16")  # runtime.precision once chosen (dis
 FLOAT32_LAYERS = ("gray_to_rgb", "preprocess", "predictions")
 
 
-class WeightsUnavailable(RuntimeError):
+class WeightsUnavailable(UserError, RuntimeError):
     """Pretrained weights cannot be found or loaded; the message says which file goes where."""
 
 

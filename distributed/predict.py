@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from data_prep.cli import UsageError, UserError, add_debug_arg, command
 from data_prep.config import ConfigError, load_config
 from data_prep.fsutil import atomic_write_bytes
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
@@ -127,8 +128,8 @@ def write_overlay(path, heat: np.ndarray, gray: np.ndarray) -> Path:
 
 # --------------------------------------------------------------------------- main
 
-class UsageError(Exception):
-    """A bad model or argument: one error line, exit code 2."""
+class ModelError(UserError):
+    """A ``--model`` that is missing or is not a model: one error line, exit code 1."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default="auto",
                    help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32); "
                         "probabilities are float32 either way")
+    add_debug_arg(p)
     return p
 
 
@@ -171,18 +173,18 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def open_model(path, precision: str | None = None):
-    """(model file, Keras model computing in ``precision``) for ``--model``; UsageError when it
+    """(model file, Keras model computing in ``precision``) for ``--model``; ModelError when it
     cannot be loaded."""
     try:
         model_path = resolve_model_path(path)
     except FileNotFoundError as e:
-        raise UsageError(str(e)) from None
+        raise ModelError(str(e)) from None
     from distributed.model import load_model  # imports TensorFlow (module docstring)
 
     try:
         return model_path, load_model(str(model_path), precision=precision)
     except Exception as e:  # noqa: BLE001 - any load failure is one clear line
-        raise UsageError(f"{model_path}: cannot load model: {e}") from None
+        raise ModelError(f"{model_path}: cannot load model: {e}") from None
 
 
 def input_size(model, cfg, requested: int | None) -> int:
@@ -257,11 +259,7 @@ def add_overlays(model, x, cls, results: list[dict], decoded: list[Decoded], fol
             r["error"] = f"Grad-CAM overlay not written: {getattr(e, 'reason', e)}"
 
 
-def _fail(msg: str) -> int:
-    print(f"cxr-predict: error: {msg}", file=sys.stderr)
-    return 2
-
-
+@command("cxr-predict")  # a bad argument exits 2, a model that cannot be loaded 1: one line each
 def main(argv=None) -> int:
     args = parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
@@ -269,12 +267,9 @@ def main(argv=None) -> int:
     precision = plan_precision(args.precision, environ=os.environ)
     if precision.onednn_env:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
-    try:
-        model_path, model = open_model(args.model, precision.precision)
-        cfg = find_run_config(model_path)
-        size = input_size(model, cfg, args.image_size)
-    except UsageError as e:
-        return _fail(str(e))
+    model_path, model = open_model(args.model, precision.precision)
+    cfg = find_run_config(model_path)
+    size = input_size(model, cfg, args.image_size)
     multilabel = is_multilabel(model)
     names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
     threshold = args.threshold if args.threshold is not None else (cfg.eval.threshold if cfg is not None else 0.5)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from data_prep.cli import command
 from data_prep.config import add_config_args, config_from_args
 from distributed import runtime
 
@@ -36,6 +37,7 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+@command("cxr-train")  # the project's errors: one line, exit 2 (config) or 1
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)

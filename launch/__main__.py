@@ -11,13 +11,15 @@ through the cluster's client file, a bounded end when a node or rank fails) is
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import signal
 import sys
 import time
 from pathlib import Path
 
-from data_prep.config import ConfigError, add_config_args, config_from_args
+from data_prep.cli import command
+from data_prep.config import add_config_args, config_from_args
 from launch import elastic
 from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
@@ -69,15 +71,19 @@ def describe(cmd: StageCommand) -> str:
             f"via {cmd.kind}")
 
 
+@command(PROG)  # config errors exit 2 (data_prep.cli), launch errors 2 below: one line each
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["vcluster"]:
         from launch import vcluster  # a rehearsal cluster on this machine: its own verbs and options
         return vcluster.cli(argv[1:], prog=f"{PROG} vcluster")
     args = build_parser().parse_args(argv)
+    # TensorFlow's C++ INFO notices (oneDNN, CPU instructions) off for horovodrun (it loads TensorFlow)
+    # and every rank it starts, unless the user chose a level; rank 0 reports the facts in its own words.
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # as distributed.runtime.TF_LOG_LEVEL
     try:
         return _main(args, argv)
-    except (LaunchError, ConfigError) as e:
+    except LaunchError as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 2
     except Interrupted as e:

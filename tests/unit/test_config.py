@@ -47,8 +47,20 @@ def test_unknown_key_names_dotted_key(tmp_path):
 
 
 def test_unknown_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"^trian: unknown key; allowed keys here: data, eval, model"):
+    with pytest.raises(ConfigError, match=r"^trian: unknown key \(sections are: data, eval, model.*; did you mean train\?$"):
         load_config(write(tmp_path, "trian: {}\n"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("no.such.key=1", r"^no\.such\.key: unknown key; 'no' is not a section \(sections are: data, eval, model, prep, "
+                      r"run, runtime, train\) \(in --set\)$"),
+    ("train.batchsize=8", r"^train\.batchsize: unknown key \('train' has: .*\); did you mean train\.batch_size\? "),
+    ("trian.seed=1", r"^trian\.seed: unknown key; 'trian' is not a section .*; did you mean train\.seed\?"),
+    ("train.warmup.lrr=1", r"did you mean train\.warmup\.lr\?"),
+])
+def test_unknown_key_names_what_was_typed_and_the_closest_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
 
 
 @pytest.mark.parametrize("yaml_text, message", [
@@ -76,7 +88,7 @@ def test_set_overrides_are_typed():
 
 @pytest.mark.parametrize("override, message", [
     ("train.batch_size=eight", r"train\.batch_size: expected an integer"),
-    ("train.batchsize=8", r"train\.batchsize: unknown key in --set"),
+    ("train.batchsize=8", r"train\.batchsize: unknown key .*\(in --set\)"),
     ("train.finetune=3", r"train\.finetune: is a section"),
     ("train.batch_size.x=3", r"train\.batch_size: is a value"),
     ("train.batch_size", r"train\.batch_size: --set expects dotted\.key=value"),
@@ -130,3 +142,15 @@ def test_readme_reference_in_sync(root):
     readme = (root / "README.md").read_text()
     missing = [line for line in reference_markdown().splitlines() if line not in readme]
     assert not missing, f"README.md config reference is stale, e.g. {missing[0]}"
+
+
+def test_every_config_key_is_read_somewhere(root):
+    """Each key of the reference is read by product code (``.leaf`` or ``"leaf"``) outside the schema:
+    a key that nothing reads is a promise the program does not keep."""
+    from data_prep.config import reference_rows
+
+    code = "\n".join(p.read_text() for pkg in ("data_prep", "distributed", "launch")
+                     for p in (root / pkg).rglob("*.py") if p.name != "config.py")
+    unused = [key for key, *_ in reference_rows()
+              if f".{key.rsplit('.', 1)[-1]}" not in code and f'"{key.rsplit(".", 1)[-1]}"' not in code]
+    assert unused == []

@@ -1,0 +1,92 @@
+"""How every command ends on bad input: one sentence on stderr and an exit code, never a traceback.
+
+Every console script and ``python -m`` entry point is wrapped by :func:`command`. The project's
+own errors derive from :class:`UserError` and carry their exit code:
+
+* :class:`UsageError` (2): a bad config key or value, a bad argument, a config file that is missing;
+* :class:`UserError` (1): a runtime failure the user can fix (a missing input file, a bad manifest,
+  a model file that is not a model, a launch that cannot work).
+
+A missing or unreadable file (``FileNotFoundError``, ``PermissionError``, ...) is reported the same
+way (exit code 1). Any other exception is a bug and keeps its traceback. ``--debug`` (every command
+takes it) or ``CXR_DEBUG=1`` shows the traceback of every error; ``--debug`` also sets ``CXR_DEBUG=1``
+for the processes a command starts (the launcher's ranks).
+
+Under ``mpirun``/``horovodrun`` a usage error is the same on every rank, so only rank 0 prints it;
+a runtime error may be one rank's own (a file missing on one node), so every rank prints its line,
+prefixed with its rank.
+
+Nothing here imports TensorFlow, Horovod or mpi4py.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+from data_prep.log import env_rank, env_size
+
+DEBUG_ENV = "CXR_DEBUG"
+_FILE_ERRORS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)
+
+
+class UserError(Exception):
+    """A problem the user can fix; its message is one sentence naming the key or the file."""
+    exit_code = 1
+
+
+class UsageError(UserError):
+    """A bad argument or config: exit code 2."""
+    exit_code = 2
+
+
+def debug_enabled(argv=None) -> bool:
+    argv = sys.argv[1:] if argv is None else argv
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
+
+
+def add_debug_arg(parser):
+    if "--debug" in parser._option_string_actions:  # add_config_args already added it
+        return parser
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the traceback of an error (also {DEBUG_ENV}=1)")
+    return parser
+
+
+def one_line(e: BaseException) -> str:
+    """The error as one line: a file error names the file; newlines become '; '."""
+    if isinstance(e, _FILE_ERRORS) and getattr(e, "filename", None):
+        msg = f"{e.filename}: {e.strerror or type(e).__name__}"
+    else:
+        msg = str(e) or type(e).__name__
+    return "; ".join(part.strip() for part in msg.splitlines() if part.strip())
+
+
+def report(prog: str, e: BaseException) -> int:
+    """Print ``prog: error: ...`` once (rank 0 for usage errors, every rank else); the exit code."""
+    code = e.exit_code if isinstance(e, UserError) else 1
+    size, rank = env_size(), env_rank()
+    if isinstance(e, UsageError) and size > 1 and rank != 0:
+        return code  # Horovod/MPI: every rank read the same config; rank 0 says it
+    where = f" [rank {rank}]" if size > 1 else ""
+    print(f"{prog}:{where} error: {one_line(e)}", file=sys.stderr, flush=True)
+    return code
+
+
+def command(prog: str):
+    """Decorator for a command's ``main(argv=None) -> int``: the project's errors (and missing
+    files) become one line on stderr and the exit code (see the module); ``--debug`` or
+    ``CXR_DEBUG=1`` lets them raise with their traceback."""
+    def wrap(main_fn):
+        @functools.wraps(main_fn)
+        def main(argv=None):
+            debug = debug_enabled(argv)
+            if debug:
+                os.environ[DEBUG_ENV] = "1"  # the stages a launcher starts inherit it
+                return main_fn(argv)
+            try:
+                return main_fn(argv)
+            except (UserError, *_FILE_ERRORS) as e:
+                return report(prog, e)
+        return main
+    return wrap
