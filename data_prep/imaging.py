@@ -14,6 +14,10 @@ and an ``info`` dict. Steps:
 4. per-image min-max to the full 0..255 range (the article's normalisation); a constant image
    becomes all zeros.
 
+Everything that made the input differ from the expected 8-bit square grayscale PNG is listed in
+``info['conversions']``, one ``{"kind", "from", "action"}`` per difference (kinds: ``mode``,
+``bit depth``, ``format``, ``aspect``), so the prep stage can put each on record in its manifest.
+
 It is about as fast as decoding the PNG alone: the resize of an 8-bit image costs ~1 ms and the
 min-max is a 256-entry lookup table.
 """
@@ -117,8 +121,9 @@ def load_xray(src, size: int) -> tuple[np.ndarray, dict]:
     """Decode, convert to gray, resize (anti-aliased) and min-max one image.
 
     ``src`` is a path, ``bytes`` or a binary file object. Returns ``(uint8 (size, size), info)``
-    with ``info = {"mode", "format", "width", "height", "bits", "converted_from"}``
-    (``converted_from`` is ``None`` unless a colour image was turned into gray).
+    with ``info = {"mode", "format", "width", "height", "bits", "converted_from", "conversions"}``
+    (``converted_from`` is ``None`` unless a colour image was turned into gray; ``conversions``
+    lists every difference from an 8-bit square grayscale PNG and what was done, see the module).
     Raises ``ImageError`` with a short reason for anything unreadable.
     """
     arr, info, _ = _load_checked(src, size, keep_original=False)
@@ -138,11 +143,34 @@ def _load_checked(src, size, keep_original: bool):
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     try:
-        return _load(src, size, keep_original)
+        arr, info, original = _load(src, size, keep_original)
     except (ImageError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the caller's
         raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from None
+    info["conversions"] = conversions(info)
+    return arr, info, original
+
+
+CONVERSION_KINDS = ("mode", "bit depth", "format", "aspect")
+
+
+def conversions(info: dict) -> list[dict]:
+    """What differed from an 8-bit square grayscale PNG, and what ``load_xray`` did about it:
+    ``[{"kind", "from", "action"}, ...]`` (empty for the expected input)."""
+    out = []
+    if info.get("converted_from"):
+        out.append({"kind": "mode", "from": info["converted_from"], "action": "converted to 8-bit gray"})
+    if info.get("bits", 8) != 8:
+        out.append({"kind": "bit depth", "from": info["mode"], "action": f"{info['bits']}-bit values scaled to 8 bit "
+                                                                         "by their own min..max"})
+    if info.get("format") != "PNG":
+        out.append({"kind": "format", "from": f"{info.get('format') or 'unknown'} content",
+                    "action": "decoded by content"})
+    w, h = info["width"], info["height"]
+    if w != h:
+        out.append({"kind": "aspect", "from": f"{w}x{h}", "action": f"resized, aspect {w / h:.2f} -> 1.00"})
+    return out
 
 
 def _load(src, size: int, keep_original: bool = False) -> tuple[np.ndarray, dict, np.ndarray | None]:

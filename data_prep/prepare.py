@@ -43,8 +43,9 @@ from tqdm import tqdm
 
 from data_prep import config as cfgmod
 from data_prep import metadata as md
+from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
-from data_prep.imaging import ImageError, load_xray
+from data_prep.imaging import CONVERSION_KINDS, ImageError, load_xray
 from data_prep.log import env_size, get_logger
 
 FORMAT = cfgmod.SHARD_FORMAT
@@ -58,7 +59,7 @@ _LEVELS2 = _LEVELS * _LEVELS
 _THROTTLE_ENV = "CXR_PREP_THROTTLE_S"
 
 
-class PrepError(RuntimeError):
+class PrepError(UserError, RuntimeError):
     """The stage refuses or fails; the message says why and what to do.
     ``echo`` is True on ranks that only relay rank 0's error (the CLI does not log it twice)."""
 
@@ -267,8 +268,7 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
                     hist = np.bincount(arr.ravel(), minlength=256).astype(np.int64)  # exact, one pass
                     psum += int(hist @ _LEVELS)
                     psq += int(hist @ _LEVELS2)
-                    if info.get("converted_from"):
-                        converted.append({"image": name, "from": info["converted_from"]})
+                    converted += [{"image": name, **c} for c in info["conversions"]]  # on record for audits
                 if len(buf) >= _WRITE_BATCH or (i == hi - 1 and buf):
                     ds[k:k + len(buf)] = np.stack(buf)
                     k += len(buf)
@@ -477,6 +477,21 @@ def versions() -> dict:
     return out
 
 
+def conversion_counts(converted: list[dict]) -> dict[str, int]:
+    """{kind: entries} of a manifest's ``converted`` list (kinds of ``data_prep.imaging.conversions``)."""
+    out: dict[str, int] = {}
+    for c in converted:
+        kind = c.get("kind", "mode")  # format-1 manifests recorded colour conversions only
+        out[kind] = out.get(kind, 0) + 1
+    order = {k: i for i, k in enumerate(CONVERSION_KINDS)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
+
+
+def _kinds_note(converted: list[dict]) -> str:
+    counts = conversion_counts(converted)
+    return f" ({', '.join(f'{k} {v}' for k, v in counts.items())})" if counts else ""
+
+
 def _dedupe(items: list[dict]) -> list[dict]:
     seen, out = set(), []
     for it in items:
@@ -617,7 +632,7 @@ def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
         s = splits[name]
         log.info("%-5s: %6d images (%s), %d patients, %d shards", name, s["count"],
                  ", ".join(f"{k} {v}" for k, v in s["label_counts"].items()), s["patients"], len(s["shards"]))
-    log.info("skipped %d, converted %d, notes %d; train mean %.2f std %.2f; manifest %s",
-             len(manifest["skipped"]), len(manifest["converted"]), len(manifest["notes"]), mean,
-             manifest["std"], out / MANIFEST)
+    log.info("skipped %d, converted %d%s, notes %d; train mean %.2f std %.2f; manifest %s",
+             len(manifest["skipped"]), len(manifest["converted"]), _kinds_note(manifest["converted"]),
+             len(manifest["notes"]), mean, manifest["std"], out / MANIFEST)
     return manifest

@@ -61,3 +61,45 @@ def pytest_runtest_setup(item):
             if IN_CI:
                 pytest.fail(f"{reason}, and CI=true expects it", pytrace=False)
             pytest.skip(reason)
+
+
+class OddImages:
+    """``add(data)``: one image of each kind that is not an 8-bit square grayscale PNG (and its CSV
+    row) added to a generated data set; ``expected``: the ``converted`` entries the manifest must
+    list for them, sorted by image."""
+
+    @staticmethod
+    def add(data: Path) -> None:
+        _add_odd_images(data)
+
+    expected = [
+        {"image": "99990006_000.png", "kind": "mode", "from": "RGBA", "action": "converted to 8-bit gray"},
+        {"image": "99990007_000.png", "kind": "bit depth", "from": "I;16",
+         "action": "16-bit values scaled to 8 bit by their own min..max"},
+        {"image": "99990009_000.png", "kind": "format", "from": "JPEG content", "action": "decoded by content"},
+        {"image": "99990010_000.png", "kind": "aspect", "from": "256x128", "action": "resized, aspect 2.00 -> 1.00"},
+    ]
+
+
+@pytest.fixture(scope="session")
+def odd_images():
+    return OddImages
+
+
+def _add_odd_images(data: Path) -> None:
+    from PIL import Image
+    import numpy as np
+
+    g = np.asarray(Image.open(FIXTURES / "00000001_000.png").convert("L"))
+    img, rest = data / "images", ",0.143,0.143"
+    Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)]), "RGBA").save(img / "99990006_000.png")
+    Image.fromarray((g.astype(np.uint16) * 200 + 1000)).save(img / "99990007_000.png")  # 16-bit gray
+    Image.fromarray(g).save(img / "99990009_000.png", format="JPEG", quality=90)  # JPEG under a .png name
+    Image.fromarray(g).resize((256, 128)).save(img / "99990010_000.png")  # 2:1
+    h, w = g.shape
+    csv = data / "Data_Entry_2017.csv"
+    csv.write_text(csv.read_text().rstrip("\n") + "\n" + "\n".join([
+        f"99990006_000.png,Infiltration,0,99990006,33,F,PA,{w},{h}" + rest,
+        f"99990007_000.png,No Finding,0,99990007,33,F,PA,{w},{h}" + rest,
+        f"99990009_000.png,Infiltration,0,99990009,51,M,AP,{w},{h}" + rest,
+        "99990010_000.png,No Finding,0,99990010,62,F,PA,256,128" + rest]) + "\n")

@@ -89,6 +89,20 @@ def test_two_ranks_equal_one_process(tmp_path, data, root):
            [s["sha256"] for sp in SPLITS for s in two["splits"][sp]["shards"]]
 
 
+def test_odd_images_are_on_record_with_one_and_two_ranks(tmp_path, data, root, odd_images):
+    """RGBA, 16-bit, JPEG content under a .png name and a 2:1 image: each listed in ``converted``
+    with what was done, the same with 1 and 2 ranks, counted per kind in the summary line."""
+    odd = tmp_path / "data"
+    shutil.copytree(data, odd)
+    odd_images.add(odd)
+    one = _run([sys.executable, "-m", "data_prep", "--config", str(_config(tmp_path, odd, "one"))], root)
+    _run(_mpirun(2) + ["--config", str(_config(tmp_path, odd, "two"))], root)
+    for out in ("one", "two"):
+        man = load_manifest(tmp_path / out)
+        assert sorted(man["converted"], key=lambda c: c["image"]) == odd_images.expected, out
+    assert "converted 4 (mode 1, bit depth 1, format 1, aspect 1)" in one.stderr
+
+
 def test_killed_run_resumes_to_complete_manifest(tmp_path, data, root):
     cfg = _config(tmp_path, data, "killed", shard_size=4)
     out = tmp_path / "killed"

@@ -27,7 +27,7 @@ def base_data(tmp_path_factory):
     return d
 
 
-def _bad_inputs(data, fixtures):
+def _bad_inputs(data, fixtures, odd_images):
     """Add one row per kind of bad input to the CSV (and the matching files)."""
     img = data / "images"
     real = (fixtures / "00000001_000.png").read_bytes()
@@ -35,9 +35,6 @@ def _bad_inputs(data, fixtures):
     (img / "99990003_000.png").write_bytes(real[: len(real) // 3])
     (img / "99990004_000.png").write_text("<html>not a png</html>\n")
     shutil.copy(fixtures / "00027426_000.png", img / "99990005_000.png")
-    g = np.asarray(Image.open(fixtures / "00000001_000.png"))
-    Image.fromarray(np.dstack([g, g, g, np.full_like(g, 255)]), "RGBA").save(img / "99990006_000.png")
-    Image.fromarray((g.astype(np.uint16) * 200 + 1000)).save(img / "99990007_000.png")
     lines = (data / "Data_Entry_2017.csv").read_text().splitlines()
     rest = ",0.143,0.143"
     lines += [
@@ -48,10 +45,9 @@ def _bad_inputs(data, fixtures):
         "../x.png,No Finding,0,99990008,40,F,AP,64,64" + rest,             # path escape
         lines[1],                                                          # duplicate row
         "99990005_000.png,No Finding,0,99990005,150,M,PA,512,512" + rest,  # age 150, kept
-        "99990006_000.png,Infiltration,0,99990006,33,F,PA,512,512" + rest,  # RGBA, converted
-        "99990007_000.png,No Finding,0,99990007,33,F,PA,512,512" + rest,   # 16-bit
     ]
     (data / "Data_Entry_2017.csv").write_text("\n".join(lines) + "\n")
+    odd_images.add(data)  # RGBA, 16-bit, JPEG named .png, 2:1: kept, each listed as converted
 
 
 def _config(tmp_path, data, **prep):
@@ -63,10 +59,10 @@ def _config(tmp_path, data, **prep):
 
 
 @pytest.fixture
-def bad_data(tmp_path, base_data, fixtures):
+def bad_data(tmp_path, base_data, fixtures, odd_images):
     d = tmp_path / "data"
     shutil.copytree(base_data, d)
-    _bad_inputs(d, fixtures)
+    _bad_inputs(d, fixtures, odd_images)
     return d
 
 
@@ -79,7 +75,7 @@ def _read_split(out, man, split):
     return {k: np.concatenate(v) if v else np.zeros(0) for k, v in cols.items()}
 
 
-def test_bad_inputs_are_listed_and_run_succeeds(tmp_path, bad_data):
+def test_bad_inputs_are_listed_and_run_succeeds(tmp_path, bad_data, odd_images):
     cfg = load_config(_config(tmp_path, bad_data))
     man = run(cfg)
     out = tmp_path / "prepared"
@@ -95,7 +91,7 @@ def test_bad_inputs_are_listed_and_run_succeeds(tmp_path, bad_data):
     assert why[first].startswith("duplicate row")
     assert len(man["skipped"]) == 6
     assert man["notes"][0]["image"] == "99990005_000.png" and "implausible age 150" in man["notes"][0]["reason"]
-    assert man["converted"] == [{"image": "99990006_000.png", "from": "RGBA"}]
+    assert sorted(man["converted"], key=lambda c: c["image"]) == odd_images.expected
     # what was written
     written = {}
     for split in SPLITS:
@@ -115,7 +111,8 @@ def test_bad_inputs_are_listed_and_run_succeeds(tmp_path, bad_data):
         if "99990005_000.png" in names:
             assert cols["age"][names.index("99990005_000.png")] == -1
     everything = sum(written.values(), [])
-    assert {"99990005_000.png", "99990006_000.png", "99990007_000.png"} <= set(everything)
+    assert {"99990005_000.png", "99990006_000.png", "99990007_000.png", "99990009_000.png",
+            "99990010_000.png"} <= set(everything)
     dropped = set(why) - {first}  # the first row of a duplicated image is kept
     assert first in everything and not dropped & set(everything)
     csv_rows = (bad_data / "Data_Entry_2017.csv").read_text().splitlines()[1:]
