@@ -311,6 +311,103 @@ class Checkpointer(tf.keras.callbacks.Callback):
         self.writes += 1
 
 
+class Progress(tf.keras.callbacks.Callback):
+    """Rank 0's progress through launchers: a log line every ``every_s`` seconds inside an epoch
+    (step, loss, images/s over all ranks, the epoch's ETA); the epoch's own line is the Checkpointer's.
+    Keras' live bar arrives through ``horovodrun``/``mpirun`` as one long line of fragments, so it is
+    kept for a terminal of a process started without a launcher (:func:`progress`)."""
+
+    def __init__(self, phase: str, steps: int, images_per_step: int, every_s: float = 30.0):
+        super().__init__()
+        self.phase, self.steps, self.images_per_step, self.every_s = phase, steps, images_per_step, every_s
+        self._t0 = self._last = 0.0
+        self._epoch = 0
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._t0 = self._last = time.perf_counter()
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        now = time.perf_counter()
+        done = batch + 1
+        if now - self._last < self.every_s or done >= self.steps:
+            return
+        self._last = now
+        rate = done / (now - self._t0)
+        logs = logs or {}
+        get_logger().info("%s epoch %d: step %d/%d, loss %.4f, %.1f img/s, epoch ETA %s", self.phase,
+                          self._epoch + 1, done, self.steps, logs.get("loss", float("nan")),
+                          rate * self.images_per_step, _duration((self.steps - done) / rate))
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+def progress(phase: str, steps: int, images_per_step: int, root: bool) -> tuple[int, list]:
+    """(Keras ``verbose``, extra callbacks) for this rank: the live bar on a terminal without a
+    launcher, else :class:`Progress` lines on rank 0, nothing on the other ranks."""
+    if not root:
+        return 0, []
+    launched = any(k in os.environ for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"))
+    if sys.stdout.isatty() and not launched:  # mpirun gives ranks a pseudo-terminal: not a person's
+        return 1, []
+    return 0, [Progress(phase, steps, images_per_step)]
+
+
+# --------------------------------------------------------------------------- is it learning?
+
+CHANCE_MARGIN = 0.05  # a training loss above (1 - margin) x ln K is "at chance"
+
+
+def chance_warning(loss: float, num_classes: int, finetune_epochs: int) -> str | None:
+    """The not-learning warning when a single-label model's training loss after the warm-up and
+    ``finetune_epochs`` fine-tune epochs is still within CHANCE_MARGIN of chance (ln K), else None."""
+    if num_classes < 2 or loss is None or not math.isfinite(loss):
+        return None
+    chance = math.log(num_classes)
+    if loss < (1 - CHANCE_MARGIN) * chance:
+        return None
+    return (f"the model is not learning: training loss {loss:.3f} after the warm-up and {finetune_epochs} fine-tune "
+            f"epoch(s) is within {CHANCE_MARGIN:.0%} of chance (ln {num_classes} = {chance:.3f}). Likely causes: "
+            "random weights without normalisation (model.weights: none on a backbone without batch normalisation, "
+            "such as VGG16: use its ImageNet weights, or the tiny backbone), a learning rate too small or too large "
+            "(train.warmup.lr, train.finetune.lr), or data without signal (labels, prep output)")
+
+
+LEARNING_CHECK_EPOCHS = 2  # fine-tune epochs after which the check looks at the training loss
+
+
+def history_chance_warning(history: list[dict], num_classes: int) -> str | None:
+    """:func:`chance_warning` for a run's ``history.csv`` rows (evaluation and report use it)."""
+    ft = [r for r in history if r.get("phase") == "finetune"]
+    if len(ft) < LEARNING_CHECK_EPOCHS:
+        return None
+    try:
+        loss = float(ft[LEARNING_CHECK_EPOCHS - 1].get("loss"))
+    except (TypeError, ValueError):
+        return None
+    return chance_warning(loss, num_classes, LEARNING_CHECK_EPOCHS)
+
+
+class LearningCheck(tf.keras.callbacks.Callback):
+    """Once, after the warm-up and LEARNING_CHECK_EPOCHS fine-tune epochs: a WARNING on rank 0 when
+    the (rank-averaged) training loss is still at chance (:func:`chance_warning`)."""
+
+    def __init__(self, phase: str, num_classes: int, multilabel: bool):
+        super().__init__()
+        self.active = phase == "finetune" and not multilabel
+        self.num_classes = num_classes
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not self.active or epoch + 1 != LEARNING_CHECK_EPOCHS:
+            return
+        msg = chance_warning((logs or {}).get("loss"), self.num_classes, LEARNING_CHECK_EPOCHS)
+        if msg and hvd.is_root():  # the loss is averaged over ranks: rank 0 says it once
+            get_logger().warning(msg)
+
+
 class StopHook(tf.keras.callbacks.Callback):
     """Test hooks: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
     right after the n-th epoch of that phase was committed (after every rank got there);

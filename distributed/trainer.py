@@ -19,7 +19,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -121,9 +120,12 @@ def run(cfg, plan, resume: bool = False) -> dict:
                                                  data_threads=cfg.runtime.data_threads,
                                                  autotune=cfg.runtime.data_autotune), multilabel),
             cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
+            cb.LearningCheck(phase, manifest_data.num_classes, multilabel),  # Horovod: rank 0 warns
             ckpt,  # Horovod: writes on rank 0 only
             cb.StopHook(phase),
         ]
+        # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
+        verbose, shown = cb.progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
         # Horovod: disjoint share of each epoch per rank; the epoch number keeps resumes exact.
         ds = D.train_dataset(manifest_data, batch_size=cfg.train.batch_size, rank=hvd.rank(), size=hvd.size(),
                              seed=cfg.train.seed, start_epoch=state.epoch, steps=steps,
@@ -133,7 +135,7 @@ def run(cfg, plan, resume: bool = False) -> dict:
                  phase, state.phase_epoch + 1, pcfg.epochs, len(model.trainable_weights), pcfg.optimizer,
                  pcfg.lr, hvd.size() if cfg.train.scale_lr else 1)
         model.fit(ds, steps_per_epoch=steps, epochs=pcfg.epochs, initial_epoch=state.phase_epoch,
-                  callbacks=callbacks, verbose=_verbosity(hvd.is_root()))  # Horovod: progress bar on rank 0
+                  callbacks=callbacks + shown, verbose=verbose)
         writes += ckpt.writes
         if state.early_stopping.get("stopped"):
             break
@@ -294,12 +296,6 @@ def _logger(logfile: Path):
                 lg.removeHandler(h)
                 h.close()
     return get_logger(logfile=str(logfile))
-
-
-def _verbosity(root: bool) -> int:
-    if not root:
-        return 0
-    return 1 if sys.stdout.isatty() else 2
 
 
 def weights_digest(model) -> str:
