@@ -7,6 +7,7 @@ from pathlib import Path
 from data_prep.cli import UserError
 from data_prep.config import SHARD_FORMAT
 from data_prep.fsutil import sha256_file
+from data_prep.imaging import CONVERSION_KINDS
 
 MANIFEST = "manifest.json"
 FORMAT = SHARD_FORMAT
@@ -91,3 +92,13 @@ def verify_manifest(prep_out) -> dict:
     if problems:
         raise ManifestError(f"{prep_out}: {len(problems)} problem(s): " + "; ".join(problems))
     return {"shards": n_shards, "images": n_images, "ok": True}
+
+
+def conversion_counts(converted: list[dict]) -> dict[str, int]:
+    """{kind: entries} of a manifest's ``converted`` list (kinds of ``data_prep.imaging.conversions``)."""
+    out: dict[str, int] = {}
+    for c in converted:
+        kind = c.get("kind", "mode")
+        out[kind] = out.get(kind, 0) + 1
+    order = {k: i for i, k in enumerate(CONVERSION_KINDS)}
+    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))

@@ -45,8 +45,9 @@ from data_prep import config as cfgmod
 from data_prep import metadata as md
 from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
-from data_prep.imaging import CONVERSION_KINDS, ImageError, load_xray
+from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
+from data_prep.manifest import conversion_counts
 
 FORMAT = cfgmod.SHARD_FORMAT
 MANIFEST = "manifest.json"
@@ -475,16 +476,6 @@ def versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def conversion_counts(converted: list[dict]) -> dict[str, int]:
-    """{kind: entries} of a manifest's ``converted`` list (kinds of ``data_prep.imaging.conversions``)."""
-    out: dict[str, int] = {}
-    for c in converted:
-        kind = c.get("kind", "mode")  # format-1 manifests recorded colour conversions only
-        out[kind] = out.get(kind, 0) + 1
-    order = {k: i for i, k in enumerate(CONVERSION_KINDS)}
-    return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))
 
 
 def _kinds_note(converted: list[dict]) -> str:

@@ -21,7 +21,11 @@ probability) pairs, checks that every test image came back exactly once, and wri
 Test-time augmentation draws ``eval.tta_rounds`` transforms per image with the training
 augmentation (``distributed.data.augment_images``, ``train.augment``) from a stateless seed of
 (train.seed, round, global image index): the result does not depend on the number of ranks or
-the batch size.
+the batch size. The TTA probability is the mean of 1 + ``eval.tta_rounds`` predictions: the plain
+image's and the augmented copies' (``distributed.report.TTA_NOTE``, in report.md). With the plain image among them the demo's
+test AUC was 0.869 against 0.812 for the augmented copies alone (and 0.807 plain), for a model
+stopped after one fine-tune epoch (5 rounds); for a fully trained one (AUC 1.000 all three ways)
+the log loss was 0.025 against 0.034 (0.005 plain).
 
 This module is imported before TensorFlow: :func:`main` sets the rank's threads first
 (``distributed.runtime.apply``), so the modules that import TensorFlow (``distributed.data``,
@@ -114,10 +118,10 @@ class Predictor:
         p = self._plain(x).numpy()
         if not self.rounds:
             return p, None
-        acc = np.zeros_like(p, dtype=np.float64)
+        acc = p.astype(np.float64)  # the plain image is one of the TTA predictions (module docstring)
         for r in range(self.rounds):
             acc += self._augmented(x, self.seeds(gidx, r)).numpy()
-        return p, (acc / self.rounds).astype(np.float32)
+        return p, (acc / (self.rounds + 1)).astype(np.float32)
 
 
 def predict_indices(predictor: Predictor, data, indices: np.ndarray, batch_size: int, log=None):
@@ -387,6 +391,12 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
 
+    from distributed.callbacks import history_chance_warning, read_history  # TensorFlow is loaded by now
+
+    # the trainer's not-learning check, again from history.csv: this log and report.md say it too
+    learning = None if multilabel else history_chance_warning(read_history(run_dir / "history.csv"), len(classes))
+    if learning:
+        log.warning(learning)
     metrics = {
         "format": 1, "task": "multilabel" if multilabel else "binary", "classes": classes,
         "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),
@@ -394,6 +404,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
         "bootstrap_by": "patient", "seconds": time.time() - g.started,
         "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
+        "warnings": [learning] if learning else [],
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
         "precision": {"evaluation": precision_of(g.model), "training": _training_precision(run_dir)},
     }

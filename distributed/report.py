@@ -9,7 +9,23 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 from data_prep.fsutil import atomic_write_text
+from data_prep.manifest import conversion_counts
 from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side
+
+TTA_NOTE = ("The TTA probability of an image is the mean of {n} predictions: the plain image's and those of "
+            "{rounds} copies augmented as in training (the same in-graph transform ranges, `train.augment`, "
+            "seeded per image and round, so the result does not depend on the number of ranks).")
+
+
+def backbone_note(model_cfg) -> str:
+    """Why this network, for the report's table: the demo's small backbone, or random ImageNet-sized weights."""
+    if model_cfg.backbone == "tiny":
+        return ("; `tiny`: a small VGG-shaped network with batch normalisation that learns from random weights in "
+                "a few epochs, for tests and the demo (VGG16 needs its ImageNet weights for that, and machines "
+                "without internet access cannot download them)")
+    if model_cfg.weights == "none":
+        return "; random initial weights: without batch normalisation this network learns slowly, if at all"
+    return ""
 
 
 def _f(x, d=3):
@@ -47,7 +63,10 @@ def data_section(manifest: Mapping | None) -> str:
            f"std {_f(manifest.get('std'), 1)}.", "",
            _table(["split", "images", "patients", "per class", "shards"], rows, "lrrll"), ""]
     sk, cv = manifest.get("skipped") or [], manifest.get("converted") or []
-    txt.append(f"Skipped during prep: {len(sk)} image(s); converted to gray: {len(cv)} image(s).")
+    kinds = conversion_counts(cv)
+    txt.append(f"Skipped during prep: {len(sk)} image(s); inputs other than 8-bit square grayscale PNGs, converted: "
+               f"{len(cv)}" + (f" ({', '.join(f'{k}: {v}' for k, v in kinds.items())}; each listed in "
+                               "`manifest.json`, `converted`)" if kinds else "") + ".")
     if sk:
         reasons: dict = {}
         for s in sk:
@@ -173,7 +192,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                  ["task", metrics["task"] + (f" — positive class **{metrics['classes'][-1]}**"
                                              if metrics["task"] == "binary" else f" — {len(metrics['classes'])} findings")],
                  ["model", f"`{metrics['model']}` (eval.checkpoint = {metrics['checkpoint']})"],
-                 ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"],
+                 ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"
+                              + backbone_note(cfg.model)],
                  *([["precision", f"trained in {metrics['precision']['training']}, evaluated in "
                                   f"{metrics['precision']['evaluation']} (runtime.precision; probabilities are float32)"]]
                    if metrics.get("precision") else []),
@@ -183,14 +203,14 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
              ], "ll"), "",
              "## Data", "", data_section(manifest), ""]
     lines += ["## Results", ""]
+    for warning in metrics.get("warnings") or []:
+        lines += [f"> **Warning:** {warning}.", ""]
     if metrics["task"] == "binary":
         lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0)))
     else:
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
     if tta:
-        lines += ["Test-time augmentation averages the probabilities of "
-                  f"{metrics['tta_rounds']} copies of each image augmented as in training "
-                  "(the same in-graph augmentation function, seeded per image).", ""]
+        lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
 
     if plots:
         lines += ["## Plots", ""]

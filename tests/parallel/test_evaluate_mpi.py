@@ -75,7 +75,7 @@ for p in ("checkpoints/best.keras", "checkpoints/last.keras", "model.keras"):
     m.save(d / p)
 save_resolved(cfg, d)
 (d / "history.csv").write_text("phase,epoch,loss,accuracy,val_loss,val_accuracy\\n"
-    "warmup,1,0.70,0.50,0.69,0.52\\nfinetune,2,0.62,0.61,0.66,0.58\\nfinetune,3,0.55,0.70,0.64,0.62\\n")
+    "warmup,1,0.70,0.50,0.69,0.52\\nfinetune,2,0.69,0.51,0.69,0.50\\nfinetune,3,0.68,0.52,0.69,0.50\\n")
 print(d)
 """
     return Path(_run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
@@ -95,7 +95,7 @@ def binary_run(workdir):
     _run([sys.executable, "-m", "data_prep", "--config", str(cfg)])
     run = _make_run(cfg, 2, False)
     p = _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg), *sum([["--set", s] for s in BASE_SETS], [])])
-    return cfg, run, p.stdout
+    return cfg, run, p.stdout + p.stderr
 
 
 def _csv(path):
@@ -131,6 +131,11 @@ def test_outputs_are_complete(binary_run):
         assert not os.path.isabs(rel) and (run / rel).is_file()
     assert "precision" in stdout and "ROC AUC" in stdout and "with test-time augmentation" in stdout
     assert "## Data" in report and "| test |" in report and "```yaml" in report
+    assert "mean of 3 predictions: the plain image's and those of 2 copies" in report  # eval.tta_rounds=2
+    # history.csv says the loss stayed at ln 2 (random weights): the log and the report say so, once each
+    warning = "the model is not learning: training loss 0.680 after the warm-up and 2 fine-tune epoch(s)"
+    assert stdout.count(warning) == 1 and report.count(warning) == 1
+    assert report.index(warning) < report.index("### Summary")
 
 
 def test_each_test_image_exactly_once(binary_run):
