@@ -358,19 +358,20 @@ def progress(phase: str, steps: int, images_per_step: int, root: bool) -> tuple[
 
 # --------------------------------------------------------------------------- is it learning?
 
-CHANCE_MARGIN = 0.05  # a training loss above (1 - margin) x ln K is "at chance"
+CHANCE_MARGIN = 0.05  # a training loss not below (1 - margin) x ln K is "at chance"
 
 
 def chance_warning(loss: float, num_classes: int, finetune_epochs: int) -> str | None:
     """The not-learning warning when a single-label model's training loss after the warm-up and
-    ``finetune_epochs`` fine-tune epochs is still within CHANCE_MARGIN of chance (ln K), else None."""
+    ``finetune_epochs`` fine-tune epochs is not below (1 - CHANCE_MARGIN) x chance (ln K), else None."""
     if num_classes < 2 or loss is None or not math.isfinite(loss):
         return None
     chance = math.log(num_classes)
     if loss < (1 - CHANCE_MARGIN) * chance:
         return None
     return (f"the model is not learning: training loss {loss:.3f} after the warm-up and {finetune_epochs} fine-tune "
-            f"epoch(s) is within {CHANCE_MARGIN:.0%} of chance (ln {num_classes} = {chance:.3f}). Likely causes: "
+            f"epoch(s) is still at chance level (ln {num_classes} = {chance:.3f}; a model that learns is below "
+            f"{(1 - CHANCE_MARGIN) * chance:.3f} by now). Likely causes: "
             "random weights without normalisation (model.weights: none on a backbone without batch normalisation, "
             "such as VGG16: use its ImageNet weights, or the tiny backbone), a learning rate too small or too large "
             "(train.warmup.lr, train.finetune.lr), or data without signal (labels, prep output)")

@@ -120,8 +120,8 @@ def run(cfg, plan, resume: bool = False) -> dict:
                                                  data_threads=cfg.runtime.data_threads,
                                                  autotune=cfg.runtime.data_autotune), multilabel),
             cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
-            cb.LearningCheck(phase, manifest_data.num_classes, multilabel),  # Horovod: rank 0 warns
             ckpt,  # Horovod: writes on rank 0 only
+            cb.LearningCheck(phase, manifest_data.num_classes, multilabel),  # Horovod: rank 0 warns
             cb.StopHook(phase),
         ]
         # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.

@@ -14,7 +14,7 @@ from distributed.report import backbone_note, data_section  # noqa: E402
 
 @pytest.mark.parametrize("loss, k, warns", [(0.70, 2, True), (0.67, 2, True), (0.65, 2, False), (0.05, 2, False),
                                             (1.05, 3, True), (1.00, 3, False), (math.nan, 2, False)])
-def test_chance_warning_is_within_five_percent_of_ln_k(loss, k, warns):
+def test_chance_warning_below_95_percent_of_ln_k_is_learning(loss, k, warns):
     msg = cb.chance_warning(loss, k, 2)
     assert (msg is not None) == warns
     if warns:
