@@ -7,7 +7,6 @@ from pathlib import Path
 from data_prep.cli import UserError
 from data_prep.config import SHARD_FORMAT
 from data_prep.fsutil import sha256_file
-from data_prep.imaging import CONVERSION_KINDS
 
 MANIFEST = "manifest.json"
 FORMAT = SHARD_FORMAT
@@ -100,5 +99,7 @@ def conversion_counts(converted: list[dict]) -> dict[str, int]:
     for c in converted:
         kind = c.get("kind", "mode")
         out[kind] = out.get(kind, 0) + 1
+    from data_prep.imaging import CONVERSION_KINDS  # here: reading a manifest needs neither numpy nor PIL
+
     order = {k: i for i, k in enumerate(CONVERSION_KINDS)}
     return dict(sorted(out.items(), key=lambda kv: order.get(kv[0], len(order))))

@@ -14,7 +14,7 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
-from data_prep.config import load_config  # noqa: E402
+from data_prep.config import SHARD_FORMAT, load_config  # noqa: E402
 from distributed import data as D  # noqa: E402
 
 S = 16
@@ -58,7 +58,7 @@ def _write_prepared(root: Path, counts=(("train", (40, 40, 17)), ("val", (23,)),
             total += n
         offset += total
         splits[split] = {"count": total, "label_counts": {}, "patients": total // 2, "shards": shards}
-    manifest = {"format": 1, "config_hash": "t", "config": {}, "task": "binary",
+    manifest = {"format": SHARD_FORMAT, "config_hash": "t", "config": {}, "task": "binary",
                 "classes": ["No Finding", "Infiltration"], "image_size": S, "splits": splits,
                 "mean": 0.0, "std": 1.0, "skipped": [], "converted": []}
     (root / "manifest.json").write_text(json.dumps(manifest))
