@@ -160,7 +160,8 @@ class RuntimeConfig:
 class EvalConfig:
     batch_size: int = _f(32, "images per rank per step", 1, 4096)
     tta: bool = _f(True, "also evaluate with test-time augmentation")
-    tta_rounds: int = _f(5, "augmented copies per image, averaged with the plain image (1 + rounds predictions)", 1, 100)
+    tta_rounds: int = _f(5, "augmented copies per image, averaged with the plain image (1 + rounds predictions)",
+                         1, 100)
     bootstrap: int = _f(1000, "bootstrap resamples (by patient) for the AUC interval", 0, 100000)
     threshold: float = _f(0.5, "probability threshold for the class table", 0.0, 1.0)
     gradcam_per_group: int = _f(8, "images per Grad-CAM grid (true positives, false positives, false negatives)", 0, 64)

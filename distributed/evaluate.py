@@ -22,10 +22,10 @@ Test-time augmentation draws ``eval.tta_rounds`` transforms per image with the t
 augmentation (``distributed.data.augment_images``, ``train.augment``) from a stateless seed of
 (train.seed, round, global image index): the result does not depend on the number of ranks or
 the batch size. The TTA probability is the mean of 1 + ``eval.tta_rounds`` predictions: the plain
-image's and the augmented copies' (``distributed.report.TTA_NOTE``, in report.md). With the plain image among them the demo's
-test AUC was 0.869 against 0.812 for the augmented copies alone (and 0.807 plain), for a model
-stopped after one fine-tune epoch (5 rounds); for a fully trained one (AUC 1.000 all three ways)
-the log loss was 0.025 against 0.034 (0.005 plain).
+image's and the augmented copies' (``distributed.report.TTA_NOTE``, in report.md). With the plain
+image among them the demo's test AUC was 0.869 against 0.812 for the augmented copies alone (and
+0.807 plain), for a model stopped after one fine-tune epoch (5 rounds); for a fully trained one
+(AUC 1.000 all three ways) the log loss was 0.025 against 0.034 (0.005 plain).
 
 This module is imported before TensorFlow: :func:`main` sets the rank's threads first
 (``distributed.runtime.apply``), so the modules that import TensorFlow (``distributed.data``,
@@ -257,7 +257,8 @@ def console_text(metrics: dict) -> str:
     if metrics["task"] == "binary":
         left = format_class_table(plain["report"], title="without test-time augmentation")
         if tta:
-            right = format_class_table(tta["report"], title=f"with test-time augmentation ({metrics['tta_rounds']} rounds)")
+            right = format_class_table(tta["report"], title="with test-time augmentation "
+                                       f"(plain + {metrics['tta_rounds']} augmented)")
             lines.append(format_side_by_side(left, right))
         else:
             lines.append(left)

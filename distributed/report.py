@@ -79,7 +79,7 @@ def data_section(manifest: Mapping | None) -> str:
 
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int) -> str:
     out = []
-    heads = ["", "plain"] + ([f"TTA ({tta_rounds} rounds)"] if tta else [])
+    heads = ["", "plain"] + ([f"TTA (plain + {tta_rounds} augmented)"] if tta else [])
 
     def row(name, fn):
         return [name, fn(plain)] + ([fn(tta)] if tta else [])
@@ -122,7 +122,8 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     rows.append(acc)
     out += [_table(cols, rows), ""]
     left = format_class_table(plain["report"], title="without TTA")
-    text = format_side_by_side(left, format_class_table(tta["report"], title=f"with TTA ({tta_rounds} rounds)")) \
+    text = format_side_by_side(left, format_class_table(tta["report"],
+                                                        title=f"with TTA (plain + {tta_rounds} augmented)")) \
         if tta else left
     out += ["In the article's (scikit-learn) form:", "", "```", text, "```", ""]
 
