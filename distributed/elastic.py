@@ -132,15 +132,18 @@ def _attempt(es, cfg, model, train_data, val_data, log, local: _Local) -> dict:
             cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
             ckpt,  # Horovod: writes on rank 0 only, state.json last
             Commit(es, state, opt, phase),  # Horovod: the elastic commit, after the files
+            cb.LearningCheck(phase, train_data.num_classes, multilabel),  # Horovod: rank 0 warns
             cb.StopHook(phase),
         ]
+        # Horovod: progress on this restart's rank 0 only; a live bar only on a terminal without a launcher.
+        verbose, shown = cb.progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
         # Horovod: this restart's rank and size shard the epoch; the epoch number keeps the permutation.
         ds = D.train_dataset(train_data, batch_size=cfg.train.batch_size, rank=hvd.rank(), size=hvd.size(),
                              seed=cfg.train.seed, start_epoch=state.epoch, steps=steps, augment=cfg.train.augment,
                              data_threads=cfg.runtime.data_threads, autotune=cfg.runtime.data_autotune)
         try:
             model.fit(ds, steps_per_epoch=steps, epochs=pcfg.epochs, initial_epoch=state.phase_epoch,
-                      callbacks=callbacks, verbose=T._verbosity(hvd.is_root()))
+                      callbacks=callbacks + shown, verbose=verbose)
         finally:
             local.writes += ckpt.writes
         if state.early_stopping.get("stopped"):

@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
