@@ -119,22 +119,9 @@ def _attempt(es, cfg, model, train_data, val_data, log, local: _Local) -> dict:
             local.tb = tf.summary.create_file_writer(str(run_dir / "tb"))
         ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=opt, ph=phase: T._save_optimizer(o, model, p, ph),
                                local.tb if hvd.is_root() else None)
-        callbacks = [
-            hvd.metric_average_callback(),  # Horovod: epoch metrics averaged over ranks
-            cb.EpochTimer(steps * cfg.train.batch_size * hvd.size()),
-            cb.AverageBatchNormStatistics(),  # Horovod: one model on every rank
-            cb.LearningRateLogger(),
-            # Horovod: validation sharded over the ranks of this restart, predictions gathered.
-            cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
-                                                 size=hvd.size(), with_index=True,
-                                                 data_threads=cfg.runtime.data_threads,
-                                                 autotune=cfg.runtime.data_autotune), multilabel),
-            cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
-            ckpt,  # Horovod: writes on rank 0 only, state.json last
-            Commit(es, state, opt, phase),  # Horovod: the elastic commit, after the files
-            cb.LearningCheck(phase, train_data.num_classes, multilabel),  # Horovod: rank 0 warns
-            cb.StopHook(phase),
-        ]
+        # Horovod: the trainer's callbacks for this restart's ranks; the elastic commit after rank 0's files.
+        callbacks = T.epoch_callbacks(cfg, state, phase, steps, val_data, train_data.num_classes, multilabel,
+                                      [ckpt, Commit(es, state, opt, phase)])
         # Horovod: progress on this restart's rank 0 only; a live bar only on a terminal without a launcher.
         verbose, shown = cb.progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
         # Horovod: this restart's rank and size shard the epoch; the epoch number keeps the permutation.

@@ -108,23 +108,8 @@ def run(cfg, plan, resume: bool = False) -> dict:
         # weights after a resume, and the weights at the phase switch.
         hvd.broadcast_variables(model.variables + _opt_variables(opt), root_rank=0)
         ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=opt, ph=phase: _save_optimizer(o, model, p, ph), tb)
-        callbacks = [
-            # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
-            hvd.metric_average_callback(),
-            cb.EpochTimer(steps * cfg.train.batch_size * hvd.size()),
-            # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
-            cb.AverageBatchNormStatistics(),
-            cb.LearningRateLogger(),
-            # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
-            cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
-                                                 size=hvd.size(), with_index=True,
-                                                 data_threads=cfg.runtime.data_threads,
-                                                 autotune=cfg.runtime.data_autotune), multilabel),
-            cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
-            ckpt,  # Horovod: writes on rank 0 only
-            cb.LearningCheck(phase, manifest_data.num_classes, multilabel),  # Horovod: rank 0 warns
-            cb.StopHook(phase),
-        ]
+        callbacks = epoch_callbacks(cfg, state, phase, steps, val_data, manifest_data.num_classes, multilabel,
+                                    [ckpt])  # Horovod: checkpoints written on rank 0 only
         # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
         verbose, shown = cb.progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
         # Horovod: disjoint share of each epoch per rank; the epoch number keeps resumes exact.
@@ -148,6 +133,29 @@ def run(cfg, plan, resume: bool = False) -> dict:
     hvd.barrier()  # Horovod: nobody leaves before rank 0 has written everything
     history = cb.read_history(run_dir / "history.csv") if hvd.is_root() else []
     return {"state": state.to_json(), "history": history, "run_dir": str(run_dir)}
+
+
+def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: int, multilabel: bool,
+                    checkpointing: list) -> list:
+    """The callbacks of a phase's ``fit``, with ``checkpointing`` (the checkpoint writer, and the
+    elastic commit after it) in place, for the size of this run (or elastic restart)."""
+    return [
+        # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
+        hvd.metric_average_callback(),
+        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size()),
+        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
+        cb.AverageBatchNormStatistics(),
+        cb.LearningRateLogger(),
+        # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
+        cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
+                                             size=hvd.size(), with_index=True,
+                                             data_threads=cfg.runtime.data_threads,
+                                             autotune=cfg.runtime.data_autotune), multilabel),
+        cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
+        *checkpointing,
+        cb.LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
+        cb.StopHook(phase),
+    ]
 
 
 # --------------------------------------------------------------------------- optimizers

@@ -63,3 +63,22 @@ def wait_for(pred, timeout: float, what: str, proc=None, step: float = 0.05):
             raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}:\n{out[-2000:]}\n{err[-4000:]}")
         time.sleep(step)
     raise AssertionError(f"no {what} within {timeout:.0f} s")
+
+
+def tiny_dataset(base: Path, seed: int, test_fraction: float = 0.1, train=None, evaluate=None) -> Path:
+    """A generated data set (120 patients, 32 px) under ``base`` and ``base/cfg.yaml`` training the tiny
+    backbone for 1 + 3 short epochs; ``train``/``evaluate`` replace those config sections."""
+    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120",
+                    "--image-size", "32", "--seed", str(seed), "--no-progress"], cwd=ROOT, check=True,
+                   capture_output=True, timeout=300)
+    cfg = {
+        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
+        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
+                 "test_fraction": test_fraction},
+        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
+        "train": train or {"batch_size": 16, "warmup": {"epochs": 1}, "finetune": {"epochs": 3, "patience": 10}},
+        "eval": evaluate or {"tta": False, "bootstrap": 0, "gradcam_per_group": 0},
+        "run": {"dir": str(base / "run")},
+    }
+    (base / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    return base / "cfg.yaml"

@@ -6,12 +6,10 @@ made once per module and always removed (finally, and atexit for an interrupted 
 test here is skipped with the one-sentence reason (shown by pytest's ``-rs``).
 """
 import atexit
-import subprocess
 import sys
 
 import pytest
-import yaml
-from cluster_tools import CLUSTER_ID, ROOT
+from cluster_tools import CLUSTER_ID, tiny_dataset
 
 from launch import vcluster
 
@@ -42,17 +40,5 @@ def cluster(cluster_available, tmp_path_factory):
 def dataset(tmp_path_factory):
     """A tiny generated data set (32 px) and a config training the tiny backbone for 4 short epochs."""
     base = tmp_path_factory.mktemp("multinode")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120",
-                    "--image-size", "32", "--seed", "5", "--no-progress"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=300)
-    cfg = {
-        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
-        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
-                 "test_fraction": 0.1},
-        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
-        "train": {"batch_size": 16, "warmup": {"epochs": 1}, "finetune": {"epochs": 3, "patience": 10}},
-        "eval": {"tta": False, "bootstrap": 0, "gradcam_per_group": 0},
-        "run": {"dir": str(base / "run")},
-    }
-    (base / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    tiny_dataset(base, seed=5)
     return base

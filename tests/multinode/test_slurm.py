@@ -19,6 +19,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vnodes, beside this file
 import vnodes  # noqa: E402
+from cluster_tools import tiny_dataset  # noqa: E402
 from launch import vslurm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -95,22 +96,10 @@ def test_allocation_srun_and_mpirun_see_both_nodes(slurm, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_config(tmp_path_factory):
-    base = tmp_path_factory.mktemp("slurm-pipeline")
-    subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120",
-                    "--image-size", "32", "--seed", "3", "--no-progress"], cwd=ROOT, check=True,
-                   capture_output=True, timeout=120)
-    cfg = {
-        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
-        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
-                 "test_fraction": 0.2},
-        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
-        "train": {"batch_size": 16, "warmup": {"epochs": 1}, "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}},
-        "eval": {"tta_rounds": 2, "bootstrap": 50, "gradcam_per_group": 2},
-        "run": {"dir": str(base / "run")},
-    }
-    path = base / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_dataset(tmp_path_factory.mktemp("slurm-pipeline"), seed=3, test_fraction=0.2,
+                        train={"batch_size": 16, "warmup": {"epochs": 1},
+                               "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}},
+                        evaluate={"tta_rounds": 2, "bootstrap": 50, "gradcam_per_group": 2})
 
 
 def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_path):
