@@ -131,10 +131,13 @@ def load_xray(src, size: int) -> tuple[np.ndarray, dict]:
 
 
 def load_xray_and_original(src, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
-    """:func:`load_xray` plus the same gray image, min-maxed, at its original size, from ONE decode
-    (``cxr-predict --gradcam`` draws its overlay on it): ``(uint8 (size, size), uint8 (height,
-    width), info)``. A JPEG is decoded at full size here (no DCT-domain downscale)."""
+    """:func:`load_xray` plus the same gray image, min-maxed, at its original size (``cxr-predict
+    --gradcam`` draws its overlay on it): ``(uint8 (size, size), uint8 (height, width), info)``.
+    One decode, except for a JPEG: :func:`load_xray` decodes it downscaled in the DCT domain, so its
+    network input comes from a second, identical decode and predictions do not depend on --gradcam."""
     arr, info, original = _load_checked(src, size, keep_original=True)
+    if info.get("format") == "JPEG":
+        arr, info, _ = _load_checked(src, size, keep_original=False)
     return arr, original, info
 
 

@@ -125,3 +125,18 @@ def test_gradcam_decodes_each_file_once(run_dir, images, tmp_path, monkeypatch, 
         np.testing.assert_array_equal(net, data_prep.imaging.load_xray(f, S)[0])  # the same network input
         assert original.shape == (wh[1], wh[0]) == (info["height"], info["width"]) and original.dtype == np.uint8
         assert (int(original.min()), int(original.max())) == (0, 255)  # min-maxed like the network input
+
+
+def test_jpeg_probability_does_not_depend_on_gradcam(run_dir, images, tmp_path, capsys):
+    """A JPEG's network input is the DCT-downscaled decode of load_xray with and without --gradcam."""
+    gray = np.asarray(Image.open(images["nih1"]).convert("L"))
+    jpg = tmp_path / "x.jpg"
+    Image.fromarray(gray).save(jpg, quality=90)
+    net, original, _ = data_prep.imaging.load_xray_and_original(jpg, S)
+    np.testing.assert_array_equal(net, data_prep.imaging.load_xray(jpg, S)[0])
+    assert original.shape == gray.shape
+    probs = []
+    for extra in ([], ["--gradcam", str(tmp_path / "cams")]):
+        assert predict.main(["--model", str(run_dir), str(jpg), "--json", "--precision", "float32", *extra]) == 0
+        probs.append(json.loads(capsys.readouterr().out)["results"][0]["probability"])
+    assert probs[0] == probs[1]
