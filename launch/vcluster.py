@@ -295,7 +295,7 @@ def node_processes(state: State, node: str) -> dict[int, str]:
     """pid -> command line of every process in ``node``'s network namespace but its sshd."""
     n = next(x for x in state.nodes if x.name == node)
     out = {}
-    for pid in _netns_pids(n.netns):
+    for pid in netns_pids(n.netns):
         try:
             cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except OSError:
@@ -327,11 +327,11 @@ def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool 
     pids = [n.sshd_pid for n in state.nodes if n.sshd_pid] if state else []
     for pid in pids:
         if _is_our_sshd(pid, folder):
-            _kill(pid)
+            stop_process(pid)
             removed.append(f"sshd {pid}")
     for ns in _our_netns(names):
-        for pid in _netns_pids(ns):  # ranks, orted, ssh sessions left in the node
-            _kill(pid)
+        for pid in netns_pids(ns):  # ranks, orted, ssh sessions left in the node
+            stop_process(pid)
             removed.append(f"pid {pid} in {ns}")
         _run(["ip", "netns", "del", ns], check=False)
         removed.append(f"netns {ns}")
@@ -358,20 +358,25 @@ def _is_our_sshd(pid: int, folder: Path) -> bool:
     return bool(cmd) and cmd[0].endswith(b"sshd") and any(str(folder).encode() in c for c in cmd)
 
 
-def _kill(pid: int) -> None:
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+def stop_process(pid: int, grace: float = 0.0) -> None:
+    """End ``pid`` and wait until it is gone (reaped when it is our child, or a zombie): SIGTERM and
+    ``grace`` seconds to exit first when ``grace`` > 0, then SIGKILL."""
+    steps = ((signal.SIGTERM, grace),) if grace > 0 else ()
+    for sig, wait in steps + ((signal.SIGKILL, 5.0),):
         try:
-            os.waitpid(pid, os.WNOHANG)  # reap it when it is our child
-        except ChildProcessError:
-            pass
-        if _zombie(pid):
+            os.kill(pid, sig)
+        except ProcessLookupError:
             return
-        time.sleep(0.05)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                    return
+            except ChildProcessError:
+                pass
+            if not Path(f"/proc/{pid}").exists() or _zombie(pid):
+                return
+            time.sleep(0.05)
 
 
 def _zombie(pid: int) -> bool:
@@ -386,7 +391,7 @@ def _our_netns(names: Names) -> list[str]:
     return [ln.split()[0] for ln in r.stdout.splitlines() if ln.split() and ln.split()[0].startswith(names.ns_prefix)]
 
 
-def _netns_pids(ns: str) -> list[int]:
+def netns_pids(ns: str) -> list[int]:
     r = _run(["ip", "netns", "pids", ns], check=False)
     return [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
 

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -192,12 +191,12 @@ def down(folder: Path | None = None, cluster_id: int = 0, quiet: bool = False, l
             _wait_quiet(state, 10)
         for name, pid in sorted(state.pids.items(), key=lambda kv: kv[0] == "munged"):  # munged last
             if _ours(pid, folder):
-                _stop(pid)
+                vcluster.stop_process(pid, grace=5.0)
                 removed.append(f"{name} {pid}")
         for ns in state.netns:
-            for pid in _netns_pids(ns):
+            for pid in vcluster.netns_pids(ns):
                 if _comm(pid).startswith("slurmstepd"):
-                    _stop(pid)
+                    vcluster.stop_process(pid, grace=5.0)
                     removed.append(f"slurmstepd {pid}")
     if folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir())):
         shutil.rmtree(folder, ignore_errors=True)
@@ -229,30 +228,6 @@ def _comm(pid: int) -> str:
         return Path(f"/proc/{pid}/comm").read_text().strip()
     except OSError:
         return ""
-
-
-def _netns_pids(ns: str) -> list[int]:
-    r = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=15)
-    return [int(p) for p in r.stdout.split() if p.isdigit() and int(p) != os.getpid()]
-
-
-def _stop(pid: int, grace: float = 5.0) -> None:
-    """SIGTERM, then SIGKILL after ``grace`` seconds; reaps it when it is our child."""
-    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 5.0)):
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                    return
-            except ChildProcessError:
-                pass
-            if not Path(f"/proc/{pid}").exists() or vcluster._zombie(pid):
-                return
-            time.sleep(0.1)
 
 
 def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:

@@ -55,6 +55,19 @@ def _ranks_of(cluster, node: str, module: str) -> list[int]:
             if f"-m {module}" in cmd and cmd.split()[0].endswith(("python", "python3", Path(sys.executable).name))]
 
 
+def _kill_rank(cluster, node: str, module: str, job) -> tuple[str, float]:
+    """SIGKILL the one rank of ``-m module`` on ``node``; (the launcher's stderr, seconds from the kill
+    to its exit). The launcher must fail within FAULT_BOUND_S."""
+    victims = _ranks_of(cluster, node, module)
+    assert len(victims) == 1, victims
+    os.kill(victims[0], signal.SIGKILL)
+    t_fault = time.monotonic()
+    _, err = job.communicate(timeout=FAULT_BOUND_S + 30)
+    seconds = time.monotonic() - t_fault
+    assert job.returncode != 0 and seconds < FAULT_BOUND_S, err[-4000:]
+    return err, seconds
+
+
 def _record(name: str, **figures) -> None:
     FIGURES[name] = figures
     out = os.environ.get("CXR_RELIABILITY_OUT")
@@ -153,13 +166,7 @@ def test_rank_killed_then_node_cut_off_then_resume(reference, dataset, cluster):
     # 1. a training rank on node2 killed during an epoch
     job = start_launch(cluster, *args)
     wait_for(lambda: _state(run).get("epoch", 0) >= 1, 240, "first checkpoint", job)
-    victims = _ranks_of(cluster, node2, "distributed.train")
-    assert len(victims) == 1
-    os.kill(victims[0], signal.SIGKILL)
-    t_fault = time.monotonic()
-    out, err = job.communicate(timeout=FAULT_BOUND_S + 30)
-    killed_s = time.monotonic() - t_fault
-    assert job.returncode != 0 and killed_s < FAULT_BOUND_S, err[-4000:]
+    err, killed_s = _kill_rank(cluster, node2, "distributed.train", job)
     assert f"train failed on {node2} (rank 1: killed by SIGKILL)" in err, err[-4000:]
     first_done = _state(run)["epoch"]
     assert not _ranks_of(cluster, node1, "distributed.train")  # nothing left running on the launching node
@@ -210,13 +217,7 @@ def test_prep_rank_killed_then_rerun(reference, dataset, single_prep, cluster, t
     args = ("prep", "--config", str(dataset / "cfg.yaml"), "--cluster", str(cl), "--set", f"prep.out={out}")
     job = start_launch(cluster, *args, env={"CXR_PREP_THROTTLE_S": "0.03"})
     wait_for(lambda: any(out.glob("*/*.h5")), 120, "a first shard", job)
-    victims = _ranks_of(cluster, node2, "data_prep")
-    assert len(victims) == 1
-    os.kill(victims[0], signal.SIGKILL)
-    t_fault = time.monotonic()
-    _, err = job.communicate(timeout=FAULT_BOUND_S + 30)
-    killed_s = time.monotonic() - t_fault
-    assert job.returncode != 0 and killed_s < FAULT_BOUND_S, err[-4000:]
+    err, killed_s = _kill_rank(cluster, node2, "data_prep", job)
     assert f"prep failed on {node2} (rank 1: killed by SIGKILL)" in err, err[-4000:]
     assert not (out / "manifest.json").exists()
     kept = len(list(out.glob("*/*.h5")))
