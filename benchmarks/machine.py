@@ -140,8 +140,8 @@ PEAK_SHAPES = (1536, 2048, 4096)
 
 
 def matmul_peak_over_shapes(dtype: str = "float32", shapes=PEAK_SHAPES, seconds: float = 1.5) -> dict:
-    """The best :func:`matmul_peak` over square ``shapes``: one shape under-states a peak (bfloat16
-    on AMX ran 644 GFLOP/s at 2048 and 1,190 at 4096 on a 2-core Xeon). ``by_shape`` keeps each."""
+    """The best :func:`matmul_peak` over square ``shapes``: the best shape differs between builds and
+    types (BENCHMARKS.md, "What we learned"). ``by_shape`` keeps each."""
     runs = [matmul_peak(n, seconds, dtype) for n in shapes]
     best = max(runs, key=lambda r: r["gflops"])
     return {**best, "by_shape": {str(r["n"]): r["gflops"] for r in runs}}
