@@ -83,6 +83,16 @@ class _TieGroups:
         below = tn - np.cumsum(wn)  # negative weight strictly below each group's score
         return float((wp * (below + 0.5 * wn)).sum() / (tp * tn))
 
+    def average_precision(self, w) -> float:
+        """scikit-learn's average precision (step-wise, no interpolation) with sample weights ``w``."""
+        wp, wn = self.group_sums(w)
+        tp = wp.sum()
+        if tp <= 0:
+            return float("nan")
+        ctp, cfp = np.cumsum(wp), np.cumsum(wn)
+        prec = np.divide(ctp, ctp + cfp, out=np.zeros_like(ctp), where=(ctp + cfp) > 0)
+        return float((wp * prec).sum() / tp)
+
     def roc(self, w):
         wp, wn = self.group_sums(w)
         tp, tn = wp.sum(), wn.sum()
@@ -146,6 +156,223 @@ def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float 
     return out
 
 
+def percentile_interval(values, level: float = 0.95) -> tuple[float | None, float | None, int]:
+    """(low, high, n) percentile interval of the finite ``values`` (None, None, 0 without any)."""
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if not v.size:
+        return None, None, 0
+    q = (1.0 - level) / 2.0 * 100.0
+    return float(np.percentile(v, q)), float(np.percentile(v, 100.0 - q)), int(v.size)
+
+
+def bootstrap_stats(stats: Mapping, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile intervals of several statistics over the SAME patient resamples.
+
+    ``stats`` maps a name to ``fn(w) -> float`` of per-image resample weights ``w`` (how often each
+    image is drawn, :func:`patient_resample_weights`); NaN results (a resample without one class) are
+    left out of that statistic. Returns ``{name: {"low", "high", "n_valid"}}``."""
+    draws = {k: [] for k in stats}
+    if n_boot > 0 and len(np.asarray(groups)):
+        for w in patient_resample_weights(groups, n_boot, seed):
+            for k, fn in stats.items():
+                draws[k].append(fn(w))
+    out = {}
+    for k, v in draws.items():
+        lo, hi, n = percentile_interval(v, level)
+        out[k] = {"low": lo, "high": hi, "n_valid": n}
+    return out
+
+
+def with_ci(value, ci: Mapping | None) -> dict:
+    """``{value, low, high}`` (the form of every interval-carrying number of metrics.json)."""
+    ci = ci or {}
+    return {"value": _clean(value), "low": ci.get("low"), "high": ci.get("high")}
+
+
+def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """AUC(b) - AUC(a) with a paired patient bootstrap: both AUCs on the same resampled patients."""
+    y = np.asarray(y).astype(int)
+    out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0}
+    if not both_classes(y):
+        return out
+    ta, tb = _TieGroups(y, p_a), _TieGroups(y, p_b)
+    ci = bootstrap_stats({"d": lambda w: tb.auc(w) - ta.auc(w)}, groups, n_boot, seed, level)["d"]
+    out.update(auc_diff=auc(y, p_b) - auc(y, p_a), low=ci["low"], high=ci["high"], n_valid=ci["n_valid"])
+    return out
+
+
+# --------------------------------------------------------------------------- operating point
+
+OPERATING_RULES = ("youden", "sensitivity", "specificity", "fixed")
+
+
+def parse_operating_point(rule: str) -> tuple[str, float | None]:
+    """``youden`` | ``sensitivity:S`` | ``specificity:S`` | ``fixed:T`` -> (kind, value); ValueError
+    (one sentence) otherwise."""
+    kind, _, val = str(rule).strip().partition(":")
+    if kind not in OPERATING_RULES or (kind == "youden") != (val == ""):
+        raise ValueError(f"{rule!r} is not youden, sensitivity:S, specificity:S or fixed:T")
+    if kind == "youden":
+        return kind, None
+    try:
+        v = float(val)
+    except ValueError:
+        raise ValueError(f"{rule!r}: {val!r} is not a number") from None
+    if not 0.0 <= v <= 1.0:
+        raise ValueError(f"{rule!r}: {v} is outside [0, 1]")
+    return kind, v
+
+
+def choose_threshold(rule: str, y, p) -> float | None:
+    """The threshold ``rule`` picks on (y, p) (the validation split); an image is positive when
+    p >= threshold. youden: maximal sensitivity + specificity - 1; sensitivity:S the highest
+    threshold with sensitivity >= S; specificity:S the lowest with specificity >= S; fixed:T is T.
+    None when the rule needs both classes and one is missing."""
+    kind, v = parse_operating_point(rule)
+    if kind == "fixed":
+        return float(v)
+    y = np.asarray(y).astype(int)
+    if not both_classes(y):
+        return None
+    if kind == "youden":
+        return youden(y, p)["threshold"]
+    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64), drop_intermediate=False)
+    thr = np.minimum(thr, 1.0)  # the first threshold is +inf: nothing positive
+    if kind == "sensitivity":
+        return float(thr[int(np.flatnonzero(tpr >= v - 1e-12)[0])])
+    return float(thr[int(np.flatnonzero(1.0 - fpr >= v - 1e-12)[-1])])
+
+
+def _rates(y, pred, w):
+    """Weighted sensitivity, specificity, PPV, NPV, accuracy (NaN where undefined)."""
+    yf, pf = y.astype(np.float64), pred.astype(np.float64)
+    tp, fn = (w * yf * pf).sum(), (w * yf * (1 - pf)).sum()
+    fp, tn = (w * (1 - yf) * pf).sum(), (w * (1 - yf) * (1 - pf)).sum()
+
+    def div(a, b):
+        return a / b if b > 0 else float("nan")
+    return {"sensitivity": div(tp, tp + fn), "specificity": div(tn, tn + fp), "ppv": div(tp, tp + fp),
+            "npv": div(tn, tn + fn), "accuracy": div(tp + tn, tp + tn + fp + fn)}
+
+
+def predictive_values(sens, spec, prevalence: float) -> dict:
+    """PPV and NPV at a prevalence P from sensitivity and specificity (Bayes)."""
+    P = prevalence
+    if sens is None or spec is None or not (math.isfinite(sens) and math.isfinite(spec)):
+        return {"ppv": float("nan"), "npv": float("nan")}
+    a, b = sens * P, (1 - spec) * (1 - P)
+    c, d = spec * (1 - P), (1 - sens) * P
+    return {"ppv": a / (a + b) if a + b > 0 else float("nan"), "npv": c / (c + d) if c + d > 0 else float("nan")}
+
+
+def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 1000, seed: int = 0,
+                            prevalence: float = 0.0) -> dict:
+    """Sensitivity, specificity, PPV, NPV and accuracy at a FIXED threshold (chosen elsewhere), each
+    ``{value, low, high}`` from one set of patient resamples; with ``prevalence`` P > 0 also PPV/NPV
+    recomputed for P (``at_prevalence``)."""
+    y = np.asarray(y).astype(int)
+    pred = (np.asarray(p, dtype=np.float64) >= threshold).astype(int)
+    ones = np.ones(len(y))
+    point = _rates(y, pred, ones)
+    names = list(point)
+    fns = {k: (lambda w, k=k: _rates(y, pred, w)[k]) for k in names}
+    if prevalence:
+        def pv(w, k):
+            r = _rates(y, pred, w)
+            return predictive_values(r["sensitivity"], r["specificity"], prevalence)[k]
+        fns.update({f"{k}@P": (lambda w, k=k: pv(w, k)) for k in ("ppv", "npv")})
+    cis = bootstrap_stats(fns, groups, n_boot, seed)
+    out = {k: with_ci(point[k], cis[k]) for k in names}
+    if prevalence:
+        at = predictive_values(point["sensitivity"], point["specificity"], prevalence)
+        out["at_prevalence"] = {"prevalence": float(prevalence),
+                                **{k: with_ci(at[k], cis[f"{k}@P"]) for k in ("ppv", "npv")}}
+    return out
+
+
+# --------------------------------------------------------------------------- calibration
+
+ECE_BINS = 10
+
+
+def brier(y, p, w=None) -> float:
+    """Mean squared difference between the probability of the positive class and the label."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
+    return float((w * (p - y) ** 2).sum() / w.sum()) if w.sum() > 0 else float("nan")
+
+
+def ece_bin(p, bins: int = ECE_BINS) -> np.ndarray:
+    """Equal-width bin of each probability: [0, 1/bins), ..., [1 - 1/bins, 1]."""
+    return np.minimum((np.asarray(p, dtype=np.float64) * bins).astype(int), bins - 1)
+
+
+def ece(y, p, w=None, bins: int = ECE_BINS) -> float:
+    """Expected calibration error: sum over equal-width bins of (bin weight) x |mean label - mean p|."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    w = np.ones(len(y)) if w is None else np.asarray(w, dtype=np.float64)
+    if w.sum() <= 0:
+        return float("nan")
+    gap = np.bincount(ece_bin(p, bins), weights=w * (y - p), minlength=bins)
+    return float(np.abs(gap).sum() / w.sum())
+
+
+def reliability(y, p, bins: int = ECE_BINS) -> list[dict]:
+    """Per equal-width bin: range, images, mean probability, fraction positive (the reliability diagram)."""
+    y, p = np.asarray(y, dtype=np.float64), np.asarray(p, dtype=np.float64)
+    b = ece_bin(p, bins)
+    out = []
+    for i in range(bins):
+        m = b == i
+        out.append({"low": i / bins, "high": (i + 1) / bins, "n": int(m.sum()),
+                    "mean_probability": float(p[m].mean()) if m.any() else None,
+                    "fraction_positive": float(y[m].mean()) if m.any() else None})
+    return out
+
+
+def calibration_metrics(y, p, groups, n_boot: int = 0, seed: int = 0) -> dict:
+    """Brier score and ECE (10 bins), each with a patient-bootstrap interval, and the diagram's bins."""
+    y = np.asarray(y).astype(int)
+    cis = bootstrap_stats({"brier": lambda w: brier(y, p, w), "ece": lambda w: ece(y, p, w)}, groups, n_boot, seed)
+    return {"brier": brier(y, p), "brier_ci": cis["brier"], "ece": ece(y, p), "ece_ci": cis["ece"],
+            "ece_bins": ECE_BINS, "reliability": reliability(y, p)}
+
+
+_EPS = 1e-7
+
+
+def logit(p):
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return np.log(p) - np.log1p(-p)
+
+
+def prior_shift(train_prevalence: float, target_prevalence: float) -> float:
+    """Logit offset that moves probabilities of a model trained at ``train_prevalence`` to
+    ``target_prevalence`` (Saerens et al. 2002: odds x target odds / training odds)."""
+    return float(logit(target_prevalence) - logit(train_prevalence))
+
+
+def adjust(p, temperature: float = 1.0, shift: float = 0.0):
+    """sigmoid(logit(p) / temperature + shift): temperature scaling, then the prior shift."""
+    z = logit(p) / float(temperature) + float(shift)
+    return 1.0 / (1.0 + np.exp(-z))
+
+
+def fit_temperature(y, p, shift: float = 0.0) -> float:
+    """The temperature T minimising the log loss of ``adjust(p, T, shift)`` on (y, p) (validation)."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y, dtype=np.float64)
+    z = logit(p)
+
+    def nll(log_t):
+        q = np.clip(1.0 / (1.0 + np.exp(-(z / np.exp(log_t) + shift))), 1e-12, 1 - 1e-12)
+        return float(-(y * np.log(q) + (1 - y) * np.log1p(-q)).mean())
+
+    r = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    return float(np.exp(r.x))
+
+
 # --------------------------------------------------------------------------- thresholds, tables
 
 def youden(y, p) -> dict:
@@ -177,28 +404,36 @@ def class_table(y, pred, class_names: Sequence[str]) -> dict:
     return out
 
 
-def subgroup_auc(y, p, keys) -> dict:
-    """AUC for every value of ``keys`` (e.g. view, sex); None where one class is missing."""
+def subgroup_auc(y, p, keys, groups=None, n_boot: int = 0, seed: int = 0) -> dict:
+    """AUC for every value of ``keys`` (e.g. view, sex), with a patient-bootstrap interval within the
+    subgroup (``auc_ci``) when ``n_boot``; None where one class is missing."""
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
     keys = np.asarray(keys).astype(str)
+    groups = np.arange(len(y)) if groups is None else np.asarray(groups)
     out = {}
     for k in sorted(set(keys.tolist())):
         m = keys == k
         out[k] = {"n": int(m.sum()), "positives": int(y[m].sum()), "auc": auc(y[m], p[m])}
         if out[k]["auc"] is None:
             out[k]["note"] = "one class only: AUC undefined"
+        ci = bootstrap_auc(y[m], p[m], groups[m], n_boot=n_boot, seed=seed)
+        out[k]["auc_ci"] = {"low": ci["low"], "high": ci["high"], "n_valid": ci["n_valid"]}
     return out
 
 
 def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"), threshold: float = 0.5,
                    groups=None, subgroups: Mapping[str, Iterable] | None = None, n_boot: int = 1000,
-                   seed: int = 0, curves: bool = True) -> dict:
+                   seed: int = 0, curves: bool = True, operating: Mapping | None = None,
+                   prevalence: float = 0.0) -> dict:
     """Every number of the binary evaluation for one probability column.
 
     ``p`` is the probability of class 1 (``class_names[1]``); an image is predicted positive
-    when ``p >= threshold``. ``groups`` are patient ids for the bootstrap (each image its own
-    patient when None).
+    when ``p >= threshold`` (the class table). ``groups`` are patient ids for the bootstrap (each
+    image its own patient when None). ``operating``: ``{source, rule, threshold}`` of a threshold
+    chosen elsewhere (on validation), whose sensitivity, specificity, PPV, NPV and accuracy are
+    reported with intervals (PPV/NPV also at ``prevalence`` when > 0). Youden's threshold fitted on
+    THIS set is reported only as ``oracle`` (optimistic).
     """
     y = np.asarray(y).astype(int)
     p = np.asarray(p, dtype=np.float64)
@@ -208,9 +443,14 @@ def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"
     yd = youden(y, p)
     boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed, roc_band=curves)
     band = boot.pop("roc_band", None)
+    ap_ci = {"low": None, "high": None, "n_valid": 0}
+    if both_classes(y):
+        tg = _TieGroups(y, p)
+        ap_ci = bootstrap_stats({"ap": tg.average_precision}, groups, n_boot, seed)["ap"]
     m = {
         "n": int(len(y)),
         "positives": int(y.sum()),
+        "prevalence": float(y.mean()) if len(y) else None,
         "patients": int(len(np.unique(np.asarray(groups)))),
         "threshold": float(threshold),
         "report": class_table(y, pred, class_names),
@@ -218,12 +458,21 @@ def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"
         "auc": auc(y, p),
         "auc_ci": boot,
         "average_precision": _clean(average_precision_score(y, p)) if both_classes(y) else None,
-        "youden": yd,
+        "average_precision_ci": ap_ci,
+        **calibration_metrics(y, p, groups, n_boot, seed),
+        "oracle": {**yd, "rule": "youden", "fitted_on": "test",
+                   "note": "threshold fitted on the test set itself: optimistic, not a result"},
     }
     if yd["threshold"] is not None:
         pred_y = (p >= yd["threshold"]).astype(int)
-        m["youden"]["accuracy"] = float(accuracy_score(y, pred_y))
-    m["subgroups"] = {name: subgroup_auc(y, p, keys) for name, keys in (subgroups or {}).items()}
+        m["oracle"]["accuracy"] = float(accuracy_score(y, pred_y))
+    if operating is not None and operating.get("threshold") is not None:
+        m["operating_point"] = {**operating, **operating_point_metrics(y, p, operating["threshold"], groups,
+                                                                       n_boot=n_boot, seed=seed,
+                                                                       prevalence=prevalence)}
+    elif operating is not None:
+        m["operating_point"] = {**operating, "note": "no threshold: the validation split lacks a class"}
+    m["subgroups"] = {name: subgroup_auc(y, p, keys, groups, n_boot, seed) for name, keys in (subgroups or {}).items()}
     if curves and both_classes(y):
         fpr, tpr, _ = roc_curve(y, p)
         prec, rec, _ = precision_recall_curve(y, p)
@@ -231,6 +480,15 @@ def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"
                        "pr": {"precision": prec.tolist(), "recall": rec.tolist()},
                        "roc_band": band}
     return m
+
+
+def split_auc(y, p, mask_pos, groups, n_boot: int = 0, seed: int = 0) -> dict:
+    """AUC of the positives selected by ``mask_pos`` against ALL negatives, ``{value, low, high, positives}``
+    (e.g. positives with and without co-findings)."""
+    y = np.asarray(y).astype(int)
+    keep = (y == 0) | (np.asarray(mask_pos, bool) & (y == 1))
+    ci = bootstrap_auc(y[keep], np.asarray(p)[keep], np.asarray(groups)[keep], n_boot=n_boot, seed=seed)
+    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "positives": int((y[keep] == 1).sum())}
 
 
 def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,
@@ -248,7 +506,7 @@ def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0
         boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed + k, roc_band=False)
         f = {"positives": int(y.sum()), "auc": auc(y, p), "auc_ci": boot,
              "chexnet_auc": CHEXNET_AUC.get(_norm_name(name))}
-        f["subgroups"] = {g: subgroup_auc(y, p, keys) for g, keys in (subgroups or {}).items()}
+        f["subgroups"] = {g: subgroup_auc(y, p, keys, groups, n_boot, seed + k) for g, keys in (subgroups or {}).items()}
         if curves and both_classes(y):
             fpr, tpr, _ = roc_curve(y, p)
             f["curves"] = {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
@@ -299,11 +557,12 @@ def format_auc_line(m: Mapping, digits: int = 3) -> str:
     if ci.get("low") is not None:
         s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, "
               f"{ci['n_valid']} bootstrap resamples by patient)")
-    yd = m.get("youden") or {}
-    s += f"; threshold {m.get('threshold')}"
-    if yd.get("threshold") is not None:
-        s += (f"; Youden threshold {yd['threshold']:.3f} (sensitivity {yd['sensitivity']:.2f}, "
-              f"specificity {yd['specificity']:.2f})")
+    op = m.get("operating_point") or {}
+    if op.get("threshold") is not None:
+        s += (f"; operating point {op['threshold']:.3f} ({op['rule']}, chosen on {op['source']}): sensitivity "
+              f"{_fmt(op['sensitivity']['value'])}, specificity {_fmt(op['specificity']['value'])}")
+    if m.get("brier") is not None:
+        s += f"; Brier {m['brier']:.3f}, ECE {m['ece']:.3f}"
     return s
 
 

@@ -111,7 +111,7 @@ def test_one_class_only_is_not_an_error():
     y = np.zeros(10, int)
     p = np.linspace(0, 1, 10)
     m = M.binary_metrics(y, p, n_boot=20)
-    assert m["auc"] is None and m["auc_ci"]["low"] is None and m["youden"]["threshold"] is None
+    assert m["auc"] is None and m["auc_ci"]["low"] is None and m["oracle"]["threshold"] is None
 
 
 def test_multilabel_metrics_and_table():

@@ -1,0 +1,151 @@
+"""The numbers a reviewer checks: operating point chosen on validation, calibration, paired bootstrap,
+prior correction, intervals (distributed.metrics; no TensorFlow). Each is recomputed independently."""
+import numpy as np
+import pytest
+from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+
+from distributed import metrics as M
+
+
+def _data(n=300, seed=0, patients=60, ties=False):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, n)
+    p = np.clip(0.35 * y + rng.normal(0.35, 0.2, n), 0, 1)
+    if ties:
+        p = np.round(p, 1)
+    g = rng.integers(0, patients, n)
+    return y, p, g
+
+
+def _explicit_resamples(g, n_boot, seed):
+    """Patients drawn with replacement, the resampled data set built by concatenating every drawn
+    patient's images (the same generator calls as metrics.patient_resample_weights)."""
+    pats = np.unique(g)
+    rng = np.random.default_rng(seed)
+    for _ in range(n_boot):
+        drawn = pats[rng.integers(0, len(pats), len(pats))]
+        yield np.concatenate([np.flatnonzero(g == q) for q in drawn])
+
+
+def test_paired_bootstrap_equals_explicit_resampling():
+    y, p_plain, g = _data(seed=1)
+    p_tta = np.clip(p_plain + np.random.default_rng(2).normal(0, 0.1, len(y)), 0, 1)
+    d = M.paired_auc_difference(y, p_plain, p_tta, g, n_boot=200, seed=7)
+    diffs = []
+    for idx in _explicit_resamples(g, 200, 7):
+        if len(set(y[idx])) == 2:
+            diffs.append(roc_auc_score(y[idx], p_tta[idx]) - roc_auc_score(y[idx], p_plain[idx]))
+    assert d["auc_diff"] == pytest.approx(roc_auc_score(y, p_tta) - roc_auc_score(y, p_plain), abs=1e-12)
+    assert d["n_valid"] == len(diffs) == 200 and d["by"] == "patient"
+    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert d["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    assert d["low"] < d["auc_diff"] < d["high"]
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weighted_average_precision_equals_sklearn(ties):
+    y, p, _ = _data(ties=ties)
+    w = np.random.default_rng(1).integers(0, 4, len(y)).astype(float)
+    tg = M._TieGroups(y, p)
+    assert tg.average_precision(np.ones(len(y))) == pytest.approx(average_precision_score(y, p), abs=1e-12)
+    assert tg.average_precision(w) == pytest.approx(average_precision_score(y, p, sample_weight=w), abs=1e-12)
+
+
+def test_operating_point_interval_equals_explicit_resampling():
+    y, p, g = _data(seed=3)
+    op = M.operating_point_metrics(y, p, 0.5, g, n_boot=100, seed=4, prevalence=0.25)
+    pred = p >= 0.5
+    sens, spec = pred[y == 1].mean(), 1 - pred[y == 0].mean()
+    assert op["sensitivity"]["value"] == pytest.approx(sens)
+    assert op["specificity"]["value"] == pytest.approx(spec)
+    assert op["ppv"]["value"] == pytest.approx(y[pred].mean())
+    assert op["npv"]["value"] == pytest.approx(1 - y[~pred].mean())
+    assert op["accuracy"]["value"] == pytest.approx((pred == y).mean())
+    ss = [pred[idx][y[idx] == 1].mean() for idx in _explicit_resamples(g, 100, 4)]
+    assert op["sensitivity"]["low"] == pytest.approx(np.percentile(ss, 2.5))
+    assert op["sensitivity"]["high"] == pytest.approx(np.percentile(ss, 97.5))
+    # PPV at a deployment prevalence of 25 %, by hand (Bayes)
+    ppv = sens * 0.25 / (sens * 0.25 + (1 - spec) * 0.75)
+    assert op["at_prevalence"]["ppv"]["value"] == pytest.approx(ppv)
+    assert op["at_prevalence"]["ppv"]["low"] <= ppv <= op["at_prevalence"]["ppv"]["high"]
+
+
+def test_the_issue_s_worked_example_of_precision_at_two_prevalences():
+    """Sensitivity 0.68 / specificity 0.62: PPV 0.64 at 50 %, 0.37 at 25 %."""
+    assert M.predictive_values(0.68, 0.62, 0.5)["ppv"] == pytest.approx(0.6415, abs=1e-4)
+    assert M.predictive_values(0.68, 0.62, 0.25)["ppv"] == pytest.approx(0.3736, abs=1e-4)
+
+
+def test_thresholds_follow_their_rule_on_the_given_split():
+    y, p, _ = _data(seed=5)
+    fpr, tpr, thr = roc_curve(y, p)
+    assert M.choose_threshold("youden", y, p) == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
+    assert M.choose_threshold("fixed:0.3", y, p) == 0.3
+    scores = np.unique(p)
+    t = M.choose_threshold("sensitivity:0.9", y, p)
+    up = scores[scores > t].min()  # the highest such threshold: the next score up loses it
+    assert (p[y == 1] >= t).mean() >= 0.9 > (p[y == 1] >= up).mean()
+    t = M.choose_threshold("specificity:0.8", y, p)
+    down = scores[scores < t].max()  # the lowest such threshold: the next score down loses it
+    assert (p[y == 0] < t).mean() >= 0.8 > (p[y == 0] < down).mean()
+    for bad in ("youden:1", "sensitivity", "sensitivity:x", "fixed:2", "median"):
+        with pytest.raises(ValueError):
+            M.parse_operating_point(bad)
+
+
+def test_brier_and_ece_by_hand():
+    y = np.array([0, 0, 1, 1, 1])
+    p = np.array([0.05, 0.15, 0.12, 0.95, 0.99])
+    assert M.brier(y, p) == pytest.approx(brier_score_loss(y, p))
+    # bins: [0, .1): {0.05: y 0}; [.1, .2): {0.15: 0, 0.12: 1}; [.9, 1]: {0.95: 1, 0.99: 1}
+    ece = (1 / 5) * abs(0 - 0.05) + (2 / 5) * abs(0.5 - 0.135) + (2 / 5) * abs(1 - 0.97)
+    assert M.ece(y, p) == pytest.approx(ece)
+    rel = M.reliability(y, p)
+    assert [b["n"] for b in rel] == [1, 2, 0, 0, 0, 0, 0, 0, 0, 2]
+    assert M.ece(np.array([1]), np.array([1.0])) == 0.0  # p = 1 falls in the last bin
+
+
+def test_prior_correction_by_hand():
+    # trained at 50 %, natural prevalence 25 %: odds x (1/3); p 0.8 -> odds 4 -> 4/3 -> 4/7
+    shift = M.prior_shift(0.5, 0.25)
+    assert M.adjust(np.array([0.8]), 1.0, shift)[0] == pytest.approx(4 / 7)
+    assert M.adjust(np.array([0.5]), 1.0, shift)[0] == pytest.approx(0.25)
+    # temperature: logit halved at T = 2
+    assert M.adjust(np.array([0.8]), 2.0, 0.0)[0] == pytest.approx(1 / (1 + np.exp(-np.log(4) / 2)))
+
+
+def test_temperature_fitted_undoes_an_overconfident_model():
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 1.5, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-z))).astype(int)  # calibrated at logit z
+    p_over = 1 / (1 + np.exp(-3 * z))  # three times too confident
+    t = M.fit_temperature(y, p_over)
+    assert t == pytest.approx(3.0, rel=0.1)
+    assert M.ece(y, M.adjust(p_over, t)) < M.ece(y, p_over) / 2
+
+
+def test_binary_metrics_carry_intervals_and_label_the_test_fitted_threshold_oracle():
+    y, p, g = _data(seed=6)
+    views = np.where(np.arange(len(y)) % 3 == 0, "AP", "PA")
+    m = M.binary_metrics(y, p, groups=g, subgroups={"view": views}, n_boot=50, seed=0,
+                         operating={"source": "validation", "rule": "fixed:0.5", "threshold": 0.5})
+    assert "youden" not in m and m["oracle"]["fitted_on"] == "test"
+    assert m["brier"] == pytest.approx(brier_score_loss(y, p))
+    for k in ("brier_ci", "ece_ci", "average_precision_ci"):
+        assert m[k]["low"] <= m[k]["high"] and m[k]["n_valid"] == 50
+    assert m["average_precision_ci"]["low"] <= m["average_precision"] <= m["average_precision_ci"]["high"]
+    for v in m["subgroups"]["view"].values():
+        assert v["auc_ci"]["low"] <= v["auc"] <= v["auc_ci"]["high"]
+    op = m["operating_point"]
+    assert op["threshold"] == 0.5 and op["source"] == "validation"
+    for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        assert op[k]["low"] <= op[k]["value"] <= op[k]["high"]
+
+
+def test_auc_of_positives_with_and_without_co_findings():
+    y, p, g = _data(seed=8)
+    co = np.arange(len(y)) % 2 == 0
+    a = M.split_auc(y, p, co, g, n_boot=20)
+    keep = (y == 0) | (co & (y == 1))
+    assert a["value"] == pytest.approx(roc_auc_score(y[keep], p[keep]))
+    assert a["positives"] == int((co & (y == 1)).sum()) and a["low"] <= a["high"]
