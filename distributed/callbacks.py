@@ -42,6 +42,7 @@ class RunState:
     size: int = 1
     writer_rank: int = 0
     precision: str = "float32"     # compute precision of the epochs so far (runtime.precision)
+    phase_best: dict = field(default_factory=dict)  # {phase: {"epoch", "val_loss"}}: best.keras of a phase
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -265,7 +266,8 @@ class EarlyStopping(tf.keras.callbacks.Callback):
 class Checkpointer(tf.keras.callbacks.Callback):
     """Updates ``RunState`` on every rank; rank 0 writes, each atomically (temp file, rename):
     ``history.csv`` row, TensorBoard scalars, ``checkpoints/last.keras`` (+ optimizer state),
-    ``best.keras`` on a new best val_loss, and ``state.json`` LAST, which commits the epoch."""
+    ``best.keras`` on a new best val_loss (``best-finetune.keras``: within the fine-tune phase), and
+    ``state.json`` LAST, which commits the epoch."""
 
     def __init__(self, run_dir: Path, state: RunState, phase: str, save_optimizer, tb_writer=None):
         super().__init__()
@@ -285,6 +287,10 @@ class Checkpointer(tf.keras.callbacks.Callback):
         improved = vl is not None and math.isfinite(vl) and vl < s.best_val_loss
         if improved:
             s.best_val_loss, s.best_epoch = float(vl), s.epoch
+        pb = s.phase_best.get(self.phase)  # the fine-tune phase's own best (the article's checkpoint)
+        phase_improved = vl is not None and math.isfinite(vl) and (pb is None or vl < pb["val_loss"])
+        if phase_improved:
+            s.phase_best[self.phase] = {"epoch": s.epoch, "val_loss": float(vl)}
         log = get_logger()
         log.info("epoch %d (%s %d): loss %.4f acc %.4f | val_loss %.4f val_acc %.4f val_auc %.4f | lr %.3g | "
                  "%.1f s, %.1f img/s%s", s.epoch, self.phase, s.phase_epoch, logs.get("loss", float("nan")),
@@ -306,6 +312,8 @@ class Checkpointer(tf.keras.callbacks.Callback):
         self.save_optimizer(self.ckpt / "last-optimizer.npz")
         if improved:
             save_model_atomic(self.model, self.ckpt / "best.keras")
+        if phase_improved and self.phase == "finetune":
+            save_model_atomic(self.model, self.ckpt / "best-finetune.keras")
         s.writer_rank = hvd.rank()
         atomic_write_json(self.ckpt / "state.json", s.to_json())
         self.writes += 1

@@ -266,7 +266,8 @@ def _read_checkpoint(run_dir: Path, model, log, precision: str = "float32"):
 
 
 def _finalize(model, run_dir: Path, state, log) -> None:
-    best = run_dir / "checkpoints" / "best.keras"
+    best = run_dir / "checkpoints" / "best-finetune.keras"  # the article's: best val_loss of the fine-tune phase
+    best = best if best.is_file() else run_dir / "checkpoints" / "best.keras"
     if best.is_file():
         M.copy_weights(M.load_model(best), model)
     # The delivered model computes in float32, so it runs at full speed on any CPU; evaluation and

@@ -70,7 +70,7 @@ def test_two_ranks_train_both_phases_identically(tmp_path):
     # checkpoints once, by rank 0 only, committed atomically (no temporary files left)
     assert ranks[0]["checkpoint_writes"] == 3 and ranks[1]["checkpoint_writes"] == 0
     assert sorted(x.name for x in (run_dir / "checkpoints").iterdir()) == \
-        ["best.keras", "last-optimizer.npz", "last.keras", "state.json"]
+        ["best-finetune.keras", "best.keras", "last-optimizer.npz", "last.keras", "state.json"]
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["writer_rank"] == 0 and state["size"] == 2 and state["complete"]
     assert (run_dir / "model.keras").is_file() and (run_dir / "saved_model" / "saved_model.pb").is_file()
