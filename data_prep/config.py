@@ -56,7 +56,8 @@ class DataConfig:
     positive_label: str = _f("Infiltration", "finding that makes an image positive (binary task)")
     negative_rule: Literal["no_finding", "all_others"] = _f(
         "no_finding", "negatives: only 'No Finding' images (the article) or every image without the positive label")
-    official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV when present")
+    official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV (or in data.images); a missing "
+                                      "one stops prep")
     max_age: int = _f(120, "ages above this are implausible: the image is kept, its age recorded as unknown", 1, 200)
 
 
@@ -166,6 +167,15 @@ class EvalConfig:
     threshold: float = _f(0.5, "probability threshold for the class table", 0.0, 1.0)
     gradcam_per_group: int = _f(8, "images per Grad-CAM grid (true positives, false positives, false negatives)", 0, 64)
     checkpoint: Literal["best", "last", "final"] = _f("best", "which model of the run directory to evaluate")
+    checkpoint_phase: Literal["finetune", "any"] = _f(
+        "finetune", "checkpoint best: the best val_loss of the fine-tune phase (the article) or of any phase")
+    operating_point: str = _f("youden", "rule choosing the threshold on the VALIDATION split, applied to test: "
+                                        "youden, sensitivity:S, specificity:S or fixed:T")
+    calibrate: Literal["none", "temperature"] = _f(
+        "none", "temperature: fit a temperature on validation, saved in run.dir/calibration.json (cxr-predict applies it)")
+    prior_correction: bool = _f(False, "correct probabilities from the training split's class proportions to the "
+                                       "data's natural prevalence (manifest); evaluate and cxr-predict")
+    prevalence: float = _f(0.0, "deployment prevalence P: also report PPV/NPV recomputed at P; 0 = off", 0.0, 0.999)
 
 
 @dataclass(frozen=True)

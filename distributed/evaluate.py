@@ -11,8 +11,15 @@ probability) pairs, checks that every test image came back exactly once, and wri
 
 * ``predictions.csv``: one row per test image, in split order (image, patient, view, sex, age,
   label, probability, tta_probability; per finding for multi-label runs);
-* ``metrics.json``: every number (plain and TTA) and the console tables;
-* ``plots/``: ROC with the patient-bootstrap band, precision-recall, confusion matrix,
+* ``val_predictions.csv``: the same for the validation split, predicted the same way: the operating
+  point (``eval.operating_point``) and the calibration (``eval.calibrate``, ``eval.prior_correction``)
+  are fitted on it and applied to the test split, never fitted on the test set;
+* ``metrics.json``: every number (plain, the primary result, and TTA) with patient-bootstrap
+  intervals, the operating point, calibration, ``tta_minus_plain`` (paired bootstrap),
+  ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables;
+* ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
+  that ``cxr-predict`` applies to the model files it lists;
+* ``plots/``: ROC with the patient-bootstrap band, precision-recall, reliability diagram, confusion matrix,
   training curves (per-finding ROC for multi-label runs);
 * ``gradcam/``: Grad-CAM grids of the most confident true positives, false positives and
   false negatives;
@@ -41,11 +48,12 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 import numpy as np
 
 from data_prep.cli import UserError, command
-from data_prep.config import add_config_args, config_from_args, dump_yaml, save_resolved
+from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
@@ -58,12 +66,84 @@ from distributed.report import write_report
 
 CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
-STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "confusion", "history", "roc_per_finding")) + \
+STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",
+                                                                  "roc_per_finding")) + \
     tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives"))
 
 
 class EvalError(UserError, RuntimeError):
     """A problem with the run directory or the data that the user has to fix."""
+
+
+PHASE_BEST = "checkpoints/best-finetune.keras"  # the trainer's best val_loss of the fine-tune phase
+
+
+def _history_rows(run_dir: Path) -> list[dict]:
+    try:
+        rows = plots.read_history(run_dir / "history.csv")
+    except OSError:
+        return []
+    out = []
+    for r in rows:
+        try:
+            vl = float(r.get("val_loss"))
+        except (TypeError, ValueError):
+            vl = float("nan")
+        out.append({"phase": r.get("phase"), "epoch": int(float(r.get("epoch") or 0)), "val_loss": vl})
+    return out
+
+
+def _best_row(rows: list[dict], phase: str | None = None) -> dict | None:
+    """The first row with the lowest finite val_loss (of ``phase``), as the trainer's strict '<' keeps it."""
+    cand = [r for r in rows if (phase is None or r["phase"] == phase) and np.isfinite(r["val_loss"])]
+    return min(cand, key=lambda r: r["val_loss"]) if cand else None
+
+
+def select_checkpoint(run_dir, which: str, phase: str = "finetune") -> tuple[Path, dict]:
+    """The model file ``eval.checkpoint`` (+ ``eval.checkpoint_phase``) names, and which epoch it
+    holds, from ``history.csv``: ``{file, rule, phase, epoch, val_loss}`` (``note`` on a fallback).
+
+    best + finetune: ``checkpoints/best-finetune.keras``, the best val_loss of the fine-tune phase (the
+    article); best + any: ``checkpoints/best.keras`` over both phases; last: the last epoch; final:
+    ``model.keras``, which the trainer makes from the fine-tune best when there is one."""
+    run_dir = Path(run_dir)
+    rows = _history_rows(run_dir)
+    has_ft = (run_dir / PHASE_BEST).is_file()
+    note = None
+    if which == "best" and phase == "finetune" and has_ft:
+        path, row, rule = run_dir / PHASE_BEST, _best_row(rows, "finetune"), "best val_loss of the fine-tune phase"
+    elif which == "best":
+        path, row, rule = checkpoint_path(run_dir, "best"), _best_row(rows), "best val_loss of all phases"
+        if phase == "finetune":
+            note = (f"no {PHASE_BEST} in {run_dir} (trained before it existed, or no fine-tune epoch): "
+                    "evaluated checkpoints/best.keras, the best of all phases")
+    elif which == "last":
+        path, row, rule = checkpoint_path(run_dir, "last"), (rows[-1] if rows else None), "last epoch"
+    else:
+        path = checkpoint_path(run_dir, which)
+        row = _best_row(rows, "finetune") if has_ft else _best_row(rows)
+        rule = "final model: the best val_loss of the fine-tune phase" if has_ft else \
+            "final model: the best val_loss of all phases"
+    info = {"file": CHECKPOINTS.get(which) if path.name != Path(PHASE_BEST).name else PHASE_BEST, "rule": rule,
+            "phase": row["phase"] if row else None, "epoch": row["epoch"] if row else None,
+            "val_loss": _clean_float(row["val_loss"]) if row else None}
+    if note:
+        info["note"] = note
+    if row is None:
+        info["note"] = (note + "; " if note else "") + "no history.csv rows: epoch unknown"
+    return path, info
+
+
+def _clean_float(x):
+    return float(x) if x is not None and np.isfinite(x) else None
+
+
+def check_operating_point(rule: str) -> None:
+    """``eval.operating_point`` parses, else a one-line config error (exit code 2)."""
+    try:
+        M.parse_operating_point(rule)
+    except ValueError as e:
+        raise ConfigError(f"eval.operating_point: {e}") from None
 
 
 def checkpoint_path(run_dir, which: str) -> Path:
@@ -144,15 +224,15 @@ def predict_indices(predictor: Predictor, data, indices: np.ndarray, batch_size:
     return probs.astype(np.float32), (tta.astype(np.float32) if tta is not None else None)
 
 
-def gather_predictions(indices, probs, tta, n: int):
+def gather_predictions(indices, probs, tta, n: int, split: str = "test"):
     """All ranks' (index, probabilities) in split order; checks each image came back once."""
-    gidx = hvd.allgather(np.asarray(indices, np.int64), name="eval_index")
-    gp = hvd.allgather(np.asarray(probs, np.float32), name="eval_probs")
-    gt = hvd.allgather(np.asarray(tta, np.float32), name="eval_tta") if tta is not None else None
+    gidx = hvd.allgather(np.asarray(indices, np.int64), name=f"eval_index_{split}")
+    gp = hvd.allgather(np.asarray(probs, np.float32), name=f"eval_probs_{split}")
+    gt = hvd.allgather(np.asarray(tta, np.float32), name=f"eval_tta_{split}") if tta is not None else None
     order = np.argsort(gidx, kind="stable")
     if len(gidx) != n or not np.array_equal(gidx[order], np.arange(n)):
         counts = np.bincount(gidx, minlength=n) if len(gidx) else np.zeros(n, int)
-        raise EvalError(f"gathered {len(gidx)} predictions for {n} test images: "
+        raise EvalError(f"gathered {len(gidx)} predictions for {n} {split} images: "
                         f"{int((counts == 0).sum())} missing, {int((counts > 1).sum())} duplicated")
     return gp[order], (gt[order] if gt is not None else None)
 
@@ -163,7 +243,10 @@ def _col(name: str) -> str:
     return name.replace(" ", "_")
 
 
-def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=None) -> str:
+def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=None, findings=None,
+                    calibrated=None) -> str:
+    """One row per image in split order. Binary: ``findings`` (the CSV's Finding Labels, when the CSV
+    was readable) and ``calibrated_probability`` (``eval.calibrate``/``eval.prior_correction``)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     base = ["index", "image", "patient", "view", "sex", "age", "label"]
@@ -172,7 +255,8 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
         if tta is not None:
             head += [f"tta_probability_{_col(c)}" for c in classes]
     else:
-        head = base + ["probability"] + (["tta_probability"] if tta is not None else [])
+        head = base + (["findings"] if findings is not None else []) + ["probability"] + \
+            (["tta_probability"] if tta is not None else []) + (["calibrated_probability"] if calibrated is not None else [])
     w.writerow(head)
     for i in range(len(probs)):
         row = [i, meta["image_index"][i], int(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
@@ -184,9 +268,14 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
             if tta is not None:
                 row += [f"{v:.9g}" for v in tta[i]]
         else:
-            row += [int(meta["label"][i]), f"{probs[i, 1]:.9g}"]
+            row.append(int(meta["label"][i]))
+            if findings is not None:
+                row.append(findings[i])
+            row.append(f"{probs[i, 1]:.9g}")
             if tta is not None:
                 row.append(f"{tta[i, 1]:.9g}")
+            if calibrated is not None:
+                row.append(f"{calibrated[i]:.9g}")
         w.writerow(row)
     return buf.getvalue()
 
@@ -291,6 +380,10 @@ class Gathered:
     data: object                  # distributed.data.SplitData of the test split, open
     probs: np.ndarray             # (n, K) in split order
     tta: np.ndarray | None        # (n, K) with test-time augmentation, or None
+    val: object                   # SplitData of the validation split (open), or None when it is empty
+    val_probs: np.ndarray | None  # (n_val, K): the operating point and calibration are fitted on these
+    val_tta: np.ndarray | None
+    checkpoint: dict              # select_checkpoint's {file, rule, phase, epoch, val_loss}
     tta_rounds: int
     ranks: int
     predict_seconds: np.ndarray   # per rank
@@ -302,14 +395,15 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts.
     ``precision``: the compute precision the model is converted to (``runtime.configure_precision``);
     probabilities are float32 either way."""
-    from distributed.data import shard_indices  # imports TensorFlow: after runtime.apply
+    from distributed.data import SplitData, shard_indices  # imports TensorFlow: after runtime.apply
 
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     run_dir = Path(cfg.run.dir)
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
     t_start = time.time()
-    model_path, manifest, data, model = _load_checked(cfg, run_dir, precision)
+    check_operating_point(cfg.eval.operating_point)
+    model_path, ckpt, manifest, data, model = _load_checked(cfg, run_dir, precision)
     if data.n < size:
         log.warning("%d test images for %d ranks: some ranks predict nothing", data.n, size)
     tta_rounds = cfg.eval.tta_rounds if cfg.eval.tta else 0
@@ -323,29 +417,40 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     mine = shard_indices(data.n, rank, size)  # Horovod: rank r predicts images r, r+size, ...
     t0 = time.time()
     probs, tta = predict_indices(predictor, data, mine, cfg.eval.batch_size, log)
+    # The validation split too, the same way: the operating point and the calibration are chosen on it,
+    # never on the test set.
+    val = SplitData(cfg.prep.out, "val", manifest=manifest) if manifest["splits"].get("val", {}).get("count") else None
+    val_mine = shard_indices(val.n, rank, size) if val is not None else None
+    val_probs, val_tta = predict_indices(predictor, val, val_mine, cfg.eval.batch_size, log) if val else (None, None)
     t_pred = time.time() - t0
     # Horovod: rank 0 gets every rank's predictions (and their times), in split order.
     probs, tta = gather_predictions(mine, probs, tta, data.n)
+    if val is not None:
+        val_probs, val_tta = gather_predictions(val_mine, val_probs, val_tta, val.n, split="val")
     secs = hvd.allgather(np.array([t_pred], np.float64), name="eval_seconds")
     if rank != 0:  # Horovod: one writer per file
         data.close()
+        if val is not None:
+            val.close()
         return None
     log.info("predictions gathered: %d images (slowest rank %.1f s, %.1f img/s overall)", data.n,
              float(secs.max()), data.n * (1 + tta_rounds) / max(float(secs.max()), 1e-9))
     try:
-        return _write_outputs(cfg, Gathered(model, model_path, manifest, data, probs, tta, tta_rounds, size, secs,
-                                            t_start), log)
+        return _write_outputs(cfg, Gathered(model, model_path, manifest, data, probs, tta, val, val_probs, val_tta,
+                                            ckpt, tta_rounds, size, secs, t_start), log)
     finally:
         data.close()
+        if val is not None:
+            val.close()
 
 
 def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     """The model ``eval.checkpoint`` names and the test split, checked against each other:
-    (model path, manifest, open SplitData, model)."""
+    (model path, select_checkpoint's info, manifest, open SplitData, model)."""
     from distributed.data import SplitData  # imports TensorFlow: after runtime.apply
     from distributed.model import load_model  # imports TensorFlow: after runtime.apply
 
-    model_path = checkpoint_path(run_dir, cfg.eval.checkpoint)
+    model_path, ckpt = select_checkpoint(run_dir, cfg.eval.checkpoint, cfg.eval.checkpoint_phase)
     manifest = load_manifest(cfg.prep.out)
     data = SplitData(cfg.prep.out, "test", manifest=manifest)
     if data.n == 0:
@@ -357,7 +462,7 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     n_out = int(model.output_shape[-1])
     if n_out != data.num_classes:
         raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
-    return model_path, manifest, data, model
+    return model_path, ckpt, manifest, data, model
 
 
 def _training_precision(run_dir: Path) -> str:
@@ -368,15 +473,131 @@ def _training_precision(run_dir: Path) -> str:
         return "unknown"
 
 
+def prevalences(manifest: Mapping) -> dict:
+    """Share of positives (binary) per split as prepared, and the natural one: all images of the task
+    that prep kept before any cap or balancing (``available`` of every split)."""
+    classes = list(manifest.get("classes") or [])
+    splits = manifest.get("splits") or {}
+    if manifest.get("task") != "binary" or len(classes) != 2:
+        return {}
+    out = {}
+    for name, sp in splits.items():
+        lc = sp.get("label_counts") or {}
+        tot = sum(int(v) for v in lc.values())
+        out[name] = int(lc.get(classes[1], 0)) / tot if tot else None
+    pos = sum(int((sp.get("available") or {}).get(classes[1], 0)) for sp in splits.values())
+    tot = sum(sum(int(v) for v in (sp.get("available") or {}).values()) for sp in splits.values())
+    out["natural"] = pos / tot if tot else None
+    return out
+
+
+def finding_labels(cfg, names) -> list[str] | None:
+    """The CSV's Finding Labels of each image (``data.csv``), or None when the CSV cannot be read."""
+    from data_prep.metadata import MetadataError, read_metadata
+
+    try:
+        df, _ = read_metadata(cfg.data.csv, cfg.data.max_age)
+    except (MetadataError, OSError):
+        return None
+    lab = dict(zip(df["image"], df["labels"]))
+    return [lab.get(str(n), "") for n in names]
+
+
+def co_findings(cfg, findings: list[str] | None, y) -> np.ndarray | None:
+    """Per image: does it carry a finding besides ``data.positive_label`` (and 'No Finding')?"""
+    if findings is None:
+        return None
+    pos = cfg.data.positive_label
+    return np.array([any(f and f not in (pos, "No Finding") for f in str(x).split("|")) for x in findings])
+
+
+def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
+    """``eval.calibrate`` and ``eval.prior_correction`` as one transform of the positive-class
+    probability, ``metrics.adjust(p, temperature, shift)``, fitted on VALIDATION only; None when both off.
+
+    The prior shift moves the odds from the training split's class proportions to the natural
+    prevalence (``prevalences``); the temperature is fitted on validation with the validation split's
+    own shift, so it corrects the spread and not the base rate."""
+    if cfg.eval.calibrate == "none" and not cfg.eval.prior_correction:
+        return None
+    prev = prevalences(manifest)
+    plan = {"method": cfg.eval.calibrate, "prior_correction": bool(cfg.eval.prior_correction), "temperature": 1.0,
+            "shift": 0.0, "train_prevalence": prev.get("train"), "target_prevalence": None,
+            "fitted_on": "validation", "formula": "sigmoid(logit(p) / temperature + shift)"}
+    if cfg.eval.prior_correction:
+        if prev.get("train") and prev.get("natural") and 0 < prev["train"] < 1 and 0 < prev["natural"] < 1:
+            plan["target_prevalence"] = prev["natural"]
+            plan["shift"] = M.prior_shift(prev["train"], prev["natural"])
+        else:
+            log.warning("eval.prior_correction: the manifest gives no usable training/natural prevalence; not applied")
+            plan["prior_correction"] = False
+    if cfg.eval.calibrate == "temperature":
+        if p_val is None or not M.both_classes(y_val):
+            log.warning("eval.calibrate: the validation split is empty or has one class: no temperature fitted")
+            plan["method"] = "none"
+        else:
+            val_shift = M.prior_shift(prev["train"], prev["val"]) if plan["prior_correction"] and prev.get("val") \
+                and 0 < prev["val"] < 1 else 0.0
+            plan["temperature"] = M.fit_temperature(y_val, p_val, shift=val_shift)
+            plan["validation_shift"] = val_shift
+    if plan["method"] == "none" and not plan["prior_correction"]:
+        return None
+    return plan
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_calibration(run_dir: Path, plan: dict | None, model_path: Path, ckpt: dict) -> None:
+    """``run.dir/calibration.json`` for cxr-predict: the transform, and the sha256 of every model file
+    it belongs to (the evaluated one; model.keras too when it holds the same epoch). Removed when off."""
+    out = run_dir / "calibration.json"
+    if plan is None:
+        out.unlink(missing_ok=True)
+        return
+    files = {_rel(model_path, run_dir): _sha256(model_path)}
+    final = run_dir / "model.keras"
+    if final.is_file() and final.resolve() != Path(model_path).resolve():
+        _, fin = select_checkpoint(run_dir, "final")
+        if (fin.get("phase"), fin.get("epoch")) == (ckpt.get("phase"), ckpt.get("epoch")) and ckpt.get("epoch"):
+            files["model.keras"] = _sha256(final)
+    atomic_write_json(out, {**plan, "models": files, "checkpoint": ckpt})
+
+
 def _write_outputs(cfg, g: Gathered, log) -> dict:
-    """Rank 0: predictions.csv, metrics, plots, Grad-CAM, metrics.json, report.md, eval_config.yaml."""
+    """Rank 0: predictions.csv, val_predictions.csv, metrics, plots, Grad-CAM, metrics.json, report.md,
+    eval_config.yaml, calibration.json."""
     run_dir, data = Path(cfg.run.dir), g.data
     multilabel, classes = data.multilabel, data.classes
     meta = data.metadata()
+    vmeta = g.val.metadata() if g.val is not None else None
+    findings = vfindings = None
+    plan = None
+    if not multilabel:
+        findings = finding_labels(cfg, meta["image_index"])
+        vfindings = finding_labels(cfg, vmeta["image_index"]) if vmeta is not None and findings is not None else None
+        yv = np.asarray(vmeta["label"]).astype(int) if vmeta is not None else None
+        plan = calibration_plan(cfg, g.manifest, yv, g.val_probs[:, 1] if g.val_probs is not None else None, log)
+    cal = (lambda P: M.adjust(P[:, 1], plan["temperature"], plan["shift"])) if plan else (lambda P: None)
     atomic_write_text(run_dir / "predictions.csv",
-                      predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None))
+                      predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None,
+                                      findings, cal(g.probs)))
+    if g.val is not None:
+        atomic_write_text(run_dir / "val_predictions.csv",
+                          predictions_csv(vmeta, classes, multilabel, g.val_probs, g.val_tta,
+                                          g.val.targets if multilabel else None, vfindings, cal(g.val_probs)))
+    else:
+        (run_dir / "val_predictions.csv").unlink(missing_ok=True)
+    write_calibration(run_dir, plan, g.model_path, g.checkpoint)
     t0 = time.time()
-    Y, plain, tta_m = _compute_metrics(cfg, data, meta, g)
+    Y, plain, tta_m, extra = _compute_metrics(cfg, data, meta, g, vmeta, findings, plan, log)
     t_metrics = time.time() - t0
     # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
@@ -385,10 +606,12 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
 
     cam_files, cam_layer = {}, None
+    cam_threshold = (plain.get("operating_point") or {}).get("threshold") if not multilabel else None
+    cam_threshold = cfg.eval.threshold if cam_threshold is None else cam_threshold
     if cfg.eval.gradcam_per_group > 0:
         try:
             cam_files, cam_layer = make_gradcam(run_dir, g.model, data, meta, classes, multilabel, Y, g.probs,
-                                                cfg.eval.threshold, cfg.eval.gradcam_per_group, log)
+                                                cam_threshold, cfg.eval.gradcam_per_group, log)
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
 
@@ -396,17 +619,26 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
 
     # the trainer's not-learning check, again from history.csv: this log and report.md say it too
     learning = None if multilabel else history_chance_warning(read_history(run_dir / "history.csv"), len(classes))
-    if learning:
-        log.warning(learning)
+    warnings = [learning] if learning else []
+    if g.checkpoint.get("note"):
+        warnings.append(g.checkpoint["note"])
+    for w in warnings:
+        log.warning(w)
     metrics = {
-        "format": 1, "task": "multilabel" if multilabel else "binary", "classes": classes,
+        "format": 2, "task": "multilabel" if multilabel else "binary", "classes": classes,
         "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),
-        "checkpoint": cfg.eval.checkpoint, "image_size": data.image_size, "n": data.n, "ranks": g.ranks,
+        "checkpoint": cfg.eval.checkpoint, "selected_checkpoint": g.checkpoint,
+        "image_size": data.image_size, "n": data.n, "n_val": g.val.n if g.val is not None else 0, "ranks": g.ranks,
         "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
-        "bootstrap_by": "patient", "seconds": time.time() - g.started,
+        "bootstrap_by": "patient", "primary": "plain", "seconds": time.time() - g.started,
         "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
-        "warnings": [learning] if learning else [],
+        "warnings": warnings, "split_method": g.manifest.get("split_method", "seeded"),
+        "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,
+                            "negative_rule": None if multilabel else cfg.data.negative_rule},
+        "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},
+        **extra,
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
+        "gradcam_threshold": cam_threshold,
         "precision": {"evaluation": precision_of(g.model), "training": _training_precision(run_dir)},
     }
     text = console_text(metrics)
@@ -416,31 +648,67 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     save_resolved(cfg, run_dir, "eval_config.yaml")
     write_report(run_dir, cfg=cfg, manifest=g.manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
                  config_yaml=dump_yaml(cfg), console=text)
-    log.info("wrote predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)", run_dir,
-             time.time() - g.started)
+    log.info("wrote predictions.csv, val_predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)",
+             run_dir, time.time() - g.started)
     return metrics
 
 
-def _compute_metrics(cfg, data, meta: dict, g: Gathered):
-    """(targets, metrics without TTA, metrics with TTA or None), patient-bootstrapped."""
+def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, log):
+    """(targets, metrics without TTA, metrics with TTA or None, top-level extras), patient-bootstrapped.
+    The operating point of each is chosen on its own validation predictions and applied to test."""
     groups = np.asarray(meta["patient_id"])
     subgroups = {"view": meta["view"], "sex": meta["sex"]}
     threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
+    extra: dict = {}
     if data.multilabel:
         Y = data.targets.astype(int)
 
-        def one(P):
+        def one(P, _):
             return M.multilabel_metrics(Y, P, class_names=data.classes, threshold=threshold, groups=groups,
                                         n_boot=n_boot, seed=seed, subgroups=subgroups)
-    else:
-        Y = np.asarray(meta["label"]).astype(int)
-        if not set(np.unique(Y)).issubset({0, 1}):
-            raise EvalError(f"binary test labels must be 0/1, found {sorted(set(np.unique(Y)))}")
+        return Y, one(g.probs, None), (one(g.tta, None) if g.tta is not None else None), extra
+    Y = np.asarray(meta["label"]).astype(int)
+    if not set(np.unique(Y)).issubset({0, 1}):
+        raise EvalError(f"binary test labels must be 0/1, found {sorted(set(np.unique(Y)))}")
+    yv = np.asarray(vmeta["label"]).astype(int) if vmeta is not None else None
+    rule = cfg.eval.operating_point
 
-        def one(P):
-            return M.binary_metrics(Y, P[:, 1], class_names=data.classes, threshold=threshold, groups=groups,
-                                    subgroups=subgroups, n_boot=n_boot, seed=seed)
-    return Y, one(g.probs), (one(g.tta) if g.tta is not None else None)
+    def one(P, PV):
+        if PV is not None:
+            op = {"source": "validation", "rule": rule, "threshold": M.choose_threshold(rule, yv, PV[:, 1])}
+        elif rule.startswith("fixed:"):
+            op = {"source": "fixed", "rule": rule, "threshold": M.choose_threshold(rule, None, None)}
+        else:
+            log.warning("no validation split: the operating point is eval.threshold (%g), not %s", threshold, rule)
+            op = {"source": "eval.threshold (no validation split)", "rule": f"fixed:{threshold:g}",
+                  "threshold": float(threshold)}
+        return M.binary_metrics(Y, P[:, 1], class_names=data.classes, threshold=threshold, groups=groups,
+                                subgroups=subgroups, n_boot=n_boot, seed=seed, operating=op,
+                                prevalence=cfg.eval.prevalence)
+    plain = one(g.probs, g.val_probs)
+    tta_m = one(g.tta, g.val_tta) if g.tta is not None else None
+    extra["operating_point"] = plain.get("operating_point")  # of the primary (plain) evaluation
+    if tta_m is not None:
+        extra["tta_minus_plain"] = M.paired_auc_difference(Y, g.probs[:, 1], g.tta[:, 1], groups, n_boot, seed)
+    if plan is not None:
+        pc = M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"])
+        plain["calibrated"] = {**M.calibration_metrics(Y, pc, groups, n_boot, seed),
+                               **{k: plan[k] for k in ("method", "prior_correction", "temperature", "shift",
+                                                       "target_prevalence")}}
+        if vmeta is not None:
+            pv = g.val_probs[:, 1]
+            plain["calibrated"]["validation"] = {
+                "before": {"brier": M.brier(yv, pv), "ece": M.ece(yv, pv)},
+                "after": {"brier": M.brier(yv, M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0))),
+                          "ece": M.ece(yv, M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0)))}}
+    co = co_findings(cfg, findings, Y)
+    if co is not None:
+        extra["co_findings"] = {
+            "positives": int(Y.sum()), "positives_with_co_findings": int((co & (Y == 1)).sum()),
+            "auc_with": M.split_auc(Y, g.probs[:, 1], co, groups, n_boot, seed),
+            "auc_without": M.split_auc(Y, g.probs[:, 1], ~co, groups, n_boot, seed),
+            "negatives_with_findings": int((co & (Y == 0)).sum())}
+    return Y, plain, tta_m, extra
 
 
 def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
@@ -458,6 +726,12 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> d
                 plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
                 plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
                 plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
+            rel = [("plain", plain["reliability"])] + ([(f"TTA x{g.tta_rounds}", tta_m["reliability"])] if tta_m else [])
+            if plain.get("calibrated"):
+                c = plain["calibrated"]
+                rel.append((f"plain, calibrated (T {c['temperature']:.2f}, shift {c['shift']:+.2f})", c["reliability"]))
+            plots.plot_calibration(pdir / "calibration.png", rel, title=f"Reliability: {classes[1]} (test)")
+            plot_files["calibration"] = "plots/calibration.png"
             plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
                                  title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
             plot_files["confusion"] = "plots/confusion.png"

@@ -1,6 +1,6 @@
 """PNG plots of an evaluation (matplotlib, Agg backend; no TensorFlow).
 
-ROC curve with the patient-bootstrap band, precision-recall curve, confusion matrix, the
+ROC curve with the patient-bootstrap band, precision-recall curve, reliability diagram, confusion matrix, the
 per-finding ROC curves of a multi-label run, and the training curves from ``history.csv``
 (loss and accuracy over both phases, the warm-up -> fine-tune switch marked).
 All writes are atomic.
@@ -48,9 +48,9 @@ def plot_roc(path, curves: Sequence[tuple[str, Mapping]], title: str = "ROC curv
         if ci.get("low") is not None:
             txt += f" [{ci['low']:.3f}, {ci['high']:.3f}]"
         ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], c=f"C{i}", lw=1.8, label=txt)
-        yd = m.get("youden") or {}
-        if yd.get("threshold") is not None:
-            ax.plot(1 - yd["specificity"], yd["sensitivity"], "o", c=f"C{i}", ms=5)
+        op = m.get("operating_point") or {}
+        if op.get("threshold") is not None:  # the threshold chosen on validation, where it lands on test
+            ax.plot(1 - op["specificity"]["value"], op["sensitivity"]["value"], "o", c=f"C{i}", ms=5)
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
            xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right", fontsize=7)
@@ -72,6 +72,25 @@ def plot_pr(path, curves: Sequence[tuple[str, Mapping]], prevalence: float | Non
                 label=f"{label}: AP {ap:.3f}" if ap is not None else label)
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower left", fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_calibration(path, curves: Sequence[tuple[str, Sequence[Mapping]]], title: str = "Reliability diagram") -> Path:
+    """``curves``: (label, ``metrics.reliability`` bins) pairs: mean probability against the fraction
+    positive per equal-width bin (marker area ~ images), the diagonal is perfect calibration."""
+    fig, ax = plt.subplots(figsize=(5.2, 5))
+    ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="perfectly calibrated")
+    for i, (label, bins) in enumerate(curves):
+        pts = [(b["mean_probability"], b["fraction_positive"], b["n"]) for b in bins if b["n"]]
+        if not pts:
+            continue
+        x, y, n = (np.array(v, dtype=float) for v in zip(*pts))
+        ax.plot(x, y, "-", c=f"C{i}", lw=1.4, label=label)
+        ax.scatter(x, y, s=12 + 120 * n / n.max(), c=f"C{i}", alpha=0.7)
+    ax.set(xlabel="Mean predicted probability (10 equal-width bins)", ylabel="Fraction positive",
+           xlim=(0, 1), ylim=(0, 1.01), title=title)
+    ax.legend(loc="upper left", fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

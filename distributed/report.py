@@ -57,11 +57,13 @@ def data_section(manifest: Mapping | None) -> str:
         lc = s.get("label_counts") or {}
         counts = ", ".join(f"{k}: {v}" for k, v in lc.items()) if len(lc) <= 4 else \
             ", ".join(f"{k}: {v}" for k, v in sorted(lc.items(), key=lambda kv: -kv[1])[:4]) + ", …"
-        rows.append([split, s.get("count", "–"), s.get("patients", "–"), counts or "–", len(s.get("shards", []))])
+        pos = lc.get(classes[1]) if manifest.get("task") == "binary" and len(classes) == 2 else None
+        prev = _f(pos / s["count"]) if pos is not None and s.get("count") else "–"
+        rows.append([split, s.get("count", "–"), s.get("patients", "–"), counts or "–", prev, len(s.get("shards", []))])
     txt = [f"Task **{manifest.get('task', '?')}**, classes: {', '.join(classes)}; "
            f"images {manifest.get('image_size', '?')} px, pixel mean {_f(manifest.get('mean'), 1)}, "
            f"std {_f(manifest.get('std'), 1)}.", "",
-           _table(["split", "images", "patients", "per class", "shards"], rows, "lrrll"), ""]
+           _table(["split", "images", "patients", "per class", "prevalence", "shards"], rows, "lrrlrl"), ""]
     sk, cv = manifest.get("skipped") or [], manifest.get("converted") or []
     kinds = conversion_counts(cv)
     txt.append(f"Skipped during prep: {len(sk)} image(s); inputs other than 8-bit square grayscale PNGs, converted: "
@@ -77,32 +79,77 @@ def data_section(manifest: Mapping | None) -> str:
     return "\n".join(txt)
 
 
-def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int) -> str:
+def _iv(x: Mapping | None, d=3) -> str:
+    """``value [low, high]`` of a ``{value, low, high}`` metric."""
+    if not x or x.get("value") is None:
+        return "–"
+    if x.get("low") is None:
+        return _f(x["value"], d)
+    return f"{_f(x['value'], d)} [{_f(x['low'], d)}, {_f(x['high'], d)}]"
+
+
+def _vci(value, ci: Mapping | None, d=3) -> str:
+    return _iv({"value": value, **{k: (ci or {}).get(k) for k in ("low", "high")}}, d)
+
+
+PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the primary result; test-time "
+                "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
+
+
+def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
+                   metrics: Mapping | None = None) -> str:
+    metrics = metrics or {}
     out = []
-    heads = ["", "plain"] + ([f"TTA (plain + {tta_rounds} augmented)"] if tta else [])
+    heads = ["", "plain (primary)"] + ([f"TTA (plain + {tta_rounds} augmented; secondary)"] if tta else [])
 
     def row(name, fn):
         return [name, fn(plain)] + ([fn(tta)] if tta else [])
 
+    def op(k):
+        return lambda m: _iv((m.get("operating_point") or {}).get(k))
+
     rows = [
-        row("ROC AUC", lambda m: _f(m["auc"])),
-        row("95% CI (bootstrap by patient)", _ci),
-        row("average precision", lambda m: _f(m.get("average_precision"))),
-        row(f"accuracy at threshold {plain['threshold']:g}", lambda m: _f(m["report"]["accuracy"])),
-        row("macro F1", lambda m: _f(m["report"]["macro avg"]["f1-score"])),
-        row("Youden's threshold", lambda m: _f((m.get("youden") or {}).get("threshold"))),
-        row("sensitivity / specificity at Youden", lambda m: (
-            f"{_f(m['youden']['sensitivity'], 2)} / {_f(m['youden']['specificity'], 2)}"
-            if (m.get("youden") or {}).get("threshold") is not None else "–")),
-        row("accuracy at Youden's threshold", lambda m: _f((m.get("youden") or {}).get("accuracy"))),
+        row("ROC AUC [95% CI]", lambda m: _vci(m["auc"], m.get("auc_ci"))),
+        row("average precision [95% CI]", lambda m: _vci(m.get("average_precision"), m.get("average_precision_ci"))),
+        row("operating point (threshold from validation)", lambda m: (
+            f"{_f((m.get('operating_point') or {}).get('threshold'))} ({(m.get('operating_point') or {}).get('rule')})")),
+        row("sensitivity at the operating point", op("sensitivity")),
+        row("specificity at the operating point", op("specificity")),
+        row("PPV at the operating point (test prevalence)", op("ppv")),
+        row("NPV at the operating point (test prevalence)", op("npv")),
+        row("accuracy at the operating point", op("accuracy")),
     ]
-    out += ["### Summary", "", _table(heads, rows), ""]
+    dep = (plain.get("operating_point") or {}).get("at_prevalence")
+    if dep:
+        rows += [row(f"PPV at prevalence {dep['prevalence']:g}",
+                     lambda m: _iv(((m.get("operating_point") or {}).get("at_prevalence") or {}).get("ppv"))),
+                 row(f"NPV at prevalence {dep['prevalence']:g}",
+                     lambda m: _iv(((m.get("operating_point") or {}).get("at_prevalence") or {}).get("npv")))]
+    rows += [
+        row("Brier score [95% CI]", lambda m: _vci(m.get("brier"), m.get("brier_ci"))),
+        row("ECE, 10 bins [95% CI]", lambda m: _vci(m.get("ece"), m.get("ece_ci"))),
+        row(f"accuracy at threshold {plain['threshold']:g} (eval.threshold)", lambda m: _f(m["report"]["accuracy"])),
+        row("oracle: Youden's threshold fitted on test (optimistic)", lambda m: (
+            f"{_f(m['oracle']['threshold'])} (sens. {_f(m['oracle']['sensitivity'], 2)}, "
+            f"spec. {_f(m['oracle']['specificity'], 2)})" if (m.get("oracle") or {}).get("threshold") is not None
+            else "–")),
+    ]
+    out += ["### Summary", "", PRIMARY_NOTE, "", _table(heads, rows), ""]
     ci = plain.get("auc_ci") or {}
-    out.append(f"The interval is the 2.5–97.5 percentile of the AUC over {ci.get('n_valid', 0)} of "
+    prev = plain.get("prevalence")
+    out.append(f"Test prevalence {_f(prev)} ({plain['positives']} of {plain['n']} images positive): PPV, NPV, "
+               "precision, F1 and average precision depend on it. Every interval is the 2.5–97.5 percentile over "
                f"{ci.get('n_boot', 0)} bootstrap resamples that draw **patients** with replacement "
                f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent.")
+    opm = plain.get("operating_point") or {}
+    if opm.get("threshold") is not None:
+        out.append(f"The operating point's threshold was chosen by `{opm['rule']}` on the {opm['source']} split "
+                   "and applied unchanged to the test split; the oracle row is for comparison only.")
+    d = metrics.get("tta_minus_plain")
+    if d and d.get("auc_diff") is not None:
+        out.append(f"TTA minus plain, ROC AUC: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] "
+                   f"(paired bootstrap, the same {d['n_valid']} patient resamples for both).")
     out.append("")
-
     out += [f"### Classification report (threshold {plain['threshold']:g})", ""]
     names = list(classes) + ["macro avg", "weighted avg"]
     cols = ["class", "precision", "recall", "F1", "support"]
@@ -139,9 +186,9 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
         for g, vals in sub.items():
             for k, v in vals.items():
                 t = ((tta or {}).get("subgroups") or {}).get(g, {}).get(k, {})
-                rows.append([f"{g} = {k}", v["n"], v["positives"], _f(v["auc"]) if v["auc"] is not None else
-                             "– (one class only)"] + ([_f(t.get("auc"))] if tta else []))
-        out += [_table(["subgroup", "images", "positives", "AUC"] + (["TTA AUC"] if tta else []), rows), ""]
+                rows.append([f"{g} = {k}", v["n"], v["positives"], _vci(v["auc"], v.get("auc_ci"))
+                             if v["auc"] is not None else "– (one class only)"] + ([_f(t.get("auc"))] if tta else []))
+        out += [_table(["subgroup", "images", "positives", "AUC [95% CI]"] + (["TTA AUC"] if tta else []), rows), ""]
         out.append("AUC is reported only where both classes are present in the subgroup.")
         out.append("")
     return "\n".join(out)
@@ -180,6 +227,132 @@ def multilabel_section(plain: Mapping, tta: Mapping | None, tta_rounds: int) -> 
     return "\n".join(out)
 
 
+PREPROCESSING_NOTE = ("The network sees each image through the backbone's own ImageNet preprocessing (in the model: "
+                      "gray to RGB, then `preprocess_input`, for VGG16 the ImageNet channel means subtracted), not "
+                      "standardised by the training split's mean/std that prep records in `manifest.json`: the "
+                      "pretrained weights expect the input statistics they were trained with, and a saved model that "
+                      "takes raw pixels cannot be fed differently by mistake. The mean/std are kept for reference.")
+
+NEGATIVE_RULES = {
+    "no_finding": "images labelled only `No Finding` (the article's task: clean negatives, easier than one-vs-rest)",
+    "all_others": "every other image, with or without other findings (one-vs-rest, the task of the published "
+                  "per-finding AUCs such as CheXNet's)",
+}
+
+
+def checkpoint_text(sc: Mapping | None) -> str:
+    if not sc:
+        return "–"
+    vl = f", val_loss {sc['val_loss']:.4f}" if sc.get("val_loss") is not None else ""
+    where = f"{sc['phase']} phase, epoch {sc['epoch']}" if sc.get("phase") else "epoch unknown"
+    return f"`{sc.get('file')}`: {where}{vl} ({sc.get('rule')})"
+
+
+def task_section(metrics: Mapping, cfg) -> str:
+    td = metrics.get("task_definition") or {}
+    out = ["## Task", ""]
+    if metrics["task"] != "binary":
+        out += ["Multi-label: one sigmoid output per finding of the 14; an image can carry several.", ""]
+        return "\n".join(out)
+    out.append(f"Positives: every image whose Finding Labels include **{td.get('positive_label')}**, with or "
+               f"without other findings. Negatives (`data.negative_rule: {td.get('negative_rule')}`): "
+               f"{NEGATIVE_RULES.get(td.get('negative_rule'), td.get('negative_rule'))}. Split: "
+               f"{metrics.get('split_method', 'seeded')} by patient.")
+    co = metrics.get("co_findings")
+    if co:
+        out += ["", f"{co['positives_with_co_findings']} of {co['positives']} test positives carry other findings "
+                    f"besides {td.get('positive_label')}. ROC AUC against the same negatives (plain, 95% CI by "
+                    "patient):", "",
+                _table(["positives", "images", "ROC AUC [95% CI]"], [
+                    ["with co-findings", co["auc_with"]["positives"], _iv(co["auc_with"])],
+                    ["without co-findings", co["auc_without"]["positives"], _iv(co["auc_without"])]], "lrr")]
+    else:
+        out += ["", "_Co-findings not counted: the metadata CSV (data.csv) was not readable at evaluation._"]
+    out += ["", "Published patient-split AUCs for Infiltration (about 0.68–0.73, CheXNet 0.7345) are one-vs-rest "
+                "(`negative_rule: all_others`); with `no_finding` the negatives are clean and the AUC is not "
+                "comparable with them.", ""]
+    return "\n".join(out)
+
+
+def calibration_section(plain: Mapping, tta: Mapping | None, metrics: Mapping) -> str:
+    out = ["### Calibration", ""]
+    rows = [["plain (raw model output)", _vci(plain.get("brier"), plain.get("brier_ci")),
+             _vci(plain.get("ece"), plain.get("ece_ci"))]]
+    if tta:
+        rows.append(["TTA", _vci(tta.get("brier"), tta.get("brier_ci")), _vci(tta.get("ece"), tta.get("ece_ci"))])
+    c = plain.get("calibrated")
+    if c:
+        rows.append([f"plain, calibrated (`calibrated_probability`)", _vci(c.get("brier"), c.get("brier_ci")),
+                     _vci(c.get("ece"), c.get("ece_ci"))])
+    out += [_table(["probabilities", "Brier score [95% CI]", "ECE (10 equal-width bins) [95% CI]"], rows), ""]
+    if c:
+        what = []
+        if c.get("method") == "temperature":
+            v = c.get("validation") or {}
+            what.append(f"temperature {c['temperature']:.3f} fitted on the validation split (validation Brier "
+                        f"{_f((v.get('before') or {}).get('brier'))} before, {_f((v.get('after') or {}).get('brier'))} "
+                        "after)")
+        if c.get("prior_correction"):
+            tp = (metrics.get("prevalence") or {}).get("train")
+            what.append(f"prior correction from the training split's prevalence {_f(tp)} to the natural prevalence "
+                        f"{_f(c.get('target_prevalence'))} (logit shift {c['shift']:+.3f})")
+        out.append("Calibrated probabilities: " + "; ".join(what) + ". The transform is "
+                   "`sigmoid(logit(p) / temperature + shift)`, saved in `calibration.json`, and `cxr-predict` applies "
+                   "it to this model. On a test split at another prevalence than the target, prior-corrected "
+                   "probabilities are expected to look miscalibrated.")
+    else:
+        out.append("No calibration applied (`eval.calibrate: none`, `eval.prior_correction: false`): the probabilities "
+                   "are the network's softmax, trained at the training split's class proportions.")
+    out.append("")
+    return "\n".join(out)
+
+
+def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg) -> str:
+    """CLAIM (Checklist for Artificial Intelligence in Medical Imaging, Mongan et al. 2020) items the tool can
+    answer, answered; the others listed for the author."""
+    manifest = manifest or {}
+    sp = manifest.get("splits") or {}
+    prev = metrics.get("prevalence") or {}
+    versions = manifest.get("versions") or {}
+    plain = metrics["plain"]
+    sc = metrics.get("selected_checkpoint") or {}
+    counts = "; ".join(f"{k}: {v.get('count', '–')} images, {v.get('patients', '–')} patients" for k, v in sp.items())
+    rows = [
+        ["Data source and version", f"metadata `{cfg.data.csv}`, images below `{cfg.data.images}`; prep format "
+                                    f"{manifest.get('format', '–')}, prep hash {manifest.get('config_hash', '–')} "
+                                    f"(the CSV's release is the author's to state)"],
+        ["Inclusion / exclusion", f"task {metrics['task']}; {len(manifest.get('skipped') or [])} image(s) excluded "
+                                  "(reasons in `manifest.json`, `skipped`); per split: " + (counts or "–")],
+        ["Split and leakage control", f"{metrics.get('split_method', 'seeded')}, by patient: no patient in two splits; "
+                                      "only the training split resampled"],
+        ["Prevalence per split", ", ".join(f"{k} {_f(v)}" for k, v in prev.items() if v is not None) or "–"],
+        ["Preprocessing", f"{metrics['image_size']} px, per-image min-max to uint8, the backbone's ImageNet "
+                          "preprocessing (not the train mean/std)"],
+        ["Model and pretrained weights", f"{cfg.model.backbone}, weights `{cfg.model.weights}`, head Dense "
+                                         f"{cfg.model.dense_units} + dropout {cfg.model.dropout}"],
+        ["Training recipe", f"warm-up {cfg.train.warmup.epochs} epoch(s) ({cfg.train.warmup.optimizer}), fine-tune up "
+                            f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} lr {cfg.train.finetune.lr:g}), "
+                            f"early stopping {cfg.train.finetune.patience}; evaluated {checkpoint_text(sc)}"],
+        ["Metrics with intervals", f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))} and every other number, "
+                                   f"{metrics.get('bootstrap')} patient-bootstrap resamples"],
+        ["Operating point", f"chosen on validation (`{cfg.eval.operating_point}`), applied to test"],
+        ["Calibration", f"Brier {_f(plain.get('brier'))}, ECE {_f(plain.get('ece'))}; "
+                        + ("calibrated as in the Calibration section" if plain.get("calibrated") else "not calibrated")],
+        ["Subgroups", ("AUC with 95% CI by " + ", ".join(plain.get("subgroups") or {})) if plain.get("subgroups")
+         else "–"],
+        ["Failure cases", "Grad-CAM grids of false positives and false negatives" if metrics.get("gradcam") else
+         "no Grad-CAM grids"],
+        ["Software", ", ".join(f"{k} {v}" for k, v in versions.items()) if versions else "–"],
+    ]
+    author = ["Clinical question and intended use", "Reference standard and its reliability (NIH labels are mined "
+              "from reports by NLP)", "Ethics approval and data licence", "External validation", "Comparison with "
+              "radiologists", "Limitations and generalisability", "Code and data availability statement"]
+    return "\n".join(["## Reporting checklist (CLAIM)", "",
+                      "Items of CLAIM (Checklist for Artificial Intelligence in Medical Imaging) this tool can answer:",
+                      "", _table(["item", "answer"], rows, "ll"), "",
+                      "Only the author can answer: " + "; ".join(author) + ".", ""])
+
+
 def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, plots: Mapping[str, str],
                  gradcam: Mapping[str, str], config_yaml: str, console: str = "") -> Path:
     """Write ``report.md`` into ``run_dir``; image paths in ``plots``/``gradcam`` are relative."""
@@ -193,21 +366,28 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                  ["task", metrics["task"] + (f" — positive class **{metrics['classes'][-1]}**"
                                              if metrics["task"] == "binary" else f" — {len(metrics['classes'])} findings")],
                  ["model", f"`{metrics['model']}` (eval.checkpoint = {metrics['checkpoint']})"],
+                 ["selected checkpoint", checkpoint_text(metrics.get("selected_checkpoint"))],
+                 ["split method", f"{metrics.get('split_method', 'seeded')}, by patient"],
                  ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"
                               + backbone_note(cfg.model)],
                  *([["precision", f"trained in {metrics['precision']['training']}, evaluated in "
                                   f"{metrics['precision']['evaluation']} (runtime.precision; probabilities are float32)"]]
                    if metrics.get("precision") else []),
-                 ["test set", f"{metrics['n']} images of {plain['patients']} patients"],
+                 ["test set", f"{metrics['n']} images of {plain['patients']} patients"
+                  + (f"; prevalence {_f(plain.get('prevalence'))} (natural prevalence of the task "
+                     f"{_f((metrics.get('prevalence') or {}).get('natural'))})" if metrics["task"] == "binary" else "")],
+                 ["preprocessing", "the backbone's ImageNet preprocessing, not the train mean/std (see Data)"],
                  ["evaluation", f"{metrics['ranks']} rank(s), {metrics['seconds']:.1f} s; test-time augmentation: "
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
              ], "ll"), "",
-             "## Data", "", data_section(manifest), ""]
+             task_section(metrics, cfg),
+             "## Data", "", data_section(manifest), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in metrics.get("warnings") or []:
         lines += [f"> **Warning:** {warning}.", ""]
     if metrics["task"] == "binary":
-        lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0)))
+        lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0), metrics))
+        lines.append(calibration_section(plain, tta, metrics))
     else:
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
     if tta:
@@ -215,8 +395,9 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
 
     if plots:
         lines += ["## Plots", ""]
-        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples; dot: Youden's point)",
+        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples; dot: the operating point chosen on validation)",
                   "pr": "Precision-recall curve", "confusion": "Confusion matrix",
+                  "calibration": "Reliability diagram (calibration; 10 equal-width bins, marker size ~ images)",
                   "roc_per_finding": "ROC curve per finding",
                   "history": "Training curves (the dotted line marks the switch from warm-up to fine-tuning)"}
         for k, rel in plots.items():
@@ -239,6 +420,9 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               "```yaml", config_yaml.rstrip(), "```", "",
               "## Files", "",
               "- `predictions.csv`: one row per test image (probability, and with TTA `tta_probability`)",
+              "- `val_predictions.csv`: the same for the validation split (the operating point and calibration are "
+              "fitted on it)",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
               "- `eval_config.yaml`: the configuration of this evaluation", ""]
+    lines.append(claim_checklist(metrics, manifest, cfg))
     return atomic_write_text(run_dir / "report.md", "\n".join(lines))

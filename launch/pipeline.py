@@ -29,6 +29,9 @@ def manifest_path(cfg) -> Path:
 
 def evaluated_model(cfg) -> Path:
     run = Path(cfg.run.dir)
+    phase_best = run / "checkpoints" / "best-finetune.keras"  # distributed.evaluate.select_checkpoint's choice
+    if cfg.eval.checkpoint == "best" and cfg.eval.checkpoint_phase == "finetune" and phase_best.exists():
+        return phase_best
     return {"best": run / "checkpoints" / "best.keras", "last": run / "checkpoints" / "last.keras",
             "final": run / "model.keras"}[cfg.eval.checkpoint]
 

@@ -71,11 +71,11 @@ cfg = load_config({str(cfg_path)!r})
 tf.keras.utils.set_random_seed(3)
 m = build_model(cfg.model, cfg.data.image_size, {num_classes}, multilabel={multilabel})
 d = Path(cfg.run.dir); (d / "checkpoints").mkdir(parents=True, exist_ok=True)
-for p in ("checkpoints/best.keras", "checkpoints/last.keras", "model.keras"):
+for p in ("checkpoints/best.keras", "checkpoints/best-finetune.keras", "checkpoints/last.keras", "model.keras"):
     m.save(d / p)
 save_resolved(cfg, d)
 (d / "history.csv").write_text("phase,epoch,loss,accuracy,val_loss,val_accuracy\\n"
-    "warmup,1,0.70,0.50,0.69,0.52\\nfinetune,2,0.69,0.51,0.69,0.50\\nfinetune,3,0.68,0.52,0.69,0.50\\n")
+    "warmup,1,0.70,0.50,0.689,0.52\\nfinetune,2,0.69,0.51,0.693,0.50\\nfinetune,3,0.68,0.52,0.691,0.50\\n")
 print(d)
 """
     return Path(_run([sys.executable, "-c", code]).stdout.strip().splitlines()[-1])
@@ -146,7 +146,8 @@ def test_each_test_image_exactly_once(binary_run):
     assert [r["image"] for r in rows] == names  # split order
     assert [int(r["index"]) for r in rows] == list(range(len(rows)))
     assert len({r["image"] for r in rows}) == len(rows)
-    assert list(rows[0]) == ["index", "image", "patient", "view", "sex", "age", "label", "probability", "tta_probability"]
+    assert list(rows[0]) == ["index", "image", "patient", "view", "sex", "age", "label", "findings", "probability",
+                             "tta_probability"]
 
 
 def test_metrics_json_matches_predictions_csv(binary_run):
@@ -179,7 +180,7 @@ def test_metrics_json_matches_predictions_csv(binary_run):
                     assert v["auc"] == pytest.approx(roc_auc_score(y[sel], p[sel]), abs=1e-9)
                 else:
                     assert v["auc"] is None
-        assert 0.0 <= mm["youden"]["threshold"] <= 1.0
+        assert 0.0 <= mm["oracle"]["threshold"] <= 1.0 and mm["oracle"]["fitted_on"] == "test"
 
 
 @pytest.mark.needs_mpirun
@@ -236,3 +237,134 @@ def test_missing_checkpoint_names_what_exists(tmp_path):
     with pytest.raises(EvalError, match=r"eval.checkpoint=best.*this run has: final"):
         checkpoint_path(tmp_path, "best")
     assert checkpoint_path(tmp_path, "final") == tmp_path / "model.keras"
+
+
+def _col(rows, name, typ=float):
+    return np.array([typ(r[name]) for r in rows])
+
+
+def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
+    """The issue's equalities: the threshold recomputed from val_predictions.csv, the Brier score from
+    predictions.csv, an interval on every operating-point metric and subgroup AUC, the paired
+    TTA - plain difference, the fine-tune checkpoint; the report states split, prevalence, plot, CLAIM."""
+    from sklearn.metrics import roc_curve
+
+    cfg, run, _ = binary_run
+    m = json.loads((run / "metrics.json").read_text())
+    rows, vrows = _csv(run / "predictions.csv"), _csv(run / "val_predictions.csv")
+    manifest = json.loads((Path(str(cfg).replace("cfg-binary.yaml", "prepared-binary")) / "manifest.json").read_text())
+    assert len(vrows) == manifest["splits"]["val"]["count"] == m["n_val"] and list(vrows[0]) == list(rows[0])
+    yv, pv = _col(vrows, "label", int), _col(vrows, "probability")
+    assert set(yv) == {0, 1}, "the tiny validation split needs both classes"
+    fpr, tpr, thr = roc_curve(yv, pv)
+    t = min(float(thr[np.argmax(tpr - fpr)]), 1.0)
+    op = m["operating_point"]
+    assert op["source"] == "validation" and op["rule"] == "youden" and op["threshold"] == pytest.approx(t, abs=1e-7)
+    assert m["plain"]["operating_point"]["threshold"] == op["threshold"]
+    y, p = _col(rows, "label", int), _col(rows, "probability")
+    pred = p >= op["threshold"]
+    assert op["sensitivity"]["value"] == pytest.approx(pred[y == 1].mean())
+    assert op["specificity"]["value"] == pytest.approx(1 - pred[y == 0].mean())
+    assert op["accuracy"]["value"] == pytest.approx((pred == y).mean())
+    for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        assert op[k]["low"] is not None and op[k]["low"] <= op[k]["value"] <= op[k]["high"], k
+    # TTA's operating point comes from the validation TTA column
+    yt = _col(vrows, "tta_probability")
+    fpr, tpr, thr = roc_curve(yv, yt)
+    assert m["tta"]["operating_point"]["threshold"] == pytest.approx(min(float(thr[np.argmax(tpr - fpr)]), 1.0), abs=1e-7)
+    # calibration from predictions.csv
+    assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
+    b = np.minimum((p * 10).astype(int), 9)
+    ece = sum(abs((y[b == i] - p[b == i]).sum()) for i in range(10)) / len(y)
+    assert m["plain"]["ece"] == pytest.approx(ece, abs=1e-9)
+    pt = _col(rows, "tta_probability")
+    assert m["tta"]["brier"] == pytest.approx(np.mean((pt - y) ** 2), abs=1e-9)
+    d = m["tta_minus_plain"]
+    assert d["by"] == "patient" and d["auc_diff"] == pytest.approx(roc_auc_score(y, pt) - roc_auc_score(y, p), abs=1e-9)
+    assert d["low"] <= d["high"]
+    for field, vals in m["plain"]["subgroups"].items():
+        for k, v in vals.items():
+            if v["auc"] is not None:
+                assert v["auc_ci"]["n_valid"] > 0 and v["auc_ci"]["low"] <= v["auc_ci"]["high"], (field, k)
+    assert m["plain"]["average_precision_ci"]["low"] <= m["plain"]["average_precision_ci"]["high"]
+    # the fine-tune phase's best val_loss (history: warm-up 0.689 is lower, fine-tune best 0.691 at epoch 3)
+    assert m["selected_checkpoint"] == {"file": "checkpoints/best-finetune.keras", "rule": "best val_loss of the "
+                                        "fine-tune phase", "phase": "finetune", "epoch": 3, "val_loss": 0.691}
+    # co-findings from the findings column
+    co = np.array([any(f not in ("Infiltration", "No Finding") for f in r["findings"].split("|")) for r in rows])
+    c = m["co_findings"]
+    assert c["positives_with_co_findings"] == int((co & (y == 1)).sum())
+    keep = (y == 0) | (co & (y == 1))
+    if len(set(y[keep])) == 2:
+        assert c["auc_with"]["value"] == pytest.approx(roc_auc_score(y[keep], p[keep]), abs=1e-9)
+    test_prev = manifest["splits"]["test"]["label_counts"]["Infiltration"] / manifest["splits"]["test"]["count"]
+    assert m["prevalence"]["test"] == pytest.approx(test_prev) == pytest.approx(y.mean())
+    report = (run / "report.md").read_text()
+    assert "| split method | seeded, by patient |" in report
+    assert f"prevalence {test_prev:.3f}" in report
+    assert "![calibration](plots/calibration.png)" in report and (run / "plots" / "calibration.png").is_file()
+    assert "## Reporting checklist (CLAIM)" in report and report.rstrip().endswith(".")
+    assert report.index("## Reporting checklist (CLAIM)") > report.index("## Files")
+    assert "finetune phase, epoch 3, val_loss 0.6910" in report
+    assert "ImageNet preprocessing" in report and "primary result" in report
+    assert not (run / "calibration.json").exists()  # eval.calibrate none, no prior correction
+
+
+def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_path):
+    cfg, run, _ = binary_run
+    run2 = tmp_path / "run-cal"
+    shutil.copytree(run / "checkpoints", run2 / "checkpoints")
+    shutil.copy(run / "history.csv", run2 / "history.csv")
+    shutil.copy(run / "checkpoints" / "best.keras", run2 / "model.keras")
+    _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg),
+          *sum([["--set", s] for s in BASE_SETS + [f"run.dir={run2}", "eval.tta=false", "eval.calibrate=temperature",
+                                                   "eval.prior_correction=true", "eval.prevalence=0.1",
+                                                   "eval.checkpoint_phase=any", "eval.operating_point=sensitivity:0.8"]],
+              [])])
+    m = json.loads((run2 / "metrics.json").read_text())
+    cal = json.loads((run2 / "calibration.json").read_text())
+    manifest = json.loads((Path(str(cfg).replace("cfg-binary.yaml", "prepared-binary")) / "manifest.json").read_text())
+    tr = manifest["splits"]["train"]["label_counts"]
+    pi_train = tr["Infiltration"] / sum(tr.values())
+    avail = [s["available"] for s in manifest["splits"].values()]
+    pi_nat = sum(a["Infiltration"] for a in avail) / sum(sum(a.values()) for a in avail)
+    shift = np.log(pi_nat / (1 - pi_nat)) - np.log(pi_train / (1 - pi_train))
+    assert cal["shift"] == pytest.approx(shift) and cal["target_prevalence"] == pytest.approx(pi_nat)
+    assert cal["fitted_on"] == "validation" and cal["temperature"] > 0
+    assert "checkpoints/best.keras" in cal["models"]
+    rows = _csv(run2 / "predictions.csv")
+    p, pc = _col(rows, "probability"), _col(rows, "calibrated_probability")
+    z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
+    assert pc == pytest.approx(1 / (1 + np.exp(-(z / cal["temperature"] + shift))), abs=1e-7)
+    y = _col(rows, "label", int)
+    assert m["plain"]["calibrated"]["brier"] == pytest.approx(np.mean((pc - y) ** 2), abs=1e-7)
+    # the temperature minimises the validation log loss (with the validation split's own prior shift)
+    vrows = _csv(run2 / "val_predictions.csv")
+    yv, pv = _col(vrows, "label", int), _col(vrows, "probability")
+    vl = manifest["splits"]["val"]["label_counts"]
+    pi_val = vl["Infiltration"] / sum(vl.values())
+    vshift = np.log(pi_val / (1 - pi_val)) - np.log(pi_train / (1 - pi_train))
+    zv = np.log(np.clip(pv, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(pv, 1e-7, 1 - 1e-7))
+
+    def nll(t):
+        q = np.clip(1 / (1 + np.exp(-(zv / t + vshift))), 1e-12, 1 - 1e-12)
+        return -np.mean(yv * np.log(q) + (1 - yv) * np.log1p(-q))
+    assert nll(cal["temperature"]) <= min(nll(cal["temperature"] * 1.05), nll(cal["temperature"] / 1.05)) + 1e-12
+    # checkpoint_phase any: the warm-up epoch had the lowest val_loss
+    assert m["selected_checkpoint"]["phase"] == "warmup" and m["selected_checkpoint"]["epoch"] == 1
+    # sensitivity:0.8 on validation; PPV at the deployment prevalence 0.1 by Bayes
+    op = m["operating_point"]
+    assert (pv[yv == 1] >= op["threshold"]).mean() >= 0.8
+    s_, sp = op["sensitivity"]["value"], op["specificity"]["value"]
+    assert op["at_prevalence"]["ppv"]["value"] == pytest.approx(s_ * 0.1 / (s_ * 0.1 + (1 - sp) * 0.9))
+    report = (run2 / "report.md").read_text()
+    assert "PPV at prevalence 0.1" in report and "calibration.json" in report
+
+
+def test_a_bad_operating_point_is_a_one_line_config_error(binary_run):
+    cfg, _, _ = binary_run
+    p = subprocess.run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg), "--set",
+                        "eval.operating_point=median"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1] == ("cxr-eval: error: eval.operating_point: 'median' is not youden, "
+                                                 "sensitivity:S, specificity:S or fixed:T")
