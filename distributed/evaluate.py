@@ -54,7 +54,7 @@ import numpy as np
 
 from data_prep.cli import UserError, command
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
-from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from distributed import hvd
@@ -545,16 +545,6 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
     return plan
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_calibration(run_dir: Path, plan: dict | None, model_path: Path, ckpt: dict) -> None:
     """``run.dir/calibration.json`` for cxr-predict: the transform, and the sha256 of every model file
     it belongs to (the evaluated one; model.keras too when it holds the same epoch). Removed when off."""
@@ -562,12 +552,12 @@ def write_calibration(run_dir: Path, plan: dict | None, model_path: Path, ckpt: 
     if plan is None:
         out.unlink(missing_ok=True)
         return
-    files = {_rel(model_path, run_dir): _sha256(model_path)}
+    files = {_rel(model_path, run_dir): sha256_file(model_path)}
     final = run_dir / "model.keras"
     if final.is_file() and final.resolve() != Path(model_path).resolve():
         _, fin = select_checkpoint(run_dir, "final")
         if (fin.get("phase"), fin.get("epoch")) == (ckpt.get("phase"), ckpt.get("epoch")) and ckpt.get("epoch"):
-            files["model.keras"] = _sha256(final)
+            files["model.keras"] = sha256_file(final)
     atomic_write_json(out, {**plan, "models": files, "checkpoint": ckpt})
 
 

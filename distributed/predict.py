@@ -15,6 +15,9 @@ or arguments).
 both the network input and the overlay (``load_xray_and_original``). ``--model`` may be a ``.keras``
 file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``). Class names and
 the default threshold come from the run's ``config.yaml`` when one is found beside the model.
+A run's ``calibration.json`` (``cxr-eval`` with ``eval.calibrate``/``eval.prior_correction``) is applied
+when it lists this model file's sha256: ``probability`` is then the calibrated one (and the threshold
+applies to it), ``raw_probability`` the network's, and the output says what was done.
 
 TensorFlow is imported only once a model is to be loaded (``distributed.model``,
 ``distributed.gradcam``): argument errors answer at once, and ``TF_CPP_MIN_LOG_LEVEL`` is set
@@ -35,7 +38,7 @@ from PIL import Image
 
 from data_prep.cli import UsageError, UserError, add_debug_arg, command
 from data_prep.config import ConfigError, load_config
-from data_prep.fsutil import atomic_write_bytes
+from data_prep.fsutil import atomic_write_bytes, sha256_file
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
@@ -102,6 +105,43 @@ def positive_probability(out: np.ndarray, multilabel: bool) -> np.ndarray:
     if multilabel:
         return out
     return out[:, 1] if out.shape[-1] >= 2 else out[:, 0]
+
+
+def find_calibration(model_path: Path) -> dict | None:
+    """``calibration.json`` of the run (written by cxr-eval with ``eval.calibrate``/``eval.prior_correction``)
+    and whether it belongs to this model file: ``{"file", "applied", "why", "temperature", "shift", ...}``."""
+    for folder in (model_path.parent, model_path.parent.parent):
+        f = folder / "calibration.json"
+        if not f.is_file():
+            continue
+        try:
+            cal = json.loads(f.read_text())
+            temperature, shift = float(cal["temperature"]), float(cal["shift"])
+            models = dict(cal.get("models") or {})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return {"file": str(f), "applied": False, "why": f"unreadable ({type(e).__name__})"}
+        if not (temperature > 0 and np.isfinite(temperature) and np.isfinite(shift)):
+            return {"file": str(f), "applied": False, "why": "temperature or shift out of range"}
+        if sha256_file(model_path) not in models.values():
+            return {"file": str(f), "applied": False,
+                    "why": f"made for {', '.join(models) or 'another model'}, not this model file"}
+        return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift,
+                "prior_correction": bool(cal.get("prior_correction")), "target_prevalence": cal.get("target_prevalence"),
+                "method": cal.get("method")}
+    return None
+
+
+def calibration_note(cal: dict | None) -> str | None:
+    if cal is None:
+        return None
+    if not cal["applied"]:
+        return f"{cal['file']} not applied: {cal['why']}; probabilities are the network's"
+    parts = []
+    if cal.get("method") == "temperature":
+        parts.append(f"temperature {cal['temperature']:.3f}")
+    if cal.get("prior_correction"):
+        parts.append(f"prior correction to prevalence {cal['target_prevalence']:.3f} (logit shift {cal['shift']:+.3f})")
+    return f"probabilities calibrated by {cal['file']}: " + ", ".join(parts) + " (raw_probability: the network's)"
 
 
 # --------------------------------------------------------------------------- overlays
@@ -274,28 +314,38 @@ def main(argv=None) -> int:
     names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
     threshold = args.threshold if args.threshold is not None else (cfg.eval.threshold if cfg is not None else 0.5)
 
+    cal = None if multilabel else find_calibration(model_path)
     results, decoded = read_images(args.images, size, keep_original=args.gradcam is not None)
     if decoded:
         x = np.stack([d.image for d in decoded]).astype(np.float32)[..., None]
         out = model.predict(x, batch_size=args.batch_size, verbose=0)
         probs = positive_probability(out, multilabel)
+        if cal and cal["applied"] and not multilabel:
+            from distributed.metrics import adjust  # the transform cxr-eval fitted (no TensorFlow)
+
+            raw, probs = probs, adjust(probs, cal["temperature"], cal["shift"]).astype(np.float32)
+            for d, v in zip(decoded, raw):
+                results[d.row]["raw_probability"] = float(v)
         add_predictions(results, decoded, probs, names, threshold, multilabel)
         if args.gradcam is not None:
             add_overlays(model, x, gradcam_classes(out, probs, multilabel), results, decoded, args.gradcam or None,
                          args.batch_size)
-    return report(results, args.json, model_path, size, threshold, multilabel, names)
+    return report(results, args.json, model_path, size, threshold, multilabel, names, cal)
 
 
 def report(results: list[dict], as_json: bool, model_path, size: int, threshold: float, multilabel: bool,
-           names) -> int:
+           names, calibration: dict | None = None) -> int:
     """Print the results (JSON or a table), one stderr line per error; the exit code."""
     failed = sum(1 for r in results if "error" in r)
+    note = calibration_note(calibration)
     if as_json:
         doc = {"model": str(model_path), "image_size": int(size), "threshold": threshold,
                "task": "multilabel" if multilabel else "binary", "classes": names, "results": results,
-               "failed": failed}
+               "failed": failed, "calibration": {**calibration, "note": note} if calibration else None}
         print(json.dumps(doc, indent=2))
     else:
+        if note:
+            print(f"# {note}")
         print_table(results, multilabel, threshold)
     for r in results:
         if "error" in r:

@@ -368,3 +368,39 @@ def test_a_bad_operating_point_is_a_one_line_config_error(binary_run):
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == ("cxr-eval: error: eval.operating_point: 'median' is not youden, "
                                                  "sensitivity:S, specificity:S or fixed:T")
+
+
+def test_predict_applies_the_run_s_calibration(binary_run, tmp_path):
+    """cxr-predict on a test image with the calibrated run's model: raw_probability as in predictions.csv,
+    probability = the calibration.json transform of it; another model file is left uncalibrated, said so."""
+    cfg, run, _ = binary_run
+    run2 = tmp_path / "run-cal"
+    shutil.copytree(run / "checkpoints", run2 / "checkpoints")
+    shutil.copy(run / "history.csv", run2 / "history.csv")
+    _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg),
+          *sum([["--set", s] for s in BASE_SETS + [f"run.dir={run2}", "eval.tta=false", "eval.gradcam_per_group=0",
+                                                   "eval.bootstrap=0", "eval.calibrate=temperature",
+                                                   "eval.prior_correction=true"]], [])])
+    cal = json.loads((run2 / "calibration.json").read_text())
+    row = _csv(run2 / "predictions.csv")[0]
+    img = Path(str(cfg).replace("cfg-binary.yaml", "data")) / "images" / row["image"]
+    p = _run([sys.executable, "-m", "distributed.predict", "--model", str(run2 / "checkpoints" / "best-finetune.keras"),
+              str(img), "--json"])
+    doc = json.loads(p.stdout)
+    r = doc["results"][0]
+    assert doc["calibration"]["applied"] and "prior correction to prevalence" in doc["calibration"]["note"]
+    assert r["raw_probability"] == pytest.approx(float(row["probability"]), abs=1e-5)
+    z = np.log(r["raw_probability"] / (1 - r["raw_probability"]))
+    assert r["probability"] == pytest.approx(1 / (1 + np.exp(-(z / cal["temperature"] + cal["shift"]))), abs=1e-6)
+    assert r["probability"] == pytest.approx(float(row["calibrated_probability"]), abs=1e-5)
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(run2 / "calibration.json", other / "calibration.json")
+    (other / "model.keras").write_bytes((run2 / "checkpoints" / "best-finetune.keras").read_bytes() + b"")
+    doc = json.loads(json.dumps(cal))
+    doc["models"] = {"checkpoints/x.keras": "0" * 64}
+    (other / "calibration.json").write_text(json.dumps(doc))
+    p = _run([sys.executable, "-m", "distributed.predict", "--model", str(other / "model.keras"), str(img), "--json"])
+    out = json.loads(p.stdout)
+    assert out["calibration"]["applied"] is False and "not applied" in out["calibration"]["note"]
+    assert "raw_probability" not in out["results"][0]
