@@ -10,8 +10,8 @@ Split rules:
 * patients, never images, are assigned to splits: no patient is ever in two splits;
 * seeded split: patients are permuted with ``prep.seed``; ``round(test_fraction * P)`` go to test,
   ``round(val_fraction * P)`` to val, the rest to train (``P``: patients with an image of the task);
-* official split (``data.official_split`` and both list files present beside the CSV or in
-  ``data.images``): ``test_list.txt`` is the test split; validation patients are carved from the
+* official split (``data.official_split``: both list files beside the CSV or in ``data.images``,
+  else an error naming the missing one): ``test_list.txt`` is the test split; validation patients are carved from the
   ``train_val_list.txt`` patients (``round(val_fraction * P_train_val)``). Rows in neither list are
   skipped; a patient in both lists keeps only the test images (train_val rows skipped);
 * balancing (``prep.train_per_class``, binary task) happens only in train: a class with at
@@ -216,6 +216,18 @@ def find_official_lists(csv_path, images_root) -> tuple[Path, Path] | None:
         if tv.is_file() and te.is_file():
             return tv, te
     return None
+
+
+def official_lists(csv_path, images_root) -> tuple[Path, Path]:
+    """:func:`find_official_lists` for ``data.official_split: true``: a missing list is an error naming it."""
+    lists = find_official_lists(csv_path, images_root)
+    if lists is not None:
+        return lists
+    folders = (Path(csv_path).parent, Path(images_root))
+    missing = [n for n in LIST_FILES if not any((f / n).is_file() for f in folders)] or list(LIST_FILES)
+    raise MetadataError(f"data.official_split: {' and '.join(missing)} not found beside {csv_path} or in "
+                        f"{images_root} (both lists must be in one of them; data.official_split: false for the "
+                        "seeded patient split)")
 
 
 def read_list(path) -> set[str]:

@@ -99,14 +99,9 @@ def make_plan(cfg, log=None) -> dict:
     # split by patient
     official, split_method = None, "seeded"
     if d.official_split:
-        lists = md.find_official_lists(d.csv, d.images)
-        if lists is None:
-            log.warning("data.official_split: no %s/%s beside %s or in %s: using the seeded patient split",
-                        *md.LIST_FILES, d.csv, d.images)
-            split_method = "seeded (official lists not found)"
-        else:
-            official = (md.read_list(lists[0]), md.read_list(lists[1]))
-            split_method = f"official ({lists[0]}, {lists[1]})"
+        lists = md.official_lists(d.csv, d.images)  # a missing list stops prep, naming it
+        official = (md.read_list(lists[0]), md.read_list(lists[1]))
+        split_method = f"official ({lists[0]}, {lists[1]})"
     split, split_issues = md.split_patients(df, p.val_fraction, p.test_fraction, p.seed, official)
     issues.extend(split_issues)
     if d.task == "multilabel" and (p.train_per_class or p.val_per_class or p.test_per_class):

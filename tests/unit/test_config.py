@@ -26,9 +26,12 @@ def test_paper_and_demo_load(root):
     assert (ft.epochs, ft.patience, ft.freeze_first) == (30, 3, 10)
     aug = paper.train.augment
     assert (aug.width_shift, aug.height_shift, aug.rotation, aug.zoom) == (0.15, 0.15, 5.0, 0.1)
-    # 5,000 training images per class resampled + 1,000 test per class = the article's 6,000 per class.
-    assert paper.prep.train_per_class + paper.prep.test_per_class == 6000
-    assert 2 * paper.prep.test_per_class == 2000
+    # 5,000 training images per class resampled (the article's 10,000 per epoch); the test split at the
+    # natural prevalence (no per-class cap), the evaluation's threshold and calibration from validation
+    assert paper.prep.train_per_class == 5000 and paper.prep.test_per_class == 0
+    assert (paper.eval.checkpoint, paper.eval.checkpoint_phase, paper.eval.operating_point) == \
+        ("best", "finetune", "youden")
+    assert paper.eval.prior_correction is True and paper.eval.calibrate == "temperature"
     demo = load_config(root / "configs/demo.yaml")
     assert demo.model.weights == "none"
     assert demo.data.image_size <= 128

@@ -247,7 +247,7 @@ def test_multilabel(tmp_path, base_data):
     assert man["splits"]["train"]["label_counts"]["Infiltration"] == int(cols["targets"][:, 3].sum())
 
 
-def test_official_split_and_fallback(tmp_path, base_data):
+def test_official_split_and_a_missing_list(tmp_path, base_data):
     man = run(load_config(_config(tmp_path, base_data), ["data.official_split=true", "prep.val_fraction=0.25"]))
     assert man["split_method"].startswith("official")
     test_list = set((base_data / "test_list.txt").read_text().split())
@@ -259,8 +259,14 @@ def test_official_split_and_fallback(tmp_path, base_data):
     d = tmp_path / "nolists"
     shutil.copytree(base_data, d)
     (d / "test_list.txt").unlink()
-    man = run(load_config(_config(tmp_path, d), ["data.official_split=true", f"prep.out={tmp_path / 'p2'}"]))
-    assert man["split_method"] == "seeded (official lists not found)"
+    # a missing list stops prep with one line naming it (no silent seeded split)
+    p = subprocess.run([sys.executable, "-m", "data_prep", "--config", str(_config(tmp_path, d)), "--set",
+                        "data.official_split=true", "--set", f"prep.out={tmp_path / 'p2'}"],
+                       capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in p.stderr.splitlines() if "error" in ln.lower()]  # INFO lines before it are the log
+    assert p.returncode == 1 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
+    assert lines[0].startswith("cxr-prep: error: data.official_split: test_list.txt not found beside "), lines[0]
+    assert not (tmp_path / "p2" / "manifest.json").exists()
 
 
 def test_nothing_to_prepare_is_an_error(tmp_path):
