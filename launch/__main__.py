@@ -1,4 +1,5 @@
-"""``python -m launch {prep,train,evaluate,pipeline} --config C ...`` (console script ``cxr-launch``).
+"""``python -m launch {prep,train,evaluate,pipeline} --config C ...`` (console script ``cxr-launch``);
+``python -m launch sweep --config C --seeds 0,1,2`` runs the pipeline once per seed (:mod:`launch.sweep`).
 
 Builds the real command line of each stage (a plain python process for one rank, ``mpirun`` for
 prep, ``horovodrun`` or ``mpirun`` for train and evaluate) with process binding and the tuned
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG, description="Run a stage (or the whole pipeline) on one node, a list of hosts, or a Slurm "
                                "allocation, with process binding and tuned threads for every rank.",
         epilog=f"`{PROG} vcluster up|down|status` makes a virtual cluster of namespace nodes on this machine "
-               f"(root) to rehearse a multi-node run; see `{PROG} vcluster --help`.")
+               f"(root) to rehearse a multi-node run; see `{PROG} vcluster --help`. `{PROG} sweep --config C "
+               f"--seeds 0,1,2 [--resplit]` runs the pipeline once per seed; see `{PROG} sweep --help`.")
     p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline"))
     add_config_args(p)
     p.add_argument("--np", type=int, default=None,
@@ -77,6 +79,13 @@ def main(argv=None) -> int:
     if argv[:1] == ["vcluster"]:
         from launch import vcluster  # a rehearsal cluster on this machine: its own verbs and options
         return vcluster.cli(argv[1:], prog=f"{PROG} vcluster")
+    if argv[:1] == ["sweep"]:
+        from launch import sweep  # one pipeline per seed, then sweep.json / sweep.md
+        try:
+            return sweep.cli(argv[1:], prog=f"{PROG} sweep", run_pipeline=main)
+        except LaunchError as e:
+            print(f"{PROG} sweep: error: {e}", file=sys.stderr)
+            return 2
     args = build_parser().parse_args(argv)
     # TensorFlow's C++ INFO notices (oneDNN, CPU instructions) off for horovodrun (it loads TensorFlow)
     # and every rank it starts, unless the user chose a level; rank 0 reports the facts in its own words.
