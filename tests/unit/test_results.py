@@ -6,15 +6,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 
 from distributed import metrics as M
 
-
-def _data(n=300, seed=0, patients=60, ties=False):
-    rng = np.random.default_rng(seed)
-    y = rng.integers(0, 2, n)
-    p = np.clip(0.35 * y + rng.normal(0.35, 0.2, n), 0, 1)
-    if ties:
-        p = np.round(p, 1)
-    g = rng.integers(0, patients, n)
-    return y, p, g
+from test_metrics import _data  # noqa: E402 - the same synthetic scores
 
 
 def _explicit_resamples(g, n_boot, seed):
