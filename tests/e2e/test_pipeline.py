@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -56,6 +57,52 @@ def history_epochs(run: Path) -> list[int]:
         return [int(float(row["epoch"])) for row in csv.DictReader(f)]
 
 
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_results_reproducible(run: Path) -> dict:
+    """The issue's "done when": every number below recomputed from the CSVs the run wrote."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    m = json.loads((run / "metrics.json").read_text())
+    rows, vrows = read_csv(run / "predictions.csv"), read_csv(run / "val_predictions.csv")
+    assert vrows and list(vrows[0]) == list(rows[0])
+    yv, pv = (np.array([float(r[k]) for r in vrows]) for k in ("label", "probability"))
+    fpr, tpr, thr = roc_curve(yv.astype(int), pv)  # eval.operating_point: youden, on validation
+    op = m["operating_point"]
+    assert op["source"] == "validation" and op["threshold"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0),
+                                                                             abs=1e-7)
+    y, p = (np.array([float(r[k]) for r in rows]) for k in ("label", "probability"))
+    assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
+    pred = p >= op["threshold"]
+    assert op["sensitivity"]["value"] == pytest.approx(pred[y == 1].mean())
+    for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+        assert op[k]["low"] is not None and op[k]["low"] <= op[k]["value"] <= op[k]["high"], k
+    for field, vals in m["plain"]["subgroups"].items():
+        for k, v in vals.items():
+            assert v["auc"] is None or v["auc_ci"]["low"] is not None, (field, k)
+    d = m["tta_minus_plain"]
+    tta = np.array([float(r["tta_probability"]) for r in rows])
+    from sklearn.metrics import roc_auc_score
+    assert d["by"] == "patient" and d["auc_diff"] == pytest.approx(roc_auc_score(y, tta) - roc_auc_score(y, p),
+                                                                   abs=1e-9)
+    hist = [r for r in read_csv(run / "history.csv") if r["phase"] == "finetune"]
+    best = min(hist, key=lambda r: float(r["val_loss"]))
+    sc = m["selected_checkpoint"]
+    assert sc["phase"] == "finetune" and sc["epoch"] == int(best["epoch"])
+    assert sc["val_loss"] == pytest.approx(float(best["val_loss"]))
+    report = (run / "report.md").read_text()
+    assert "| split method | seeded, by patient |" in report
+    assert f"prevalence {y.mean():.3f}" in report
+    assert "![calibration](plots/calibration.png)" in report and (run / "plots" / "calibration.png").is_file()
+    assert "## Reporting checklist (CLAIM)" in report
+    assert f"finetune phase, epoch {sc['epoch']}" in report
+    return m
+
+
 def test_pipeline_two_ranks_to_a_report(workdir):
     r = launch(workdir)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -71,6 +118,7 @@ def test_pipeline_two_ranks_to_a_report(workdir):
     assert marker["train"]["ranks"] == 2
     assert history_epochs(run) == [1, 2, 3]
     assert "AUC" in (run / "report.md").read_text()
+    assert_results_reproducible(run)
 
     # a second run finds every stage complete and runs nothing
     t0 = time.monotonic()
@@ -111,3 +159,33 @@ def test_pipeline_interrupted_during_training_reruns_to_the_end(workdir):
     assert (run / "model.keras").exists() and (run / "report.md").exists()
     assert history_epochs(run) == [1, 2, 3, 4, 5]  # no epoch lost or repeated
     assert json.loads(state.read_text())["complete"] is True
+
+
+def test_sweep_two_seeds_then_a_rerun_skips_both(workdir):
+    """launch sweep: one pipeline per seed (1 process each, the tiny pipeline), sweep.json with both runs
+    and their mean; the same command again skips both seeds."""
+    import statistics
+
+    base = workdir / "sweep"
+    cmd = [sys.executable, "-m", "launch", "sweep", "--config", str(workdir / "c.yaml"), "--seeds", "0,1",
+           "--set", f"run.dir={base}", "--set", "eval.gradcam_per_group=0", "--np", "1"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    s = json.loads((base / "sweep.json").read_text())
+    assert s["seeds"] == [0, 1] and [x["seed"] for x in s["runs"]] == [0, 1] and s["resplit"] is False
+    aucs = []
+    for x in s["runs"]:
+        run = Path(x["run_dir"])
+        assert run == base / f"seed-{x['seed']}"
+        m = json.loads((run / "metrics.json").read_text())
+        assert x["auc"] == m["plain"]["auc"] and x["auc_ci"]["low"] == m["plain"]["auc_ci"]["low"]
+        assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == x["seed"]
+        aucs.append(x["auc"])
+    assert s["auc_mean"] == pytest.approx(statistics.fmean(aucs)) and s["auc_sd"] == pytest.approx(statistics.stdev(aucs))
+    assert "| 0 |" in (base / "sweep.md").read_text()
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "skip seed 0" in r.stderr and "skip seed 1" in r.stderr and "distributed.train" not in r.stderr
+    assert time.monotonic() - t0 < 60
+    assert json.loads((base / "sweep.json").read_text())["runs"] == s["runs"]
