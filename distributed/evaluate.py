@@ -656,6 +656,8 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
         def one(P, _):
             return M.multilabel_metrics(Y, P, class_names=data.classes, threshold=threshold, groups=groups,
                                         n_boot=n_boot, seed=seed, subgroups=subgroups)
+        if g.tta is not None:
+            extra["tta_minus_plain"] = M.paired_mean_auc_difference(Y, g.probs, g.tta, groups, n_boot, seed)
         return Y, one(g.probs, None), (one(g.tta, None) if g.tta is not None else None), extra
     Y = np.asarray(meta["label"]).astype(int)
     if not set(np.unique(Y)).issubset({0, 1}):

@@ -201,6 +201,27 @@ def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0
     return out
 
 
+def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Multi-label: mean AUC(b) - mean AUC(a) over the findings with both classes, paired patient bootstrap
+    (a resample where a finding loses a class leaves that finding out of both means)."""
+    Y = np.asarray(Y).astype(int)
+    ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
+    out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0,
+           "of": "mean AUC", "findings": len(ks)}
+    if not ks:
+        return out
+    tgs = [(_TieGroups(Y[:, k], np.asarray(P_a)[:, k]), _TieGroups(Y[:, k], np.asarray(P_b)[:, k])) for k in ks]
+
+    def diff(w):
+        d = [b.auc(w) - a.auc(w) for a, b in tgs]
+        d = [x for x in d if math.isfinite(x)]
+        return float(np.mean(d)) if d else float("nan")
+    ci = bootstrap_stats({"d": diff}, groups, n_boot, seed, level)["d"]
+    point = float(np.mean([auc(Y[:, k], np.asarray(P_b)[:, k]) - auc(Y[:, k], np.asarray(P_a)[:, k]) for k in ks]))
+    out.update(auc_diff=point, low=ci["low"], high=ci["high"], n_valid=ci["n_valid"])
+    return out
+
+
 # --------------------------------------------------------------------------- operating point
 
 OPERATING_RULES = ("youden", "sensitivity", "specificity", "fixed")

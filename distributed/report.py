@@ -390,6 +390,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
         lines.append(calibration_section(plain, tta, metrics))
     else:
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
+        d = metrics.get("tta_minus_plain")
+        if d and d.get("auc_diff") is not None:
+            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over {d['findings']} findings: {_f(d['auc_diff'])} "
+                      f"[{_f(d['low'])}, {_f(d['high'])}] (paired bootstrap, {d['n_valid']} patient resamples).", ""]
     if tta:
         lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
 

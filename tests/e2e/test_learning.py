@@ -86,8 +86,8 @@ def _train_and_measure(prepared, precision: str) -> float:
         hist = list(csv.DictReader(f))
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["precision"] == precision
-    best = hist[state["best_epoch"] - 1]
-    # model.keras holds the best epoch: the trainer's gathered val metrics match ours
+    best = hist[state["phase_best"]["finetune"]["epoch"] - 1]
+    # model.keras holds the fine-tune phase's best epoch: the trainer's gathered val metrics match ours
     assert abs(float(best["val_auc"]) - auc) < 2e-3
     assert float(hist[-1]["loss"]) < float(hist[0]["loss"])
     _AUC[precision] = auc

@@ -210,10 +210,10 @@ def test_multilabel_per_finding_auc(workdir):
     _run([sys.executable, "-m", "data_prep", "--config", str(cfg)])
     run = _make_run(cfg, 14, True)
     p = _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg),
-              "--set", "eval.tta=false", "--set", "eval.bootstrap=30", "--set", "eval.gradcam_per_group=2"])
+              "--set", "eval.tta_rounds=1", "--set", "eval.bootstrap=30", "--set", "eval.gradcam_per_group=2"])
     m = json.loads((run / "metrics.json").read_text())
     rows = _csv(run / "predictions.csv")
-    assert m["task"] == "multilabel" and m["tta"] is None and len(m["classes"]) == 14
+    assert m["task"] == "multilabel" and m["tta"] is not None and len(m["classes"]) == 14
     aucs = []
     for c in m["classes"]:
         col = c.replace(" ", "_")
@@ -226,6 +226,11 @@ def test_multilabel_per_finding_auc(workdir):
         else:
             assert f["auc"] is None
     assert aucs and m["plain"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
+    d = m["tta_minus_plain"]  # paired over the findings with both classes
+    assert d["findings"] == len(aucs) and d["auc_diff"] == pytest.approx(m["tta"]["mean_auc"] - m["plain"]["mean_auc"])
+    assert len(_csv(run / "val_predictions.csv")) == json.loads(
+        (Path(str(cfg).replace("cfg-multilabel.yaml", "prepared-multilabel")) / "manifest.json").read_text()
+    )["splits"]["val"]["count"]
     assert "Mean AUROC" in p.stdout and "CheXNet" in (run / "report.md").read_text()
     assert (run / "plots" / "roc_per_finding.png").is_file()
 

@@ -141,3 +141,17 @@ def test_auc_of_positives_with_and_without_co_findings():
     keep = (y == 0) | (co & (y == 1))
     assert a["value"] == pytest.approx(roc_auc_score(y[keep], p[keep]))
     assert a["positives"] == int((co & (y == 1)).sum()) and a["low"] <= a["high"]
+
+
+def test_multilabel_paired_mean_auc_difference_equals_explicit_resampling():
+    rng = np.random.default_rng(4)
+    Y = rng.integers(0, 2, (150, 3))
+    Pa = np.clip(0.3 * Y + rng.random((150, 3)) * 0.7, 0, 1)
+    Pb = np.clip(Pa + rng.normal(0, 0.1, Pa.shape), 0, 1)
+    g = rng.integers(0, 40, 150)
+    d = M.paired_mean_auc_difference(Y, Pa, Pb, g, n_boot=60, seed=2)
+    diffs = [np.mean([roc_auc_score(Y[idx, k], Pb[idx, k]) - roc_auc_score(Y[idx, k], Pa[idx, k]) for k in range(3)])
+             for idx in _explicit_resamples(g, 60, 2)]
+    assert d["auc_diff"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], Pb[:, k]) - roc_auc_score(Y[:, k], Pa[:, k])
+                                                   for k in range(3)]))
+    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5)) and d["high"] == pytest.approx(np.percentile(diffs, 97.5))
