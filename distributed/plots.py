@@ -90,7 +90,7 @@ def plot_calibration(path, curves: Sequence[tuple[str, Sequence[Mapping]]], titl
         ax.scatter(x, y, s=12 + 120 * n / n.max(), c=f"C{i}", alpha=0.7)
     ax.set(xlabel="Mean predicted probability (10 equal-width bins)", ylabel="Fraction positive",
            xlim=(0, 1), ylim=(0, 1.01), title=title)
-    ax.legend(loc="upper left", fontsize=7)
+    ax.legend(loc="lower right", fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

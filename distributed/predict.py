@@ -141,7 +141,7 @@ def calibration_note(cal: dict | None) -> str | None:
         parts.append(f"temperature {cal['temperature']:.3f}")
     if cal.get("prior_correction"):
         parts.append(f"prior correction to prevalence {cal['target_prevalence']:.3f} (logit shift {cal['shift']:+.3f})")
-    return f"probabilities calibrated by {cal['file']}: " + ", ".join(parts) + " (raw_probability: the network's)"
+    return f"probabilities calibrated by {cal['file']}: " + ", ".join(parts) + " (--json: raw_probability is the network's)"
 
 
 # --------------------------------------------------------------------------- overlays
