@@ -427,6 +427,9 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               "- `val_predictions.csv`: the same for the validation split (the operating point and calibration are "
               "fitted on it)",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
-              "- `eval_config.yaml`: the configuration of this evaluation", ""]
+              "- `eval_config.yaml`: the configuration of this evaluation"]
+    if (metrics.get("plain") or {}).get("calibrated"):
+        lines.append("- `calibration.json`: the probability transform fitted on validation, for `cxr-predict`")
+    lines.append("")
     lines.append(claim_checklist(metrics, manifest, cfg))
     return atomic_write_text(run_dir / "report.md", "\n".join(lines))
