@@ -409,3 +409,26 @@ def test_predict_applies_the_run_s_calibration(binary_run, tmp_path):
     out = json.loads(p.stdout)
     assert out["calibration"]["applied"] is False and "not applied" in out["calibration"]["note"]
     assert "raw_probability" not in out["results"][0]
+
+
+def test_selected_checkpoint_names_phase_and_epoch_from_history(tmp_path):
+    """best: the fine-tune phase's best unless checkpoint_phase any; without best-finetune.keras (an older
+    run) best.keras with a note; last: the last row; final: model.keras, made from the fine-tune best."""
+    from distributed.evaluate import select_checkpoint
+
+    (tmp_path / "checkpoints").mkdir()
+    for f in ("checkpoints/best.keras", "checkpoints/last.keras", "model.keras"):
+        (tmp_path / f).write_bytes(b"x")
+    (tmp_path / "history.csv").write_text("phase,epoch,loss,val_loss\nwarmup,1,0.7,0.40\nfinetune,2,0.6,0.50\n"
+                                          "finetune,3,0.5,0.45\nfinetune,4,0.4,0.45\nfinetune,5,0.4,0.47\n")
+    path, info = select_checkpoint(tmp_path, "best", "finetune")
+    assert path.name == "best.keras" and (info["phase"], info["epoch"]) == ("warmup", 1) and "best-finetune" in info["note"]
+    (tmp_path / "checkpoints" / "best-finetune.keras").write_bytes(b"x")
+    path, info = select_checkpoint(tmp_path, "best", "finetune")
+    assert path.name == "best-finetune.keras" and info == {
+        "file": "checkpoints/best-finetune.keras", "rule": "best val_loss of the fine-tune phase", "phase": "finetune",
+        "epoch": 3, "val_loss": 0.45}  # the first of two equal losses, as the trainer's strict '<' keeps it
+    assert select_checkpoint(tmp_path, "best", "any")[1]["epoch"] == 1
+    assert select_checkpoint(tmp_path, "last")[1]["epoch"] == 5
+    path, info = select_checkpoint(tmp_path, "final")
+    assert path.name == "model.keras" and (info["phase"], info["epoch"]) == ("finetune", 3)
