@@ -128,9 +128,9 @@ def decide(plan: PrecisionPlan, ratio: float | None, source: str = "measured", m
     figs = tuple(sorted((figures or {}).items()))
     if ratio is None:
         if "amx_bf16" in flags:
-            return PrecisionPlan("mixed_bfloat16", "auto: AMX-BF16; no calibration could run", plan.onednn_env,
+            return PrecisionPlan("mixed_bfloat16", "auto: AMX-BF16, not measured", plan.onednn_env,
                                  figures=figs)
-        return PrecisionPlan("float32", "auto: no calibration could run", plan.onednn_env, figures=figs)
+        return PrecisionPlan("float32", "auto: not measured", plan.onednn_env, figures=figs)
     how = _SOURCES[source]
     where = "" if source == "shared" else " on this CPU"
     if ratio >= margin:
