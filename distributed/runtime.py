@@ -129,18 +129,23 @@ def settle_precision(plan: ThreadPlan, cfg, share=None, root: bool = True) -> Th
     figures = {k: result[k] for k in ("ratio", "method", "float32_ms", "bfloat16_ms", "batch", "measured")
                if k in result}
     chosen = decide(p, result.get("ratio"), source, figures=figures, flags=flags)
+    if root or share is None:  # the ranks that took root's figures have nothing of their own to say
+        _log_calibration(chosen, result, source)
+    return dataclasses.replace(plan, precision=chosen)
+
+
+def _log_calibration(chosen, result: dict, source: str) -> None:
     logger = get_logger()
     if result.get("error"):
         logger.warning("precision auto: no calibration (%s); %s", result["error"], chosen.describe())
-    else:
-        what = ("training step (forward and backward)" if result.get("method") == "step"
-                else f"forward pass over the model's {result.get('layers', '?')} conv/dense layers")
-        logger.info("%s [float32 %.1f ms, bfloat16 %.1f ms per %s, batch %s; %s]", chosen.describe(),
-                    result["float32_ms"], result["bfloat16_ms"], what, result.get("batch", "?"),
-                    f"calibration {result['calibration_s']:.1f} s, cached in {result.get('cache')}"
-                    if source == "measured" else f"measured {result.get('measured', '?')}, cached in "
-                                                 f"{result.get('cache', '?')}" if source == "cached" else "rank 0's")
-    return dataclasses.replace(plan, precision=chosen)
+        return
+    what = ("training step (forward and backward)" if result.get("method") == "step"
+            else f"forward pass over the model's {result.get('layers', '?')} conv/dense layers")
+    when = (f"calibration {result.get('calibration_s', 0):.1f} s" if source == "measured"
+            else f"measured {result.get('measured', '?')}")
+    logger.info("%s [float32 %.1f ms, bfloat16 %.1f ms per %s, batch %s; %s, cached in %s]", chosen.describe(),
+                result["float32_ms"], result["bfloat16_ms"], what, result.get("batch", "?"), when,
+                result.get("cache", "?"))
 
 
 def _calibration(plan: ThreadPlan, cfg) -> dict:
