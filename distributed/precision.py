@@ -50,6 +50,8 @@ class PrecisionPlan:
         return self.precision == "mixed_bfloat16"
 
     def describe(self) -> str:
+        if self.measure:  # before TensorFlow loads: float32 only until the calibration decides
+            return f"precision {self.reason}"
         return f"precision {self.precision} ({self.reason})"
 
 
