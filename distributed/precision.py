@@ -7,8 +7,8 @@ environment variable (``TF_ENABLE_ONEDNN_OPTS``) that TensorFlow reads once, at 
 * ``mixed_bfloat16``: Keras' mixed-precision policy. Convolutions and matmuls compute in bfloat16;
   variables, gradients (and so Horovod's allreduce), the input layers, the classifier's softmax
   and the loss stay float32. No loss scaling is needed: bfloat16 has float32's exponent range.
-  TensorFlow's oneDNN kernels run bfloat16 on AMX tiles (``amx_bf16``), so oneDNN is turned on
-  for it unless ``runtime.onednn: off`` forbids it.
+  TensorFlow's oneDNN kernels run bfloat16 on AMX tiles (``amx_bf16``) or as AVX512_BF16 dot
+  products, so oneDNN is turned on for it unless ``runtime.onednn: off`` forbids it.
 * ``auto``: decided by measurement where the CPU has bfloat16 instructions (``avx512_bf16``, e.g.
   AMD Zen 4/5 and Intel Cooper Lake or later, or ``amx_bf16``) and oneDNN may run: after TensorFlow
   loads, rank 0 times a bfloat16 against a float32 pass over the model's own convolution and dense
