@@ -66,13 +66,17 @@ class Variant:
     env: tuple[tuple[str, str], ...] = ()
     threads: str = "default"  # default | tuned
     precision: str = "float32"  # float32 | mixed_bfloat16 (runtime.precision of the timed model)
+    framework: str = "tensorflow"  # tensorflow | pytorch (the peer in benchmarks/torch_peer.py)
 
     @property
     def env_dict(self) -> dict[str, str]:
         return dict(self.env)
 
 
-_VARIANT_KEYS = {"description", "python", "requirements", "pip_args", "env", "threads", "precision"}
+_VARIANT_KEYS = {"description", "python", "requirements", "pip_args", "env", "threads", "precision", "framework"}
+# The module whose --worker times a variant: the TensorFlow step here, or the PyTorch peer (imported
+# only in its own process, so it costs nothing unless a pytorch variant is asked for).
+WORKERS = {"tensorflow": "benchmarks.epoch_timing", "pytorch": "benchmarks.torch_peer"}
 
 
 def _str_list(v, where) -> tuple[str, ...]:
@@ -115,10 +119,13 @@ def load_variants(path) -> tuple[list[Variant], str, tuple[str, ...]]:
         precision = spec.get("precision", "float32")
         if precision not in ("float32", "mixed_bfloat16"):
             raise VariantError(f"{where}.precision: expected float32 or mixed_bfloat16, got {precision!r}")
+        framework = spec.get("framework", "tensorflow")
+        if framework not in WORKERS:
+            raise VariantError(f"{where}.framework: expected {' or '.join(WORKERS)}, got {framework!r}")
         out.append(Variant(name=str(name), description=str(spec.get("description", "")), python=str(python),
                            requirements=reqs, pip_args=_str_list(spec.get("pip_args") or [], f"{where}.pip_args"),
                            env=tuple((str(k), str(v)) for k, v in env.items()), threads=threads,
-                           precision=precision))
+                           precision=precision, framework=framework))
     baseline = str(tree.get("baseline") or out[0].name)
     if baseline not in {v.name for v in out}:
         raise VariantError(f"{p}: baseline {baseline!r} is not a variant")
@@ -344,7 +351,7 @@ def _fake_worker(spec, cfg, out) -> dict:
 
 def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 3600, log=print) -> dict:
     rec: dict[str, Any] = {"name": variant.name, "description": variant.description, "threads": variant.threads,
-                           "precision": variant.precision,
+                           "precision": variant.precision, "framework": variant.framework,
                            "requirements": list(variant.requirements), "env_set": variant.env_dict}
     t0 = time.perf_counter()
     try:
@@ -360,7 +367,7 @@ def run_variant(variant: Variant, spec: dict, common=(), timeout: float = 4 * 36
     stamp = f"{os.getpid()}-{variant.name}-{int(time.time() * 1000)}"
     spec_file, out_file, log_file = tmp / f"{stamp}.spec.json", tmp / f"{stamp}.out.json", tmp / f"{stamp}.log"
     spec_file.write_text(json.dumps({**spec, "threads": variant.threads, "precision": variant.precision}))
-    cmd = [py, "-m", "benchmarks.epoch_timing", "--worker", str(spec_file), str(out_file)]
+    cmd = [py, "-m", WORKERS[variant.framework], "--worker", str(spec_file), str(out_file)]
     log(f"[{variant.name}] running in {py} ({how}); log {log_file}")
     try:
         with open(log_file, "w") as lf:

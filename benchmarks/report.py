@@ -14,7 +14,8 @@ FLOP_CONVENTION = ("FLOPs count convolutions and dense layers only, 1 multiply-a
                    "the forward); frozen layers before it run forward only. So warm-up (backbone frozen) costs about "
                    "1x forward, a fully trainable model 3x. MFU = achieved GFLOP/s / the best matmul GFLOP/s "
                    "of the row's compute type (float32, or bfloat16 for mixed_bfloat16 rows) measured on this machine "
-                   "in the same run (over square shapes, by every variant's own TensorFlow; the best of them).")
+                   "in the same run (over square shapes, by every variant's own framework: TensorFlow's MatMul, "
+                   "PyTorch's torch.mm; the best of them).")
 
 
 def _fmt(x, nd=1):
@@ -135,9 +136,9 @@ def epoch_markdown(results: dict) -> str:
         vers = ", ".join(f"{k} {val}" for k, val in (v.get("versions") or {}).items())
         env = " ".join(f"{k}={val}" for k, val in (v.get("env") or {}).items()) or "(none set)"
         L.append(f"  - {v.get('install', '')}; {vers}")
-        L.append(f"  - environment: {env}; TensorFlow pools intra/inter-op = "
+        L.append(f"  - environment: {env}; thread pools intra/inter-op = "
                  f"{v.get('threads_effective', {}).get('intra_op')}/{v.get('threads_effective', {}).get('inter_op')} "
-                 f"(0 = TensorFlow's default); matmul {v.get('matmul', {}).get('gflops', 0):.1f} GFLOP/s"
+                 f"(0 = the framework's default); matmul {v.get('matmul', {}).get('gflops', 0):.1f} GFLOP/s"
                  + (f" float32, {v['matmul_bf16']['gflops']:.1f} bfloat16" if v.get("matmul_bf16") else ""))
     L += ["", "## Machine", "", *machine_lines(m), ""]
     return "\n".join(L)

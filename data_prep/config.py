@@ -150,8 +150,10 @@ class RuntimeConfig:
                                                     "validation on a one-CPU rank: there it delays each pass's end)")
     precision: Literal["auto", "float32", "mixed_bfloat16"] = _f(
         "auto", "compute precision: float32, mixed_bfloat16 (Keras mixed precision: bfloat16 compute, float32 "
-                "weights, loss and outputs; oneDNN is turned on for it), or auto = mixed_bfloat16 on CPUs with "
-                "AMX-BF16 when oneDNN runs, float32 elsewhere (bfloat16 without AMX is emulated and slow)")
+                "weights, loss and outputs; oneDNN is turned on for it), or auto = measured on CPUs with bfloat16 "
+                "instructions (AVX512_BF16, AMX-BF16) when oneDNN runs: rank 0 times the model's layers in both "
+                "and every rank takes mixed_bfloat16 when it is >= 1.15x faster (cached in "
+                "$CXR_CACHE_DIR/precision.json, default ~/.cache/cxr-transfer); float32 elsewhere")
     horovod_cycle_ms: float = _f(0.0, "HOROVOD_CYCLE_TIME in ms: how often Horovod's background thread negotiates "
                                  "with the other ranks; 0 = auto (50 ms: CPU steps take seconds, Horovod's 1 ms "
                                  "default is for GPUs)", 0.0, 10000.0)

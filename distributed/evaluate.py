@@ -745,6 +745,8 @@ def main(argv=None) -> int:
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:
+        hvd.init()  # Horovod: rank 0's auto-precision figures are broadcast, one precision for all ranks
+        plan = runtime.settle_precision(plan, cfg, share=hvd.broadcast_object, root=hvd.is_root())
         evaluate(cfg, precision=runtime.configure_precision(plan))
     finally:
         hvd.shutdown()

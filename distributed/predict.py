@@ -42,7 +42,7 @@ from data_prep.fsutil import atomic_write_bytes, sha256_file
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
-from distributed.precision import plan_precision
+from distributed.precision import cpu_flags, decide, plan_precision
 
 
 # --------------------------------------------------------------------------- model and its run
@@ -194,7 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="decision threshold; default: the run's eval.threshold, else 0.5")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default="auto",
-                   help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32); "
+                   help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32; not measured "
+                        "here); "
                         "probabilities are float32 either way")
     add_debug_arg(p)
     return p
@@ -305,6 +306,9 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
     # bfloat16 needs oneDNN, which TensorFlow reads at import: decide before open_model imports it.
     precision = plan_precision(args.precision, environ=os.environ)
+    # auto is measured by training and evaluation (distributed/calibrate.py), not for a few images here:
+    # unmeasured it is bfloat16 on AMX-BF16, float32 elsewhere.
+    precision = decide(precision, None, flags=cpu_flags())
     if precision.onednn_env:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
     model_path, model = open_model(args.model, precision.precision)

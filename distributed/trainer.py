@@ -44,8 +44,13 @@ def run(cfg, plan, resume: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
     {"state", "history", "run_dir"} (the same on every rank)."""
     runtime.configure_tensorflow(plan)
-    precision = runtime.configure_precision(plan)  # float32 or mixed_bfloat16 for this rank's CPU
     hvd.init()  # Horovod: initialise; rank and size come from horovodrun/mpirun (1 process without)
+    # runtime.precision auto on a bfloat16 CPU: rank 0 measures (or reads its cached figures) and
+    # Horovod: broadcasts them, so every rank computes in the same precision. Elastic ranks join
+    # mid-run, when no one would answer a broadcast: each decides for itself (cached per node).
+    plan = runtime.settle_precision(plan, cfg, share=None if cfg.train.elastic else hvd.broadcast_object,
+                                    root=hvd.is_root())
+    precision = runtime.configure_precision(plan)  # float32 or mixed_bfloat16
     run_dir = Path(cfg.run.dir)
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
     if hvd.is_root():  # Horovod: one writer per file

@@ -1,7 +1,8 @@
 """The whole training path learns: generated data (64 px), prep, ``python -m distributed.train``
 with the ``tiny`` backbone from random weights, then the validation AUC MEASURED here, from the
 saved model, independently of the trainer's own numbers (which must agree). In float32 and in
-mixed_bfloat16 (emulated, slower, on CPUs without AMX), which must reach the same AUC."""
+mixed_bfloat16 (forced, whatever ``auto`` would pick: oneDNN's bfloat16 kernels on AMX-BF16 and on
+AVX512_BF16 CPUs such as AMD EPYC Zen 4, emulated and slower elsewhere), which must reach the same AUC."""
 import csv
 import json
 import os

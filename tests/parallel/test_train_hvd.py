@@ -73,6 +73,12 @@ def test_two_ranks_train_both_phases_identically(tmp_path):
         ["best-finetune.keras", "best.keras", "last-optimizer.npz", "last.keras", "state.json"]
     state = json.loads((run_dir / "checkpoints" / "state.json").read_text())
     assert state["writer_rank"] == 0 and state["size"] == 2 and state["complete"]
+    # runtime.precision auto: on a bfloat16 CPU rank 0 alone measures, both ranks take its choice (the
+    # identical weights above could not come from two precisions)
+    from distributed.precision import cpu_flags
+
+    if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
+        assert len(re.findall(r"\(auto: measured .*ms per ", out)) == 1, out[-3000:]  # one calibration
     assert (run_dir / "model.keras").is_file() and (run_dir / "saved_model" / "saved_model.pb").is_file()
     assert not [x for x in run_dir.iterdir() if x.name.startswith(".")]
 

@@ -96,9 +96,11 @@ def test_shipped_variants_file():
     variants, baseline, common = load_variants(ROOT / "configs/bench/variants.yaml")
     by = {v.name: v for v in variants}
     assert list(by) == ["stock", "onednn", "onednn-tuned", "intel-tensorflow", "itex", "onednn-bf16",
-                        "intel-tensorflow-bf16", "itex-bf16"]
+                        "intel-tensorflow-bf16", "itex-bf16", "pytorch", "pytorch-bf16"]
     assert {v.name for v in variants if v.precision == "mixed_bfloat16"} == {"onednn-bf16", "intel-tensorflow-bf16",
-                                                                            "itex-bf16"}
+                                                                            "itex-bf16", "pytorch-bf16"}
+    assert {v.name for v in variants if v.framework == "pytorch"} == {"pytorch", "pytorch-bf16"}
+    assert by["pytorch"].requirements == by["pytorch-bf16"].requirements == ("torch==2.13.0",)
     assert baseline == "stock"
     assert by["stock"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "0"} and by["stock"].threads == "default"
     assert by["onednn"].env_dict == {"TF_ENABLE_ONEDNN_OPTS": "1"} and by["onednn"].threads == "default"
@@ -115,6 +117,7 @@ def test_shipped_variants_file():
     ("variants: {a: {python: current, threads: many}}", "threads"),
     ("variants: {}", "non-empty"),
     ("baseline: z\nvariants: {a: {python: current}}", "baseline 'z'"),
+    ("variants: {a: {python: current, framework: jax}}", "variants.a.framework: expected tensorflow or pytorch"),
 ])
 def test_variants_file_errors(tmp_path, text, match):
     p = tmp_path / "v.yaml"
@@ -308,3 +311,51 @@ def test_variant_precision_is_checked(tmp_path):
     f.write_text("variants:\n  x:\n    python: current\n    precision: float16\n")
     with pytest.raises(VariantError, match="variants.x.precision"):
         load_variants(f)
+
+
+# --------------------------------------------------------------------------- the PyTorch peer (no torch needed)
+
+def test_torch_peer_freezes_and_counts_as_the_keras_model():
+    """The peer's frozen convolutions per phase and its FLOPs per image are those of the Keras model."""
+    tf = pytest.importorskip("tensorflow")
+    from benchmarks.flops import count_flops
+    from benchmarks.torch_peer import frozen_convs, vgg16_flops
+    from data_prep.config import load_config
+    from distributed import model as M
+
+    cfg = load_config(None, ["model.backbone=vgg16", "model.weights=none", "model.dense_units=64"])
+    model = M.build_model(cfg.model, 64, 2)
+    for phase, freeze, first in [("warmup", "first_n", 10), ("finetune", "first_n", 10), ("finetune", "first_n", 4),
+                                 ("finetune", "all_conv", 10)]:
+        M.set_trainable(model, phase, freeze, first)
+        convs = [layer for layer in model.layers if isinstance(layer, tf.keras.layers.Conv2D)]
+        n = frozen_convs(phase, freeze, first)
+        assert n == sum(not c.trainable for c in convs), (phase, freeze, first)
+        want = count_flops(model).summary()
+        got = vgg16_flops(64, 64, 2, n)
+        assert {k: got[k] for k in want} == want, (phase, freeze, first)
+    assert frozen_convs("finetune") == 7  # the article's first 10 layers: 7 of VGG16's 13 convolutions
+
+
+def test_pytorch_variant_runs_through_its_own_worker_and_costs_nothing_unless_asked(tmp_path):
+    """A pytorch variant's rows come from benchmarks.torch_peer in the same table; one not in --only
+    builds no venv and starts no process."""
+    variants = tmp_path / "variants.yaml"
+    variants.write_text(
+        "variants:\n"
+        "  tf:\n    python: current\n"
+        "  pt:\n    python: current\n    framework: pytorch\n    precision: mixed_bfloat16\n"
+        "  pt-unbuilt:\n    framework: pytorch\n    requirements: [cxr-bench-no-such-torch==0.0.0]\n")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    r = subprocess.run([sys.executable, "-m", "benchmarks", "epoch-timing", "--variants", str(variants),
+                        "--only", "tf", "--only", "pt", "--fake-workload", "0.002", "--quick", "--out", str(out)],
+                       cwd=ROOT, env={**os.environ, "CXR_BENCH_CACHE": str(cache)}, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    res = json.loads((out / "epoch-timing.json").read_text())
+    by = {v["name"]: v for v in res["variants"]}
+    assert set(by) == {"tf", "pt"} and by["pt"]["status"] == "ok"
+    assert by["pt"]["framework"] == "pytorch" and by["tf"]["framework"] == "tensorflow"
+    assert by["pt"]["worker"] == "benchmarks.torch_peer" and "worker" not in by["tf"]
+    assert "| pt | mixed_bfloat16 |" in (out / "epoch-timing.md").read_text()
+    assert not (cache / "venvs").exists()  # the unrequested pytorch variant built nothing
