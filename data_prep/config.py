@@ -129,6 +129,15 @@ class TrainConfig:
                 "bandwidth-bound multi-node runs; see BENCHMARKS.md)")
     elastic: bool = _f(False, "Horovod elastic: go on with the ranks that remain when one is lost, grow back "
                               "when hosts return (state committed each epoch; `launch train --elastic`)")
+    stop_signals: str = _f("SIGTERM,SIGUSR1,SIGINT", "signals that stop training at the next step all ranks agree "
+                           "on, with a checkpoint of that step (exit code 128 + signal; resume with --resume); "
+                           "comma-separated, empty = none")
+    checkpoint_every_s: float = _f(0.0, "rank 0 writes a step checkpoint when this many seconds passed since the "
+                                   "last one (a kill -9 or a lost node costs at most that); 0 = epochs only",
+                                   0.0, 1e7)
+    record_batches: bool = _f(False, "write run.dir/batches.csv: phase, epoch, step, rank and the SHA-1 of the "
+                                     "step's image indices (to check that a resumed run reads what an "
+                                     "uninterrupted one would)")
     augment: AugmentConfig = _f(AugmentConfig(), "")
     warmup: WarmupConfig = _f(WarmupConfig(), "")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "")

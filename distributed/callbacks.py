@@ -6,11 +6,15 @@ identical everywhere); only rank 0 touches files. Collectives go through ``distr
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
+import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from data_prep.config import ConfigError
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from distributed import hvd
@@ -25,6 +30,8 @@ from distributed import hvd
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
                    "seconds", "images_per_s", "ranks")
 STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
+BATCH_COLUMNS = ("phase", "epoch", "step", "rank", "indices_sha1")  # batches.csv (train.record_batches)
+STEP_GLOB = "step-[0-9]*-[0-9]*"  # checkpoints/step-<epoch>-<step>/ (trainer.save_step_checkpoint)
 
 
 # --------------------------------------------------------------------------- run state
@@ -42,6 +49,7 @@ class RunState:
     size: int = 1
     writer_rank: int = 0
     precision: str = "float32"     # compute precision of the epochs so far (runtime.precision)
+    step: int = 0                  # steps done in epoch ``epoch + 1`` (a step checkpoint; 0 at an epoch's end)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -280,7 +288,7 @@ class Checkpointer(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         s = self.state
-        s.phase, s.phase_epoch, s.epoch = self.phase, epoch + 1, s.epoch + 1
+        s.phase, s.phase_epoch, s.epoch, s.step = self.phase, epoch + 1, s.epoch + 1, 0
         vl = logs.get("val_loss", float("nan"))
         improved = vl is not None and math.isfinite(vl) and vl < s.best_val_loss
         if improved:
@@ -308,6 +316,8 @@ class Checkpointer(tf.keras.callbacks.Callback):
             save_model_atomic(self.model, self.ckpt / "best.keras")
         s.writer_rank = hvd.rank()
         atomic_write_json(self.ckpt / "state.json", s.to_json())
+        for old in self.ckpt.glob(STEP_GLOB):  # step checkpoints of this epoch: behind state.json now
+            shutil.rmtree(old, ignore_errors=True)
         self.writes += 1
 
 
@@ -439,6 +449,137 @@ class StopHook(tf.keras.callbacks.Callback):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(STOP_EXIT_CODE)
+
+
+# --------------------------------------------------------------------------- stopping on a signal
+
+class Stopped(Exception):
+    """Training stopped by a signal at a step all ranks agreed on, its checkpoint written. The
+    process exits with ``exit_code`` = 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT
+    130): what a shell, Slurm and ``launch pipeline`` read as "ended by that signal", not as a
+    finished run (the next stage must not start on a half-trained model)."""
+
+    def __init__(self, signum: int, where: str):
+        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
+        self.signum, self.exit_code = signum, 128 + signum
+
+
+class Signals:
+    """The first stop signal received by this process (0: none yet)."""
+    got = 0
+
+
+def parse_stop_signals(spec: str) -> list[int]:
+    """``train.stop_signals``: comma-separated names (SIGTERM, SIGUSR1, SIGINT, ...); empty = none."""
+    out = []
+    for name in (n.strip().upper() for n in spec.split(",") if n.strip()):
+        name = name if name.startswith("SIG") else "SIG" + name
+        sig = getattr(signal, name, None)
+        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
+            raise ConfigError(f"train.stop_signals: {name!r} is not a signal that can be caught "
+                              f"(e.g. SIGTERM,SIGUSR1,SIGINT)")
+        out.append(int(sig))
+    return out
+
+
+@contextlib.contextmanager
+def stop_signals(spec: str):
+    """While training: the signals of ``spec`` only set :class:`Signals`.got (the step loop decides
+    when to stop); the previous handlers come back afterwards."""
+    holder, old = Signals(), {}
+
+    def handler(signum, frame):
+        if not holder.got:
+            holder.got = signum
+
+    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
+        for sig in parse_stop_signals(spec):
+            old[sig] = signal.signal(sig, handler)
+    try:
+        yield holder
+    finally:
+        for sig, h in old.items():
+            signal.signal(sig, h)
+
+
+class StepControl(tf.keras.callbacks.Callback):
+    """After every training step, on every rank: the batch record (``record``: batches.csv), the
+    stop flag, and rank 0's periodic step checkpoint.
+
+    Stop: the flag (the first stop signal this rank received, or 0) is allreduced with max every
+    step, so all ranks learn of a signal at the same step and stop after it: rank 0 writes a step
+    checkpoint (``save_step``), every rank waits for it, one log line, :class:`Stopped`. A signal
+    during an epoch's last step stops after that epoch's own checkpoint instead. ``every_s`` > 0:
+    rank 0 writes a step checkpoint when that many seconds passed since its last one (no collective:
+    the other ranks hold the same weights)."""
+
+    def __init__(self, state: RunState, phase: str, steps: int, signals: Signals, every_s: float, save_step,
+                 record: Path | None = None):
+        super().__init__()
+        self.state, self.phase, self.steps, self.signals = state, phase, steps, signals
+        self.every_s, self.save_step, self.record = float(every_s or 0), save_step, record
+        self.record_slots = {} if record is not None else None  # (epoch, step) -> indices_sha1, by the dataset
+        self.offset = 0  # steps of the epoch done before this fit (a resumed epoch)
+        self.root = hvd.is_root()
+        self.pending = 0
+        self.last = time.monotonic()
+        self.flag_s, self.flags = 0.0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        s = self.state
+        b = self.offset + batch  # 0-based step of epoch s.epoch + 1 just done
+        s.step = b + 1
+        if self.record_slots is not None:
+            row = (self.phase, s.epoch + 1, b + 1, hvd.rank(), self.record_slots.pop((s.epoch, b), ""))
+            rows = hvd.allgather_object(row)  # Horovod: rank 0 writes every rank's row
+            if self.root:
+                append_batches(self.record, rows)
+        t = time.perf_counter()
+        flag = int(hvd.allreduce(np.int32(self.signals.got), op="max", name="cxr_stop"))  # Horovod: one decision
+        self.flag_s, self.flags = self.flag_s + time.perf_counter() - t, self.flags + 1
+        if flag and s.step < self.steps:
+            self._stop(flag, f"at epoch {s.epoch + 1} step {s.step} of {self.steps}", mid=True)
+        elif flag:
+            self.pending = flag  # the epoch's end is one step away: its checkpoint is the stop's
+        elif self.every_s and self.root and s.step < self.steps and time.monotonic() - self.last >= self.every_s:
+            t = time.perf_counter()
+            size = self.save_step()
+            get_logger().info("step checkpoint at epoch %d step %d of %d: %.1f MB in %.2f s", s.epoch + 1, s.step,
+                              self.steps, size / 2**20, time.perf_counter() - t)
+            self.last = time.monotonic()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last = time.monotonic()  # the epoch's checkpoint was just written
+        if self.pending:
+            self._stop(self.pending, f"at the end of epoch {self.state.epoch}", mid=False)
+
+    def _stop(self, signum: int, where: str, mid: bool):
+        if mid and self.root:
+            self.save_step()
+        hvd.barrier()  # Horovod: every rank leaves after rank 0 wrote the checkpoint
+        get_logger().warning("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)
+        raise Stopped(signum, where)
+
+
+def append_batches(path: Path, rows) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(BATCH_COLUMNS)
+        w.writerows(rows)
+
+
+def truncate_batches(path: Path, epochs: int, step: int) -> None:
+    """Keep the rows of steps a checkpoint covers (epochs 1..``epochs`` and ``step`` steps of the next)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["epoch"]) <= epochs or (int(r["epoch"]) == epochs + 1 and int(r["step"]) <= step)]
+    if len(keep) != len(rows):
+        atomic_write_text(path, ",".join(BATCH_COLUMNS) + "\n" +
+                          "".join(",".join(r[k] for k in BATCH_COLUMNS) + "\n" for r in keep))
 
 
 # --------------------------------------------------------------------------- files

@@ -2,7 +2,7 @@
 
 The same code runs alone, under ``horovodrun -np N`` or ``mpirun -np N``; without Horovod it
 trains on one process and says so once. The recipe (two phases, Horovod's lines, checkpoints,
-resume) is :func:`distributed.trainer.run`.
+resume) is :func:`distributed.trainer.run` (:func:`distributed.elastic.run` with ``train.elastic``).
 
 Order matters: this module is imported before TensorFlow. :func:`train` first puts this rank's
 thread plan into the environment (``distributed.runtime.apply``: TensorFlow sizes its thread
@@ -41,14 +41,19 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
-    train(cfg, resume=args.resume)
-    return 0
+    # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
+    # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
+    return int(train(cfg, resume=args.resume).get("exit_code", 0))
 
 
 def train(cfg, resume: bool = False, plan=None) -> dict:
     """Train per ``cfg``; returns {"state", "history", "run_dir"} (the same on every rank).
     ``plan``: a thread plan the caller already applied (benchmarks), else this applies one."""
     plan = plan or runtime.apply(cfg.runtime)  # oneDNN/OpenMP threads of this rank: BEFORE TensorFlow starts
+    if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
+        from distributed import elastic  # imports TensorFlow: only now that the thread plan is in os.environ
+
+        return elastic.run(cfg, plan, resume=resume)
     from distributed import trainer  # imports TensorFlow: only now that the thread plan is in os.environ
 
     return trainer.run(cfg, plan, resume=resume)
