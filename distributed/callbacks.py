@@ -173,22 +173,28 @@ def gathered_predictions(model, dataset):
 # --------------------------------------------------------------------------- callbacks
 
 class EpochTimer(tf.keras.callbacks.Callback):
-    """``seconds`` (training part of the epoch) and ``images_per_s`` over all ranks."""
+    """``seconds`` (training part of the epoch) and ``images_per_s`` over all ranks (of the steps
+    this process ran: a resumed epoch's remaining steps)."""
 
-    def __init__(self, images_per_epoch: int):
+    def __init__(self, images_per_epoch: int, steps: int = 1):
         super().__init__()
-        self.images = images_per_epoch
+        self.images_per_step = images_per_epoch / max(1, steps)
         self._t = 0.0
+        self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
         dt = time.perf_counter() - self._t
         dt = float(hvd.allreduce(np.float64(dt), op="max", name="epoch_seconds"))  # Horovod: slowest rank's time
         if logs is not None:
             logs["seconds"] = dt
-            logs["images_per_s"] = self.images / dt if dt > 0 else float("nan")
+            logs["images_per_s"] = self._steps * self.images_per_step / dt if dt > 0 else float("nan")
 
 
 def batchnorm_statistics(model) -> list:
@@ -557,7 +563,7 @@ class StepControl(tf.keras.callbacks.Callback):
         if mid and self.root:
             self.save_step()
         hvd.barrier()  # Horovod: every rank leaves after rank 0 wrote the checkpoint
-        get_logger().warning("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)
+        get_logger().info("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)  # rank 0: one line
         raise Stopped(signum, where)
 
 

@@ -237,7 +237,7 @@ def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: i
     return [
         # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
         hvd.metric_average_callback(),
-        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size()),
+        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
         # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
         cb.AverageBatchNormStatistics(),
         cb.LearningRateLogger(),
