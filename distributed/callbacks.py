@@ -6,7 +6,6 @@ identical everywhere); only rank 0 touches files. Collectives go through ``distr
 """
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import math
@@ -14,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data_prep.config import ConfigError
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from distributed import hvd
+from distributed.stopping import Signals, Stopped, parse_stop_signals, stop_signals  # noqa: F401 - the trainer's names
 
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
                    "seconds", "images_per_s", "ranks")
@@ -458,55 +456,6 @@ class StopHook(tf.keras.callbacks.Callback):
 
 
 # --------------------------------------------------------------------------- stopping on a signal
-
-class Stopped(Exception):
-    """Training stopped by a signal at a step all ranks agreed on, its checkpoint written. The
-    process exits with ``exit_code`` = 128 + the signal's number (SIGTERM 143, SIGUSR1 138, SIGINT
-    130): what a shell, Slurm and ``launch pipeline`` read as "ended by that signal", not as a
-    finished run (the next stage must not start on a half-trained model)."""
-
-    def __init__(self, signum: int, where: str):
-        super().__init__(f"stopped by {signal.Signals(signum).name} {where}")
-        self.signum, self.exit_code = signum, 128 + signum
-
-
-class Signals:
-    """The first stop signal received by this process (0: none yet)."""
-    got = 0
-
-
-def parse_stop_signals(spec: str) -> list[int]:
-    """``train.stop_signals``: comma-separated names (SIGTERM, SIGUSR1, SIGINT, ...); empty = none."""
-    out = []
-    for name in (n.strip().upper() for n in spec.split(",") if n.strip()):
-        name = name if name.startswith("SIG") else "SIG" + name
-        sig = getattr(signal, name, None)
-        if not isinstance(sig, signal.Signals) or sig in (signal.SIGKILL, signal.SIGSTOP):
-            raise ConfigError(f"train.stop_signals: {name!r} is not a signal that can be caught "
-                              f"(e.g. SIGTERM,SIGUSR1,SIGINT)")
-        out.append(int(sig))
-    return out
-
-
-@contextlib.contextmanager
-def stop_signals(spec: str):
-    """While training: the signals of ``spec`` only set :class:`Signals`.got (the step loop decides
-    when to stop); the previous handlers come back afterwards."""
-    holder, old = Signals(), {}
-
-    def handler(signum, frame):
-        if not holder.got:
-            holder.got = signum
-
-    if threading.current_thread() is threading.main_thread():  # Python sets handlers there only
-        for sig in parse_stop_signals(spec):
-            old[sig] = signal.signal(sig, handler)
-    try:
-        yield holder
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h)
-
 
 class StepControl(tf.keras.callbacks.Callback):
     """After every training step, on every rank: the batch record (``record``: batches.csv), the

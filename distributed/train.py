@@ -27,6 +27,7 @@ import sys
 from data_prep.cli import command
 from data_prep.config import add_config_args, config_from_args
 from distributed import runtime
+from distributed.stopping import stop_signals
 
 
 def parse_args(argv=None):
@@ -43,7 +44,8 @@ def main(argv=None) -> int:
     cfg = config_from_args(args)
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
-    return int(train(cfg, resume=args.resume).get("exit_code", 0))
+    with stop_signals(cfg.train.stop_signals):  # from now on: a signal during start-up is kept too
+        return int(train(cfg, resume=args.resume).get("exit_code", 0))
 
 
 def train(cfg, resume: bool = False, plan=None) -> dict:

@@ -14,9 +14,10 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "multinode"))
+from cluster_tools import tiny_dataset  # noqa: E402  (120 patients, 32 px, the tiny backbone)
 SLEEP = "0.3"
 
 
@@ -34,20 +35,9 @@ def _run(args, env=None, timeout=300, check=True):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    base = tmp_path_factory.mktemp("stop")
-    _run(["-m", "data_prep.synthetic", "--out", str(base / "data"), "--patients", "120", "--image-size", "32",
-          "--seed", "3", "--no-progress"])
-    cfg = {
-        "data": {"csv": str(base / "data" / "Data_Entry_2017.csv"), "images": str(base / "data"), "image_size": 32},
-        "prep": {"out": str(base / "prepared"), "shard_size": 64, "train_per_class": 80, "val_fraction": 0.2,
-                 "test_fraction": 0.1},
-        "model": {"backbone": "tiny", "weights": "none", "dense_units": 16},
-        "train": {"batch_size": 16, "record_batches": True, "warmup": {"epochs": 1},
-                  "finetune": {"epochs": 2, "patience": 10, "lr": 0.01}},
-        "run": {"dir": str(base / "run")},
-    }
-    path = base / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path = tiny_dataset(tmp_path_factory.mktemp("stop"), seed=3,
+                        train={"batch_size": 16, "record_batches": True, "warmup": {"epochs": 1},
+                               "finetune": {"epochs": 2, "patience": 10, "lr": 0.01}})
     _run(["-m", "data_prep", "--config", str(path)])
     return path
 
@@ -82,13 +72,14 @@ def wait_for_rows(run: Path, proc, n: int, timeout: float = 180.0) -> None:
     raise AssertionError(f"no {n} rows in {run / 'batches.csv'} after {timeout} s")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+@pytest.mark.parametrize("sig,elastic", [(signal.SIGUSR1, False), (signal.SIGTERM, False), (signal.SIGUSR1, True)])
 def test_signal_mid_epoch_stops_with_a_step_checkpoint_and_resume_reads_the_same_batches(config, reference, tmp_path,
-                                                                                        sig):
+                                                                                        sig, elastic):
     assert [r[:3] for r in reference] == [(ph, str(e), str(s)) for ph, e in (("warmup", 1), ("finetune", 2),
                                                                               ("finetune", 3)) for s in range(1, 11)]
     run = tmp_path / "run"
-    proc = _start(config, run, env={"CXR_STEP_SLEEP_S": SLEEP})
+    mode = ("--set", f"train.elastic={str(elastic).lower()}")  # elastic training stops and resumes the same way
+    proc = _start(config, run, *mode, env={"CXR_STEP_SLEEP_S": SLEEP})
     wait_for_rows(run, proc, 13)  # epoch 2, the first fine-tune epoch, is under way
     t0 = time.monotonic()
     proc.send_signal(sig)
@@ -107,9 +98,10 @@ def test_signal_mid_epoch_stops_with_a_step_checkpoint_and_resume_reads_the_same
     assert not (run / "model.keras").exists()
     assert len(_rows(run)) == 10 + step  # every step done is recorded, none after the stop
 
-    resumed = _run(["-m", "distributed.train", "--config", str(config), "--set", f"run.dir={run}", "--resume"])
+    resumed = _run(["-m", "distributed.train", "--config", str(config), "--set", f"run.dir={run}", "--resume", *mode])
     assert f"and step {step} of epoch 2" in resumed.stderr and "optimizer state restored" in resumed.stderr
     assert _rows(run) == reference  # the same batches, in the same order, each once
+    print(f"reliability: 1 rank, {sig.name}{' (elastic)' if elastic else ''}: {took:.1f} s to exit, 0 steps lost")
     with open(run / "history.csv", newline="") as f:
         assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [("warmup", "1"), ("finetune", "2"),
                                                                          ("finetune", "3")]
@@ -129,6 +121,7 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(config, reference, tmp_pat
     kept = at["epoch"] * 10 + at["step"]
     # at most one interval's steps (and the one in progress) are lost
     assert 0 <= done - kept <= every / float(SLEEP) + 2, (done, kept)
+    print(f"reliability: kill -9, checkpoint_every_s {every}, {SLEEP} s steps: {done - kept} step(s) to redo")
     resumed = _run(["-m", "distributed.train", "--config", str(config), "--set", f"run.dir={run}", "--resume"])
     assert "resuming after epoch" in resumed.stderr
     assert _rows(run) == reference

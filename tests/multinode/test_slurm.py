@@ -197,3 +197,25 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
                   for e in range(4) for b in range(steps) for r in range(2))
     got = sorted((r["epoch"], r["step"], r["rank"], r["indices_sha1"]) for r in rows())
     assert got == want
+
+
+def test_sbatch_time_limit_signals_requeues_and_finishes(slurm, tmp_path):
+    """A job with a short --time: Slurm's --signal=B:USR1@100 (as cxr.sbatch's @120) arrives about
+    20-50 s in; the job requeues itself and its second run finishes (the test raises the requeued
+    job's limit, so that it ends in minutes)."""
+    config = tiny_dataset(tmp_path / "limit", seed=5, test_fraction=0.2,
+                          train={"batch_size": 16, "warmup": {"epochs": 1},
+                                 "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}})
+    run = tmp_path / "limit" / "run"
+    out = tmp_path / "job.out"
+    job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, "--time=2", "--signal=B:USR1@100",
+                  CONFIG=str(config), CXR_STEP_SLEEP_S="1")
+    _wait(slurm, job, 150, until=lambda: out.exists() and "requeueing job" in out.read_text())
+    assert "SIGUSR1 received" in out.read_text(), out.read_text()[-3000:]
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], env=slurm.env(), check=True, timeout=15)
+    _wait(slurm, job, 500)
+    log = out.read_text()
+    assert (run / "report.md").is_file(), log[-3000:]
+    with open(run / "history.csv", newline="") as f:
+        assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
+            ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]

@@ -125,6 +125,14 @@ def test_stop_signals_config_and_batch_record_truncation(tmp_path):
     with pytest.raises(Exception, match="train.stop_signals: 'SIGKILL'"):
         cb.parse_stop_signals("SIGKILL")
     assert cb.Stopped(signal.SIGTERM, "x").exit_code == 143 and cb.Stopped(signal.SIGUSR1, "x").exit_code == 138
+    import os
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with cb.stop_signals("SIGUSR1") as early:  # train.main's, before TensorFlow loads
+        os.kill(os.getpid(), signal.SIGUSR1)  # during start-up: kept, not fatal
+        with cb.stop_signals("SIGUSR1") as phases:  # train_phases'
+            assert phases is early and phases.got == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
     p = tmp_path / "batches.csv"
     cb.append_batches(p, [("warmup", e, s, r, f"h{e}{s}{r}") for e in (1, 2) for s in (1, 2, 3) for r in (0, 1)])
     cb.truncate_batches(p, 1, 2)  # the checkpoint: epoch 1 done, 2 steps of epoch 2
