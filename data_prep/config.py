@@ -132,6 +132,9 @@ class TrainConfig:
     stop_signals: str = _f("SIGTERM,SIGUSR1,SIGINT", "signals that stop training at the next step all ranks agree "
                            "on, with a checkpoint of that step (exit code 128 + signal; resume with --resume); "
                            "comma-separated, empty = none")
+    stop_check_s: float = _f(10.0, "seconds between two checks of the stop flag (one allreduce, about one Horovod "
+                                   "cycle); a signal stops training at most this much later; 0 = every step",
+                             0.0, 3600.0)
     checkpoint_every_s: float = _f(0.0, "rank 0 writes a step checkpoint when this many seconds passed since the "
                                    "last one (a kill -9 or a lost node costs at most that); 0 = epochs only",
                                    0.0, 1e7)
@@ -369,7 +372,7 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 SHARD_FORMAT = 2  # layout version of the shards and manifest.json (2: `converted` lists every kind); a new one invalidates old outputs
 HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
 PREP_RUN_KEYS = ("out", "strict", "overwrite")  # where and how prep runs, not what it makes
-TRAIN_RUN_KEYS = ("stop_signals", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains
+TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains
 
 
 def non_default(section, default=None) -> dict:

@@ -461,16 +461,20 @@ class StepControl(tf.keras.callbacks.Callback):
     """After every training step, on every rank: the batch record (``record``: batches.csv), the
     stop flag, and rank 0's periodic step checkpoint.
 
-    Stop: the flag (the first stop signal this rank received, or 0) is allreduced with max every
-    step, so all ranks learn of a signal at the same step and stop after it: rank 0 writes a step
+    Stop: the flag (the first stop signal this rank received, or 0) is allreduced with max, so all
+    ranks learn of a signal at the same step and stop after it. Each allreduce waits for Horovod's
+    next cycle (``runtime.horovod_cycle_ms``, 50 ms on CPUs), so it runs every step only with
+    ``check_s`` 0, else about every ``check_s`` seconds (every N steps, N from the slowest rank's
+    step time, which the same allreduce carries: the same N on every rank). Then rank 0 writes a step
     checkpoint (``save_step``), every rank waits for it, one log line, :class:`Stopped`. A signal
     during an epoch's last step stops after that epoch's own checkpoint instead. ``every_s`` > 0:
     rank 0 writes a step checkpoint when that many seconds passed since its last one (no collective:
     the other ranks hold the same weights)."""
 
     def __init__(self, state: RunState, phase: str, steps: int, signals: Signals, every_s: float, save_step,
-                 record: Path | None = None):
+                 record: Path | None = None, check_s: float = 0.0):
         super().__init__()
+        self.check_s, self.every_n, self.since, self.t_check = float(check_s), 1, 0, time.perf_counter()
         self.state, self.phase, self.steps, self.signals = state, phase, steps, signals
         self.every_s, self.save_step, self.record = float(every_s or 0), save_step, record
         self.record_slots = {} if record is not None else None  # (epoch, step) -> indices_sha1, by the dataset
@@ -489,9 +493,8 @@ class StepControl(tf.keras.callbacks.Callback):
             rows = hvd.allgather_object(row)  # Horovod: rank 0 writes every rank's row
             if self.root:
                 append_batches(self.record, rows)
-        t = time.perf_counter()
-        flag = int(hvd.allreduce(np.int32(self.signals.got), op="max", name="cxr_stop"))  # Horovod: one decision
-        self.flag_s, self.flags = self.flag_s + time.perf_counter() - t, self.flags + 1
+        flag = self._check() if self.since + 1 >= self.every_n else 0
+        self.since = 0 if self.since + 1 >= self.every_n else self.since + 1
         if flag and s.step < self.steps:
             self._stop(flag, f"at epoch {s.epoch + 1} step {s.step} of {self.steps}", mid=True)
         elif flag:
@@ -502,6 +505,18 @@ class StepControl(tf.keras.callbacks.Callback):
             get_logger().info("step checkpoint at epoch %d step %d of %d: %.1f MB in %.2f s", s.epoch + 1, s.step,
                               self.steps, size / 2**20, time.perf_counter() - t)
             self.last = time.monotonic()
+
+    def _check(self) -> int:
+        """The stop flag's allreduce (max over ranks of [signal, seconds per step since the last
+        check]): the agreed signal (0: none), and the steps to the next check, the same on every rank."""
+        t = time.perf_counter()
+        per_step = (t - self.t_check) / max(1, self.since + 1)
+        got, per_step = hvd.allreduce(np.array([self.signals.got, per_step], np.float64), op="max",
+                                      name="cxr_stop")  # Horovod: one decision for all ranks
+        self.t_check = time.perf_counter()
+        self.flag_s, self.flags = self.flag_s + self.t_check - t, self.flags + 1
+        self.every_n = 1 if self.check_s <= 0 else int(max(1, min(1000, self.check_s // max(per_step, 1e-3))))
+        return int(got)
 
     def on_epoch_end(self, epoch, logs=None):
         self.last = time.monotonic()  # the epoch's checkpoint was just written

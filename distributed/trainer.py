@@ -182,7 +182,8 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
                                    tb)  # Horovod: checkpoints written on rank 0 only
             control = cb.StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
                                      lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
-                                     run_dir / "batches.csv" if cfg.train.record_batches else None)
+                                     run_dir / "batches.csv" if cfg.train.record_batches else None,
+                                     cfg.train.stop_check_s)
             checkpointing = [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]
             try:
                 fit_phase(cfg, ph, state, train_data, val_data, checkpointing, control, log)
@@ -216,6 +217,9 @@ def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, 
                      initial_epoch=state.phase_epoch, callbacks=callbacks + shown, verbose=verbose)
         if not first:
             break
+    if control.flags and hvd.size() > 1:
+        log.info("stop flag: %d allreduce(s) of %.1f ms in phase %s", control.flags,
+                 1e3 * control.flag_s / control.flags, ph.name)
 
 
 def finish(cfg, model, state, writes: int, log) -> dict:

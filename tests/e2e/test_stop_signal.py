@@ -36,7 +36,7 @@ def _run(args, env=None, timeout=300, check=True):
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
     path = tiny_dataset(tmp_path_factory.mktemp("stop"), seed=3,
-                        train={"batch_size": 16, "record_batches": True, "warmup": {"epochs": 1},
+                        train={"batch_size": 16, "record_batches": True, "stop_check_s": 0, "warmup": {"epochs": 1},
                                "finetune": {"epochs": 2, "patience": 10, "lr": 0.01}})
     _run(["-m", "data_prep", "--config", str(path)])
     return path
@@ -72,13 +72,15 @@ def wait_for_rows(run: Path, proc, n: int, timeout: float = 180.0) -> None:
     raise AssertionError(f"no {n} rows in {run / 'batches.csv'} after {timeout} s")
 
 
-@pytest.mark.parametrize("sig,elastic", [(signal.SIGUSR1, False), (signal.SIGTERM, False), (signal.SIGUSR1, True)])
+@pytest.mark.parametrize("sig,elastic,check_s", [(signal.SIGUSR1, False, 0), (signal.SIGTERM, False, 0),
+                                                 (signal.SIGUSR1, True, 0), (signal.SIGTERM, False, 1)])
 def test_signal_mid_epoch_stops_with_a_step_checkpoint_and_resume_reads_the_same_batches(config, reference, tmp_path,
-                                                                                        sig, elastic):
+                                                                                        sig, elastic, check_s):
     assert [r[:3] for r in reference] == [(ph, str(e), str(s)) for ph, e in (("warmup", 1), ("finetune", 2),
                                                                               ("finetune", 3)) for s in range(1, 11)]
     run = tmp_path / "run"
-    mode = ("--set", f"train.elastic={str(elastic).lower()}")  # elastic training stops and resumes the same way
+    # elastic training stops and resumes the same way; stop_check_s 1: the flag checked every few steps
+    mode = ("--set", f"train.elastic={str(elastic).lower()}", "--set", f"train.stop_check_s={check_s}")
     proc = _start(config, run, *mode, env={"CXR_STEP_SLEEP_S": SLEEP})
     wait_for_rows(run, proc, 13)  # epoch 2, the first fine-tune epoch, is under way
     t0 = time.monotonic()
@@ -88,18 +90,23 @@ def test_signal_mid_epoch_stops_with_a_step_checkpoint_and_resume_reads_the_same
     assert proc.returncode == 128 + sig, err[-3000:]
     assert took < 30, took
     stopped = [ln for ln in err.splitlines() if "stopped by" in ln]
-    assert len(stopped) == 1 and f"stopped by {sig.name} at epoch 2 step " in stopped[0], err[-3000:]
-    assert stopped[0].endswith("of 10; resume with --resume")
-    step = int(stopped[0].split(" step ")[1].split()[0])
+    assert len(stopped) == 1 and stopped[0].endswith("; resume with --resume"), err[-3000:]
     steps = sorted((run / "checkpoints").glob("step-*"))
-    assert [p.name for p in steps] == [f"step-000002-{step:06d}"]
-    state = json.loads((steps[0] / "state.json").read_text())
-    assert (state["phase"], state["epoch"], state["phase_epoch"], state["step"]) == ("finetune", 1, 0, step)
+    if check_s and f"stopped by {sig.name} at the end of epoch 2;" in stopped[0]:  # the check fell on its last step
+        step = 0
+        assert steps == [] and json.loads((run / "checkpoints" / "state.json").read_text())["epoch"] == 2
+    else:
+        assert f"stopped by {sig.name} at epoch 2 step " in stopped[0] and " of 10;" in stopped[0], stopped[0]
+        step = int(stopped[0].split(" step ")[1].split()[0])
+        assert [p.name for p in steps] == [f"step-000002-{step:06d}"]
+        state = json.loads((steps[0] / "state.json").read_text())
+        assert (state["phase"], state["epoch"], state["phase_epoch"], state["step"]) == ("finetune", 1, 0, step)
     assert not (run / "model.keras").exists()
-    assert len(_rows(run)) == 10 + step  # every step done is recorded, none after the stop
+    assert len(_rows(run)) == 10 + (step or 10)  # every step done is recorded, none after the stop
 
     resumed = _run(["-m", "distributed.train", "--config", str(config), "--set", f"run.dir={run}", "--resume", *mode])
-    assert f"and step {step} of epoch 2" in resumed.stderr and "optimizer state restored" in resumed.stderr
+    assert (f"and step {step} of epoch 2" if step else "resuming after epoch 2 (finetune epoch 1)") in resumed.stderr
+    assert "optimizer state restored" in resumed.stderr
     assert _rows(run) == reference  # the same batches, in the same order, each once
     print(f"reliability: 1 rank, {sig.name}{' (elastic)' if elastic else ''}: {took:.1f} s to exit, 0 steps lost")
     with open(run / "history.csv", newline="") as f:

@@ -146,7 +146,7 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
 @pytest.fixture(scope="module")
 def signal_config(tmp_path_factory):
     return tiny_dataset(tmp_path_factory.mktemp("slurm-signal"), seed=4, test_fraction=0.2,
-                        train={"batch_size": 16, "record_batches": True, "warmup": {"epochs": 1},
+                        train={"batch_size": 16, "record_batches": True, "stop_check_s": 0, "warmup": {"epochs": 1},
                                "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}})
 
 
