@@ -13,7 +13,12 @@ Run directory: ``config.yaml``, ``train.log``, ``history.csv`` (one row per epoc
 counted over the whole run), ``checkpoints/{last,best}.keras`` + ``last-optimizer.npz`` +
 ``state.json``, ``tb/``, and at the end ``model.keras`` and ``saved_model/`` (inference-only
 SavedModel for serving: ``tf.saved_model.load(p).serve(images)``), both with the weights of the
-best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights gives.
+best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights gives. Inside an
+epoch: ``checkpoints/step-<epoch>-<step>/`` (a stop signal, ``train.checkpoint_every_s``), which
+``--resume`` continues from at the next step; ``batches.csv`` with ``train.record_batches``.
+
+Exit codes: 0 trained; 128 + signal (SIGTERM 143, SIGUSR1 138, SIGINT 130) stopped by a stop signal
+(``train.stop_signals``) with a step checkpoint; 1 and 2 the project's errors (``data_prep.cli``).
 
 Test hooks (environment): ``CXR_STOP_AFTER=<phase>:<n>`` exits like a kill after that epoch;
 ``CXR_TEST_DUMP=<dir>`` makes every rank write ``rank<r>.json`` (weights checksum, files written);
