@@ -18,7 +18,8 @@ epoch: ``checkpoints/step-<epoch>-<step>/`` (a stop signal, ``train.checkpoint_e
 ``--resume`` continues from at the next step; ``batches.csv`` with ``train.record_batches``.
 
 Exit codes: 0 trained; 128 + signal (SIGTERM 143, SIGUSR1 138, SIGINT 130) stopped by a stop signal
-(``train.stop_signals``) with a step checkpoint; 1 and 2 the project's errors (``data_prep.cli``).
+(``train.stop_signals``) with a step checkpoint (0 under horovodrun's elastic driver: see ``main``);
+1 and 2 the project's errors (``data_prep.cli``).
 
 Test hooks (environment): ``CXR_STOP_AFTER=<phase>:<n>`` exits like a kill after that epoch;
 ``CXR_TEST_DUMP=<dir>`` makes every rank write ``rank<r>.json`` (weights checksum, files written);
@@ -50,7 +51,13 @@ def main(argv=None) -> int:
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
     with stop_signals(cfg.train.stop_signals):  # from now on: a signal during start-up is kept too
-        return int(train(cfg, resume=args.resume).get("exit_code", 0))
+        code = int(train(cfg, resume=args.resume).get("exit_code", 0))
+    # Under horovodrun's elastic driver a rank's non-zero exit blacklists its host and the driver then
+    # waits for another one (up to its elastic timeout): after a stop the ranks exit 0 there, and the
+    # launcher, which forwarded the signal, still exits 128 + signal.
+    from distributed import hvd  # (numpy) only now: the thread plan came first
+
+    return 0 if code and hvd.elastic_enabled() else code
 
 
 def train(cfg, resume: bool = False, plan=None) -> dict:
