@@ -6,7 +6,7 @@ runs in its own process (its own interpreter or a cached venv, its own environme
 
 * the model of the article's setup (``distributed.model.build_model``: VGG16, 384x384, weights
   none: the weights do not change the cost), the phase's freezing (``set_trainable``) and
-  optimizer (``distributed.trainer.make_optimizer``), the config's batch size;
+  optimizer (``distributed.trainer.prepare_phase``), the config's batch size;
 * input: random images kept in memory, augmented in-graph exactly as in training
   (``distributed.data.augment_images``), so disk I/O is not timed;
 * per phase: W untimed steps, then K timed steps, repeated R times (``fit`` of W+K steps; the
@@ -261,7 +261,7 @@ def worker(spec: dict) -> dict:
     from benchmarks.flops import count_flops
     from distributed import data as D
     from distributed import model as M
-    from distributed.trainer import make_optimizer
+    from distributed.trainer import prepare_phase
 
     if plan is not None:
         from distributed import runtime
@@ -303,10 +303,8 @@ def worker(spec: dict) -> dict:
     W, K, R = spec["warmup_steps"], spec["timed_steps"], spec["repeats"]
 
     for phase in spec.get("phases", PHASES):
-        pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
-        ntrain = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
-        opt = make_optimizer(phase, pcfg, cfg.train, 1, max(1, spec["epoch_images"] // B))
-        model.compile(optimizer=opt, loss="categorical_crossentropy", metrics=["accuracy"])
+        # the training step itself: freezing, optimizer, loss and metric as trainer.train_phases builds them
+        ntrain = prepare_phase(cfg, model, phase, 1, max(1, spec["epoch_images"] // B)).trainable
         flops = count_flops(model)
         steps = []
         for _ in range(R):

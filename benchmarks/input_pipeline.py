@@ -3,9 +3,9 @@
 Does the real input pipeline keep up with the training step? The issue's target: the real input
 pipeline with augmentation reaches at least 0.95x the throughput of the same steps fed from
 in-memory random tensors. In ONE process (one rank, threads as ``distributed.tuning`` sets them
-for training), the article's fine-tune step (``distributed.model.build_model``, ``set_trainable``
-"finetune", ``distributed.trainer.make_optimizer`` "finetune" in Horovod's DistributedOptimizer,
-compiled with the training loss and metric; VGG16, weights none) is fed by
+for training), the article's fine-tune step (``distributed.model.build_model``, then
+``distributed.trainer.prepare_phase`` "finetune": the freezing, optimizer in Horovod's
+DistributedOptimizer, loss and metric training uses; VGG16, weights none) is fed by
 
 * ``real``: ``distributed.data.train_dataset`` over the prep stage's HDF5 shards of the training
   split, called with the arguments ``distributed/train.py`` uses (seed, steps per epoch,
@@ -171,7 +171,7 @@ def worker(spec: dict) -> dict:
     from distributed import data as D
     from distributed import hvd
     from distributed import model as M
-    from distributed.trainer import make_optimizer
+    from distributed.trainer import prepare_phase
 
     runtime.configure_tensorflow(plan)
     horovod = hvd.init()
@@ -180,10 +180,7 @@ def worker(spec: dict) -> dict:
     steps = D.steps_per_epoch(split.n, B, 1, cfg.train.steps_per_epoch)
     tf.keras.utils.set_random_seed(cfg.train.seed)
     model = M.build_model(cfg.model, S, K, multilabel, precision=runtime.configure_precision(plan))
-    M.set_trainable(model, "finetune", cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
-    opt = hvd.DistributedOptimizer(make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, steps))
-    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
-                  metrics=["accuracy"])
+    prepare_phase(cfg, model, "finetune", 1, steps, multilabel)  # the training step (trainer.train_phases')
     threads = cfg.runtime.data_threads
 
     def real(epoch: int):

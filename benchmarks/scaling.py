@@ -59,7 +59,7 @@ def rank_worker(spec: dict) -> dict | None:
     from distributed import data as D
     from distributed import hvd
     from distributed import model as M
-    from distributed.trainer import make_optimizer
+    from distributed.trainer import prepare_phase
 
     if plan is not None:
         runtime.configure_tensorflow(plan)
@@ -71,12 +71,9 @@ def rank_worker(spec: dict) -> dict | None:
     S, B = cfg.data.image_size, cfg.train.batch_size
     tf.keras.utils.set_random_seed(cfg.train.seed)
     model = M.build_model(cfg.model, S, 2, precision=precision)
-    M.set_trainable(model, "finetune", cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
     steps_epoch = max(1, spec["epoch_images"] // (B * size))
-    opt = make_optimizer("finetune", cfg.train.finetune, cfg.train, size, steps_epoch)
-    if not alone:
-        opt = hvd.DistributedOptimizer(opt, compression=cfg.train.allreduce_compression)
-    model.compile(optimizer=opt, loss="categorical_crossentropy")
+    # the training step itself (trainer.train_phases'); independent ranks: Horovod not initialised, no allreduce
+    prepare_phase(cfg, model, "finetune", size, steps_epoch)
     rng = np.random.default_rng(env_rank())  # the launcher's rank: Horovod may not be initialised yet
     images = rng.integers(0, 256, (4, B, S, S, 1), dtype=np.uint8)
     labels = np.eye(2, dtype=np.float32)[rng.integers(0, 2, (4, B))]

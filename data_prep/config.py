@@ -130,6 +130,18 @@ class TrainConfig:
                 "bandwidth-bound multi-node runs; see BENCHMARKS.md)")
     elastic: bool = _f(False, "Horovod elastic: go on with the ranks that remain when one is lost, grow back "
                               "when hosts return (state committed each epoch; `launch train --elastic`)")
+    stop_signals: str = _f("SIGTERM,SIGUSR1,SIGINT", "signals that stop training at the next step all ranks agree "
+                           "on, with a checkpoint of that step (exit code 128 + signal; resume with --resume); "
+                           "comma-separated, empty = none")
+    stop_check_s: float = _f(10.0, "seconds between two checks of the stop flag (one allreduce, about one Horovod "
+                                   "cycle); a signal stops training at most this much later; 0 = every step",
+                             0.0, 3600.0)
+    checkpoint_every_s: float = _f(0.0, "rank 0 writes a step checkpoint when this many seconds passed since the "
+                                   "last one (a kill -9 or a lost node costs at most that); 0 = epochs only",
+                                   0.0, 1e7)
+    record_batches: bool = _f(False, "write run.dir/batches.csv: phase, epoch, step, rank and the SHA-1 of the "
+                                     "step's image indices (to check that a resumed run reads what an "
+                                     "uninterrupted one would)")
     augment: AugmentConfig = _f(AugmentConfig(), "")
     warmup: WarmupConfig = _f(WarmupConfig(), "")
     finetune: FinetuneConfig = _f(FinetuneConfig(), "")
@@ -364,25 +376,48 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # --------------------------------------------------------------------------- stage hashes
 # ``launch pipeline`` skips a stage whose output carries the hash of this config; the prep stage
 # stores its hash in the manifest and in every shard. Each hash covers the stage's sections and the
-# hash of the stage before it, so a change upstream reruns everything after it.
+# hash of the stage before it, so a change upstream reruns everything after it. A hash covers only
+# the values that differ from the defaults (:func:`non_default`), so a new key added with a default
+# leaves every existing output's hash as it was; HASH_SCHEMA is bumped instead when a default's
+# meaning changes (then every output is made again).
 
 SHARD_FORMAT = 2  # layout version of the shards and manifest.json (2: `converted` lists every kind); a new one invalidates old outputs
+HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
+PREP_RUN_KEYS = ("out", "strict", "overwrite")  # where and how prep runs, not what it makes
+TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains
+
+
+def non_default(section, default=None) -> dict:
+    """The values of a config section that differ from the section's defaults; a nested section
+    as a dict of its own differences (left out when it has none)."""
+    default = type(section)() if default is None else default
+    out = {}
+    for f in dataclasses.fields(section):
+        value, base = getattr(section, f.name), getattr(default, f.name)
+        if dataclasses.is_dataclass(value):
+            sub = non_default(value, base)
+            if sub:
+                out[f.name] = sub
+        elif value != base:
+            out[f.name] = value
+    return out
 
 
 def prep_hash(cfg) -> str:
     """Hash of everything that decides the shards' content (not prep.out/strict/overwrite)."""
-    prep = {k: v for k, v in to_dict(cfg.prep).items() if k not in ("out", "strict", "overwrite")}
-    return config_hash({"format": SHARD_FORMAT, "data": to_dict(cfg.data), "prep": prep})
+    prep = {k: v for k, v in non_default(cfg.prep).items() if k not in PREP_RUN_KEYS}
+    return config_hash({"schema": HASH_SCHEMA, "format": SHARD_FORMAT, "data": non_default(cfg.data), "prep": prep})
 
 
 def train_hash(cfg) -> str:
     """Hash of what decides the trained model: the prepared data, the model and train sections."""
-    return config_hash({"prep": prep_hash(cfg), "model": to_dict(cfg.model), "train": to_dict(cfg.train)})
+    train = {k: v for k, v in non_default(cfg.train).items() if k not in TRAIN_RUN_KEYS}
+    return config_hash({"prep": prep_hash(cfg), "model": non_default(cfg.model), "train": train})
 
 
 def eval_hash(cfg) -> str:
     """Hash of what decides the evaluation report: the trained model and the eval section."""
-    return config_hash({"train": train_hash(cfg), "eval": to_dict(cfg.eval)})
+    return config_hash({"train": train_hash(cfg), "eval": non_default(cfg.eval)})
 
 
 def stage_hash(cfg, stage: str) -> str:

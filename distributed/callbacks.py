@@ -10,6 +10,8 @@ import csv
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -21,10 +23,13 @@ import tensorflow as tf
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from distributed import hvd
+from distributed.stopping import Signals, Stopped, parse_stop_signals, stop_signals  # noqa: F401 - the trainer's names
 
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
                    "seconds", "images_per_s", "ranks")
 STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
+BATCH_COLUMNS = ("phase", "epoch", "step", "rank", "indices_sha1")  # batches.csv (train.record_batches)
+STEP_GLOB = "step-[0-9]*-[0-9]*"  # checkpoints/step-<epoch>-<step>/ (trainer.save_step_checkpoint)
 
 
 # --------------------------------------------------------------------------- run state
@@ -43,6 +48,7 @@ class RunState:
     writer_rank: int = 0
     precision: str = "float32"     # compute precision of the epochs so far (runtime.precision)
     phase_best: dict = field(default_factory=dict)  # {phase: {"epoch", "val_loss"}}: best.keras of a phase
+    step: int = 0                  # steps done in epoch ``epoch + 1`` (a step checkpoint; 0 at an epoch's end)
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -166,22 +172,28 @@ def gathered_predictions(model, dataset):
 # --------------------------------------------------------------------------- callbacks
 
 class EpochTimer(tf.keras.callbacks.Callback):
-    """``seconds`` (training part of the epoch) and ``images_per_s`` over all ranks."""
+    """``seconds`` (training part of the epoch) and ``images_per_s`` over all ranks (of the steps
+    this process ran: a resumed epoch's remaining steps)."""
 
-    def __init__(self, images_per_epoch: int):
+    def __init__(self, images_per_epoch: int, steps: int = 1):
         super().__init__()
-        self.images = images_per_epoch
+        self.images_per_step = images_per_epoch / max(1, steps)
         self._t = 0.0
+        self._steps = 0
 
     def on_epoch_begin(self, epoch, logs=None):
         self._t = time.perf_counter()
+        self._steps = 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self._steps += 1
 
     def on_epoch_end(self, epoch, logs=None):
         dt = time.perf_counter() - self._t
         dt = float(hvd.allreduce(np.float64(dt), op="max", name="epoch_seconds"))  # Horovod: slowest rank's time
         if logs is not None:
             logs["seconds"] = dt
-            logs["images_per_s"] = self.images / dt if dt > 0 else float("nan")
+            logs["images_per_s"] = self._steps * self.images_per_step / dt if dt > 0 else float("nan")
 
 
 def batchnorm_statistics(model) -> list:
@@ -282,7 +294,7 @@ class Checkpointer(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         logs = dict(logs or {})
         s = self.state
-        s.phase, s.phase_epoch, s.epoch = self.phase, epoch + 1, s.epoch + 1
+        s.phase, s.phase_epoch, s.epoch, s.step = self.phase, epoch + 1, s.epoch + 1, 0
         vl = logs.get("val_loss", float("nan"))
         improved = vl is not None and math.isfinite(vl) and vl < s.best_val_loss
         if improved:
@@ -316,6 +328,8 @@ class Checkpointer(tf.keras.callbacks.Callback):
             save_model_atomic(self.model, self.ckpt / "best-finetune.keras")
         s.writer_rank = hvd.rank()
         atomic_write_json(self.ckpt / "state.json", s.to_json())
+        for old in self.ckpt.glob(STEP_GLOB):  # step checkpoints of this epoch: behind state.json now
+            shutil.rmtree(old, ignore_errors=True)
         self.writes += 1
 
 
@@ -447,6 +461,103 @@ class StopHook(tf.keras.callbacks.Callback):
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(STOP_EXIT_CODE)
+
+
+# --------------------------------------------------------------------------- stopping on a signal
+
+class StepControl(tf.keras.callbacks.Callback):
+    """After every training step, on every rank: the batch record (``record``: batches.csv), the
+    stop flag, and rank 0's periodic step checkpoint.
+
+    Stop: the flag (the first stop signal this rank received, or 0) is allreduced with max, so all
+    ranks learn of a signal at the same step and stop after it. Each allreduce waits for Horovod's
+    next cycle (``runtime.horovod_cycle_ms``, 50 ms on CPUs), so it runs every step only with
+    ``check_s`` 0, else about every ``check_s`` seconds (every N steps, N from the slowest rank's
+    step time, which the same allreduce carries: the same N on every rank). Then rank 0 writes a step
+    checkpoint (``save_step``), every rank waits for it, one log line, :class:`Stopped`. A signal
+    during an epoch's last step stops after that epoch's own checkpoint instead. ``every_s`` > 0:
+    rank 0 writes a step checkpoint when that many seconds passed since its last one (no collective:
+    the other ranks hold the same weights)."""
+
+    def __init__(self, state: RunState, phase: str, steps: int, signals: Signals, every_s: float, save_step,
+                 record: Path | None = None, check_s: float = 0.0):
+        super().__init__()
+        self.check_s, self.every_n, self.since, self.t_check = float(check_s), 1, 0, time.perf_counter()
+        self.state, self.phase, self.steps, self.signals = state, phase, steps, signals
+        self.every_s, self.save_step, self.record = float(every_s or 0), save_step, record
+        self.record_slots = {} if record is not None else None  # (epoch, step) -> indices_sha1, by the dataset
+        self.offset = 0  # steps of the epoch done before this fit (a resumed epoch)
+        self.root = hvd.is_root()
+        self.pending = 0
+        self.last = time.monotonic()
+        self.flag_s, self.flags = 0.0, 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        s = self.state
+        b = self.offset + batch  # 0-based step of epoch s.epoch + 1 just done
+        s.step = b + 1
+        if self.record_slots is not None:
+            row = (self.phase, s.epoch + 1, b + 1, hvd.rank(), self.record_slots.pop((s.epoch, b), ""))
+            rows = hvd.allgather_object(row)  # Horovod: rank 0 writes every rank's row
+            if self.root:
+                append_batches(self.record, rows)
+        flag = self._check() if self.since + 1 >= self.every_n else 0
+        self.since = 0 if self.since + 1 >= self.every_n else self.since + 1
+        if flag and s.step < self.steps:
+            self._stop(flag, f"at epoch {s.epoch + 1} step {s.step} of {self.steps}", mid=True)
+        elif flag:
+            self.pending = flag  # the epoch's end is one step away: its checkpoint is the stop's
+        elif self.every_s and self.root and s.step < self.steps and time.monotonic() - self.last >= self.every_s:
+            t = time.perf_counter()
+            size = self.save_step()
+            get_logger().info("step checkpoint at epoch %d step %d of %d: %.1f MB in %.2f s", s.epoch + 1, s.step,
+                              self.steps, size / 2**20, time.perf_counter() - t)
+            self.last = time.monotonic()
+
+    def _check(self) -> int:
+        """The stop flag's allreduce (max over ranks of [signal, seconds per step since the last
+        check]): the agreed signal (0: none), and the steps to the next check, the same on every rank."""
+        t = time.perf_counter()
+        per_step = (t - self.t_check) / max(1, self.since + 1)
+        got, per_step = hvd.allreduce(np.array([self.signals.got, per_step], np.float64), op="max",
+                                      name="cxr_stop")  # Horovod: one decision for all ranks
+        self.t_check = time.perf_counter()
+        self.flag_s, self.flags = self.flag_s + self.t_check - t, self.flags + 1
+        self.every_n = 1 if self.check_s <= 0 else int(max(1, min(1000, self.check_s // max(per_step, 1e-3))))
+        return int(got)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.last = time.monotonic()  # the epoch's checkpoint was just written
+        if self.pending:
+            self._stop(self.pending, f"at the end of epoch {self.state.epoch}", mid=False)
+
+    def _stop(self, signum: int, where: str, mid: bool):
+        if mid and self.root:
+            self.save_step()
+        hvd.barrier()  # Horovod: every rank leaves after rank 0 wrote the checkpoint
+        get_logger().info("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)  # rank 0: one line
+        raise Stopped(signum, where)
+
+
+def append_batches(path: Path, rows) -> None:
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(BATCH_COLUMNS)
+        w.writerows(rows)
+
+
+def truncate_batches(path: Path, epochs: int, step: int) -> None:
+    """Keep the rows of steps a checkpoint covers (epochs 1..``epochs`` and ``step`` steps of the next)."""
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["epoch"]) <= epochs or (int(r["epoch"]) == epochs + 1 and int(r["step"]) <= step)]
+    if len(keep) != len(rows):
+        atomic_write_text(path, ",".join(BATCH_COLUMNS) + "\n" +
+                          "".join(",".join(r[k] for k in BATCH_COLUMNS) + "\n" for r in keep))
 
 
 # --------------------------------------------------------------------------- files

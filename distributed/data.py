@@ -28,6 +28,7 @@ No Horovod here: rank and size are arguments.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -289,17 +290,22 @@ def batch_preparer(augment, seed: int, rank: int = 0):
 
 
 def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int = 1, seed: int = 0,
-                  start_epoch: int = 0, steps: int | None = None, augment=None,
-                  data_threads: int = 0, autotune: str = "auto") -> tf.data.Dataset:
+                  start_epoch: int = 0, start_step: int = 0, steps: int | None = None, augment=None,
+                  data_threads: int = 0, autotune: str = "auto", record: dict | None = None) -> tf.data.Dataset:
     """Infinite dataset of (images (B,S,S,1) float32, targets (B,K) float32): ``steps`` batches
-    of epoch ``start_epoch``, then of the next epoch, ... Use with ``fit(steps_per_epoch=steps)``.
-    ``augment``: the config's ``train.augment`` section (None or ``enabled: false``: none)."""
+    of epoch ``start_epoch`` (from its batch ``start_step``: a resumed epoch), then of the next
+    epoch, ... Use with ``fit(steps_per_epoch=steps)`` (``steps - start_step`` for the first).
+    ``augment``: the config's ``train.augment`` section (None or ``enabled: false``: none).
+    ``record``: a dict that gets ``{(epoch, batch): SHA-1 of the batch's indices}`` as batches are read."""
     steps = steps or steps_per_epoch(data.n, batch_size, size)
     S, K = data.image_size, data.num_classes
 
     def batches(epoch):
-        idx = epoch_indices(data.n, batch_size, rank, size, seed, int(epoch), steps)
-        for b in range(steps):
+        epoch = int(epoch)
+        idx = epoch_indices(data.n, batch_size, rank, size, seed, epoch, steps)
+        for b in range(start_step if epoch == start_epoch else 0, steps):
+            if record is not None:
+                record[(epoch, b)] = hashlib.sha1(np.ascontiguousarray(idx[b], dtype=np.int64).tobytes()).hexdigest()
             yield np.int64(b), data.read(idx[b]), data.targets[idx[b]]
 
     spec = (tf.TensorSpec((), tf.int64), tf.TensorSpec((batch_size, S, S), tf.uint8),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import tensorflow as tf
@@ -20,18 +21,44 @@ import tensorflow as tf
 from data_prep.cli import UserError
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
-           "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES",
+           "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES", "Backbone",
            "imagenet_weights_file", "copy_weights", "precision_of", "convert_precision", "PRECISIONS"]
 
 _APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-# backbone -> (constructor, preprocess mode, ImageNet no-top weights file, its download URL folder)
-BACKBONES = {
-    "vgg16": ("VGG16", "caffe", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5", "vgg16/"),
-    "vgg19": ("VGG19", "caffe", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5", "vgg19/"),
-    "resnet50": ("ResNet50", "caffe", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5", "resnet/"),
-    "densenet121": ("DenseNet121", "torch", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5", "densenet/"),
-    "tiny": (None, "tf", None, None),
-}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """One backbone the config may name (``model.backbone``; a test keeps the config's allowed values
+    equal to :data:`BACKBONES`)."""
+    name: str
+    constructor: str | None     # tf.keras.applications class; None: the tiny test network (_tiny_backbone)
+    preprocess: str             # the backbone's preprocess_input mode (_PREPROCESS)
+    weights_file: str | None    # ImageNet no-top weights in the Keras cache; None: none exist
+    weights_url: str | None     # where Keras downloads them
+    gradcam_layer: str          # last 4-D feature map (last_conv_layer)
+    freeze_counts: str          # what train.finetune.freeze_first counts (backbone_layers), their number first
+    batch_norm: bool            # has BatchNormalization (statistics averaged over ranks each epoch)
+
+
+def _apps(folder: str, file: str) -> tuple[str, str]:
+    return file, _APPS + folder + file
+
+
+BACKBONES = {b.name: b for b in (
+    Backbone("vgg16", "VGG16", "caffe", *_apps("vgg16/", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+             "block5_conv3", "19 layers of VGG16(): input, 13 conv, 5 pooling (10: blocks 1-3)", False),
+    Backbone("vgg19", "VGG19", "caffe", *_apps("vgg19/", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+             "block5_conv4", "22 layers of VGG19(): input, 16 conv, 5 pooling", False),
+    Backbone("resnet50", "ResNet50", "caffe",
+             *_apps("resnet/", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+             "conv5_block3_out", "175 layers of ResNet50(), from its input layer", True),
+    Backbone("densenet121", "DenseNet121", "torch",
+             *_apps("densenet/", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+             "relu", "427 layers of DenseNet121(), from its input layer", True),
+    Backbone("tiny", None, "tf", None, None, "block5_relu3",
+             "45 layers of the tiny net: input, 13 x (conv, batch norm, relu), 5 pooling", True),
+)}
 _PREPROCESS = {  # the backbone modules' own preprocess_input (imagenet_utils modes)
     "caffe": lambda x: tf.keras.applications.vgg16.preprocess_input(x),
     "torch": lambda x: tf.keras.applications.densenet.preprocess_input(x),
@@ -103,11 +130,11 @@ def keras_cache_dir() -> Path:
 
 def imagenet_weights_file(backbone: str) -> tuple[str, str]:
     """(file name, download URL) of the backbone's ImageNet no-top weights."""
-    ctor, _, fname, folder = BACKBONES[backbone]
-    if fname is None:
+    b = BACKBONES[backbone]
+    if b.weights_file is None:
         raise WeightsUnavailable(f"model.backbone={backbone!r} has no ImageNet weights (it is a test network); "
                                  f"set model.weights=none or a path to an .h5 file")
-    return fname, _APPS + folder + fname
+    return b.weights_file, b.weights_url
 
 
 def _imagenet_path(backbone: str) -> str:
@@ -129,7 +156,7 @@ def _load_weight_file(path: str, base: tf.keras.Model, model: tf.keras.Model, ba
     p = Path(path).expanduser()
     if not p.is_file():
         raise WeightsUnavailable(f"model.weights={path!r}: no such file; expected 'imagenet', 'none' or the path "
-                                 f"of an .h5 weight file (e.g. {BACKBONES[backbone][2] or 'weights.h5'})")
+                                 f"of an .h5 weight file (e.g. {BACKBONES[backbone].weights_file or 'weights.h5'})")
     errors = []
     for target, what in ((base, "backbone (no-top)"), (model, "whole model")):
         try:
@@ -164,7 +191,7 @@ def build_model(model_cfg, image_size: int, num_classes: int, multilabel: bool =
     backbone = model_cfg.backbone
     if backbone not in BACKBONES:
         raise ValueError(f"model.backbone: {backbone!r} is not one of {sorted(BACKBONES)}")
-    ctor, mode, _, _ = BACKBONES[backbone]
+    ctor, mode = BACKBONES[backbone].constructor, BACKBONES[backbone].preprocess
     with _policy(precision):
         image = tf.keras.Input((image_size, image_size, 1), dtype="float32", name="image")
         x = GrayToRGB(name="gray_to_rgb", dtype="float32")(image)

@@ -19,8 +19,8 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +42,44 @@ PHASES = ("warmup", "finetune")
 
 def run(cfg, plan, resume: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
-    {"state", "history", "run_dir"} (the same on every rank)."""
+    {"state", "history", "run_dir"} (the same on every rank), with "exit_code" 128 + signal when a
+    stop signal ended it (its step checkpoint written). Elastic training: ``distributed.elastic.run``."""
+    su = setup(cfg, plan)
+    run_dir, log, model = Path(cfg.run.dir), su.log, su.model
+    start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
+    if hvd.is_root():  # Horovod: rank 0 reads or clears the checkpoints
+        start = read_checkpoint(run_dir, model, log, su.precision) if resume else clear_checkpoints(run_dir, log) or start
+    # Horovod: every rank continues from the same phase, epoch and step (rank 0 read them); the
+    # weights and optimizer state follow by the broadcast before the phase's first step.
+    state, finished = hvd.broadcast_object((start.state, start.finished), root_rank=0)
+    state = state or cb.RunState()
+    state.size, state.precision = hvd.size(), su.precision
+    if finished:
+        log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
+        return {"state": state.to_json(), "history": cb.read_history(run_dir / "history.csv"),
+                "run_dir": str(run_dir)}
+    tb = tf.summary.create_file_writer(str(run_dir / "tb")) if hvd.is_root() else None  # Horovod: rank 0 logs
+    tally = Tally()
+    try:
+        train_phases(cfg, model, state, su.train, su.val, log, tb, tally, start.opt_phase, start.opt_values)
+    except cb.Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
+        return stopped(cfg, e)
+    return finish(cfg, model, state, tally.writes, log)
+
+
+@dataclass
+class Setup:
+    """What every way of training starts with (:func:`setup`)."""
+    log: object
+    train: D.SplitData
+    val: D.SplitData
+    model: object
+    precision: str
+
+
+def setup(cfg, plan) -> Setup:
+    """Horovod, TensorFlow's threads and precision, the run directory's config and log, the data
+    splits and the model: the start of plain and of elastic training."""
     runtime.configure_tensorflow(plan)
     hvd.init()  # Horovod: initialise; rank and size come from horovodrun/mpirun (1 process without)
     # runtime.precision auto on a bfloat16 CPU: rank 0 measures (or reads its cached figures) and
@@ -59,78 +96,140 @@ def run(cfg, plan, resume: bool = False) -> dict:
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
     tf.keras.utils.set_random_seed(cfg.train.seed + hvd.rank())
 
-    manifest_data = D.load_split(cfg.prep.out, "train", cache=cfg.train.cache)
-    val_data = D.load_split(cfg.prep.out, "val", manifest=manifest_data.manifest)
-    multilabel = manifest_data.multilabel
+    train_data = D.load_split(cfg.prep.out, "train", cache=cfg.train.cache)
+    val_data = D.load_split(cfg.prep.out, "val", manifest=train_data.manifest)
     # Horovod: each rank takes 1/size of every epoch, so an epoch is the same number of images.
-    steps = D.steps_per_epoch(manifest_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
+    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
     log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s; %s; tf.data autotuning %s",
-             manifest_data.n, val_data.n, hvd.size(), cfg.train.batch_size, steps, plan.describe(),
+             train_data.n, val_data.n, hvd.size(), cfg.train.batch_size, steps, plan.describe(),
              runtime.onednn_note(plan), _autotune_note(cfg.runtime.data_autotune))
-
     if val_data.n == 0:
         log.warning("the validation split is empty: no val metrics, no early stopping, the last epoch is kept")
-    model = M.build_model(cfg.model, manifest_data.image_size, manifest_data.num_classes, multilabel,
+    model = M.build_model(cfg.model, train_data.image_size, train_data.num_classes, train_data.multilabel,
                           precision=precision)
-    if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
-        from distributed import elastic  # only elastic runs need it; it imports this module (the recipe)
-        return elastic.run(cfg, model, manifest_data, val_data, resume, log, recipe=sys.modules[__name__])
-    state = cb.RunState(size=hvd.size(), precision=precision)
-    if resume:
-        state, finished = _resume(cfg, run_dir, model, log, precision)
-        if finished:
-            log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
-            return {"state": state.to_json(), "history": cb.read_history(run_dir / "history.csv"),
-                    "run_dir": str(run_dir)}
-    elif hvd.is_root() and (run_dir / "checkpoints" / "state.json").exists():
-        log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
-        for f in ("history.csv",):
-            (run_dir / f).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    tb = tf.summary.create_file_writer(str(run_dir / "tb")) if hvd.is_root() else None  # Horovod: rank 0 logs
+    return Setup(log, train_data, val_data, model, precision)
 
-    writes = 0
-    for phase in PHASES:
-        if state.complete or _phase_done(cfg, state, phase):
-            continue
-        if state.phase == phase and state.early_stopping.get("stopped"):
-            break  # resumed after early stopping had ended the run
-        pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
-        if state.phase != phase:  # entering this phase (not resuming inside it)
-            state.phase, state.phase_epoch = phase, 0
-            state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
-        M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
-        opt = make_optimizer(phase, pcfg, cfg.train, hvd.size(), steps)
-        # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
-        # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
-        opt = hvd.DistributedOptimizer(opt, compression=cfg.train.allreduce_compression)
-        model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
-                      metrics=["accuracy"])
-        _build_optimizer(opt, model)
-        if resume and state.phase_epoch > 0 and hvd.is_root():
-            _load_optimizer(opt, model, run_dir / "checkpoints" / "last-optimizer.npz", phase, log)
-        # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
-        # weights after a resume, and the weights at the phase switch.
-        hvd.broadcast_variables(model.variables + _opt_variables(opt), root_rank=0)
-        ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=opt, ph=phase: _save_optimizer(o, model, p, ph), tb)
-        callbacks = epoch_callbacks(cfg, state, phase, steps, val_data, manifest_data.num_classes, multilabel,
-                                    [ckpt])  # Horovod: checkpoints written on rank 0 only
-        # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
-        verbose, shown = cb.progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
-        # Horovod: disjoint share of each epoch per rank; the epoch number keeps resumes exact.
-        ds = D.train_dataset(manifest_data, batch_size=cfg.train.batch_size, rank=hvd.rank(), size=hvd.size(),
-                             seed=cfg.train.seed, start_epoch=state.epoch, steps=steps,
-                             augment=cfg.train.augment, data_threads=cfg.runtime.data_threads,
-                             autotune=cfg.runtime.data_autotune)
-        log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)",
-                 phase, state.phase_epoch + 1, pcfg.epochs, len(model.trainable_weights), pcfg.optimizer,
-                 pcfg.lr, hvd.size() if cfg.train.scale_lr else 1)
-        model.fit(ds, steps_per_epoch=steps, epochs=pcfg.epochs, initial_epoch=state.phase_epoch,
-                  callbacks=callbacks + shown, verbose=verbose)
-        writes += ckpt.writes
-        if state.early_stopping.get("stopped"):
+
+def stopped(cfg, e: cb.Stopped) -> dict:
+    """The result of a run a stop signal ended (every rank): its exit code is 128 + the signal."""
+    return {"state": None, "history": [], "run_dir": str(cfg.run.dir), "exit_code": e.exit_code}
+
+
+@dataclass
+class Tally:
+    """What this process wrote (counted across elastic restarts too)."""
+    writes: int = 0     # epoch checkpoints
+
+
+@dataclass
+class Start:
+    """Where a run starts: its state, whether it had already finished, and the optimizer values of
+    the checkpoint (``opt_phase``: the phase they belong to; "" = none)."""
+    state: cb.RunState | None
+    finished: bool = False
+    opt_phase: str = ""
+    opt_values: tuple = ()
+
+
+@dataclass
+class Phase:
+    """A phase ready to train: the model compiled with its (distributed) optimizer."""
+    name: str
+    pcfg: object
+    model: object
+    optimizer: object
+    steps: int
+    trainable: int    # trainable weight tensors
+
+
+def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
+    """Freeze for ``phase``, make its optimizer (learning rate for ``size`` ranks, warm-up over
+    ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
+    step of every way of training (plain, elastic, the benchmarks)."""
+    pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
+    trainable = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
+    # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
+    # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
+    opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),
+                                   compression=cfg.train.allreduce_compression)
+    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
+                  metrics=["accuracy"])
+    build_optimizer(opt, model)
+    return Phase(phase, pcfg, model, opt, steps, trainable)
+
+
+def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally, opt_phase: str = "",
+                 opt_values=(), extra_callbacks=None) -> None:
+    """The phases from ``state`` on (every rank, the same ``state``); ``opt_values``: optimizer
+    variables of phase ``opt_phase`` to start from (a checkpoint, an elastic commit);
+    ``extra_callbacks(phase) -> list``: callbacks after the checkpoint writer (the elastic commit);
+    ``tally.writes`` counts the epoch checkpoints this rank wrote."""
+    run_dir = Path(cfg.run.dir)
+    multilabel = train_data.multilabel
+    # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
+    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
+    with cb.stop_signals(cfg.train.stop_signals) as signals:
+        for phase in PHASES:
+            if state.complete or _phase_done(cfg, state, phase):
+                continue
+            if state.phase == phase and state.early_stopping.get("stopped"):
+                break  # resumed after early stopping had ended the run
+            if state.phase != phase:  # entering this phase (not resuming inside it)
+                state.phase, state.phase_epoch, state.step = phase, 0, 0
+                state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
+            ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel)
+            if opt_phase == phase and opt_values:
+                assign_optimizer(ph.optimizer, opt_values, log)
+            # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
+            # weights after a resume, and the weights at the phase switch.
+            hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
+            ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=ph.optimizer, n=phase: save_optimizer(o, p, n),
+                                   tb)  # Horovod: checkpoints written on rank 0 only
+            control = cb.StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
+                                     lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
+                                     run_dir / "batches.csv" if cfg.train.record_batches else None,
+                                     cfg.train.stop_check_s)
+            checkpointing = [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]
+            try:
+                fit_phase(cfg, ph, state, train_data, val_data, checkpointing, control, log)
+            finally:
+                tally.writes += ckpt.writes
+            if state.early_stopping.get("stopped"):
+                break
+
+
+def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, control, log) -> None:
+    """``fit`` the phase from ``state`` (phase epoch, and step within the epoch after a stop): a
+    resumed epoch first runs its remaining steps alone, then the phase's further epochs."""
+    B = cfg.train.batch_size
+    callbacks = epoch_callbacks(cfg, state, ph.name, ph.steps, val_data, train_data.num_classes,
+                                train_data.multilabel, checkpointing) + [control]
+    # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
+    verbose, shown = cb.progress(ph.name, ph.steps, B * hvd.size(), hvd.is_root())
+    log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)%s",
+             ph.name, state.phase_epoch + 1, ph.pcfg.epochs, ph.trainable, ph.pcfg.optimizer, ph.pcfg.lr,
+             hvd.size() if cfg.train.scale_lr else 1,
+             f"; epoch {state.epoch + 1} from step {state.step + 1} of {ph.steps}" if state.step else "")
+    while state.phase_epoch < ph.pcfg.epochs and not state.early_stopping.get("stopped"):
+        first = state.step  # > 0: the rest of an epoch stopped at that step
+        control.offset = first
+        # Horovod: disjoint share of each epoch per rank; the epoch number (and step) keep resumes exact.
+        ds = D.train_dataset(train_data, batch_size=B, rank=hvd.rank(), size=hvd.size(), seed=cfg.train.seed,
+                             start_epoch=state.epoch, start_step=first, steps=ph.steps, augment=cfg.train.augment,
+                             data_threads=cfg.runtime.data_threads, autotune=cfg.runtime.data_autotune,
+                             record=control.record_slots)
+        ph.model.fit(ds, steps_per_epoch=ph.steps - first, epochs=state.phase_epoch + 1 if first else ph.pcfg.epochs,
+                     initial_epoch=state.phase_epoch, callbacks=callbacks + shown, verbose=verbose)
+        if not first:
             break
+    if control.flags and hvd.size() > 1:
+        log.info("stop flag: %d allreduce(s) of %.1f ms in phase %s", control.flags,
+                 1e3 * control.flag_s / control.flags, ph.name)
 
+
+def finish(cfg, model, state, writes: int, log) -> dict:
+    """After the last phase: rank 0 writes the final model; the run's result on every rank."""
+    run_dir = Path(cfg.run.dir)
     state.complete = True
     _dump_for_tests(model, writes)
     if hvd.is_root():  # Horovod: rank 0 writes the final model
@@ -147,7 +246,7 @@ def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: i
     return [
         # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
         hvd.metric_average_callback(),
-        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size()),
+        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
         # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
         cb.AverageBatchNormStatistics(),
         cb.LearningRateLogger(),
@@ -183,12 +282,13 @@ def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
     raise ValueError(f"train.{phase}.optimizer: {pcfg.optimizer!r}")
 
 
-def _opt_variables(opt) -> list:
+def opt_variables(opt) -> list:
+    """The optimizer's variables (step counter, slots) in a stable order."""
     v = opt.variables
     return list(v() if callable(v) else v)
 
 
-def _build_optimizer(opt, model) -> None:
+def build_optimizer(opt, model) -> None:
     """Create the optimizer's slots now (Keras would at the first step), so they can be restored
     and broadcast before training."""
     if hasattr(opt, "_create_all_weights"):  # legacy OptimizerV2
@@ -197,32 +297,38 @@ def _build_optimizer(opt, model) -> None:
         opt.build(model.trainable_variables)
 
 
-def _save_optimizer(opt, model, path: Path, phase: str) -> None:
-    vs = _opt_variables(opt)
+def save_optimizer(opt, path: Path, phase: str) -> None:
+    vs = opt_variables(opt)
     buf = io.BytesIO()
     np.savez(buf, **{f"v{i:04d}": v.numpy() for i, v in enumerate(vs)},
              names=np.array([v.name for v in vs]), phase=np.array(phase))
     atomic_write_bytes(path, buf.getvalue())
 
 
-def _load_optimizer(opt, model, path: Path, phase: str, log) -> None:
+def read_optimizer(path: Path, log) -> tuple[str, tuple]:
+    """(phase, values) of an optimizer state file; ("", ()) when there is none."""
     if not path.is_file():
         log.warning("no optimizer state at %s: the optimizer restarts (learning-rate warm-up again)", path)
-        return
+        return "", ()
     with np.load(path, allow_pickle=False) as z:
-        if str(z["phase"]) != phase:
-            log.warning("optimizer state is of phase %s, not %s: not restored", str(z["phase"]), phase)
-            return
-        vs = _opt_variables(opt)
-        values = [z[f"v{i:04d}"] for i in range(len(vs))] if len(z["names"]) == len(vs) else None
-    if values is None or any(tuple(v.shape) != a.shape for v, a in zip(vs, values)):
-        raise RuntimeError(f"{path}: optimizer state does not fit this model/optimizer (changed config?)")
+        n = len(z["names"])
+        return str(z["phase"]), tuple(z[f"v{i:04d}"] for i in range(n))
+
+
+def assign_optimizer(opt, values, log) -> None:
+    """Set the optimizer's variables to ``values`` (a checkpoint's or an elastic commit's)."""
+    vs = opt_variables(opt)
+    if len(values) != len(vs) or any(tuple(v.shape) != tuple(a.shape) for v, a in zip(vs, values)):
+        raise RuntimeError("the checkpoint's optimizer state does not fit this model/optimizer (changed config?)")
     for v, a in zip(vs, values):
         v.assign(a)
     log.info("optimizer state restored (%d variables, step %d)", len(vs), int(opt.iterations.numpy()))
 
 
 # --------------------------------------------------------------------------- resume / finish
+
+STEP_PREFIX = "step-"  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch (cb.STEP_GLOB)
+
 
 def _phase_done(cfg, state, phase) -> bool:
     """True when ``phase`` is behind ``state`` (or has no epochs)."""
@@ -236,38 +342,81 @@ def _phase_done(cfg, state, phase) -> bool:
     return cur == order and state.phase_epoch >= pcfg.epochs
 
 
-def _resume(cfg, run_dir: Path, model, log, precision: str):
-    """Rank 0 reads the checkpoint state and weights; every rank gets the state by broadcast (and
-    the weights by the broadcast before the phase's first step). Returns (state, finished): the
-    run was already complete, with its final model."""
-    state, finished = _read_checkpoint(run_dir, model, log, precision) if hvd.is_root() else (None, False)
-    # Horovod: every rank continues from the same phase and epoch (rank 0 read them).
-    state, finished = hvd.broadcast_object((state, finished), root_rank=0)
-    if state is None:
-        state = cb.RunState(size=hvd.size())
-    state.size = hvd.size()
-    state.precision = precision
-    return state, finished
+def clear_checkpoints(run_dir: Path, log) -> None:
+    """Rank 0, a run started without --resume: an earlier run's checkpoints and history go."""
+    if (run_dir / "checkpoints" / "state.json").exists() or step_checkpoints(run_dir):
+        log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
+        for f in ("history.csv", "batches.csv"):
+            (run_dir / f).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
 
 
-def _read_checkpoint(run_dir: Path, model, log, precision: str = "float32"):
-    """Rank 0's part of a resume: the run state and last weights of ``run_dir`` (into ``model``), the
-    history cut to the committed epochs; (None, False) without a checkpoint."""
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints (renamed into place whole), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    return sorted(p for p in folder.glob(cb.STEP_GLOB) if p.is_dir())
+
+
+def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> Start:
+    """Rank 0's part of a resume (the one place checkpoints are read): the run state, weights (into
+    ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's, or
+    a step checkpoint inside the epoch after it; the history and batch record cut to it."""
     state = cb.read_state(run_dir)
+    folder = run_dir / "checkpoints"
+    weights, optimizer = folder / "last.keras", folder / "last-optimizer.npz"
+    steps = step_checkpoints(run_dir)
+    if steps:
+        inside = cb.RunState.from_json(json.loads((steps[-1] / "state.json").read_text()))
+        if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
+            state, weights, optimizer = inside, steps[-1] / "last.keras", steps[-1] / "last-optimizer.npz"
     if state is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir / "checkpoints")
-        return None, False
-    M.copy_weights(M.load_model(run_dir / "checkpoints" / "last.keras"), model)
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", folder)
+        return Start(None)
+    M.copy_weights(M.load_model(weights), model)
     if state.precision != precision:
         # Converted explicitly: the variables are float32 under both policies, copied as they are.
         log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
                     "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
     kept = cb.truncate_history(run_dir / "history.csv", state.epoch)
+    cb.truncate_batches(run_dir / "batches.csv", state.epoch, state.step)
     finished = state.complete and (run_dir / "model.keras").is_file()
-    log.info("resuming after epoch %d (%s epoch %d), best val_loss %.4f at epoch %d, early-stopping "
+    opt_phase, opt_values = ("", ())
+    if state.phase_epoch > 0 or state.step > 0:
+        opt_phase, opt_values = read_optimizer(optimizer, log)
+        if opt_phase and opt_phase != state.phase:
+            log.warning("optimizer state is of phase %s, not %s: not restored", opt_phase, state.phase)
+    if state.step and state.size != hvd.size():
+        log.warning("--resume: stopped at step %d with %d rank(s), resumed with %d: epoch %d starts again from its "
+                    "first step (the steps of an epoch depend on the number of ranks)", state.step, state.size,
+                    hvd.size(), state.epoch + 1)
+        state.step = 0
+    log.info("resuming after epoch %d (%s epoch %d)%s, best val_loss %.4f at epoch %d, early-stopping "
              "wait %d; history has %d rows", state.epoch, state.phase, state.phase_epoch,
+             f" and step {state.step} of epoch {state.epoch + 1}" if state.step else "",
              state.best_val_loss, state.best_epoch, state.early_stopping.get("wait", 0), kept)
-    return state, finished
+    return Start(state, finished, opt_phase, opt_values)
+
+
+def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
+    """Rank 0: a checkpoint inside an epoch (weights, optimizer state, run state with the step),
+    written whole into a temporary folder and renamed into place; older step checkpoints are
+    removed only after that. Returns its size in bytes."""
+    folder = run_dir / "checkpoints"
+    final = folder / f"{STEP_PREFIX}{state.epoch + 1:06d}-{state.step:06d}"
+    tmp = folder / f".step.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    cb.save_model_atomic(model, tmp / "last.keras")
+    save_optimizer(opt, tmp / "last-optimizer.npz", state.phase)
+    state.writer_rank = hvd.rank()
+    atomic_write_json(tmp / "state.json", state.to_json())
+    size = sum(f.stat().st_size for f in tmp.iterdir())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in step_checkpoints(run_dir):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return size
 
 
 def _finalize(model, run_dir: Path, state, log) -> None:
@@ -289,6 +438,8 @@ def _finalize(model, run_dir: Path, state, log) -> None:
     os.replace(tmp, sm)
     shutil.rmtree(old, ignore_errors=True)
     atomic_write_json(run_dir / "checkpoints" / "state.json", state.to_json())
+    for old in step_checkpoints(run_dir):  # the finished run's state.json is newer than any of them
+        shutil.rmtree(old, ignore_errors=True)
     log.info("done: %d epochs, best val_loss %.4f at epoch %d; %s, %s", state.epoch, state.best_val_loss,
              state.best_epoch, run_dir / "model.keras", sm)
 

@@ -81,7 +81,8 @@ def stage_status(stage: str, cfg) -> Status:
         model = run / "model.keras"
         marker = read_marker(cfg).get("train", {})
         ckpt = run / "checkpoints"
-        resume = (ckpt / "last.keras").exists() or (ckpt / "state.json").exists()
+        # an epoch's checkpoint, or a step checkpoint (a stop signal in the first epoch)
+        resume = (ckpt / "last.keras").exists() or (ckpt / "state.json").exists() or any(ckpt.glob("step-*"))
         if model.exists() and marker.get("config_hash") == cfgmod.train_hash(cfg):
             return Status(True, f"{model} finished for this config")
         if model.exists() and not marker and _trainer_finished(cfg):

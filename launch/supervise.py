@@ -14,6 +14,15 @@ A multi-host stage is watched two ways while it runs:
 
 Stopping is SIGTERM to the group, then SIGKILL ``STOP_GRACE_S`` later: mpirun, horovodrun and the
 ssh sessions all go; nothing is left to run on as an orphan on this machine.
+
+A stop signal to the launcher (SIGTERM, SIGINT, SIGUSR1: Slurm's warning before a time limit or
+a preemption) is forwarded, not turned into a kill: to this machine's ranks (the stage's processes
+with a rank in their environment), whose training stops at the next step every rank agrees on
+(the stop flag is allreduced each step, so one signalled rank stops them all) after rank 0 wrote
+a step checkpoint; without a local rank, as SIGUSR1 to mpirun (Open MPI forwards SIGUSR1 to every
+rank; on SIGTERM it would kill them). mpirun and horovodrun themselves are not signalled: both
+would kill their ranks (horovodrun after 5 s). The stage then has ``SIGNAL_WAIT_S`` to end by
+itself before it is stopped as above.
 """
 from __future__ import annotations
 
@@ -44,6 +53,9 @@ PROBE_TIMEOUT_S = 2.0    # a probe that takes longer is a miss
 PROBE_MISSES = 3         # misses in a row that make a node lost
 FAULT_GRACE_S = 20.0     # after the first rank failure, time for the launcher to end by itself
 STOP_GRACE_S = 5.0       # SIGTERM to SIGKILL when stopping a failed stage
+SIGNAL_WAIT_S = 90.0     # after a forwarded stop signal: time for the ranks to checkpoint and exit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)  # forwarded to the ranks (module docstring)
+RANK_VARS = ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
 class Interrupted(Exception):
@@ -258,9 +270,9 @@ def _signame(sig: int) -> str:
 
 def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True,
         watch_faults: bool = True) -> tuple[int, Failure | None]:
-    """Run one command in its own process group; SIGINT/SIGTERM to the launcher go to the whole
-    group (mpirun passes them on to the ranks), which is stopped for good if it does not end by
-    itself. A multi-host command is watched (module docstring; ``probe_nodes=False``: its output
+    """Run one command in its own process group; SIGINT/SIGTERM/SIGUSR1 to the launcher go to the
+    ranks (:func:`forward`), and the group is stopped for good if it does not end by itself
+    ``SIGNAL_WAIT_S`` later. A multi-host command is watched (module docstring; ``probe_nodes=False``: its output
     only, as under Slurm, whose nodes need not run sshd; ``watch_faults=False``: not at all, for
     elastic training, which lives through a lost rank or node); returns (exit code, first fault)."""
     where = placement(cmd)
@@ -282,10 +294,11 @@ def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True,
         got: list[int] = []
 
         def handler(signum, frame):
+            if not got:  # a second signal changes nothing: the first one's wait is under way
+                forward(proc, cmd, signum)
             got.append(signum)
-            _signal_group(proc, signum)
 
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        old = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
         try:
             while True:
                 try:
@@ -293,7 +306,7 @@ def run(cmd: StageCommand, cluster_ssh_port: int = 0, probe_nodes: bool = True,
                     break
                 except subprocess.TimeoutExpired:
                     if got:
-                        rc = _stop(proc)
+                        rc = _stop(proc, ((None, SIGNAL_WAIT_S), (signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10)))
                         break
                     if watch and watch.should_stop():
                         rc = _stop(proc, ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, 10)))
@@ -319,6 +332,45 @@ def _pump(src, dst, watch: Watch) -> None:
             dst.write(raw.decode(errors="replace"))
         dst.flush()
         watch.feed(raw.decode(errors="replace"))
+
+
+def forward(proc: subprocess.Popen, cmd: StageCommand, signum: int) -> str:
+    """Pass a stop signal on to the stage's ranks (module docstring); what was signalled."""
+    ranks = local_ranks(proc.pid)
+    if ranks:
+        for pid in ranks:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signum)
+        return f"{len(ranks)} local rank(s)"
+    if cmd.kind == "mpirun" or (cmd.kind == "horovodrun" and "--gloo" not in cmd.argv):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGUSR1)  # Open MPI forwards SIGUSR1 to every rank
+        return "mpirun (SIGUSR1)"
+    _signal_group(proc, signum)  # one process (kind python), or Gloo ranks all on other nodes
+    return "the process group"
+
+
+def local_ranks(root: int) -> list[int]:
+    """pids of the descendants of ``root`` that are ranks (a rank variable in their environment)
+    and not launchers (mpirun's own ``orted``/``prted`` carry none)."""
+    out = []
+    for pid in sorted(_descendants(root)):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        names = {kv.split(b"=", 1)[0].decode(errors="replace") for kv in env if b"=" in kv}
+        if names & set(RANK_VARS):
+            out.append(pid)
+    # a rank's own children (tf.data, a shell between): only the outermost process with a rank
+    return [p for p in out if _parent(p) not in out]
+
+
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return -1
 
 
 def _signal_group(proc: subprocess.Popen, signum: int) -> None:

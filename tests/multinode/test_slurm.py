@@ -74,6 +74,16 @@ def _wait(slurm, job: str, timeout: float, until=None) -> float:
     raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s")
 
 
+def _start_requeued_now(slurm, job: str, *updates: str) -> None:
+    """Slurm holds a requeued job back for 2 minutes (its BeginTime): start it now (and change
+    ``updates``, e.g. its time limit), so that the test takes one minute, not three."""
+    t0 = time.monotonic()
+    while _state(slurm, job) != "PENDING" and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *updates], env=slurm.env(), check=True,
+                   timeout=15)
+
+
 def test_allocation_srun_and_mpirun_see_both_nodes(slurm, tmp_path):
     script = tmp_path / "job.sh"
     script.write_text("#!/bin/bash\n"
@@ -141,3 +151,82 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
     assert (run / "report.md").is_file() and (run / "metrics.json").is_file()
     done = json.loads(state_file.read_text())
     assert done["complete"] and done["epoch"] == 4
+
+
+@pytest.fixture(scope="module")
+def signal_config(tmp_path_factory):
+    return tiny_dataset(tmp_path_factory.mktemp("slurm-signal"), seed=4, test_fraction=0.2,
+                        train={"batch_size": 16, "record_batches": True, "stop_check_s": 0, "warmup": {"epochs": 1},
+                               "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}})
+
+
+def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config, tmp_path):
+    """Slurm's warning before a time limit (`scancel --signal=USR1 --batch`, as --signal=B:USR1@120
+    sends it): cxr.sbatch forwards it, the ranks stop at a step with a checkpoint, the job is
+    requeued, and the requeued job resumes at the next step: every step of every epoch once, with
+    the batches the seed decides."""
+    from distributed.data import epoch_indices
+    import hashlib
+
+    run = Path(yaml.safe_load(signal_config.read_text())["run"]["dir"])
+    batches = run / "batches.csv"
+
+    def rows() -> list[dict]:
+        try:
+            with open(batches, newline="") as f:
+                return list(csv.DictReader(f))
+        except OSError:
+            return []
+
+    out = tmp_path / "job.out"
+    job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, CONFIG=str(signal_config), CXR_STEP_SLEEP_S="1")
+    _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()))
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 60 and "requeueing job" not in out.read_text():
+        time.sleep(0.5)
+    log = out.read_text()
+    assert "requeueing job" in log, log[-3000:]
+    assert time.monotonic() - t0 < 30  # signal to exit, checkpoint written
+    _start_requeued_now(slurm, job)
+    _wait(slurm, job, 400, until=lambda: (run / "report.md").is_file() and not _state(slurm, job))
+    log = out.read_text()
+    assert "stopped by SIGUSR1 at epoch 2 step" in log, log[-3000:]
+    train_log = (run / "train.log").read_text()
+    assert " and step " in train_log and "of epoch 2" in train_log, train_log[-3000:]
+    with open(run / "history.csv", newline="") as f:
+        assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
+            ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]
+    # every step once, on both ranks, reading what the seed and the epoch decide
+    from data_prep.manifest import load_manifest
+
+    man = load_manifest(Path(yaml.safe_load(signal_config.read_text())["prep"]["out"]))
+    n = sum(int(s["count"]) for s in man["splits"]["train"]["shards"])
+    steps = n // 32
+    want = sorted((str(e + 1), str(b + 1), str(r),
+                   hashlib.sha1(epoch_indices(n, 16, r, 2, 1234, e, steps)[b].astype("int64").tobytes()).hexdigest())
+                  for e in range(4) for b in range(steps) for r in range(2))
+    got = sorted((r["epoch"], r["step"], r["rank"], r["indices_sha1"]) for r in rows())
+    assert got == want
+
+
+def test_sbatch_time_limit_signals_requeues_and_finishes(slurm, tmp_path):
+    """A job with a short --time: Slurm's --signal=B:USR1@100 (as cxr.sbatch's @120) arrives about
+    20-50 s in; the job requeues itself and its second run finishes (the test raises the requeued
+    job's limit and starts it at once, so that it ends in minutes)."""
+    config = tiny_dataset(tmp_path / "limit", seed=5, test_fraction=0.2,
+                          train={"batch_size": 16, "warmup": {"epochs": 1},
+                                 "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}})
+    run = tmp_path / "limit" / "run"
+    out = tmp_path / "job.out"
+    job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, "--time=2", "--signal=B:USR1@100",
+                  CONFIG=str(config), CXR_STEP_SLEEP_S="1")
+    _wait(slurm, job, 150, until=lambda: out.exists() and "requeueing job" in out.read_text())
+    assert "SIGUSR1 received" in out.read_text(), out.read_text()[-3000:]
+    _start_requeued_now(slurm, job, "TimeLimit=15")
+    _wait(slurm, job, 500)
+    log = out.read_text()
+    assert (run / "report.md").is_file(), log[-3000:]
+    with open(run / "history.csv", newline="") as f:
+        assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
+            ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]

@@ -157,3 +157,28 @@ def test_every_config_key_is_read_somewhere(root):
     unused = [key for key, *_ in reference_rows()
               if f".{key.rsplit('.', 1)[-1]}" not in code and f'"{key.rsplit(".", 1)[-1]}"' not in code]
     assert unused == []
+
+
+def test_stage_hashes_ignore_defaults_so_a_new_defaulted_key_changes_no_hash():
+    import dataclasses
+
+    from data_prep import config as C
+
+    cfg = load_config(None, ["train.batch_size=8", "model.backbone=tiny", "eval.tta=false"])
+    # the same config in a schema with one more train key (at its default), as a future version adds one
+    Train = dataclasses.make_dataclass("TrainConfig", [("new_key", int, dataclasses.field(default=7))],
+                                       bases=(C.TrainConfig,), frozen=True)
+    Cfg = dataclasses.make_dataclass("Config", [("train", Train, dataclasses.field(default_factory=Train))],
+                                     bases=(C.Config,), frozen=True)
+    shallow = lambda d: {f.name: getattr(d, f.name) for f in dataclasses.fields(d)}  # noqa: E731
+    newer = Cfg(**{**shallow(cfg), "train": Train(**shallow(cfg.train))})
+    for stage in ("prep", "train", "evaluate"):
+        assert C.stage_hash(newer, stage) == C.stage_hash(cfg, stage), stage
+    changed = Cfg(**{**shallow(cfg), "train": Train(**shallow(cfg.train), new_key=8)})
+    assert C.train_hash(changed) != C.train_hash(cfg) and C.prep_hash(changed) == C.prep_hash(cfg)
+    # what only decides how a run runs changes no hash; a default spelled out is a default
+    assert C.train_hash(load_config(None, ["train.batch_size=8", "model.backbone=tiny", "train.record_batches=true",
+                                           "train.checkpoint_every_s=600", "train.stop_signals=SIGUSR1"])) == \
+        C.train_hash(load_config(None, ["train.batch_size=8", "model.backbone=tiny", "train.seed=1234"]))
+    assert C.non_default(cfg.train) == {"batch_size": 8}
+    assert C.non_default(load_config(None, ["train.finetune.lr=0.01"]).train) == {"finetune": {"lr": 0.01}}

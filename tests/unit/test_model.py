@@ -61,12 +61,26 @@ def test_tiny_has_vgg_shape_and_findable_last_conv(tiny):
     assert tiny.count_params() < 500_000
 
 
-@pytest.mark.parametrize("backbone,last", [("vgg19", "block5_conv4"), ("resnet50", "conv5_block3_out"),
-                                           ("densenet121", "relu")])
-def test_other_backbones(backbone, last):
+@pytest.mark.parametrize("backbone", ["vgg16", "vgg19", "resnet50", "densenet121", "tiny"])
+def test_backbone_registry_describes_the_built_network(backbone):
+    b = M.BACKBONES[backbone]
     m = M.build_model(_cfg(f"model.backbone={backbone}"), 32, 2)
-    assert M.last_conv_layer(m) == last
-    assert m.get_layer("preprocess").mode == ("torch" if backbone == "densenet121" else "caffe")
+    assert M.last_conv_layer(m) == b.gradcam_layer
+    assert m.get_layer("preprocess").mode == b.preprocess
+    assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in m.layers) == b.batch_norm
+    assert b.freeze_counts.startswith(f"{len(M.backbone_layers(m))} layers of ")
+    if b.weights_file:
+        assert M.imagenet_weights_file(backbone) == (b.weights_file, b.weights_url)
+        assert b.weights_url.endswith("/" + b.weights_file)
+
+
+def test_config_allows_exactly_the_registered_backbones():
+    import typing
+
+    from data_prep.config import ModelConfig
+
+    assert typing.get_args(typing.get_type_hints(ModelConfig)["backbone"]) == tuple(M.BACKBONES)
+    assert all(isinstance(b, M.Backbone) and b.name == k for k, b in M.BACKBONES.items())
 
 
 def test_freezing_phases(vgg16):

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -109,3 +110,29 @@ def test_a_stopped_stage_leaves_no_process(tmp_path):
     time.sleep(0.2)
     assert not Path(f"/proc/{child}").exists() or \
         Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_stop_signal_goes_to_the_ranks_and_the_stage_may_end_by_itself(tmp_path):
+    """SIGTERM to the launcher: the rank (a process with HOROVOD_RANK) gets it, its launcher does
+    not, and the stage's own exit is awaited (the rank checkpoints and exits with 128 + 15)."""
+    ready, got, rc = tmp_path / "ready", tmp_path / "got", tmp_path / "rc"
+    rank = ("import signal, sys, time, pathlib\n"
+            f"signal.signal(signal.SIGTERM, lambda s, f: (time.sleep(1), pathlib.Path({str(got)!r}).write_text(str(s)), "
+            "sys.exit(128 + s)))\n"
+            f"pathlib.Path({str(ready)!r}).write_text('1')\ntime.sleep(60)\n")
+    launcher = ("import os, subprocess, sys, pathlib\n"
+                f"p = subprocess.run([sys.executable, '-c', {rank!r}], env=dict(os.environ, HOROVOD_RANK='0'))\n"
+                f"pathlib.Path({str(rc)!r}).write_text(str(p.returncode))\nsys.exit(p.returncode)\n")
+    t = threading.Thread(target=lambda: (_wait_for(ready), os.kill(os.getpid(), signal.SIGTERM)), daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    with pytest.raises(sv.Interrupted) as e:
+        sv.run(StageCommand("train", [sys.executable, "-c", launcher]))
+    assert e.value.signum == signal.SIGTERM and time.monotonic() - t0 < 30
+    assert got.read_text() == "15" and rc.read_text() == "143"  # the launcher lived to see its rank's exit
+
+
+def _wait_for(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not path.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)

@@ -80,17 +80,61 @@ def test_checkpoint_is_atomic_and_optimizer_state_round_trips(tmp_path):
     model.fit(x, y, epochs=2, verbose=0)
     cb.save_model_atomic(model, tmp_path / "ckpt" / "last.keras")
     assert [p.name for p in (tmp_path / "ckpt").iterdir()] == ["last.keras"]
-    T._save_optimizer(opt, model, tmp_path / "ckpt" / "opt.npz", "finetune")
+    T.save_optimizer(opt, tmp_path / "ckpt" / "opt.npz", "finetune")
 
     fresh = M.build_model(cfg.model, 32, 2)
     M.copy_weights(M.load_model(tmp_path / "ckpt" / "last.keras"), fresh)
     M.set_trainable(fresh, "finetune", "first_n", 10)
     opt2 = T.make_optimizer("finetune", cfg.train.finetune, cfg.train, 1, 5)
     fresh.compile(opt2, "categorical_crossentropy")
-    T._build_optimizer(opt2, fresh)
-    T._load_optimizer(opt2, fresh, tmp_path / "ckpt" / "opt.npz", "finetune", logging.getLogger("t"))
+    T.build_optimizer(opt2, fresh)
+    phase, values = T.read_optimizer(tmp_path / "ckpt" / "opt.npz", logging.getLogger("t"))
+    assert phase == "finetune"
+    T.assign_optimizer(opt2, values, logging.getLogger("t"))
     assert int(opt2.iterations.numpy()) == int(opt.iterations.numpy()) == 2
-    for a, b in zip(T._opt_variables(opt), T._opt_variables(opt2)):
+    for a, b in zip(T.opt_variables(opt), T.opt_variables(opt2)):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     for a, b in zip(model.get_weights(), fresh.get_weights()):
         np.testing.assert_array_equal(a, b)
+
+
+def test_prepare_phase_is_the_step_of_every_way_of_training(monkeypatch):
+    """One DistributedOptimizer with the config's compression (elastic training and the benchmarks
+    build their step with prepare_phase too: tests/e2e/test_stop_signal.py runs elastic with fp16)."""
+    from distributed import hvd
+
+    seen = []
+    monkeypatch.setattr(hvd, "DistributedOptimizer", lambda opt, compression="none": seen.append(compression) or opt)
+    cfg = load_config(None, ["model.backbone=tiny", "model.weights=none", "model.dense_units=8",
+                             "train.allreduce_compression=fp16"])
+    model = M.build_model(cfg.model, 32, 3, multilabel=True)
+    ph = T.prepare_phase(cfg, model, "warmup", 4, 10, multilabel=True)
+    assert seen == ["fp16"] and ph.optimizer is model.optimizer and type(ph.optimizer).__name__ == "RMSprop"
+    assert model.loss == "binary_crossentropy" and ph.trainable == len(model.trainable_weights) == 4  # the head
+    assert len(T.opt_variables(ph.optimizer)) > 1  # slots made before the first step (restore, broadcast)
+    ft = T.prepare_phase(cfg, model, "finetune", 4, 10)
+    assert type(ft.optimizer).__name__ == "SGD" and ft.trainable > ph.trainable
+    assert float(ft.optimizer.learning_rate(10)) == pytest.approx(4e-3 / (1 + 1e-6 * 10), rel=1e-6)
+
+
+def test_stop_signals_config_and_batch_record_truncation(tmp_path):
+    import signal
+
+    assert cb.parse_stop_signals("SIGTERM, usr1,SIGINT") == [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT]
+    assert cb.parse_stop_signals("") == []
+    with pytest.raises(Exception, match="train.stop_signals: 'SIGKILL'"):
+        cb.parse_stop_signals("SIGKILL")
+    assert cb.Stopped(signal.SIGTERM, "x").exit_code == 143 and cb.Stopped(signal.SIGUSR1, "x").exit_code == 138
+    import os
+
+    before = signal.getsignal(signal.SIGUSR1)
+    with cb.stop_signals("SIGUSR1") as early:  # train.main's, before TensorFlow loads
+        os.kill(os.getpid(), signal.SIGUSR1)  # during start-up: kept, not fatal
+        with cb.stop_signals("SIGUSR1") as phases:  # train_phases'
+            assert phases is early and phases.got == signal.SIGUSR1
+    assert signal.getsignal(signal.SIGUSR1) is before
+    p = tmp_path / "batches.csv"
+    cb.append_batches(p, [("warmup", e, s, r, f"h{e}{s}{r}") for e in (1, 2) for s in (1, 2, 3) for r in (0, 1)])
+    cb.truncate_batches(p, 1, 2)  # the checkpoint: epoch 1 done, 2 steps of epoch 2
+    rows = p.read_text().splitlines()
+    assert rows[0] == ",".join(cb.BATCH_COLUMNS) and len(rows) == 1 + 6 + 4 and rows[-1] == "warmup,2,2,1,h221"
