@@ -166,6 +166,8 @@ class EvalConfig:
     threshold: float = _f(0.5, "probability threshold for the class table", 0.0, 1.0)
     gradcam_per_group: int = _f(8, "images per Grad-CAM grid (true positives, false positives, false negatives)", 0, 64)
     checkpoint: Literal["best", "last", "final"] = _f("best", "which model of the run directory to evaluate")
+    trust_model: bool = _f(False, "load model files with Keras' own loader (HDF5, Lambda layers: code in the file "
+                                  "runs); default: rebuilt by this project, weights only (distributed.safeload)")
 
 
 @dataclass(frozen=True)

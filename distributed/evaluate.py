@@ -350,7 +350,7 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     data = SplitData(cfg.prep.out, "test", manifest=manifest)
     if data.n == 0:
         raise EvalError(f"{cfg.prep.out}: the test split is empty")
-    model = load_model(model_path, precision=precision)
+    model = load_model(model_path, precision=precision, trust=cfg.eval.trust_model)
     in_size = model.input_shape[1]
     if in_size is not None and in_size != data.image_size:
         raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
