@@ -14,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
+from types import SimpleNamespace
 
 import tensorflow as tf
 
 from data_prep.cli import UserError
+from distributed import safeload
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES",
@@ -216,6 +218,14 @@ def convert_precision(model, precision: str):
     return new
 
 
+def _build_from_spec(spec: dict) -> tf.keras.Model:
+    """``build_model`` from the parameters :func:`distributed.safeload.build_spec` read from a file."""
+    cfg = SimpleNamespace(backbone=spec["backbone"], weights="none", dense_units=spec["dense_units"],
+                          dropout=spec["dropout"])
+    return build_model(cfg, spec["image_size"], spec["num_classes"], multilabel=spec["multilabel"],
+                       precision=spec["precision"])
+
+
 def load_model(path, compile: bool = False, precision: str | None = None, trust: bool = False) -> tf.keras.Model:
     """A model saved by training (``model.keras``, ``checkpoints/{best,last}.keras``), custom layers
     known. Not compiled unless ``compile``. ``precision``: convert to that compute precision
@@ -226,8 +236,6 @@ def load_model(path, compile: bool = False, precision: str | None = None, trust:
     HDF5, SavedModel, Lambda layers and foreign architectures are refused (``UntrustedModel``).
     ``trust=True`` (``predict --trust-model``, ``eval.trust_model``) uses Keras' own loader, which
     also reads ``.h5`` files and Keras SavedModel folders and runs what they hold."""
-    from distributed import safeload
-
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}")
@@ -235,7 +243,7 @@ def load_model(path, compile: bool = False, precision: str | None = None, trust:
         raise ValueError(f"{p} is an inference-only SavedModel (serving): load it with "
                          f"tf.saved_model.load(path).serve(images), or pass the run's model.keras here")
     if not trust:
-        model = safeload.load_untrusted(p)
+        model = safeload.load_untrusted(p, _build_from_spec, BACKBONES, PRECISIONS)
         if compile:
             raise ValueError("load_model(compile=True) needs trust=True (the file's training configuration)")
     else:

@@ -89,17 +89,16 @@ def _num(value, kind, lo, hi, what, path):
     return kind(value)
 
 
-def build_spec(tree: dict, path: Path) -> dict:
-    """The arguments of ``build_model`` a file's config implies, each checked (raises UntrustedModel)."""
-    from distributed.model import BACKBONES, PRECISIONS
-
+def build_spec(tree: dict, path: Path, backbones, precisions) -> dict:
+    """The arguments of ``build_model`` a file's config implies, each checked (raises UntrustedModel);
+    ``backbones``/``precisions``: the names ``distributed.model`` knows."""
     layers = _layers(tree)
     cls = [layer.get("class_name") for layer in tree["config"]["layers"] if isinstance(layer, dict)]
     if "Lambda" in cls:
         raise UntrustedModel(f"{path}: holds a Lambda layer (Python code); refused. {OPT_IN}")
     name = str(tree["config"].get("name", ""))
     backbone = name[4:] if name.startswith("cxr_") else ""
-    if backbone not in BACKBONES or not {"image", "predictions", "head_dense", "head_dropout"} <= set(layers):
+    if backbone not in backbones or not {"image", "predictions", "head_dense", "head_dropout"} <= set(layers):
         raise UntrustedModel(f"{path}: not a network built by distributed.model (model {name[:60]!r}); {OPT_IN}")
     try:
         shape = layers["image"]["config"]["batch_input_shape"]
@@ -118,8 +117,8 @@ def build_spec(tree: dict, path: Path) -> dict:
             dtype = layer["config"].get("dtype")
             precision = dtype.get("config", {}).get("name") if isinstance(dtype, dict) else dtype
             break
-    if precision not in PRECISIONS:
-        raise UntrustedModel(f"{path}: compute precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if precision not in precisions:
+        raise UntrustedModel(f"{path}: compute precision {precision!r} is not one of {', '.join(precisions)}")
     return {"backbone": backbone, "precision": precision, "multilabel": activation == "sigmoid",
             "image_size": _num(shape[1], int, 8, 4096, "input size", path),
             "num_classes": _num(pred.get("units"), int, 1, 10000, "output count", path),
@@ -159,12 +158,11 @@ def _first_difference(a, b, where="config"):
     return "" if a == b else where
 
 
-def load_untrusted(path) -> "object":
-    """The model in ``path`` rebuilt by ``build_model`` with the file's weights; UntrustedModel when
-    the file is not one this project writes (HDF5, SavedModel, other architectures, Lambda layers)."""
-    import tensorflow as tf  # noqa: F401 - after the caller's runtime settings
-
-    from distributed.model import build_model
+def load_untrusted(path, build, backbones, precisions):
+    """The model in ``path`` made by ``build(spec)`` (``distributed.model``'s ``build_model`` with the
+    file's checked parameters), with the file's weights; UntrustedModel when the file is not one this
+    project writes (HDF5, SavedModel, other architectures, Lambda layers)."""
+    import tensorflow as tf  # after the caller's runtime settings
 
     p = Path(path)
     kind = file_kind(p)
@@ -179,12 +177,7 @@ def load_untrusted(path) -> "object":
     if p.suffix != ".keras":
         raise UntrustedModel(f"{p}: a Keras zip model must be named *.keras")
     tree = read_keras_config(p)
-    spec = build_spec(tree, p)
-    from types import SimpleNamespace
-    cfg = SimpleNamespace(backbone=spec["backbone"], weights="none", dense_units=spec["dense_units"],
-                          dropout=spec["dropout"])
-    model = build_model(cfg, spec["image_size"], spec["num_classes"], multilabel=spec["multilabel"],
-                        precision=spec["precision"])
+    model = build(build_spec(tree, p, backbones, precisions))
     ours = json.loads(json.dumps(tf.keras.saving.serialize_keras_object(model)["config"], default=str))
     diff = _first_difference(_strip(ours), _strip(tree["config"]))
     if diff:
