@@ -312,7 +312,7 @@ def set_link(state: State, node: str, up: bool) -> None:
 
 def ssh_command(state: State, node: str, command: str) -> list[str]:
     """ssh into ``node`` with the cluster's own client file."""
-    return ["ssh", "-F", str(Path(state.dir) / "ssh_config"), node, command]
+    return ["ssh", "-F", str(Path(state.dir) / "ssh_config"), "--", node, command]
 
 
 # --------------------------------------------------------------------------- down
