@@ -356,7 +356,7 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # stores its hash in the manifest and in every shard. Each hash covers the stage's sections and the
 # hash of the stage before it, so a change upstream reruns everything after it.
 
-SHARD_FORMAT = 2  # layout version of the shards and manifest.json (2: `converted` lists every kind); a new one invalidates old outputs
+SHARD_FORMAT = 3  # layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32 checksums on every dataset); a new one invalidates old outputs
 
 
 def prep_hash(cfg) -> str:

@@ -47,7 +47,7 @@ from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
-from data_prep.manifest import conversion_counts
+from data_prep.manifest import FORMAT_NOTES, conversion_counts
 
 FORMAT = cfgmod.SHARD_FORMAT
 MANIFEST = "manifest.json"
@@ -185,8 +185,13 @@ def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
                 with h5py.File(f, "r") as h:
                     h_hash = h.attrs.get("config_hash")
                     h_hash = h_hash.decode() if isinstance(h_hash, bytes) else h_hash
+                    h_format = int(h.attrs.get("format", 0))
             except Exception:  # noqa: BLE001 - a broken file of ours is rewritten
-                h_hash = None
+                h_hash, h_format = None, FORMAT
+            if h_hash is not None and h_format != FORMAT:
+                conflicts.append((f, f"shard format {h_format}, this code writes format {FORMAT}: "
+                                     f"{FORMAT_NOTES.get(FORMAT, 'a newer layout')}"))
+                continue
             if h_hash is None or (h_hash == plan["config_hash"] and rel in want):
                 if h_hash is None:
                     stale.append(f)
@@ -252,7 +257,7 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
     try:
         with h5py.File(tmp, "w", libver="earliest", track_order=False) as h:
             ds = h.create_dataset("images", shape=(hi - lo, S, S), maxshape=(None, S, S), dtype=np.uint8,
-                                  chunks=(1, S, S), track_times=False)
+                                  chunks=(1, S, S), fletcher32=True, track_times=False)  # checksum per image
             buf, k = [], 0
             throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
             for i in range(lo, hi):
@@ -281,12 +286,13 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             idx = np.asarray(keep, dtype=np.int64)
             st = _str_dtype()
             opts = {"track_times": False}
-            h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **opts)
-            h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **opts)
+            nums = {**opts, "fletcher32": n > 0}  # numbers checksummed (HDF5 filters cannot take variable-length strings)
+            h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **nums)
+            h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **nums)
             h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st, **opts)
-            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **opts)
+            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **nums)
             h.create_dataset("view", data=np.array([sp["view"][i] for i in keep], dtype=object), dtype=st, **opts)
-            h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **opts)
+            h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **nums)
             h.create_dataset("sex", data=np.array([sp["sex"][i] for i in keep], dtype=object), dtype=st, **opts)
             rows = {"label": sp["label"][idx], "targets": sp["targets"][idx]}
             lc = _label_counts(rows, plan)
