@@ -16,6 +16,7 @@ from data_prep import verify
 from data_prep.cli import command
 from data_prep.config import add_config_args, config_from_args
 from data_prep.log import env_size, get_logger
+from data_prep.manifest import ManifestError
 from data_prep.metadata import MetadataError
 from data_prep.prepare import PrepError, get_comm, run
 
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
             return 0
         run(cfg, comm)
         return 0
-    except (PrepError, MetadataError) as e:
+    except (PrepError, MetadataError, ManifestError) as e:
         if getattr(e, "echo", False):
             return 1  # this rank only relays rank 0's error, which rank 0 prints
         raise

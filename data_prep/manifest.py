@@ -124,7 +124,7 @@ def verify_manifest(prep_out, files=None) -> dict:
     partial = mine != set(every)
     for name in SPLITS:
         s = m["splits"][name]
-        total, lc = 0, {}
+        total, lc, broken = 0, {}, False
         for sh in s["shards"]:
             p = prep_out / sh["file"]
             if sh["file"] not in mine:
@@ -140,7 +140,7 @@ def verify_manifest(prep_out, files=None) -> dict:
                             ds[i:i + 256] if ds.shape else ds[()]
             except (OSError, ManifestError) as e:
                 problems.append(f"{sh['file']}: {str(e).splitlines()[0][:200]}")
-                total += sh["count"]
+                broken = True
                 continue
             with h5py.File(p, "r") as h:
                 n = h["images"].shape[0]
@@ -159,7 +159,7 @@ def verify_manifest(prep_out, files=None) -> dict:
                     lc[k] = lc.get(k, 0) + v
             total += n
         n_images += total
-        if partial:
+        if partial or broken:
             continue  # a share of the shards: the split totals are not this rank's to compare
         if total != s["count"]:
             problems.append(f"{name}: shards hold {total} images, manifest says {s['count']}")

@@ -42,6 +42,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import config as cfgmod
+from data_prep import locks
 from data_prep import metadata as md
 from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
@@ -515,6 +516,7 @@ def run(cfg, comm=None) -> dict | None:
             if cfg.prep.strict and plan["skipped"]:
                 raise PrepError(_strict_message(plan["skipped"]))
             out.mkdir(parents=True, exist_ok=True)
+            locks.acquire(out, "prep")  # one prep per folder: a second one is refused (data_prep.locks)
             check_existing(out, plan, cfg.prep.overwrite, log)
         except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed
             plan_error = e

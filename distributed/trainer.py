@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from data_prep import locks
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
 from distributed import callbacks as cb
+from distributed import checkpoints
 from distributed import data as D
 from distributed import hvd
 from distributed import model as M
@@ -49,6 +51,7 @@ def run(cfg, plan, resume: bool = False) -> dict:
     run_dir = Path(cfg.run.dir)
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
     if hvd.is_root():  # Horovod: one writer per file
+        locks.acquire(run_dir, "training")  # one run per run.dir: a second one is refused (data_prep.locks)
         save_resolved(cfg, run_dir, note=f"runtime.precision {cfg.runtime.precision}: rank 0 computed in "
                                          f"{plan.precision.describe() if plan.precision else precision}")
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
@@ -248,11 +251,10 @@ def _resume(cfg, run_dir: Path, model, log, precision: str):
 def _read_checkpoint(run_dir: Path, model, log, precision: str = "float32"):
     """Rank 0's part of a resume: the run state and last weights of ``run_dir`` (into ``model``), the
     history cut to the committed epochs; (None, False) without a checkpoint."""
-    state = cb.read_state(run_dir)
+    state = checkpoints.restore(run_dir, model, log)  # last.keras, else best.keras; state.json, else history.csv
     if state is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir / "checkpoints")
         return None, False
-    M.copy_weights(M.load_model(run_dir / "checkpoints" / "last.keras"), model)
     if state.precision != precision:
         # Converted explicitly: the variables are float32 under both policies, copied as they are.
         log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
