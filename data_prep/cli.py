@@ -52,6 +52,12 @@ def deferred(e: UserError) -> UserError:
 
 
 _SPACE = ("No space left on device", "Disk quota exceeded")
+_OUTPUT: list[str] = []
+
+
+def note_output(folder) -> None:
+    """The folder this command writes into, named by a full-disk error that carries no file name."""
+    _OUTPUT[:] = [str(folder)]
 
 
 def space_error(e: BaseException) -> UserError | None:
@@ -65,8 +71,9 @@ def space_error(e: BaseException) -> UserError | None:
             where = getattr(e, "filename", None)
             what = "disk quota exceeded" if (getattr(e, "errno", None) == errno.EDQUOT or _SPACE[1] in str(e)) \
                 else "no space left on device"
-            err = UserError(f"{what}{' writing ' + str(where) if where else ''}; free space there (or choose "
-                            f"another folder) and rerun: nothing half-written is kept")
+            detail = f" writing {where}" if where else (f" writing into {_OUTPUT[0]}" if _OUTPUT else "")
+            err = UserError(f"{what}{detail}; free space there (or choose another folder) and rerun: "
+                            f"nothing half-written is kept")
             return err
         e = e.__cause__ or e.__context__
     return None

@@ -25,10 +25,12 @@ mpi4py is imported only when the launcher says there is more than one rank.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -256,7 +258,10 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
     keep, skipped, converted = [], [], []
     psum = psq = 0
     try:
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as h:
+        # Built in memory (HDF5's core driver), written with plain file I/O: a full disk is then an
+        # OSError (ENOSPC) here, not HDF5 failing inside its own writes (that ended in a segfault).
+        with h5py.File(tmp.name, "w", driver="core", backing_store=False, libver="earliest",
+                       track_order=False) as h:
             ds = h.create_dataset("images", shape=(hi - lo, S, S), maxshape=(None, S, S), dtype=np.uint8,
                                   chunks=(1, S, S), fletcher32=True, track_times=False)  # checksum per image
             buf, k = [], 0
@@ -313,9 +318,13 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             a["label_counts"] = json.dumps(lc)
             a["skipped"] = json.dumps(skipped)
             a["converted"] = json.dumps(converted)
-        with open(tmp, "rb+") as f:
+            h.flush()
+            image = h.id.get_file_image()
+        with open(tmp, "wb") as f:
+            f.write(image)
+            f.flush()
             os.fsync(f.fileno())
-        digest = sha256_file(tmp)
+        digest = hashlib.sha256(image).hexdigest()
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -518,6 +527,7 @@ def run(cfg, comm=None) -> dict | None:
             out.mkdir(parents=True, exist_ok=True)
             locks.acquire(out, "prep")  # one prep per folder: a second one is refused (data_prep.locks)
             check_existing(out, plan, cfg.prep.overwrite, log)
+            check_space(out, plan, log)
         except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed
             plan_error = e
             plan = {"error": f"{type(e).__name__}: {e}"}
@@ -581,8 +591,40 @@ def _strict_message(skipped: list[dict]) -> str:
     return f"--strict: {len(skipped)} image(s) would be skipped: {first}{' ...' if len(skipped) > 5 else ''}"
 
 
+def estimate_bytes(plan: dict, out: Path) -> int:
+    """Bytes the shards not yet in ``out`` will take (images plus HDF5 and column overhead, rounded up)."""
+    S = int(plan["image_size"])
+    todo = [sh for sh in plan["shards"] if not (out / sh["file"]).exists()]
+    return sum((sh["stop"] - sh["start"]) * (S * S + 256) + SHARD_OVERHEAD for sh in todo)
+
+
+SHARD_OVERHEAD = 32 << 10  # HDF5 superblock, B-trees, columns and attributes of one shard (measured 25 KB at 32 images)
+
+
+def check_space(out: Path, plan: dict, log) -> None:
+    """Refuse before writing when ``out``'s file system clearly lacks the room for the shards."""
+    need = estimate_bytes(plan, out)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise PrepError(f"prep needs about {_mb(need)} in {out} and only {_mb(free)} is free; free space there "
+                        f"or choose another prep.out, then rerun (complete shards are kept)")
+    log.info("space: about %s of shards to write, %s free in %s", _mb(need), _mb(free), out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
+
+
 def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
     errors = [m["error"] for m in gathered.values() if m["error"]]
+    full = next((s for s in _NO_SPACE for e in errors if s in e), None)
+    if full:
+        raise PrepError(f"{full.lower()} writing shards into {out} (about {_mb(estimate_bytes(plan, out))} still "
+                        f"to write); free space there or choose another prep.out, then rerun: complete shards "
+                        f"are kept, the unfinished ones were removed")
     if errors:
         raise PrepError("shard writing failed; rerun to resume:\n" + "\n".join(errors))
     results = {r["file"]: r for m in gathered.values() for r in m["results"]}

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.cli import UserError, command
+from data_prep.cli import UserError, command, note_output
 from data_prep.config import add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
@@ -476,6 +476,7 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    note_output(cfg.run.dir)  # a full disk's one line names the run directory (data_prep.cli)
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:

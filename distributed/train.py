@@ -24,7 +24,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.cli import command
+from data_prep.cli import command, note_output
 from data_prep.config import add_config_args, config_from_args
 from distributed import runtime
 
@@ -41,6 +41,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    note_output(cfg.run.dir)  # a full disk's one line names the run directory
     train(cfg, resume=args.resume)
     return 0
 

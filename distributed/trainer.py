@@ -80,7 +80,8 @@ def run(cfg, plan, resume: bool = False) -> dict:
             log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
             return {"state": state.to_json(), "history": cb.read_history(run_dir / "history.csv"),
                     "run_dir": str(run_dir)}
-    elif hvd.is_root() and (run_dir / "checkpoints" / "state.json").exists():
+    elif hvd.is_root() and any((run_dir / f).exists() for f in ("checkpoints/state.json", "history.csv")):
+        # history.csv without state.json: an earlier run that ended before its first checkpoint (a full disk)
         log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
         for f in ("history.csv",):
             (run_dir / f).unlink(missing_ok=True)

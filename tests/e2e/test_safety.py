@@ -175,3 +175,65 @@ def test_a_second_prep_on_one_folder_is_refused(config, tmp_path):
     finally:
         holder.kill()
         holder.wait()
+
+
+# --------------------------------------------------------------------------- full disks
+
+class Disk(type(Path())):
+    def resize(self, kb):
+        subprocess.run(["mount", "-o", f"remount,size={kb}k", str(self)], check=True)
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A tmpfs of 96 KB at tmp_path/disk (root only); ``resize(kb)`` frees space; always unmounted."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mnt = tmp_path / "disk"
+    mnt.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+
+    try:
+        yield Disk(mnt)
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_prep_on_a_full_disk_refuses_first_then_completes(config, small_disk):
+    out = small_disk / "prepared"
+    args = ["-m", "data_prep", "--config", str(config), "--set", f"prep.out={out}"]
+    line = _one_line_error(_run(args))
+    assert f"prep needs about" in line and str(out) in line and "free" in line
+    small_disk.resize(4096)
+    _ok(_run(args))
+    _ok(_run(["-m", "data_prep", "verify", "--config", str(config), "--set", f"prep.out={out}"]))
+
+
+def test_prep_running_out_of_space_mid_write_leaves_no_partial_shard(config, small_disk, monkeypatch):
+    from data_prep import prepare
+    from data_prep.config import load_config
+
+    monkeypatch.setattr(prepare, "check_space", lambda *a: None)  # as if another writer filled the disk meanwhile
+    cfg = load_config(config, [f"prep.out={small_disk / 'prepared'}"])
+    with pytest.raises(prepare.PrepError, match="no space left on device writing shards into .*complete shards are kept"):
+        prepare.run(cfg)
+    left = sorted(p.name for p in (small_disk / "prepared").rglob("*") if p.is_file())
+    assert left and not [n for n in left if ".tmp" in n] and "manifest.json" not in left
+    small_disk.resize(4096)
+    m = prepare.run(cfg)
+    assert m["timings"]["shards_before"] >= 1  # the complete ones were kept, and are intact:
+    from data_prep.manifest import verify_manifest
+    assert verify_manifest(small_disk / "prepared")["ok"]
+
+
+def test_train_on_a_full_disk_is_one_line_then_completes(config, small_disk):
+    small_disk.resize(512)
+    run = small_disk / "run"
+    line = _one_line_error(_train(config, run))
+    assert "no space left on device" in line and str(run) in line
+    assert not [p for p in run.rglob("*") if ".tmp" in p.name]
+    small_disk.resize(65536)
+    _ok(_train(config, run))
+    assert _history_phases(run) == FULL
