@@ -73,6 +73,8 @@ class PrepConfig:
     strict: bool = _f(False, "turn every skipped image into an error")
     overwrite: bool = _f(False, "replace outputs made with a different config instead of refusing")
     limit: int = _f(0, "use only the first N rows of the CSV (smoke tests); 0 = all", 0)
+    max_pixels: int = _f(50_000_000, "an image with more pixels is skipped and recorded, never decoded "
+                                     "(NIH images: 1 M)", 1, 1_000_000_000)
 
 
 @dataclass(frozen=True)

@@ -89,10 +89,17 @@ def make_plan(cfg, log=None) -> dict:
              len(issues.skipped), len(issues.notes))
     df = md.select_task(frame, d.task, d.positive_label, d.negative_rule)
     # files: find by name below data.images; missing and empty files are skipped here
-    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out])
+    refused: list[dict] = []  # symlink loops and links leaving data.images (fsutil.walk_tree)
+    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out], refused=refused)
     paths = df["image"].map(found)
     missing = paths.isna()
-    issues.skip_rows(df, missing, "file not found below data.images")
+    by_name = {os.path.basename(r["image"]): r["reason"] for r in refused}
+    linked = missing & df["image"].isin(by_name)
+    issues.skip_rows(df, linked, df["image"].map(by_name))
+    issues.skip_rows(df, missing & ~linked, "file not found below data.images")
+    if refused:
+        log.warning("data.images: %d symlink(s) not followed (loops, or leading outside %s), e.g. %s: %s",
+                    len(refused), d.images, refused[0]["image"], refused[0]["reason"])
     df = df.loc[~missing].copy()
     df["path"] = paths.loc[df.index]
     sizes = np.fromiter((_size(x) for x in df["path"]), dtype=np.int64, count=len(df))
@@ -136,7 +143,9 @@ def make_plan(cfg, log=None) -> dict:
     if not len(splits["train"]["image"]):
         log.warning("the training split is empty")
     plan = {"config_hash": cfgmod.prep_hash(cfg), "task": d.task, "classes": classes, "image_size": d.image_size,
-            "splits": splits, "shards": shards, "skipped": issues.skipped, "notes": issues.notes,
+            "splits": splits, "shards": shards, "skipped": issues.skipped,
+            "notes": issues.notes + refused,
+            "max_pixels": p.max_pixels,
             "split_method": split_method, "plan_s": time.perf_counter() - t0}
     for name in md.SPLITS:
         s = splits[name]
@@ -271,7 +280,7 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
                     time.sleep(throttle)
                 name = sp["image"][i]
                 try:
-                    arr, info = load_xray(sp["path"][i], S)
+                    arr, info = load_xray(sp["path"][i], S, max_pixels=plan["max_pixels"])
                 except ImageError as e:
                     skipped.append({"image": name, "reason": e.reason})
                 else:
