@@ -28,6 +28,7 @@ import h5py
 import numpy as np
 
 from data_prep.cli import add_debug_arg, command
+from data_prep.fsutil import atomic_write_bytes
 
 
 def register(subparsers):
@@ -51,10 +52,7 @@ def write_shard(path: Path, images: np.ndarray, fletcher32: bool) -> float:
             ds[i:i + 64] = images[i:i + 64]
         h.flush()
         image = h.id.get_file_image()
-    with open(path, "wb") as f:
-        f.write(image)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_bytes(path, image)
     return time.perf_counter() - t0
 
 

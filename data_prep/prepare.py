@@ -47,7 +47,7 @@ from data_prep import config as cfgmod
 from data_prep import locks
 from data_prep import metadata as md
 from data_prep.cli import UserError
-from data_prep.fsutil import atomic_write_json, sha256_file
+from data_prep.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
 from data_prep.manifest import FORMAT_NOTES, conversion_counts
@@ -329,12 +329,8 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             a["converted"] = json.dumps(converted)
             h.flush()
             image = h.id.get_file_image()
-        with open(tmp, "wb") as f:
-            f.write(image)
-            f.flush()
-            os.fsync(f.fileno())
+        atomic_write_bytes(path, image)  # temporary name beside it, fsync, rename; removed on ENOSPC
         digest = hashlib.sha256(image).hexdigest()
-        os.replace(tmp, path)
     finally:
         if tmp.exists():
             tmp.unlink()
