@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from data_prep import locks
 from data_prep.cli import UserError, command, note_output
 from data_prep.config import add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text
@@ -307,6 +308,8 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     run_dir = Path(cfg.run.dir)
+    if rank == 0:  # one writer per run directory: not while a training or evaluation writes there (data_prep.locks)
+        locks.acquire(run_dir, "evaluation")
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
     t_start = time.time()
     model_path, manifest, data, model = _load_checked(cfg, run_dir, precision)

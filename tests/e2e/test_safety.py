@@ -237,3 +237,18 @@ def test_train_on_a_full_disk_is_one_line_then_completes(config, small_disk):
     small_disk.resize(65536)
     _ok(_train(config, run))
     assert _history_phases(run) == FULL
+
+
+def test_evaluate_is_refused_while_another_process_writes_the_run_dir(config, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from data_prep.locks import acquire; "
+                               f"acquire({str(run)!r}, 'training'); print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        line = _one_line_error(_run(["-m", "distributed.evaluate", "--config", str(config), "--set", f"run.dir={run}"]))
+        assert f"in use by training (pid {holder.pid} on " in line
+        assert sorted(p.name for p in run.iterdir()) == [".cxr-lock"]
+    finally:
+        holder.kill()
+        holder.wait()
