@@ -3,6 +3,7 @@ a damaged shard, damaged checkpoints, a second run on one folder, a full disk.
 
 One tiny generated data set (32 px, ``tiny`` backbone, 1 warm-up + 2 fine-tune epochs), prepared once.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -135,6 +136,20 @@ def test_resume_with_nothing_readable_is_one_line(config, killed_run):
 
 # --------------------------------------------------------------------------- one writer
 
+@contextlib.contextmanager
+def _holding(folder, what):
+    """Another process holding ``folder``'s lock as ``what``; yields its pid."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; from data_prep.locks import acquire; "
+                               f"acquire({str(folder)!r}, {what!r}); print('held', flush=True); time.sleep(120)"],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_a_second_run_on_one_run_dir_is_refused_and_the_first_finishes(config, tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", CXR_NO_HOROVOD="1", CXR_STEP_SLEEP_S="0.1")
@@ -164,17 +179,10 @@ def test_a_second_prep_on_one_folder_is_refused(config, tmp_path):
     from data_prep.prepare import run
 
     out = tmp_path / "prepared"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from data_prep.locks import acquire; "
-                               f"acquire({str(out)!r}, 'prep'); print('held', flush=True); time.sleep(60)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(FolderBusy, match=f"in use by prep \\(pid {holder.pid} on "):
+    with _holding(out, "prep") as pid:
+        with pytest.raises(FolderBusy, match=f"in use by prep \\(pid {pid} on "):
             run(load_config(config, [f"prep.out={out}"]))
         assert sorted(p.name for p in out.iterdir()) == [".cxr-lock"]  # nothing written
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 # --------------------------------------------------------------------------- full disks
@@ -241,14 +249,7 @@ def test_train_on_a_full_disk_is_one_line_then_completes(config, small_disk):
 
 def test_evaluate_is_refused_while_another_process_writes_the_run_dir(config, tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import time; from data_prep.locks import acquire; "
-                               f"acquire({str(run)!r}, 'training'); print('held', flush=True); time.sleep(120)"],
-                              cwd=ROOT, stdout=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with _holding(run, "training") as pid:
         line = _one_line_error(_run(["-m", "distributed.evaluate", "--config", str(config), "--set", f"run.dir={run}"]))
-        assert f"in use by training (pid {holder.pid} on " in line
+        assert f"in use by training (pid {pid} on " in line
         assert sorted(p.name for p in run.iterdir()) == [".cxr-lock"]
-    finally:
-        holder.kill()
-        holder.wait()
