@@ -6,6 +6,7 @@
 * ``timeline``: rank skew, allreduce and exposed communication per step from a Horovod timeline;
 * ``prep``: throughput of the MPI prep stage (``benchmarks/prep.py``);
 * ``reliability``: what a step checkpoint and the stop flag cost (``benchmarks/reliability.py``).
+* ``checksums``: the shards' Fletcher-32 cost, writing and reading, with vs without (``benchmarks/checksums.py``).
 See BENCHMARKS.md for the commands and dated results.
 """
 from __future__ import annotations
@@ -13,14 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from benchmarks import epoch_timing, input_pipeline, prep, reliability, scaling, timeline
+from benchmarks import checksums, epoch_timing, input_pipeline, prep, reliability, scaling, timeline
 from data_prep.cli import add_debug_arg, command
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep,reliability}")
-    for module in (epoch_timing, scaling, input_pipeline, timeline, prep, reliability):
+    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep,reliability,checksums}")
+    for module in (epoch_timing, scaling, input_pipeline, timeline, prep, reliability, checksums):
         module.register(sub)
     for p in sub.choices.values():
         add_debug_arg(p)

@@ -40,6 +40,45 @@ class UsageError(UserError):
     exit_code = 2
 
 
+_DEFERRED: list[UserError] = []
+
+
+def deferred(e: UserError) -> UserError:
+    """``e``, remembered: raised where TensorFlow wraps it (a tf.data generator, a py_function) it
+    reaches the command as a TensorFlow error with a traceback; :func:`command` reports the
+    remembered one line instead."""
+    _DEFERRED.append(e)
+    return e
+
+
+_SPACE = ("No space left on device", "Disk quota exceeded")
+_OUTPUT: list[str] = []
+
+
+def note_output(folder) -> None:
+    """The folder this command writes into, named by a full-disk error that carries no file name."""
+    _OUTPUT[:] = [str(folder)]
+
+
+def space_error(e: BaseException) -> UserError | None:
+    """A full disk or quota (ENOSPC, EDQUOT), wherever it was raised (Python, h5py, TensorFlow), as one line."""
+    import errno
+
+    seen = 0
+    while e is not None and seen < 10:
+        seen += 1
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(s in str(e) for s in _SPACE):
+            where = getattr(e, "filename", None)
+            what = "disk quota exceeded" if (getattr(e, "errno", None) == errno.EDQUOT or _SPACE[1] in str(e)) \
+                else "no space left on device"
+            detail = f" writing {where}" if where else (f" writing into {_OUTPUT[0]}" if _OUTPUT else "")
+            err = UserError(f"{what}{detail}; free space there (or choose another folder) and rerun: "
+                            f"nothing half-written is kept")
+            return err
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def debug_enabled(argv=None) -> bool:
     argv = sys.argv[1:] if argv is None else argv
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
@@ -87,6 +126,11 @@ def command(prog: str):
             try:
                 return main_fn(argv)
             except (UserError, *_FILE_ERRORS) as e:
-                return report(prog, e)
+                return report(prog, space_error(e) or e)
+            except Exception as e:  # noqa: BLE001 - a user error wrapped by TensorFlow, or a full disk
+                known = space_error(e) or (_DEFERRED[0] if _DEFERRED else None)
+                if known is None:
+                    raise
+                return report(prog, known)
         return main
     return wrap

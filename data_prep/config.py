@@ -74,6 +74,8 @@ class PrepConfig:
     strict: bool = _f(False, "turn every skipped image into an error")
     overwrite: bool = _f(False, "replace outputs made with a different config instead of refusing")
     limit: int = _f(0, "use only the first N rows of the CSV (smoke tests); 0 = all", 0)
+    max_pixels: int = _f(50_000_000, "an image with more pixels is skipped and recorded, never decoded "
+                                     "(NIH images: 1 M)", 1, 1_000_000_000)
 
 
 @dataclass(frozen=True)
@@ -190,6 +192,8 @@ class EvalConfig:
     prior_correction: bool = _f(False, "correct probabilities from the training split's class proportions to the "
                                        "data's natural prevalence (manifest); evaluate and cxr-predict")
     prevalence: float = _f(0.0, "deployment prevalence P: also report PPV/NPV recomputed at P; 0 = off", 0.0, 0.999)
+    trust_model: bool = _f(False, "load model files with Keras' own loader (HDF5, Lambda layers: code in the file "
+                                  "runs); default: rebuilt by this project, weights only (distributed.safeload)")
 
 
 @dataclass(frozen=True)
@@ -381,7 +385,7 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # leaves every existing output's hash as it was; HASH_SCHEMA is bumped instead when a default's
 # meaning changes (then every output is made again).
 
-SHARD_FORMAT = 2  # layout version of the shards and manifest.json (2: `converted` lists every kind); a new one invalidates old outputs
+SHARD_FORMAT = 3  # layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32 checksums on every dataset); a new one invalidates old outputs
 HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
 PREP_RUN_KEYS = ("out", "strict", "overwrite")  # where and how prep runs, not what it makes
 TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains

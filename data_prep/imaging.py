@@ -3,8 +3,9 @@
 ``load_xray(path, size)`` decodes a chest X-ray file and returns a ``uint8`` ``(size, size)`` array
 and an ``info`` dict. Steps:
 
-1. decode with Pillow (PNG 8/16-bit, JPEG, anything Pillow reads); zero-byte, truncated and
-   non-image input raises ``ImageError(reason)`` with a short reason;
+1. decode with Pillow's PNG or JPEG decoder (8/16-bit), no other format; zero-byte, truncated,
+   non-image, other-format input and images over ``max_pixels`` (default 50 M, ``prep.max_pixels``;
+   checked from the header, before decoding) raise ``ImageError(reason)`` with a short reason;
 2. colour (RGB, RGBA, LA, P, CMYK, 1-bit) becomes 8-bit gray (ITU-R 601 luma; alpha dropped) and the
    conversion is recorded in ``info['converted_from']``; 16/32-bit and float images stay in float
    and are scaled later by their own min..max (never clipped to 8 bits first);
@@ -30,6 +31,9 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
+# Only these decoders run on input from others (Pillow would also hand EPS to Ghostscript, ...).
+FORMATS = ("PNG", "JPEG")
+MAX_PIXELS = 50_000_000  # prep.max_pixels' default: a larger image is refused from its header, never decoded
 
 # Modes decoded as integers/floats wider than 8 bits: scaled by their real range.
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
@@ -49,7 +53,8 @@ class ImageError(Exception):
 
 
 def _open(src):
-    """Open lazily from a path, bytes or a binary file object; raise ImageError for bad input."""
+    """Open lazily (PNG or JPEG only) from a path, bytes or a binary file object; raise ImageError
+    for bad input."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         if len(src) == 0:
             raise ImageError("zero-byte file")
@@ -70,13 +75,14 @@ def _open(src):
             raise ImageError("zero-byte file")
         fp = p
     try:
-        return Image.open(fp)
+        img = Image.open(fp, formats=FORMATS)
     except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognised format)") from None
+        raise ImageError("not an image (or not PNG or JPEG: other formats are not decoded)") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"image too large: {e}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot open image: {e}") from None
+    return img
 
 
 def _minmax_pil(img: Image.Image) -> np.ndarray:
@@ -117,16 +123,17 @@ def _minmax_float(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def load_xray(src, size: int) -> tuple[np.ndarray, dict]:
+def load_xray(src, size: int, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict]:
     """Decode, convert to gray, resize (anti-aliased) and min-max one image.
 
     ``src`` is a path, ``bytes`` or a binary file object. Returns ``(uint8 (size, size), info)``
     with ``info = {"mode", "format", "width", "height", "bits", "converted_from", "conversions"}``
     (``converted_from`` is ``None`` unless a colour image was turned into gray; ``conversions``
     lists every difference from an 8-bit square grayscale PNG and what was done, see the module).
-    Raises ``ImageError`` with a short reason for anything unreadable.
+    Raises ``ImageError`` with a short reason for anything unreadable, for a format other than PNG
+    and JPEG, and for more than ``max_pixels`` pixels (read from the header; nothing decoded).
     """
-    arr, info, _ = _load_checked(src, size, keep_original=False)
+    arr, info, _ = _load_checked(src, size, keep_original=False, max_pixels=max_pixels)
     return arr, info
 
 
@@ -141,12 +148,12 @@ def load_xray_and_original(src, size: int) -> tuple[np.ndarray, np.ndarray, dict
     return arr, original, info
 
 
-def _load_checked(src, size, keep_original: bool):
+def _load_checked(src, size, keep_original: bool, max_pixels: int = MAX_PIXELS):
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
     try:
-        arr, info, original = _load(src, size, keep_original)
+        arr, info, original = _load(src, size, keep_original, max_pixels)
     except (ImageError, MemoryError):
         raise
     except Exception as e:  # noqa: BLE001 - any decoder failure is this file's problem, never the caller's
@@ -176,13 +183,17 @@ def conversions(info: dict) -> list[dict]:
     return out
 
 
-def _load(src, size: int, keep_original: bool = False) -> tuple[np.ndarray, dict, np.ndarray | None]:
+def _load(src, size: int, keep_original: bool = False,
+          max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, dict, np.ndarray | None]:
     img = _open(src)
     try:
         mode, fmt = img.mode, img.format
         w, h = img.size
         if w < 1 or h < 1:
             raise ImageError(f"empty image ({w}x{h})")
+        if max_pixels and w * h > max_pixels:  # from the header: nothing decoded yet
+            raise ImageError(f"image too large: {w}x{h} = {w * h} pixels, more than prep.max_pixels={max_pixels}; "
+                             f"not decoded")
         info = {"mode": mode, "format": fmt, "width": w, "height": h, "bits": 8, "converted_from": None}
         if fmt == "JPEG" and mode in ("L", "RGB", "CMYK", "YCbCr") and not keep_original:
             img.draft("L", (size, size))  # DCT-domain downscale: never below the asked size

@@ -35,14 +35,73 @@ def load_manifest(prep_out) -> dict:
     if missing:
         raise ManifestError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
     if m["format"] != FORMAT:
-        raise ManifestError(f"{path}: format {m['format']}, this code reads format {FORMAT}; rerun prep")
+        raise ManifestError(f"{path}: shard format {m['format']}, this code reads format {FORMAT} "
+                            f"({FORMAT_NOTES.get(FORMAT, 'a newer layout')}); rerun prep with --overwrite")
     for name in SPLITS:
         if name not in m["splits"]:
             raise ManifestError(f"{path}: no split {name!r}")
         for sh in m["splits"][name]["shards"]:
-            if not (prep_out / sh["file"]).is_file():
-                raise ManifestError(f"{path}: shard {sh['file']} is missing in {prep_out}")
+            shard_file(prep_out, sh, path)
     return m
+
+
+FORMAT_NOTES = {3: "shards checksummed with HDF5's Fletcher-32 filter"}
+FIX = "rerun prep with --overwrite (prep.overwrite=true), or `python -m data_prep verify --config C` to list every damaged shard"
+
+
+def shard_file(prep_out: Path, entry: dict, where="manifest") -> Path:
+    """The path of a manifest's shard entry: relative, inside ``prep_out`` (no '..', no symlink out), existing."""
+    rel = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise ManifestError(f"{where}: shard path {rel!r} is not a relative path inside {prep_out}; rerun prep")
+    p = prep_out / rel
+    if not p.is_file():
+        raise ManifestError(f"{where}: shard {rel} is missing in {prep_out}")
+    if not p.resolve().is_relative_to(prep_out.resolve()):
+        raise ManifestError(f"{where}: shard {rel} leads outside {prep_out} (a symlink); refused")
+    if not isinstance(entry.get("count"), int) or entry["count"] < 0:
+        raise ManifestError(f"{where}: shard {rel} has no valid count; rerun prep")
+    return p
+
+
+_COLUMNS = {"label": "int64", "targets": "uint8", "patient_id": "int64", "age": "int16",
+            "image_index": None, "view": None, "sex": None}
+
+
+def check_shard(h, entry: dict, manifest: dict, path) -> None:
+    """An open shard (``h5py.File``) against its manifest entry, before any data is read: every
+    dataset present, of the right dtype and length, images (count, S, S) uint8 in (1, S, S) chunks
+    with the Fletcher-32 filter (so a damaged chunk fails when read). ``ManifestError`` naming
+    the shard and the fix otherwise; a lying header is caught here, before anything is allocated."""
+    n, S = int(entry["count"]), int(manifest["image_size"])
+    problems = []
+    if "images" not in h:
+        problems.append("no images dataset")
+    else:
+        im = h["images"]
+        if im.dtype.str != "|u1" or im.shape != (n, S, S):
+            problems.append(f"images are {im.dtype} {im.shape}, the manifest says uint8 ({n}, {S}, {S})")
+        elif n and im.chunks != (1, S, S):
+            problems.append(f"images are chunked {im.chunks}, expected (1, {S}, {S})")
+        elif n and not im.fletcher32:
+            problems.append("images carry no Fletcher-32 checksums (an older shard format)")
+    for name, dtype in _COLUMNS.items():
+        if name not in h:
+            problems.append(f"no {name} dataset")
+            continue
+        ds = h[name]
+        if not ds.shape or ds.shape[0] != n or (dtype and ds.dtype.name != dtype):
+            problems.append(f"{name} is {ds.dtype} {ds.shape}, expected {n} rows" + (f" of {dtype}" if dtype else ""))
+        elif name == "targets" and (len(ds.shape) != 2 or ds.shape[1] > 1000):
+            problems.append(f"targets are {ds.shape}, expected ({n}, classes)")
+    if problems:
+        raise ManifestError(f"shard {path} does not match the manifest: {problems[0]}; {FIX}")
+
+
+def damaged(path, e: BaseException) -> ManifestError:
+    """The one line for a shard whose data cannot be read (a Fletcher-32 mismatch, a cut file)."""
+    why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+    return ManifestError(f"shard {path} is damaged ({why}); {FIX}")
 
 
 def shard_paths(prep_out, split: str, manifest: dict | None = None) -> list[Path]:
@@ -51,22 +110,38 @@ def shard_paths(prep_out, split: str, manifest: dict | None = None) -> list[Path
     return [Path(prep_out) / sh["file"] for sh in m["splits"][split]["shards"]]
 
 
-def verify_manifest(prep_out) -> dict:
-    """Recompute every shard's sha256 and count (and label counts, image size, config hash)
-    against the manifest. Returns a summary; raises ``ManifestError`` listing every mismatch."""
+def verify_manifest(prep_out, files=None) -> dict:
+    """Recompute every shard's sha256, Fletcher-32 checksums and count (and label counts, image size,
+    config hash) against the manifest; ``files``: only these shard files (one rank's share, the split
+    totals then not compared). Returns a summary; raises ``ManifestError`` listing every mismatch."""
     import h5py  # here only: load_manifest is plain JSON, for processes that must not load numpy yet
 
     prep_out = Path(prep_out)
     m = load_manifest(prep_out)
     problems, n_shards, n_images = [], 0, 0
+    every = [sh["file"] for name in SPLITS for sh in m["splits"][name]["shards"]]
+    mine = set(every if files is None else files)
+    partial = mine != set(every)
     for name in SPLITS:
         s = m["splits"][name]
-        total, lc = 0, {}
+        total, lc, broken = 0, {}, False
         for sh in s["shards"]:
             p = prep_out / sh["file"]
+            if sh["file"] not in mine:
+                continue
             n_shards += 1
             if sha256_file(p) != sh["sha256"]:
                 problems.append(f"{sh['file']}: sha256 differs from the manifest")
+            try:
+                with h5py.File(p, "r") as h:
+                    check_shard(h, sh, m, sh["file"])
+                    for ds in h.values():  # every chunk read: Fletcher-32 checked
+                        for i in range(0, max(1, ds.shape[0] if ds.shape else 1), 256):
+                            ds[i:i + 256] if ds.shape else ds[()]
+            except (OSError, ManifestError) as e:
+                problems.append(f"{sh['file']}: {str(e).splitlines()[0][:200]}")
+                broken = True
+                continue
             with h5py.File(p, "r") as h:
                 n = h["images"].shape[0]
                 if n != sh["count"]:
@@ -83,11 +158,13 @@ def verify_manifest(prep_out) -> dict:
                 for k, v in json.loads(h.attrs["label_counts"]).items():
                     lc[k] = lc.get(k, 0) + v
             total += n
+        n_images += total
+        if partial or broken:
+            continue  # a share of the shards: the split totals are not this rank's to compare
         if total != s["count"]:
             problems.append(f"{name}: shards hold {total} images, manifest says {s['count']}")
         if s["shards"] and lc != s["label_counts"]:
             problems.append(f"{name}: label counts {lc}, manifest says {s['label_counts']}")
-        n_images += total
     if problems:
         raise ManifestError(f"{prep_out}: {len(problems)} problem(s): " + "; ".join(problems))
     return {"shards": n_shards, "images": n_images, "ok": True}

@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 
 from data_prep.cli import UserError
+from data_prep.fsutil import walk_tree
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -190,20 +191,18 @@ def parse_frame(df: pd.DataFrame, max_age: int = 120) -> tuple[pd.DataFrame, Iss
 
 # --------------------------------------------------------------------------- files
 
-def find_images(root, names=None, exclude=()) -> dict[str, str]:
+def find_images(root, names=None, exclude=(), refused: list | None = None) -> dict[str, str]:
     """Map file name -> path for every file below ``root`` (flat ``images/`` or Kaggle's
     ``images_NNN/images/``). Only names in ``names`` are kept when given. Directories are walked
-    in sorted order, so when a name occurs twice the first path in that order wins."""
+    in sorted order, so when a name occurs twice the first path in that order wins. Symlink loops
+    and symlinks leaving ``root`` are not followed and are listed in ``refused`` (``fsutil.walk_tree``)."""
     root = Path(root)
     if not root.is_dir():
         raise MetadataError(f"image folder not found: {root} (data.images)")
     want = set(names) if names is not None else None
-    excl = {os.path.realpath(e) for e in exclude}
     found: dict[str, str] = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and os.path.realpath(os.path.join(dirpath, d)) not in excl)
-        for fn in sorted(filenames):
+    for dirpath, filenames in walk_tree(root, exclude, refused):  # loops and links leaving root refused
+        for fn in filenames:
             if (want is None or fn in want) and fn not in found:
                 found[fn] = os.path.join(dirpath, fn)
     return found

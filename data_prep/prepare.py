@@ -25,10 +25,12 @@ mpi4py is imported only when the launcher says there is more than one rank.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import platform
+import shutil
 import sys
 import time
 import traceback
@@ -42,12 +44,13 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import config as cfgmod
+from data_prep import locks
 from data_prep import metadata as md
 from data_prep.cli import UserError
-from data_prep.fsutil import atomic_write_json, sha256_file
+from data_prep.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
-from data_prep.manifest import conversion_counts
+from data_prep.manifest import FORMAT_NOTES, conversion_counts
 
 FORMAT = cfgmod.SHARD_FORMAT
 MANIFEST = "manifest.json"
@@ -86,10 +89,17 @@ def make_plan(cfg, log=None) -> dict:
              len(issues.skipped), len(issues.notes))
     df = md.select_task(frame, d.task, d.positive_label, d.negative_rule)
     # files: find by name below data.images; missing and empty files are skipped here
-    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out])
+    refused: list[dict] = []  # symlink loops and links leaving data.images (fsutil.walk_tree)
+    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out], refused=refused)
     paths = df["image"].map(found)
     missing = paths.isna()
-    issues.skip_rows(df, missing, "file not found below data.images")
+    by_name = {os.path.basename(r["image"]): r["reason"] for r in refused}
+    linked = missing & df["image"].isin(by_name)
+    issues.skip_rows(df, linked, df["image"].map(by_name))
+    issues.skip_rows(df, missing & ~linked, "file not found below data.images")
+    if refused:
+        log.warning("data.images: %d symlink(s) not followed (loops, or leading outside %s), e.g. %s: %s",
+                    len(refused), d.images, refused[0]["image"], refused[0]["reason"])
     df = df.loc[~missing].copy()
     df["path"] = paths.loc[df.index]
     sizes = np.fromiter((_size(x) for x in df["path"]), dtype=np.int64, count=len(df))
@@ -128,7 +138,9 @@ def make_plan(cfg, log=None) -> dict:
     if not len(splits["train"]["image"]):
         log.warning("the training split is empty")
     plan = {"config_hash": cfgmod.prep_hash(cfg), "task": d.task, "classes": classes, "image_size": d.image_size,
-            "splits": splits, "shards": shards, "skipped": issues.skipped, "notes": issues.notes,
+            "splits": splits, "shards": shards, "skipped": issues.skipped,
+            "notes": issues.notes + refused,
+            "max_pixels": p.max_pixels,
             "split_method": split_method, "plan_s": time.perf_counter() - t0}
     for name in md.SPLITS:
         s = splits[name]
@@ -180,8 +192,13 @@ def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
                 with h5py.File(f, "r") as h:
                     h_hash = h.attrs.get("config_hash")
                     h_hash = h_hash.decode() if isinstance(h_hash, bytes) else h_hash
+                    h_format = int(h.attrs.get("format", 0))
             except Exception:  # noqa: BLE001 - a broken file of ours is rewritten
-                h_hash = None
+                h_hash, h_format = None, FORMAT
+            if h_hash is not None and h_format != FORMAT:
+                conflicts.append((f, f"shard format {h_format}, this code writes format {FORMAT}: "
+                                     f"{FORMAT_NOTES.get(FORMAT, 'a newer layout')}"))
+                continue
             if h_hash is None or (h_hash == plan["config_hash"] and rel in want):
                 if h_hash is None:
                     stale.append(f)
@@ -245,9 +262,12 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
     keep, skipped, converted = [], [], []
     psum = psq = 0
     try:
-        with h5py.File(tmp, "w", libver="earliest", track_order=False) as h:
+        # Built in memory (HDF5's core driver), written with plain file I/O: a full disk is then an
+        # OSError (ENOSPC) here, not HDF5 failing inside its own writes (that ended in a segfault).
+        with h5py.File(tmp.name, "w", driver="core", backing_store=False, libver="earliest",
+                       track_order=False) as h:
             ds = h.create_dataset("images", shape=(hi - lo, S, S), maxshape=(None, S, S), dtype=np.uint8,
-                                  chunks=(1, S, S), track_times=False)
+                                  chunks=(1, S, S), fletcher32=True, track_times=False)  # checksum per image
             buf, k = [], 0
             throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
             for i in range(lo, hi):
@@ -255,7 +275,7 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
                     time.sleep(throttle)
                 name = sp["image"][i]
                 try:
-                    arr, info = load_xray(sp["path"][i], S)
+                    arr, info = load_xray(sp["path"][i], S, max_pixels=plan["max_pixels"])
                 except ImageError as e:
                     skipped.append({"image": name, "reason": e.reason})
                 else:
@@ -276,12 +296,13 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             idx = np.asarray(keep, dtype=np.int64)
             st = _str_dtype()
             opts = {"track_times": False}
-            h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **opts)
-            h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **opts)
+            nums = {**opts, "fletcher32": n > 0}  # numbers checksummed (HDF5 filters cannot take variable-length strings)
+            h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **nums)
+            h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **nums)
             h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st, **opts)
-            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **opts)
+            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **nums)
             h.create_dataset("view", data=np.array([sp["view"][i] for i in keep], dtype=object), dtype=st, **opts)
-            h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **opts)
+            h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **nums)
             h.create_dataset("sex", data=np.array([sp["sex"][i] for i in keep], dtype=object), dtype=st, **opts)
             rows = {"label": sp["label"][idx], "targets": sp["targets"][idx]}
             lc = _label_counts(rows, plan)
@@ -301,10 +322,10 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             a["label_counts"] = json.dumps(lc)
             a["skipped"] = json.dumps(skipped)
             a["converted"] = json.dumps(converted)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        digest = sha256_file(tmp)
-        os.replace(tmp, path)
+            h.flush()
+            image = h.id.get_file_image()
+        atomic_write_bytes(path, image)  # temporary name beside it, fsync, rename; removed on ENOSPC
+        digest = hashlib.sha256(image).hexdigest()
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -504,7 +525,9 @@ def run(cfg, comm=None) -> dict | None:
             if cfg.prep.strict and plan["skipped"]:
                 raise PrepError(_strict_message(plan["skipped"]))
             out.mkdir(parents=True, exist_ok=True)
+            locks.acquire(out, "prep")  # one prep per folder: a second one is refused (data_prep.locks)
             check_existing(out, plan, cfg.prep.overwrite, log)
+            check_space(out, plan, log)
         except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed
             plan_error = e
             plan = {"error": f"{type(e).__name__}: {e}"}
@@ -568,8 +591,40 @@ def _strict_message(skipped: list[dict]) -> str:
     return f"--strict: {len(skipped)} image(s) would be skipped: {first}{' ...' if len(skipped) > 5 else ''}"
 
 
+def estimate_bytes(plan: dict, out: Path) -> int:
+    """Bytes the shards not yet in ``out`` will take (images plus HDF5 and column overhead, rounded up)."""
+    S = int(plan["image_size"])
+    todo = [sh for sh in plan["shards"] if not (out / sh["file"]).exists()]
+    return sum((sh["stop"] - sh["start"]) * (S * S + 256) + SHARD_OVERHEAD for sh in todo)
+
+
+SHARD_OVERHEAD = 32 << 10  # HDF5 superblock, B-trees, columns and attributes of one shard (measured 25 KB at 32 images)
+
+
+def check_space(out: Path, plan: dict, log) -> None:
+    """Refuse before writing when ``out``'s file system clearly lacks the room for the shards."""
+    need = estimate_bytes(plan, out)
+    free = shutil.disk_usage(out).free
+    if need > free:
+        raise PrepError(f"prep needs about {_mb(need)} in {out} and only {_mb(free)} is free; free space there "
+                        f"or choose another prep.out, then rerun (complete shards are kept)")
+    log.info("space: about %s of shards to write, %s free in %s", _mb(need), _mb(free), out)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.0f} KB"
+
+
+_NO_SPACE = ("No space left on device", "Disk quota exceeded")
+
+
 def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
     errors = [m["error"] for m in gathered.values() if m["error"]]
+    full = next((s for s in _NO_SPACE for e in errors if s in e), None)
+    if full:
+        raise PrepError(f"{full.lower()} writing shards into {out} (about {_mb(estimate_bytes(plan, out))} still "
+                        f"to write); free space there or choose another prep.out, then rerun: complete shards "
+                        f"are kept, the unfinished ones were removed")
     if errors:
         raise PrepError("shard writing failed; rerun to resume:\n" + "\n".join(errors))
     results = {r["file"]: r for m in gathered.values() for r in m["results"]}

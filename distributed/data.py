@@ -38,7 +38,8 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep.log import get_logger
-from data_prep.manifest import load_manifest
+from data_prep.cli import deferred
+from data_prep.manifest import check_shard, damaged, load_manifest
 
 __all__ = ["SplitData", "load_split", "steps_per_epoch", "epoch_indices", "shard_indices",
            "random_transforms", "augment_images", "train_dataset", "eval_dataset", "random_dataset",
@@ -60,7 +61,7 @@ class SplitData:
         self.multilabel = self.task == "multilabel"
         self.classes = list(m["classes"])
         self.image_size = int(m["image_size"])
-        shards = [s for s in m["splits"][split]["shards"] if int(s["count"]) > 0]
+        shards = self.entries = [s for s in m["splits"][split]["shards"] if int(s["count"]) > 0]
         self.files = [self.prep_out / s["file"] for s in shards]
         self.counts = np.array([int(s["count"]) for s in shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
@@ -85,7 +86,12 @@ class SplitData:
     def _file(self, i: int):
         h = self._handles.get(i)
         if h is None:
-            h = self._handles[i] = h5py.File(self.files[i], "r")
+            try:
+                h = h5py.File(self.files[i], "r")
+                check_shard(h, self.entries[i], self.manifest, self.files[i])  # shapes, dtypes, counts, checksums on
+            except OSError as e:
+                raise deferred(damaged(self.files[i], e)) from None
+            self._handles[i] = h
         return h
 
     def close(self):
@@ -102,7 +108,10 @@ class SplitData:
             S = self.image_size
             out = np.empty((self.n, S, S), dtype=np.uint8)
             for i in range(len(self.files)):
-                self._file(i)["images"].read_direct(out, dest_sel=np.s_[self.offsets[i]:self.offsets[i + 1]])
+                try:  # Fletcher-32: a damaged chunk is an OSError here
+                    self._file(i)["images"].read_direct(out, dest_sel=np.s_[self.offsets[i]:self.offsets[i + 1]])
+                except OSError as e:
+                    raise deferred(damaged(self.files[i], e)) from None
             self._images = out
             get_logger().info("%s: %d images (%.0f MB) cached in memory", self.split, self.n, out.nbytes / 2**20)
         return self._images
@@ -121,7 +130,10 @@ class SplitData:
             sel = shard == s
             local = sidx[sel] - self.offsets[s]
             uniq, inv = np.unique(local, return_inverse=True)  # h5py wants increasing, unique indices
-            block = self._file(int(s))["images"][uniq] if len(uniq) > 1 else self._file(int(s))["images"][int(uniq[0])][None]
+            try:  # Fletcher-32: a damaged chunk is an OSError here (inside tf.data: deferred, see data_prep.cli)
+                block = self._file(int(s))["images"][uniq] if len(uniq) > 1 else self._file(int(s))["images"][int(uniq[0])][None]
+            except OSError as e:
+                raise deferred(damaged(self.files[int(s)], e)) from None
             out[order[sel]] = block[inv]
         return out
 

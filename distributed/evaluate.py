@@ -52,7 +52,8 @@ from typing import Mapping
 
 import numpy as np
 
-from data_prep.cli import UserError, command
+from data_prep import locks
+from data_prep.cli import UserError, command, note_output
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
@@ -400,6 +401,8 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     run_dir = Path(cfg.run.dir)
+    if rank == 0:  # one writer per run directory: not while a training or evaluation writes there (data_prep.locks)
+        locks.acquire(run_dir, "evaluation")
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
     t_start = time.time()
     check_operating_point(cfg.eval.operating_point)
@@ -455,7 +458,7 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     data = SplitData(cfg.prep.out, "test", manifest=manifest)
     if data.n == 0:
         raise EvalError(f"{cfg.prep.out}: the test split is empty")
-    model = load_model(model_path, precision=precision)
+    model = load_model(model_path, precision=precision, trust=cfg.eval.trust_model)
     in_size = model.input_shape[1]
     if in_size is not None and in_size != data.image_size:
         raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
@@ -742,6 +745,7 @@ def main(argv=None) -> int:
     add_config_args(parser)
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
+    note_output(cfg.run.dir)  # a full disk's one line names the run directory (data_prep.cli)
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:

@@ -15,10 +15,12 @@ import contextlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import tensorflow as tf
 
 from data_prep.cli import UserError
+from distributed import safeload
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES", "Backbone",
@@ -243,19 +245,38 @@ def convert_precision(model, precision: str):
     return new
 
 
-def load_model(path, compile: bool = False, precision: str | None = None) -> tf.keras.Model:
-    """A model saved by training (``model.keras``, ``checkpoints/{best,last}.keras``; also ``.h5``
-    and Keras SavedModel folders), custom layers known. Not compiled unless ``compile``.
-    ``precision``: convert to that compute precision (:func:`convert_precision`); None keeps
-    the one it was saved with."""
+def _build_from_spec(spec: dict) -> tf.keras.Model:
+    """``build_model`` from the parameters :func:`distributed.safeload.build_spec` read from a file."""
+    cfg = SimpleNamespace(backbone=spec["backbone"], weights="none", dense_units=spec["dense_units"],
+                          dropout=spec["dropout"])
+    return build_model(cfg, spec["image_size"], spec["num_classes"], multilabel=spec["multilabel"],
+                       precision=spec["precision"])
+
+
+def load_model(path, compile: bool = False, precision: str | None = None, trust: bool = False) -> tf.keras.Model:
+    """A model saved by training (``model.keras``, ``checkpoints/{best,last}.keras``), custom layers
+    known. Not compiled unless ``compile``. ``precision``: convert to that compute precision
+    (:func:`convert_precision`); None keeps the one it was saved with.
+
+    A model file is data: by default the network is rebuilt by :func:`build_model` from the
+    parameters in the file's config and only its weights are read (:mod:`distributed.safeload`);
+    HDF5, SavedModel, Lambda layers and foreign architectures are refused (``UntrustedModel``).
+    ``trust=True`` (``predict --trust-model``, ``eval.trust_model``) uses Keras' own loader, which
+    also reads ``.h5`` files and Keras SavedModel folders and runs what they hold."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"no model at {p}")
     if p.is_dir() and (p / "saved_model.pb").exists() and not (p / "keras_metadata.pb").exists():
         raise ValueError(f"{p} is an inference-only SavedModel (serving): load it with "
                          f"tf.saved_model.load(path).serve(images), or pass the run's model.keras here")
-    with tf.keras.utils.custom_object_scope(CUSTOM_OBJECTS):
-        model = tf.keras.models.load_model(str(p), custom_objects=CUSTOM_OBJECTS, compile=compile)
+    if not trust:
+        model = safeload.load_untrusted(p, _build_from_spec, BACKBONES, PRECISIONS)
+        if compile:
+            raise ValueError("load_model(compile=True) needs trust=True (the file's training configuration)")
+    else:
+        with tf.keras.utils.custom_object_scope(CUSTOM_OBJECTS):
+            model = tf.keras.models.load_model(str(p), custom_objects=CUSTOM_OBJECTS, compile=compile,
+                                               **({"safe_mode": False} if safeload.file_kind(p) == "keras" else {}))
     return model if precision is None or compile else convert_precision(model, precision)
 
 

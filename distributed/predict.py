@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32; not measured "
                         "here); "
                         "probabilities are float32 either way")
+    p.add_argument("--trust-model", action="store_true",  # distributed.safeload: a model file is data by default
+                   help="load the file with Keras' own loader (HDF5, SavedModel, Lambda layers: code in the file "
+                        "runs); only for files you trust")
     add_debug_arg(p)
     return p
 
@@ -213,7 +216,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def open_model(path, precision: str | None = None):
+def open_model(path, precision: str | None = None, trust: bool = False):
     """(model file, Keras model computing in ``precision``) for ``--model``; ModelError when it
     cannot be loaded."""
     try:
@@ -223,7 +226,9 @@ def open_model(path, precision: str | None = None):
     from distributed.model import load_model  # imports TensorFlow (module docstring)
 
     try:
-        return model_path, load_model(str(model_path), precision=precision)
+        return model_path, load_model(str(model_path), precision=precision, trust=trust)
+    except UserError:
+        raise
     except Exception as e:  # noqa: BLE001 - any load failure is one clear line
         raise ModelError(f"{model_path}: cannot load model: {e}") from None
 
@@ -311,7 +316,7 @@ def main(argv=None) -> int:
     precision = decide(precision, None, flags=cpu_flags())
     if precision.onednn_env:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
-    model_path, model = open_model(args.model, precision.precision)
+    model_path, model = open_model(args.model, precision.precision, trust=args.trust_model)
     cfg = find_run_config(model_path)
     size = input_size(model, cfg, args.image_size)
     multilabel = is_multilabel(model)

@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from data_prep.cli import command
+from data_prep.cli import command, note_output
 from data_prep.config import add_config_args, config_from_args
 from distributed import runtime
 from distributed.stopping import stop_signals
@@ -48,6 +48,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
+    note_output(cfg.run.dir)  # a full disk's one line names the run directory
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
     with stop_signals(cfg.train.stop_signals):  # from now on: a signal during start-up is kept too

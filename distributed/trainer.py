@@ -26,10 +26,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from data_prep import locks
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
 from distributed import callbacks as cb
+from distributed import checkpoints
 from distributed import data as D
 from distributed import hvd
 from distributed import model as M
@@ -91,6 +93,7 @@ def setup(cfg, plan) -> Setup:
     run_dir = Path(cfg.run.dir)
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
     if hvd.is_root():  # Horovod: one writer per file
+        locks.acquire(run_dir, "training")  # one run per run.dir: a second one is refused (data_prep.locks)
         save_resolved(cfg, run_dir, note=f"runtime.precision {cfg.runtime.precision}: rank 0 computed in "
                                          f"{plan.precision.describe() if plan.precision else precision}")
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
@@ -344,7 +347,8 @@ def _phase_done(cfg, state, phase) -> bool:
 
 def clear_checkpoints(run_dir: Path, log) -> None:
     """Rank 0, a run started without --resume: an earlier run's checkpoints and history go."""
-    if (run_dir / "checkpoints" / "state.json").exists() or step_checkpoints(run_dir):
+    # history.csv without state.json: an earlier run that ended before its first checkpoint (a full disk)
+    if any((run_dir / f).exists() for f in ("checkpoints/state.json", "history.csv")) or step_checkpoints(run_dir):
         log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
         for f in ("history.csv", "batches.csv"):
             (run_dir / f).unlink(missing_ok=True)
@@ -359,20 +363,21 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
 
 def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> Start:
     """Rank 0's part of a resume (the one place checkpoints are read): the run state, weights (into
-    ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's, or
-    a step checkpoint inside the epoch after it; the history and batch record cut to it."""
-    state = cb.read_state(run_dir)
+    ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's (or,
+    when that is damaged, what ``distributed.checkpoints.restore`` falls back to), or a step
+    checkpoint inside the epoch after it; the history and batch record cut to it."""
     folder = run_dir / "checkpoints"
-    weights, optimizer = folder / "last.keras", folder / "last-optimizer.npz"
+    state = checkpoints.restore(run_dir, model, log)  # last.keras, else best.keras; state.json, else history.csv
+    optimizer = folder / "last-optimizer.npz"
     steps = step_checkpoints(run_dir)
     if steps:
         inside = cb.RunState.from_json(json.loads((steps[-1] / "state.json").read_text()))
         if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
-            state, weights, optimizer = inside, steps[-1] / "last.keras", steps[-1] / "last-optimizer.npz"
+            state, optimizer = inside, steps[-1] / "last-optimizer.npz"
+            M.copy_weights(M.load_model(steps[-1] / "last.keras"), model)
     if state is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", folder)
         return Start(None)
-    M.copy_weights(M.load_model(weights), model)
     if state.precision != precision:
         # Converted explicitly: the variables are float32 under both policies, copied as they are.
         log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from data_prep.config import read_yaml_mapping
-from launch.hosts import Allocation, Host, LaunchError, parse_hostfile, parse_hosts, slurm_allocation
+from launch.hosts import (Allocation, Host, LaunchError, check_interface, parse_hostfile, parse_hosts,
+                          slurm_allocation)
 
 MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
 LAUNCHERS = ("horovodrun", "mpirun")
@@ -37,11 +39,13 @@ class ClusterConfig:
     ssh_config: str = ""                  # ssh client file (ssh -F) for every ssh the launcher, MPI and Horovod make
     check_hosts: bool = True              # probe remote hosts with a short ssh before starting
     mpi_args: tuple[str, ...] = ()        # extra arguments for mpirun, e.g. ["--mca", "btl", "^openib"]
+    env_passthrough: tuple[str, ...] = ()  # horovodrun: variables passed to the ranks beyond the allow-list (commands.ENV_ALLOW)
     source: str = field(default="", compare=False)
 
 
 _INT_KEYS = ("ranks_per_node", "prep_ranks_per_node", "cores_per_rank", "sockets_per_node",
              "cores_per_socket", "ssh_port")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STR_KEYS = ("hostfile", "network_interface", "python", "ssh_config")
 _CHOICES = {"mpi": MPI_FLAVOURS, "launcher": LAUNCHERS, "horovod_controller": CONTROLLERS}
 
@@ -105,6 +109,12 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
             if not isinstance(value, list) or not all(isinstance(v, (str, int)) for v in value):
                 raise LaunchError(f"{source}: mpi_args must be a list of strings")
             kw[key] = tuple(str(v) for v in value)
+        elif key == "env_passthrough":
+            if not isinstance(value, list) or not all(isinstance(v, str) and _ENV_NAME.match(v) for v in value):
+                raise LaunchError(f"{source}: env_passthrough must be a list of variable names, e.g. [WANDB_MODE]")
+            kw[key] = tuple(value)
+    if kw.get("network_interface"):
+        check_interface(kw["network_interface"], f"{source}: network_interface")
     if kw.get("ssh_config"):
         kw["ssh_config"] = _ssh_config(kw["ssh_config"], source)
     cfg = ClusterConfig(**kw)

@@ -28,6 +28,21 @@ STAGE_MODULES = {
 }
 # Forwarded by name to remote ranks (local ranks inherit mpirun's environment anyway).
 FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")
+# horovodrun --gloo (every elastic job) writes its whole environment onto the ssh command line of each
+# rank, readable with `ps` on every node: it gets these variables only (plus the cluster file's
+# env_passthrough names), so no secret of the launcher's environment leaves it.
+ENV_ALLOW = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR",
+             "SSH_AUTH_SOCK")
+ENV_ALLOW_PREFIXES = ("HOROVOD_", "OMPI_", "CXR_", "TF_", "KMP_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "SLURM_", "LC_")
+
+
+def allowed_env(base: Mapping[str, str], passthrough: Sequence[str] = ()) -> dict[str, str]:
+    """The variables of ``base`` horovodrun may hand on (``ENV_ALLOW``, ``ENV_ALLOW_PREFIXES``, ``passthrough``)."""
+    extra = set(passthrough)
+    return {k: v for k, v in base.items()
+            if k in ENV_ALLOW or k in extra or k.startswith(ENV_ALLOW_PREFIXES)}
+
+
 ROOT_VARS = {"OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
 
 
@@ -60,10 +75,14 @@ class StageCommand:
     layout: Layout | None = None
     kind: str = "python"  # python | mpirun | horovodrun
     ssh_config: str = ""  # horovodrun: its ssh (and its mpirun's) runs `ssh -F ssh_config` (launch.supervise)
+    env_passthrough: tuple[str, ...] = ()  # horovodrun: names handed on beyond ENV_ALLOW
 
     def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
-        """``base`` plus this command's variables; when the launcher is not on PATH but beside this
-        interpreter (a venv run without activating it), that bin directory goes first on PATH."""
+        """``base`` plus this command's variables (horovodrun: only the allow-listed part of ``base``,
+        :func:`allowed_env`); when the launcher is not on PATH but beside this interpreter (a venv run
+        without activating it), that bin directory goes first on PATH."""
+        if self.kind == "horovodrun":
+            base = allowed_env(base, self.env_passthrough)
         env = {**base, **self.env}
         if self.kind != "python" and not shutil.which(self.argv[0], path=env.get("PATH")):
             found = find_tool(self.argv[0])
@@ -249,7 +268,8 @@ def build_command(spec: LaunchSpec, environ: Mapping[str, str] | None = None, ui
     if spec.launcher == "horovodrun" and spec.stage != "prep":
         argv = _horovodrun_argv(layout, cluster, spec.hostfile)
         return StageCommand(spec.stage, argv + inner, {**root_env, **threads}, layout, "horovodrun",
-                            ssh_config=cluster.ssh_config if layout.hosts else "")
+                            ssh_config=cluster.ssh_config if layout.hosts else "",
+                            env_passthrough=cluster.env_passthrough)
     if cluster.mpi == "openmpi":
         argv = _openmpi_argv(layout, cluster, spec.hostfile, threads, environ)
         return StageCommand(spec.stage, argv + inner, root_env, layout, "mpirun")
@@ -271,14 +291,15 @@ def _horovodrun_argv(layout: Layout, cluster: ClusterConfig, hostfile: str) -> l
     if cluster.horovod_controller == "gloo":
         argv += ["--gloo"]
     else:
-        argv += ["--mpi", "--binding-args=" + " ".join(layout.binding_args)]
+        # horovodrun pastes --binding-args/--mpi-args into one shell string: each item quoted
+        argv += ["--mpi", "--binding-args=" + " ".join(shlex.quote(a) for a in layout.binding_args)]
         mpi_args = list(cluster.mpi_args)
         if cluster.ssh_config and layout.hosts:
             # Open MPI's tree spawn would ssh on from the first remote node, where the launcher's
             # `ssh -F` wrapper (put first on horovodrun's PATH) does not exist: every ssh from here.
             mpi_args = ["--mca", "plm_rsh_no_tree_spawn", "1"] + mpi_args
         if mpi_args:
-            argv += ["--mpi-args=" + " ".join(mpi_args)]
+            argv += ["--mpi-args=" + " ".join(shlex.quote(a) for a in mpi_args)]
     return argv
 
 

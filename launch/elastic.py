@@ -72,7 +72,8 @@ def build_command(spec: LaunchSpec, args) -> StageCommand:
     if cluster.ssh_port:
         argv += ["--ssh-port", str(cluster.ssh_port)]
     argv += ["--blacklist-cooldown-range", str(COOLDOWN_S[0]), str(COOLDOWN_S[1])]
-    return StageCommand(spec.stage, argv + spec.inner_argv(), base.env, layout, "horovodrun")
+    return StageCommand(spec.stage, argv + spec.inner_argv(), base.env, layout, "horovodrun",
+                        env_passthrough=cluster.env_passthrough)
 
 
 def is_elastic(cmd: StageCommand) -> bool:

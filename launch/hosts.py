@@ -50,7 +50,27 @@ class Allocation:
 
 # --------------------------------------------------------------------------- parsing
 
-_HOST_RE = re.compile(r"^[A-Za-z0-9_.\-\[\]]+$")
+# A host name or IPv4 address: letters, digits, '.', '-', '_', not starting with '-' or '.' (so never an
+# option of ssh or mpirun), no shell characters (horovodrun pastes host names into shell strings).
+_HOST_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,252}$")
+# An interface name (Linux: at most 15 bytes) or an IPv4 subnet, as Open MPI's *_if_include take; a list by ','.
+_IFACE_RE = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9_.:@\-]{0,14}|\d{1,3}(?:\.\d{1,3}){3}/\d{1,2})$")
+
+
+def check_host_name(name: str, where: str = "host") -> str:
+    """``name`` when it is a plain host name or address; LaunchError otherwise (said before anything runs)."""
+    if not isinstance(name, str) or not _HOST_RE.match(name):
+        raise LaunchError(f"{where} {name!r} is not a host name (letters, digits, '.', '-', '_', not starting "
+                          f"with '-' or '.'); refused")
+    return name
+
+
+def check_interface(value: str, where: str = "network_interface") -> str:
+    """``value`` when it is an interface name or IPv4 subnet (or a comma-separated list of them)."""
+    if value and not all(_IFACE_RE.match(item) for item in value.split(",")):
+        raise LaunchError(f"{where} {value!r} is not an interface name (e.g. eth0, ib0) or an IPv4 subnet "
+                          f"(e.g. 10.0.0.0/24); refused")
+    return value
 
 
 def parse_hosts(spec: str | Sequence[str], default_slots: int = 1) -> tuple[Host, ...]:
@@ -64,7 +84,8 @@ def parse_hosts(spec: str | Sequence[str], default_slots: int = 1) -> tuple[Host
         name, _, slots = item.partition(":")
         name = name.strip()
         if not name or not _HOST_RE.match(name):
-            raise LaunchError(f"'{item}' is not a host; write hosts as name:slots, e.g. node01:2,node02:2")
+            raise LaunchError(f"'{item}' is not a host; write hosts as name:slots, e.g. node01:2,node02:2 "
+                              f"(names: letters, digits, '.', '-', '_', not starting with '-' or '.')")
         if slots:
             try:
                 n = int(slots)
@@ -107,6 +128,8 @@ def parse_hostfile(path: str | Path) -> tuple[Host, ...]:
             key, _, val = opt.partition("=")
             if key == "slots":
                 slots = val
+            elif key != "max_slots":
+                raise LaunchError(f"{p}:{lineno}: expected 'host slots=N', got {line!r}")
         try:
             n = int(slots) if slots is not None else 1
         except ValueError:
@@ -189,7 +212,7 @@ def slurm_allocation(env: Mapping[str, str]) -> Allocation | None:
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
     if not nodelist:
         return None
-    nodes = expand_nodelist(nodelist)
+    nodes = [check_host_name(n, "the Slurm node list names") for n in expand_nodelist(nodelist)]
     if not nodes:
         raise LaunchError(f"the Slurm node list {nodelist!r} names no node")
     ntasks = _int(env.get("SLURM_NTASKS") or env.get("SLURM_NPROCS"), 0)
@@ -245,7 +268,7 @@ def check_hosts_answer(hosts: Sequence[Host], ssh_port: int = 0, timeout: float 
                 "-o", "StrictHostKeyChecking=accept-new"]
         if ssh_port:
             cmd += ["-p", str(ssh_port)]
-        cmd += [name, "true"]
+        cmd += ["--", name, "true"]  # "--": a name is never read as an ssh option
         try:
             r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout + 5)
         except FileNotFoundError:

@@ -110,7 +110,7 @@ def _ranks_text(ranks: Sequence[int]) -> str:
 def ssh_target(host: str, ssh_config: str = "", port: int = 0) -> tuple[str, int]:
     """(address, port) ssh reaches ``host`` at: ``ssh -G`` applies the client file's HostName/Port."""
     if ssh_config and shutil.which("ssh"):
-        r = subprocess.run(["ssh", "-G", "-F", ssh_config, host], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["ssh", "-G", "-F", ssh_config, "--", host], capture_output=True, text=True, timeout=10)
         opts = dict(ln.split(" ", 1) for ln in r.stdout.splitlines() if " " in ln)
         return opts.get("hostname", host), port or int(opts.get("port", 22))
     return host, port or 22

@@ -23,6 +23,8 @@ Needs root, ``ip`` (iproute2), ``unshare``/``nsenter`` (util-linux) and ``sshd``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import ipaddress
 import json
 import os
@@ -93,7 +95,15 @@ class Names:
 
 
 def default_dir(cluster_id: int = 0) -> Path:
-    return Path(os.environ.get("CXR_VCLUSTER_DIR", f"/tmp/cxr-vcluster-{cluster_id}"))
+    """``/run/cxr-vcluster-ID``: under a root-owned base, not world-writable /tmp, where another user
+    could pre-create or symlink the name and have root write keys and sshd configs there."""
+    return Path(os.environ.get("CXR_VCLUSTER_DIR", f"/run/cxr-vcluster-{cluster_id}"))
+
+
+def _abs(folder) -> Path:
+    """An absolute path WITHOUT following a final symlink (``resolve()`` would: a dangling link's target
+    would then be created)."""
+    return Path(os.path.abspath(os.fspath(folder)))
 
 
 @dataclass
@@ -111,6 +121,12 @@ class State:
     slots: int
     id: int = 0
     nodes: list[Node] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)  # names in ``dir`` this cluster wrote: all down deletes
+    hosts_newline: bool = False  # up added a final newline to an /etc/hosts that had none; down takes it away
+
+    def track(self, *names: str) -> None:
+        self.files += [n for n in names if n not in self.files]
+        self.save()
 
     @property
     def names(self) -> Names:
@@ -125,7 +141,14 @@ class State:
         if not p.is_file():
             return None
         raw = json.loads(p.read_text())
-        return cls(dir=raw["dir"], slots=raw["slots"], id=raw.get("id", 0), nodes=[Node(**n) for n in raw["nodes"]])
+        return cls(dir=raw["dir"], slots=raw["slots"], id=raw.get("id", 0), nodes=[Node(**n) for n in raw["nodes"]],
+                   files=[str(f) for f in raw.get("files", []) if _plain_name(f)],
+                   hosts_newline=bool(raw.get("hosts_newline", False)))
+
+
+def _plain_name(name) -> bool:
+    """A file name directly in the cluster folder (no '/', not '..'): what a state file may list."""
+    return isinstance(name, str) and name not in ("", ".", "..") and "/" not in name and "\0" not in name
 
 
 # --------------------------------------------------------------------------- checks
@@ -165,17 +188,29 @@ def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str =
         raise LaunchError(f"--nodes must be between 1 and {MAX_NODES}, got {nodes}")
     if slots < 1:
         raise LaunchError(f"--slots must be at least 1, got {slots}")
+    folder = _abs(folder or default_dir(cluster_id))
+    if folder.is_symlink():
+        raise LaunchError(f"--dir {folder} is a symlink; up creates its own folder: give a path that does not exist")
+    if folder.exists() and not (folder / "state.json").is_file():
+        raise LaunchError(f"--dir {folder} already exists and is not a virtual cluster's folder; up creates a new "
+                          f"folder (mode 0700) and never adopts one: give a path that does not exist")
     why = unavailable_reason()
     if why:
         raise LaunchError(why)
-    folder = Path(folder or default_dir(cluster_id)).resolve()
     down(folder, cluster_id, quiet=True)  # recover from a crashed or forgotten earlier cluster
-    folder.mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
-    state = State(dir=str(folder), slots=slots, id=cluster_id)
-    state.save()  # from here on, down() can undo whatever exists
+    if folder.parent == Path("/run") and not folder.parent.is_dir():
+        folder.parent.mkdir(mode=0o755)
     try:
-        _keys(folder)
+        os.mkdir(folder, 0o700)  # fresh, or fail: never an existing folder or a symlink planted in its place
+    except FileExistsError:
+        raise LaunchError(f"--dir {folder} still exists after removing the earlier cluster's files (other files "
+                          f"in it?); give a path that does not exist") from None
+    except FileNotFoundError:
+        raise LaunchError(f"--dir {folder}: its parent folder does not exist") from None
+    state = State(dir=str(folder), slots=slots, id=cluster_id)
+    state.track("state.json")  # from here on, down() can undo whatever exists
+    try:
+        _keys(folder, state)
         _run(["ip", "link", "add", names.bridge, "type", "bridge"])
         _run(["ip", "addr", "add", f"{names.bridge_addr}/{names.subnet.prefixlen}", "dev", names.bridge])
         _run(["ip", "link", "set", names.bridge, "up"])
@@ -183,9 +218,10 @@ def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str =
             node = names.node(k)
             state.nodes.append(node)
             state.save()
-            _make_node(node, folder, names)
+            _make_node(node, folder, names, state)
             state.save()
-        _hosts_add(state.nodes, names)
+        state.hosts_newline = _hosts_add(state.nodes, names)
+        state.save()
         for node in state.nodes:
             _wait_ssh(node, folder)
         _write_client_files(state, python or sys.executable)
@@ -197,7 +233,8 @@ def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str =
     return state
 
 
-def _keys(folder: Path) -> None:
+def _keys(folder: Path, state: State) -> None:
+    state.track("id_ed25519", "id_ed25519.pub", "host_ed25519", "host_ed25519.pub", "authorized_keys")
     for name in ("id_ed25519", "host_ed25519"):
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cxr-vcluster-{name}",
               "-f", str(folder / name)])
@@ -205,7 +242,8 @@ def _keys(folder: Path) -> None:
     os.chmod(folder / "authorized_keys", 0o600)
 
 
-def _make_node(node: Node, folder: Path, names: Names) -> None:
+def _make_node(node: Node, folder: Path, names: Names, state: State) -> None:
+    state.track(*(f"sshd_{node.name}.{ext}" for ext in ("conf", "pid", "log")))
     _run(["ip", "netns", "add", node.netns])
     _run(["ip", "link", "add", node.veth, "type", "veth", "peer", "name", "eth0", "netns", node.netns])
     _run(["ip", "link", "set", node.veth, "master", names.bridge, "up"])
@@ -223,8 +261,9 @@ def _make_node(node: Node, folder: Path, names: Names) -> None:
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     # sshd -D stays in the foreground, so its pid is ours; its own UTS namespace carries the
     # node's hostname to every session (and rank) started through it.
-    proc = subprocess.Popen(inside + ["unshare", "--uts", "sh", "-c",
-                                      f"hostname {node.name} && exec {SSHD} -D -e -f {cfg}"],
+    # The values are sh's positional arguments ($1..$3), never formatted into its script.
+    proc = subprocess.Popen(inside + ["unshare", "--uts", "sh", "-c", 'hostname "$1" && exec "$2" -D -e -f "$3"',
+                                      "sh", node.name, SSHD, str(cfg)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=open(folder / f"sshd_{node.name}.log", "ab"), start_new_session=True)
     node.sshd_pid = proc.pid  # ip netns exec and unshare exec into sshd: the same pid
@@ -244,21 +283,79 @@ def _wait_ssh(node: Node, folder: Path, timeout: float = 15.0) -> None:
                       + (f": {tail[0]}" if tail else ""))
 
 
-def _hosts_add(nodes: list[Node], names: Names) -> None:
-    text = HOSTS_FILE.read_text()
-    lines = [ln for ln in text.splitlines() if not ln.endswith(names.mark)]
-    lines += [f"{n.addr} {n.name} {names.mark}" for n in nodes]
-    _rewrite_hosts("\n".join(lines) + "\n")
+def _ours(line: bytes, names: Names) -> bool:
+    return line.rstrip(b"\r\n").endswith(names.mark.encode())
 
 
-def _rewrite_hosts(text: str) -> None:
-    # In place (not rename): /etc/hosts may be a bind mount, as in containers.
-    with open(HOSTS_FILE, "w") as f:
-        f.write(text)
+def _hosts_add(nodes: list[Node], names: Names) -> bool:
+    """Append this cluster's lines to /etc/hosts (earlier ones of the same id replaced), every other
+    byte kept; True when the file had no final newline and one was added (down removes it again)."""
+    with _hosts_locked():
+        data = HOSTS_FILE.read_bytes()
+        kept = b"".join(ln for ln in data.splitlines(keepends=True) if not _ours(ln, names))
+        added = bool(kept) and not kept.endswith(b"\n")
+        ours = "".join(f"{n.addr} {n.name} {names.mark}\n" for n in nodes).encode()
+        _replace_hosts(kept + (b"\n" if added else b"") + ours)
+    return added
+
+
+def _hosts_remove(names: Names, added_newline: bool = False) -> bool:
+    """Remove exactly this cluster's lines from /etc/hosts (and the newline ``up`` added); False if none."""
+    with _hosts_locked():
+        data = HOSTS_FILE.read_bytes()
+        lines = data.splitlines(keepends=True)
+        if not any(_ours(ln, names) for ln in lines):
+            return False
+        last_ours = max(i for i, ln in enumerate(lines) if _ours(ln, names))
+        kept = b"".join(ln for ln in lines if not _ours(ln, names))
+        if added_newline and last_ours == len(lines) - 1 and kept.endswith(b"\n"):
+            kept = kept[:-1]  # our lines were last: the user's last line gets its missing newline back
+        _replace_hosts(kept)
+    return True
+
+
+@contextlib.contextmanager
+def _hosts_locked():
+    """An flock beside /etc/hosts, so two clusters (or up and down) never edit it at once."""
+    fd = os.open(f"{HOSTS_FILE}.cxr-lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _replace_hosts(data: bytes) -> None:
+    """Write a temporary file beside /etc/hosts and rename it over: a crash never leaves it half
+    written. When /etc/hosts is a bind mount (containers), rename cannot replace it: then it is
+    rewritten in place, in one write, under the same lock."""
+    st = HOSTS_FILE.stat()
+    tmp = HOSTS_FILE.with_name(f".hosts.cxr-{os.getpid()}")
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, st.st_mode & 0o777)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chown(tmp, st.st_uid, st.st_gid)
+        try:
+            os.replace(tmp, HOSTS_FILE)
+            return
+        except OSError:  # EBUSY/EXDEV: a bind-mounted file
+            pass
+        with open(HOSTS_FILE, "r+b") as f:
+            f.write(data)
+            f.truncate()
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
 
 
 def _write_client_files(state: State, python: str) -> None:
     folder = Path(state.dir)
+    state.track("known_hosts", "ssh_config", "cluster.yaml")
     host_pub = (folder / "host_ed25519.pub").read_text().split()
     (folder / "known_hosts").write_text("".join(
         f"{n.name},{n.addr} {host_pub[0]} {host_pub[1]}\n" for n in state.nodes))
@@ -312,7 +409,7 @@ def set_link(state: State, node: str, up: bool) -> None:
 
 def ssh_command(state: State, node: str, command: str) -> list[str]:
     """ssh into ``node`` with the cluster's own client file."""
-    return ["ssh", "-F", str(Path(state.dir) / "ssh_config"), node, command]
+    return ["ssh", "-F", str(Path(state.dir) / "ssh_config"), "--", node, command]
 
 
 # --------------------------------------------------------------------------- down
@@ -320,8 +417,8 @@ def ssh_command(state: State, node: str, command: str) -> list[str]:
 def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool = False, log=print) -> list[str]:
     """Remove everything of the cluster in ``folder`` and any leftover named as cluster ``cluster_id``
     (by default the id recorded in the folder's state, else 0)."""
-    folder = Path(folder or default_dir(cluster_id or 0)).resolve()
-    state = State.load(folder)
+    folder = _abs(folder or default_dir(cluster_id or 0))
+    state = State.load(folder) if not folder.is_symlink() else None
     names = Names(cluster_id if cluster_id is not None else (state.id if state else 0))
     removed: list[str] = []
     pids = [n.sshd_pid for n in state.nodes if n.sshd_pid] if state else []
@@ -338,13 +435,18 @@ def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool 
     for link in _our_links(names):
         _run(["ip", "link", "del", link], check=False)
         removed.append(f"link {link}")
-    if HOSTS_FILE.is_file() and any(ln.endswith(names.mark) for ln in HOSTS_FILE.read_text().splitlines()):
-        lines = [ln for ln in HOSTS_FILE.read_text().splitlines() if not ln.endswith(names.mark)]
-        _rewrite_hosts("\n".join(lines) + "\n")
+    if HOSTS_FILE.is_file() and _hosts_remove(names, bool(state and state.hosts_newline)):
         removed.append("/etc/hosts entries")
-    if folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir())):
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(str(folder))
+    if state is not None:  # only the files its state lists, then the folder if that left it empty
+        for name in state.files:
+            p = folder / name
+            if p.is_symlink() or p.is_file():
+                p.unlink()
+        try:
+            folder.rmdir()
+            removed.append(str(folder))
+        except OSError:
+            removed.append(f"{len(state.files)} files of {folder} (other files kept there)")
     if removed and not quiet:
         log("virtual cluster down: removed " + ", ".join(removed))
     return removed
@@ -407,9 +509,9 @@ def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:
     """What of virtual cluster ``cluster_id`` exists now (empty after a clean ``down``); sshd
     processes are found by the cluster folder in their command line."""
     names = Names(cluster_id)
-    folder = Path(folder or default_dir(cluster_id)).resolve()
+    folder = _abs(folder or default_dir(cluster_id))
     out = [f"netns {n}" for n in _our_netns(names)] + [f"link {n}" for n in _our_links(names)]
-    if HOSTS_FILE.is_file() and any(ln.endswith(names.mark) for ln in HOSTS_FILE.read_text().splitlines()):
+    if HOSTS_FILE.is_file() and any(_ours(ln, names) for ln in HOSTS_FILE.read_bytes().splitlines()):
         out.append("/etc/hosts entries")
     if folder.exists():
         out.append(str(folder))
@@ -436,11 +538,12 @@ def add_verbs(p) -> None:
     s = verbs.add_parser("status", help="list the nodes, or what a crashed cluster left")
     for v in (u, d, s):
         v.add_argument("--id", type=int, default=0, help=f"which cluster, 0-{MAX_ID} (its own /26 of 198.18.0.0/24)")
-        v.add_argument("--dir", type=Path, default=None, help="its folder (default /tmp/cxr-vcluster-ID)")
+        v.add_argument("--dir", type=Path, default=None, help="its folder, created by up (mode 0700; an existing path is refused; "
+                                                                 "default /run/cxr-vcluster-ID)")
 
 
 def main(args) -> int:
-    folder = Path(args.dir or default_dir(args.id)).resolve()
+    folder = _abs(args.dir or default_dir(args.id))
     if args.verb == "up":
         up(args.nodes, args.slots, folder, args.python, args.id)
     elif args.verb == "down":

@@ -45,7 +45,7 @@ def _write_prepared(root: Path, counts=(("train", (40, 40, 17)), ("val", (23,)),
             idx = np.arange(total, total + n)
             label = (idx % 3 == 0).astype(np.int64)
             with h5py.File(root / f, "w") as h:
-                h.create_dataset("images", data=np.stack([_encode(i) for i in idx]), chunks=(1, S, S))
+                h.create_dataset("images", data=np.stack([_encode(i) for i in idx]), chunks=(1, S, S), fletcher32=True)
                 h.create_dataset("label", data=label)
                 h.create_dataset("targets", data=np.eye(2, dtype=np.uint8)[label])
                 st = h5py.string_dtype()

@@ -131,6 +131,10 @@ def test_other_modes(tmp_path, mode):
     img = Image.fromarray(g, "L").convert(mode)
     p = tmp_path / f"x.{'tif' if mode == 'F' else 'png'}"
     img.save(p)
+    if mode == "F":  # float images come only in formats other than PNG/JPEG (TIFF), which are not decoded
+        with pytest.raises(ImageError, match="not PNG or JPEG"):
+            load_xray(p, 64)
+        return
     out, info = load_xray(p, 64)
     assert out.shape == (64, 64) and out.dtype == np.uint8 and out.max() == 255 and out.min() == 0
     if mode in ("P", "LA", "1"):

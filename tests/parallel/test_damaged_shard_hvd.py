@@ -1,0 +1,52 @@
+"""Two ranks under ``horovodrun -np 2`` on damaged shards: every rank stops with one line naming a shard, in bounded time."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.needs_horovod
+BOUND_S = 180  # TensorFlow's start on 2 busy cores is most of it
+
+
+def test_damaged_training_shards_stop_every_rank_with_one_line(tmp_path):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("CXR_NO_HOROVOD", None)
+    run = lambda cmd, **kw: subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, **kw)  # noqa
+    assert run([sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "data"), "--patients", "60",
+                "--image-size", "32", "--seed", "5", "--no-progress"]).returncode == 0
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "data": {"csv": str(tmp_path / "data" / "Data_Entry_2017.csv"), "images": str(tmp_path / "data"),
+                 "image_size": 32},
+        "prep": {"out": str(tmp_path / "prepared"), "shard_size": 64},
+        "model": {"backbone": "tiny", "weights": "none", "dense_units": 8},
+        "train": {"batch_size": 8, "warmup": {"epochs": 1}, "finetune": {"epochs": 1}},
+        "run": {"dir": str(tmp_path / "run")}}))
+    assert run([sys.executable, "-m", "data_prep", "--config", str(cfg)]).returncode == 0
+    m = json.loads((tmp_path / "prepared" / "manifest.json").read_text())
+    for sh in m["splits"]["train"]["shards"]:  # every image of every training shard: each rank meets one
+        path = tmp_path / "prepared" / sh["file"]
+        with h5py.File(path, "r") as h:
+            offsets = [h["images"].id.get_chunk_info(i).byte_offset for i in range(h["images"].shape[0])]
+        with open(path, "r+b") as f:
+            for off in offsets:
+                f.seek(off)
+                f.write(b"\x00\xff" * 16)
+    t0 = time.monotonic()
+    p = run(["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2", sys.executable, "-m", "distributed.train",
+             "--config", str(cfg)], timeout=BOUND_S + 60)
+    took = time.monotonic() - t0
+    errors = [ln for ln in p.stderr.splitlines() + p.stdout.splitlines() if "cxr-train" in ln and "error:" in ln]
+    assert p.returncode != 0 and took < BOUND_S, (took, p.stderr[-3000:])
+    for rank in (0, 1):
+        mine = [ln for ln in errors if f"[rank {rank}]" in ln]
+        assert mine and "is damaged" in mine[0] and "train/shard-" in mine[0] and "--overwrite" in mine[0], errors
+    ranks_out = [ln for ln in p.stderr.splitlines() if ln.startswith(("[0]", "[1]"))]  # horovodrun's own traceback aside
+    assert not [ln for ln in ranks_out if "Traceback" in ln]
