@@ -49,7 +49,9 @@ def test_two_ranks_train_both_phases_identically(tmp_path):
 
     p = _run(["horovodrun", "--gloo", "-np", "2", "-H", "localhost:2",
               sys.executable, "-m", "distributed.train", "--config", str(config)],
-             env={"CXR_TEST_DUMP": str(dump)})
+             env={"CXR_TEST_DUMP": str(dump),
+                  # a cache of its own: another test's cached calibration would make this one measure nothing
+                  "CXR_CACHE_DIR": str(tmp_path / "cache")})
     out = p.stdout + p.stderr
     if len(os.sched_getaffinity(0)) >= 2:  # Gloo's launcher binds nothing: each rank binds itself
         bound = [line for line in out.splitlines() if "INFO threads:" in line and "(Gloo launcher)" in line]

@@ -368,9 +368,11 @@ def test_pipeline_skips_complete_stages_and_resumes(tmp_path, cfg_file):
 @pytest.mark.needs_mpirun
 def test_every_rank_gets_binding_and_threads():
     """Run the generated mpirun line with a probe instead of the stage: each rank reports."""
+    # one write(2) per rank: print() writes its arguments piecewise, and mpirun interleaves the pieces
     probe = ("import os;r=os.environ.get('OMPI_COMM_WORLD_RANK');"
-             "print('RANK',r,sorted(os.sched_getaffinity(0)),"
-             "*[os.environ.get(v) for v in ('OMP_NUM_THREADS','TF_NUM_INTRAOP_THREADS','TF_NUM_INTEROP_THREADS')])")
+             "os.write(1,(' '.join(map(str,['RANK',r,sorted(os.sched_getaffinity(0)),"
+             "*[os.environ.get(v) for v in ('OMP_NUM_THREADS','TF_NUM_INTRAOP_THREADS','TF_NUM_INTEROP_THREADS')]]))"
+             "+chr(10)).encode())")
     lay = plan_layout("train", LOCAL, ClusterConfig(), ONE_SOCKET_2, np=2)
     cmd = build_command(LaunchSpec("train", lay, config="c.yaml", launcher="mpirun",
                                    module_argv=(sys.executable, "-c", probe)))
