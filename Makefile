@@ -8,6 +8,10 @@ PIP := $(PY) -m pip --disable-pip-version-check
 HOROVOD_VERSION := 0.28.1
 # Tests and demo use every local core by default; override e.g. `make test PYTEST_ARGS=-x`.
 PYTEST_ARGS ?=
+# pytest-xdist workers (0: one process): while one test waits on a launcher, a sleep-slowed step or
+# Slurm, the other worker computes. tests/conftest.py keeps a module, and all of tests/multinode, on one worker.
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 DEMO_DIR ?= demo-output
 
 NODES ?= 2
@@ -91,16 +95,16 @@ check-build: mpi $(VENV)/.project-stamp
 	@$(PY) -c "import tensorflow as tf, numpy, horovod; print('>> ok: tensorflow', tf.__version__, 'numpy', numpy.__version__, 'horovod', horovod.__version__)"
 
 test: setup slurm-deps
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-unit: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/unit $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/unit $(XDIST) $(PYTEST_ARGS)
 
 test-parallel: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/parallel $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/parallel $(XDIST) $(PYTEST_ARGS)
 
 test-e2e: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest tests/e2e $(XDIST) $(PYTEST_ARGS)
 
 # The whole pipeline on a generated (synthetic, not medical) data set with 2 local ranks.
 # Rerunning skips what is already complete for the same config.

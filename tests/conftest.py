@@ -58,6 +58,25 @@ MISSING = {
 }
 
 
+MULTINODE = ROOT / "tests" / "multinode"
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups (its worker hook is registered after this file)
+def pytest_collection_modifyitems(config, items):
+    """``make test`` runs two pytest-xdist workers (``--dist loadgroup``): a module's tests stay on
+    one worker, so its module fixtures (a prepared data set, a reference run) are made once; all of
+    tests/multinode form one group, since its modules share one virtual cluster id, /etc/hosts and a
+    Slurm, and it goes first, as the longest group (``--no-loadscope-reorder`` keeps this order).
+    Without ``-n`` the marks do nothing and only the order changes."""
+    def multinode(item) -> bool:
+        return MULTINODE in Path(item.fspath).parents
+
+    items.sort(key=lambda item: not multinode(item))  # stable: the order within each part is kept
+    for item in items:
+        group = "multinode" if multinode(item) else Path(item.fspath).relative_to(ROOT).as_posix()
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_runtest_setup(item):
     """Tests marked needs_mpirun / needs_horovod skip without it, and fail under CI=true."""
     for marker, (available, reason) in MISSING.items():

@@ -55,23 +55,35 @@ def _sbatch(slurm, script, out: Path, *opts, **env) -> str:
     return r.stdout.strip().split(";")[0]
 
 
-def _state(slurm, job: str) -> str:
-    """The job's state, or '' once it has left the queue."""
-    r = subprocess.run(["squeue", "-h", "-j", job, "-o", "%T"], env=slurm.env(), capture_output=True, text=True,
-                       timeout=15)
-    return r.stdout.strip()
+# States after which a job runs no more (squeue -t all lists them while slurmctld keeps the job).
+ENDED = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE"}
 
 
-def _wait(slurm, job: str, timeout: float, until=None) -> float:
+def _state(slurm, job: str) -> str | None:
+    """The job's state; '' once it has ended or left slurmctld's memory; None when squeue could not
+    tell (a slow or busy slurmctld): callers wait on and ask again, never take it for the end."""
+    r = subprocess.run(["squeue", "-h", "-t", "all", "-j", job, "-o", "%T"], env=slurm.env(), capture_output=True,
+                       text=True, timeout=30)
+    if r.returncode != 0:
+        return "" if "Invalid job id" in r.stderr else None
+    state = r.stdout.strip()
+    return "" if state in ENDED else state
+
+
+def _wait(slurm, job: str, timeout: float, until=None, log: Path | None = None) -> float:
+    """Until ``until()`` holds or the job has ended (else the job is cancelled and the test fails,
+    with the end of the job's output ``log``)."""
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
         if until is not None and until():
             return time.monotonic() - t0
-        if not _state(slurm, job):
+        if _state(slurm, job) == "":
             return time.monotonic() - t0
         time.sleep(1)
     subprocess.run(["scancel", job], env=slurm.env(), timeout=15)
-    raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s")
+    tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
+    raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s\n{tail}")
 
 
 def _start_requeued_now(slurm, job: str, *updates: str) -> None:
@@ -93,7 +105,7 @@ def test_allocation_srun_and_mpirun_see_both_nodes(slurm, tmp_path):
                       "mpirun bash -c 'echo MPI $OMPI_COMM_WORLD_RANK $OMPI_COMM_WORLD_SIZE $(hostname)'\n"
                       f"{VENV}/bin/python -m launch prep --config {ROOT / 'configs/demo.yaml'} --dry-run\n")
     out = tmp_path / "job.out"
-    _wait(slurm, _sbatch(slurm, script, out), 60)
+    _wait(slurm, _sbatch(slurm, script, out), 60, log=out)
     lines = out.read_text().splitlines()
     a, b = slurm.nodes
     assert f"ALLOC {a[:-1]}[1-2] 1(x2) 2 1" in lines
@@ -125,10 +137,10 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
     # 1. submitted; cancelled once the first fine-tune epoch is committed (1 s per step: 5 s per epoch)
     first = tmp_path / "first.out"
     job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", first, CONFIG=str(tiny_config), CXR_STEP_SLEEP_S="1")
-    _wait(slurm, job, 240, until=lambda: committed() >= 2)
+    _wait(slurm, job, 240, until=lambda: committed() >= 2, log=first)
     assert _state(slurm, job) == "RUNNING", first.read_text()[-3000:]
     subprocess.run(["scancel", job], env=slurm.env(), check=True, timeout=15)
-    stopped = _wait(slurm, job, 60)
+    stopped = _wait(slurm, job, 60, log=first)
     log = first.read_text()
     assert stopped < 30, log[-3000:]
     state = json.loads(state_file.read_text())
@@ -141,7 +153,7 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
 
     # 2. the same submission again: prep skipped, training resumed, evaluation, report
     second = tmp_path / "second.out"
-    _wait(slurm, _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", second, CONFIG=str(tiny_config)), 300)
+    _wait(slurm, _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", second, CONFIG=str(tiny_config)), 300, log=second)
     log = second.read_text()
     assert "skip prep" in log, log[-3000:]
     assert f"resuming after epoch {state['epoch']}" in (run / "train.log").read_text()
@@ -180,7 +192,7 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
 
     out = tmp_path / "job.out"
     job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, CONFIG=str(signal_config), CXR_STEP_SLEEP_S="1")
-    _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()))
+    _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()), log=out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60 and "requeueing job" not in out.read_text():
@@ -189,11 +201,11 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     assert "requeueing job" in log, log[-3000:]
     assert time.monotonic() - t0 < 30  # signal to exit, checkpoint written
     _start_requeued_now(slurm, job)
-    _wait(slurm, job, 400, until=lambda: (run / "report.md").is_file() and not _state(slurm, job))
+    _wait(slurm, job, 400, until=lambda: (run / "report.md").is_file() and _state(slurm, job) == "", log=out)
     log = out.read_text()
     assert "stopped by SIGUSR1 at epoch 2 step" in log, log[-3000:]
     train_log = (run / "train.log").read_text()
-    assert " and step " in train_log and "of epoch 2" in train_log, train_log[-3000:]
+    assert " and step " in train_log and "of epoch 2" in train_log, train_log[-3000:] + "\njob output:\n" + log[-3000:]
     with open(run / "history.csv", newline="") as f:
         assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
             ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]
@@ -221,10 +233,10 @@ def test_sbatch_time_limit_signals_requeues_and_finishes(slurm, tmp_path):
     out = tmp_path / "job.out"
     job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, "--time=2", "--signal=B:USR1@100",
                   CONFIG=str(config), CXR_STEP_SLEEP_S="1")
-    _wait(slurm, job, 150, until=lambda: out.exists() and "requeueing job" in out.read_text())
+    _wait(slurm, job, 150, until=lambda: out.exists() and "requeueing job" in out.read_text(), log=out)
     assert "SIGUSR1 received" in out.read_text(), out.read_text()[-3000:]
     _start_requeued_now(slurm, job, "TimeLimit=15")
-    _wait(slurm, job, 500)
+    _wait(slurm, job, 500, log=out)
     log = out.read_text()
     assert (run / "report.md").is_file(), log[-3000:]
     with open(run / "history.csv", newline="") as f:
