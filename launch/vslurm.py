@@ -34,6 +34,9 @@ from launch import vcluster
 from launch.hosts import LaunchError
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch", "srun", "scancel", "sinfo", "squeue")
+# Job credentials' lifetime (Slurm's default 120 s): a requeued job cannot start again before its old
+# credential has expired on the nodes (slurmd refuses it as revoked), so Slurm holds it that long.
+CRED_EXPIRE_S = 20
 CTLD_PORT = 6817  # inside node 1's namespace: no clash with anything of the root namespace
 SLURMD_PORT = 6818
 
@@ -86,7 +89,8 @@ def slurm_conf(cluster: vcluster.State, folder: Path, name: str = "") -> str:
         f"ClusterName={name or f'cxr{cluster.id}'}",
         f"SlurmctldHost={first.name}({first.addr})",
         f"SlurmctldPort={CTLD_PORT}", f"SlurmdPort={SLURMD_PORT}",
-        "AuthType=auth/munge", "CredType=cred/munge", f"AuthInfo=socket={folder / 'munge.sock'}",
+        "AuthType=auth/munge", "CredType=cred/munge",
+        f"AuthInfo=socket={folder / 'munge.sock'},cred_expire={CRED_EXPIRE_S}",
         "SlurmUser=root", "SlurmdUser=root",
         f"StateSaveLocation={folder / 'ctld'}", f"SlurmdSpoolDir={folder / 'spool'}/%n",
         f"SlurmctldPidFile={folder / 'slurmctld.pid'}", f"SlurmdPidFile={folder / 'slurmd-%n.pid'}",

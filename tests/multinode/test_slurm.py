@@ -9,6 +9,7 @@ Skipped, with the reason, without root, network namespaces or the Slurm packages
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -71,6 +72,17 @@ def _state(slurm, job: str) -> str | None:
     return "" if state in ENDED else state
 
 
+def _story(slurm, job: str) -> str:
+    """What Slurm says of ``job`` (for a failure message): ``scontrol show job`` and the daemons' log lines on it."""
+    r = subprocess.run(["scontrol", "show", "job", job], env=slurm.env(), capture_output=True, text=True, timeout=30)
+    mine = re.compile(rf"(JobId=|job |job_id |StepId=){job}\b", re.IGNORECASE)
+    out = f"scontrol show job:\n{r.stdout}{r.stderr}"
+    for log in sorted((Path(slurm.dir) / "log").glob("*.log")):  # slurmctld's and each slurmd's
+        lines = [ln for ln in log.read_text(errors="replace").splitlines() if mine.search(ln)]
+        out += f"\n{log.name}:\n" + "\n".join(lines[-20:])
+    return out
+
+
 def _wait(slurm, job: str, timeout: float, until=None, log: Path | None = None) -> float:
     """Until ``until()`` holds or the job has ended (else the job is cancelled and the test fails,
     with the end of the job's output ``log``)."""
@@ -83,15 +95,30 @@ def _wait(slurm, job: str, timeout: float, until=None, log: Path | None = None) 
         time.sleep(1)
     subprocess.run(["scancel", job], env=slurm.env(), timeout=15)
     tail = log.read_text(errors="replace")[-3000:] if log is not None and log.exists() else ""
-    raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s\n{tail}")
+    raise AssertionError(f"job {job} still {_state(slurm, job) or 'gone'} after {timeout:.0f} s\n{tail}\n"
+                         + _story(slurm, job))
+
+
+def _nodes_idle(slurm) -> bool:
+    r = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %T"], env=slurm.env(), capture_output=True, text=True,
+                       timeout=30)
+    states = dict(ln.split()[:2] for ln in r.stdout.splitlines() if len(ln.split()) >= 2)
+    return r.returncode == 0 and all(states.get(n) == "idle" for n in slurm.nodes)
 
 
 def _start_requeued_now(slurm, job: str, *updates: str) -> None:
-    """Slurm holds a requeued job back for 2 minutes (its BeginTime): start it now (and change
-    ``updates``, e.g. its time limit), so that the test takes one minute, not three."""
+    """Slurm holds a requeued job back until the old run's job credential has expired on the nodes
+    (``vslurm.CRED_EXPIRE_S``, 120 s by default) and then waits for a scheduling pass: once the
+    credential has expired and both nodes are idle, start it now (and change ``updates``, e.g. its
+    time limit). Started sooner, slurmd refuses it ("Job credential revoked") and the job fails."""
     t0 = time.monotonic()
     while _state(slurm, job) != "PENDING" and time.monotonic() - t0 < 60:
         time.sleep(0.5)
+    time.sleep(vslurm.CRED_EXPIRE_S + 2)  # the requeue (and the revocation) came before PENDING
+    t0 = time.monotonic()
+    while not _nodes_idle(slurm) and time.monotonic() - t0 < 60:
+        time.sleep(0.5)
+    assert _state(slurm, job) == "PENDING" and _nodes_idle(slurm), _story(slurm, job)
     subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *updates], env=slurm.env(), check=True,
                    timeout=15)
 
@@ -205,7 +232,8 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     log = out.read_text()
     assert "stopped by SIGUSR1 at epoch 2 step" in log, log[-3000:]
     train_log = (run / "train.log").read_text()
-    assert " and step " in train_log and "of epoch 2" in train_log, train_log[-3000:] + "\njob output:\n" + log[-3000:]
+    assert " and step " in train_log and "of epoch 2" in train_log, (train_log[-2000:] + "\njob output:\n" + log[-2000:]
+                                                                   + _story(slurm, job))
     with open(run / "history.csv", newline="") as f:
         assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
             ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]
