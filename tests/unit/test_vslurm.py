@@ -14,7 +14,8 @@ def test_slurm_conf_controller_on_first_node_one_cpu_per_node_no_cgroup_plugins(
     assert "NodeName=c2node2 NodeAddr=198.18.0.140 CPUs=1 State=UNKNOWN" in lines
     assert "PartitionName=cxr Nodes=c2node1,c2node2 Default=YES MaxTime=INFINITE State=UP" in lines
     for want in ("ProctrackType=proctrack/linuxproc", "TaskPlugin=task/none", "JobAcctGatherType=jobacct_gather/none",
-                 "AuthInfo=socket=/x/munge.sock", "SlurmdSpoolDir=/x/spool/%n", "SlurmdPidFile=/x/slurmd-%n.pid",
+                 f"AuthInfo=socket=/x/munge.sock,cred_expire={vslurm.CRED_EXPIRE_S}",
+                 "SlurmdSpoolDir=/x/spool/%n", "SlurmdPidFile=/x/slurmd-%n.pid",
                  "StateSaveLocation=/x/ctld"):
         assert want in lines
     # every file it names lies in its own folder
