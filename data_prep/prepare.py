@@ -526,6 +526,7 @@ def run(cfg, comm=None) -> dict | None:
                 raise PrepError(_strict_message(plan["skipped"]))
             out.mkdir(parents=True, exist_ok=True)
             locks.acquire(out, "prep")  # one prep per folder: a second one is refused (data_prep.locks)
+            log.info("%s: one writer by %s", out, locks.kind(out))
             check_existing(out, plan, cfg.prep.overwrite, log)
             check_space(out, plan, log)
         except Exception as e:  # noqa: BLE001 - every rank must learn that planning failed

@@ -404,6 +404,7 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     if rank == 0:  # one writer per run directory: not while a training or evaluation writes there (data_prep.locks)
         locks.acquire(run_dir, "evaluation")
     log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
+    log.info("%s: one writer by %s", run_dir, locks.kind(run_dir))  # rank 0 holds it, the others log no INFO
     t_start = time.time()
     check_operating_point(cfg.eval.operating_point)
     model_path, ckpt, manifest, data, model = _load_checked(cfg, run_dir, precision)

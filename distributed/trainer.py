@@ -94,6 +94,7 @@ def setup(cfg, plan) -> Setup:
     log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
     if hvd.is_root():  # Horovod: one writer per file
         locks.acquire(run_dir, "training")  # one run per run.dir: a second one is refused (data_prep.locks)
+        log.info("%s: one writer by %s", run_dir, locks.kind(run_dir))
         save_resolved(cfg, run_dir, note=f"runtime.precision {cfg.runtime.precision}: rank 0 computed in "
                                          f"{plan.precision.describe() if plan.precision else precision}")
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
