@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from data_prep.cli import UserError
@@ -98,6 +99,39 @@ def check_shard(h, entry: dict, manifest: dict, path) -> None:
         raise ManifestError(f"shard {path} does not match the manifest: {problems[0]}; {FIX}")
 
 
+_LOCKING_KW: bool | None = None  # h5py/HDF5 take locking=False (None: not tried yet)
+
+
+def open_shard_read(path):
+    """``h5py.File(path, "r")`` without HDF5's file locking: every read-only open of a shard goes
+    through here. HDF5 (1.10+) locks a file it opens, and on a shared file system without working
+    locks (Lustre mounted noflock, NFS without lockd) that open fails (``unable to lock file``,
+    ENOSYS/ENOLCK); shards are never written once the manifest exists, so readers need no lock.
+    ``locking=False`` where h5py and HDF5 support it (h5py 3.5+ with HDF5 1.12.1+ or 1.10.7+),
+    else ``HDF5_USE_FILE_LOCKING=FALSE`` in the environment for the one open. Writes keep locking."""
+    import h5py  # here only: load_manifest is plain JSON, for processes that must not load numpy yet
+
+    global _LOCKING_KW
+    if _LOCKING_KW is not False:
+        try:
+            h = h5py.File(path, "r", locking=False)
+            _LOCKING_KW = True
+            return h
+        except (TypeError, ValueError):  # h5py without the keyword, or HDF5 without the property
+            if _LOCKING_KW:
+                raise
+            _LOCKING_KW = False
+    before = os.environ.get("HDF5_USE_FILE_LOCKING")
+    os.environ["HDF5_USE_FILE_LOCKING"] = "FALSE"  # read by HDF5 at every open
+    try:
+        return h5py.File(path, "r")
+    finally:
+        if before is None:
+            os.environ.pop("HDF5_USE_FILE_LOCKING", None)
+        else:
+            os.environ["HDF5_USE_FILE_LOCKING"] = before
+
+
 def damaged(path, e: BaseException) -> ManifestError:
     """The one line for a shard whose data cannot be read (a Fletcher-32 mismatch, a cut file)."""
     why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
@@ -114,8 +148,6 @@ def verify_manifest(prep_out, files=None) -> dict:
     """Recompute every shard's sha256, Fletcher-32 checksums and count (and label counts, image size,
     config hash) against the manifest; ``files``: only these shard files (one rank's share, the split
     totals then not compared). Returns a summary; raises ``ManifestError`` listing every mismatch."""
-    import h5py  # here only: load_manifest is plain JSON, for processes that must not load numpy yet
-
     prep_out = Path(prep_out)
     m = load_manifest(prep_out)
     problems, n_shards, n_images = [], 0, 0
@@ -133,7 +165,7 @@ def verify_manifest(prep_out, files=None) -> dict:
             if sha256_file(p) != sh["sha256"]:
                 problems.append(f"{sh['file']}: sha256 differs from the manifest")
             try:
-                with h5py.File(p, "r") as h:
+                with open_shard_read(p) as h:
                     check_shard(h, sh, m, sh["file"])
                     for ds in h.values():  # every chunk read: Fletcher-32 checked
                         for i in range(0, max(1, ds.shape[0] if ds.shape else 1), 256):
@@ -142,7 +174,7 @@ def verify_manifest(prep_out, files=None) -> dict:
                 problems.append(f"{sh['file']}: {str(e).splitlines()[0][:200]}")
                 broken = True
                 continue
-            with h5py.File(p, "r") as h:
+            with open_shard_read(p) as h:
                 n = h["images"].shape[0]
                 if n != sh["count"]:
                     problems.append(f"{sh['file']}: {n} images, manifest says {sh['count']}")

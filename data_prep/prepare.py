@@ -50,7 +50,7 @@ from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
-from data_prep.manifest import FORMAT_NOTES, conversion_counts
+from data_prep.manifest import FORMAT_NOTES, conversion_counts, open_shard_read
 
 FORMAT = cfgmod.SHARD_FORMAT
 MANIFEST = "manifest.json"
@@ -189,7 +189,7 @@ def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
                 continue
             rel = f"{name}/{f.name}"
             try:
-                with h5py.File(f, "r") as h:
+                with open_shard_read(f) as h:
                     h_hash = h.attrs.get("config_hash")
                     h_hash = h_hash.decode() if isinstance(h_hash, bytes) else h_hash
                     h_format = int(h.attrs.get("format", 0))
@@ -234,7 +234,7 @@ def _attr_str(v):
 
 def _result_from_file(path: Path, shard: dict, plan: dict) -> dict:
     """Result of a complete shard already on disk (resume): attributes only, no decoding."""
-    with h5py.File(path, "r") as h:
+    with open_shard_read(path) as h:
         a = h.attrs
         res = {"file": shard["file"], "split": shard["split"], "count": int(a["count"]),
                "pixel_sum": int(a["pixel_sum"]), "pixel_sumsq": int(a["pixel_sumsq"]),

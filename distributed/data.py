@@ -1,7 +1,8 @@
 """tf.data input from the prep stage's HDF5 shards, and the in-graph augmentation.
 
 * :class:`SplitData` reads one split: labels and metadata in memory, images on demand with h5py
-  (a batch's indices sorted and read shard by shard), or all of them in memory (``cache``).
+  (a batch's indices sorted and read shard by shard), or all of them in memory (``cache``). Shards
+  open lazily, without HDF5 file locking, at most :data:`MAX_OPEN_SHARDS` at once (LRU).
 * Training: every epoch ``e`` a permutation of the whole training split seeded by
   ``(seed, e)`` is cut into ``size`` disjoint, equal parts; rank ``r`` reads part ``r`` in
   batches (:func:`epoch_indices`). Every rank takes the same number of steps, as Horovod's
@@ -31,15 +32,16 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
-import h5py
 import numpy as np
 import tensorflow as tf
 
 from data_prep.log import get_logger
 from data_prep.cli import deferred
-from data_prep.manifest import check_shard, damaged, load_manifest
+from data_prep.manifest import check_shard, damaged, load_manifest, open_shard_read
 
 __all__ = ["SplitData", "load_split", "steps_per_epoch", "epoch_indices", "shard_indices",
            "random_transforms", "augment_images", "train_dataset", "eval_dataset", "random_dataset",
@@ -49,10 +51,19 @@ AUTOTUNE = tf.data.AUTOTUNE
 _SEED_MIX = np.int64(1_000_003)
 
 
-class SplitData:
-    """One split of ``<prep.out>``: shards, targets and metadata (in memory), images on demand."""
+MAX_OPEN_SHARDS = 64  # shard files one SplitData keeps open at most (least recently used closed first)
 
-    def __init__(self, prep_out, split: str, manifest: dict | None = None, cache: bool = False):
+
+class SplitData:
+    """One split of ``<prep.out>``: shards, targets and metadata (in memory), images on demand.
+
+    Shards are opened when first read, without HDF5's file locking (``open_shard_read``), and at most
+    ``max_open`` (:data:`MAX_OPEN_SHARDS`) stay open: the least recently used is closed, and opened
+    again when needed. Each shard is checked against the manifest (``check_shard``) at its first open
+    only. ``opens`` counts the opens, ``peak_open`` the most handles open at once."""
+
+    def __init__(self, prep_out, split: str, manifest: dict | None = None, cache: bool = False,
+                 max_open: int | None = None):
         self.prep_out = Path(prep_out)
         self.split = split
         self.manifest = manifest or load_manifest(self.prep_out)
@@ -67,14 +78,20 @@ class SplitData:
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
         self.cache = cache
-        self._handles: dict[int, object] = {}
+        self.max_open = int(max_open or MAX_OPEN_SHARDS)
+        self._handles: OrderedDict[int, object] = OrderedDict()  # least recently used first
+        self._checked: set[int] = set()
+        self._lock = threading.RLock()  # a handle is not closed while another thread reads it
+        self.opens = 0
+        self.peak_open = 0
         self._images: np.ndarray | None = None
         self._meta: dict | None = None
         targets, labels = [], []
         for i in range(len(self.files)):
-            h = self._file(i)
-            targets.append(np.asarray(h["targets"][:], dtype=np.uint8))
-            labels.append(np.asarray(h["label"][:], dtype=np.int64))
+            with self._lock:
+                h = self._file(i)
+                targets.append(np.asarray(h["targets"][:], dtype=np.uint8))
+                labels.append(np.asarray(h["label"][:], dtype=np.int64))
         k = len(self.classes) if self.multilabel else max(2, len(self.classes))
         self.targets = np.concatenate(targets) if targets else np.zeros((0, k), np.uint8)
         self.labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
@@ -84,23 +101,41 @@ class SplitData:
         return self.n
 
     def _file(self, i: int):
+        """Shard ``i``'s open file; call with ``self._lock`` held while using it."""
         h = self._handles.get(i)
-        if h is None:
+        if h is not None:
+            self._handles.move_to_end(i)
+            return h
+        while len(self._handles) >= self.max_open:
+            _, old = self._handles.popitem(last=False)
+            old.close()
+        try:
+            h = open_shard_read(self.files[i])
+        except OSError as e:
+            raise deferred(damaged(self.files[i], e)) from None
+        self.opens += 1
+        if i not in self._checked:  # once per shard: shapes, dtypes, counts, checksums on
             try:
-                h = h5py.File(self.files[i], "r")
-                check_shard(h, self.entries[i], self.manifest, self.files[i])  # shapes, dtypes, counts, checksums on
+                check_shard(h, self.entries[i], self.manifest, self.files[i])
             except OSError as e:
+                h.close()
                 raise deferred(damaged(self.files[i], e)) from None
-            self._handles[i] = h
+            except BaseException:
+                h.close()
+                raise
+            self._checked.add(i)
+        self._handles[i] = h
+        self.peak_open = max(self.peak_open, len(self._handles))
         return h
 
     def close(self):
-        for h in self._handles.values():
-            try:
-                h.close()
-            except Exception:  # noqa: BLE001
-                pass
-        self._handles.clear()
+        with self._lock:
+            for h in self._handles.values():
+                try:
+                    h.close()
+                except Exception:  # noqa: BLE001
+                    pass
+            self._handles.clear()
 
     def load_all(self) -> np.ndarray:
         """Every image of the split in memory (uint8 (N, S, S)), read shard by shard, once."""
@@ -109,7 +144,8 @@ class SplitData:
             out = np.empty((self.n, S, S), dtype=np.uint8)
             for i in range(len(self.files)):
                 try:  # Fletcher-32: a damaged chunk is an OSError here
-                    self._file(i)["images"].read_direct(out, dest_sel=np.s_[self.offsets[i]:self.offsets[i + 1]])
+                    with self._lock:
+                        self._file(i)["images"].read_direct(out, dest_sel=np.s_[self.offsets[i]:self.offsets[i + 1]])
                 except OSError as e:
                     raise deferred(damaged(self.files[i], e)) from None
             self._images = out
@@ -131,7 +167,9 @@ class SplitData:
             local = sidx[sel] - self.offsets[s]
             uniq, inv = np.unique(local, return_inverse=True)  # h5py wants increasing, unique indices
             try:  # Fletcher-32: a damaged chunk is an OSError here (inside tf.data: deferred, see data_prep.cli)
-                block = self._file(int(s))["images"][uniq] if len(uniq) > 1 else self._file(int(s))["images"][int(uniq[0])][None]
+                with self._lock:
+                    images = self._file(int(s))["images"]
+                    block = images[uniq] if len(uniq) > 1 else images[int(uniq[0])][None]
             except OSError as e:
                 raise deferred(damaged(self.files[int(s)], e)) from None
             out[order[sel]] = block[inv]
@@ -142,9 +180,9 @@ class SplitData:
         if self._meta is None:
             cols = {k: [] for k in ("image_index", "patient_id", "view", "age", "sex")}
             for i in range(len(self.files)):
-                h = self._file(i)
                 for k in cols:
-                    v = h[k][:]
+                    with self._lock:
+                        v = self._file(i)[k][:]
                     if v.dtype.kind in ("O", "S"):
                         v = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in v], dtype=object)
                     cols[k].append(v)
