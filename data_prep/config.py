@@ -76,6 +76,9 @@ class PrepConfig:
     limit: int = _f(0, "use only the first N rows of the CSV (smoke tests); 0 = all", 0)
     max_pixels: int = _f(50_000_000, "an image with more pixels is skipped and recorded, never decoded "
                                      "(NIH images: 1 M)", 1, 1_000_000_000)
+    stage_to: str = _f("", "node-local folder (e.g. $TMPDIR; ~ and $VARS expanded on each node) to which training "
+                           "and evaluation copy the shards they read, once per node, checked against the manifest's "
+                           "sha256, then read there; empty = read prep.out directly")
 
 
 @dataclass(frozen=True)
@@ -387,7 +390,7 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 
 SHARD_FORMAT = 3  # layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32 checksums on every dataset); a new one invalidates old outputs
 HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
-PREP_RUN_KEYS = ("out", "strict", "overwrite")  # where and how prep runs, not what it makes
+PREP_RUN_KEYS = ("out", "strict", "overwrite", "stage_to")  # where and how prep runs or is read, not what it makes
 TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains
 
 
@@ -408,7 +411,7 @@ def non_default(section, default=None) -> dict:
 
 
 def prep_hash(cfg) -> str:
-    """Hash of everything that decides the shards' content (not prep.out/strict/overwrite)."""
+    """Hash of everything that decides the shards' content (not prep.out/strict/overwrite/stage_to)."""
     prep = {k: v for k, v in non_default(cfg.prep).items() if k not in PREP_RUN_KEYS}
     return config_hash({"schema": HASH_SCHEMA, "format": SHARD_FORMAT, "data": non_default(cfg.data), "prep": prep})
 

@@ -2,7 +2,8 @@
 
 * :class:`SplitData` reads one split: labels and metadata in memory, images on demand with h5py
   (a batch's indices sorted and read shard by shard), or all of them in memory (``cache``). Shards
-  open lazily, without HDF5 file locking, at most :data:`MAX_OPEN_SHARDS` at once (LRU).
+  open lazily, without HDF5 file locking, at most :data:`MAX_OPEN_SHARDS` at once (LRU); with
+  ``prep.stage_to`` from node-local copies (``data_prep.stage``).
 * Training: every epoch ``e`` a permutation of the whole training split seeded by
   ``(seed, e)`` is cut into ``size`` disjoint, equal parts; rank ``r`` reads part ``r`` in
   batches (:func:`epoch_indices`). Every rank takes the same number of steps, as Horovod's
@@ -60,10 +61,11 @@ class SplitData:
     Shards are opened when first read, without HDF5's file locking (``open_shard_read``), and at most
     ``max_open`` (:data:`MAX_OPEN_SHARDS`) stay open: the least recently used is closed, and opened
     again when needed. Each shard is checked against the manifest (``check_shard``) at its first open
-    only. ``opens`` counts the opens, ``peak_open`` the most handles open at once."""
+    only. ``opens`` counts the opens, ``peak_open`` the most handles open at once. ``stage_to``
+    (``prep.stage_to``): read node-local copies of the shards (``data_prep.stage``)."""
 
     def __init__(self, prep_out, split: str, manifest: dict | None = None, cache: bool = False,
-                 max_open: int | None = None):
+                 stage_to: str = "", max_open: int | None = None):
         self.prep_out = Path(prep_out)
         self.split = split
         self.manifest = manifest or load_manifest(self.prep_out)
@@ -74,6 +76,11 @@ class SplitData:
         self.image_size = int(m["image_size"])
         shards = self.entries = [s for s in m["splits"][split]["shards"] if int(s["count"]) > 0]
         self.files = [self.prep_out / s["file"] for s in shards]
+        self.staged: dict | None = None
+        if stage_to and shards:
+            from data_prep.stage import stage
+
+            self.files, self.staged = stage(self.prep_out, shards, m, stage_to, label=split)
         self.counts = np.array([int(s["count"]) for s in shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.counts)]).astype(np.int64)
         self.n = int(self.offsets[-1])
@@ -191,8 +198,9 @@ class SplitData:
         return self._meta
 
 
-def load_split(prep_out, split: str, cache: bool = False, manifest: dict | None = None) -> SplitData:
-    return SplitData(prep_out, split, manifest=manifest, cache=cache)
+def load_split(prep_out, split: str, cache: bool = False, manifest: dict | None = None,
+               stage_to: str = "") -> SplitData:
+    return SplitData(prep_out, split, manifest=manifest, cache=cache, stage_to=stage_to)
 
 
 # --------------------------------------------------------------------------- which rank reads what

@@ -423,7 +423,8 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     probs, tta = predict_indices(predictor, data, mine, cfg.eval.batch_size, log)
     # The validation split too, the same way: the operating point and the calibration are chosen on it,
     # never on the test set.
-    val = SplitData(cfg.prep.out, "val", manifest=manifest) if manifest["splits"].get("val", {}).get("count") else None
+    val = SplitData(cfg.prep.out, "val", manifest=manifest, stage_to=cfg.prep.stage_to) \
+        if manifest["splits"].get("val", {}).get("count") else None
     val_mine = shard_indices(val.n, rank, size) if val is not None else None
     val_probs, val_tta = predict_indices(predictor, val, val_mine, cfg.eval.batch_size, log) if val else (None, None)
     t_pred = time.time() - t0
@@ -456,7 +457,7 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
 
     model_path, ckpt = select_checkpoint(run_dir, cfg.eval.checkpoint, cfg.eval.checkpoint_phase)
     manifest = load_manifest(cfg.prep.out)
-    data = SplitData(cfg.prep.out, "test", manifest=manifest)
+    data = SplitData(cfg.prep.out, "test", manifest=manifest, stage_to=cfg.prep.stage_to)
     if data.n == 0:
         raise EvalError(f"{cfg.prep.out}: the test split is empty")
     model = load_model(model_path, precision=precision, trust=cfg.eval.trust_model)

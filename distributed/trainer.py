@@ -100,8 +100,8 @@ def setup(cfg, plan) -> Setup:
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
     tf.keras.utils.set_random_seed(cfg.train.seed + hvd.rank())
 
-    train_data = D.load_split(cfg.prep.out, "train", cache=cfg.train.cache)
-    val_data = D.load_split(cfg.prep.out, "val", manifest=train_data.manifest)
+    train_data = D.load_split(cfg.prep.out, "train", cache=cfg.train.cache, stage_to=cfg.prep.stage_to)
+    val_data = D.load_split(cfg.prep.out, "val", manifest=train_data.manifest, stage_to=cfg.prep.stage_to)
     # Horovod: each rank takes 1/size of every epoch, so an epoch is the same number of images.
     steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
     log.info("train %d images, val %d; %d rank(s) x %d images x %d steps per epoch; %s; %s; tf.data autotuning %s",
