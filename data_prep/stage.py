@@ -11,9 +11,9 @@ and evaluation process copies the shards of the splits it loads into
   first copies, the others find the copies made and reuse them.
 * Atomic: a copy is written to a temporary name in the same folder, fsynced and renamed into place,
   so no reader sees half a shard.
-* Checked: every copy's sha256 is compared with the manifest's. A copy that differs is made again
-  once; when it still differs (a damaged source or disk) the process stops with one line naming the
-  file. ``.staged.json`` records (size, mtime, ctime, inode, sha256) of every verified copy: a copy
+* Checked: every copy's sha256 is compared with the manifest's. A copy that differs (found damaged
+  from an earlier run, or just made) is made again once; when it still differs (a damaged source or
+  disk) the process stops with one line naming the file. ``.staged.json`` records (size, mtime, ctime, inode, sha256) of every verified copy: a copy
   that still has them is reused without reading it again; any other (changed, replaced) is hashed again,
   and copied again when it differs. The shards' Fletcher-32 checksums still guard every read.
 * One line (rank 0): ``train: staged N shards (X MB) to DIR in T s (M reused)``.
@@ -143,7 +143,7 @@ def stage(prep_out, entries: list[dict], manifest: dict, stage_to: str, label: s
         todo = []
         for e, src in zip(entries, sources):
             dst = folder / e["file"]
-            known = files.get(e["file"])
+            known, tries = files.get(e["file"]), 2
             try:
                 if known and known == _stamp(dst, e["sha256"]):
                     n["reused"] += 1  # verified before and untouched since
@@ -155,29 +155,29 @@ def stage(prep_out, entries: list[dict], manifest: dict, stage_to: str, label: s
                         continue
                     log.warning("staged copy %s differs from the manifest (sha256): copying it again", dst)
                     n["recopied"] += 1
+                    tries = 1  # a damaged copy is made again once
             except OSError:
                 pass  # missing or unreadable: copy it
-            todo.append((e, src, dst))
-        need = sum(src.stat().st_size for _, src, _ in todo)
+            todo.append((e, src, dst, tries))
+        need = sum(src.stat().st_size for _, src, _, _ in todo)
         free = shutil.disk_usage(folder).free
         if need > free:
             raise StageError(f"prep.stage_to: {folder} has {free / 2**20:.0f} MB free, the shards to stage need "
                              f"{need / 2**20:.0f} MB; free space, or leave prep.stage_to empty")
         throttle = float(os.environ.get(_THROTTLE_ENV) or 0)
-        for e, src, dst in todo:
-            for attempt in (1, 2):
+        for e, src, dst, tries in todo:
+            for attempt in range(1, tries + 1):
                 time.sleep(throttle)
                 _copy(src, dst)
-                got = sha256_file(dst)
-                if got == e["sha256"]:
+                if sha256_file(dst) == e["sha256"]:
                     break
-                if attempt == 2:
+                if attempt == tries:
                     dst.unlink(missing_ok=True)
                     files.pop(e["file"], None)
                     atomic_write_json(folder / RECORD, rec)
                     raise StageError(f"staged copy {dst} of shard {e['file']} differs from the manifest's sha256 "
-                                     f"twice (copied from {src}): the source or this disk is damaged; "
-                                     f"`python -m data_prep verify --config C` checks the source")
+                                     f"{'again' if tries == 1 else 'twice'} (copied from {src}): the source or this "
+                                     f"disk is damaged; `python -m data_prep verify --config C` checks the source")
                 log.warning("staged copy %s differs from the manifest (sha256) after copying: copying it again", dst)
             files[e["file"]] = _stamp(dst, e["sha256"])
             n["copied"] += 1

@@ -217,6 +217,19 @@ def test_a_copy_damaged_in_transit_is_made_again_once_then_refused(prepared, tmp
     assert not (Path(te.staged["folder"]) / "val" / "shard-00000-of-00002.h5").exists()
 
 
+def test_a_damaged_copy_of_a_damaged_source_is_copied_once_then_refused(prepared, tmp_path, monkeypatch):
+    D.SplitData(prepared, "val", stage_to=str(tmp_path / "node"))
+    folder = ST.stage_folder(str(tmp_path / "node"), M.load_manifest(prepared))
+    _garble(folder / "val" / "shard-00000-of-00002.h5")
+    _garble(prepared / "val" / "shard-00000-of-00002.h5")
+    real_copy, calls = ST._copy, []
+    monkeypatch.setattr(ST, "_copy", lambda src, dst: (calls.append(dst.name), real_copy(src, dst)))
+    with pytest.raises(ST.StageError, match=r"val/shard-00000-of-00002.h5 differs from the manifest's sha256 again "):
+        D.SplitData(prepared, "val", stage_to=str(tmp_path / "node"))
+    assert calls == ["shard-00000-of-00002.h5"]  # made again once
+    assert not (folder / "val" / "shard-00000-of-00002.h5").exists()
+
+
 def test_stage_to_bad_input_is_one_line(prepared, monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_NO_SUCH_SCRATCH", raising=False)
     with pytest.raises(ST.StageError, match=r"prep.stage_to '\$CXR_NO_SUCH_SCRATCH/x': \$CXR_NO_SUCH_SCRATCH is not set"):
