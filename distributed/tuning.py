@@ -12,7 +12,16 @@ physical cores, its sockets/NUMA nodes and the number of ranks on the node:
 * intra-op threads = physical cores / local ranks (at least 1): ranks share a node's cores,
   never more threads than cores (hyper-threads do not help these GEMM-bound kernels);
   a rank that the launcher bound to a set of cores (``mpirun --bind-to ...``) uses those cores;
-* inter-op threads = 2 when a rank spans two or more sockets/NUMA nodes, else 1;
+* ``runtime.reserve_cores`` (default 0) of a rank's cores are left to Horovod's background thread
+  and tf.data, as Intel's launch scripts do: intra-op threads = the rank's cores minus those
+  (at least 1). The default stays 0 until a measurement shows a gain;
+* inter-op threads = the sockets a rank's cores span: Intel's guidance for TensorFlow on CPUs
+  ("inter_op_parallelism = number of sockets", in *Maximize TensorFlow Performance on CPU:
+  Considerations and Recommendations for Inference Workloads*) applied to the rank's share. A rank
+  bound within one socket (one rank per socket, or per NUMA domain on NPS2/NPS4 and SNC nodes, which
+  the launcher never lets straddle a socket) gets 1; one rank over a 2-socket node gets 2; NUMA
+  domains inside one socket add none (the guidance counts sockets). The launcher's plan and the
+  rank's own plan (from its CPU mask) agree;
 * ``OMP_NUM_THREADS`` = intra-op threads; ``KMP_AFFINITY``/``KMP_BLOCKTIME`` as configured
   (they only matter to OpenMP builds such as intel-tensorflow; stock TF ignores them);
 * ``TF_ENABLE_ONEDNN_OPTS``: ``on`` = 1, ``off`` = 0, ``auto`` = TensorFlow's default (left unset).
@@ -58,6 +67,16 @@ class Topology:
     numa_nodes: int = 1
     bound_cores: int | None = None
     source: str = "given"
+    bound_sockets: int | None = None  # sockets the affinity mask (or the launcher's binding) spans
+
+    @property
+    def threads_per_core(self) -> int:
+        """Hardware threads per physical core (2 with hyper-threading / SMT on, else 1)."""
+        return max(1, self.logical_cpus // self.physical_cores) if self.logical_cpus else 1
+
+    @property
+    def cores_per_socket(self) -> int:
+        return max(1, self.physical_cores // self.sockets)
 
     def __post_init__(self):
         if self.sockets < 1 or self.physical_cores < 1:
@@ -189,10 +208,12 @@ def detect_topology(sys_root: str | os.PathLike = "/sys") -> Topology:
         mask = os.sched_getaffinity(0)
     except (AttributeError, OSError):
         mask = set(cores)
+    bound_sockets = None
     if mask and set(cores) - mask:  # bound to a subset of the node: that subset is our share
         bound = max(1, len({cores[c] for c in mask if c in cores}))
+        bound_sockets = max(1, len({cores[c][0] for c in mask if c in cores}))
     return Topology(sockets=sockets, physical_cores=physical, logical_cpus=len(cores), numa_nodes=numa,
-                    bound_cores=bound, source=source)
+                    bound_cores=bound, source=source, bound_sockets=bound_sockets)
 
 
 def node_cores(sys_root: str | os.PathLike = "/sys") -> dict[int, tuple[int, int]] | None:
@@ -229,17 +250,17 @@ def plan_threads(topology: Topology, local_ranks: int, runtime=None) -> ThreadPl
     local_ranks = max(1, int(local_ranks))
     if topology.bound_cores:
         cores = topology.bound_cores
-        domains_per_rank = 1
+        sockets_per_rank = topology.bound_sockets or 1
     else:
         cores = max(1, topology.physical_cores // local_ranks)
-        domains_per_rank = max(1, topology.domains // local_ranks)
+        sockets_per_rank = max(1, topology.sockets // local_ranks)
     origin = {}
     intra = _rt(runtime, "intra_op_threads", 0)
     origin["intra_op"] = "config" if intra else "auto"
-    intra = intra or cores
+    intra = intra or max(1, cores - _rt(runtime, "reserve_cores", 0))
     inter = _rt(runtime, "inter_op_threads", 0)
     origin["inter_op"] = "config" if inter else "auto"
-    inter = inter or (2 if domains_per_rank >= 2 else 1)
+    inter = inter or sockets_per_rank
     omp = _rt(runtime, "omp_num_threads", 0)
     origin["omp_num_threads"] = "config" if omp else "auto"
     omp = omp or intra

@@ -24,7 +24,9 @@ from data_prep.config import add_config_args, config_from_args
 from launch import elastic
 from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
-from launch.commands import LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
+from launch import mapview, shape as shapes
+from launch.commands import (LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout,
+                             srun_mpi_type)
 from launch.hosts import LaunchError, check_hosts_answer
 from launch.supervise import Interrupted, check_launch_site, run
 
@@ -38,7 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=f"`{PROG} vcluster up|down|status` makes a virtual cluster of namespace nodes on this machine "
                f"(root) to rehearse a multi-node run; see `{PROG} vcluster --help`. `{PROG} sweep --config C "
                f"--seeds 0,1,2 [--resplit]` runs the pipeline once per seed; see `{PROG} sweep --help`.")
-    p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline"))
+    p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline", "plan"),
+                   help="plan: print each stage's command and, per node, every rank's cores, NUMA domain and "
+                        "threads as Open MPI's mapper binds them (nothing runs)")
     add_config_args(p)
     p.add_argument("--np", type=int, default=None,
                    help="total ranks (default: the hosts' slots, the Slurm tasks, or one per socket of this node; "
@@ -49,8 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cluster", help="cluster file (hosts, ranks per node, network interface, MPI flavour), "
                                      "e.g. configs/cluster.yaml")
     p.add_argument("--mpi-launcher", choices=LAUNCHERS, default=None,
-                   help="launcher for train/evaluate (default: the cluster file's, else horovodrun); "
-                        "mpirun where horovodrun's ssh is not allowed; prep always uses mpirun")
+                   help="launcher (default: the cluster file's, else auto: srun inside a Slurm allocation whose "
+                        "srun has PMI support, else mpirun; horovodrun for the Gloo controller and elastic jobs)")
     p.add_argument("--dry-run", action="store_true", help="print the command of each stage, run nothing")
     p.add_argument("--resume", action="store_true", help="train: continue from run.dir/checkpoints "
                                                          "(pipeline does this by itself)")
@@ -58,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
     elastic.add_arguments(p)
     return p
+
+
+def shapes_line(layout) -> str:
+    from launch.commands import describe_shape
+    return describe_shape(layout.node)
 
 
 def describe(cmd: StageCommand) -> str:
@@ -68,6 +77,8 @@ def describe(cmd: StageCommand) -> str:
     bind = f"--map-by {lay.map_by} --bind-to core" if lay.bind_to == "core" else "not bound"
     if "--gloo" in cmd.argv:
         bind = "each rank binds itself to its cores (Gloo controller)"
+    elif cmd.kind == "horovodrun":
+        bind += "; horovodrun --mpi forces -mca pml ob1 (TCP, no UCX/InfiniBand)"
     cores = f"{lay.cores_per_rank} core(s) per rank, " if lay.cores_per_rank else ""
     return (f"{cmd.stage}: {lay.np} rank(s) on {nodes} node(s), up to {lay.ranks_per_node} per node, {cores}{bind}, "
             f"via {cmd.kind}")
@@ -106,10 +117,24 @@ def _main(args, argv: list[str]) -> int:
     cfg = config_from_args(args)
     cluster = load_cluster(args.cluster)
     allocation = resolve_allocation(cluster, hosts=args.hosts, hostfile=args.hostfile)
-    node = node_topology(cluster)
-    launcher = args.mpi_launcher or cluster.launcher
-    stages = pl.STAGES if args.stage == "pipeline" else (args.stage,)
+    planning = args.stage == "plan"
+    dry = args.dry_run or planning
     say = (lambda m: print(f"[launch] {m}", file=sys.stderr))
+    if not dry and allocation.source not in ("slurm", "local"):  # under Slurm the job script runs on the first node
+        check_launch_site(allocation.hosts, cluster.network_interface, cluster.ssh_config,
+                          "python -m launch " + shlex.join(argv))
+    # The compute nodes' shape (probed on the first one, or the cluster file's), not this node's
+    shape = shapes.resolve(cluster, allocation, run_dir=cfg.run.dir, write_cache=not dry,
+                           may_probe=cluster.check_hosts and not args.no_check_hosts)
+    node = node_topology(cluster, base=None if shape.source == "this node" else shape.topology,
+                         base_source=shape.source)
+    if shape.warning:
+        print(f"{PROG}: warning: {shape.warning}", file=sys.stderr)
+    launcher = args.mpi_launcher or cluster.launcher
+    slurm = allocation.source == "slurm"
+    # inside an allocation, srun with PMIx/PMI2 is the sites' launcher (auto picks it)
+    srun_mpi = srun_mpi_type() if slurm and launcher in ("auto", "srun") else ""
+    stages = pl.STAGES if args.stage in ("pipeline", "plan") else (args.stage,)
     checked_hosts = False
 
     for stage in stages:
@@ -129,31 +154,36 @@ def _main(args, argv: list[str]) -> int:
 
         layout = plan_layout(stage, allocation, cluster, node, args.np)
         spec = LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides), extra=tuple(extra),
-                          cluster=cluster, launcher=launcher, runtime=cfg.runtime, hostfile=allocation.hostfile)
+                          cluster=cluster, launcher=launcher, runtime=cfg.runtime, hostfile=allocation.hostfile,
+                          slurm=slurm, srun_mpi=srun_mpi, cpus_are_cores=allocation.cpus_are_cores)
         cmd = elastic.build_command(spec, args) if elastic.wanted(stage, args, cfg) else build_command(spec)
         tool = cmd.argv[0] if cmd.kind != "python" else None
         if tool and not find_tool(tool):
             msg = (f"{tool} not found on PATH; " + (
                 "build Horovod (`make setup`) and put the venv's bin first on PATH, or use --mpi-launcher mpirun"
                 if tool == "horovodrun" else "install Open MPI (`make mpi`)") + ", or run one process with --np 1")
-            if not args.dry_run:
+            if not dry:
                 raise LaunchError(msg)
             print(f"{PROG}: warning: {msg}", file=sys.stderr)
-        if args.dry_run:
+        if dry:
             for note in layout.notes:
                 print(f"{PROG}: note: {note}", file=sys.stderr)
-            if args.stage != "pipeline":
+            if args.stage not in ("pipeline", "plan"):
                 try:
                     pl.check_inputs(stage, cfg, args.config)
                 except LaunchError as e:
                     print(f"{PROG}: warning: {e}", file=sys.stderr)
+            print(f"# {describe(cmd)}; node shape: {shapes_line(layout)}")
+            if cmd.kind != "python":
+                result, refused = mapview.rank_map(cmd, cluster, cfg.runtime)
+                for line in mapview.render(result, layout.node, prefix="# "):
+                    print(line)
+                if refused:
+                    print(f"{PROG}: warning: {refused}", file=sys.stderr)
             print(cmd.shell())
             continue
 
         pl.check_inputs(stage, cfg, args.config)
-        if allocation.source != "slurm":  # under Slurm the job script runs on the first node
-            check_launch_site(layout.hosts, cluster.network_interface, cluster.ssh_config,
-                              "python -m launch " + shlex.join(argv))
         if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
                 and allocation.source != "slurm" and not elastic.is_elastic(cmd)):  # elastic: discovery decides
             check_hosts_answer(layout.hosts, cluster.ssh_port, ssh_config=cluster.ssh_config)

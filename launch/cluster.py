@@ -17,37 +17,44 @@ from launch.hosts import (Allocation, Host, LaunchError, check_interface, parse_
                           slurm_allocation)
 
 MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
-LAUNCHERS = ("horovodrun", "mpirun")
+LAUNCHERS = ("auto", "mpirun", "horovodrun", "srun")
 CONTROLLERS = ("mpi", "gloo")
+TRANSPORTS = ("auto", "ucx", "ofi", "tcp")
+RANK_UNITS = ("socket", "numa")
 
 
 @dataclass(frozen=True)
 class ClusterConfig:
     hosts: tuple[Host, ...] = ()          # node01:2 items; empty = this node (or the Slurm allocation)
     hostfile: str = ""                    # Open MPI hostfile instead of hosts
-    ranks_per_node: int = 0               # 0 = the slots of each host; on one node: one rank per socket
+    ranks_per_node: int | str = ""        # socket | numa | N; empty = the hosts' slots, else one rank per socket
     prep_ranks_per_node: int = 0          # 0 = as ranks_per_node (prep is single-threaded per rank)
     cores_per_rank: int = 0               # 0 = the node's cores divided among its ranks
-    sockets_per_node: int = 0             # 0 = as this node (set when login and compute nodes differ)
-    cores_per_socket: int = 0             # 0 = as this node
+    sockets_per_node: int = 0             # node shape of the compute nodes; 0 = probed on the first node
+    cores_per_socket: int = 0             # 0 = probed (physical cores, hyper-threads not counted)
+    numa_per_socket: int = 0              # 0 = probed (AMD NPS2/NPS4, Intel SNC: 2 or 4)
+    threads_per_core: int = 0             # 0 = probed (2 with hyper-threading / SMT)
     network_interface: str = ""           # e.g. eth0, ib0; empty = MPI's choice
+    transport: str = "auto"               # auto (Open MPI's choice) | ucx | ofi | tcp
     mpi: str = "openmpi"                  # openmpi | mpich | intelmpi
-    launcher: str = "horovodrun"          # train/evaluate: horovodrun | mpirun (prep is always mpirun)
-    horovod_controller: str = "mpi"       # horovodrun --mpi (mpirun binds) or --gloo (each rank binds itself, distributed.runtime)
+    launcher: str = "auto"                # train/evaluate: auto | mpirun | horovodrun | srun (prep: mpirun or srun)
+    horovod_controller: str = "mpi"       # mpi or gloo (horovodrun --gloo; each rank binds itself, distributed.runtime)
     python: str = ""                      # interpreter on every node; empty = this one (shared file system)
     ssh_port: int = 0                     # 0 = ssh's default
     ssh_config: str = ""                  # ssh client file (ssh -F) for every ssh the launcher, MPI and Horovod make
     check_hosts: bool = True              # probe remote hosts with a short ssh before starting
-    mpi_args: tuple[str, ...] = ()        # extra arguments for mpirun, e.g. ["--mca", "btl", "^openib"]
-    env_passthrough: tuple[str, ...] = ()  # horovodrun: variables passed to the ranks beyond the allow-list (commands.ENV_ALLOW)
+    mpi_args: tuple[str, ...] = ()        # extra arguments for mpirun, e.g. ["--mca", "btl", "^openib"]; they win
+    env_passthrough: tuple[str, ...] = ()  # variables passed to the ranks beyond the allow-list (commands.ENV_ALLOW)
+    start_timeout: int = 0                # horovodrun --start-timeout in s; 0 = 30 + 1 s per 2 hosts
     source: str = field(default="", compare=False)
 
 
-_INT_KEYS = ("ranks_per_node", "prep_ranks_per_node", "cores_per_rank", "sockets_per_node",
-             "cores_per_socket", "ssh_port")
+_INT_KEYS = ("prep_ranks_per_node", "cores_per_rank", "sockets_per_node", "cores_per_socket",
+             "numa_per_socket", "threads_per_core", "ssh_port", "start_timeout")
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _STR_KEYS = ("hostfile", "network_interface", "python", "ssh_config")
-_CHOICES = {"mpi": MPI_FLAVOURS, "launcher": LAUNCHERS, "horovod_controller": CONTROLLERS}
+_CHOICES = {"mpi": MPI_FLAVOURS, "launcher": LAUNCHERS, "horovod_controller": CONTROLLERS,
+            "transport": TRANSPORTS}
 
 
 def load_cluster(path: str | Path | None) -> ClusterConfig:
@@ -99,6 +106,8 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
             if value not in _CHOICES[key]:
                 raise LaunchError(f"{source}: {key} must be one of {', '.join(_CHOICES[key])}, got {value!r}")
             kw[key] = value
+        elif key == "ranks_per_node":
+            kw[key] = ranks_per_node_value(value, f"{source}: ranks_per_node")
         elif key == "check_hosts":
             if not isinstance(value, bool):
                 raise LaunchError(f"{source}: check_hosts must be true or false, got {value!r}")
@@ -121,6 +130,17 @@ def cluster_from_dict(tree: dict[str, Any], source: str = "<cluster>") -> Cluste
     if cfg.hosts and cfg.hostfile:
         raise LaunchError(f"{source}: give either hosts or hostfile, not both")
     return cfg
+
+
+def ranks_per_node_value(value, where: str = "ranks_per_node") -> int | str:
+    """``socket``, ``numa``, a whole number >= 1, or empty/0 (the hosts' slots, else one per socket)."""
+    if value in ("", 0, None):
+        return ""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value)
+    if value in RANK_UNITS or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        return value
+    raise LaunchError(f"{where} must be socket, numa or a whole number >= 1, got {value!r}")
 
 
 def _ssh_config(value: str, source: str) -> str:

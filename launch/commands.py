@@ -10,8 +10,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import shlex
 import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,14 +28,26 @@ STAGE_MODULES = {
     "train": "distributed.train",
     "evaluate": "distributed.evaluate",
 }
-# Forwarded by name to remote ranks (local ranks inherit mpirun's environment anyway).
-FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "TF_CPP_MIN_LOG_LEVEL")
+# Forwarded by name (``mpirun -x NAME``, Hydra's ``-genvlist``: the value never reaches a command line) to
+# remote ranks; local ranks inherit mpirun's environment anyway. Interconnects and I/O read theirs from
+# these (UCX_NET_DEVICES, FI_PROVIDER, HDF5_USE_FILE_LOCKING, I_MPI_*, PMIx), and Intel recommends a
+# tcmalloc LD_PRELOAD; the project's own and TensorFlow's settings ride along.
+FORWARD_VARS = ("PATH", "LD_LIBRARY_PATH", "PYTHONPATH", "LD_PRELOAD", "VIRTUAL_ENV", "TMPDIR")
+FORWARD_PREFIXES = ("UCX_", "FI_", "HDF5_", "I_MPI_", "PMIX_", "PRTE_", "MALLOC_", "HOROVOD_", "CXR_", "TF_",
+                    "KMP_", "OMP_", "MKL_", "ONEDNN_", "DNNL_")
 # horovodrun --gloo (every elastic job) writes its whole environment onto the ssh command line of each
 # rank, readable with `ps` on every node: it gets these variables only (plus the cluster file's
 # env_passthrough names), so no secret of the launcher's environment leaves it.
-ENV_ALLOW = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "VIRTUAL_ENV", "HOME", "USER", "LOGNAME", "LANG", "TMPDIR",
-             "SSH_AUTH_SOCK")
-ENV_ALLOW_PREFIXES = ("HOROVOD_", "OMPI_", "CXR_", "TF_", "KMP_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "SLURM_", "LC_")
+ENV_ALLOW = ("PATH", "PYTHONPATH", "LD_LIBRARY_PATH", "LD_PRELOAD", "VIRTUAL_ENV", "HOME", "USER", "LOGNAME",
+             "LANG", "TMPDIR", "SSH_AUTH_SOCK")
+ENV_ALLOW_PREFIXES = ("HOROVOD_", "OMPI_", "CXR_", "TF_", "KMP_", "OMP_", "MKL_", "ONEDNN_", "DNNL_", "SLURM_", "LC_",
+                      "UCX_", "FI_", "HDF5_", "I_MPI_", "PMIX_", "PRTE_", "MALLOC_")
+
+
+def forwarded_names(environ: Mapping[str, str], passthrough: Sequence[str] = (), skip: Sequence[str] = ()) -> list[str]:
+    """Names of ``environ`` an MPI launcher hands to remote ranks (values stay off the command line)."""
+    extra, skip = set(passthrough), set(skip)
+    return [k for k in environ if k not in skip and (k in FORWARD_VARS or k in extra or k.startswith(FORWARD_PREFIXES))]
 
 
 def allowed_env(base: Mapping[str, str], passthrough: Sequence[str] = ()) -> dict[str, str]:
@@ -58,12 +72,20 @@ class Layout:
     oversubscribe: bool
     node: Topology  # topology assumed for every node
     notes: tuple[str, ...] = ()
+    unit: str = "socket"  # what one block of ranks fills: socket | numa | node (one rank) | slot (uneven hosts)
+    shape_source: str = ""  # where ``node`` came from: "probed on cn001", "cluster file", "this node"
+    own_slots: bool = False  # the hosts' slots are the stage's own (prep_ranks_per_node under Slurm)
 
     @property
     def binding_args(self) -> list[str]:
         if self.bind_to == "none":
             return ["--bind-to", "none"] + (["--map-by", self.map_by] if self.map_by else [])
         return ["--map-by", self.map_by, "--bind-to", self.bind_to]
+
+    @property
+    def sockets_per_rank(self) -> int:
+        """Sockets one bound rank's cores span: all of them for one rank per node, else 1 (never straddled)."""
+        return self.node.sockets if self.unit == "node" else 1
 
 
 @dataclass
@@ -76,6 +98,7 @@ class StageCommand:
     kind: str = "python"  # python | mpirun | horovodrun
     ssh_config: str = ""  # horovodrun: its ssh (and its mpirun's) runs `ssh -F ssh_config` (launch.supervise)
     env_passthrough: tuple[str, ...] = ()  # horovodrun: names handed on beyond ENV_ALLOW
+    launcher_argc: int = 0  # argv[:launcher_argc] is the launcher's part, the rest what every rank runs
 
     def process_env(self, base: Mapping[str, str]) -> dict[str, str]:
         """``base`` plus this command's variables (horovodrun: only the allow-listed part of ``base``,
@@ -97,31 +120,82 @@ class StageCommand:
 
 # --------------------------------------------------------------------------- topology
 
-def node_topology(cluster: ClusterConfig, detected: Topology | None = None) -> Topology:
-    """Every node is assumed alike: this node, unless the cluster file describes the nodes."""
-    t = detected or detect_topology()
-    if cluster.sockets_per_node or cluster.cores_per_socket:
+def node_topology(cluster: ClusterConfig, detected: Topology | None = None, base: Topology | None = None,
+                  base_source: str = "") -> Topology:
+    """The compute nodes' shape (every node alike): ``base`` (probed on the first compute node,
+    :mod:`launch.shape`), else this node; the cluster file's keys override single fields."""
+    t = base or detected or detect_topology()
+    source = base_source or t.source
+    if base is None and t.bound_cores and t.bound_cores < t.physical_cores:
+        # This launcher is confined to part of the node (taskset, cpuset, a Slurm step): that part is the node.
+        t = Topology(sockets=1, physical_cores=t.bound_cores, logical_cpus=t.bound_cores * t.threads_per_core,
+                     numa_nodes=1, source=f"{t.source}, affinity mask")
+        source = t.source
+    keys = (cluster.sockets_per_node, cluster.cores_per_socket, cluster.numa_per_socket, cluster.threads_per_core)
+    if any(keys):
         sockets = cluster.sockets_per_node or t.sockets
-        cps = cluster.cores_per_socket or max(1, t.physical_cores // t.sockets)
-        return Topology(sockets=sockets, physical_cores=sockets * cps, logical_cpus=sockets * cps,
-                        numa_nodes=sockets, source="cluster file")
-    if t.bound_cores and t.bound_cores < t.physical_cores:
-        # This launcher is confined to part of the node (taskset, cpuset): that part is the node.
-        return Topology(sockets=1, physical_cores=t.bound_cores, logical_cpus=t.bound_cores, numa_nodes=1,
-                        source=f"{t.source}, affinity mask")
-    return dataclasses.replace(t, bound_cores=None)
+        cps = cluster.cores_per_socket or t.cores_per_socket
+        nps = cluster.numa_per_socket or max(1, t.numa_nodes // t.sockets)
+        tpc = cluster.threads_per_core or t.threads_per_core
+        whole = all(keys) or (base is None and cluster.sockets_per_node and cluster.cores_per_socket)
+        src = "cluster file" if whole or source == "cluster file" else f"{source}, cluster file"
+        return Topology(sockets=sockets, physical_cores=sockets * cps, logical_cpus=sockets * cps * tpc,
+                        numa_nodes=sockets * nps, source=src)
+    return dataclasses.replace(t, bound_cores=None, bound_sockets=None, source=source)
 
 
 # --------------------------------------------------------------------------- layout
 
+def _wanted_per_node(value, node: Topology) -> tuple[int, str]:
+    """(ranks per node, unit) a ``ranks_per_node`` value asks for; (0, socket) when unset."""
+    if value == "socket":
+        return node.sockets, "socket"
+    if value == "numa":
+        return node.domains, "numa"
+    return (int(value) if value else 0), "socket"
+
+
+def check_per_node(rpn: int, node: Topology, unit: str = "socket") -> str:
+    """The unit ``rpn`` bound ranks per node fill (node, socket or numa); LaunchError naming the valid
+    counts when a rank would have cores on two sockets (or, for ``numa``, two NUMA domains)."""
+    if rpn == 1 and node.sockets > 1:
+        return "node"
+    if unit == "numa" and rpn % node.domains == 0 and node.domains > node.sockets:
+        return "numa"
+    if rpn % node.sockets == 0:
+        return "socket"
+    s = node.sockets
+    lower, upper = (rpn // s) * s, (rpn // s + 1) * s
+    valid = sorted({1, upper} | ({lower} if lower else set()))
+    numa = f", `ranks_per_node: numa` for {node.domains}" if node.domains > s else ""
+    raise LaunchError(f"{rpn} ranks per node on {s}-socket nodes would bind a rank to cores of two sockets; "
+                      f"use {' or '.join(map(str, valid))} ranks per node (a multiple of {s}{numa}; "
+                      f"node shape: {describe_shape(node)})")
+
+
+def describe_shape(node: Topology) -> str:
+    return (f"{node.sockets} socket(s) x {node.cores_per_socket} cores x {node.threads_per_core} thread(s), "
+            f"{node.domains} NUMA domain(s) [{node.source}]")
+
+
+def slurm_cores_per_task(allocation: Allocation, node: Topology) -> tuple[int, str]:
+    """Physical cores per rank from ``SLURM_CPUS_PER_TASK``: Slurm counts hardware threads unless the job
+    runs with ``--hint=nomultithread`` (or ``--threads-per-core=1``); (cores, note)."""
+    cpus, tpc = allocation.cpus_per_task, node.threads_per_core
+    if allocation.cpus_are_cores or tpc == 1:
+        return cpus, ""
+    cores = max(1, cpus // tpc)
+    return cores, f"SLURM_CPUS_PER_TASK={cpus} counts hardware threads ({tpc} per core): {cores} cores per rank"
+
+
 def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node: Topology,
                 np: int | None = None) -> Layout:
-    """Ranks, ranks per node, cores per rank and binding for ``stage``."""
+    """Ranks, ranks per node, cores per rank and binding for ``stage``; never a rank across two sockets."""
     sockets = max(1, node.sockets)
     cores = node.physical_cores
-    per_node_cfg = cluster.ranks_per_node
+    want, unit = _wanted_per_node(cluster.ranks_per_node, node)
     if stage == "prep" and cluster.prep_ranks_per_node:
-        per_node_cfg = cluster.prep_ranks_per_node
+        want, unit = cluster.prep_ranks_per_node, "socket"
     notes: list[str] = []
     uniform = True
 
@@ -129,27 +203,30 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
         raise LaunchError(f"--np must be at least 1, got {np}")
 
     if allocation.source == "local":
-        total = np or per_node_cfg or sockets
+        total = np or want or sockets
         hosts: tuple[Host, ...] = ()
         rpn = total
-        slots = None
     else:
         hosts = allocation.hosts
-        slots = allocation.total_slots
+        if allocation.source == "slurm" and stage == "prep" and cluster.prep_ranks_per_node:
+            # prep is single-threaded per rank: its own ranks per node on every node of the allocation
+            hosts = tuple(Host(h.name, cluster.prep_ranks_per_node) for h in hosts)
+        slots = sum(h.slots for h in hosts)
         if np:
             total = np
-        elif allocation.source == "slurm":
+        elif allocation.source == "slurm" and not (stage == "prep" and cluster.prep_ranks_per_node):
             total = allocation.ntasks or slots
-        elif per_node_cfg:
-            total = sum(min(h.slots, per_node_cfg) for h in hosts)
+        elif want:
+            total = sum(min(h.slots, want) for h in hosts)
         else:
             total = slots
         if total > slots:
             where = "the Slurm allocation" if allocation.source == "slurm" else "the hosts"
             raise LaunchError(f"{total} ranks asked for but {where} offer only {slots} slots "
                               f"({','.join(h.spec() for h in hosts)}); lower --np or add hosts/slots")
-        # R ranks per node on the first ceil(np / R) hosts; R = ranks_per_node or an even spread.
-        rpn = max(per_node_cfg, math.ceil(total / len(hosts)))
+        # R ranks per node on the first ceil(np / R) hosts; R = ranks_per_node (at most every host's
+        # slots) or an even spread.
+        rpn = max(min([want] + [h.slots for h in hosts]) if want else 0, math.ceil(total / len(hosts)))
         rpn = min(rpn, total)
         used = hosts[: math.ceil(total / rpn)]
         placed = [rpn] * (len(used) - 1) + [total - rpn * (len(used) - 1)]
@@ -165,35 +242,51 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
             uniform = False
         hosts = tuple(used)
 
-    cpr = cluster.cores_per_rank or allocation.cpus_per_task
-    if not cpr:
-        if rpn % sockets == 0:
-            cpr = (cores // sockets) // (rpn // sockets)
-        else:
-            cpr = cores // rpn
+    oversubscribed = rpn > cores or (cluster.cores_per_rank and rpn * cluster.cores_per_rank > cores)
+    kind = "socket" if oversubscribed else check_per_node(rpn, node, unit)
+    if not uniform:
+        kind = "slot"  # hosts with fewer slots take the first ranks' cores in order
+    ranks_per_unit = {"node": 1, "socket": max(1, rpn // sockets), "numa": max(1, rpn // node.domains),
+                      "slot": rpn}[kind]
+    unit_cores = {"node": cores, "socket": cores // sockets, "numa": cores // node.domains, "slot": cores}[kind]
+    if kind == "slot" and rpn % sockets == 0:
+        ranks_per_unit, unit_cores = rpn // sockets, cores // sockets  # blocks never cross a socket
+    if cluster.cores_per_rank:
+        cpr = cluster.cores_per_rank
+    elif allocation.cpus_per_task and allocation.source == "slurm" and not (stage == "prep" and cluster.prep_ranks_per_node):
+        cpr, note = slurm_cores_per_task(allocation, node)
+        share = unit_cores // ranks_per_unit
+        if note:
+            notes.append(note)
+        if cpr > share:
+            notes.append(f"{cpr} cores per rank asked for, {rpn} rank(s) on {describe_shape(node)}: "
+                         f"{share} cores each")
+            cpr = share
+    else:
+        cpr = unit_cores // ranks_per_unit
     oversubscribe = False
-    if cpr < 1 or rpn * cpr > cores:
-        bind_to, map_by, cpr = "none", "slot", 0
+    if oversubscribed or cpr < 1 or rpn * cpr > cores:
+        bind_to, map_by, cpr, kind = "none", "slot", 0, "slot"
         notes.append(f"{rpn} ranks per node on {cores} cores: not bound (oversubscribed)")
         if not hosts and rpn > cores:
             oversubscribe = True  # Open MPI counts one slot per core on an unlisted node
         elif hosts and any(h.slots < rpn for h in hosts):
             oversubscribe = True
-    elif not uniform:
+    elif kind == "slot":
         bind_to, map_by = "core", f"slot:PE={cpr}"
-    elif rpn % sockets == 0 and cpr * (rpn // sockets) <= cores // sockets:
-        bind_to, map_by = "core", f"ppr:{rpn // sockets}:socket:pe={cpr}"
     else:
-        bind_to, map_by = "core", f"ppr:{rpn}:node:pe={cpr}"
+        bind_to, map_by = "core", f"ppr:{ranks_per_unit}:{kind}:pe={cpr}"
     return Layout(np=total, hosts=hosts, ranks_per_node=rpn, cores_per_rank=cpr, map_by=map_by,
-                  bind_to=bind_to, oversubscribe=oversubscribe, node=node, notes=tuple(notes))
+                  bind_to=bind_to, oversubscribe=oversubscribe, node=node, notes=tuple(notes), unit=kind,
+                  shape_source=node.source,
+                  own_slots=allocation.source == "slurm" and stage == "prep" and bool(cluster.prep_ranks_per_node))
 
 
 def rank_thread_env(layout: Layout, runtime=None) -> dict[str, str]:
     """The tuned thread variables every rank of ``layout`` gets."""
     node = layout.node
     if layout.cores_per_rank and layout.bind_to != "none":
-        node = dataclasses.replace(node, bound_cores=layout.cores_per_rank)
+        node = dataclasses.replace(node, bound_cores=layout.cores_per_rank, bound_sockets=layout.sockets_per_rank)
     return thread_env(node, layout.ranks_per_node, runtime)
 
 
@@ -237,11 +330,14 @@ class LaunchSpec:
     overrides: tuple[str, ...] = ()  # --set KEY=VALUE items passed on to the stage
     extra: tuple[str, ...] = ()  # further stage arguments, e.g. --resume
     cluster: ClusterConfig = ClusterConfig()
-    launcher: str = "mpirun"  # mpirun | horovodrun (prep always uses mpirun)
+    launcher: str = ""  # "" (the cluster file's) | auto | mpirun | horovodrun | srun (prep never horovodrun)
     python: str = ""  # interpreter of the ranks; empty: the cluster file's, else this one
     runtime: Any = None  # the config's runtime section (thread settings); None: defaults
     hostfile: str = ""
     module_argv: tuple[str, ...] | None = None  # replaces the stage's ``python -m ...`` (the benchmarks)
+    slurm: bool = False  # the ranks run inside a Slurm allocation (mpirun takes its hosts from it)
+    srun_mpi: str = ""  # srun's PMI plugin there (pmix, pmi2; srun_mpi_type), "" when srun has none
+    cpus_are_cores: bool = False  # Slurm: the job runs with --hint=nomultithread
     thread_vars: bool = True  # False leaves the threads to TensorFlow (the benchmarks' untuned baseline)
 
     def inner_argv(self) -> list[str]:
@@ -252,11 +348,57 @@ class LaunchSpec:
         return stage_argv(self.stage, python, self.config, self.overrides, self.extra)
 
 
+def resolve_launcher(requested: str, stage: str, cluster: ClusterConfig, slurm: bool = False,
+                     srun_mpi: str = "") -> str:
+    """The launcher of ``stage``: ``auto`` is horovodrun for the Gloo controller (its only launcher),
+    else srun inside a Slurm allocation whose srun has a PMI plugin (sites' way), else mpirun; prep
+    (mpi4py, no Horovod) never uses horovodrun."""
+    launcher = requested or cluster.launcher
+    if launcher == "auto":
+        if cluster.horovod_controller == "gloo" and stage != "prep":
+            launcher = "horovodrun"
+        else:
+            launcher = "srun" if slurm and srun_mpi and cluster.mpi == "openmpi" else "mpirun"
+    if launcher == "horovodrun" and stage == "prep":
+        launcher = "mpirun"
+    if launcher == "srun" and not slurm:
+        raise LaunchError("launcher: srun needs a Slurm allocation (sbatch/salloc); outside one use mpirun")
+    return launcher
+
+
+SRUN_MPI_PREFERENCE = ("pmix", "pmi2")
+
+
+def srun_mpi_type(run=subprocess.run) -> str:
+    """The PMI plugin srun offers (``srun --mpi=list``: pmix first, then pmi2), "" when none or no srun."""
+    if not shutil.which("srun"):
+        return ""
+    try:
+        r = run(["srun", "--mpi=list"], capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    words = set(re.findall(r"[A-Za-z0-9_]+", r.stdout + r.stderr))
+    return next((m for m in SRUN_MPI_PREFERENCE if m in words), "")
+
+
+def _srun_argv(layout: Layout, spec: "LaunchSpec") -> list[str]:
+    """srun inside the allocation: PMI for MPI_Init, ranks and cores per node, each rank bound to its cores
+    (Slurm counts --cpus-per-task in hardware threads unless the job has --hint=nomultithread)."""
+    mpi = spec.srun_mpi or "pmix"
+    argv = ["srun", f"--mpi={mpi}", f"--nodes={max(1, len(layout.hosts))}", f"--ntasks={layout.np}",
+            f"--ntasks-per-node={layout.ranks_per_node}"]
+    if layout.bind_to == "core" and layout.cores_per_rank:
+        tpc = 1 if spec.cpus_are_cores else layout.node.threads_per_core
+        argv += [f"--cpus-per-task={layout.cores_per_rank * tpc}", "--cpu-bind=cores", "--distribution=block:block"]
+    else:
+        argv += ["--cpu-bind=none"]
+    return argv + ["--kill-on-bad-exit=1"]
+
+
 def build_command(spec: LaunchSpec, environ: Mapping[str, str] | None = None, uid: int | None = None) -> StageCommand:
-    """The command for ``spec``: a plain process for one local rank, else horovodrun (train,
-    evaluate with ``launcher="horovodrun"``) or the cluster's mpirun (Open MPI, MPICH, Intel MPI).
-    ``environ`` decides which variables are forwarded to remote ranks, ``uid`` whether Open MPI
-    must be allowed to run as root (defaults: this process's)."""
+    """The command for ``spec``: a plain process for one local rank, else the cluster's mpirun (Open MPI,
+    MPICH, Intel MPI) or horovodrun (Gloo, or asked for). ``environ`` decides which variables are forwarded
+    to remote ranks, ``uid`` whether Open MPI must be allowed to run as root (defaults: this process's)."""
     environ = os.environ if environ is None else environ
     uid = os.getuid() if uid is None else uid
     layout, cluster = spec.layout, spec.cluster
@@ -265,16 +407,70 @@ def build_command(spec: LaunchSpec, environ: Mapping[str, str] | None = None, ui
     if layout.np == 1 and not layout.hosts:
         return StageCommand(spec.stage, inner, dict(threads), layout, "python")
     root_env = dict(ROOT_VARS) if uid == 0 and cluster.mpi == "openmpi" else {}
-    if spec.launcher == "horovodrun" and spec.stage != "prep":
+    launcher = resolve_launcher(spec.launcher, spec.stage, cluster, spec.slurm, spec.srun_mpi)
+    if launcher == "srun":
+        argv = _srun_argv(layout, spec)
+        # srun hands its whole environment to the tasks (--export=ALL): the thread variables travel there
+        return StageCommand(spec.stage, argv + inner, dict(threads), layout, "srun", launcher_argc=len(argv))
+    if launcher == "horovodrun":
         argv = _horovodrun_argv(layout, cluster, spec.hostfile)
         return StageCommand(spec.stage, argv + inner, {**root_env, **threads}, layout, "horovodrun",
                             ssh_config=cluster.ssh_config if layout.hosts else "",
-                            env_passthrough=cluster.env_passthrough)
+                            env_passthrough=cluster.env_passthrough, launcher_argc=len(argv))
     if cluster.mpi == "openmpi":
-        argv = _openmpi_argv(layout, cluster, spec.hostfile, threads, environ)
-        return StageCommand(spec.stage, argv + inner, root_env, layout, "mpirun")
+        argv = _openmpi_argv(layout, cluster, spec.hostfile, threads, environ, spec.slurm)
+        return StageCommand(spec.stage, argv + inner, root_env, layout, "mpirun", launcher_argc=len(argv))
     argv = _hydra_argv(layout, cluster, spec.hostfile, threads, environ)
-    return StageCommand(spec.stage, argv + inner, {}, layout, "mpirun")
+    return StageCommand(spec.stage, argv + inner, {}, layout, "mpirun", launcher_argc=len(argv))
+
+
+# --------------------------------------------------------------------------- MCA parameters
+
+MCA_FLAGS = ("--mca", "-mca", "--gmca", "-gmca")
+# Open MPI's point-to-point layer per cluster-file ``transport`` (auto: Open MPI picks, UCX first where built).
+TRANSPORT_MCA = {
+    "auto": (),
+    "ucx": (("pml", "ucx"), ("osc", "ucx")),
+    "ofi": (("pml", "cm"), ("mtl", "ofi")),
+    "tcp": (("pml", "ob1"), ("btl", "tcp,self,vader")),
+}
+# What horovodrun --mpi (Horovod 0.28.1, horovod/runner/mpi_run.py) puts on every mpirun line it makes,
+# and, from 64 hosts on, what it adds for large clusters.
+HOROVODRUN_MCA = (("pml", "ob1"), ("btl", "^openib"))
+HOROVODRUN_LARGE_MCA = ("plm_rsh_no_tree_spawn", "plm_rsh_num_concurrent")
+HOROVODRUN_LARGE_HOSTS = 64
+
+
+def mca_params(args: Sequence[str]) -> dict[str, str]:
+    """``--mca NAME VALUE`` pairs of an mpirun argument list, by name (the last one of a name wins)."""
+    out, args = {}, list(args)
+    for i, a in enumerate(args[:-2]):
+        if a in MCA_FLAGS:
+            out[args[i + 1]] = args[i + 2]
+    return out
+
+
+def merge_mca(ours: Sequence[tuple[str, str]], user_args: Sequence[str]) -> list[str]:
+    """Our MCA parameters then the user's ``mpi_args``, each parameter once: a name the user sets is
+    left out of ours (the user's value wins), and a name the user lists twice is kept at its last value.
+    Open MPI refuses a line that names a parameter twice."""
+    user = mca_params(user_args)
+    argv = [a for name, value in ours if name not in user for a in ("--mca", name, value)]
+    seen_last = {}
+    args = list(user_args)
+    for i, a in enumerate(args):
+        if a in MCA_FLAGS and i + 1 < len(args):
+            seen_last[args[i + 1]] = i
+    i = 0
+    while i < len(args):
+        if args[i] in MCA_FLAGS and i + 2 < len(args):
+            if seen_last.get(args[i + 1]) == i:
+                argv += ["--mca", args[i + 1], args[i + 2]]
+            i += 3
+        else:
+            argv.append(args[i])
+            i += 1
+    return argv
 
 
 def _horovodrun_argv(layout: Layout, cluster: ClusterConfig, hostfile: str) -> list[str]:
@@ -288,19 +484,85 @@ def _horovodrun_argv(layout: Layout, cluster: ClusterConfig, hostfile: str) -> l
         argv += ["--network-interfaces", cluster.network_interface]
     if cluster.ssh_port:
         argv += ["--ssh-port", str(cluster.ssh_port)]
+    if layout.hosts:
+        # ssh checks and NIC discovery of every host must finish within it (Horovod's default 30 s)
+        argv += ["--start-timeout", str(start_timeout(cluster, len(layout.hosts)))]
     if cluster.horovod_controller == "gloo":
         argv += ["--gloo"]
     else:
         # horovodrun pastes --binding-args/--mpi-args into one shell string: each item quoted
         argv += ["--mpi", "--binding-args=" + " ".join(shlex.quote(a) for a in layout.binding_args)]
-        mpi_args = list(cluster.mpi_args)
-        if cluster.ssh_config and layout.hosts:
-            # Open MPI's tree spawn would ssh on from the first remote node, where the launcher's
-            # `ssh -F` wrapper (put first on horovodrun's PATH) does not exist: every ssh from here.
-            mpi_args = ["--mca", "plm_rsh_no_tree_spawn", "1"] + mpi_args
+        mpi_args = horovodrun_mpi_args(layout, cluster)
         if mpi_args:
             argv += ["--mpi-args=" + " ".join(shlex.quote(a) for a in mpi_args)]
     return argv
+
+
+def start_timeout(cluster: ClusterConfig, hosts: int) -> int:
+    """horovodrun's --start-timeout: the cluster file's, else 30 s plus 1 s per 2 hosts."""
+    return cluster.start_timeout or 30 + (hosts + 1) // 2
+
+
+def horovodrun_mpi_args(layout: Layout, cluster: ClusterConfig) -> list[str]:
+    """``--mpi-args`` for horovodrun --mpi: the user's mpi_args without what horovodrun puts on its mpirun
+    line itself (``pml ob1``, ``btl ^openib``; ``btl_tcp_if_include`` with --network-interfaces,
+    ``plm_rsh_args`` with --ssh-port; from 64 hosts its tree-spawn settings), so no parameter appears
+    twice. A transport or an mpi_args value it would contradict is refused."""
+    if cluster.transport in ("ucx", "ofi"):
+        raise LaunchError(f"transport: {cluster.transport} needs launcher: mpirun (the default): horovodrun --mpi "
+                          f"always adds -mca pml ob1 -mca btl ^openib (TCP; Horovod 0.28.1)")
+    fixed = dict(HOROVODRUN_MCA)
+    if cluster.network_interface:
+        fixed["btl_tcp_if_include"] = cluster.network_interface
+    if cluster.ssh_port:
+        fixed["plm_rsh_args"] = f"-p {cluster.ssh_port}"
+    for name, value in mca_params(cluster.mpi_args).items():
+        if name in fixed and value != fixed[name]:
+            raise LaunchError(f"mpi_args --mca {name} {value}: horovodrun --mpi sets --mca {name} {fixed[name]} itself "
+                              f"and mpirun refuses a parameter twice; use launcher: mpirun (the default) for it")
+    large = len(layout.hosts) >= HOROVODRUN_LARGE_HOSTS
+    drop = set(fixed) | (set(HOROVODRUN_LARGE_MCA) if large else set())
+    ours = []
+    if cluster.ssh_config and layout.hosts and not large:
+        # Open MPI's tree spawn would ssh on from the first remote node, where the launcher's
+        # `ssh -F` wrapper (put first on horovodrun's PATH) does not exist: every ssh from here.
+        ours = [("plm_rsh_no_tree_spawn", "1")]
+    return merge_mca(ours, _without_mca(cluster.mpi_args, drop))
+
+
+def horovodrun_fixed_mca(layout: Layout, cluster: ClusterConfig) -> list[str]:
+    """The MCA parameters horovodrun --mpi writes on its mpirun line before --mpi-args (mapview shows it)."""
+    argv = [a for name, value in HOROVODRUN_MCA for a in ("--mca", name, value)]
+    if cluster.network_interface:
+        argv += ["--mca", "btl_tcp_if_include", cluster.network_interface]
+    if cluster.ssh_port:
+        argv += ["--mca", "plm_rsh_args", f"-p {cluster.ssh_port}"]
+    if len(layout.hosts) >= HOROVODRUN_LARGE_HOSTS:
+        argv += ["--mca", HOROVODRUN_LARGE_MCA[0], "true", "--mca", HOROVODRUN_LARGE_MCA[1], str(len(layout.hosts))]
+    return argv
+
+
+def _without_mca(args: Sequence[str], names) -> list[str]:
+    """``args`` without the ``--mca NAME VALUE`` items whose NAME is in ``names``."""
+    out, i, args = [], 0, list(args)
+    while i < len(args):
+        if args[i] in MCA_FLAGS and i + 2 < len(args) and args[i + 1] in names:
+            i += 3
+        else:
+            out.append(args[i])
+            i += 1
+    return out
+
+
+def _common_mca(layout: Layout, cluster: ClusterConfig) -> list[tuple[str, str]]:
+    """Our MCA parameters of an Open MPI line: transport, interface, the ssh of remote daemons."""
+    ours = list(TRANSPORT_MCA[cluster.transport])
+    if cluster.network_interface:
+        ours += [("btl_tcp_if_include", cluster.network_interface), ("oob_tcp_if_include", cluster.network_interface)]
+    ssh_args = _ssh_args(cluster)
+    if ssh_args and layout.hosts:
+        ours.append(("plm_rsh_args", ssh_args))
+    return ours
 
 
 def _ssh_args(cluster: ClusterConfig) -> str:
@@ -311,28 +573,37 @@ def _ssh_args(cluster: ClusterConfig) -> str:
 
 
 def _openmpi_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: Mapping[str, str],
-                  environ: Mapping[str, str]) -> list[str]:
-    """Open MPI's mpirun: --host/--hostfile, binding, -x for the thread and forwarded variables."""
+                  environ: Mapping[str, str], slurm: bool = False) -> list[str]:
+    """Open MPI's mpirun: --host/--hostfile (none inside a Slurm allocation: Open MPI reads it itself, unless
+    the stage places more ranks per node than it has tasks), binding, MCA parameters merged by name, -x for
+    the thread and forwarded variables."""
     argv = ["mpirun", "-np", str(layout.np)]
     if hostfile:
         argv += ["--hostfile", hostfile]
+    elif slurm and not layout.oversubscribe and not layout.own_slots:
+        pass
     elif layout.hosts:
         argv += ["--host", ",".join(h.spec() for h in layout.hosts)]
     if layout.oversubscribe:
         argv += ["--oversubscribe"]
     argv += layout.binding_args
-    if cluster.network_interface:
-        argv += ["--mca", "btl_tcp_if_include", cluster.network_interface,
-                 "--mca", "oob_tcp_if_include", cluster.network_interface]
-    ssh_args = _ssh_args(cluster)
-    if ssh_args and layout.hosts:
-        argv += ["--mca", "plm_rsh_args", ssh_args]
     for k, v in threads.items():
         argv += ["-x", f"{k}={v}"]
-    for k in FORWARD_VARS:
-        if k in environ and k not in threads:
-            argv += ["-x", k]
-    return argv + list(cluster.mpi_args)
+    for k in forwarded_names(environ, cluster.env_passthrough, skip=threads):
+        argv += ["-x", k]
+    return argv + merge_mca(_common_mca(layout, cluster), cluster.mpi_args)
+
+
+def intel_pin_domain(layout: Layout) -> str:
+    """``I_MPI_PIN_DOMAIN`` for ``layout``: Intel MPI counts a domain's size in logical CPUs, so a rank's
+    cores times the threads per core (``socket``/``numa`` where a rank has a whole one)."""
+    if layout.unit == "socket" and layout.ranks_per_node == layout.node.sockets:
+        return "socket"
+    if layout.unit == "numa" and layout.ranks_per_node == layout.node.domains:
+        return "numa"
+    if layout.unit == "node":
+        return "node"
+    return f"{layout.cores_per_rank * layout.node.threads_per_core}:compact"
 
 
 def _hydra_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: Mapping[str, str],
@@ -350,15 +621,25 @@ def _hydra_argv(layout: Layout, cluster: ClusterConfig, hostfile: str, threads: 
     if ssh_args and layout.hosts:
         argv += ["-bootstrap", "ssh", "-bootstrap-exec-args", ssh_args]
     if cluster.mpi == "mpich":
+        if cluster.transport != "auto":
+            raise LaunchError(f"transport: {cluster.transport} with mpi: mpich: MPICH picks its network at build "
+                              f"time (ch4:ofi or ch4:ucx); leave transport: auto and set FI_PROVIDER or UCX_* "
+                              f"in the environment (both are forwarded)")
         argv += ["-bind-to", f"core:{layout.cores_per_rank}" if layout.bind_to == "core" else "none"]
     else:
-        pin = {"I_MPI_PIN": "1", "I_MPI_PIN_DOMAIN": f"{layout.cores_per_rank}:compact"} \
+        pin = {"I_MPI_PIN": "1", "I_MPI_PIN_DOMAIN": intel_pin_domain(layout)} \
             if layout.bind_to == "core" else {"I_MPI_PIN": "0"}
+        pin.update(INTEL_TRANSPORT[cluster.transport])
         for k, v in pin.items():
             argv += ["-genv", k, v]
     for k, v in threads.items():
         argv += ["-genv", k, v]
-    forward = [k for k in FORWARD_VARS if k in environ and k not in threads]
+    forward = forwarded_names(environ, cluster.env_passthrough, skip=threads)
     if forward:
         argv += ["-genvlist", ",".join(forward)]
     return argv + list(cluster.mpi_args)
+
+
+# Intel MPI 2019+: libfabric always; the provider picks the network (mlx: UCX/InfiniBand, tcp).
+INTEL_TRANSPORT = {"auto": {}, "ucx": {"I_MPI_FABRICS": "shm:ofi", "FI_PROVIDER": "mlx"},
+                   "ofi": {"I_MPI_FABRICS": "shm:ofi"}, "tcp": {"I_MPI_FABRICS": "shm:ofi", "FI_PROVIDER": "tcp"}}

@@ -35,7 +35,8 @@ class Allocation:
     source: str  # "hosts", "hostfile", "slurm", "cluster", "local"
     hostfile: str = ""  # passed through to mpirun/horovodrun when the user gave one
     ntasks: int = 0  # Slurm: total ranks of the allocation
-    cpus_per_task: int = 0  # Slurm: cores per rank
+    cpus_per_task: int = 0  # Slurm: CPUs per rank (hardware threads unless cpus_are_cores)
+    cpus_are_cores: bool = False  # Slurm: --hint=nomultithread / --threads-per-core=1 (a CPU is a core)
     slots_given: bool = True  # False when slots were not stated (local node)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -233,7 +234,9 @@ def slurm_allocation(env: Mapping[str, str]) -> Allocation | None:
     if not ntasks:
         ntasks = sum(h.slots for h in hosts)
     cpus = _int((env.get("SLURM_CPUS_PER_TASK") or "").split("(")[0], 0)
-    return Allocation(hosts=hosts, source="slurm", ntasks=ntasks, cpus_per_task=cpus)
+    # Slurm counts CPUs as hardware threads unless the job asked for one thread per core
+    cores = "nomultithread" in env.get("SLURM_HINT", "") or env.get("SLURM_THREADS_PER_CORE") == "1"
+    return Allocation(hosts=hosts, source="slurm", ntasks=ntasks, cpus_per_task=cpus, cpus_are_cores=cores)
 
 
 def _int(v, default: int) -> int:

@@ -342,6 +342,10 @@ def forward(proc: subprocess.Popen, cmd: StageCommand, signum: int) -> str:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signum)
         return f"{len(ranks)} local rank(s)"
+    if cmd.kind == "srun":
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(proc.pid, signal.SIGUSR1)  # srun forwards SIGUSR1 to every task of the step
+        return "srun (SIGUSR1)"
     if cmd.kind == "mpirun" or (cmd.kind == "horovodrun" and "--gloo" not in cmd.argv):
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(proc.pid, signal.SIGUSR1)  # Open MPI forwards SIGUSR1 to every rank

@@ -110,9 +110,9 @@ def test_pipeline_two_ranks_to_a_report(workdir):
     for f in ("model.keras", "report.md", "metrics.json", "history.csv", "pipeline.json"):
         assert (run / f).exists(), f
     assert (workdir / "prepared" / "manifest.json").exists()
-    # every stage on 2 ranks: prep by mpirun, train and evaluate by horovodrun, bound, tuned threads
+    # every stage on 2 ranks by mpirun (the default launcher), bound, tuned threads
     assert "prep: 2 rank(s)" in r.stderr and "via mpirun" in r.stderr
-    assert "train: 2 rank(s)" in r.stderr and "evaluate: 2 rank(s)" in r.stderr and "horovodrun -np 2" in r.stderr
+    assert "train: 2 rank(s)" in r.stderr and "evaluate: 2 rank(s)" in r.stderr and "mpirun -np 2" in r.stderr
     assert "OMP_NUM_THREADS=1" in r.stderr
     marker = json.loads((run / "pipeline.json").read_text())
     assert marker["train"]["ranks"] == 2
