@@ -158,7 +158,10 @@ class RuntimeConfig:
                                                   "default (on only for x86 CPUs with AVX512_VNNI/BF16 or AMX; "
                                                   "measure both, see BENCHMARKS.md)")
     intra_op_threads: int = _f(0, "TensorFlow intra-op threads per rank; 0 = physical cores per local rank", 0)
-    inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank; 0 = auto (1 or 2)", 0)
+    inter_op_threads: int = _f(0, "TensorFlow inter-op threads per rank; 0 = auto (the sockets the rank's cores "
+                                  "span: 1 for a rank bound within a socket)", 0)
+    reserve_cores: int = _f(0, "cores of each rank left to Horovod's and tf.data's threads (intra-op threads = the "
+                               "rank's cores minus these, at least 1); 0 until a measurement shows a gain", 0, 64)
     omp_num_threads: int = _f(0, "OMP_NUM_THREADS per rank; 0 = the intra-op threads", 0)
     kmp_affinity: str = _f("granularity=fine,compact,1,0", "KMP_AFFINITY for OpenMP builds (intel-tensorflow); empty = unset")
     kmp_blocktime: int = _f(1, "KMP_BLOCKTIME in ms for OpenMP builds", 0, 10000)
