@@ -49,6 +49,9 @@ def _env(slurm, **extra) -> dict:
 
 
 def _sbatch(slurm, script, out: Path, *opts, **env) -> str:
+    # The jobs run mpirun: srun --mpi=pmix fails on these namespace nodes, which share one /tmp, where
+    # Slurm's PMIx plugin makes each node's client folder under the same name (File exists)
+    env.setdefault("MPI_LAUNCHER", "mpirun")
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                         f"--output={out}", *opts, str(script)], cwd=ROOT, env=_env(slurm, **env),
                        capture_output=True, text=True, timeout=30)
@@ -138,9 +141,11 @@ def test_allocation_srun_and_mpirun_see_both_nodes(slurm, tmp_path):
     assert f"ALLOC {a[:-1]}[1-2] 1(x2) 2 1" in lines
     assert sorted(ln for ln in lines if ln.startswith("SRUN")) == [f"SRUN 0 {a}", f"SRUN 1 {b}"]
     assert sorted(ln for ln in lines if ln.startswith("MPI")) == [f"MPI 0 2 {a}", f"MPI 1 2 {b}"]
-    # the launcher reads the allocation: one rank on each node, one core each
-    mpirun = next(ln for ln in lines if ln.startswith("OMPI_ALLOW") or ln.startswith("mpirun"))
-    assert f"mpirun -np 2 --host {a}:1,{b}:1 --map-by ppr:1:" in mpirun and "pe=1 --bind-to core" in mpirun
+    # the launcher reads the allocation: one rank on each node, one core each, started by srun with
+    # the PMI plugin this Slurm offers (`srun --mpi=list`: Debian's has pmix)
+    srun = next((ln for ln in lines if " srun " in ln and not ln.startswith("#")), "\n".join(lines[-20:]))
+    assert ("srun --mpi=pmix --nodes=2 --ntasks=2 --ntasks-per-node=1 --cpus-per-task=1 --cpu-bind=cores"
+            in srun and "OMP_NUM_THREADS=1 " in srun), srun
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +180,8 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
     assert not (run / "model.keras").exists() and not (run / "report.md").exists()
     # hosts, ranks and cores of the allocation reached the launcher and Horovod
     assert "prep: 2 rank(s) on 2 node(s), up to 1 per node, 1 core(s) per rank" in log
-    assert f"--host {slurm.nodes[0]}:1,{slurm.nodes[1]}:1" in log
+    # mpirun takes the hosts from the allocation (no --host list)
+    assert "mpirun -np 2 --map-by ppr:1:socket:pe=1 --bind-to core" in log, log[-3000:]
     assert "Horovod 0.28.1: 2 rank(s), 1 on this node" in log  # each rank alone on its node
 
     # 2. the same submission again: prep skipped, training resumed, evaluation, report
@@ -222,10 +228,15 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()), log=out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
     t0 = time.monotonic()
+    # Slurm's kill at the time limit follows its warning: SIGTERM to the batch shell a moment later
+    # (scancel --signal=TERM --batch stands for it) must not cancel the requeue
+    time.sleep(2)
+    subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env(), timeout=15)
     while time.monotonic() - t0 < 60 and "requeueing job" not in out.read_text():
         time.sleep(0.5)
     log = out.read_text()
     assert "requeueing job" in log, log[-3000:]
+    assert "SIGTERM after SIGUSR1 ignored" in log, log[-3000:]
     assert time.monotonic() - t0 < 30  # signal to exit, checkpoint written
     _start_requeued_now(slurm, job)
     _wait(slurm, job, 400, until=lambda: (run / "report.md").is_file() and _state(slurm, job) == "", log=out)
@@ -270,3 +281,33 @@ def test_sbatch_time_limit_signals_requeues_and_finishes(slurm, tmp_path):
     with open(run / "history.csv", newline="") as f:
         assert [(r["phase"], r["epoch"]) for r in csv.DictReader(f)] == [
             ("warmup", "1"), ("finetune", "2"), ("finetune", "3"), ("finetune", "4")]
+
+
+def test_a_refused_requeue_keeps_the_checkpoint_and_says_so(slurm, tmp_path):
+    """A site that forbids users to requeue: ``scontrol requeue`` fails (a stand-in ``scontrol`` first on
+    the job's PATH answers as Slurm does, 'Access/permission denied'). The USR1 stop still writes its
+    checkpoint; the job log says it was not requeued and the job exits 75."""
+    config = tiny_dataset(tmp_path / "norequeue", seed=6, test_fraction=0.2,
+                          train={"batch_size": 16, "stop_check_s": 0, "warmup": {"epochs": 1},
+                                 "finetune": {"epochs": 3, "patience": 10, "lr": 0.01}})
+    run = tmp_path / "norequeue" / "run"
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "scontrol").write_text("#!/bin/sh\n[ \"$1\" = requeue ] && { echo 'scontrol: error: "
+                                   "Access/permission denied for job' >&2; exit 1; }\nexec /usr/bin/scontrol \"$@\"\n")
+    (fake / "scontrol").chmod(0o755)
+    out = tmp_path / "job.out"
+    job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, CONFIG=str(config), CXR_STEP_SLEEP_S="1",
+                  PATH=f"{fake}:{os.environ['PATH']}")
+    state_file = run / "checkpoints" / "state.json"
+    _wait(slurm, job, 240, until=lambda: state_file.is_file(), log=out)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
+    _wait(slurm, job, 90, log=out)
+    log = out.read_text()
+    assert "not requeued: scontrol requeue refused (scontrol: error: Access/permission denied" in log, log[-3000:]
+    r = subprocess.run(["sacct", "-n", "-X", "-j", job, "-o", "ExitCode"], env=slurm.env(), capture_output=True,
+                       text=True, timeout=30)
+    assert r.returncode != 0 or not r.stdout.strip() or r.stdout.split()[0].startswith("75"), r.stdout
+    steps = list((run / "checkpoints").glob("step-*")) + list((run / "checkpoints").glob("last.keras"))
+    assert steps, sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert _state(slurm, job) == ""  # not requeued: ended
