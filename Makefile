@@ -20,13 +20,14 @@ NODES ?= 2
 
 setup: check-build vcluster-deps
 
-# Open MPI from Debian, only when mpirun is missing (root on these machines; sudo elsewhere).
+# Open MPI from Debian, only when mpirun is missing (root on these machines; sudo elsewhere), and
+# hwloc's lstopo-no-graphics: `launch plan` and the mapper tests describe simulated nodes with it.
 mpi:
-	@if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1; then \
-	  echo ">> installing Open MPI (openmpi-bin libopenmpi-dev)"; \
+	@if ! command -v mpirun >/dev/null 2>&1 || ! command -v mpicc >/dev/null 2>&1 || ! command -v lstopo-no-graphics >/dev/null 2>&1; then \
+	  echo ">> installing Open MPI and hwloc (openmpi-bin libopenmpi-dev hwloc)"; \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev >/dev/null; \
-	else echo ">> Open MPI present: $$(mpirun --version 2>&1 | head -1)"; fi
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq openmpi-bin libopenmpi-dev hwloc >/dev/null; \
+	else echo ">> Open MPI present: $$(mpirun --version 2>&1 | head -1); $$(lstopo-no-graphics --version)"; fi
 
 # sshd (Debian's openssh-server) and ip for the virtual cluster of the multi-node tests, only when
 # missing and only as root (the tests need root for network namespaces and skip without it).

@@ -132,6 +132,8 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
         os.chmod(folder / "munge.key", 0o600)
         (folder / "slurm.conf").write_text(slurm_conf(cluster, folder))
         (folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
+        (folder / "pmix").mkdir(exist_ok=True)
+        (folder / "mpi.conf").write_text(f"PMIxCliTmpDirBase={folder / 'pmix'}\n")
         for n in cluster.nodes:
             (folder / "spool" / n.name).mkdir(exist_ok=True)
         _start(state, "munged", ["munged", "--force", "--foreground", f"--key-file={folder / 'munge.key'}",
@@ -142,8 +144,15 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
         first = cluster.nodes[0].name
         _start(state, "slurmctld", vcluster.node_command(cluster, first, ["slurmctld", "-D", "-f", conf]))
         for n in cluster.nodes:
-            _start(state, f"slurmd-{n.name}",
-                   vcluster.node_command(cluster, n.name, ["slurmd", "-D", "-N", n.name, "-f", conf]))
+            # Slurm's PMIx plugin makes each step's client folder under PMIxCliTmpDirBase by job and step
+            # alone: on nodes sharing one file system the second node's folder "exists" and its task
+            # fails. Each slurmd (and every step it starts) sees its own node's folder there.
+            own = folder / "pmix-nodes" / n.name
+            own.mkdir(parents=True, exist_ok=True)
+            _start(state, f"slurmd-{n.name}", vcluster.node_command(cluster, n.name, [
+                "unshare", "--mount", "--propagation", "private", "sh", "-c",
+                'mount --bind "$1" "$2" && exec slurmd -D -N "$3" -f "$4"', "sh",
+                str(own), str(folder / "pmix"), n.name, conf]))
         _wait(lambda: _idle_nodes(state) == len(cluster.nodes), timeout,
               f"Slurm nodes not idle within {timeout:.0f} s", folder / "log")
     except BaseException:

@@ -49,9 +49,6 @@ def _env(slurm, **extra) -> dict:
 
 
 def _sbatch(slurm, script, out: Path, *opts, **env) -> str:
-    # The jobs run mpirun: srun --mpi=pmix fails on these namespace nodes, which share one /tmp, where
-    # Slurm's PMIx plugin makes each node's client folder under the same name (File exists)
-    env.setdefault("MPI_LAUNCHER", "mpirun")
     r = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1",
                         f"--output={out}", *opts, str(script)], cwd=ROOT, env=_env(slurm, **env),
                        capture_output=True, text=True, timeout=30)
@@ -180,8 +177,8 @@ def test_sbatch_pipeline_scancel_and_resubmit_resumes(slurm, tiny_config, tmp_pa
     assert not (run / "model.keras").exists() and not (run / "report.md").exists()
     # hosts, ranks and cores of the allocation reached the launcher and Horovod
     assert "prep: 2 rank(s) on 2 node(s), up to 1 per node, 1 core(s) per rank" in log
-    # mpirun takes the hosts from the allocation (no --host list)
-    assert "mpirun -np 2 --map-by ppr:1:socket:pe=1 --bind-to core" in log, log[-3000:]
+    # cxr.sbatch's launcher auto: srun with Debian's Slurm PMIx plugin starts the ranks (no mpirun)
+    assert "srun --mpi=pmix --nodes=2 --ntasks=2 --ntasks-per-node=1" in log and "via srun" in log, log[-3000:]
     assert "Horovod 0.28.1: 2 rank(s), 1 on this node" in log  # each rank alone on its node
 
     # 2. the same submission again: prep skipped, training resumed, evaluation, report
