@@ -200,6 +200,10 @@ class EvalConfig:
     prevalence: float = _f(0.0, "deployment prevalence P: also report PPV/NPV recomputed at P; 0 = off", 0.0, 0.999)
     trust_model: bool = _f(False, "load model files with Keras' own loader (HDF5, Lambda layers: code in the file "
                                   "runs); default: rebuilt by this project, weights only (distributed.safeload)")
+    allow_overlap: bool = _f(False, "evaluate a prep other than the run's own although some of its patients were in the "
+                                    "model's training split (reported); default: refused, naming the counts")
+    out: str = _f("", "folder for the evaluation's outputs; empty = run.dir for the run's own prep, "
+                      "run.dir/eval-<prep hash> for another prep (an external evaluation)")
 
 
 @dataclass(frozen=True)
