@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -106,6 +107,121 @@ def _abs(folder) -> Path:
     return Path(os.path.abspath(os.fspath(folder)))
 
 
+# --------------------------------------------------------------------------- a root helper's own folder
+# Shared by launch.vslurm. The folder is made fresh (mode 0700) by ``make_fresh_dir``; files in it are
+# created with O_EXCL|O_NOFOLLOW; ``remove_listed`` deletes only the names a state file lists, through a
+# descriptor of the folder opened with O_NOFOLLOW, so a folder swapped for a symlink after the check
+# cannot redirect a deletion.
+
+_STATE_MAX = 1 << 20  # a state file is a few KB
+
+
+def open_own_dir(folder: Path) -> int | None:
+    """A descriptor of ``folder`` (not following a symlink) when it is a directory of this user that
+    no one else may write; None otherwise (missing, a symlink, another user's, group/world-writable)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        os.close(fd)
+        return None
+    return fd
+
+
+def read_own_state(dir_fd: int, name: str = "state.json") -> dict | None:
+    """The JSON object in ``name`` inside the open folder: a regular file of this user that no one
+    else may write, read without following a symlink; None otherwise."""
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022 \
+                or st.st_size > _STATE_MAX:
+            return None
+        raw = os.read(fd, _STATE_MAX + 1)
+    finally:
+        os.close(fd)
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def make_fresh_dir(folder: Path, what: str = "--dir") -> None:
+    """``os.mkdir(folder, 0o700)``: a new folder or a LaunchError (an existing path, a symlink, no parent);
+    checked afterwards through a descriptor (ours, mode 0700)."""
+    try:
+        os.mkdir(folder, 0o700)  # fresh, or fail: never an existing folder or a symlink planted in its place
+    except FileExistsError:
+        raise LaunchError(f"{what} {folder} already exists (or is a symlink); a new folder is made for every "
+                          f"start (mode 0700): give a path that does not exist") from None
+    except FileNotFoundError:
+        raise LaunchError(f"{what} {folder}: its parent folder does not exist") from None
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchmod(fd, 0o700)  # whatever the umask
+    finally:
+        os.close(fd)
+
+
+def create_file(path: Path, data: bytes = b"", mode: int = 0o600, append: bool = False):
+    """A new file at ``path`` (O_CREAT|O_EXCL|O_NOFOLLOW: never an existing file or a planted symlink),
+    ``data`` written; ``append``: returned open for appending (log files), else closed."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    f = os.fdopen(fd, "ab" if append else "wb")
+    if data:
+        f.write(data)
+        f.flush()
+    if append:
+        return f
+    f.close()
+    return None
+
+
+def write_state(path: Path, data: dict) -> None:
+    """Rewrite a state file in place (O_NOFOLLOW: never through a symlink), mode 0600."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(data, indent=1))
+
+
+def remove_listed(folder: Path, dir_fd: int, names) -> tuple[int, bool]:
+    """Delete the plain ``names`` (files; listed folders with what is in them) inside the folder open as
+    ``dir_fd``, every step relative to that descriptor (``unlink(name, dir_fd=...)``, fd-based rmtree);
+    then the folder itself when that left it empty and it is still the folder opened. Returns (entries
+    deleted, folder removed)."""
+    n = 0
+    for name in names:
+        if not _plain_name(name):
+            continue
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(name, dir_fd=dir_fd)  # descriptor-based: refuses a symlink, follows none
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+        n += 1
+    if os.listdir(dir_fd):
+        return n, False
+    try:
+        same = os.path.samestat(os.stat(folder, follow_symlinks=False), os.fstat(dir_fd))
+    except OSError:
+        same = False
+    if same:
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return n, False
+    return n, same
+
+
 @dataclass
 class Node:
     name: str       # hostname, e.g. node1
@@ -133,17 +249,31 @@ class State:
         return Names(self.id)
 
     def save(self) -> None:
-        Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=1))
+        write_state(Path(self.dir, "state.json"), asdict(self))
 
     @classmethod
-    def load(cls, folder: Path) -> "State | None":
-        p = folder / "state.json"
-        if not p.is_file():
+    def load(cls, folder: Path, dir_fd: int | None = None) -> "State | None":
+        """The state in ``folder`` (or the folder open as ``dir_fd``), when the folder and its state file
+        are this user's and no one else's to write; None otherwise."""
+        fd = open_own_dir(_abs(folder)) if dir_fd is None else dir_fd
+        if fd is None:
             return None
-        raw = json.loads(p.read_text())
-        return cls(dir=raw["dir"], slots=raw["slots"], id=raw.get("id", 0), nodes=[Node(**n) for n in raw["nodes"]],
-                   files=[str(f) for f in raw.get("files", []) if _plain_name(f)],
-                   hosts_newline=bool(raw.get("hosts_newline", False)))
+        try:
+            raw = read_own_state(fd)
+        finally:
+            if dir_fd is None:
+                os.close(fd)
+        return cls.from_json(raw) if raw is not None else None
+
+    @classmethod
+    def from_json(cls, raw: dict) -> "State | None":
+        try:
+            return cls(dir=str(raw["dir"]), slots=int(raw["slots"]), id=int(raw.get("id", 0)),
+                       nodes=[Node(**n) for n in raw["nodes"]],
+                       files=[str(f) for f in raw.get("files", []) if _plain_name(f)],
+                       hosts_newline=bool(raw.get("hosts_newline", False)))
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 def _plain_name(name) -> bool:
@@ -189,24 +319,14 @@ def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str =
     if slots < 1:
         raise LaunchError(f"--slots must be at least 1, got {slots}")
     folder = _abs(folder or default_dir(cluster_id))
-    if folder.is_symlink():
-        raise LaunchError(f"--dir {folder} is a symlink; up creates its own folder: give a path that does not exist")
-    if folder.exists() and not (folder / "state.json").is_file():
-        raise LaunchError(f"--dir {folder} already exists and is not a virtual cluster's folder; up creates a new "
-                          f"folder (mode 0700) and never adopts one: give a path that does not exist")
+    check_new_dir(folder, State.load)
     why = unavailable_reason()
     if why:
         raise LaunchError(why)
-    down(folder, cluster_id, quiet=True)  # recover from a crashed or forgotten earlier cluster
+    down(folder, cluster_id, quiet=True)  # recover from a crashed or forgotten earlier cluster (its own folder only)
     if folder.parent == Path("/run") and not folder.parent.is_dir():
         folder.parent.mkdir(mode=0o755)
-    try:
-        os.mkdir(folder, 0o700)  # fresh, or fail: never an existing folder or a symlink planted in its place
-    except FileExistsError:
-        raise LaunchError(f"--dir {folder} still exists after removing the earlier cluster's files (other files "
-                          f"in it?); give a path that does not exist") from None
-    except FileNotFoundError:
-        raise LaunchError(f"--dir {folder}: its parent folder does not exist") from None
+    make_fresh_dir(folder)
     state = State(dir=str(folder), slots=slots, id=cluster_id)
     state.track("state.json")  # from here on, down() can undo whatever exists
     try:
@@ -233,13 +353,23 @@ def up(nodes: int = 2, slots: int = 1, folder: Path | None = None, python: str =
     return state
 
 
+def check_new_dir(folder: Path, load, what: str = "--dir") -> None:
+    """Before ``up``: ``folder`` must not exist, or be this helper's own folder from an earlier start
+    (a directory of this user, writable by no one else, with its state file, which ``load`` reads):
+    that one is taken down first. A symlink or any other existing path is refused, untouched."""
+    if folder.is_symlink():
+        raise LaunchError(f"{what} {folder} is a symlink; up creates its own folder: give a path that does not exist")
+    if os.path.lexists(folder) and load(folder) is None:
+        raise LaunchError(f"{what} {folder} already exists and is not this helper's own folder; up creates a new "
+                          f"folder (mode 0700) and never adopts one: give a path that does not exist")
+
+
 def _keys(folder: Path, state: State) -> None:
     state.track("id_ed25519", "id_ed25519.pub", "host_ed25519", "host_ed25519.pub", "authorized_keys")
     for name in ("id_ed25519", "host_ed25519"):
         _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"cxr-vcluster-{name}",
               "-f", str(folder / name)])
-    shutil.copy(folder / "id_ed25519.pub", folder / "authorized_keys")
-    os.chmod(folder / "authorized_keys", 0o600)
+    create_file(folder / "authorized_keys", (folder / "id_ed25519.pub").read_bytes())
 
 
 def _make_node(node: Node, folder: Path, names: Names, state: State) -> None:
@@ -252,12 +382,12 @@ def _make_node(node: Node, folder: Path, names: Names, state: State) -> None:
     _run(inside + ["ip", "link", "set", "eth0", "up"])
     _run(inside + ["ip", "link", "set", "lo", "up"])
     cfg = folder / f"sshd_{node.name}.conf"
-    cfg.write_text("\n".join([
+    create_file(cfg, "\n".join([
         f"ListenAddress {node.addr}", "Port 22", f"HostKey {folder / 'host_ed25519'}",
         f"PidFile {folder / f'sshd_{node.name}.pid'}", f"AuthorizedKeysFile {folder / 'authorized_keys'}",
         "PermitRootLogin prohibit-password", "PasswordAuthentication no", "KbdInteractiveAuthentication no",
         "UsePAM no", "StrictModes no", "PrintMotd no", "AcceptEnv *", "PermitUserEnvironment no",
-        "MaxStartups 64", "LogLevel ERROR", ""]))
+        "MaxStartups 64", "LogLevel ERROR", ""]).encode())
     Path("/run/sshd").mkdir(exist_ok=True)  # sshd's privilege-separation directory
     # sshd -D stays in the foreground, so its pid is ours; its own UTS namespace carries the
     # node's hostname to every session (and rank) started through it.
@@ -265,7 +395,8 @@ def _make_node(node: Node, folder: Path, names: Names, state: State) -> None:
     proc = subprocess.Popen(inside + ["unshare", "--uts", "sh", "-c", 'hostname "$1" && exec "$2" -D -e -f "$3"',
                                       "sh", node.name, SSHD, str(cfg)],
                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(folder / f"sshd_{node.name}.log", "ab"), start_new_session=True)
+                            stderr=create_file(folder / f"sshd_{node.name}.log", append=True),
+                            start_new_session=True)
     node.sshd_pid = proc.pid  # ip netns exec and unshare exec into sshd: the same pid
 
 
@@ -357,8 +488,8 @@ def _write_client_files(state: State, python: str) -> None:
     folder = Path(state.dir)
     state.track("known_hosts", "ssh_config", "cluster.yaml")
     host_pub = (folder / "host_ed25519.pub").read_text().split()
-    (folder / "known_hosts").write_text("".join(
-        f"{n.name},{n.addr} {host_pub[0]} {host_pub[1]}\n" for n in state.nodes))
+    create_file(folder / "known_hosts", "".join(
+        f"{n.name},{n.addr} {host_pub[0]} {host_pub[1]}\n" for n in state.nodes).encode(), 0o644)
     blocks = []
     for n in state.nodes:
         blocks.append("\n".join([
@@ -366,7 +497,7 @@ def _write_client_files(state: State, python: str) -> None:
             f"  IdentityFile {folder / 'id_ed25519'}", "  IdentitiesOnly yes",
             f"  UserKnownHostsFile {folder / 'known_hosts'}", "  StrictHostKeyChecking yes",
             "  BatchMode yes", "  ConnectTimeout 5", "  LogLevel ERROR", ""]))
-    (folder / "ssh_config").write_text("\n".join(blocks))
+    create_file(folder / "ssh_config", "\n".join(blocks).encode(), 0o644)
     cluster = {
         "hosts": [f"{n.name}:{state.slots}" for n in state.nodes],
         "network_interface": "eth0",
@@ -374,8 +505,8 @@ def _write_client_files(state: State, python: str) -> None:
         "python": python,
         "check_hosts": True,
     }
-    (folder / "cluster.yaml").write_text(
-        "# Written by `python -m launch vcluster up`; removed by `down`.\n" + yaml.safe_dump(cluster, sort_keys=False))
+    create_file(folder / "cluster.yaml", ("# Written by `python -m launch vcluster up`; removed by `down`.\n"
+                                          + yaml.safe_dump(cluster, sort_keys=False)).encode(), 0o644)
 
 
 # --------------------------------------------------------------------------- using it
@@ -418,7 +549,16 @@ def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool 
     """Remove everything of the cluster in ``folder`` and any leftover named as cluster ``cluster_id``
     (by default the id recorded in the folder's state, else 0)."""
     folder = _abs(folder or default_dir(cluster_id or 0))
-    state = State.load(folder) if not folder.is_symlink() else None
+    dir_fd = open_own_dir(folder)  # from here on every deletion goes through this descriptor
+    try:
+        return _down(folder, dir_fd, cluster_id, quiet, log)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _down(folder: Path, dir_fd: int | None, cluster_id: int | None, quiet: bool, log) -> list[str]:
+    state = State.load(folder, dir_fd) if dir_fd is not None else None
     names = Names(cluster_id if cluster_id is not None else (state.id if state else 0))
     removed: list[str] = []
     pids = [n.sshd_pid for n in state.nodes if n.sshd_pid] if state else []
@@ -438,15 +578,8 @@ def down(folder: Path | None = None, cluster_id: int | None = None, quiet: bool 
     if HOSTS_FILE.is_file() and _hosts_remove(names, bool(state and state.hosts_newline)):
         removed.append("/etc/hosts entries")
     if state is not None:  # only the files its state lists, then the folder if that left it empty
-        for name in state.files:
-            p = folder / name
-            if p.is_symlink() or p.is_file():
-                p.unlink()
-        try:
-            folder.rmdir()
-            removed.append(str(folder))
-        except OSError:
-            removed.append(f"{len(state.files)} files of {folder} (other files kept there)")
+        n, gone = remove_listed(folder, dir_fd, state.files)
+        removed.append(str(folder) if gone else f"{n} files of {folder} (other files kept there)")
     if removed and not quiet:
         log("virtual cluster down: removed " + ", ".join(removed))
     return removed

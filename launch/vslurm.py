@@ -2,7 +2,9 @@
 
 ``python -m launch.vslurm up --id C`` (after ``python -m launch.vcluster up --id C``) starts, each
 as a foreground process whose pid it records, with its own pid, spool, state and log files under
-``D`` (default ``/tmp/cxr-vslurm-C``):
+``D`` (default ``/run/cxr-vslurm-C``; made fresh with mode 0700 as ``launch.vcluster`` makes its
+folder: an existing path or a symlink is refused, unless it is this helper's own folder of an earlier
+start, which is taken down first):
 
 * ``munged`` in the root namespace with a key made for this cluster and its socket in ``D`` (a
   socket on a path is reachable from every network namespace);
@@ -15,13 +17,13 @@ as a foreground process whose pid it records, with its own pid, spool, state and
 
 Client commands find it through ``SLURM_CONF=D/slurm.conf`` (``python -m launch.vslurm env``
 prints the line). ``down`` cancels the jobs, stops the daemons by pid, kills any ``slurmstepd``
-left in the nodes and removes ``D``. Needs root, a virtual cluster and Debian's ``slurmctld
+left in the nodes and deletes what its state file lists in ``D`` (through a descriptor of ``D``), then
+``D`` when that emptied it. Needs root, a virtual cluster and Debian's ``slurmctld
 slurmd slurm-client munge`` (``make slurm-deps``).
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -42,7 +44,14 @@ SLURMD_PORT = 6818
 
 
 def default_dir(cluster_id: int = 0) -> Path:
-    return Path(os.environ.get("CXR_VSLURM_DIR", f"/tmp/cxr-vslurm-{cluster_id}"))
+    """``/run/cxr-vslurm-ID``: under a root-owned base, not world-writable /tmp, where another user could
+    pre-create or symlink the name and have root write (and later delete) there."""
+    return Path(os.environ.get("CXR_VSLURM_DIR", f"/run/cxr-vslurm-{cluster_id}"))
+
+
+# What up makes in its folder and what the daemons make there: all that down deletes (folders whole).
+OWN_FILES = ("state.json", "munge.key", "slurm.conf", "cgroup.conf", "mpi.conf", "ctld", "log", "spool", "pmix",
+             "pmix-nodes", "munge.sock", "munge.sock.lock", "munged.pid", "munged.seed", "slurmctld.pid")
 
 
 @dataclass
@@ -52,6 +61,7 @@ class SlurmState:
     nodes: list[str]                # hostnames = Slurm NodeNames
     netns: list[str]                # their network namespaces (for leftovers)
     pids: dict[str, int] = field(default_factory=dict)  # daemon -> pid
+    files: list[str] = field(default_factory=list)  # names in ``dir`` of this Slurm: all down deletes
 
     @property
     def conf(self) -> Path:
@@ -62,12 +72,29 @@ class SlurmState:
         return {**(os.environ if base is None else base), "SLURM_CONF": str(self.conf)}
 
     def save(self) -> None:
-        Path(self.dir, "state.json").write_text(json.dumps(asdict(self), indent=1))
+        vcluster.write_state(Path(self.dir, "state.json"), asdict(self))
 
     @classmethod
-    def load(cls, folder: Path) -> "SlurmState | None":
-        p = Path(folder) / "state.json"
-        return cls(**json.loads(p.read_text())) if p.is_file() else None
+    def load(cls, folder: Path, dir_fd: int | None = None) -> "SlurmState | None":
+        """The state in ``folder`` (or the folder open as ``dir_fd``) when folder and state file are this
+        user's and no one else's to write; None otherwise."""
+        fd = vcluster.open_own_dir(vcluster._abs(folder)) if dir_fd is None else dir_fd
+        if fd is None:
+            return None
+        try:
+            raw = vcluster.read_own_state(fd)
+        finally:
+            if dir_fd is None:
+                os.close(fd)
+        if raw is None:
+            return None
+        try:
+            return cls(dir=str(raw["dir"]), cluster_id=int(raw["cluster_id"]), nodes=[str(n) for n in raw["nodes"]],
+                       netns=[str(n) for n in raw["netns"]],
+                       pids={str(k): int(v) for k, v in dict(raw.get("pids", {})).items()},
+                       files=[str(f) for f in raw.get("files", []) if vcluster._plain_name(f)])
+        except (KeyError, TypeError, ValueError):
+            return None
 
 
 def unavailable_reason() -> str | None:
@@ -115,27 +142,29 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
     why = unavailable_reason()
     if why:
         raise LaunchError(why)
-    cluster = vcluster.State.load(Path(vdir or vcluster.default_dir(cluster_id)).resolve())
+    cluster = vcluster.State.load(vcluster._abs(vdir or vcluster.default_dir(cluster_id)))
     if cluster is None or not cluster.nodes:
         raise LaunchError(f"virtual cluster {cluster_id} is not up; run `python -m launch vcluster up --id "
                           f"{cluster_id}` first")
-    folder = Path(folder or default_dir(cluster_id)).resolve()
-    down(folder, quiet=True)
-    for sub in ("ctld", "log", "spool"):
-        (folder / sub).mkdir(parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    folder = vcluster._abs(folder or default_dir(cluster_id))  # never resolve(): it would follow a planted link
+    vcluster.check_new_dir(folder, SlurmState.load)
+    down(folder, quiet=True)  # this helper's own folder of an earlier start (check_new_dir refused any other)
+    if folder.parent == Path("/run") and not folder.parent.is_dir():
+        folder.parent.mkdir(mode=0o755)
+    vcluster.make_fresh_dir(folder)
     state = SlurmState(dir=str(folder), cluster_id=cluster.id, nodes=[n.name for n in cluster.nodes],
-                       netns=[n.netns for n in cluster.nodes])
-    state.save()
+                       netns=[n.netns for n in cluster.nodes],
+                       files=list(OWN_FILES) + [f"slurmd-{n.name}.pid" for n in cluster.nodes])
+    state.save()  # from here on, down() can undo whatever exists
     try:
-        (folder / "munge.key").write_bytes(os.urandom(1024))
-        os.chmod(folder / "munge.key", 0o600)
-        (folder / "slurm.conf").write_text(slurm_conf(cluster, folder))
-        (folder / "cgroup.conf").write_text("CgroupPlugin=cgroup/v1\n")
-        (folder / "pmix").mkdir(exist_ok=True)
-        (folder / "mpi.conf").write_text(f"PMIxCliTmpDirBase={folder / 'pmix'}\n")
+        for sub in ("ctld", "log", "spool", "pmix", "pmix-nodes"):
+            os.mkdir(folder / sub, 0o700)
+        vcluster.create_file(folder / "munge.key", os.urandom(1024), 0o600)
+        vcluster.create_file(folder / "slurm.conf", slurm_conf(cluster, folder).encode(), 0o644)
+        vcluster.create_file(folder / "cgroup.conf", b"CgroupPlugin=cgroup/v1\n", 0o644)
+        vcluster.create_file(folder / "mpi.conf", f"PMIxCliTmpDirBase={folder / 'pmix'}\n".encode(), 0o644)
         for n in cluster.nodes:
-            (folder / "spool" / n.name).mkdir(exist_ok=True)
+            os.mkdir(folder / "spool" / n.name, 0o700)
         _start(state, "munged", ["munged", "--force", "--foreground", f"--key-file={folder / 'munge.key'}",
                                  f"--socket={folder / 'munge.sock'}", f"--pid-file={folder / 'munged.pid'}",
                                  f"--log-file={folder / 'log' / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"])
@@ -148,7 +177,7 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
             # alone: on nodes sharing one file system the second node's folder "exists" and its task
             # fails. Each slurmd (and every step it starts) sees its own node's folder there.
             own = folder / "pmix-nodes" / n.name
-            own.mkdir(parents=True, exist_ok=True)
+            os.mkdir(own, 0o700)
             _start(state, f"slurmd-{n.name}", vcluster.node_command(cluster, n.name, [
                 "unshare", "--mount", "--propagation", "private", "sh", "-c",
                 'mount --bind "$1" "$2" && exec slurmd -D -N "$3" -f "$4"', "sh",
@@ -165,9 +194,9 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
 
 def _start(state: SlurmState, name: str, argv: list[str]) -> None:
     folder = Path(state.dir)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                            stderr=open(folder / "log" / f"{name}.out", "ab"), start_new_session=True,
-                            env={**os.environ, "SLURM_CONF": str(state.conf)})
+    with vcluster.create_file(folder / "log" / f"{name}.out", append=True) as err:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True, env={**os.environ, "SLURM_CONF": str(state.conf)})
     state.pids[name] = proc.pid  # nsenter (no --pid) execs the daemon: the same pid
     state.save()
 
@@ -194,8 +223,17 @@ def _idle_nodes(state: SlurmState) -> int:
 
 def down(folder: Path | None = None, cluster_id: int = 0, quiet: bool = False, log=print) -> list[str]:
     """Cancel the jobs, stop the daemons (by recorded pid), kill slurmstepd left in the nodes, remove ``folder``."""
-    folder = Path(folder or default_dir(cluster_id)).resolve()
-    state = SlurmState.load(folder)
+    folder = vcluster._abs(folder or default_dir(cluster_id))
+    dir_fd = vcluster.open_own_dir(folder)  # from here on every deletion goes through this descriptor
+    try:
+        return _down(folder, dir_fd, quiet, log)
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
+
+
+def _down(folder: Path, dir_fd: int | None, quiet: bool, log) -> list[str]:
+    state = SlurmState.load(folder, dir_fd) if dir_fd is not None else None
     removed: list[str] = []
     if state is not None:
         if state.pids.get("slurmctld") and _ours(state.pids["slurmctld"], folder):
@@ -211,9 +249,8 @@ def down(folder: Path | None = None, cluster_id: int = 0, quiet: bool = False, l
                 if _comm(pid).startswith("slurmstepd"):
                     vcluster.stop_process(pid, grace=5.0)
                     removed.append(f"slurmstepd {pid}")
-    if folder.is_dir() and ((folder / "state.json").is_file() or not any(folder.iterdir())):
-        shutil.rmtree(folder, ignore_errors=True)
-        removed.append(str(folder))
+        n, gone = vcluster.remove_listed(folder, dir_fd, state.files)
+        removed.append(str(folder) if gone else f"{n} entries of {folder} (other files kept there)")
     if removed and not quiet:
         log("Slurm down: removed " + ", ".join(removed))
     return removed
@@ -245,8 +282,8 @@ def _comm(pid: int) -> str:
 
 def leftovers(cluster_id: int = 0, folder: Path | None = None) -> list[str]:
     """Daemons of this Slurm still running, and its folder (empty after a clean ``down``)."""
-    folder = Path(folder or default_dir(cluster_id)).resolve()
-    out = [str(folder)] if folder.exists() else []
+    folder = vcluster._abs(folder or default_dir(cluster_id))
+    out = [str(folder)] if os.path.lexists(folder) else []
     for p in Path("/proc").iterdir():
         if p.name.isdigit() and _ours(int(p.name), folder) and int(p.name) != os.getpid():
             out.append(f"{_comm(int(p.name))} {p.name}")
@@ -262,11 +299,12 @@ def add_verbs(p) -> None:
                        ("env", "print the SLURM_CONF line for the shell")):
         v = verbs.add_parser(name, help=text)
         v.add_argument("--id", type=int, default=0, help="the virtual cluster's id")
-        v.add_argument("--dir", type=Path, default=None, help="Slurm's folder (default /tmp/cxr-vslurm-ID)")
+        v.add_argument("--dir", type=Path, default=None, help="Slurm's folder, created by up (mode 0700; an existing "
+                       "path is refused; default /run/cxr-vslurm-ID)")
 
 
 def main(args) -> int:
-    folder = Path(args.dir or default_dir(args.id)).resolve()
+    folder = vcluster._abs(args.dir or default_dir(args.id))
     if args.verb == "up":
         up(args.id, folder)
     elif args.verb == "down":
