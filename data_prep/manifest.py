@@ -5,6 +5,7 @@ import json
 import os
 from pathlib import Path
 
+from data_prep import h5check
 from data_prep.cli import UserError
 from data_prep.config import SHARD_FORMAT
 from data_prep.fsutil import sha256_file
@@ -69,13 +70,20 @@ _COLUMNS = {"label": "int64", "targets": "uint8", "patient_id": "int64", "age": 
             "image_index": None, "view": None, "sex": None}
 
 
+_STRINGS = ("image_index", "view", "sex")
+
+
 def check_shard(h, entry: dict, manifest: dict, path) -> None:
-    """An open shard (``h5py.File``) against its manifest entry, before any data is read: every
-    dataset present, of the right dtype and length, images (count, S, S) uint8 in (1, S, S) chunks
-    with the Fletcher-32 filter (so a damaged chunk fails when read). ``ManifestError`` naming
-    the shard and the fix otherwise; a lying header is caught here, before anything is allocated."""
+    """An open shard (``h5py.File``, opened by :func:`open_shard_read`, which checked its structure)
+    against its manifest entry, before any data is read: no dataset but the shard's, every one present,
+    of the right dtype and shape, images (count, S, S) uint8 in (1, S, S) chunks with the Fletcher-32
+    filter (so a damaged chunk fails when read). ``ManifestError`` naming the shard and the fix
+    otherwise; a lying header is caught here, before anything is allocated."""
     n, S = int(entry["count"]), int(manifest["image_size"])
     problems = []
+    extra = sorted(set(h) - {"images", *_COLUMNS})
+    if extra:
+        problems.append(f"unexpected dataset {extra[0]}")
     if "images" not in h:
         problems.append("no images dataset")
     else:
@@ -91,18 +99,40 @@ def check_shard(h, entry: dict, manifest: dict, path) -> None:
             problems.append(f"no {name} dataset")
             continue
         ds = h[name]
-        if not ds.shape or ds.shape[0] != n or (dtype and ds.dtype.name != dtype):
+        rows = len(ds.shape) == (2 if name == "targets" else 1) and ds.shape[0] == n
+        if not rows or (dtype and ds.dtype.name != dtype):
             problems.append(f"{name} is {ds.dtype} {ds.shape}, expected {n} rows" + (f" of {dtype}" if dtype else ""))
-        elif name == "targets" and (len(ds.shape) != 2 or ds.shape[1] > 1000):
+        elif name == "targets" and ds.shape[1] > 1000:
             problems.append(f"targets are {ds.shape}, expected ({n}, classes)")
+        elif name in _STRINGS and h5py_string(ds) is None:
+            problems.append(f"{name} is {ds.dtype}, expected strings")
     if problems:
         raise ManifestError(f"shard {path} does not match the manifest: {problems[0]}; {FIX}")
+
+
+def h5py_string(ds):
+    import h5py
+
+    return h5py.check_string_dtype(ds.dtype)
 
 
 _LOCKING_KW: bool | None = None  # h5py/HDF5 take locking=False (None: not tried yet)
 
 
 def open_shard_read(path):
+    """:func:`_open_read`, then the file's structure checked (``data_prep.h5check.walk``: no external
+    storage, virtual datasets or links, no dataset larger than the file can hold) before anything is
+    read; ``ManifestError`` naming the shard and the dataset otherwise."""
+    h = _open_read(path)
+    try:
+        h5check.walk(h, f"shard {path}", error=ManifestError, fix=FIX)
+    except BaseException:
+        h.close()
+        raise
+    return h
+
+
+def _open_read(path):
     """``h5py.File(path, "r")`` without HDF5's file locking: every read-only open of a shard goes
     through here. HDF5 (1.10+) locks a file it opens, and on a shared file system without working
     locks (Lustre mounted noflock, NFS without lockd) that open fails (``unable to lock file``,

@@ -159,6 +159,7 @@ def _load_weight_file(path: str, base: tf.keras.Model, model: tf.keras.Model, ba
     if not p.is_file():
         raise WeightsUnavailable(f"model.weights={path!r}: no such file; expected 'imagenet', 'none' or the path "
                                  f"of an .h5 weight file (e.g. {BACKBONES[backbone].weights_file or 'weights.h5'})")
+    safeload.check_hdf5_file(p, WeightsUnavailable)  # HDF5 is data: no external storage, links, size claims
     errors = []
     for target, what in ((base, "backbone (no-top)"), (model, "whole model")):
         try:

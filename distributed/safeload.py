@@ -9,7 +9,9 @@ default nothing in a file is deserialized as code:
   (backbone, input size, outputs, head width, dropout, precision) and checked, the network is
   built from them by ``build_model``, and its architecture must equal the file's layer for layer
   (only the ``trainable`` flags may differ; they are copied). Then only the weights are read
-  (``model.weights.h5`` inside the zip, plain HDF5 data);
+  (``model.weights.h5`` inside the zip, plain HDF5 data), after its structure is checked
+  (``data_prep.h5check``: no external storage, virtual datasets or links, no size beyond the file)
+  and every dataset the load reads against the network's variable (shape, dtype);
 * HDF5 (``.h5``, also an HDF5 file named ``.keras``), SavedModel folders and anything else are
   refused: they can only be loaded by Keras' own loader, which runs what they hold.
 
@@ -18,11 +20,15 @@ loader as it is, Lambda layers and all: for files one made oneself.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import zipfile
 from pathlib import Path
 
-from data_prep.cli import UserError
+import numpy as np
+
+from data_prep.cli import UserError, one_line
 
 __all__ = ["UntrustedModel", "file_kind", "read_keras_config", "build_spec", "load_untrusted"]
 
@@ -33,6 +39,137 @@ OPT_IN = "pass --trust-model (predict) or set eval.trust_model=true (evaluate, r
 
 class UntrustedModel(UserError, ValueError):
     """A model file that cannot be loaded as data only; the message says why and how to opt in."""
+
+
+MAX_CONFIG_DEPTH = 64  # a functional model's config.json nests about 10 levels
+WEIGHTS_MEMBER = "model.weights.h5"
+WEIGHTS_SLACK = 16 << 20  # HDF5's own structures, beyond the values
+
+
+def _depth_ok(tree, limit: int) -> bool:
+    """``tree`` (parsed JSON) nests at most ``limit`` levels; iterative, so any depth is answered."""
+    stack = [(tree, 1)]
+    while stack:
+        node, d = stack.pop()
+        if d > limit:
+            return False
+        if isinstance(node, dict):
+            stack.extend((v, d + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, d + 1) for v in node)
+    return True
+
+
+class _Planned(dict):
+    """A weights store that notes ``path -> (shape, dtype)`` of what a layer would save, nothing else."""
+
+    def __init__(self, out: dict, prefix: str):
+        super().__init__()
+        self._out, self._prefix = out, prefix
+
+    def __setitem__(self, key, value):
+        a = np.asarray(value)
+        self._out[f"{self._prefix}/{key}"] = (tuple(a.shape), a.dtype)
+
+
+class _Plan:
+    """``saving_lib``'s weights-store interface for a dry save: the datasets a load reads, by path."""
+
+    def __init__(self):
+        self.expected: dict = {}
+
+    def make(self, path):
+        return _Planned(self.expected, f"/{path}/vars" if path else "/vars")
+
+
+class _Store:
+    """``saving_lib.H5IOStore``'s read interface on an HDF5 file already open (and checked)."""
+
+    def __init__(self, h5):
+        self.h5 = h5
+
+    def get(self, path):
+        if not path:
+            return self.h5["vars"]
+        if path in self.h5 and "vars" in self.h5[path]:
+            return self.h5[path]["vars"]
+        return {}
+
+
+def _expected_weights(model) -> dict:
+    from keras.src.saving import saving_lib
+
+    plan = _Plan()
+    saving_lib._save_state(model, weights_store=plan, assets_store=None, inner_path="", visited_trackables=set())
+    return plan.expected
+
+
+def check_hdf5_file(path, error=UntrustedModel) -> None:
+    """An HDF5 weights file (``model.weights``: an ``.h5`` of Keras' legacy format, ImageNet's included)
+    walked by :func:`data_prep.h5check.walk` before Keras reads it: ``error`` naming the file and the
+    dataset for external storage, virtual datasets, links or a size beyond the file. Not HDF5: nothing
+    to check here (Keras' own error names it)."""
+    import h5py
+
+    from data_prep import h5check
+
+    try:
+        h = h5py.File(path, "r")
+    except OSError:
+        return
+    with h:
+        h5check.walk(h, str(path), error=error)
+
+
+def load_weights_checked(model, p: Path) -> None:
+    """``model``'s weights from the ``model.weights.h5`` of the ``.keras`` zip ``p``, as Keras'
+    ``load_weights`` reads them, after :func:`data_prep.h5check.walk` and a check of every dataset
+    the load reads against the network's variable (shape, dtype); the member's size is bounded by
+    what the network's weights (and an optimizer's slots) take. UntrustedModel naming the dataset."""
+    import h5py
+    from keras.src.saving import saving_lib
+
+    from data_prep import h5check
+
+    expected = _expected_weights(model)
+    need = sum(math.prod(s) * d.itemsize for s, d in expected.values())
+    limit = 4 * need + WEIGHTS_SLACK  # the values, an optimizer's slots (saved by a compiled model), HDF5's own
+    try:
+        with zipfile.ZipFile(p) as z:
+            try:
+                info = z.getinfo(WEIGHTS_MEMBER)
+            except KeyError:
+                raise UntrustedModel(f"{p}: not a Keras model file (no {WEIGHTS_MEMBER} inside)") from None
+            if info.file_size > limit:
+                raise UntrustedModel(f"{p}: its {WEIGHTS_MEMBER} claims {info.file_size} bytes, more than this "
+                                     f"network's weights can take ({limit}); refused")
+            with z.open(info) as f:
+                data = f.read(limit + 1)
+    except zipfile.BadZipFile as e:
+        raise UntrustedModel(f"{p}: damaged model file ({e})") from None
+    if len(data) > limit:
+        raise UntrustedModel(f"{p}: its {WEIGHTS_MEMBER} is larger than this network's weights can take; refused")
+    where = f"{p} ({WEIGHTS_MEMBER})"
+    try:
+        h5 = h5py.File(io.BytesIO(data), "r")
+    except OSError as e:
+        raise UntrustedModel(f"{where}: not readable HDF5 ({one_line(e)[:160]}); the file is damaged") from None
+    with h5:
+        found = h5check.walk(h5, where, error=UntrustedModel)
+        for path, (shape, dtype) in expected.items():
+            ds = found.get(path)
+            if ds is None:
+                raise UntrustedModel(f"{where}: no dataset {path} (a variable of the network); the file is damaged "
+                                     f"or was not written by this project")
+            if tuple(ds.shape) != shape or ds.dtype.kind != dtype.kind or ds.dtype.itemsize != dtype.itemsize:
+                raise UntrustedModel(f"{where}: dataset {path} is {ds.dtype} {tuple(ds.shape)}, the network's "
+                                     f"variable is {dtype} {shape}; refused")
+        try:
+            saving_lib._load_state(model, weights_store=_Store(h5), assets_store=None, inner_path="",
+                                   skip_mismatch=False, visited_trackables=set())
+        except (ValueError, KeyError, OSError, TypeError) as e:
+            raise UntrustedModel(f"{p}: cannot read its weights ({one_line(e)[:200]}); the file is damaged or "
+                                 f"was not written by this project") from None
 
 
 def file_kind(path: Path) -> str:
@@ -68,6 +205,11 @@ def read_keras_config(path: Path) -> dict:
         tree = json.loads(text)
     except ValueError as e:
         raise UntrustedModel(f"{path}: config.json is not JSON ({e})") from None
+    except RecursionError:
+        tree = None
+    if tree is None or not _depth_ok(tree, MAX_CONFIG_DEPTH):
+        raise UntrustedModel(f"{path}: its config.json nests deeper than {MAX_CONFIG_DEPTH} levels; not a network "
+                             f"of this project")
     if not isinstance(tree, dict) or not isinstance(tree.get("config"), dict) \
             or not isinstance(tree["config"].get("layers"), list):
         raise UntrustedModel(f"{path}: config.json does not describe a functional Keras model")
@@ -187,9 +329,5 @@ def load_untrusted(path, build, backbones, precisions):
     for layer in model.layers:
         if isinstance(flags.get(layer.name), bool):
             layer.trainable = flags[layer.name]
-    try:
-        model.load_weights(str(p))  # .keras zip: its model.weights.h5, HDF5 data only (saving_lib.load_weights_only)
-    except (ValueError, KeyError, OSError) as e:
-        raise UntrustedModel(f"{p}: cannot read its weights ({str(e).splitlines()[0][:200] if str(e) else type(e).__name__})"
-                             f"; the file is damaged or was not written by this project") from None
+    load_weights_checked(model, p)  # its model.weights.h5, checked, read as saving_lib.load_weights_only reads it
     return model
