@@ -25,6 +25,7 @@ from launch.commands import MCA_FLAGS, Layout, StageCommand, horovodrun_fixed_mc
 from launch.cluster import ClusterConfig
 
 SIM_TIMEOUT_S = 120.0
+CRASH_RETRIES = 12
 
 
 class MapUnavailable(RuntimeError):
@@ -144,13 +145,20 @@ def open_mpi_map(cmd: StageCommand, cluster: ClusterConfig, runtime=None, mpirun
         env = {**os.environ, "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"}
         for k in [k for k in env if k.startswith("OMPI_MCA_")]:
             del env[k]  # the simulator's own parameters only
-        for _ in range(3):  # again after a crash of mpirun itself (seen while other mpiruns ran here)
+        for attempt in range(CRASH_RETRIES):
             r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
                                stdin=subprocess.DEVNULL)
             out = r.stdout + r.stderr
             nodes_map = parse_display_map(out)
-            if nodes_map or "*** End of error message ***" not in out:
+            crashed = "*** End of error message ***" in out
+            if crashed and sum(len(n.ranks) for n in nodes_map) != lay.np:
+                nodes_map = []  # cut short by the crash
+            if nodes_map or not crashed:
                 break
+            # Open MPI 4.1.4 segfaults now and then while printing a map (opal_hwloc_base_cset2str, in
+            # runs of consecutive process ids): start the next try from process ids further on
+            for _ in range(16 * (attempt + 1)):
+                subprocess.run(["true"], check=False)
     if not nodes_map:
         raise MapRefused(_first_error(out))
     real = [h.name for h in lay.hosts] or ["this node"]

@@ -10,6 +10,7 @@ import csv
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -104,6 +105,21 @@ def _nodes_idle(slurm) -> bool:
                        timeout=30)
     states = dict(ln.split()[:2] for ln in r.stdout.splitlines() if len(ln.split()) >= 2)
     return r.returncode == 0 and all(states.get(n) == "idle" for n in slurm.nodes)
+
+
+def _batch_shell(job: str) -> int | None:
+    """pid of job ``job``'s batch script (the shell slurmstepd runs: ``slurm_script`` in its command line)."""
+    for p in Path("/proc").iterdir():
+        if not p.name.isdigit():
+            continue
+        try:
+            cmd = (p / "cmdline").read_bytes()
+            env = (p / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"slurm_script" in cmd and f"SLURM_JOB_ID={job}".encode() in env:
+            return int(p.name)
+    return None
 
 
 def _start_requeued_now(slurm, job: str, *updates: str) -> None:
@@ -225,10 +241,12 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()), log=out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
     t0 = time.monotonic()
-    # Slurm's kill at the time limit follows its warning: SIGTERM to the batch shell a moment later
-    # (scancel --signal=TERM --batch stands for it) must not cancel the requeue
+    # A SIGTERM to the batch shell 2 s later (a preemption's or the time limit's, sent to the shell's pid
+    # directly: `scancel --signal=TERM` on this Slurm cancels the whole job) must not cancel the requeue
     time.sleep(2)
-    subprocess.run(["scancel", "--signal=TERM", "--batch", job], env=slurm.env(), timeout=15)
+    shell = _batch_shell(job)
+    assert shell, "no batch shell of job " + job
+    os.kill(shell, signal.SIGTERM)
     while time.monotonic() - t0 < 60 and "requeueing job" not in out.read_text():
         time.sleep(0.5)
     log = out.read_text()
