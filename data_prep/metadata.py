@@ -40,6 +40,9 @@ OPTIONAL_COLUMNS = ("Follow-up #",)
 _RENAME = {"Image Index": "image", "Finding Labels": "labels", "Follow-up #": "followup", "Patient ID": "patient",
            "Patient Age": "age", "Patient Gender": "sex", "View Position": "view"}
 SPLITS = ("train", "val", "test")
+VIEWS = ("PA", "AP", "LL")  # View Position values kept; any other becomes OTHER (the original in the manifest's notes)
+SEXES = {"M": "M", "F": "F", "MALE": "M", "FEMALE": "F"}  # Patient Gender; empty stays empty (unknown)
+OTHER = "other"
 LIST_FILES = ("train_val_list.txt", "test_list.txt")
 
 
@@ -122,6 +125,20 @@ def _parse_labels(raw: str):
     return "|".join(f for f, v in zip(FINDINGS, t) if v), t, ""
 
 
+def _sex(raw: str) -> str:
+    v = raw.strip().upper()
+    return SEXES.get(v, OTHER) if v else ""
+
+
+def _view(raw: str) -> str:
+    v = raw.strip().upper()
+    return v if v in VIEWS else (OTHER if v else "")
+
+
+def _vocab(col: str) -> str:
+    return ", ".join(VIEWS) if col == "view" else "M, F (or Male, Female)"
+
+
 def _parse_age(raw: str) -> int | None:
     r = str(raw).strip()
     if r[-1:] in ("Y", "y"):
@@ -179,9 +196,14 @@ def parse_frame(df: pd.DataFrame, max_age: int = 120) -> tuple[pd.DataFrame, Iss
         for i, a, line in zip(sub["image"].tolist(), age_raw.loc[m].str.strip().tolist(), sub["line"].tolist()):
             issues.notes.append({"image": i, "reason": why.format(a, max_age), "line": int(line)})
     df["age"] = age.where(~(implausible | unparsed), -1).fillna(-1).astype(np.int16)
-    # 6. sex, view, follow-up
-    df["sex"] = _by_unique(df["sex"].astype(str), lambda v: {"M": "M", "F": "F"}.get(v.strip().upper()[:1], ""))
-    df["view"] = _by_unique(df["view"].astype(str), lambda v: v.strip().upper())
+    # 6. sex, view (a small vocabulary: anything else is OTHER, its original noted), follow-up
+    for col, name, fn in (("sex", "Patient Gender", _sex), ("view", "View Position", _view)):
+        raw = df[col].astype(str)
+        df[col] = _by_unique(raw, fn)
+        odd = (df[col] == OTHER).to_numpy()
+        for i, v, line in zip(df["image"][odd].tolist(), raw[odd].tolist(), df["line"][odd].tolist()):
+            issues.notes.append({"image": i, "reason": f"{name} outside {_vocab(col)}: recorded as {OTHER!r}",
+                                 "original": v[:200], "line": int(line)})
     df["followup"] = pd.to_numeric(_by_unique(df["followup"].astype(str), lambda v: v.strip()),
                                    errors="coerce").fillna(-1).astype(np.int64)
     df = df.sort_values("image", kind="stable").reset_index(drop=True)

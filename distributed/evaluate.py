@@ -23,7 +23,17 @@ probability) pairs, checks that every test image came back exactly once, and wri
   training curves (per-finding ROC for multi-label runs);
 * ``gradcam/``: Grad-CAM grids of the most confident true positives, false positives and
   false negatives;
-* ``report.md`` and ``eval_config.yaml``.
+* ``report.md`` and ``eval_config.yaml``;
+* ``operating_point.json`` (binary): the threshold chosen on validation with the sha256 of the model
+  files it belongs to, which ``cxr-predict`` decides with.
+
+Every probability is written with ``%.9g`` (the float32 round trip) and every number is computed from
+the values as written (``metrics.as_written``): the CSVs alone reproduce ``metrics.json`` exactly.
+
+The prep read is compared with the one the run trained on (``distributed.provenance``): another prep
+is an external evaluation, refused when its patients overlap the training patients (unless
+``eval.allow_overlap``), and written into ``eval.out`` (default ``run.dir/eval-<prep hash>``) instead
+of the run directory.
 
 Test-time augmentation draws ``eval.tta_rounds`` transforms per image with the training
 augmentation (``distributed.data.augment_images``, ``train.augment``) from a stateless seed of
@@ -42,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import io
 import json
 import sys
@@ -58,9 +69,11 @@ from data_prep.config import ConfigError, add_config_args, config_from_args, dum
 from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
+from data_prep.textsafe import console, csv_row
 from distributed import hvd
 from distributed import metrics as M
 from distributed import plots
+from distributed import provenance
 from distributed import runtime
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
 from distributed.report import write_report
@@ -69,7 +82,8 @@ CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras
 _SEED_MIX = 1_000_003
 STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",
                                                                   "roc_per_finding")) + \
-    tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives"))
+    tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives")) + \
+    ("operating_point.json",)
 
 
 class EvalError(UserError, RuntimeError):
@@ -258,7 +272,7 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
     else:
         head = base + (["findings"] if findings is not None else []) + ["probability"] + \
             (["tta_probability"] if tta is not None else []) + (["calibrated_probability"] if calibrated is not None else [])
-    w.writerow(head)
+    w.writerow(csv_row(head))
     for i in range(len(probs)):
         row = [i, meta["image_index"][i], int(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
                int(meta["age"][i])]
@@ -277,7 +291,7 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
                 row.append(f"{tta[i, 1]:.9g}")
             if calibrated is not None:
                 row.append(f"{calibrated[i]:.9g}")
-        w.writerow(row)
+        w.writerow(csv_row(row))  # text cells (image, view, sex, findings) neutralised for spreadsheets
     return buf.getvalue()
 
 
@@ -362,7 +376,7 @@ def console_text(metrics: dict) -> str:
                 a = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
                 if tta and t.get("auc") is not None:
                     a += f" (TTA {t['auc']:.3f})"
-                parts.append(f"{k} {a}, n={v['n']}")
+                parts.append(f"{console(k)} {a}, n={v['n']}")
             lines.append(f"AUC by {g}: " + "; ".join(parts))
     else:
         lines.append(format_auc_table(plain, tta))
@@ -389,6 +403,8 @@ class Gathered:
     ranks: int
     predict_seconds: np.ndarray   # per rank
     started: float                # time.time() when the evaluation began
+    out_dir: Path = None          # where the outputs go: run.dir, or eval.out / run.dir/eval-<prep> (external)
+    provenance: dict = None       # distributed.provenance.check: internal or external, patients shared
 
 
 def evaluate(cfg, precision: str = "float32") -> dict | None:
@@ -401,12 +417,25 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
     hvd.init()
     rank, size = hvd.rank(), hvd.size()
     run_dir = Path(cfg.run.dir)
+    check_operating_point(cfg.eval.operating_point)
+    # the prep read against the one the run trained on (every rank: the same files, the same answer);
+    # an external evaluation with patients the model trained on stops here, before any output
+    prov = provenance.check(cfg, run_dir)
+    out_dir = Path(prov.pop("out_dir"))
     if rank == 0:  # one writer per run directory: not while a training or evaluation writes there (data_prep.locks)
         locks.acquire(run_dir, "evaluation")
-    log = get_logger(logfile=str(run_dir / "eval.log") if rank == 0 else None)
+        if not _inside(out_dir, run_dir):
+            locks.acquire(out_dir, "evaluation")
+    log = get_logger(logfile=str(out_dir / "eval.log") if rank == 0 else None)
     log.info("%s: one writer by %s", run_dir, locks.kind(run_dir))  # rank 0 holds it, the others log no INFO
+    if prov["evaluation"] == "external":
+        sh = prov.get("shared") or {}
+        log.warning("external evaluation: %s is not the prep %s trained on; %s; outputs in %s", cfg.prep.out, run_dir,
+                    f"{sh.get('train_test')} test and {sh.get('train_val')} validation patients shared with the "
+                    "training split" if sh else "overlap not checked", out_dir)
+    if prov.get("note"):
+        log.warning("%s", prov["note"])
     t_start = time.time()
-    check_operating_point(cfg.eval.operating_point)
     model_path, ckpt, manifest, data, model = _load_checked(cfg, run_dir, precision)
     if data.n < size:
         log.warning("%d test images for %d ranks: some ranks predict nothing", data.n, size)
@@ -442,11 +471,19 @@ def evaluate(cfg, precision: str = "float32") -> dict | None:
              float(secs.max()), data.n * (1 + tta_rounds) / max(float(secs.max()), 1e-9))
     try:
         return _write_outputs(cfg, Gathered(model, model_path, manifest, data, probs, tta, val, val_probs, val_tta,
-                                            ckpt, tta_rounds, size, secs, t_start), log)
+                                            ckpt, tta_rounds, size, secs, t_start, out_dir, prov), log)
     finally:
         data.close()
         if val is not None:
             val.close()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    try:
+        Path(path).resolve().relative_to(Path(folder).resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
@@ -550,27 +587,50 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
     return plan
 
 
-def write_calibration(run_dir: Path, plan: dict | None, model_path: Path, ckpt: dict) -> None:
-    """``run.dir/calibration.json`` for cxr-predict: the transform, and the sha256 of every model file
-    it belongs to (the evaluated one; model.keras too when it holds the same epoch). Removed when off."""
-    out = run_dir / "calibration.json"
-    if plan is None:
-        out.unlink(missing_ok=True)
-        return
+def model_files(run_dir: Path, model_path: Path, ckpt: dict) -> dict:
+    """{path relative to run.dir: sha256} of the model files an evaluation's outputs belong to: the
+    evaluated one, and model.keras too when it holds the same epoch."""
     files = {_rel(model_path, run_dir): sha256_file(model_path)}
     final = run_dir / "model.keras"
     if final.is_file() and final.resolve() != Path(model_path).resolve():
         _, fin = select_checkpoint(run_dir, "final")
         if (fin.get("phase"), fin.get("epoch")) == (ckpt.get("phase"), ckpt.get("epoch")) and ckpt.get("epoch"):
             files["model.keras"] = sha256_file(final)
+    return files
+
+
+def write_calibration(out_dir: Path, plan: dict | None, files: dict, ckpt: dict) -> None:
+    """``calibration.json`` for cxr-predict: the transform, and the sha256 of every model file it belongs
+    to (:func:`model_files`). Removed when off."""
+    out = out_dir / "calibration.json"
+    if plan is None:
+        out.unlink(missing_ok=True)
+        return
     atomic_write_json(out, {**plan, "models": files, "checkpoint": ckpt})
+
+
+def write_operating_point(out_dir: Path, op: dict | None, files: dict, ckpt: dict) -> None:
+    """``operating_point.json`` for cxr-predict: the report's threshold (rule, where it was chosen), compared
+    with the network's probability as the CSVs hold it, and the model files it belongs to."""
+    out = out_dir / "operating_point.json"
+    if not op or op.get("threshold") is None:
+        out.unlink(missing_ok=True)
+        return
+    atomic_write_json(out, {"threshold": op["threshold"], "rule": op["rule"], "source": op["source"],
+                            "probability": "raw", "compare": "probability as written (%.9g) >= threshold",
+                            "sensitivity": (op.get("sensitivity") or {}).get("value"),
+                            "specificity": (op.get("specificity") or {}).get("value"),
+                            "models": files, "checkpoint": ckpt})
 
 
 def _write_outputs(cfg, g: Gathered, log) -> dict:
     """Rank 0: predictions.csv, val_predictions.csv, metrics, plots, Grad-CAM, metrics.json, report.md,
     eval_config.yaml, calibration.json."""
-    run_dir, data = Path(cfg.run.dir), g.data
+    run_dir, out_dir, data = Path(cfg.run.dir), g.out_dir, g.data
     multilabel, classes = data.multilabel, data.classes
+    # every number from the probabilities as the CSVs hold them (%.9g): the CSVs reproduce them exactly
+    g = dataclasses.replace(g, **{k: (M.as_written(getattr(g, k)) if getattr(g, k) is not None else None)
+                                  for k in ("probs", "tta", "val_probs", "val_tta")})
     meta = data.metadata()
     vmeta = g.val.metadata() if g.val is not None else None
     findings = vfindings = None
@@ -580,23 +640,27 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         vfindings = finding_labels(cfg, vmeta["image_index"]) if vmeta is not None and findings is not None else None
         yv = np.asarray(vmeta["label"]).astype(int) if vmeta is not None else None
         plan = calibration_plan(cfg, g.manifest, yv, g.val_probs[:, 1] if g.val_probs is not None else None, log)
-    cal = (lambda P: M.adjust(P[:, 1], plan["temperature"], plan["shift"])) if plan else (lambda P: None)
-    atomic_write_text(run_dir / "predictions.csv",
+    cal = (lambda P: M.as_written(M.adjust(P[:, 1], plan["temperature"], plan["shift"]))) if plan else \
+        (lambda P: None)
+    atomic_write_text(out_dir / "predictions.csv",
                       predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None,
                                       findings, cal(g.probs)))
     if g.val is not None:
-        atomic_write_text(run_dir / "val_predictions.csv",
+        atomic_write_text(out_dir / "val_predictions.csv",
                           predictions_csv(vmeta, classes, multilabel, g.val_probs, g.val_tta,
                                           g.val.targets if multilabel else None, vfindings, cal(g.val_probs)))
     else:
-        (run_dir / "val_predictions.csv").unlink(missing_ok=True)
-    write_calibration(run_dir, plan, g.model_path, g.checkpoint)
+        (out_dir / "val_predictions.csv").unlink(missing_ok=True)
+    files = model_files(run_dir, g.model_path, g.checkpoint)
+    write_calibration(out_dir, plan, files, g.checkpoint)
     t0 = time.time()
     Y, plain, tta_m, extra = _compute_metrics(cfg, data, meta, g, vmeta, findings, plan, log)
     t_metrics = time.time() - t0
     # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
-        (run_dir / rel).unlink(missing_ok=True)
+        (out_dir / rel).unlink(missing_ok=True)
+    if not multilabel:
+        write_operating_point(out_dir, plain.get("operating_point"), files, g.checkpoint)
     plot_files = _write_plots(cfg, g, Y, plain, tta_m, log)
     from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
 
@@ -605,7 +669,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     cam_threshold = cfg.eval.threshold if cam_threshold is None else cam_threshold
     if cfg.eval.gradcam_per_group > 0:
         try:
-            cam_files, cam_layer = make_gradcam(run_dir, g.model, data, meta, classes, multilabel, Y, g.probs,
+            cam_files, cam_layer = make_gradcam(out_dir, g.model, data, meta, classes, multilabel, Y, g.probs,
                                                 cam_threshold, cfg.eval.gradcam_per_group, log)
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
@@ -622,6 +686,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     metrics = {
         "format": 2, "task": "multilabel" if multilabel else "binary", "classes": classes,
         "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),
+        "run_dir": str(run_dir), "provenance": g.provenance,
         "checkpoint": cfg.eval.checkpoint, "selected_checkpoint": g.checkpoint,
         "image_size": data.image_size, "n": data.n, "n_val": g.val.n if g.val is not None else 0, "ranks": g.ranks,
         "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
@@ -638,13 +703,17 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     }
     text = console_text(metrics)
     metrics["console"] = text
-    atomic_write_json(run_dir / "metrics.json", _strip_curves(metrics))
+    atomic_write_json(out_dir / "metrics.json", _strip_curves(metrics))
     print(text, flush=True)
-    save_resolved(cfg, run_dir, "eval_config.yaml")
-    write_report(run_dir, cfg=cfg, manifest=g.manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
+    ev = (g.provenance or {}).get("evaluated_on") or {}
+    save_resolved(cfg, out_dir, "eval_config.yaml",
+                  note=f"prep.out {cfg.prep.out} was made with prep.seed {ev.get('prep_seed')} (its manifest.json, "
+                       f"sha256 {str(ev.get('manifest_sha256'))[:12]}); the prep.* values below are this command's "
+                       "config, not necessarily the shards'")
+    write_report(out_dir, cfg=cfg, manifest=g.manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
                  config_yaml=dump_yaml(cfg), console=text)
     log.info("wrote predictions.csv, val_predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)",
-             run_dir, time.time() - g.started)
+             out_dir, time.time() - g.started)
     return metrics
 
 
@@ -688,16 +757,15 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
     if tta_m is not None:
         extra["tta_minus_plain"] = M.paired_auc_difference(Y, g.probs[:, 1], g.tta[:, 1], groups, n_boot, seed)
     if plan is not None:
-        pc = M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"])
+        pc = M.as_written(M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"]))  # as the CSV holds it
         plain["calibrated"] = {**M.calibration_metrics(Y, pc, groups, n_boot, seed),
                                **{k: plan[k] for k in ("method", "prior_correction", "temperature", "shift",
                                                        "target_prevalence")}}
         if vmeta is not None:
             pv = g.val_probs[:, 1]
-            plain["calibrated"]["validation"] = {
-                "before": {"brier": M.brier(yv, pv), "ece": M.ece(yv, pv)},
-                "after": {"brier": M.brier(yv, M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0))),
-                          "ece": M.ece(yv, M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0)))}}
+            pa = M.as_written(M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0)))
+            plain["calibrated"]["validation"] = {"before": {"brier": M.brier(yv, pv), "ece": M.ece(yv, pv)},
+                                                 "after": {"brier": M.brier(yv, pa), "ece": M.ece(yv, pa)}}
     co = co_findings(cfg, findings, Y)
     if co is not None:
         extra["co_findings"] = {
@@ -711,7 +779,7 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
 def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
     """The evaluation's plots under ``plots/``; {name: relative path} of those written."""
     run_dir, classes = Path(cfg.run.dir), g.data.classes
-    pdir = run_dir / "plots"
+    pdir = g.out_dir / "plots"
     plot_files = {}
     try:
         if g.data.multilabel:

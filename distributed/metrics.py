@@ -45,6 +45,15 @@ def _clean(x):
     return x if math.isfinite(x) else None
 
 
+def as_written(x) -> np.ndarray:
+    """Probabilities as the CSVs hold them: float32 printed with ``%.9g`` (the float32 round trip) and read
+    back as float64. Every number of metrics.json is computed from these values, so that a reader of
+    ``predictions.csv``/``val_predictions.csv`` recomputes each one exactly, thresholds included (a
+    threshold is one of these values)."""
+    a = np.asarray(x, dtype=np.float32)
+    return np.array([float(f"{v:.9g}") for v in a.ravel().tolist()], dtype=np.float64).reshape(a.shape)
+
+
 def both_classes(y) -> bool:
     y = np.asarray(y)
     return y.size > 0 and (y == 1).any() and (y == 0).any()

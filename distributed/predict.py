@@ -1,23 +1,35 @@
 """Predict chest X-ray files with a trained model: ``cxr-predict`` / ``python -m distributed.predict``.
 
-    python -m distributed.predict --model runs/demo/model.keras a.png b.jpg [--json]
-                                  [--gradcam [DIR]] [--image-size PX] [--threshold T]
+    python -m distributed.predict --model runs/demo/model.keras a.png b.jpg DIR [--recursive] [--json]
+                                  [--out FILE.csv] [--gradcam [DIR]] [--image-size PX] [--threshold T] [--raw]
 
 Every file goes through ``data_prep.imaging.load_xray`` -- the very function the prep stage
 used for the training shards -- so PNG/JPEG, 8/16-bit, gray/RGB/RGBA are read the same way.
-The image size is the model's input size unless ``--image-size`` says otherwise (only for a
-model whose input size is not fixed). A file that cannot be read gets its own error line and
-the others still run; the exit code is 1 when any file failed, 0 otherwise (2 for a bad model
-or arguments).
+A folder stands for the PNG and JPEG files in it (``--recursive``: and in its subfolders; symlinks
+leading outside it are not followed). The image size is the model's input size unless ``--image-size``
+says otherwise (only for a model whose input size is not fixed). A file that cannot be read gets its
+own error line and the others still run; the exit code is 1 when any file failed, 0 otherwise (2 for a
+bad model or arguments). ``--out FILE.csv`` writes one row per image: file, probability, raw
+probability, prediction, threshold, error (text cells neutralised for spreadsheets).
 
 ``--gradcam`` writes a Grad-CAM overlay at the input's ORIGINAL size beside each input file
 (``<name>.gradcam.png``) or, with a folder, into that folder; each file is decoded once for
 both the network input and the overlay (``load_xray_and_original``). ``--model`` may be a ``.keras``
-file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``). Class names and
-the default threshold come from the run's ``config.yaml`` when one is found beside the model.
-A run's ``calibration.json`` (``cxr-eval`` with ``eval.calibrate``/``eval.prior_correction``) is applied
-when it lists this model file's sha256: ``probability`` is then the calibrated one (and the threshold
-applies to it), ``raw_probability`` the network's, and the output says what was done.
+file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``).
+
+Everything that comes from the run is read from the RUN FOLDER only (the folder of the model file, or
+the folder above ``checkpoints/``), never from its parent, and applied only when it lists this model
+file's sha256:
+
+* ``operating_point.json`` (written by ``cxr-eval``): the decision threshold the report validated
+  (rule, threshold, chosen on the validation split), compared with the network's probability as the
+  CSVs hold it (``%.9g``), exactly as the report counted; ``--threshold T`` overrides it (compared with
+  ``probability``); without one the threshold is 0.5, and the output says which it is;
+* ``calibration.json`` (``eval.calibrate``/``eval.prior_correction``): ``probability`` is then
+  ``sigmoid(logit(p) / temperature + shift)``, ``raw_probability`` the network's, and the output prints
+  the whole transform. A run whose ``metrics.json`` says its predictions are calibrated refuses to give
+  uncalibrated ones when ``calibration.json`` is missing or unreadable (``--raw`` asks for them);
+* class names from the run's ``config.yaml``.
 
 TensorFlow is imported only once a model is to be loaded (``distributed.model``,
 ``distributed.gradcam``): argument errors answer at once, and ``TF_CPP_MIN_LOG_LEVEL`` is set
@@ -26,6 +38,7 @@ before TensorFlow reads it.
 from __future__ import annotations
 
 import argparse
+import csv
 import io
 import json
 import os
@@ -38,10 +51,11 @@ from PIL import Image
 
 from data_prep.cli import UsageError, UserError, add_debug_arg, command
 from data_prep.config import ConfigError, load_config
-from data_prep.fsutil import atomic_write_bytes, sha256_file
+from data_prep.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, walk_tree
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
+from data_prep.textsafe import console, csv_row
 from distributed.precision import cpu_flags, decide, plan_precision
 
 
@@ -59,16 +73,21 @@ def resolve_model_path(path) -> Path:
     return p
 
 
+def run_folder(model_path: Path) -> Path:
+    """The run folder of a model file: its folder, or the one above ``checkpoints/``. Never further up."""
+    model_path = Path(model_path)
+    return model_path.parent.parent if model_path.parent.name == "checkpoints" else model_path.parent
+
+
 def find_run_config(model_path: Path):
-    """The run's resolved config beside the model (run dir or its checkpoints/), or None."""
-    for folder in (model_path.parent, model_path.parent.parent):
-        for name in ("config.yaml", "eval_config.yaml"):
-            f = folder / name
-            if f.is_file():
-                try:
-                    return load_config(f)
-                except (ConfigError, OSError):
-                    continue
+    """The run's resolved config in the run folder (:func:`run_folder`), or None."""
+    for name in ("config.yaml", "eval_config.yaml"):
+        f = run_folder(model_path) / name
+        if f.is_file():
+            try:
+                return load_config(f)
+            except (ConfigError, OSError):
+                continue
     return None
 
 
@@ -107,41 +126,100 @@ def positive_probability(out: np.ndarray, multilabel: bool) -> np.ndarray:
     return out[:, 1] if out.shape[-1] >= 2 else out[:, 0]
 
 
-def find_calibration(model_path: Path) -> dict | None:
-    """``calibration.json`` of the run (written by cxr-eval with ``eval.calibrate``/``eval.prior_correction``)
-    and whether it belongs to this model file: ``{"file", "applied", "why", "temperature", "shift", ...}``."""
-    for folder in (model_path.parent, model_path.parent.parent):
-        f = folder / "calibration.json"
-        if not f.is_file():
-            continue
-        try:
-            cal = json.loads(f.read_text())
-            temperature, shift = float(cal["temperature"]), float(cal["shift"])
-            models = dict(cal.get("models") or {})
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            return {"file": str(f), "applied": False, "why": f"unreadable ({type(e).__name__})"}
-        if not (temperature > 0 and np.isfinite(temperature) and np.isfinite(shift)):
-            return {"file": str(f), "applied": False, "why": "temperature or shift out of range"}
-        if sha256_file(model_path) not in models.values():
-            return {"file": str(f), "applied": False,
-                    "why": f"made for {', '.join(models) or 'another model'}, not this model file"}
-        return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift,
-                "prior_correction": bool(cal.get("prior_correction")), "target_prevalence": cal.get("target_prevalence"),
-                "method": cal.get("method")}
+def _run_json(path: Path):
+    """(document, None) of a run's JSON file, or (None, why not)."""
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    return (doc, None) if isinstance(doc, dict) else (None, "not a JSON object")
+
+
+def _listed(doc: dict, digest: str) -> tuple[bool, str]:
+    models = doc.get("models") if isinstance(doc.get("models"), dict) else {}
+    if digest in models.values():
+        return True, ""
+    return False, f"made for {', '.join(map(str, models)) or 'another model'}, not this model file"
+
+
+def find_calibration(model_path: Path, digest: str | None = None) -> dict | None:
+    """``calibration.json`` of the run folder (written by cxr-eval with ``eval.calibrate``/
+    ``eval.prior_correction``) and whether it belongs to this model file: ``{"file", "applied", "why",
+    "temperature", "shift", ...}``; None when the run folder has none."""
+    f = run_folder(model_path) / "calibration.json"
+    if not f.is_file():
+        return None
+    cal, why = _run_json(f)
+    if cal is None:
+        return {"file": str(f), "applied": False, "why": why, "broken": True}
+    try:
+        temperature, shift = float(cal["temperature"]), float(cal["shift"])
+    except (KeyError, TypeError, ValueError) as e:
+        return {"file": str(f), "applied": False, "why": f"unreadable ({type(e).__name__})", "broken": True}
+    if not (temperature > 0 and np.isfinite(temperature) and np.isfinite(shift)):
+        return {"file": str(f), "applied": False, "why": "temperature or shift out of range", "broken": True}
+    ok, why = _listed(cal, digest or sha256_file(model_path))
+    if not ok:
+        return {"file": str(f), "applied": False, "why": why}
+    return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift,
+            "prior_correction": bool(cal.get("prior_correction")), "target_prevalence": cal.get("target_prevalence"),
+            "method": cal.get("method")}
+
+
+def report_says_calibrated(model_path: Path) -> str | None:
+    """Where the run's evaluation says its predictions are calibrated (its ``metrics.json``), or None."""
+    f = run_folder(model_path) / "metrics.json"
+    m, _ = _run_json(f) if f.is_file() else (None, None)
+    if m and isinstance(m.get("plain"), dict) and m["plain"].get("calibrated"):
+        return str(f)
     return None
+
+
+def find_operating_point(model_path: Path, digest: str | None = None) -> dict:
+    """The run's validated operating point (``operating_point.json`` in the run folder) when it lists
+    this model file: ``{"threshold", "rule", "source", "file", "applied": True}``; else
+    ``{"applied": False, "why"}``."""
+    f = run_folder(model_path) / "operating_point.json"
+    if not f.is_file():
+        return {"applied": False, "why": f"no operating_point.json in the run folder {run_folder(model_path)}"}
+    op, why = _run_json(f)
+    if op is None:
+        return {"applied": False, "file": str(f), "why": f"{f} {why}"}
+    try:
+        t = float(op["threshold"])
+    except (KeyError, TypeError, ValueError):
+        return {"applied": False, "file": str(f), "why": f"{f} has no threshold"}
+    if not 0.0 <= t <= 1.0:
+        return {"applied": False, "file": str(f), "why": f"{f}: threshold {t!r} outside [0, 1]"}
+    ok, why = _listed(op, digest or sha256_file(model_path))
+    if not ok:
+        return {"applied": False, "file": str(f), "why": f"{f} {why}"}
+    return {"applied": True, "file": str(f), "threshold": t, "rule": str(op.get("rule")),
+            "source": str(op.get("source")), "probability": op.get("probability", "raw")}
 
 
 def calibration_note(cal: dict | None) -> str | None:
     if cal is None:
         return None
+    if cal.get("raw"):
+        return "raw probabilities (--raw): the network's, no calibration applied"
     if not cal["applied"]:
         return f"{cal['file']} not applied: {cal['why']}; probabilities are the network's"
-    parts = []
-    if cal.get("method") == "temperature":
-        parts.append(f"temperature {cal['temperature']:.3f}")
-    if cal.get("prior_correction"):
-        parts.append(f"prior correction to prevalence {cal['target_prevalence']:.3f} (logit shift {cal['shift']:+.3f})")
-    return f"probabilities calibrated by {cal['file']}: " + ", ".join(parts) + " (--json: raw_probability is the network's)"
+    T, S = cal["temperature"], cal["shift"]
+    what = [f"temperature {T:.6g}" + (" (fitted on validation)" if cal.get("method") == "temperature" else ""),
+            f"shift {S:+.6g}" + (f" (prior correction to prevalence {cal['target_prevalence']:.3f})"
+                                 if cal.get("prior_correction") and cal.get("target_prevalence") is not None else "")]
+    return (f"probabilities calibrated by {cal['file']}: sigmoid(logit(p) / {T:.6g} + {S:+.6g}) ("
+            + ", ".join(what) + "; --json: raw_probability is the network's)")
+
+
+def threshold_note(th: dict) -> str:
+    if th["source"] == "--threshold":
+        return f"threshold {th['threshold']:.9g} (--threshold), applied to probability"
+    if th["source"] == "operating point":
+        return (f"threshold {th['threshold']:.9g}: the run's operating point ({th['rule']}, chosen on the "
+                f"{th['chosen_on']} split; {th['file']}), applied to the network's probability as the report did")
+    return f"threshold 0.5: {th['why']}; --threshold T to choose one"
 
 
 # --------------------------------------------------------------------------- overlays
@@ -184,14 +262,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "-m", required=True, help=".keras model file or run directory")
-    p.add_argument("images", nargs="*", metavar="IMG", help="PNG or JPEG files (8/16-bit, gray, RGB, RGBA)")
+    p.add_argument("images", nargs="*", metavar="IMG",
+                   help="PNG or JPEG files (8/16-bit, gray, RGB, RGBA), or folders of them")
+    p.add_argument("--recursive", "-r", action="store_true", help="read folders with their subfolders")
     p.add_argument("--json", action="store_true", help="print one JSON document instead of a table")
+    p.add_argument("--out", metavar="FILE.csv", default=None,
+                   help="also write one CSV row per image (probability, prediction, threshold, error)")
     p.add_argument("--gradcam", nargs="?", const="", default=None, metavar="DIR",
                    help="write a Grad-CAM overlay per image, beside the image or into DIR")
     p.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="network input size; default: the model's input size")
     p.add_argument("--threshold", type=float, default=None,
-                   help="decision threshold; default: the run's eval.threshold, else 0.5")
+                   help="decision threshold on probability; default: the run's validated operating point "
+                        "(operating_point.json), else 0.5")
+    p.add_argument("--raw", action="store_true",
+                   help="the network's probabilities, without the run's calibration.json")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default="auto",
                    help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32; not measured "
@@ -213,7 +298,30 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.gradcam = ""
     if not args.images:
         parser.error("no image files given")
+    if args.threshold is not None and not 0.0 <= args.threshold <= 1.0:
+        parser.error(f"--threshold {args.threshold}: expected a probability in [0, 1]")
     return args
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+
+def expand_inputs(paths, recursive: bool) -> list[str]:
+    """Files as given; a folder as its PNG/JPEG files in sorted order (with ``recursive`` also those of its
+    subfolders; hidden folders and symlinks leading outside it left out). A folder without any is an error
+    row of its own."""
+    out = []
+    for p in paths:
+        if not Path(p).is_dir():
+            out.append(p)
+            continue
+        found = []
+        for d, files in walk_tree(p):
+            found += [os.path.join(d, f) for f in files if f.lower().endswith(IMAGE_SUFFIXES)]
+            if not recursive:
+                break
+        out += found or [p]
+    return out
 
 
 def open_model(path, precision: str | None = None, trust: bool = False):
@@ -252,6 +360,10 @@ def read_images(paths, size: int, keep_original: bool) -> tuple[list[dict], list
     results, decoded = [], []
     for path in paths:
         r = {"file": path}
+        if Path(path).is_dir():
+            r["error"] = "a folder without PNG or JPEG files (--recursive also reads its subfolders)"
+            results.append(r)
+            continue
         try:
             if keep_original:
                 arr, original, info = load_xray_and_original(path, size)
@@ -270,16 +382,18 @@ def read_images(paths, size: int, keep_original: bool) -> tuple[list[dict], list
 
 
 def add_predictions(results: list[dict], decoded: list[Decoded], probs, names, threshold: float,
-                    multilabel: bool) -> None:
-    for d, p in zip(decoded, probs):
+                    multilabel: bool, decide_on=None) -> None:
+    """Probabilities and the decision ``decide_on >= threshold`` (default: the probabilities themselves)."""
+    decide_on = probs if decide_on is None else decide_on
+    for d, p, q in zip(decoded, probs, decide_on):
         r = results[d.row]
         if multilabel:
             r["probabilities"] = {n: float(v) for n, v in zip(names, p)}
-            r["findings"] = [n for n, v in zip(names, p) if v >= threshold]
+            r["findings"] = [n for n, v in zip(names, q) if v >= threshold]
         else:
             r["probability"] = float(p)
             r["label"] = names[-1]
-            r["prediction"] = names[1] if p >= threshold else names[0]
+            r["prediction"] = names[1] if q >= threshold else names[0]
 
 
 def gradcam_classes(out: np.ndarray, probs: np.ndarray, multilabel: bool) -> np.ndarray:
@@ -305,6 +419,36 @@ def add_overlays(model, x, cls, results: list[dict], decoded: list[Decoded], fol
             r["error"] = f"Grad-CAM overlay not written: {getattr(e, 'reason', e)}"
 
 
+def choose_threshold(args, model_path: Path, digest: str, multilabel: bool) -> dict:
+    """The decision threshold and where it comes from: ``--threshold``, the run's operating point, or 0.5."""
+    if args.threshold is not None:
+        return {"threshold": float(args.threshold), "source": "--threshold", "on": "probability"}
+    if multilabel:
+        return {"threshold": 0.5, "source": "default", "why": "no operating point for multi-label runs", "on": "probability"}
+    op = find_operating_point(model_path, digest)
+    if not op["applied"]:
+        return {"threshold": 0.5, "source": "default", "why": op["why"], "on": "probability"}
+    return {"threshold": op["threshold"], "source": "operating point", "rule": op["rule"], "chosen_on": op["source"],
+            "file": op["file"], "on": "raw_probability"}
+
+
+def choose_calibration(args, model_path: Path, digest: str, multilabel: bool) -> dict | None:
+    """The run's calibration for this model, None when there is none, ``{"raw": True}`` for ``--raw``;
+    a run whose metrics.json says calibrated but whose calibration.json is missing or broken: ModelError."""
+    if multilabel:
+        return None
+    if args.raw:
+        return {"raw": True, "applied": False}
+    cal = find_calibration(model_path, digest)
+    says = report_says_calibrated(model_path)
+    if says and (cal is None or cal.get("broken")):
+        what = "missing" if cal is None else cal["why"]
+        raise ModelError(f"{says} says this run's predictions are calibrated, but "
+                         f"{run_folder(model_path) / 'calibration.json'} is {what}: rerun cxr-eval for it, or give "
+                         "--raw for the network's uncalibrated probabilities")
+    return cal
+
+
 @command("cxr-predict")  # a bad argument exits 2, a model that cannot be loaded 1: one line each
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -317,61 +461,92 @@ def main(argv=None) -> int:
     if precision.onednn_env:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
     model_path, model = open_model(args.model, precision.precision, trust=args.trust_model)
+    digest = sha256_file(model_path)
     cfg = find_run_config(model_path)
     size = input_size(model, cfg, args.image_size)
     multilabel = is_multilabel(model)
     names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
-    threshold = args.threshold if args.threshold is not None else (cfg.eval.threshold if cfg is not None else 0.5)
+    th = choose_threshold(args, model_path, digest, multilabel)
+    cal = choose_calibration(args, model_path, digest, multilabel)
 
-    cal = None if multilabel else find_calibration(model_path)
-    results, decoded = read_images(args.images, size, keep_original=args.gradcam is not None)
+    files = expand_inputs(args.images, args.recursive)
+    results, decoded = read_images(files, size, keep_original=args.gradcam is not None)
     if decoded:
+        from distributed.metrics import adjust, as_written  # the transforms cxr-eval used (no TensorFlow)
+
         x = np.stack([d.image for d in decoded]).astype(np.float32)[..., None]
         out = model.predict(x, batch_size=args.batch_size, verbose=0)
-        probs = positive_probability(out, multilabel)
-        if cal and cal["applied"] and not multilabel:
-            from distributed.metrics import adjust  # the transform cxr-eval fitted (no TensorFlow)
-
-            raw, probs = probs, adjust(probs, cal["temperature"], cal["shift"]).astype(np.float32)
+        # as the CSVs of the evaluation hold them (float32, %.9g): the operating point was chosen on these
+        raw = probs = as_written(positive_probability(out, multilabel))
+        if cal and cal["applied"]:
+            probs = as_written(adjust(raw, cal["temperature"], cal["shift"]))
             for d, v in zip(decoded, raw):
                 results[d.row]["raw_probability"] = float(v)
-        add_predictions(results, decoded, probs, names, threshold, multilabel)
+        add_predictions(results, decoded, probs, names, th["threshold"], multilabel,
+                        decide_on=raw if th["on"] == "raw_probability" else probs)
         if args.gradcam is not None:
             add_overlays(model, x, gradcam_classes(out, probs, multilabel), results, decoded, args.gradcam or None,
                          args.batch_size)
-    return report(results, args.json, model_path, size, threshold, multilabel, names, cal)
+    if args.out:
+        write_csv(args.out, results, th, multilabel)
+    return report(results, args.json, model_path, size, th, multilabel, names, cal)
 
 
-def report(results: list[dict], as_json: bool, model_path, size: int, threshold: float, multilabel: bool,
+def write_csv(path, results: list[dict], th: dict, multilabel: bool) -> Path:
+    """``--out``: one row per input file, in input order; text cells neutralised (data_prep.textsafe)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    if multilabel:
+        w.writerow(["file", "findings", "threshold", "probabilities", "error"])
+    else:
+        w.writerow(["file", "probability", "raw_probability", "prediction", "threshold", "threshold_source", "error"])
+    for r in results:
+        if multilabel:
+            probs = ";".join(f"{k}={v:.9g}" for k, v in (r.get("probabilities") or {}).items())
+            row = [r["file"], "|".join(r.get("findings") or []), f"{th['threshold']:.9g}", probs, r.get("error", "")]
+        else:
+            has = "probability" in r
+            row = [r["file"], f"{r['probability']:.9g}" if has else "",
+                   f"{r.get('raw_probability', r.get('probability')):.9g}" if has else "",
+                   r.get("prediction", ""), f"{th['threshold']:.9g}", th["source"], r.get("error", "")]
+        w.writerow(csv_row(row))
+    return atomic_write_text(path, buf.getvalue())
+
+
+def report(results: list[dict], as_json: bool, model_path, size: int, th: dict, multilabel: bool,
            names, calibration: dict | None = None) -> int:
     """Print the results (JSON or a table), one stderr line per error; the exit code."""
     failed = sum(1 for r in results if "error" in r)
     note = calibration_note(calibration)
+    threshold = th["threshold"]
     if as_json:
         doc = {"model": str(model_path), "image_size": int(size), "threshold": threshold,
+               "threshold_source": {k: v for k, v in th.items() if k != "threshold"}, "threshold_note": threshold_note(th),
                "task": "multilabel" if multilabel else "binary", "classes": names, "results": results,
                "failed": failed, "calibration": {**calibration, "note": note} if calibration else None}
         print(json.dumps(doc, indent=2))
     else:
-        if note:
-            print(f"# {note}")
-        print_table(results, multilabel, threshold)
+        for n in (note, threshold_note(th)):
+            if n:
+                print(f"# {console(n)}")
+        print_table(results, multilabel, threshold, names)
     for r in results:
         if "error" in r:
-            print(f"cxr-predict: {r['file']}: {r['error']}", file=sys.stderr)
+            print(f"cxr-predict: {console(r['file'])}: {console(r['error'])}", file=sys.stderr)
     return 1 if failed else 0
 
 
-def print_table(results, multilabel: bool, threshold: float) -> None:
-    w = max([len("file")] + [len(r["file"]) for r in results])
+def print_table(results, multilabel: bool, threshold: float, names=None) -> None:
+    files = {id(r): console(r["file"]) for r in results}
+    w = max([len("file")] + [len(f) for f in files.values()])
     if multilabel:
         print(f"{'file':<{w}}  {'size':>11}  findings (probability, top 5; >= {threshold:g} marked *)")
     else:
-        label = next((r["label"] for r in results if "label" in r), "positive")
+        label = console(names[-1] if names else next((r["label"] for r in results if "label" in r), "positive"))
         print(f"{'file':<{w}}  {'P(' + label + ')':>{max(11, len(label) + 3)}}  {'prediction':<14}  {'size':>11}  note")
     for r in results:
         if "error" in r and "width" not in r:
-            print(f"{r['file']:<{w}}  ERROR: {r['error']}")
+            print(f"{files[id(r)]:<{w}}  ERROR: {console(r['error'])}")
             continue
         size = f"{r['width']}x{r['height']}"
         note = []
@@ -386,10 +561,11 @@ def print_table(results, multilabel: bool, threshold: float) -> None:
         if multilabel:
             top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:5]
             txt = ", ".join(f"{n} {v:.3f}{'*' if v >= threshold else ''}" for n, v in top)
-            print(f"{r['file']:<{w}}  {size:>11}  {txt}" + (f"  [{'; '.join(note)}]" if note else ""))
+            print(f"{files[id(r)]:<{w}}  {size:>11}  {console(txt)}" + (f"  [{console('; '.join(note))}]" if note else ""))
         else:
-            lw = max(11, len(r["label"]) + 3)
-            print(f"{r['file']:<{w}}  {r['probability']:>{lw}.4f}  {r['prediction']:<14}  {size:>11}  {'; '.join(note)}")
+            lw = max(11, len(console(r["label"])) + 3)
+            print(f"{files[id(r)]:<{w}}  {r['probability']:>{lw}.4f}  {console(r['prediction']):<14}  {size:>11}  "
+                  f"{console('; '.join(note))}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,12 @@
 """``report.md`` of an evaluation: config, data counts from the manifest, the tables (plain and
 with test-time augmentation side by side), subgroup AUCs, plots and Grad-CAM grids by relative
 link. Readable on its own. No TensorFlow.
+
+Every value that comes from data (CSV cells such as views, sexes and finding labels, skip reasons, file
+and folder names, the run's name) goes through ``data_prep.textsafe`` (``md``: Markdown and HTML
+escaped; ``md_code``: a code span that cannot be closed; ``fence``: code blocks that cannot be closed).
+The checklist's answers are derived from the files the evaluation wrote and the patient sets it
+counted (``distributed.provenance``), never constants.
 """
 from __future__ import annotations
 
@@ -10,7 +16,9 @@ from typing import Mapping, Sequence
 
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
+from data_prep.textsafe import fence, md, md_code
 from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side
+from distributed.provenance import leakage_sentence
 
 TTA_NOTE = ("The TTA probability of an image is the mean of {n} predictions: the plain image's and those of "
             "{rounds} copies augmented as in training (the same in-graph transform ranges, `train.augment`, "
@@ -45,7 +53,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence], align: str | None = 
     return "\n".join(out)
 
 
-def data_section(manifest: Mapping | None) -> str:
+def data_section(manifest: Mapping | None, provenance: Mapping | None = None) -> str:
     if not manifest:
         return "_No manifest found: data counts unavailable._"
     classes = list(manifest.get("classes", []))
@@ -55,27 +63,27 @@ def data_section(manifest: Mapping | None) -> str:
         if not s:
             continue
         lc = s.get("label_counts") or {}
-        counts = ", ".join(f"{k}: {v}" for k, v in lc.items()) if len(lc) <= 4 else \
-            ", ".join(f"{k}: {v}" for k, v in sorted(lc.items(), key=lambda kv: -kv[1])[:4]) + ", …"
+        counts = ", ".join(f"{md(k)}: {v}" for k, v in lc.items()) if len(lc) <= 4 else \
+            ", ".join(f"{md(k)}: {v}" for k, v in sorted(lc.items(), key=lambda kv: -kv[1])[:4]) + ", …"
         pos = lc.get(classes[1]) if manifest.get("task") == "binary" and len(classes) == 2 else None
         prev = _f(pos / s["count"]) if pos is not None and s.get("count") else "–"
         rows.append([split, s.get("count", "–"), s.get("patients", "–"), counts or "–", prev, len(s.get("shards", []))])
-    txt = [f"Task **{manifest.get('task', '?')}**, classes: {', '.join(classes)}; "
+    txt = [f"Task **{md(manifest.get('task', '?'))}**, classes: {', '.join(md(c) for c in classes)}; "
            f"images {manifest.get('image_size', '?')} px, pixel mean {_f(manifest.get('mean'), 1)}, "
            f"std {_f(manifest.get('std'), 1)}.", "",
            _table(["split", "images", "patients", "per class", "prevalence", "shards"], rows, "lrrlrl"), ""]
     sk, cv = manifest.get("skipped") or [], manifest.get("converted") or []
     kinds = conversion_counts(cv)
     txt.append(f"Skipped during prep: {len(sk)} image(s); inputs other than 8-bit square grayscale PNGs, converted: "
-               f"{len(cv)}" + (f" ({', '.join(f'{k}: {v}' for k, v in kinds.items())}; each listed in "
+               f"{len(cv)}" + (f" ({', '.join(f'{md(k)}: {v}' for k, v in kinds.items())}; each listed in "
                                "`manifest.json`, `converted`)" if kinds else "") + ".")
     if sk:
         reasons: dict = {}
         for s in sk:
             reasons[s.get("reason", "?")] = reasons.get(s.get("reason", "?"), 0) + 1
-        txt.append("Skip reasons: " + "; ".join(f"{k} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".")
-    txt.append("Splits are by patient: no patient has images in two splits; the training split may be "
-               "resampled (balanced), validation and test hold each image at most once.")
+        txt.append("Skip reasons: " + "; ".join(f"{md(k)} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".")
+    txt.append(f"Splits are by patient. {leakage_sentence(provenance)} The training split may be resampled "
+               "(balanced); validation and test hold each image at most once.")
     return "\n".join(txt)
 
 
@@ -158,7 +166,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     rows = []
     for n in names:
         a = plain["report"][n]
-        r = [n, _f(a["precision"], 2), _f(a["recall"], 2), _f(a["f1-score"], 2), a["support"]]
+        r = [md(n), _f(a["precision"], 2), _f(a["recall"], 2), _f(a["f1-score"], 2), a["support"]]
         if tta:
             b = tta["report"][n]
             r += [_f(b["precision"], 2), _f(b["recall"], 2), _f(b["f1-score"], 2)]
@@ -172,12 +180,12 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     text = format_side_by_side(left, format_class_table(tta["report"],
                                                         title=f"with TTA (plain + {tta_rounds} augmented)")) \
         if tta else left
-    out += ["In the article's (scikit-learn) form:", "", "```", text, "```", ""]
+    out += ["In the article's (scikit-learn) form:", "", fence(text), text, fence(text), ""]
 
     cm = plain["confusion_matrix"]
     out += ["### Confusion matrix (plain)", "",
-            _table(["true \\ predicted"] + list(classes),
-                   [[classes[i]] + [cm[i][j] for j in range(len(classes))] for i in range(len(classes))]), ""]
+            _table(["true \\ predicted"] + [md(c) for c in classes],
+                   [[md(classes[i])] + [cm[i][j] for j in range(len(classes))] for i in range(len(classes))]), ""]
 
     sub = plain.get("subgroups") or {}
     if sub:
@@ -186,7 +194,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
         for g, vals in sub.items():
             for k, v in vals.items():
                 t = ((tta or {}).get("subgroups") or {}).get(g, {}).get(k, {})
-                rows.append([f"{g} = {k}", v["n"], v["positives"], _vci(v["auc"], v.get("auc_ci"))
+                rows.append([f"{g} = {md(k)}", v["n"], v["positives"], _vci(v["auc"], v.get("auc_ci"))
                              if v["auc"] is not None else "– (one class only)"] + ([_f(t.get("auc"))] if tta else []))
         out += [_table(["subgroup", "images", "positives", "AUC [95% CI]"] + (["TTA AUC"] if tta else []), rows), ""]
         out.append("AUC is reported only where both classes are present in the subgroup.")
@@ -201,7 +209,7 @@ def multilabel_section(plain: Mapping, tta: Mapping | None, tta_rounds: int) -> 
     rows = []
     for n in names:
         f = plain["findings"][n]
-        r = [n.replace("_", " "), _f(f["auc"]), _ci(f)]
+        r = [md(n.replace("_", " ")), _f(f["auc"]), _ci(f)]
         if tta:
             r.append(_f(tta["findings"][n]["auc"]))
         r += [f["positives"], _f(f.get("chexnet_auc"), 4)]
@@ -215,7 +223,7 @@ def multilabel_section(plain: Mapping, tta: Mapping | None, tta_rounds: int) -> 
            "The CheXNet column is Rajpurkar et al. (2017) on THEIR patient split and a DenseNet-121 at "
            "224 px: a reference point, not a like-for-like comparison.", ""]
     rep = plain["report"]
-    rows = [[n.replace("_", " "), _f(rep[n]["precision"], 2), _f(rep[n]["recall"], 2), _f(rep[n]["f1-score"], 2),
+    rows = [[md(n.replace("_", " ")), _f(rep[n]["precision"], 2), _f(rep[n]["recall"], 2), _f(rep[n]["f1-score"], 2),
              rep[n]["support"]] for n in names]
     for k in ("micro avg", "macro avg", "weighted avg", "samples avg"):
         if k in rep:
@@ -245,7 +253,7 @@ def checkpoint_text(sc: Mapping | None) -> str:
         return "–"
     vl = f", val_loss {sc['val_loss']:.4f}" if sc.get("val_loss") is not None else ""
     where = f"{sc['phase']} phase, epoch {sc['epoch']}" if sc.get("phase") else "epoch unknown"
-    return f"`{sc.get('file')}`: {where}{vl} ({sc.get('rule')})"
+    return f"{md_code(sc.get('file'))}: {where}{vl} ({md(sc.get('rule'))})"
 
 
 def task_section(metrics: Mapping, cfg) -> str:
@@ -254,14 +262,14 @@ def task_section(metrics: Mapping, cfg) -> str:
     if metrics["task"] != "binary":
         out += ["Multi-label: one sigmoid output per finding of the 14; an image can carry several.", ""]
         return "\n".join(out)
-    out.append(f"Positives: every image whose Finding Labels include **{td.get('positive_label')}**, with or "
+    out.append(f"Positives: every image whose Finding Labels include **{md(td.get('positive_label'))}**, with or "
                f"without other findings. Negatives (`data.negative_rule: {td.get('negative_rule')}`): "
-               f"{NEGATIVE_RULES.get(td.get('negative_rule'), td.get('negative_rule'))}. Split: "
-               f"{metrics.get('split_method', 'seeded')} by patient.")
+               f"{NEGATIVE_RULES.get(td.get('negative_rule'), md(td.get('negative_rule')))}. Split: "
+               f"{md(metrics.get('split_method', 'seeded'))} by patient.")
     co = metrics.get("co_findings")
     if co:
         out += ["", f"{co['positives_with_co_findings']} of {co['positives']} test positives carry other findings "
-                    f"besides {td.get('positive_label')}. ROC AUC against the same negatives (plain, 95% CI by "
+                    f"besides {md(td.get('positive_label'))}. ROC AUC against the same negatives (plain, 95% CI by "
                     "patient):", "",
                 _table(["positives", "images", "ROC AUC [95% CI]"], [
                     ["with co-findings", co["auc_with"]["positives"], _iv(co["auc_with"])],
@@ -307,42 +315,98 @@ def calibration_section(plain: Mapping, tta: Mapping | None, metrics: Mapping) -
     return "\n".join(out)
 
 
-def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg) -> str:
+GRID_NAMES = {"true_positives": "true positives", "false_positives": "false positives",
+              "false_negatives": "false negatives"}
+
+
+def grids_written(out_dir, gradcam: Mapping[str, str] | None) -> list[str]:
+    """The Grad-CAM grids this evaluation wrote that exist on disk (keys of GRID_NAMES, in that order)."""
+    gradcam = gradcam or {}
+    return [k for k in GRID_NAMES if k in gradcam and (out_dir is None or (Path(out_dir) / gradcam[k]).is_file())]
+
+
+def calibration_fact(out_dir, metrics: Mapping) -> str:
+    """What calibration the evaluation wrote: ``calibration.json``'s transform, or none."""
+    plain = metrics["plain"]
+    f = Path(out_dir) / "calibration.json" if out_dir is not None else None
+    cal = None
+    if f is not None and f.is_file():
+        try:
+            import json
+
+            cal = json.loads(f.read_text())
+        except (OSError, ValueError):
+            cal = None
+    head = f"Brier {_f(plain.get('brier'))}, ECE {_f(plain.get('ece'))} of the network's probabilities; "
+    if cal and plain.get("calibrated"):
+        what = [f"temperature {float(cal['temperature']):.3f}" + (" fitted on validation" if cal.get("method") == "temperature"
+                                                                  else ""),
+                f"shift {float(cal['shift']):+.3f}" + (" (prior correction)" if cal.get("prior_correction") else "")]
+        c = plain["calibrated"]
+        return head + (f"calibrated by `calibration.json` ({', '.join(what)}): Brier {_f(c.get('brier'))}, "
+                       f"ECE {_f(c.get('ece'))}")
+    if plain.get("calibrated"):
+        return head + "calibrated in metrics.json, but no `calibration.json` was found beside this report"
+    return head + "not calibrated (no `calibration.json`)"
+
+
+def operating_fact(metrics: Mapping) -> str:
+    op = metrics.get("operating_point") or (metrics["plain"].get("operating_point") or {})
+    if metrics["task"] != "binary":
+        return f"none: per-finding decisions at eval.threshold {metrics['plain']['threshold']:g}"
+    if op.get("threshold") is None:
+        return f"none: {md(op.get('note') or 'no threshold')}"
+    where = {"validation": "chosen on the validation split and applied unchanged to test"}.get(
+        op.get("source"), f"from {md(op.get('source'))}, not fitted on the validation split")
+    return (f"threshold {op['threshold']:.4g} ({md_code(op.get('rule'))}), {where}; `operating_point.json` holds it "
+            "for `cxr-predict`")
+
+
+def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=None) -> str:
     """CLAIM (Checklist for Artificial Intelligence in Medical Imaging, Mongan et al. 2020) items the tool can
-    answer, answered; the others listed for the author."""
+    answer, answered from what the evaluation wrote into ``out_dir`` and counted; the others listed for the author."""
     manifest = manifest or {}
     sp = manifest.get("splits") or {}
     prev = metrics.get("prevalence") or {}
     versions = manifest.get("versions") or {}
     plain = metrics["plain"]
     sc = metrics.get("selected_checkpoint") or {}
-    counts = "; ".join(f"{k}: {v.get('count', '–')} images, {v.get('patients', '–')} patients" for k, v in sp.items())
+    prov = metrics.get("provenance") or {}
+    counts = "; ".join(f"{md(k)}: {v.get('count', '–')} images, {v.get('patients', '–')} patients"
+                       for k, v in sp.items())
+    grids = grids_written(out_dir, metrics.get("gradcam"))
+    missing = [GRID_NAMES[k] for k in GRID_NAMES if k not in grids]
+    if grids:
+        failure = "Grad-CAM grids of " + ", ".join(GRID_NAMES[k] for k in grids) + \
+            (f"; none of {' or '.join(missing)} (no such test images at the threshold, or not drawn)" if missing else "")
+    else:
+        failure = "no Grad-CAM grids (eval.gradcam_per_group = 0, or none drawn)"
+    split = f"{md(metrics.get('split_method', 'seeded'))}, by patient. {leakage_sentence(prov)}"
+    if prov.get("evaluation") == "external":
+        split += " External evaluation: the test data is another prep than the one the model trained on."
     rows = [
-        ["Data source and version", f"metadata `{cfg.data.csv}`, images below `{cfg.data.images}`; prep format "
-                                    f"{manifest.get('format', '–')}, prep hash {manifest.get('config_hash', '–')} "
-                                    f"(the CSV's release is the author's to state)"],
-        ["Inclusion / exclusion", f"task {metrics['task']}; {len(manifest.get('skipped') or [])} image(s) excluded "
+        ["Data source and version", f"metadata {md_code(cfg.data.csv)}, images below {md_code(cfg.data.images)}; prep "
+                                    f"format {md(manifest.get('format', '–'))}, prep hash "
+                                    f"{md(manifest.get('config_hash', '–'))} (the CSV's release is the author's to state)"],
+        ["Inclusion / exclusion", f"task {md(metrics['task'])}; {len(manifest.get('skipped') or [])} image(s) excluded "
                                   "(reasons in `manifest.json`, `skipped`); per split: " + (counts or "–")],
-        ["Split and leakage control", f"{metrics.get('split_method', 'seeded')}, by patient: no patient in two splits; "
-                                      "only the training split resampled"],
-        ["Prevalence per split", ", ".join(f"{k} {_f(v)}" for k, v in prev.items() if v is not None) or "–"],
+        ["Split and leakage control", split + " Only the training split is resampled."],
+        ["Prevalence per split", ", ".join(f"{md(k)} {_f(v)}" for k, v in prev.items() if v is not None) or "–"],
         ["Preprocessing", f"{metrics['image_size']} px, per-image min-max to uint8, the backbone's ImageNet "
                           "preprocessing (not the train mean/std)"],
-        ["Model and pretrained weights", f"{cfg.model.backbone}, weights `{cfg.model.weights}`, head Dense "
+        ["Model and pretrained weights", f"{md(cfg.model.backbone)}, weights {md_code(cfg.model.weights)}, head Dense "
                                          f"{cfg.model.dense_units} + dropout {cfg.model.dropout}"],
         ["Training recipe", f"warm-up {cfg.train.warmup.epochs} epoch(s) ({cfg.train.warmup.optimizer}), fine-tune up "
                             f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} lr {cfg.train.finetune.lr:g}), "
                             f"early stopping {cfg.train.finetune.patience}; evaluated {checkpoint_text(sc)}"],
         ["Metrics with intervals", f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))} and every other number, "
                                    f"{metrics.get('bootstrap')} patient-bootstrap resamples"],
-        ["Operating point", f"chosen on validation (`{cfg.eval.operating_point}`), applied to test"],
-        ["Calibration", f"Brier {_f(plain.get('brier'))}, ECE {_f(plain.get('ece'))}; "
-                        + ("calibrated as in the Calibration section" if plain.get("calibrated") else "not calibrated")],
-        ["Subgroups", ("AUC with 95% CI by " + ", ".join(plain.get("subgroups") or {})) if plain.get("subgroups")
-         else "–"],
-        ["Failure cases", "Grad-CAM grids of false positives and false negatives" if metrics.get("gradcam") else
-         "no Grad-CAM grids"],
-        ["Software", ", ".join(f"{k} {v}" for k, v in versions.items()) if versions else "–"],
+        ["Operating point", operating_fact(metrics)],
+        ["Calibration", calibration_fact(out_dir, metrics) if metrics["task"] == "binary" else "–"],
+        ["Subgroups", ("AUC with 95% CI by " + ", ".join(md(k) for k in plain.get("subgroups") or {}))
+         if plain.get("subgroups") else "–"],
+        ["Failure cases", failure],
+        ["Software", ", ".join(f"{md(k)} {md(v)}" for k, v in versions.items()) if versions else "–"],
     ]
     author = ["Clinical question and intended use", "Reference standard and its reliability (NIH labels are mined "
               "from reports by NLP)", "Ethics approval and data licence", "External validation", "Comparison with "
@@ -353,19 +417,43 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg) -> str:
                       "Only the author can answer: " + "; ".join(author) + ".", ""])
 
 
+def provenance_text(prov: Mapping | None) -> str:
+    """The report header's row on the data evaluated: the run's own prep, or an external one and its overlap."""
+    if not prov:
+        return "–"
+    ev, tr = prov.get("evaluated_on") or {}, prov.get("trained_on") or {}
+
+    def name(i):
+        return (f"{md_code(i.get('prep_out'))} (prep.seed {md(i.get('prep_seed'))} per its manifest, sha256 "
+                f"{md(str(i.get('manifest_sha256'))[:12])})")
+    if prov.get("evaluation") == "unverified":
+        return f"{name(ev)}; **not verified** to be the prep the model trained on (nothing recorded in the run folder)"
+    if prov.get("evaluation") != "external":
+        return f"the prep the model trained on: {name(ev)}"
+    sh = prov.get("shared")
+    overlap = (f"patients shared with the model's training split: **{sh['train_test']} of {sh['patients']['test']} "
+               f"test, {sh['train_val']} of {sh['patients']['val']} validation**"
+               + (" (eval.allow_overlap: true)" if (sh["train_test"] or sh["train_val"]) else "")) if sh else \
+        "**overlap with the training patients not checked** (eval.allow_overlap: true)"
+    return (f"**external evaluation**: {name(ev)}, not the prep the model trained on"
+            + (f" ({name(tr)})" if tr else "") + f"; {overlap}")
+
+
 def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, plots: Mapping[str, str],
                  gradcam: Mapping[str, str], config_yaml: str, console: str = "") -> Path:
     """Write ``report.md`` into ``run_dir``; image paths in ``plots``/``gradcam`` are relative."""
-    run_dir = Path(run_dir)
-    name = cfg.run.name or run_dir.name
+    out_dir = Path(run_dir)
+    source = Path(metrics.get("run_dir") or out_dir)
+    name = cfg.run.name or source.name
     plain, tta = metrics["plain"], metrics.get("tta")
-    lines = [f"# Evaluation report: {name}", "",
+    lines = [f"# Evaluation report: {md(name)}", "",
              f"Generated {_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} by `cxr-eval` from the run directory "
-             f"`{run_dir}`.", "",
+             f"{md_code(source)}" + (f" into {md_code(out_dir)}" if out_dir != source else "") + ".", "",
              _table(["", ""], [
-                 ["task", metrics["task"] + (f" — positive class **{metrics['classes'][-1]}**"
+                 ["task", metrics["task"] + (f" — positive class **{md(metrics['classes'][-1])}**"
                                              if metrics["task"] == "binary" else f" — {len(metrics['classes'])} findings")],
-                 ["model", f"`{metrics['model']}` (eval.checkpoint = {metrics['checkpoint']})"],
+                 ["model", f"{md_code(metrics['model'])} (eval.checkpoint = {metrics['checkpoint']})"],
+                 ["evaluated data", provenance_text(metrics.get("provenance"))],
                  ["selected checkpoint", checkpoint_text(metrics.get("selected_checkpoint"))],
                  ["split method", f"{metrics.get('split_method', 'seeded')}, by patient"],
                  ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"
@@ -381,10 +469,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
              ], "ll"), "",
              task_section(metrics, cfg),
-             "## Data", "", data_section(manifest), "", PREPROCESSING_NOTE, ""]
+             "## Data", "", data_section(manifest, metrics.get("provenance")), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in metrics.get("warnings") or []:
-        lines += [f"> **Warning:** {warning}.", ""]
+        lines += [f"> **Warning:** {md(warning)}.", ""]
     if metrics["task"] == "binary":
         lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0), metrics))
         lines.append(calibration_section(plain, tta, metrics))
@@ -411,7 +499,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
 
     lines += ["## Grad-CAM", ""]
     if gradcam:
-        lines += [f"Heat maps of the positive class score on layer `{metrics.get('gradcam_layer', '?')}` over the "
+        lines += [f"Heat maps of the positive class score on layer {md_code(metrics.get('gradcam_layer', '?'))} over the "
                   "network's input image, for the most confident cases of each group.", ""]
         for k, rel in gradcam.items():
             lines += [f"**{k.replace('_', ' ')}**", "", f"![{k}]({rel})", ""]
@@ -419,17 +507,19 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
         lines += ["_No Grad-CAM grids (eval.gradcam_per_group = 0 or no such cases)._", ""]
 
     if console:
-        lines += ["## Console output", "", "```", console.rstrip(), "```", ""]
+        lines += ["## Console output", "", fence(console), console.rstrip(), fence(console), ""]
     lines += ["## Configuration", "", "The resolved configuration of this evaluation (also in `eval_config.yaml`):", "",
-              "```yaml", config_yaml.rstrip(), "```", "",
+              fence(config_yaml) + "yaml", config_yaml.rstrip(), fence(config_yaml), "",
               "## Files", "",
               "- `predictions.csv`: one row per test image (probability, and with TTA `tta_probability`)",
               "- `val_predictions.csv`: the same for the validation split (the operating point and calibration are "
               "fitted on it)",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
               "- `eval_config.yaml`: the configuration of this evaluation"]
-    if (metrics.get("plain") or {}).get("calibrated"):
+    if (out_dir / "calibration.json").is_file():
         lines.append("- `calibration.json`: the probability transform fitted on validation, for `cxr-predict`")
+    if (out_dir / "operating_point.json").is_file():
+        lines.append("- `operating_point.json`: the operating point's threshold, with which `cxr-predict` decides")
     lines.append("")
-    lines.append(claim_checklist(metrics, manifest, cfg))
-    return atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    lines.append(claim_checklist(metrics, manifest, cfg, out_dir))
+    return atomic_write_text(out_dir / "report.md", "\n".join(lines))

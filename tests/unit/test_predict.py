@@ -53,14 +53,15 @@ def test_all_kinds_of_input_with_overlays(run_dir, images, tmp_path, capsys):
     rc = predict.main(["--model", str(run_dir), *files, "--json", "--gradcam", str(cams), "--precision", "float32"])
     out = json.loads(capsys.readouterr().out)
     assert rc == 0 and out["failed"] == 0
-    assert out["image_size"] == S and out["classes"] == ["No Finding", "Effusion"] and out["threshold"] == 0.3
+    # eval.threshold (0.3 in the run's config) is the class table's, not a decision: without an operating point 0.5
+    assert out["image_size"] == S and out["classes"] == ["No Finding", "Effusion"] and out["threshold"] == 0.5
     by = {r["file"]: r for r in out["results"]}
     assert by[images["rgba"]]["converted_from"] == "RGBA" and by[images["x16"]]["bits"] == 16
     model = load_model(str(run_dir / "model.keras"))
     for f in files:
         r = by[f]
         assert 0.0 <= r["probability"] <= 1.0
-        assert r["prediction"] == ("Effusion" if r["probability"] >= 0.3 else "No Finding")
+        assert r["prediction"] == ("Effusion" if r["probability"] >= 0.5 else "No Finding")
         # the same number as the model on load_xray's output
         x, _ = data_prep.imaging.load_xray(f, S)
         ref = model.predict(x[None, ..., None].astype(np.float32), verbose=0)[0, 1]
@@ -75,7 +76,7 @@ def test_corrupt_file_is_reported_and_the_rest_still_run(run_dir, images, capsys
                        str(images["dir"] / "missing.png"), images["x16"]])
     cap = capsys.readouterr()
     assert rc == 1
-    lines = cap.out.splitlines()
+    lines = [ln for ln in cap.out.splitlines() if not ln.startswith("# ")]  # the notes: threshold, calibration
     assert len(lines) == 5  # header + 4 files
     assert any(images["corrupt"] in ln and "ERROR" in ln and "truncated" in ln for ln in lines)
     assert any("missing.png" in ln and "file not found" in ln for ln in lines)
@@ -140,3 +141,104 @@ def test_jpeg_probability_does_not_depend_on_gradcam(run_dir, images, tmp_path, 
         assert predict.main(["--model", str(run_dir), str(jpg), "--json", "--precision", "float32", *extra]) == 0
         probs.append(json.loads(capsys.readouterr().out)["results"][0]["probability"])
     assert probs[0] == probs[1]
+
+
+# --------------------------------------------------------------------------- the run's own decisions (issues 30, 36)
+
+def _run_copy(run_dir, tmp_path):
+    import shutil
+
+    d = tmp_path / "parent" / "run"
+    shutil.copytree(run_dir, d)
+    return d
+
+
+def _digest(path):
+    from data_prep.fsutil import sha256_file
+
+    return sha256_file(path)
+
+
+def test_threshold_is_the_runs_operating_point_else_05(run_dir, images, tmp_path, capsys):
+    d = _run_copy(run_dir, tmp_path)
+    rc = predict.main(["--model", str(d), images["nih1"], images["nih2"], "--json", "--precision", "float32"])
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0 and out["threshold"] == 0.5 and out["threshold_source"]["source"] == "default"
+    assert "no operating_point.json" in out["threshold_note"]
+    probs = [r["probability"] for r in out["results"]]
+    t = float(np.mean(probs))  # between the two: one positive, one negative
+    (d / "operating_point.json").write_text(json.dumps({"threshold": t, "rule": "youden", "source": "validation",
+                                                        "models": {"model.keras": _digest(d / "model.keras")}}))
+    rc = predict.main(["--model", str(d), images["nih1"], images["nih2"], "--precision", "float32"])
+    text = capsys.readouterr().out
+    assert rc == 0 and f"threshold {t:.9g}: the run's operating point (youden, chosen on the validation split" in text
+    rc = predict.main(["--model", str(d), images["nih1"], images["nih2"], "--json", "--precision", "float32"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == t and [r["prediction"] for r in out["results"]] == \
+        ["Effusion" if p >= t else "No Finding" for p in probs] and len({r["prediction"] for r in out["results"]}) == 2
+    # --threshold overrides it; another model file's operating point is not used
+    rc = predict.main(["--model", str(d), images["nih1"], "--json", "--threshold", "0", "--precision", "float32"])
+    assert json.loads(capsys.readouterr().out)["results"][0]["prediction"] == "Effusion"
+    (d / "operating_point.json").write_text(json.dumps({"threshold": t, "rule": "youden", "source": "validation",
+                                                        "models": {"model.keras": "0" * 64}}))
+    predict.main(["--model", str(d), images["nih1"], "--json", "--precision", "float32"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["threshold"] == 0.5 and "not this model file" in out["threshold_note"]
+
+
+def test_calibration_only_from_the_run_folder_and_never_silently_missing(run_dir, images, tmp_path, capsys):
+    d = _run_copy(run_dir, tmp_path)
+    planted = {"temperature": 1.0, "shift": 12.0, "method": "none", "prior_correction": True,
+               "models": {"model.keras": _digest(d / "model.keras")}}
+    (d.parent / "calibration.json").write_text(json.dumps(planted))  # the run folder's parent: ignored
+    assert predict.main(["--model", str(d / "model.keras"), images["nih1"], "--json", "--precision", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["calibration"] is None and "raw_probability" not in out["results"][0]
+    raw = out["results"][0]["probability"]
+    # the run's own file: applied, and the whole transform printed
+    (d / "calibration.json").write_text(json.dumps({**planted, "shift": -0.5, "temperature": 2.0}))
+    assert predict.main(["--model", str(d), images["nih1"], "--precision", "float32"]) == 0
+    text = capsys.readouterr().out
+    assert "sigmoid(logit(p) / 2 + -0.5)" in text and "temperature 2" in text and "shift -0.5" in text
+    # the run's report says calibrated, the file is gone: refused in one line, unless --raw
+    (d / "metrics.json").write_text(json.dumps({"plain": {"calibrated": {"temperature": 2.0}}}))
+    (d / "calibration.json").unlink()
+    assert predict.main(["--model", str(d), images["nih1"]]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "calibration.json is missing" in err[0] and "--raw" in err[0]
+    assert predict.main(["--model", str(d), images["nih1"], "--raw", "--json", "--precision", "float32"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["results"][0]["probability"] == raw and "--raw" in out["calibration"]["note"]
+
+
+def test_folders_recursive_and_out_csv(run_dir, images, tmp_path, capsys):
+    import csv
+    import shutil
+
+    top = tmp_path / "in"
+    (top / "sub" / "deeper").mkdir(parents=True)
+    shutil.copy(images["nih1"], top / "a.png")
+    shutil.copy(images["rgba"], top / "sub" / "b.PNG")
+    shutil.copy(images["x16"], top / "sub" / "deeper" / "c.png")
+    shutil.copy(images["corrupt"], top / "sub" / "=bad.png")
+    (top / "notes.txt").write_text("not an image")
+    assert predict.main(["--model", str(run_dir), str(top), "--json"]) == 0  # the folder alone: a.png
+    assert [r["file"] for r in json.loads(capsys.readouterr().out)["results"]] == [str(top / "a.png")]
+    out_csv = tmp_path / "p.csv"
+    assert predict.main(["--model", str(run_dir), str(top), "--recursive", "--out", str(out_csv)]) == 1
+    capsys.readouterr()
+    rows = list(csv.DictReader(out_csv.open()))
+    files = {r["file"]: r for r in rows}
+    assert len(rows) == 4 and set(files) == {str(top / "a.png"), str(top / "sub" / "b.PNG"),
+                                             str(top / "sub" / "deeper" / "c.png"), str(top / "sub" / "=bad.png")}
+    for f in ("a.png", "sub/b.PNG", "sub/deeper/c.png"):
+        r = files[str(top / f)]
+        assert 0 <= float(r["probability"]) <= 1 and r["prediction"] in ("Effusion", "No Finding") and not r["error"]
+        assert float(r["threshold"]) == 0.5 and r["threshold_source"] == "default"
+    bad = files[str(top / "sub" / "=bad.png")]
+    assert bad["error"] and not bad["probability"]
+
+
+def test_header_names_the_positive_class_when_every_file_failed(run_dir, images, capsys):
+    assert predict.main(["--model", str(run_dir), images["corrupt"]]) == 1
+    assert "P(Effusion)" in capsys.readouterr().out
