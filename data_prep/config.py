@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import os
 import sys
 import typing
@@ -256,7 +257,12 @@ def _check_scalar(key: str, tp, value, meta):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r} ({type(value).__name__})")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float
+            value = math.inf
+        if not math.isfinite(value):  # NaN passes every comparison, so no range check would catch it
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
     elif tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{key}: expected a string, got {value!r} ({type(value).__name__})")
@@ -327,7 +333,7 @@ def _set_dotted(tree: dict, dotted: str, raw: str):
             if dataclasses.is_dataclass(tp):
                 raise ConfigError(f"{key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
             try:
-                value = yaml.safe_load(raw) if raw != "" else ""
+                value = safe_load(raw) if raw != "" else ""
             except yaml.YAMLError as e:
                 raise ConfigError(f"{key}: cannot parse value {raw!r}: {e}") from None
             if tp is str and value is not None and not isinstance(value, str):
@@ -353,15 +359,37 @@ def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, str]]:
     return out
 
 
+MAX_YAML_BYTES = 1 << 20  # a config, cluster or variant file is a few KB
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a few hundred bytes of nested aliases expand
+    to millions of nodes (and an error message quoting them to megabytes); no file of the project needs them."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(
+                None, None, f"aliases (*name) are not allowed (line {mark.line + 1}, column {mark.column + 1})", mark)
+        return super().compose_node(parent, index)
+
+
+def safe_load(text: str):
+    """``yaml.safe_load`` without aliases (:class:`_NoAliasLoader`)."""
+    return yaml.load(text, Loader=_NoAliasLoader)
+
+
 def read_yaml_mapping(path: str | os.PathLike, error=None, what: str = "config") -> dict:
-    """``yaml.safe_load`` of a file that must hold a mapping (config, cluster and variant files),
-    every problem raised as ``error`` (an exception class) in one sentence."""
+    """``yaml.safe_load`` (without aliases, at most MAX_YAML_BYTES) of a file that must hold a mapping
+    (config, cluster and variant files), every problem raised as ``error`` (an exception class) in one sentence."""
     error = error or ConfigError
     p = Path(path)
     if not p.is_file():
         raise error(f"{what} file not found: {p}")
+    if p.stat().st_size > MAX_YAML_BYTES:
+        raise error(f"{p}: {p.stat().st_size} bytes, more than a {what} file may hold ({MAX_YAML_BYTES})")
     try:
-        tree = yaml.safe_load(p.read_text()) or {}
+        tree = safe_load(p.read_text()) or {}
     except yaml.YAMLError as e:
         raise error(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(tree, dict):
@@ -432,6 +460,38 @@ def train_hash(cfg) -> str:
 def eval_hash(cfg) -> str:
     """Hash of what decides the evaluation report: the trained model and the eval section."""
     return config_hash({"train": train_hash(cfg), "eval": non_default(cfg.eval)})
+
+
+# The keys that define a training run in run.dir (data_prep.rundir): the train hash's keys, less how
+# training runs (train.cache, train.elastic, the gradient compression) and how long (epochs and patience
+# may grow on a resume): a resume or a rerun with another value of any other key is refused.
+RUN_FREE_KEYS = ("train.cache", "train.elastic", "train.allreduce_compression", "train.warmup.epochs",
+                 "train.finetune.epochs", "train.finetune.patience")
+
+
+def _leaves(section, prefix: str) -> dict:
+    out = {}
+    for f in dataclasses.fields(section):
+        value, key = getattr(section, f.name), f"{prefix}.{f.name}"
+        out.update(_leaves(value, key) if dataclasses.is_dataclass(value) else {key: value})
+    return out
+
+
+def run_definition(cfg) -> dict:
+    """``{dotted key: value}`` of every key that defines the training run in ``run.dir``: the data, the
+    prepared data's identity (prep but where and how prep runs), the model and the training recipe."""
+    skip = {f"prep.{k}" for k in PREP_RUN_KEYS} | {f"train.{k}" for k in TRAIN_RUN_KEYS} | set(RUN_FREE_KEYS)
+    out = {}
+    for name in ("data", "prep", "model", "train"):
+        out.update({k: v for k, v in _leaves(getattr(cfg, name), name).items() if k not in skip})
+    return out
+
+
+def run_hash(cfg) -> str:
+    """Hash of :func:`run_definition` (the values that differ from the defaults, as the stage hashes)."""
+    default = run_definition(Config())
+    return config_hash({"schema": HASH_SCHEMA, "run": {k: v for k, v in run_definition(cfg).items()
+                                                       if v != default.get(k)}})
 
 
 def stage_hash(cfg, stage: str) -> str:

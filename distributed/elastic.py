@@ -53,9 +53,9 @@ class _Local(T.Tally):
     tb: object = None
 
 
-def run(cfg, plan, resume: bool = False) -> dict:
+def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     """Train elastically; the same result as :func:`distributed.trainer.run` (on every rank)."""
-    su = T.setup(cfg, plan)
+    su = T.setup(cfg, plan, restart=restart)
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
     start = T.Start(None)
     if hvd.is_root():  # rank 0 reads or clears the checkpoints; the first synchronisation hands them on

@@ -41,7 +41,15 @@ def parse_args(argv=None):
     add_config_args(ap)
     ap.add_argument("--resume", action="store_true",
                     help="continue from <run.dir>/checkpoints (phase, epoch, optimizer, early stopping)")
-    return ap.parse_args(argv)
+    ap.add_argument("--restart", action="store_true",
+                    help="start over in run.dir: an earlier run there (also one of another config, which is "
+                         "refused otherwise) is first moved aside into <run.dir>.replaced-<time>")
+    args = ap.parse_args(argv)
+    if args.resume and args.restart:
+        from data_prep.cli import UsageError
+
+        raise UsageError("--resume and --restart exclude each other: continue the run, or start it over")
+    return args
 
 
 @command("cxr-train")  # the project's errors: one line, exit 2 (config) or 1
@@ -52,7 +60,7 @@ def main(argv=None) -> int:
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
     with stop_signals(cfg.train.stop_signals):  # from now on: a signal during start-up is kept too
-        code = int(train(cfg, resume=args.resume).get("exit_code", 0))
+        code = int(train(cfg, resume=args.resume, restart=args.restart).get("exit_code", 0))
     # Under horovodrun's elastic driver a rank's non-zero exit blacklists its host and the driver then
     # waits for another one (up to its elastic timeout): after a stop the ranks exit 0 there, and the
     # launcher, which forwarded the signal, still exits 128 + signal.
@@ -61,17 +69,18 @@ def main(argv=None) -> int:
     return 0 if code and hvd.elastic_enabled() else code
 
 
-def train(cfg, resume: bool = False, plan=None) -> dict:
+def train(cfg, resume: bool = False, plan=None, restart: bool = False) -> dict:
     """Train per ``cfg``; returns {"state", "history", "run_dir"} (the same on every rank).
-    ``plan``: a thread plan the caller already applied (benchmarks), else this applies one."""
+    ``plan``: a thread plan the caller already applied (benchmarks), else this applies one.
+    ``restart``: move an earlier run in ``run.dir`` aside first (``data_prep.rundir``)."""
     plan = plan or runtime.apply(cfg.runtime)  # oneDNN/OpenMP threads of this rank: BEFORE TensorFlow starts
     if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
         from distributed import elastic  # imports TensorFlow: only now that the thread plan is in os.environ
 
-        return elastic.run(cfg, plan, resume=resume)
+        return elastic.run(cfg, plan, resume=resume, restart=restart)
     from distributed import trainer  # imports TensorFlow: only now that the thread plan is in os.environ
 
-    return trainer.run(cfg, plan, resume=resume)
+    return trainer.run(cfg, plan, resume=resume, restart=restart)
 
 
 if __name__ == "__main__":

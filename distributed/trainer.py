@@ -35,6 +35,7 @@ from distributed import checkpoints
 from distributed import data as D
 from distributed import hvd
 from distributed import model as M
+from data_prep import rundir
 from distributed import runtime
 
 PHASES = ("warmup", "finetune")
@@ -42,11 +43,12 @@ PHASES = ("warmup", "finetune")
 
 # --------------------------------------------------------------------------- the recipe
 
-def run(cfg, plan, resume: bool = False) -> dict:
+def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
     {"state", "history", "run_dir"} (the same on every rank), with "exit_code" 128 + signal when a
-    stop signal ended it (its step checkpoint written). Elastic training: ``distributed.elastic.run``."""
-    su = setup(cfg, plan)
+    stop signal ended it (its step checkpoint written). ``restart``: an earlier run in ``run.dir`` is
+    moved aside first (``data_prep.rundir``). Elastic training: ``distributed.elastic.run``."""
+    su = setup(cfg, plan, restart=restart)
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
     start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
     if hvd.is_root():  # Horovod: rank 0 reads or clears the checkpoints
@@ -79,9 +81,11 @@ class Setup:
     precision: str
 
 
-def setup(cfg, plan) -> Setup:
+def setup(cfg, plan, restart: bool = False) -> Setup:
     """Horovod, TensorFlow's threads and precision, the run directory's config and log, the data
-    splits and the model: the start of plain and of elastic training."""
+    splits and the model: the start of plain and of elastic training. Rank 0 refuses a run directory
+    that holds a run of another definition, or with ``restart`` moves that run aside
+    (``data_prep.rundir``), before it writes anything there."""
     runtime.configure_tensorflow(plan)
     hvd.init()  # Horovod: initialise; rank and size come from horovodrun/mpirun (1 process without)
     # runtime.precision auto on a bfloat16 CPU: rank 0 measures (or reads its cached figures) and
@@ -91,16 +95,22 @@ def setup(cfg, plan) -> Setup:
                                     root=hvd.is_root())
     precision = runtime.configure_precision(plan)  # float32 or mixed_bfloat16
     run_dir = Path(cfg.run.dir)
-    log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only
+    moved = None
     if hvd.is_root():  # Horovod: one writer per file
         locks.acquire(run_dir, "training")  # one run per run.dir: a second one is refused (data_prep.locks)
+        moved = rundir.prepare(cfg, restart=restart)  # another run's folder: refused, or moved aside (--restart)
+    log = _logger(run_dir / "train.log")  # INFO and the log file on rank 0 only; after a move: a new one
+    if hvd.is_root():
         log.info("%s: one writer by %s", run_dir, locks.kind(run_dir))
+        if moved is not None:
+            log.warning("--restart: the earlier run in %s was moved to %s", run_dir, moved)
         save_resolved(cfg, run_dir, note=f"runtime.precision {cfg.runtime.precision}: rank 0 computed in "
                                          f"{plan.precision.describe() if plan.precision else precision}")
     # Seeds: the same initial weights everywhere (then broadcast anyway), distinct dropout per rank.
     tf.keras.utils.set_random_seed(cfg.train.seed + hvd.rank())
 
     train_data = D.load_split(cfg.prep.out, "train", cache=cfg.train.cache, stage_to=cfg.prep.stage_to)
+    rundir.check_prep(cfg, train_data.manifest, cfg.prep.out)  # prepared for this label and size (every rank)
     val_data = D.load_split(cfg.prep.out, "val", manifest=train_data.manifest, stage_to=cfg.prep.stage_to)
     # Horovod: each rank takes 1/size of every epoch, so an epoch is the same number of images.
     steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)

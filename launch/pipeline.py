@@ -3,7 +3,8 @@
 * prep is complete when ``<prep.out>/manifest.json`` carries this config's prep hash;
 * train is complete when ``<run.dir>/model.keras`` exists and ``<run.dir>/pipeline.json`` (written
   by the launcher when the train stage exits 0) carries this config's train hash; an unfinished
-  run with checkpoints is continued with ``--resume``;
+  run with checkpoints is continued with ``--resume``; a run of another definition in ``run.dir``
+  (``data_prep.rundir``) stops the launch before anything starts, naming the keys that differ;
 * evaluate is complete when ``<run.dir>/report.md`` is newer than the model it evaluated (and,
   when the launcher recorded it, was made with this config's eval section).
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from data_prep import config as cfgmod
 from data_prep.fsutil import atomic_write_json
+from data_prep import rundir
 from launch.hosts import LaunchError
 
 STAGES = ("prep", "train", "evaluate")
@@ -138,6 +140,11 @@ def check_inputs(stage: str, cfg, config_arg: str) -> None:
         if h != cfgmod.prep_hash(cfg):
             raise LaunchError(f"{manifest_path(cfg)} was prepared with another config than {config_arg}; rerun "
                               f"`python -m launch prep --config {config_arg}` (or `launch pipeline`)")
+        diff = rundir.mismatch(cfg)
+        if diff:
+            raise LaunchError(f"{cfg.run.dir} holds a run of another definition ({rundir.listing(diff)}); start "
+                              f"over there with `python -m distributed.train --config {config_arg} --restart` (the "
+                              f"old run is moved aside), or set another run.dir")
         return
     if stage == "evaluate":
         if h is None:
