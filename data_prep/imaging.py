@@ -8,7 +8,9 @@ and an ``info`` dict. Steps:
    checked from the header, before decoding) raise ``ImageError(reason)`` with a short reason;
 2. colour (RGB, RGBA, LA, P, CMYK, 1-bit) becomes 8-bit gray (ITU-R 601 luma; alpha dropped) and the
    conversion is recorded in ``info['converted_from']``; 16/32-bit and float images stay in float
-   and are scaled later by their own min..max (never clipped to 8 bits first);
+   and are scaled later by their own min..max (never clipped to 8 bits first). A PNG with 16 bits
+   per colour channel (RGB, RGBA), which Pillow decodes to 8 bits by dropping each value's low byte,
+   is decoded a second time for the low bytes: its luma is computed from the full 16-bit values;
 3. resize to ``size x size`` with anti-aliasing: Pillow's separable filter (its support widens with
    the reduction factor, so it low-passes) after an integer box pre-reduction (``reducing_gap``),
    all in uint8 for 8-bit input; aspect ratio is not kept (NIH images are square);
@@ -169,11 +171,14 @@ def conversions(info: dict) -> list[dict]:
     """What differed from an 8-bit square grayscale PNG, and what ``load_xray`` did about it:
     ``[{"kind", "from", "action"}, ...]`` (empty for the expected input)."""
     out = []
+    bits = info.get("bits", 8)
     if info.get("converted_from"):
-        out.append({"kind": "mode", "from": info["converted_from"], "action": "converted to 8-bit gray"})
-    if info.get("bits", 8) != 8:
-        out.append({"kind": "bit depth", "from": info["mode"], "action": f"{info['bits']}-bit values scaled to 8 bit "
-                                                                         "by their own min..max"})
+        out.append({"kind": "mode", "from": info["converted_from"],
+                    "action": "converted to 8-bit gray" if bits == 8 else f"converted to gray from its {bits}-bit values"})
+    if bits != 8:
+        source = f"{info['mode']} {bits}-bit per channel" if info.get("converted_from") else info["mode"]
+        out.append({"kind": "bit depth", "from": source, "action": f"{bits}-bit values scaled to 8 bit "
+                                                                  "by their own min..max"})
     if info.get("format") != "PNG":
         out.append({"kind": "format", "from": f"{info.get('format') or 'unknown'} content",
                     "action": "decoded by content"})
@@ -181,6 +186,32 @@ def conversions(info: dict) -> list[dict]:
     if w != h:
         out.append({"kind": "aspect", "from": f"{w}x{h}", "action": f"resized, aspect {w / h:.2f} -> 1.00"})
     return out
+
+
+def _rewind(src):
+    """``src`` ready to be opened again (a file object back at its start)."""
+    if hasattr(src, "read") and hasattr(src, "seek"):
+        src.seek(0)
+    return src
+
+
+def _color16_luma(src, rawmode: str, hi: np.ndarray) -> np.ndarray:
+    """ITU-R 601 luma (float32) of a 16-bit-per-channel colour PNG from its full values: ``hi`` holds
+    the high bytes (Pillow's decode), a second decode with the little-endian unpacker gives the low ones."""
+    low = _open(_rewind(src))
+    try:
+        t = low.tile[0]
+        args = t[3]
+        swapped = rawmode[:-1] + "L"  # "RGB;16B" -> "RGB;16L": each sample's second byte
+        low.tile = [(t[0], t[1], t[2], (swapped, *args[1:]) if isinstance(args, tuple) else swapped)]
+        low.load()
+        lo = np.asarray(low)
+    finally:
+        low.close()
+    if lo.shape != hi.shape:
+        raise ImageError("16-bit colour image: the two decodes differ")
+    v = hi[..., :3].astype(np.float32) * 256.0 + lo[..., :3]
+    return v[..., 0] * np.float32(0.299) + v[..., 1] * np.float32(0.587) + v[..., 2] * np.float32(0.114)
 
 
 def _load(src, size: int, keep_original: bool = False,
@@ -197,6 +228,9 @@ def _load(src, size: int, keep_original: bool = False,
         info = {"mode": mode, "format": fmt, "width": w, "height": h, "bits": 8, "converted_from": None}
         if fmt == "JPEG" and mode in ("L", "RGB", "CMYK", "YCbCr") and not keep_original:
             img.draft("L", (size, size))  # DCT-domain downscale: never below the asked size
+        args = img.tile[0][3] if fmt == "PNG" and len(img.tile) == 1 else None
+        rawmode = args[0] if isinstance(args, tuple) and args else args
+        color16 = mode in ("RGB", "RGBA") and rawmode in ("RGB;16B", "RGBA;16B")
         try:
             img.load()
         except (OSError, SyntaxError, ValueError, EOFError) as e:
@@ -207,8 +241,13 @@ def _load(src, size: int, keep_original: bool = False,
         except Image.DecompressionBombError as e:
             raise ImageError(f"image too large: {e}") from None
         mode = img.mode
+        if color16:  # Pillow kept only each value's high byte: the full values, then as a wide gray image
+            info["bits"], info["converted_from"] = 16, mode
+            img = Image.fromarray(_color16_luma(src, rawmode, np.asarray(img)), mode="F")
+            mode = "F"
         if mode in _WIDE_MODES:
-            info["bits"] = 16 if mode.startswith("I;16") else 32
+            if not color16:
+                info["bits"] = 16 if mode.startswith("I;16") else 32
             if mode != "F":
                 img = Image.fromarray(np.asarray(img, dtype=np.float32), mode="F")
             original = _minmax_float(np.asarray(img, dtype=np.float32)) if keep_original else None

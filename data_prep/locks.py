@@ -245,7 +245,13 @@ def acquire(folder, what: str) -> Path:
     path = folder / LOCK_NAME
     if key in _HELD:
         return _HELD[key].path or path
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise FolderBusy(f"{path} is a symlink; refused (the lock must be a plain file: remove the link and "
+                         f"run again)") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
