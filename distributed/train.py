@@ -17,6 +17,14 @@ best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights
 epoch: ``checkpoints/step-<epoch>-<step>/`` (a stop signal, ``train.checkpoint_every_s``), which
 ``--resume`` continues from at the next step; ``batches.csv`` with ``train.record_batches``.
 
+A damaged shard found during training (``data_prep.manifest.damaged``, raised inside tf.data's
+generator) ends the rank that read it at once with its one line (:func:`data_errors_end_the_rank`):
+raised through TensorFlow it would first be printed by TensorFlow's C++ log as a 25-line Python
+traceback. The other ranks then find Horovod shut down and say so in one line each
+(:class:`PeerStopped`). ``--debug`` keeps TensorFlow's way (tracebacks). When training ends, rank 0
+records the prep it trained on in ``run.dir/training_prep.json`` (``distributed.provenance``), which
+``cxr-eval`` checks the prep it evaluates against.
+
 Exit codes: 0 trained; 128 + signal (SIGTERM 143, SIGUSR1 138, SIGINT 130) stopped by a stop signal
 (``train.stop_signals``) with a step checkpoint (0 under horovodrun's elastic driver: see ``main``);
 1 and 2 the project's errors (``data_prep.cli``).
@@ -28,10 +36,14 @@ Test hooks (environment): ``CXR_STOP_AFTER=<phase>:<n>`` exits like a kill after
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
 
-from data_prep.cli import command, note_output
+from data_prep import cli
+from data_prep.cli import UserError, command, note_output
 from data_prep.config import add_config_args, config_from_args
+from data_prep.log import env_rank
 from distributed import runtime
 from distributed.stopping import stop_signals
 
@@ -52,21 +64,84 @@ def parse_args(argv=None):
     return args
 
 
-@command("cxr-train")  # the project's errors: one line, exit 2 (config) or 1
+PROG = "cxr-train"
+
+
+class PeerStopped(UserError):
+    """Horovod shut down under this rank because another rank stopped (its own line says why)."""
+
+
+class _EndTheRank(list):
+    """``data_prep.cli``'s list of deferred errors while training runs: an error raised where TensorFlow
+    would wrap it (a damaged shard read inside tf.data) is reported as the command's one line at once and
+    ends this rank (exit code 1), before TensorFlow logs it with a traceback."""
+
+    def append(self, e):
+        super().append(e)
+        code = cli.report(PROG, e)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+@contextlib.contextmanager
+def data_errors_end_the_rank():
+    """While training: :class:`_EndTheRank` in place of ``data_prep.cli``'s deferred-error list; without
+    ``--debug``/``CXR_DEBUG`` only."""
+    if cli.debug_enabled():
+        yield
+        return
+    saved, cli._DEFERRED = cli._DEFERRED, _EndTheRank(cli._DEFERRED)
+    try:
+        yield
+    finally:
+        cli._DEFERRED = saved
+
+
+def _peer_gone(e: BaseException) -> bool:
+    seen = 0
+    while e is not None and seen < 10:
+        if "Horovod has been shut down" in str(e) or type(e).__name__ == "HorovodInternalError":
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
+
+
+@command(PROG)  # the project's errors: one line, exit 2 (config) or 1
 def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
     note_output(cfg.run.dir)  # a full disk's one line names the run directory
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
-    with stop_signals(cfg.train.stop_signals):  # from now on: a signal during start-up is kept too
-        code = int(train(cfg, resume=args.resume, restart=args.restart).get("exit_code", 0))
+    try:
+        with stop_signals(cfg.train.stop_signals), data_errors_end_the_rank():  # a signal during start-up is kept too
+            code = int(train(cfg, resume=args.resume, restart=args.restart).get("exit_code", 0))
+    except Exception as e:  # noqa: BLE001 - only Horovod's shutdown under this rank is translated
+        if cli.debug_enabled() or isinstance(e, UserError) or not _peer_gone(e):
+            raise
+        raise PeerStopped("training stopped: another rank ended and Horovod shut down (its own error line names "
+                          "the cause); rerun the same command with --resume once it is fixed") from None
     # Under horovodrun's elastic driver a rank's non-zero exit blacklists its host and the driver then
     # waits for another one (up to its elastic timeout): after a stop the ranks exit 0 there, and the
     # launcher, which forwarded the signal, still exits 128 + signal.
     from distributed import hvd  # (numpy) only now: the thread plan came first
 
+    if code == 0 and (hvd.rank() if hvd.enabled() else env_rank()) == 0:
+        record_prep(cfg)
     return 0 if code and hvd.elastic_enabled() else code
+
+
+def record_prep(cfg) -> None:
+    """Rank 0, after training: the prep it trained on, for cxr-eval's leakage check (distributed.provenance)."""
+    from data_prep.log import get_logger
+    from distributed import provenance
+
+    try:
+        provenance.record_training(cfg.run.dir, cfg.prep.out)
+    except (OSError, UserError, KeyError, ValueError) as e:
+        get_logger().warning("%s not written (%s: %s): cxr-eval will take the prep from config.yaml",
+                             provenance.RECORD, type(e).__name__, e)
 
 
 def train(cfg, resume: bool = False, plan=None, restart: bool = False) -> dict:
