@@ -5,10 +5,13 @@ other, with ``train.seed`` set to the seed and ``run.dir`` to ``<run.dir>/seed-<
 also sets ``prep.seed`` (so the patient split and the balancing vary too) and ``prep.out`` to
 ``<prep.out>-seed-<s>``. Then ``<run.dir>/sweep.json``::
 
-    {"seeds": [0, 1], "resplit": false, "runs": [{"seed": 0, "auc": ..., "auc_ci": {"low", "high"},
-     "run_dir": ...}, ...], "auc_mean": ..., "auc_sd": ...}
+    {"config": "c.yaml", "overrides": ["train.lr=..."], "varied": ["train.seed", "run.dir"],
+     "seeds": [0, 1], "resplit": false, "runs": [{"seed": 0, "auc": ..., "auc_ci": {"low", "high"},
+     "overrides": [...], "run_dir": ...}, ...], "auc_mean": ..., "auc_sd": ...}
 
-and ``sweep.md`` (a table of the same). A seed whose evaluation is complete for its config is skipped,
+and ``sweep.md`` (a table of the same, with the base config, every ``--set`` override and the varied
+keys: two sweeps of different options never look alike; values escaped for Markdown). ``auc_sd`` is
+given only with two or more seeds (else null, "n/a" in ``sweep.md`` and the log). A seed whose evaluation is complete for its config is skipped,
 so rerunning the same command after an interruption continues with the next unfinished seed (and
 ``pipeline`` itself resumes a seed's interrupted training). The spread over seeds is the sample
 standard deviation of the plain (primary) test AUCs. No numpy: ``launch`` stays light.
@@ -24,6 +27,7 @@ from typing import Callable, Sequence
 
 from data_prep.config import load_config
 from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.textsafe import console, md, md_code
 from launch import pipeline as pl
 from launch.hosts import LaunchError
 
@@ -70,35 +74,50 @@ def seed_done(cfg) -> str | None:
     return f"{Path(cfg.run.dir) / 'metrics.json'} is complete for this config"
 
 
-def seed_result(cfg, seed: int) -> dict:
+def seed_result(cfg, seed: int, overrides: Sequence[str] = ()) -> dict:
     m = json.loads((Path(cfg.run.dir) / "metrics.json").read_text())
     plain = m.get("plain") or {}
     auc = plain.get("auc") if m.get("task") == "binary" else plain.get("mean_auc")
     ci = plain.get("auc_ci") or {}
     return {"seed": seed, "prep_seed": cfg.prep.seed, "auc": auc,
-            "auc_ci": {"low": ci.get("low"), "high": ci.get("high")},
+            "auc_ci": {"low": ci.get("low"), "high": ci.get("high")}, "overrides": list(overrides),
             "selected_checkpoint": m.get("selected_checkpoint"), "run_dir": str(cfg.run.dir)}
 
 
-def summary(seeds: Sequence[int], runs: list[dict], resplit: bool) -> dict:
+def varied_keys(resplit: bool) -> list[str]:
+    """The config keys a sweep sets per seed (the others are the base config with its ``--set`` overrides)."""
+    return ["train.seed", "run.dir"] + (["prep.seed", "prep.out"] if resplit else [])
+
+
+def summary(seeds: Sequence[int], runs: list[dict], resplit: bool, config: str = "",
+            overrides: Sequence[str] = ()) -> dict:
     aucs = [r["auc"] for r in runs if r["auc"] is not None]
-    return {"seeds": list(seeds), "resplit": resplit, "runs": runs,
+    return {"config": str(config), "overrides": list(overrides), "varied": varied_keys(resplit),
+            "seeds": list(seeds), "resplit": resplit, "runs": runs,
             "auc_mean": statistics.fmean(aucs) if aucs else None,
             "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None,
-            "auc_sd_ddof": 1}
+            "auc_sd_ddof": 1, "auc_n": len(aucs)}
+
+
+def _num(x, d: int = 3) -> str:
+    return "n/a" if x is None else f"{x:.{d}f}"
 
 
 def sweep_markdown(s: dict, config: str) -> str:
     f = (lambda x: "–" if x is None else f"{x:.3f}")
-    rows = [f"| {r['seed']} | {r['prep_seed']} | {f(r['auc'])} | {f(r['auc_ci']['low'])} – {f(r['auc_ci']['high'])} | "
-            f"`{r['run_dir']}` |" for r in s["runs"]]
+    rows = [f"| {r['seed']} | {md(r['prep_seed'])} | {f(r['auc'])} | {f(r['auc_ci']['low'])} – "
+            f"{f(r['auc_ci']['high'])} | {md_code(r['run_dir'])} |" for r in s["runs"]]
     varied = "train.seed and prep.seed (the split)" if s["resplit"] else "train.seed (one split: prep.seed fixed)"
-    return "\n".join([f"# Seed sweep of `{config}`", "",
-                      f"Varied: {varied}. Test ROC AUC of the plain (primary) evaluation of each run, with its "
+    sets = s.get("overrides") or []
+    return "\n".join([f"# Seed sweep of {md_code(config)}", "",
+                      f"Base config {md_code(config)}; overrides (`--set`) for every seed: "
+                      + (", ".join(md_code(o) for o in sets) if sets else "none") + ".",
+                      f"Varied per seed: {', '.join(md_code(k) for k in s.get('varied') or varied_keys(s['resplit']))} "
+                      f"({varied}). Test ROC AUC of the plain (primary) evaluation of each run, with its "
                       "patient-bootstrap 95% interval.", "",
                       "| seed | prep.seed | ROC AUC | 95% CI | run |", "| ---: | ---: | ---: | :--- | :--- |", *rows, "",
-                      f"Mean {f(s['auc_mean'])}, standard deviation {f(s['auc_sd'])} (sample, over "
-                      f"{len(s['runs'])} seeds): the spread from seeds"
+                      f"Mean {_num(s['auc_mean'])}, standard deviation {_num(s['auc_sd'])} (sample, over "
+                      f"{len(s['runs'])} seed(s); n/a with fewer than 2): the spread from seeds"
                       + (" and splits" if s["resplit"] else "") + ", beside each run's sampling interval.", ""])
 
 
@@ -114,9 +133,9 @@ def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]
         cfg = load_config(args.config, sets)
         why = seed_done(cfg)
         if why and "--force" not in rest:
-            say(f"skip seed {seed}: {why}")
+            say(console(f"skip seed {seed}: {why}"))
         else:
-            say(f"seed {seed}: {' '.join(seed_overrides(base, seed, args.resplit))}")
+            say(console(f"seed {seed}: {' '.join(seed_overrides(base, seed, args.resplit))}"))
             rc = run_pipeline(["pipeline", "--config", args.config, *sum([["--set", s] for s in sets], []), *rest])
             if rc != 0:
                 print(f"{prog}: error: seed {seed} failed (exit code {rc}); rerun the same command to continue",
@@ -124,12 +143,13 @@ def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]
                 return rc
             if "--dry-run" in rest:
                 continue
-        runs.append(seed_result(cfg, seed))
+        runs.append(seed_result(cfg, seed, sets))
     if "--dry-run" in rest:
         return 0
-    s = summary(seeds, runs, args.resplit)
+    s = summary(seeds, runs, args.resplit, args.config, args.overrides)
     out = Path(base.run.dir)
     atomic_write_json(out / "sweep.json", s)
     atomic_write_text(out / "sweep.md", sweep_markdown(s, args.config))
-    say(f"{len(runs)} run(s): AUC mean {s['auc_mean']}, sd {s['auc_sd']}; {out / 'sweep.json'}, {out / 'sweep.md'}")
+    say(console(f"{len(runs)} run(s): AUC mean {_num(s['auc_mean'])}, sd {_num(s['auc_sd'])}; {out / 'sweep.json'}, "
+                f"{out / 'sweep.md'}"))
     return 0

@@ -82,3 +82,25 @@ def test_a_failed_seed_stops_the_sweep(tmp_path, capsys):
     assert sweep.cli(["--config", str(_config(tmp_path)), "--seeds", "0,1"], "sweep", lambda argv: 3) == 3
     assert "seed 0 failed (exit code 3)" in capsys.readouterr().err
     assert not (tmp_path / "runs" / "sweep.json").exists()
+
+
+def test_sweep_says_what_it_varied_and_sd_only_from_two_seeds(tmp_path, capsys):
+    cfg = _config(tmp_path)
+    calls = []
+    opt = "train.finetune.freeze=all_conv"
+    assert sweep.cli(["--config", str(cfg), "--seeds", "0", "--set", opt], "sweep",
+                     fake_pipeline(calls, {0: 0.5340909090909091})) == 0
+    s = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert s["config"] == str(cfg) and s["overrides"] == [opt] and s["varied"] == ["train.seed", "run.dir"]
+    assert s["auc_sd"] is None and s["runs"][0]["overrides"] == [opt, "train.seed=0", f"run.dir={tmp_path}/runs/seed-0"]
+    md = (tmp_path / "runs" / "sweep.md").read_text()
+    assert f"`{opt}`" in md and "`train.seed`" in md and "standard deviation n/a" in md
+    assert "AUC mean 0.534, sd n/a" in capsys.readouterr().err
+    # the same seeds with another option: a sweep.md that says so
+    other = tmp_path / "other"
+    other.mkdir()
+    cfg2 = _config(other)
+    assert sweep.cli(["--config", str(cfg2), "--seeds", "0", "--set", "train.finetune.freeze=first_n"], "sweep",
+                     fake_pipeline(calls, {0: 0.5340909090909091})) == 0
+    md2 = (other / "runs" / "sweep.md").read_text()
+    assert "freeze=first_n" in md2 and "freeze=all_conv" not in md2
