@@ -91,6 +91,9 @@ def stage_status(stage: str, cfg) -> Status:
             return Status(True, f"{model} finished for this config (checkpoints/state.json, config.yaml)")
         if model.exists() and marker:
             return Status(False, f"{model} was trained with another config", resume=False)
+        diff = rundir.mismatch(cfg)
+        if diff:  # never resumed: check_inputs stops the launch naming the keys
+            return Status(False, f"{run} holds a run of another definition ({rundir.listing(diff)})", resume=False)
         if resume:
             return Status(False, f"checkpoints in {ckpt}: training continues", resume=True)
         return Status(False, "not trained yet")

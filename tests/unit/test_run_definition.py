@@ -132,3 +132,13 @@ def test_launch_train_and_pipeline_stop_before_starting_on_a_run_of_another_defi
     with pytest.raises(LaunchError) as e:
         pl.check_inputs("train", other, "c.yaml")
     assert "train.finetune.optimizer 'sgd' -> 'adam'" in str(e.value) and "--restart" in str(e.value)
+
+
+def test_the_pipeline_does_not_offer_to_resume_a_run_of_another_definition(tmp_path):
+    from launch import pipeline as pl
+
+    cfg = _cfg(tmp_path)
+    _killed_run(tmp_path / "run", cfg)
+    assert pl.stage_status("train", cfg).resume
+    st = pl.stage_status("train", _cfg(tmp_path, "train.warmup.optimizer=adam"))
+    assert not st.resume and not st.complete and "train.warmup.optimizer 'rmsprop' -> 'adam'" in st.why
