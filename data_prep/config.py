@@ -1,9 +1,9 @@
 """Strict, typed configuration shared by every stage.
 
-YAML (``yaml.safe_load`` only) becomes a tree of frozen dataclasses. Unknown keys, wrong
-types and out-of-range values are rejected with the dotted key and what is allowed, and
-``--set dotted.key=value`` overrides are parsed with YAML scalar rules and then checked the
-same way. ``save_resolved`` writes the resolved config next to every output.
+YAML (``yaml.safe_load``'s rules, without aliases) becomes a tree of frozen dataclasses. Unknown
+keys, wrong types, NaN and infinities, and out-of-range values are rejected with the dotted key and
+what is allowed, and ``--set dotted.key=value`` overrides are parsed with YAML scalar rules and
+then checked the same way. ``save_resolved`` writes the resolved config next to every output.
 
 Nothing here imports TensorFlow, Horovod or mpi4py.
 """
