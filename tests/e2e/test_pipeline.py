@@ -6,6 +6,7 @@ Tiny backbone, 32 px, ~150 images: a few minutes on 2 cores. Needs Open MPI and 
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -103,6 +104,76 @@ def assert_results_reproducible(run: Path) -> dict:
     return m
 
 
+def exact_from_csvs(out: Path) -> dict:
+    """Issue 30: every operating_point and calibration number of metrics.json recomputed from the CSVs alone
+    (and calibration.json's fitted parameters), bit for bit. Point values independently (numpy, scikit-learn);
+    intervals by the same patient resamples (distributed.metrics) fed only with CSV values."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    from distributed import metrics as M
+
+    m = json.loads((out / "metrics.json").read_text())
+    rows, vrows = read_csv(out / "predictions.csv"), read_csv(out / "val_predictions.csv")
+    col = (lambda rs, k: np.array([float(r[k]) for r in rs]))
+    y, yv = col(rows, "label").astype(int), col(vrows, "label").astype(int)
+    groups = col(rows, "patient").astype(int)
+    n_boot = m["bootstrap"]
+    cfg = yaml.safe_load((out / "eval_config.yaml").read_text())
+    seed, prevalence = cfg["train"]["seed"], cfg["eval"]["prevalence"]
+
+    def brier(t, q):
+        return float(np.mean((q - t) ** 2))
+
+    def ece(t, q):
+        b = np.minimum((q * 10).astype(int), 9)
+        return float(np.abs(np.bincount(b, weights=t - q, minlength=10)).sum() / len(t))
+
+    def check(kind, p, pv):
+        res = m["plain"] if kind == "probability" else m["tta"]
+        fpr, tpr, thr = roc_curve(yv, pv)
+        t = float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
+        op = res["operating_point"]
+        assert op["threshold"] == t and op["source"] == "validation" and op["rule"] == "youden"
+        pred = p >= t
+        tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
+        fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
+        assert op["sensitivity"]["value"] == tp / (tp + fn) and op["specificity"]["value"] == tn / (tn + fp)
+        assert op["accuracy"]["value"] == (tp + tn) / len(y)
+        assert op["ppv"]["value"] == (tp / (tp + fp) if tp + fp else None)
+        assert op["npv"]["value"] == (tn / (tn + fn) if tn + fn else None)
+        again = M.operating_point_metrics(y, p, t, groups, n_boot=n_boot, seed=seed, prevalence=prevalence)
+        for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
+            assert op[k] == {"value": op[k]["value"], "low": again[k]["low"], "high": again[k]["high"]}, k
+        assert res["brier"] == brier(y, p) and res["ece"] == ece(y, p)
+        again = M.calibration_metrics(y, p, groups, n_boot, seed)
+        assert res["brier_ci"] == again["brier_ci"] and res["ece_ci"] == again["ece_ci"]
+        assert res["reliability"] == again["reliability"]
+        return t
+
+    t = check("probability", col(rows, "probability"), col(vrows, "probability"))
+    assert m["operating_point"]["threshold"] == t
+    if "tta_probability" in rows[0]:
+        check("tta_probability", col(rows, "tta_probability"), col(vrows, "tta_probability"))
+    c = m["plain"].get("calibrated")
+    if c:
+        cal = json.loads((out / "calibration.json").read_text())
+        pv, p, cp = col(vrows, "probability"), col(rows, "probability"), col(rows, "calibrated_probability")
+        if cal["method"] == "temperature":
+            assert cal["temperature"] == M.fit_temperature(yv, pv, shift=cal["validation_shift"]) == c["temperature"]
+        assert np.array_equal(cp, M.as_written(M.adjust(p, cal["temperature"], cal["shift"])))
+        assert np.array_equal(col(vrows, "calibrated_probability"), M.as_written(M.adjust(pv, cal["temperature"],
+                                                                                          cal["shift"])))
+        assert c["brier"] == brier(y, cp) and c["ece"] == ece(y, cp)
+        after = M.as_written(M.adjust(pv, cal["temperature"], cal.get("validation_shift", 0.0)))
+        v = c["validation"]
+        assert v == {"before": {"brier": brier(yv, pv), "ece": ece(yv, pv)},
+                     "after": {"brier": brier(yv, after), "ece": ece(yv, after)}}
+        again = M.calibration_metrics(y, cp, groups, n_boot, seed)
+        assert c["brier_ci"] == again["brier_ci"] and c["ece_ci"] == again["ece_ci"]
+    return m
+
+
 def test_pipeline_two_ranks_to_a_report(workdir):
     r = launch(workdir)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -119,6 +190,7 @@ def test_pipeline_two_ranks_to_a_report(workdir):
     assert history_epochs(run) == [1, 2, 3]
     assert "AUC" in (run / "report.md").read_text()
     assert_results_reproducible(run)
+    exact_from_csvs(run)
 
     # a second run finds every stage complete and runs nothing
     t0 = time.monotonic()
@@ -127,6 +199,63 @@ def test_pipeline_two_ranks_to_a_report(workdir):
     for stage in ("prep", "train", "evaluate"):
         assert f"skip {stage}" in r.stderr
     assert time.monotonic() - t0 < 120
+
+
+def test_predict_labels_the_test_images_as_the_report_did(workdir):
+    """cxr-predict on the run decides at the report's operating point (operating_point.json), as the report
+    counted from predictions.csv."""
+    run = workdir / "run"
+    m = json.loads((run / "metrics.json").read_text())
+    t = m["operating_point"]["threshold"]
+    rows = read_csv(run / "predictions.csv")
+    p = subprocess.run([sys.executable, "-m", "distributed.predict", "--model", str(run), "--json", "--precision",
+                        "float32", *[str(workdir / "data" / "images" / r["image"]) for r in rows]], cwd=ROOT, env=env(),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads(p.stdout)
+    assert doc["threshold"] == t and doc["threshold_source"]["source"] == "operating point"
+    assert doc["threshold_source"]["rule"] == "youden" and doc["threshold_source"]["chosen_on"] == "validation"
+    positive = m["classes"][1]
+    for r, row in zip(doc["results"], rows):
+        assert r["probability"] == pytest.approx(float(row["probability"]), abs=1e-4)
+        if abs(float(row["probability"]) - t) > 1e-4:  # the evaluation may have computed in bfloat16
+            assert (r["prediction"] == positive) == (float(row["probability"]) >= t), (r, row)
+    detected = [r for r, row in zip(doc["results"], rows) if row["label"] == "1" and float(row["probability"]) >= t]
+    assert detected and all(r["prediction"] == positive for r in detected)
+
+
+def test_another_prep_is_refused_then_evaluated_into_its_own_folder(workdir):
+    """evaluate on a prep made with another prep.seed: refused with the overlap counted; with
+    eval.allow_overlap: true written to run.dir/eval-<hash> with the overlap in the header, the run's own
+    report untouched; its calibrated numbers recomputed exactly from its CSVs."""
+    run = workdir / "run"
+    own = (run / "report.md").read_bytes()
+    e = {**env(), "CXR_NO_HOROVOD": "1"}
+    cfg = str(workdir / "c.yaml")
+    prep7 = workdir / "prepared-seed7"
+    r = subprocess.run([sys.executable, "-m", "data_prep", "--config", cfg, "--set", f"prep.out={prep7}", "--set",
+                        "prep.seed=7"], cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    base = [sys.executable, "-m", "distributed.evaluate", "--config", cfg, "--set", f"prep.out={prep7}",
+            "--set", "eval.tta=false", "--set", "eval.gradcam_per_group=0"]
+    r = subprocess.run(base, cwd=ROOT, env=e, capture_output=True, text=True, timeout=300)
+    lines = [ln for ln in r.stderr.splitlines() if "error:" in ln]
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    got = re.search(r"(\d+) of its (\d+) test patients and (\d+) of its (\d+) validation patients were in the "
+                    r"model's training split", lines[0])
+    assert got and int(got[1]) + int(got[3]) > 0 and "eval.allow_overlap" in lines[0] and "prep.seed 7" in lines[0]
+    r = subprocess.run(base + ["--set", "eval.allow_overlap=true", "--set", "eval.calibrate=temperature", "--set",
+                               "eval.prior_correction=true"], cwd=ROOT, env=e, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    (out,) = run.glob("eval-*")
+    m = exact_from_csvs(out)
+    sh = m["provenance"]["shared"]
+    assert m["provenance"]["evaluation"] == "external" and (sh["train_test"], sh["train_val"]) == (int(got[1]), int(got[3]))
+    report = (out / "report.md").read_text()
+    assert f"patients shared with the model's training split: **{got[1]} of {got[2]} test" in report
+    assert "**external evaluation**" in report and "prep.seed 7 per its manifest" in report
+    assert (run / "report.md").read_bytes() == own  # the run's own report untouched
 
 
 def test_pipeline_interrupted_during_training_reruns_to_the_end(workdir):
