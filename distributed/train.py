@@ -1,4 +1,4 @@
-"""Training: ``python -m distributed.train --config C [--resume]`` (console script ``cxr-train``).
+"""Training: ``python -m distributed.train --config C [--resume | --restart]`` (console script ``cxr-train``).
 
 The same code runs alone, under ``horovodrun -np N`` or ``mpirun -np N``; without Horovod it
 trains on one process and says so once. The recipe (two phases, Horovod's lines, checkpoints,
@@ -16,6 +16,8 @@ SavedModel for serving: ``tf.saved_model.load(p).serve(images)``), both with the
 best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights gives. Inside an
 epoch: ``checkpoints/step-<epoch>-<step>/`` (a stop signal, ``train.checkpoint_every_s``), which
 ``--resume`` continues from at the next step; ``batches.csv`` with ``train.record_batches``.
+``run.json`` records the run's definition (``data_prep.rundir``): a run of another one there is
+refused; ``--restart`` moves it into ``<run.dir>.replaced-<time>`` first.
 
 A damaged shard found during training (``data_prep.manifest.damaged``, raised inside tf.data's
 generator) ends the rank that read it at once with its one line (:func:`data_errors_end_the_rank`):
