@@ -239,13 +239,14 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     out = tmp_path / "job.out"
     job = _sbatch(slurm, ROOT / "launch" / "cxr.sbatch", out, CONFIG=str(signal_config), CXR_STEP_SLEEP_S="1")
     _wait(slurm, job, 240, until=lambda: any(r["epoch"] == "2" and int(r["step"]) >= 2 for r in rows()), log=out)
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
-    t0 = time.monotonic()
-    # A SIGTERM to the batch shell 2 s later (a preemption's or the time limit's, sent to the shell's pid
-    # directly: `scancel --signal=TERM` on this Slurm cancels the whole job) must not cancel the requeue
-    time.sleep(2)
     shell = _batch_shell(job)
     assert shell, "no batch shell of job " + job
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=slurm.env(), check=True, timeout=15)
+    t0 = time.monotonic()
+    # A SIGTERM to the batch shell while the ranks stop (a preemption's or the time limit's, sent to the
+    # shell's pid directly: `scancel --signal=TERM` on this Slurm cancels the whole job) must not cancel
+    # the requeue; the steps sleep 1 s, so the stop is under way for about a second
+    time.sleep(0.5)
     os.kill(shell, signal.SIGTERM)
     while time.monotonic() - t0 < 60 and "requeueing job" not in out.read_text():
         time.sleep(0.5)
