@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import re
 
-_MD_PUNCT = re.compile(r"([\\`*_{}\[\]()#!|~])")
-_MD_START = re.compile(r"^([+\-=])|^(\d+)([.)])")  # a list item or a setext underline at the start of a line
+_MD_PUNCT = re.compile(r"([\\`*_\[\]|~])")  # emphasis, code, links and images ([ ]), table cells, strikethrough
+_MD_START = re.compile(r"^([+\-=#>])|^(\d+)([.)])")  # a list item or a setext underline at the start of a line
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
 _NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(inf|nan)", re.IGNORECASE)
 CSV_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
