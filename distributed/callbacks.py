@@ -22,6 +22,7 @@ import tensorflow as tf
 
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
+from data_prep.textsafe import csv_row
 from distributed import hvd
 from distributed.stopping import Signals, Stopped, parse_stop_signals, stop_signals  # noqa: F401 - the trainer's names
 
@@ -545,7 +546,7 @@ def append_batches(path: Path, rows) -> None:
         w = csv.writer(f)
         if new:
             w.writerow(BATCH_COLUMNS)
-        w.writerows(rows)
+        w.writerows(csv_row(r) for r in rows)  # text cells neutralised for spreadsheets (data_prep.textsafe)
 
 
 def truncate_batches(path: Path, epochs: int, step: int) -> None:
@@ -572,7 +573,7 @@ def append_history(path: Path, row: dict) -> None:
         w = csv.writer(f)
         if new:
             w.writerow(columns)
-        w.writerow([_fmt(row.get(k)) for k in columns])
+        w.writerow(csv_row([_fmt(row.get(k)) for k in columns]))  # numbers stay numbers (data_prep.textsafe)
         f.flush()
         os.fsync(f.fileno())
 
