@@ -1,0 +1,76 @@
+"""Every sentence of the CLAIM checklist from a fact (issue 30, item 3): change a file the evaluation wrote, or
+the patient sets it counted, and the sentence changes. No TensorFlow."""
+import json
+
+import numpy as np
+
+from data_prep.config import load_config
+from distributed import metrics as M
+from distributed.report import claim_checklist
+
+
+def _metrics(gradcam=None, provenance=None, calibrated=False):
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 20)
+    p = np.clip(y * 0.4 + rng.random(40) * 0.6, 0, 1)
+    plain = M.binary_metrics(y, p, class_names=("No Finding", "Infiltration"), groups=np.arange(40), n_boot=0,
+                             operating={"source": "validation", "rule": "youden", "threshold": 0.5})
+    if calibrated:
+        plain["calibrated"] = {"brier": 0.1, "ece": 0.05, "temperature": 1.5, "shift": 0.0}
+    return {"task": "binary", "classes": ["No Finding", "Infiltration"], "plain": plain, "image_size": 32,
+            "bootstrap": 0, "operating_point": plain["operating_point"], "gradcam": gradcam or {},
+            "provenance": provenance}
+
+
+def _row(text, item):
+    return next(ln for ln in text.splitlines() if ln.startswith(f"| {item} |"))
+
+
+def test_failure_cases_follow_the_grids_on_disk(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    grids = {"true_positives": "gradcam/true_positives.png", "false_positives": "gradcam/false_positives.png"}
+    (tmp_path / "gradcam").mkdir()
+    (tmp_path / "gradcam" / "true_positives.png").write_bytes(b"png")
+    row = _row(claim_checklist(_metrics(grids), {}, cfg, tmp_path), "Failure cases")
+    assert "Grad-CAM grids of true positives;" in row and "none of false positives or false negatives" in row
+    (tmp_path / "gradcam" / "false_positives.png").write_bytes(b"png")
+    row = _row(claim_checklist(_metrics(grids), {}, cfg, tmp_path), "Failure cases")
+    assert "Grad-CAM grids of true positives, false positives;" in row and "none of false negatives" in row
+    row = _row(claim_checklist(_metrics({}), {}, cfg, tmp_path), "Failure cases")
+    assert row.startswith("| Failure cases | no Grad-CAM grids")
+
+
+def test_calibration_follows_calibration_json(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    row = _row(claim_checklist(_metrics(calibrated=True), {}, cfg, tmp_path), "Calibration")
+    assert "no `calibration.json` was found" in row
+    (tmp_path / "calibration.json").write_text(json.dumps({"temperature": 1.5, "shift": -0.25, "method": "temperature",
+                                                           "prior_correction": True}))
+    row = _row(claim_checklist(_metrics(calibrated=True), {}, cfg, tmp_path), "Calibration")
+    assert "temperature 1.500 fitted on validation" in row and "shift -0.250 (prior correction)" in row
+    row = _row(claim_checklist(_metrics(calibrated=False), {}, cfg, tmp_path), "Calibration")
+    assert "not calibrated" in row
+
+
+def test_leakage_follows_the_patient_sets(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    clean = {"evaluation": "internal", "shared": {"patients": {"train": 30, "val": 5, "test": 8}, "train_val": 0,
+                                                  "train_test": 0, "val_test": 0}}
+    row = _row(claim_checklist(_metrics(provenance=clean), {}, cfg, tmp_path), "Split and leakage control")
+    assert "No patient is in two splits (checked on the patient ids: 30 training patients" in row
+    leaky = {"evaluation": "external", "shared": {**clean["shared"], "train_test": 4, "train_val": 2}}
+    row = _row(claim_checklist(_metrics(provenance=leaky), {}, cfg, tmp_path), "Split and leakage control")
+    assert "4 test patient(s) and 2 validation patient(s) were in the model's training split" in row
+    assert "External evaluation" in row and "No patient is in two splits" not in row
+    row = _row(claim_checklist(_metrics(provenance={"evaluation": "unverified", "shared": None}), {}, cfg, tmp_path),
+               "Split and leakage control")
+    assert "**not checked**" in row
+
+
+def test_operating_point_says_where_it_came_from(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    m = _metrics()
+    assert "chosen on the validation split" in _row(claim_checklist(m, {}, cfg, tmp_path), "Operating point")
+    m["operating_point"] = {**m["operating_point"], "source": "eval.threshold (no validation split)"}
+    row = _row(claim_checklist(m, {}, cfg, tmp_path), "Operating point")
+    assert "not fitted on the validation split" in row and "chosen on the validation split" not in row
