@@ -112,3 +112,52 @@ def test_view_and_sex_outside_the_vocabulary_become_other_with_the_original_note
     originals = {(n["image"], n["original"]) for n in issues.notes if "original" in n}
     assert originals == {("b.png", EVIL_VIEW), ("c.png", FORMULA)}
     assert all("recorded as 'other'" in n["reason"] for n in issues.notes if "original" in n)
+
+
+def test_crafted_metadata_csv_through_prep_to_report_and_csv(tmp_path):
+    """The issue's done-when from a CSV: Markdown, HTML and =HYPERLINK( in labels, views, sexes and an image
+    name go through prep; the report escapes them and predictions.csv neutralises them."""
+    import shutil
+
+    import h5py
+
+    from data_prep import synthetic
+    from data_prep.prepare import run
+    from distributed.report import data_section
+
+    data = tmp_path / "data"
+    synthetic.generate(data, patients=16, image_size=32, seed=2, progress=False)
+    src = sorted((data / "images").glob("*.png"))[0]
+    evil_name = '=HYPERLINK(1)|**x**.png'
+    shutil.copy(src, data / "images" / evil_name)
+    shutil.copy(src, data / "images" / "99990011_000.png")
+    with open(data / "Data_Entry_2017.csv", "a", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([evil_name, "Infiltration", 0, 99990010, 40, "<script>x</script>", FORMULA + "|**b**", 32, 32, 0.1, 0.1])
+        w.writerow(["99990011_000.png", "Infiltration|" + EVIL_LABEL, 0, 99990011, 40, "M", "PA", 32, 32, 0.1, 0.1])
+    cfg = load_config(None, [f"data.csv={data / 'Data_Entry_2017.csv'}", f"data.images={data}", "data.image_size=32",
+                             f"prep.out={tmp_path / 'prepared'}", "prep.shard_size=64", "prep.test_fraction=0.5"])
+    manifest = run(cfg)
+    originals = {n.get("original") for n in manifest["notes"]}
+    assert {FORMULA + "|**b**", "<script>x</script>"} <= originals
+    # the shards hold the vocabulary's values only
+    meta = {k: [] for k in ("image_index", "patient_id", "view", "sex", "age")}
+    labels = []
+    for split in ("train", "val", "test"):
+        for sh in manifest["splits"][split]["shards"]:
+            with h5py.File(tmp_path / "prepared" / sh["file"], "r") as h:
+                for k in meta:
+                    meta[k] += [x.decode() if isinstance(x, bytes) else x for x in h[k][:]]
+                labels += h["label"][:].tolist()
+    assert set(meta["view"]) <= {"PA", "AP", "LL", "other"} and set(meta["sex"]) <= {"M", "F", "", "other"}
+    assert evil_name in meta["image_index"]
+    meta = {k: np.array(v, dtype=object) for k, v in meta.items()}
+    meta["label"] = np.array(labels)
+    n = len(labels)
+    text = E.predictions_csv(meta, ["No Finding", "Infiltration"], False, np.full((n, 2), 0.5, np.float32), None,
+                             findings=["Infiltration"] * n)
+    rows = list(csv.DictReader(io.StringIO(text)))
+    assert "'" + evil_name in [r["image"] for r in rows] and evil_name not in [r["image"] for r in rows]
+    section = data_section(manifest)
+    assert "unknown finding label" in section and "<img" not in section and "&lt;img" in section
+    assert "![x](" not in section
