@@ -356,8 +356,17 @@ def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, th
 
 def console_text(metrics: dict) -> str:
     plain, tta = metrics["plain"], metrics.get("tta")
-    lines = [f"Test split: {metrics['n']} images, {plain['patients']} patients; model {metrics['model']} "
+    lines = [f"Test split: {metrics['n']} images, {plain['patients']} patients; model {console(metrics['model'])} "
              f"({metrics['checkpoint']}); {metrics['ranks']} rank(s)", ""]
+    prov = metrics.get("provenance") or {}
+    if prov.get("evaluation") in ("external", "unverified"):
+        sh = prov.get("shared")
+        ev = prov.get("evaluated_on") or {}
+        lines[-1:] = [f"{prov['evaluation'].capitalize()} evaluation on {console(ev.get('prep_out'))} (prep.seed "
+                      f"{ev.get('prep_seed')}): " + (f"{sh['train_test']} of {sh['patients']['test']} test and "
+                                                     f"{sh['train_val']} of {sh['patients']['val']} validation "
+                                                     "patients were in the model's training split" if sh else
+                                                     "overlap with the training patients not checked"), ""]
     if metrics["task"] == "binary":
         left = format_class_table(plain["report"], title="without test-time augmentation")
         if tta:
