@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="print the command of each stage, run nothing")
     p.add_argument("--resume", action="store_true", help="train: continue from run.dir/checkpoints "
                                                          "(pipeline does this by itself)")
+    p.add_argument("--restart", action="store_true", help="train: start over in run.dir, moving the run there "
+                                                          "aside (a run of another definition is refused otherwise)")
     p.add_argument("--force", action="store_true", help="pipeline: run every stage even when its outputs are complete")
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
     elastic.add_arguments(p)
@@ -147,10 +149,12 @@ def _main(args, argv: list[str]) -> int:
                 else:
                     say(f"skip {stage}: {st.why}")
                 continue
-            if stage == "train" and st.resume:
+            if stage == "train" and args.restart:
+                extra.append("--restart")  # the old run is moved aside, not resumed
+            elif stage == "train" and st.resume:
                 extra.append("--resume")
-        elif stage == "train" and args.resume:
-            extra.append("--resume")
+        elif stage == "train" and (args.resume or args.restart):
+            extra.append("--restart" if args.restart else "--resume")
 
         layout = plan_layout(stage, allocation, cluster, node, args.np)
         spec = LaunchSpec(stage, layout, config=args.config, overrides=tuple(args.overrides), extra=tuple(extra),
@@ -170,7 +174,7 @@ def _main(args, argv: list[str]) -> int:
                 print(f"{PROG}: note: {note}", file=sys.stderr)
             if args.stage not in ("pipeline", "plan"):
                 try:
-                    pl.check_inputs(stage, cfg, args.config)
+                    pl.check_inputs(stage, cfg, args.config, restart=args.restart)
                 except LaunchError as e:
                     print(f"{PROG}: warning: {e}", file=sys.stderr)
             print(f"# {describe(cmd)}; node shape: {shapes_line(layout)}")
@@ -183,7 +187,7 @@ def _main(args, argv: list[str]) -> int:
             print(cmd.shell())
             continue
 
-        pl.check_inputs(stage, cfg, args.config)
+        pl.check_inputs(stage, cfg, args.config, restart=args.restart)
         if (not checked_hosts and layout.hosts and cluster.check_hosts and not args.no_check_hosts
                 and allocation.source != "slurm" and not elastic.is_elastic(cmd)):  # elastic: discovery decides
             check_hosts_answer(layout.hosts, cluster.ssh_port, ssh_config=cluster.ssh_config)

@@ -125,8 +125,9 @@ def _trainer_finished(cfg) -> bool:
     return cfgmod.train_hash(saved) == cfgmod.train_hash(cfg)
 
 
-def check_inputs(stage: str, cfg, config_arg: str) -> None:
-    """Raise LaunchError (one sentence) when ``stage`` would start without its input."""
+def check_inputs(stage: str, cfg, config_arg: str, restart: bool = False) -> None:
+    """Raise LaunchError (one sentence) when ``stage`` would start without its input (``restart``: the
+    training starts over, so a run of another definition in run.dir is no obstacle)."""
     if stage == "prep":
         csv = Path(cfg.data.csv)
         if not csv.exists():
@@ -143,10 +144,10 @@ def check_inputs(stage: str, cfg, config_arg: str) -> None:
         if h != cfgmod.prep_hash(cfg):
             raise LaunchError(f"{manifest_path(cfg)} was prepared with another config than {config_arg}; rerun "
                               f"`python -m launch prep --config {config_arg}` (or `launch pipeline`)")
-        diff = rundir.mismatch(cfg)
+        diff = None if restart else rundir.mismatch(cfg)
         if diff:
             raise LaunchError(f"{cfg.run.dir} holds a run of another definition ({rundir.listing(diff)}); start "
-                              f"over there with `python -m distributed.train --config {config_arg} --restart` (the "
+                              f"over there with `python -m launch train --config {config_arg} --restart` (the "
                               f"old run is moved aside), or set another run.dir")
         return
     if stage == "evaluate":

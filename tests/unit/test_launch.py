@@ -463,3 +463,12 @@ def test_horovodrun_lists_the_ranks_per_host_not_the_free_slots():
     assert hosts("n1:2,n2:2", 3) == "n1:2,n2:1"
     assert hosts("n1:2,n2:2", 2) == "n1:1,n2:1"  # an even spread: one rank per node
     assert hosts("n1:1,n2:4", 3) == "n1:1,n2:2"  # uneven slots: filled in order
+
+
+def test_restart_reaches_the_training_command(cfg_file):
+    r = launch("train", "--config", cfg_file, "--np", 1, "--restart", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    (cmd,) = commands(r.stdout)
+    assert cmd[-1] == "--restart" and "--resume" not in cmd
+    r = launch("train", "--config", cfg_file, "--np", 1, "--resume", "--dry-run")
+    assert commands(r.stdout)[0][-1] == "--resume"
