@@ -3,7 +3,8 @@
 ``load_xray(path, size)`` decodes a chest X-ray file and returns a ``uint8`` ``(size, size)`` array
 and an ``info`` dict. Steps:
 
-1. decode with Pillow's PNG or JPEG decoder (8/16-bit), no other format; zero-byte, truncated,
+1. decode with Pillow's PNG or JPEG decoder (8/16-bit), or a DICOM radiograph by its content
+   (:mod:`data_prep.dicom`: modality and VOI LUTs, MONOCHROME1 inverted), no other format; zero-byte, truncated,
    non-image, other-format input and images over ``max_pixels`` (default 50 M, ``prep.max_pixels``;
    checked from the header, before decoding) raise ``ImageError(reason)`` with a short reason;
 2. colour (RGB, RGBA, LA, P, CMYK, 1-bit) becomes 8-bit gray (ITU-R 601 luma; alpha dropped) and the
@@ -154,7 +155,11 @@ def _load_checked(src, size, keep_original: bool, max_pixels: int = MAX_PIXELS):
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
+    from data_prep import dicom  # imports pydicom only for DICOM input
+
     try:
+        if dicom.looks_like_dicom(src):
+            return _load_dicom(src, size, keep_original, max_pixels)
         arr, info, original = _load(src, size, keep_original, max_pixels)
     except (ImageError, MemoryError):
         raise
@@ -162,6 +167,28 @@ def _load_checked(src, size, keep_original: bool, max_pixels: int = MAX_PIXELS):
         raise ImageError(f"cannot decode: {type(e).__name__}: {e}") from None
     info["conversions"] = conversions(info)
     return arr, info, original
+
+
+def _load_dicom(src, size: int, keep_original: bool, max_pixels: int):
+    """A DICOM radiograph (:mod:`data_prep.dicom`: modality and VOI LUTs, MONOCHROME1 inverted), then
+    resized and min-maxed as any wide gray image."""
+    from data_prep import dicom
+
+    try:
+        values, d = dicom.read_dicom(src, max_pixels)
+    except dicom.DicomError as e:
+        raise ImageError(e.reason) from None
+    h, w = values.shape
+    info = {"mode": d["mode"], "format": "DICOM", "width": w, "height": h, "bits": d["bits_stored"],
+            "converted_from": None, "dicom": d}
+    img = Image.fromarray(values, mode="F")
+    original = _minmax_float(values) if keep_original else None
+    if img.size != (size, size):
+        img = img.resize((size, size), RESAMPLE, reducing_gap=REDUCING_GAP)
+    info["conversions"] = dicom.conversions(d) + ([{"kind": "aspect", "from": f"{w}x{h}",
+                                                    "action": f"resized, aspect {w / h:.2f} -> 1.00"}]
+                                                  if w != h else [])
+    return _minmax_float(np.asarray(img, dtype=np.float32)), info, original
 
 
 CONVERSION_KINDS = ("mode", "bit depth", "format", "aspect")
