@@ -41,6 +41,8 @@ import argparse
 import contextlib
 import os
 import sys
+import threading
+import time
 
 from data_prep import cli
 from data_prep.cli import UserError, command, note_output
@@ -80,10 +82,26 @@ class _EndTheRank(list):
 
     def append(self, e):
         super().append(e)
+        _REPORTED.set()  # the main thread, which Horovod's shutdown below wakes with an error, says nothing more
         code = cli.report(PROG, e)
         sys.stdout.flush()
         sys.stderr.flush()
+        _leave_horovod(SHUTDOWN_WAIT_S)
         os._exit(code)
+
+
+SHUTDOWN_WAIT_S = 5.0
+_REPORTED = threading.Event()
+
+
+def _leave_horovod(wait_s: float) -> None:
+    """Shut Horovod down (bounded), so that the other ranks see an orderly shutdown rather than a lost peer."""
+    from distributed import hvd
+
+    if hvd.enabled() and hvd.size() > 1:
+        t = threading.Thread(target=hvd.shutdown, daemon=True)
+        t.start()
+        t.join(wait_s)
 
 
 @contextlib.contextmanager
@@ -120,6 +138,9 @@ def main(argv=None) -> int:
         with stop_signals(cfg.train.stop_signals), data_errors_end_the_rank():  # a signal during start-up is kept too
             code = int(train(cfg, resume=args.resume, restart=args.restart).get("exit_code", 0))
     except Exception as e:  # noqa: BLE001 - only Horovod's shutdown under this rank is translated
+        if _REPORTED.is_set():  # this rank's data error was reported; its thread ends the process
+            time.sleep(SHUTDOWN_WAIT_S + 5.0)
+            os._exit(1)
         if cli.debug_enabled() or isinstance(e, UserError) or not _peer_gone(e):
             raise
         raise PeerStopped("training stopped: another rank ended and Horovod shut down (its own error line names "

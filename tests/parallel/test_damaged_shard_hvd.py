@@ -55,12 +55,12 @@ def test_damaged_training_shards_stop_every_rank_with_one_line(tmp_path):
         else:
             assert "another rank ended and Horovod shut down" in mine[0], errors
     assert damaged, errors
-    # no TensorFlow traceback of the generator (issue 30); besides its line and log lines a rank prints at most
-    # Horovod's one-line notice that its peer is gone ("background loop uncaught exception")
+    # no TensorFlow traceback of the generator (issue 30): besides its line and log lines a rank prints nothing
+    # (horovodrun's shell may add "Terminated" for a rank it stopped; Horovod may note a lost peer in one line)
     ranks_out = [ln for ln in p.stderr.splitlines() if ln.startswith(("[0]", "[1]"))]  # horovodrun's own traceback aside
     assert not [ln for ln in ranks_out if "Traceback" in ln or 'File "' in ln or "script_ops.py" in ln]
-    for rank in damaged:
+    for rank in (0, 1):
         own = [ln.split(":", 1)[1] for ln in p.stderr.splitlines() if ln.startswith(f"[{rank}]<stderr>:")]
         rest = [ln for ln in own if not re.match(r"\d\d:\d\d:\d\d (\[rank \d+\] )?(INFO|WARNING) ", ln)
-                and "cxr-train:" not in ln]
+                and "cxr-train:" not in ln and ln.strip() != "Terminated"]
         assert all("Horovod background loop" in ln for ln in rest), rest
