@@ -285,6 +285,13 @@ def _rates(y, pred, w):
             "npv": div(tn, tn + fn), "accuracy": div(tp + tn, tp + tn + fp + fn)}
 
 
+def confusion_counts(y, pred) -> dict:
+    """The 2x2 table in images: ``{tp, fp, fn, tn}`` (``pred`` 1 = predicted positive)."""
+    y, pred = np.asarray(y).astype(int), np.asarray(pred).astype(int)
+    return {"tp": int(((y == 1) & (pred == 1)).sum()), "fp": int(((y == 0) & (pred == 1)).sum()),
+            "fn": int(((y == 1) & (pred == 0)).sum()), "tn": int(((y == 0) & (pred == 0)).sum())}
+
+
 def predictive_values(sens, spec, prevalence: float) -> dict:
     """PPV and NPV at a prevalence P from sensitivity and specificity (Bayes)."""
     P = prevalence
@@ -297,7 +304,8 @@ def predictive_values(sens, spec, prevalence: float) -> dict:
 
 def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 1000, seed: int = 0,
                             prevalence: float = 0.0) -> dict:
-    """Sensitivity, specificity, PPV, NPV and accuracy at a FIXED threshold (chosen elsewhere), each
+    """The 2x2 table (``tp``, ``fp``, ``fn``, ``tn``, images) and sensitivity, specificity, PPV, NPV and
+    accuracy at a FIXED threshold (chosen elsewhere, p >= threshold is positive), each
     ``{value, low, high}`` from one set of patient resamples; with ``prevalence`` P > 0 also PPV/NPV
     recomputed for P (``at_prevalence``)."""
     y = np.asarray(y).astype(int)
@@ -312,7 +320,7 @@ def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 100
             return predictive_values(r["sensitivity"], r["specificity"], prevalence)[k]
         fns.update({f"{k}@P": (lambda w, k=k: pv(w, k)) for k in ("ppv", "npv")})
     cis = bootstrap_stats(fns, groups, n_boot, seed)
-    out = {k: with_ci(point[k], cis[k]) for k in names}
+    out = {**confusion_counts(y, pred), **{k: with_ci(point[k], cis[k]) for k in names}}
     if prevalence:
         at = predictive_values(point["sensitivity"], point["specificity"], prevalence)
         out["at_prevalence"] = {"prevalence": float(prevalence),

@@ -104,6 +104,24 @@ PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the prim
                 "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
 
 
+def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
+    """The 2x2 table (images) at the operating point, with its threshold: the table whose sensitivity and
+    specificity the report gives (STARD 2015, item 23). Empty without an operating point."""
+    if op.get("threshold") is None or op.get("tp") is None:
+        return []
+    tp, fp, fn, tn = (int(op[k]) for k in ("tp", "fp", "fn", "tn"))
+    pos, neg = md(classes[1]), md(classes[0])
+    rows = [[f"predicted {pos} (p >= {op['threshold']:.9g})", tp, fp, tp + fp],
+            [f"predicted {neg} (p < {op['threshold']:.9g})", fn, tn, fn + tn],
+            ["total", tp + fn, fp + tn, tp + fp + fn + tn]]
+    return [f"### 2x2 table at the operating point (threshold {op['threshold']:.9g}, `{op.get('rule')}`, "
+            f"from {md(op.get('source'))}; plain, images)", "",
+            _table(["", f"reference {pos}", f"reference {neg}", "total"], rows, align="lrrr"), "",
+            f"TP {tp}, FP {fp}, FN {fn}, TN {tn}: sensitivity {tp}/{tp + fn}, specificity {tn}/{tn + fp} "
+            "(`metrics.json` `operating_point.tp/fp/fn/tn`). The tables at `eval.threshold` further down are "
+            "secondary.", ""]
+
+
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
                    metrics: Mapping | None = None) -> str:
     metrics = metrics or {}
@@ -142,6 +160,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
             f"spec. {_f(m['oracle']['specificity'], 2)})" if (m.get("oracle") or {}).get("threshold") is not None
             else "–")),
     ]
+    out += two_by_two(plain.get("operating_point") or {}, classes)
     out += ["### Summary", "", PRIMARY_NOTE, "", _table(heads, rows), ""]
     ci = plain.get("auc_ci") or {}
     prev = plain.get("prevalence")
@@ -158,7 +177,8 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
         out.append(f"TTA minus plain, ROC AUC: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] "
                    f"(paired bootstrap, the same {d['n_valid']} patient resamples for both).")
     out.append("")
-    out += [f"### Classification report (threshold {plain['threshold']:g})", ""]
+    out += [f"### Classification report at threshold {plain['threshold']:g} (`eval.threshold`; secondary, not the "
+            "operating point)", ""]
     names = list(classes) + ["macro avg", "weighted avg"]
     cols = ["class", "precision", "recall", "F1", "support"]
     if tta:
@@ -183,7 +203,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     out += ["In the article's (scikit-learn) form:", "", fence(text), text, fence(text), ""]
 
     cm = plain["confusion_matrix"]
-    out += ["### Confusion matrix (plain)", "",
+    out += [f"### Confusion matrix at threshold {plain['threshold']:g} (plain; secondary, not the operating point)", "",
             _table(["true \\ predicted"] + [md(c) for c in classes],
                    [[md(classes[i])] + [cm[i][j] for j in range(len(classes))] for i in range(len(classes))]), ""]
 

@@ -138,6 +138,7 @@ def exact_from_csvs(out: Path) -> dict:
         pred = p >= t
         tp, fn = int((pred & (y == 1)).sum()), int((~pred & (y == 1)).sum())
         fp, tn = int((pred & (y == 0)).sum()), int((~pred & (y == 0)).sum())
+        assert (op["tp"], op["fp"], op["fn"], op["tn"]) == (tp, fp, fn, tn)  # issue 34: the 2x2 at the threshold
         assert op["sensitivity"]["value"] == tp / (tp + fn) and op["specificity"]["value"] == tn / (tn + fp)
         assert op["accuracy"]["value"] == (tp + tn) / len(y)
         assert op["ppv"]["value"] == (tp / (tp + fp) if tp + fp else None)

@@ -155,3 +155,39 @@ def test_multilabel_paired_mean_auc_difference_equals_explicit_resampling():
     assert d["auc_diff"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], Pb[:, k]) - roc_auc_score(Y[:, k], Pa[:, k])
                                                    for k in range(3)]))
     assert d["low"] == pytest.approx(np.percentile(diffs, 2.5)) and d["high"] == pytest.approx(np.percentile(diffs, 97.5))
+
+
+def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_csv():
+    """Issue 34.1: the 2x2 table at the operating point (not at 0.5), counted by hand from predictions.csv."""
+    import csv
+    import io
+
+    from distributed.evaluate import predictions_csv
+    from distributed.report import binary_section
+
+    rng = np.random.default_rng(5)
+    n = 120
+    y = (rng.random(n) < 0.4).astype(int)
+    raw = np.clip(0.25 + 0.3 * y + rng.normal(0, 0.15, n), 0, 1).astype(np.float32)  # mostly below 0.5
+    probs = np.stack([1 - raw, raw], axis=1)
+    yv = (rng.random(80) < 0.4).astype(int)
+    pv = M.as_written(np.clip(0.25 + 0.3 * yv + rng.normal(0, 0.15, 80), 0, 1))
+    t = M.choose_threshold("youden", yv, pv)
+    meta = {"image_index": [f"i{i}.png" for i in range(n)], "patient_id": np.arange(n) // 2, "view": ["PA"] * n,
+            "sex": ["F"] * n, "age": [50] * n, "label": y}
+    text = predictions_csv(meta, ["No Finding", "Effusion"], False, probs, None)
+    m = M.binary_metrics(y, M.as_written(raw), class_names=("No Finding", "Effusion"), groups=meta["patient_id"],
+                         n_boot=20, operating={"source": "validation", "rule": "youden", "threshold": t})
+    rows = list(csv.DictReader(io.StringIO(text)))
+    hand = {"tp": 0, "fp": 0, "fn": 0, "tn": 0}
+    for r in rows:
+        pos, truth = float(r["probability"]) >= t, r["label"] == "1"
+        hand[("t" if pos == truth else "f") + ("p" if pos else "n")] += 1
+    op = m["operating_point"]
+    assert {k: op[k] for k in hand} == hand
+    assert op["sensitivity"]["value"] == hand["tp"] / (hand["tp"] + hand["fn"])
+    assert t < 0.4 and m["confusion_matrix"][1][0] != hand["fn"]  # the 0.5 table is another table
+    sec = binary_section(m, None, ["No Finding", "Effusion"], 0, {"operating_point": op})
+    assert sec.index("### 2x2 table at the operating point") < sec.index("### Summary")
+    assert f"TP {hand['tp']}, FP {hand['fp']}, FN {hand['fn']}, TN {hand['tn']}" in sec
+    assert f"threshold {t:.9g}" in sec and "secondary, not the operating point" in sec
