@@ -158,6 +158,7 @@ def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float 
     q = (1.0 - level) / 2.0 * 100.0
     out.update(n_valid=int(aucs.size), low=float(np.percentile(aucs, q)),
                high=float(np.percentile(aucs, 100.0 - q)), std=float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0)
+    out["zero_width"] = zero_width(out["low"], out["high"])
     if roc_band:
         t = np.asarray(tprs)
         out["roc_band"] = {"fpr": FPR_GRID.tolist(), "tpr_low": np.percentile(t, q, axis=0).tolist(),
@@ -188,14 +189,50 @@ def bootstrap_stats(stats: Mapping, groups, n_boot: int = 1000, seed: int = 0, l
     out = {}
     for k, v in draws.items():
         lo, hi, n = percentile_interval(v, level)
-        out[k] = {"low": lo, "high": hi, "n_valid": n}
+        out[k] = {"low": lo, "high": hi, "n_valid": n, "zero_width": zero_width(lo, hi)}
     return out
+
+
+def zero_width(low, high) -> bool:
+    """A bootstrap interval of width 0 (e.g. sensitivity 64/64 -> [1, 1]): every resample gave the same
+    value, which says nothing about the uncertainty; flagged in metrics.json and the report."""
+    return low is not None and high is not None and low == high
 
 
 def with_ci(value, ci: Mapping | None) -> dict:
     """``{value, low, high}`` (the form of every interval-carrying number of metrics.json)."""
     ci = ci or {}
     return {"value": _clean(value), "low": ci.get("low"), "high": ci.get("high")}
+
+
+def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Exact (Clopper & Pearson 1934, Biometrika 26:404-413) interval of a proportion k/n from beta
+    quantiles: low = Beta(a/2; k, n - k + 1), high = Beta(1 - a/2; k + 1, n - k), 0 and 1 at the ends.
+    ``k`` and ``n`` may be effective (non-integer) counts (:func:`proportion_interval`)."""
+    from scipy.stats import beta
+
+    if n <= 0:
+        return None, None
+    a = (1.0 - level) / 2.0
+    lo = 0.0 if k <= 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k >= n else float(beta.ppf(1.0 - a, k + 1, n - k))
+    return lo, hi
+
+
+def proportion_interval(k: int, n: int, patients: int, level: float = 0.95) -> dict:
+    """Clopper-Pearson interval of k/n images with patients as clusters.
+
+    Design effect (Kish 1965, *Survey Sampling*, sec. 8.2): deff = 1 + (m - 1) * ICC with m = n / patients
+    images per patient. The ICC of a correct/incorrect decision within one patient is not estimated here;
+    we take ICC = 1, the conservative end, so deff = m and the effective sample size is the number of
+    patients: n_eff = n / deff = patients, k_eff = k / deff (the same proportion). The exact interval is
+    then computed on (k_eff, n_eff), as Korn & Graubard (1998, Survey Methodology 24:193-201) do for
+    clustered samples. With one image per patient deff = 1 and this is plain Clopper-Pearson
+    (64/64 -> [0.9440, 1]). Returns ``{low, high, method, k, n, patients, design_effect, n_effective}``."""
+    deff = max(1.0, n / patients) if patients > 0 else 1.0
+    lo, hi = clopper_pearson(k / deff, n / deff, level)
+    return {"low": lo, "high": hi, "method": "clopper-pearson", "level": level, "k": int(k), "n": int(n),
+            "patients": int(patients), "design_effect": float(deff), "n_effective": float(n / deff)}
 
 
 def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
@@ -306,7 +343,9 @@ def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 100
                             prevalence: float = 0.0) -> dict:
     """The 2x2 table (``tp``, ``fp``, ``fn``, ``tn``, images) and sensitivity, specificity, PPV, NPV and
     accuracy at a FIXED threshold (chosen elsewhere, p >= threshold is positive), each
-    ``{value, low, high}`` from one set of patient resamples; with ``prevalence`` P > 0 also PPV/NPV
+    ``{value, low, high}`` with the Clopper-Pearson interval widened for patients as clusters
+    (:func:`proportion_interval`), the percentile interval of one set of patient resamples kept beside it
+    (``bootstrap``: ``low``, ``high``, ``n_valid``, ``zero_width``); with ``prevalence`` P > 0 also PPV/NPV
     recomputed for P (``at_prevalence``)."""
     y = np.asarray(y).astype(int)
     pred = (np.asarray(p, dtype=np.float64) >= threshold).astype(int)
@@ -320,11 +359,24 @@ def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 100
             return predictive_values(r["sensitivity"], r["specificity"], prevalence)[k]
         fns.update({f"{k}@P": (lambda w, k=k: pv(w, k)) for k in ("ppv", "npv")})
     cis = bootstrap_stats(fns, groups, n_boot, seed)
-    out = {**confusion_counts(y, pred), **{k: with_ci(point[k], cis[k]) for k in names}}
+    counts = confusion_counts(y, pred)
+    g = np.asarray(groups)
+    pos, neg, pp = y == 1, y == 0, pred == 1
+    parts = {"sensitivity": (pos & pp, pos), "specificity": (neg & ~pp, neg), "ppv": (pos & pp, pp),
+             "npv": (neg & ~pp, ~pp), "accuracy": (y == pred, np.ones(len(y), bool))}
+    out = dict(counts)
+    for k in names:
+        hit, den = parts[k]
+        exact = proportion_interval(int(hit.sum()), int(den.sum()), len(np.unique(g[den])))
+        out[k] = {**with_ci(point[k], exact if den.any() else None),
+                  **{x: exact[x] for x in ("method", "k", "n", "patients", "design_effect", "n_effective")},
+                  "bootstrap": {x: cis[k][x] for x in ("low", "high", "n_valid", "zero_width")}}
     if prevalence:
         at = predictive_values(point["sensitivity"], point["specificity"], prevalence)
         out["at_prevalence"] = {"prevalence": float(prevalence),
-                                **{k: with_ci(at[k], cis[f"{k}@P"]) for k in ("ppv", "npv")}}
+                                **{k: {**with_ci(at[k], cis[f"{k}@P"]), "method": "bootstrap",
+                                       **{x: cis[f"{k}@P"][x] for x in ("n_valid", "zero_width")}}
+                                   for k in ("ppv", "npv")}}
     return out
 
 

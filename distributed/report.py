@@ -104,6 +104,18 @@ PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the prim
                 "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
 
 
+def zero_width_intervals(m: Mapping) -> list[str]:
+    """Names of the bootstrap intervals of one evaluation that have width 0 (``zero_width``)."""
+    op = m.get("operating_point") or {}
+    cands = [("ROC AUC", m.get("auc_ci")), ("average precision", m.get("average_precision_ci")),
+             ("Brier score", m.get("brier_ci")), ("ECE", m.get("ece_ci"))]
+    cands += [(f"{k} at the operating point", (op.get(k.lower()) or {}).get("bootstrap"))
+              for k in ("sensitivity", "specificity", "PPV", "NPV", "accuracy")]
+    cands += [(f"{k.upper()} at prevalence {(op.get('at_prevalence') or {}).get('prevalence')}",
+               (op.get("at_prevalence") or {}).get(k)) for k in ("ppv", "npv")]
+    return [name for name, ci in cands if isinstance(ci, Mapping) and ci.get("zero_width")]
+
+
 def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
     """The 2x2 table (images) at the operating point, with its threshold: the table whose sensitivity and
     specificity the report gives (STARD 2015, item 23). Empty without an operating point."""
@@ -164,11 +176,22 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     out += ["### Summary", "", PRIMARY_NOTE, "", _table(heads, rows), ""]
     ci = plain.get("auc_ci") or {}
     prev = plain.get("prevalence")
+    opm = plain.get("operating_point") or {}
+    exact = opm.get("threshold") is not None and (opm.get("sensitivity") or {}).get("method") == "clopper-pearson"
     out.append(f"Test prevalence {_f(prev)} ({plain['positives']} of {plain['n']} images positive): PPV, NPV, "
-               "precision, F1 and average precision depend on it. Every interval is the 2.5–97.5 percentile over "
+               "precision, F1 and average precision depend on it. "
+               + ("Sensitivity, specificity, PPV, NPV and accuracy at the operating point carry exact "
+                  "(Clopper-Pearson) 95% intervals with patients as clusters: Kish's design effect "
+                  "1 + (m − 1) × ICC with ICC = 1, i.e. the effective sample size is the number of patients in "
+                  "each denominator; they hold the threshold fixed (the patient-bootstrap intervals are kept in "
+                  "`metrics.json` under `bootstrap`). Every other interval" if exact else "Every interval")
+               + " is the 2.5–97.5 percentile over "
                f"{ci.get('n_boot', 0)} bootstrap resamples that draw **patients** with replacement "
                f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent.")
-    opm = plain.get("operating_point") or {}
+    flat = zero_width_intervals(plain)
+    if flat:
+        out.append(f"**Zero-width bootstrap interval** for {', '.join(flat)}: every resample gave the same value, "
+                   "which does not mean there is no uncertainty (an exact interval says how much).")
     if opm.get("threshold") is not None:
         out.append(f"The operating point's threshold was chosen by `{opm['rule']}` on the {opm['source']} split "
                    "and applied unchanged to the test split; the oracle row is for comparison only.")

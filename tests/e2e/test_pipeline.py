@@ -145,7 +145,15 @@ def exact_from_csvs(out: Path) -> dict:
         assert op["npv"]["value"] == (tn / (tn + fn) if tn + fn else None)
         again = M.operating_point_metrics(y, p, t, groups, n_boot=n_boot, seed=seed, prevalence=prevalence)
         for k in ("sensitivity", "specificity", "ppv", "npv", "accuracy"):
-            assert op[k] == {"value": op[k]["value"], "low": again[k]["low"], "high": again[k]["high"]}, k
+            assert op[k] == {**again[k], "value": op[k]["value"]}, k
+        # issue 34: exact interval of sensitivity, effective n = patients with a positive image (scipy only)
+        from scipy.stats import beta
+        n_pat = len(set(groups[y == 1].tolist()))
+        d = (tp + fn) / n_pat
+        ke, ne = tp / d, (tp + fn) / d
+        lo = float(beta.ppf(0.025, ke, ne - ke + 1)) if tp else 0.0
+        hi = float(beta.ppf(0.975, ke + 1, ne - ke)) if fn else 1.0
+        assert (op["sensitivity"]["low"], op["sensitivity"]["high"]) == (lo, hi)
         assert res["brier"] == brier(y, p) and res["ece"] == ece(y, p)
         again = M.calibration_metrics(y, p, groups, n_boot, seed)
         assert res["brier_ci"] == again["brier_ci"] and res["ece_ci"] == again["ece_ci"]

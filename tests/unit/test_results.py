@@ -54,8 +54,9 @@ def test_operating_point_interval_equals_explicit_resampling():
     assert op["npv"]["value"] == pytest.approx(1 - y[~pred].mean())
     assert op["accuracy"]["value"] == pytest.approx((pred == y).mean())
     ss = [pred[idx][y[idx] == 1].mean() for idx in _explicit_resamples(g, 100, 4)]
-    assert op["sensitivity"]["low"] == pytest.approx(np.percentile(ss, 2.5))
-    assert op["sensitivity"]["high"] == pytest.approx(np.percentile(ss, 97.5))
+    assert op["sensitivity"]["bootstrap"]["low"] == pytest.approx(np.percentile(ss, 2.5))
+    assert op["sensitivity"]["bootstrap"]["high"] == pytest.approx(np.percentile(ss, 97.5))
+    assert op["sensitivity"]["bootstrap"]["n_valid"] == 100
     # PPV at a deployment prevalence of 25 %, by hand (Bayes)
     ppv = sens * 0.25 / (sens * 0.25 + (1 - spec) * 0.75)
     assert op["at_prevalence"]["ppv"]["value"] == pytest.approx(ppv)
@@ -191,3 +192,43 @@ def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_
     assert sec.index("### 2x2 table at the operating point") < sec.index("### Summary")
     assert f"TP {hand['tp']}, FP {hand['fp']}, FN {hand['fn']}, TN {hand['tn']}" in sec
     assert f"threshold {t:.9g}" in sec and "secondary, not the operating point" in sec
+
+
+def test_clopper_pearson_of_64_of_64_and_the_zero_width_bootstrap_is_flagged():
+    """Issue 34.2: sensitivity 64/64 has the exact lower bound 0.9440 (= 0.025 ** (1/64)), not 1.000."""
+    lo, hi = M.clopper_pearson(64, 64)
+    assert round(lo, 4) == 0.9440 and lo == pytest.approx(0.025 ** (1 / 64), abs=1e-12) and hi == 1.0
+    lo, hi = M.clopper_pearson(0, 20)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 20), abs=1e-12)
+    # a textbook value (Clopper-Pearson 7/20: 0.1539-0.5922)
+    assert [round(v, 4) for v in M.clopper_pearson(7, 20)] == [0.1539, 0.5922]
+    y = np.array([1] * 64 + [0] * 64)
+    p = np.r_[np.full(64, 0.9), np.linspace(0.0, 0.8, 64)]
+    op = M.operating_point_metrics(y, p, 0.85, np.arange(128), n_boot=200, seed=1)
+    s = op["sensitivity"]
+    assert (op["tp"], op["fn"]) == (64, 0) and s["value"] == 1.0
+    assert round(s["low"], 4) == 0.9440 and s["high"] == 1.0 and s["method"] == "clopper-pearson"
+    assert s["bootstrap"]["low"] == s["bootstrap"]["high"] == 1.0 and s["bootstrap"]["zero_width"] is True
+    assert op["specificity"]["bootstrap"]["zero_width"] is True  # 64/64 negatives below 0.85 too
+    from distributed.report import binary_section
+    m = M.binary_metrics(y, p, groups=np.arange(128), n_boot=50,
+                         operating={"source": "validation", "rule": "fixed:0.85", "threshold": 0.85})
+    sec = binary_section(m, None, ["negative", "positive"], 0, {})
+    flagged = next(ln for ln in sec.splitlines() if ln.startswith("**Zero-width bootstrap interval** for"))
+    assert "sensitivity at the operating point" in flagged and "Brier" not in flagged
+    assert "[0.944, 1.000]" in sec  # the exact interval in the summary
+
+
+def test_patients_as_clusters_widen_the_exact_interval():
+    """Kish's design effect with ICC = 1: the effective n is the number of patients (4 images each -> n / 4)."""
+    r = M.proportion_interval(60, 64, 16)
+    assert r["design_effect"] == 4.0 and r["n_effective"] == 16.0
+    assert (r["low"], r["high"]) == M.clopper_pearson(15, 16)
+    one = M.proportion_interval(60, 64, 64)
+    assert r["low"] < one["low"] and (one["low"], one["high"]) == M.clopper_pearson(60, 64)
+    y = np.array([1, 1, 0, 0] * 16)
+    p = np.tile([0.9, 0.8, 0.1, 0.7], 16)
+    g = np.repeat(np.arange(32), 2)  # two images per patient, one class per patient
+    op = M.operating_point_metrics(y, p, 0.5, g, n_boot=0)
+    assert op["sensitivity"]["patients"] == 16 and op["specificity"]["n_effective"] == 16.0
+    assert (op["specificity"]["low"], op["specificity"]["high"]) == M.clopper_pearson(8, 16)
