@@ -76,7 +76,7 @@ from distributed import plots
 from distributed import provenance
 from distributed import runtime
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
-from distributed.report import write_report
+from distributed.report import resample_warning, write_report
 
 CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
@@ -692,6 +692,9 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         warnings.append(g.checkpoint["note"])
     for w in warnings:
         log.warning(w)
+    short = resample_warning({"bootstrap": cfg.eval.bootstrap, "plain": plain, "tta": tta_m, **extra})
+    if short:  # report.md says it too (report.resample_warning)
+        log.warning(short)
     metrics = {
         "format": 2, "task": "multilabel" if multilabel else "binary", "classes": classes,
         "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),

@@ -199,6 +199,22 @@ def zero_width(low, high) -> bool:
     return low is not None and high is not None and low == high
 
 
+def short_resamples(tree, n_boot: int, share: float = 0.95, path: str = "") -> list[tuple[str, int]]:
+    """``(path, n_valid)`` of every bootstrap interval in ``tree`` (a metrics dict: any mapping with
+    ``n_valid``) that rests on fewer than ``share`` of the ``n_boot`` resamples drawn (resamples lacking a
+    class are dropped), in document order; curves are skipped."""
+    out: list[tuple[str, int]] = []
+    if not isinstance(tree, Mapping) or n_boot <= 0:
+        return out
+    nv = tree.get("n_valid")
+    if isinstance(nv, (int, np.integer)) and not isinstance(nv, bool) and nv < share * n_boot:
+        out.append((path or "(top)", int(nv)))
+    for k, v in tree.items():
+        if k not in ("curves", "roc_band", "reliability") and isinstance(v, Mapping):
+            out += short_resamples(v, n_boot, share, f"{path}.{k}" if path else str(k))
+    return out
+
+
 def with_ci(value, ci: Mapping | None) -> dict:
     """``{value, low, high}`` (the form of every interval-carrying number of metrics.json)."""
     ci = ci or {}
@@ -578,7 +594,8 @@ def split_auc(y, p, mask_pos, groups, n_boot: int = 0, seed: int = 0) -> dict:
     y = np.asarray(y).astype(int)
     keep = (y == 0) | (np.asarray(mask_pos, bool) & (y == 1))
     ci = bootstrap_auc(y[keep], np.asarray(p)[keep], np.asarray(groups)[keep], n_boot=n_boot, seed=seed)
-    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "positives": int((y[keep] == 1).sum())}
+    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "n_valid": ci["n_valid"],
+            "positives": int((y[keep] == 1).sum())}
 
 
 def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,

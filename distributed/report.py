@@ -17,7 +17,7 @@ from typing import Mapping, Sequence
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
-from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side
+from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side, short_resamples
 from distributed.provenance import leakage_sentence
 
 TTA_NOTE = ("The TTA probability of an image is the mean of {n} predictions: the plain image's and those of "
@@ -104,6 +104,20 @@ PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the prim
                 "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
 
 
+def resample_warning(metrics: Mapping, share: float = 0.95) -> str | None:
+    """One sentence naming the intervals that rest on fewer than ``share`` of the ``bootstrap`` resamples
+    drawn (with their real counts), or None."""
+    n_boot = int(metrics.get("bootstrap") or 0)
+    short = []
+    for key in ("plain", "tta", "tta_minus_plain", "co_findings"):
+        short += short_resamples(metrics.get(key), n_boot, share, key)
+    if not short:
+        return None
+    names = ", ".join(f"{p} ({n})" for p, n in short[:8]) + (f" and {len(short) - 8} more" if len(short) > 8 else "")
+    return (f"{len(short)} bootstrap interval(s) rest on fewer than {share:.0%} of the {n_boot} patient resamples "
+            f"(resamples lacking a class dropped; valid resamples in brackets): {names}")
+
+
 def zero_width_intervals(m: Mapping) -> list[str]:
     """Names of the bootstrap intervals of one evaluation that have width 0 (``zero_width``)."""
     op = m.get("operating_point") or {}
@@ -187,7 +201,10 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
                   "`metrics.json` under `bootstrap`). Every other interval" if exact else "Every interval")
                + " is the 2.5–97.5 percentile over "
                f"{ci.get('n_boot', 0)} bootstrap resamples that draw **patients** with replacement "
-               f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent.")
+               f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent. "
+               "A resample without both classes is dropped from the statistics that need both: the ROC AUC's "
+               f"interval rests on {ci.get('n_valid', 0)} of {ci.get('n_boot', 0)} resamples, and `metrics.json` "
+               "gives `n_valid` beside every interval.")
     flat = zero_width_intervals(plain)
     if flat:
         out.append(f"**Zero-width bootstrap interval** for {', '.join(flat)}: every resample gave the same value, "
@@ -514,7 +531,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
              task_section(metrics, cfg),
              "## Data", "", data_section(manifest, metrics.get("provenance")), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
-    for warning in metrics.get("warnings") or []:
+    for warning in (metrics.get("warnings") or []) + ([short] if (short := resample_warning(metrics)) else []):
         lines += [f"> **Warning:** {md(warning)}.", ""]
     if metrics["task"] == "binary":
         lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0), metrics))

@@ -232,3 +232,28 @@ def test_patients_as_clusters_widen_the_exact_interval():
     op = M.operating_point_metrics(y, p, 0.5, g, n_boot=0)
     assert op["sensitivity"]["patients"] == 16 and op["specificity"]["n_effective"] == 16.0
     assert (op["specificity"]["low"], op["specificity"]["high"]) == M.clopper_pearson(8, 16)
+
+
+def test_dropped_resamples_are_counted_cited_and_warned():
+    """Issue 34.3: with 3 positive patients of 12, about (9/12)**12 = 3 % of resamples lack a positive; each
+    interval says how many resamples it rests on, the report cites that count, and warns below 95 %."""
+    from distributed.report import binary_section, resample_warning
+
+    y = np.array([1] * 6 + [0] * 18)
+    g = np.repeat(np.arange(12), 2)
+    p = np.linspace(0.9, 0.1, 24)
+    m = M.binary_metrics(y, p, groups=g, n_boot=400, seed=3,
+                         operating={"source": "validation", "rule": "fixed:0.5", "threshold": 0.5})
+    drawn = list(M.patient_resample_weights(g, 400, 3))
+    valid = sum(1 for w in drawn if (w * y).sum() > 0 and (w * (1 - y)).sum() > 0)
+    assert m["auc_ci"]["n_valid"] == valid < 400
+    assert m["average_precision_ci"]["n_valid"] == valid
+    assert m["operating_point"]["sensitivity"]["bootstrap"]["n_valid"] == sum(1 for w in drawn if (w * y).sum() > 0)
+    assert f"rests on {valid} of 400 resamples" in binary_section(m, None, ["negative", "positive"], 0, {})
+    assert resample_warning({"bootstrap": 400, "plain": m}) is None  # 97 %: above the 95 % line
+    y2 = np.array([1] * 2 + [0] * 22)  # one positive patient of 12: about 35 % of resamples lack it
+    m2 = M.binary_metrics(y2, p, groups=g, n_boot=400, seed=3)
+    v2 = m2["auc_ci"]["n_valid"]
+    assert v2 < 0.95 * 400
+    w = resample_warning({"bootstrap": 400, "plain": m2})
+    assert w is not None and f"plain.auc_ci ({v2})" in w and "of the 400 patient resamples" in w
