@@ -196,8 +196,9 @@ class EvalConfig:
                                         "youden, sensitivity:S, specificity:S or fixed:T")
     calibrate: Literal["none", "temperature"] = _f(
         "none", "temperature: fit a temperature on validation, saved in run.dir/calibration.json (cxr-predict applies it)")
-    prior_correction: bool = _f(False, "correct probabilities from the training split's class proportions to the "
-                                       "data's natural prevalence (manifest); evaluate and cxr-predict")
+    prior_correction: bool = _f(False, "correct probabilities from the training split's class proportions to "
+                                       "eval.prevalence, else train+val's natural prevalence (manifest; never "
+                                       "test); evaluate and cxr-predict")
     prevalence: float = _f(0.0, "deployment prevalence P: also report PPV/NPV recomputed at P; 0 = off", 0.0, 0.999)
     trust_model: bool = _f(False, "load model files with Keras' own loader (HDF5, Lambda layers: code in the file "
                                   "runs); default: rebuilt by this project, weights only (distributed.safeload)")

@@ -536,10 +536,22 @@ def prevalences(manifest: Mapping) -> dict:
         lc = sp.get("label_counts") or {}
         tot = sum(int(v) for v in lc.values())
         out[name] = int(lc.get(classes[1], 0)) / tot if tot else None
-    pos = sum(int((sp.get("available") or {}).get(classes[1], 0)) for sp in splits.values())
-    tot = sum(sum(int(v) for v in (sp.get("available") or {}).values()) for sp in splits.values())
-    out["natural"] = pos / tot if tot else None
+    def natural(names):
+        pos = sum(int((splits[n].get("available") or {}).get(classes[1], 0)) for n in names)
+        tot = sum(sum(int(v) for v in (splits[n].get("available") or {}).values()) for n in names)
+        return pos / tot if tot else None
+    out["natural"] = natural(list(splits))
+    out["natural_train_val"] = natural([n for n in splits if n in ("train", "val")])
     return out
+
+
+def correction_prevalence(prev: Mapping, deployment: float = 0.0) -> tuple[float | None, str]:
+    """The target of the prior correction and where it comes from: ``eval.prevalence`` when set, else the
+    natural prevalence of the train and validation splits (``natural_train_val``). Never the test labels:
+    the pooled ``natural`` includes them and stays descriptive only."""
+    if deployment and 0.0 < deployment < 1.0:
+        return float(deployment), "eval.prevalence"
+    return prev.get("natural_train_val"), "train+val (natural, before caps)"
 
 
 def finding_labels(cfg, names) -> list[str] | None:
@@ -566,8 +578,8 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
     """``eval.calibrate`` and ``eval.prior_correction`` as one transform of the positive-class
     probability, ``metrics.adjust(p, temperature, shift)``, fitted on VALIDATION only; None when both off.
 
-    The prior shift moves the odds from the training split's class proportions to the natural
-    prevalence (``prevalences``); the temperature is fitted on validation with the validation split's
+    The prior shift moves the odds from the training split's class proportions to ``eval.prevalence``
+    or else the natural prevalence of train+val (:func:`correction_prevalence`; never the test labels); the temperature is fitted on validation with the validation split's
     own shift, so it corrects the spread and not the base rate."""
     if cfg.eval.calibrate == "none" and not cfg.eval.prior_correction:
         return None
@@ -576,11 +588,13 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
             "shift": 0.0, "train_prevalence": prev.get("train"), "target_prevalence": None,
             "fitted_on": "validation", "formula": "sigmoid(logit(p) / temperature + shift)"}
     if cfg.eval.prior_correction:
-        if prev.get("train") and prev.get("natural") and 0 < prev["train"] < 1 and 0 < prev["natural"] < 1:
-            plan["target_prevalence"] = prev["natural"]
-            plan["shift"] = M.prior_shift(prev["train"], prev["natural"])
+        target, source = correction_prevalence(prev, cfg.eval.prevalence)
+        if prev.get("train") and target and 0 < prev["train"] < 1 and 0 < target < 1:
+            plan["target_prevalence"], plan["target_source"] = target, source
+            plan["shift"] = M.prior_shift(prev["train"], target)
         else:
-            log.warning("eval.prior_correction: the manifest gives no usable training/natural prevalence; not applied")
+            log.warning("eval.prior_correction: no usable training or train+val prevalence (manifest) or "
+                        "eval.prevalence; not applied")
             plan["prior_correction"] = False
     if cfg.eval.calibrate == "temperature":
         if p_val is None or not M.both_classes(y_val):
@@ -772,7 +786,8 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
         pc = M.as_written(M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"]))  # as the CSV holds it
         plain["calibrated"] = {**M.calibration_metrics(Y, pc, groups, n_boot, seed),
                                **{k: plan[k] for k in ("method", "prior_correction", "temperature", "shift",
-                                                       "target_prevalence")}}
+                                                       "target_prevalence")},
+                               "target_source": plan.get("target_source")}
         if vmeta is not None:
             pv = g.val_probs[:, 1]
             pa = M.as_written(M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0)))

@@ -362,8 +362,10 @@ def calibration_section(plain: Mapping, tta: Mapping | None, metrics: Mapping) -
                         "after)")
         if c.get("prior_correction"):
             tp = (metrics.get("prevalence") or {}).get("train")
-            what.append(f"prior correction from the training split's prevalence {_f(tp)} to the natural prevalence "
-                        f"{_f(c.get('target_prevalence'))} (logit shift {c['shift']:+.3f})")
+            src = c.get("target_source") or "the natural prevalence"
+            what.append(f"prior correction from the training split's prevalence {_f(tp)} to "
+                        f"{_f(c.get('target_prevalence'))} ({md(src)}; never the test labels; logit shift "
+                        f"{c['shift']:+.3f})")
         out.append("Calibrated probabilities: " + "; ".join(what) + ". The transform is "
                    "`sigmoid(logit(p) / temperature + shift)`, saved in `calibration.json`, and `cxr-predict` applies "
                    "it to this model. On a test split at another prevalence than the target, prior-corrected "

@@ -334,8 +334,7 @@ def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_pat
     manifest = json.loads((Path(str(cfg).replace("cfg-binary.yaml", "prepared-binary")) / "manifest.json").read_text())
     tr = manifest["splits"]["train"]["label_counts"]
     pi_train = tr["Infiltration"] / sum(tr.values())
-    avail = [s["available"] for s in manifest["splits"].values()]
-    pi_nat = sum(a["Infiltration"] for a in avail) / sum(sum(a.values()) for a in avail)
+    pi_nat = 0.1  # issue 34: the prior correction's target is eval.prevalence when set, never the test labels
     shift = np.log(pi_nat / (1 - pi_nat)) - np.log(pi_train / (1 - pi_train))
     assert cal["shift"] == pytest.approx(shift) and cal["target_prevalence"] == pytest.approx(pi_nat)
     assert cal["fitted_on"] == "validation" and cal["temperature"] > 0

@@ -257,3 +257,30 @@ def test_dropped_resamples_are_counted_cited_and_warned():
     assert v2 < 0.95 * 400
     w = resample_warning({"bootstrap": 400, "plain": m2})
     assert w is not None and f"plain.auc_ci ({v2})" in w and "of the 400 patient resamples" in w
+
+
+def test_prior_correction_target_never_reads_the_test_labels(tmp_path):
+    """Issue 34.4: the prior correction's target prevalence is train+val's (or eval.prevalence); flipping every
+    test label changes the pooled natural prevalence but not the target."""
+    import logging
+
+    from data_prep.config import load_config
+    from distributed.evaluate import calibration_plan, prevalences
+
+    def manifest(test_pos, test_neg):
+        sp = lambda pos, neg, cap: {"label_counts": {"No Finding": min(neg, cap), "Effusion": min(pos, cap)},  # noqa: E731
+                                    "available": {"No Finding": neg, "Effusion": pos}}
+        return {"task": "binary", "classes": ["No Finding", "Effusion"],
+                "splits": {"train": sp(300, 700, 300), "val": sp(50, 150, 1000), "test": sp(test_pos, test_neg, 1000)}}
+
+    log = logging.getLogger("test")
+    cfg = load_config(None, [f"run.dir={tmp_path}", "eval.prior_correction=true"])
+    a, b = calibration_plan(cfg, manifest(40, 160), None, None, log), calibration_plan(cfg, manifest(160, 40), None,
+                                                                                        None, log)
+    assert prevalences(manifest(40, 160))["natural"] != prevalences(manifest(160, 40))["natural"]
+    assert a["target_prevalence"] == b["target_prevalence"] == 350 / 1200 and a["shift"] == b["shift"]
+    assert a["target_source"].startswith("train+val") and a["train_prevalence"] == 0.5
+    assert a["shift"] == M.prior_shift(0.5, 350 / 1200)
+    cfg = load_config(None, [f"run.dir={tmp_path}", "eval.prior_correction=true", "eval.prevalence=0.1"])
+    c = calibration_plan(cfg, manifest(40, 160), None, None, log)
+    assert c["target_prevalence"] == 0.1 and c["target_source"] == "eval.prevalence"
