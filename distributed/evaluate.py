@@ -578,7 +578,9 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
     """``eval.calibrate`` and ``eval.prior_correction`` as one transform of the positive-class
     probability, ``metrics.adjust(p, temperature, shift)``, fitted on VALIDATION only; None when both off.
 
-    The prior shift moves the odds from the training split's class proportions to ``eval.prevalence``
+    The temperature scales the log-odds around the training prior, ``center`` = logit(pi_train):
+    sigmoid((logit p - logit pi_train) / T + logit pi_target) (``metrics.adjust``), so that T changes the
+    spread and not the base rate. The prior shift moves the odds from the training split's class proportions to ``eval.prevalence``
     or else the natural prevalence of train+val (:func:`correction_prevalence`; never the test labels); the temperature is fitted on validation with the validation split's
     own shift, so it corrects the spread and not the base rate."""
     if cfg.eval.calibrate == "none" and not cfg.eval.prior_correction:
@@ -586,7 +588,8 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
     prev = prevalences(manifest)
     plan = {"method": cfg.eval.calibrate, "prior_correction": bool(cfg.eval.prior_correction), "temperature": 1.0,
             "shift": 0.0, "train_prevalence": prev.get("train"), "target_prevalence": None,
-            "fitted_on": "validation", "formula": "sigmoid(logit(p) / temperature + shift)"}
+            "fitted_on": "validation", "formula": "sigmoid((logit(p) - center) / temperature + center + shift)",
+            "center": float(M.logit(prev["train"])) if prev.get("train") and 0 < prev["train"] < 1 else 0.0}
     if cfg.eval.prior_correction:
         target, source = correction_prevalence(prev, cfg.eval.prevalence)
         if prev.get("train") and target and 0 < prev["train"] < 1 and 0 < target < 1:
@@ -603,8 +606,13 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
         else:
             val_shift = M.prior_shift(prev["train"], prev["val"]) if plan["prior_correction"] and prev.get("val") \
                 and 0 < prev["val"] < 1 else 0.0
-            plan["temperature"] = M.fit_temperature(y_val, p_val, shift=val_shift)
+            plan["temperature"] = M.fit_temperature(y_val, p_val, shift=val_shift, center=plan["center"])
             plan["validation_shift"] = val_shift
+            if M.temperature_at_bound(plan["temperature"]):
+                plan["warning"] = (f"eval.calibrate: the temperature {plan['temperature']:.4g} stopped at the search "
+                                   f"bound (|log T| = {M.LOG_T_BOUND:g}): the validation split is (nearly) separable "
+                                   "or too small, and T is not a fitted optimum")
+                log.warning(plan["warning"])
     if plan["method"] == "none" and not plan["prior_correction"]:
         return None
     return plan
@@ -663,7 +671,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         vfindings = finding_labels(cfg, vmeta["image_index"]) if vmeta is not None and findings is not None else None
         yv = np.asarray(vmeta["label"]).astype(int) if vmeta is not None else None
         plan = calibration_plan(cfg, g.manifest, yv, g.val_probs[:, 1] if g.val_probs is not None else None, log)
-    cal = (lambda P: M.as_written(M.adjust(P[:, 1], plan["temperature"], plan["shift"]))) if plan else \
+    cal = (lambda P: M.as_written(M.adjust(P[:, 1], plan["temperature"], plan["shift"], plan["center"]))) if plan else \
         (lambda P: None)
     atomic_write_text(out_dir / "predictions.csv",
                       predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None,
@@ -783,16 +791,17 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
     if tta_m is not None:
         extra["tta_minus_plain"] = M.paired_auc_difference(Y, g.probs[:, 1], g.tta[:, 1], groups, n_boot, seed)
     if plan is not None:
-        pc = M.as_written(M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"]))  # as the CSV holds it
+        pc = M.as_written(M.adjust(g.probs[:, 1], plan["temperature"], plan["shift"], plan["center"]))  # as the CSV
         plain["calibrated"] = {**M.calibration_metrics(Y, pc, groups, n_boot, seed),
                                **{k: plan[k] for k in ("method", "prior_correction", "temperature", "shift",
-                                                       "target_prevalence")},
-                               "target_source": plan.get("target_source")}
+                                                       "target_prevalence", "center")},
+                               "target_source": plan.get("target_source"), "warning": plan.get("warning")}
         if vmeta is not None:
             pv = g.val_probs[:, 1]
-            pa = M.as_written(M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0)))
+            pa = M.as_written(M.adjust(pv, plan["temperature"], plan.get("validation_shift", 0.0), plan["center"]))
             plain["calibrated"]["validation"] = {"before": {"brier": M.brier(yv, pv), "ece": M.ece(yv, pv)},
-                                                 "after": {"brier": M.brier(yv, pa), "ece": M.ece(yv, pa)}}
+                                                 "after": {"brier": M.brier(yv, pa), "ece": M.ece(yv, pa)},
+                                                 "in_sample": plan["method"] == "temperature"}
     co = co_findings(cfg, findings, Y)
     if co is not None:
         extra["co_findings"] = {

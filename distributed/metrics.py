@@ -458,25 +458,42 @@ def prior_shift(train_prevalence: float, target_prevalence: float) -> float:
     return float(logit(target_prevalence) - logit(train_prevalence))
 
 
-def adjust(p, temperature: float = 1.0, shift: float = 0.0):
-    """sigmoid(logit(p) / temperature + shift): temperature scaling, then the prior shift."""
-    z = logit(p) / float(temperature) + float(shift)
+def adjust(p, temperature: float = 1.0, shift: float = 0.0, center: float = 0.0):
+    """sigmoid((logit(p) - center) / temperature + center + shift).
+
+    Temperature scaling around the training prior (``center`` = logit of the training split's
+    prevalence), then the prior shift: with ``shift`` = logit(pi_target) - logit(pi_train) this is
+    sigmoid((logit p - logit pi_train) / T + logit pi_target). Dividing logit(p) itself by T (``center``
+    0, the older form) also rescales the training prior's log-odds and is right only when pi_train = 0.5."""
+    c = float(center)
+    z = (logit(p) - c) / float(temperature) + c + float(shift)
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def fit_temperature(y, p, shift: float = 0.0) -> float:
-    """The temperature T minimising the log loss of ``adjust(p, T, shift)`` on (y, p) (validation)."""
+LOG_T_BOUND = 4.0  # fit_temperature searches log T in [-4, 4]: T in [0.018, 54.6]
+
+
+def fit_temperature(y, p, shift: float = 0.0, center: float = 0.0) -> float:
+    """The temperature T minimising the log loss of ``adjust(p, T, shift, center)`` on (y, p)
+    (validation), log T searched in [-LOG_T_BOUND, LOG_T_BOUND] (:func:`temperature_at_bound`)."""
     from scipy.optimize import minimize_scalar
 
     y = np.asarray(y, dtype=np.float64)
-    z = logit(p)
+    z = logit(p) - float(center)
+    c = float(center) + float(shift)
 
     def nll(log_t):
-        q = np.clip(1.0 / (1.0 + np.exp(-(z / np.exp(log_t) + shift))), 1e-12, 1 - 1e-12)
+        q = np.clip(1.0 / (1.0 + np.exp(-(z / np.exp(log_t) + c))), 1e-12, 1 - 1e-12)
         return float(-(y * np.log(q) + (1 - y) * np.log1p(-q)).mean())
 
-    r = minimize_scalar(nll, bounds=(-4.0, 4.0), method="bounded", options={"xatol": 1e-6})
+    r = minimize_scalar(nll, bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded", options={"xatol": 1e-6})
     return float(np.exp(r.x))
+
+
+def temperature_at_bound(temperature: float, tol: float = 1e-3) -> bool:
+    """Did :func:`fit_temperature` stop at the edge of its search (e.g. T = 0.018 on a separable
+    validation set)? Then T is not a fitted optimum and the evaluation warns."""
+    return abs(abs(math.log(float(temperature))) - LOG_T_BOUND) < tol
 
 
 # --------------------------------------------------------------------------- thresholds, tables

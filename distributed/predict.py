@@ -26,9 +26,10 @@ file's sha256:
   CSVs hold it (``%.9g``), exactly as the report counted; ``--threshold T`` overrides it (compared with
   ``probability``); without one the threshold is 0.5, and the output says which it is;
 * ``calibration.json`` (``eval.calibrate``/``eval.prior_correction``): ``probability`` is then
-  ``sigmoid(logit(p) / temperature + shift)``, ``raw_probability`` the network's, and the output prints
-  the whole transform. A run whose ``metrics.json`` says its predictions are calibrated refuses to give
-  uncalibrated ones when ``calibration.json`` is missing or unreadable (``--raw`` asks for them);
+  ``sigmoid((logit(p) - center) / temperature + center + shift)`` (center: logit of the training
+  prevalence), ``raw_probability`` the network's, and the output prints the whole transform. A run
+  whose ``metrics.json`` says its predictions are calibrated refuses to give uncalibrated ones when
+  ``calibration.json`` is missing or unreadable (``--raw`` asks for them);
 * class names from the run's ``config.yaml``.
 
 TensorFlow is imported only once a model is to be loaded (``distributed.model``,
@@ -161,7 +162,8 @@ def find_calibration(model_path: Path, digest: str | None = None) -> dict | None
     ok, why = _listed(cal, digest or sha256_file(model_path))
     if not ok:
         return {"file": str(f), "applied": False, "why": why}
-    return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift,
+    center = float(cal.get("center") or 0.0)  # logit of the training prevalence (metrics.adjust); 0 in older files
+    return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift, "center": center,
             "prior_correction": bool(cal.get("prior_correction")), "target_prevalence": cal.get("target_prevalence"),
             "method": cal.get("method")}
 
@@ -209,7 +211,10 @@ def calibration_note(cal: dict | None) -> str | None:
     what = [f"temperature {T:.6g}" + (" (fitted on validation)" if cal.get("method") == "temperature" else ""),
             f"shift {S:+.6g}" + (f" (prior correction to prevalence {cal['target_prevalence']:.3f})"
                                  if cal.get("prior_correction") and cal.get("target_prevalence") is not None else "")]
-    return (f"probabilities calibrated by {cal['file']}: sigmoid(logit(p) / {T:.6g} + {S:+.6g}) ("
+    C = cal.get("center", 0.0)
+    form = (f"sigmoid((logit(p) - {C:+.6g}) / {T:.6g} + {C + S:+.6g})" if C
+            else f"sigmoid(logit(p) / {T:.6g} + {S:+.6g})")
+    return (f"probabilities calibrated by {cal['file']}: {form} ("
             + ", ".join(what) + "; --json: raw_probability is the network's)")
 
 
@@ -479,7 +484,7 @@ def main(argv=None) -> int:
         # as the CSVs of the evaluation hold them (float32, %.9g): the operating point was chosen on these
         raw = probs = as_written(positive_probability(out, multilabel))
         if cal and cal["applied"]:
-            probs = as_written(adjust(raw, cal["temperature"], cal["shift"]))
+            probs = as_written(adjust(raw, cal["temperature"], cal["shift"], cal.get("center", 0.0)))
             for d, v in zip(decoded, raw):
                 results[d.row]["raw_probability"] = float(v)
         add_predictions(results, decoded, probs, names, th["threshold"], multilabel,

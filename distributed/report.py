@@ -357,17 +357,24 @@ def calibration_section(plain: Mapping, tta: Mapping | None, metrics: Mapping) -
         what = []
         if c.get("method") == "temperature":
             v = c.get("validation") or {}
-            what.append(f"temperature {c['temperature']:.3f} fitted on the validation split (validation Brier "
+            what.append(f"temperature {c['temperature']:.3f} fitted on the validation split (Brier "
                         f"{_f((v.get('before') or {}).get('brier'))} before, {_f((v.get('after') or {}).get('brier'))} "
-                        "after)")
+                        f"after; ECE {_f((v.get('before') or {}).get('ece'))} before, "
+                        f"{_f((v.get('after') or {}).get('ece'))} after (validation, in-sample): fitted and measured "
+                        "on the same images, optimistic; the test rows above are the out-of-sample check)")
         if c.get("prior_correction"):
             tp = (metrics.get("prevalence") or {}).get("train")
             src = c.get("target_source") or "the natural prevalence"
             what.append(f"prior correction from the training split's prevalence {_f(tp)} to "
                         f"{_f(c.get('target_prevalence'))} ({md(src)}; never the test labels; logit shift "
                         f"{c['shift']:+.3f})")
+        form = "`sigmoid((logit(p) - center) / temperature + center + shift)` with center = logit of the " \
+            f"training prevalence ({c['center']:+.3f}), i.e. the temperature scales the log-odds around the " \
+            "training prior" if c.get("center") is not None else "`sigmoid(logit(p) / temperature + shift)`"
+        if c.get("warning"):
+            out += [f"> **Warning:** {md(c['warning'])}.", ""]
         out.append("Calibrated probabilities: " + "; ".join(what) + ". The transform is "
-                   "`sigmoid(logit(p) / temperature + shift)`, saved in `calibration.json`, and `cxr-predict` applies "
+                   f"{form}, saved in `calibration.json`, and `cxr-predict` applies "
                    "it to this model. On a test split at another prevalence than the target, prior-corrected "
                    "probabilities are expected to look miscalibrated.")
     else:

@@ -169,15 +169,19 @@ def exact_from_csvs(out: Path) -> dict:
         cal = json.loads((out / "calibration.json").read_text())
         pv, p, cp = col(vrows, "probability"), col(rows, "probability"), col(rows, "calibrated_probability")
         if cal["method"] == "temperature":
-            assert cal["temperature"] == M.fit_temperature(yv, pv, shift=cal["validation_shift"]) == c["temperature"]
-        assert np.array_equal(cp, M.as_written(M.adjust(p, cal["temperature"], cal["shift"])))
+            assert cal["temperature"] == M.fit_temperature(yv, pv, shift=cal["validation_shift"],
+                                                           center=cal["center"]) == c["temperature"]
+        # issue 34: temperature scaling around the training prior, center = logit(training prevalence)
+        assert cal["center"] == c["center"] == float(M.logit(cal["train_prevalence"]))
+        assert np.array_equal(cp, M.as_written(M.adjust(p, cal["temperature"], cal["shift"], cal["center"])))
         assert np.array_equal(col(vrows, "calibrated_probability"), M.as_written(M.adjust(pv, cal["temperature"],
-                                                                                          cal["shift"])))
+                                                                                          cal["shift"], cal["center"])))
         assert c["brier"] == brier(y, cp) and c["ece"] == ece(y, cp)
-        after = M.as_written(M.adjust(pv, cal["temperature"], cal.get("validation_shift", 0.0)))
+        after = M.as_written(M.adjust(pv, cal["temperature"], cal.get("validation_shift", 0.0), cal["center"]))
         v = c["validation"]
         assert v == {"before": {"brier": brier(yv, pv), "ece": ece(yv, pv)},
-                     "after": {"brier": brier(yv, after), "ece": ece(yv, after)}}
+                     "after": {"brier": brier(yv, after), "ece": ece(yv, after)},
+                     "in_sample": cal["method"] == "temperature"}
         again = M.calibration_metrics(y, cp, groups, n_boot, seed)
         assert c["brier_ci"] == again["brier_ci"] and c["ece_ci"] == again["ece_ci"]
     return m

@@ -342,7 +342,9 @@ def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_pat
     rows = _csv(run2 / "predictions.csv")
     p, pc = _col(rows, "probability"), _col(rows, "calibrated_probability")
     z = np.log(np.clip(p, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(p, 1e-7, 1 - 1e-7))
-    assert pc == pytest.approx(1 / (1 + np.exp(-(z / cal["temperature"] + shift))), abs=1e-7)
+    c = np.log(pi_train / (1 - pi_train))  # issue 34: temperature around the training prior
+    assert cal["center"] == pytest.approx(c)
+    assert pc == pytest.approx(1 / (1 + np.exp(-((z - c) / cal["temperature"] + c + shift))), abs=1e-7)
     y = _col(rows, "label", int)
     assert m["plain"]["calibrated"]["brier"] == pytest.approx(np.mean((pc - y) ** 2), abs=1e-7)
     # the temperature minimises the validation log loss (with the validation split's own prior shift)
@@ -354,7 +356,7 @@ def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_pat
     zv = np.log(np.clip(pv, 1e-7, 1 - 1e-7)) - np.log1p(-np.clip(pv, 1e-7, 1 - 1e-7))
 
     def nll(t):
-        q = np.clip(1 / (1 + np.exp(-(zv / t + vshift))), 1e-12, 1 - 1e-12)
+        q = np.clip(1 / (1 + np.exp(-((zv - c) / t + c + vshift))), 1e-12, 1 - 1e-12)
         return -np.mean(yv * np.log(q) + (1 - yv) * np.log1p(-q))
     assert nll(cal["temperature"]) <= min(nll(cal["temperature"] * 1.05), nll(cal["temperature"] / 1.05)) + 1e-12
     # checkpoint_phase any: the warm-up epoch had the lowest val_loss

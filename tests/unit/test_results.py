@@ -284,3 +284,55 @@ def test_prior_correction_target_never_reads_the_test_labels(tmp_path):
     cfg = load_config(None, [f"run.dir={tmp_path}", "eval.prior_correction=true", "eval.prevalence=0.1"])
     c = calibration_plan(cfg, manifest(40, 160), None, None, log)
     assert c["target_prevalence"] == 0.1 and c["target_source"] == "eval.prevalence"
+
+
+def test_temperature_around_the_training_prior_recovers_t_at_a_025_prior():
+    """Issue 34.5: trained at prevalence 0.25, the network twice too confident around that prior. Scaling
+    logit(p) itself finds T about 1.55; scaling around logit(0.25) recovers T = 2 within 5 %."""
+    rng = np.random.default_rng(0)
+    n, lt = 20000, np.log(0.25 / 0.75)
+    s = lt - 0.25 + rng.normal(0, 1.0, n)  # true log-odds; prevalence about 0.25
+    y = (rng.random(n) < 1 / (1 + np.exp(-s))).astype(int)
+    assert abs(y.mean() - 0.25) < 0.02
+    p = 1 / (1 + np.exp(-(lt + 2 * (s - lt))))
+    t = M.fit_temperature(y, p, center=lt)
+    assert abs(t - 2.0) / 2.0 < 0.05
+    assert abs(M.fit_temperature(y, p) - 2.0) / 2.0 > 0.15  # the older form, around logit 0
+    q = M.adjust(p, t, 0.0, lt)
+    assert abs(q.mean() - y.mean()) < 0.01 and M.ece(y, q) < 0.02
+    # with a prior shift to 0.1: sigmoid((logit p - logit 0.25) / T + logit 0.1)
+    r = M.adjust(p, t, M.prior_shift(0.25, 0.1), lt)
+    assert np.allclose(M.logit(r), (M.logit(p) - lt) / t + np.log(0.1 / 0.9))
+
+
+def test_temperature_at_the_search_bound_is_a_warning(tmp_path):
+    """A separable validation split drives T to the bound of log T; calibration_plan warns, the report shows it,
+    and the validation figures are labelled in-sample."""
+    import logging
+
+    from data_prep.config import load_config
+    from distributed.evaluate import calibration_plan
+    from distributed.report import calibration_section
+
+    y = np.array([0] * 50 + [1] * 50)
+    p = np.r_[np.linspace(0.05, 0.45, 50), np.linspace(0.55, 0.95, 50)]
+    assert M.temperature_at_bound(M.fit_temperature(y, p))
+    manifest = {"task": "binary", "classes": ["a", "b"],
+                "splits": {k: {"label_counts": {"a": 50, "b": 50}, "available": {"a": 50, "b": 50}}
+                           for k in ("train", "val", "test")}}
+    cfg = load_config(None, [f"run.dir={tmp_path}", "eval.calibrate=temperature"])
+    records = []
+    log = logging.getLogger("t34")
+    log.addHandler(type("H", (logging.Handler,), {"emit": lambda self, r: records.append(r.getMessage())})())
+    plan = calibration_plan(cfg, manifest, y, p, log)
+    assert plan["center"] == 0.0 and "search bound" in plan["warning"]
+    assert any("search bound" in r for r in records)
+    z = np.random.default_rng(1).normal(0, 1.5, 400)
+    yz = (np.random.default_rng(2).random(400) < 1 / (1 + np.exp(-z))).astype(int)
+    assert not M.temperature_at_bound(M.fit_temperature(yz, 1 / (1 + np.exp(-z))))
+    plain = {"brier": 0.1, "ece": 0.05, "calibrated": {
+        "brier": 0.1, "ece": 0.05, "method": "temperature", "temperature": plan["temperature"], "shift": 0.0,
+        "center": 0.0, "warning": plan["warning"],
+        "validation": {"before": {"brier": 0.2, "ece": 0.1}, "after": {"brier": 0.0, "ece": 0.0}, "in_sample": True}}}
+    sec = calibration_section(plain, None, {})
+    assert "(validation, in-sample)" in sec and "**Warning:**" in sec and "search bound" in sec
