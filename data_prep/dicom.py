@@ -180,16 +180,17 @@ def _modality(ds) -> str:
 
 def write_dicom(path, pixels: np.ndarray, photometric: str = "MONOCHROME2", bits_stored: int = 12,
                 slope: float = 1.0, intercept: float = 0.0, window: tuple[float, float] | None = None,
-                compress: str = "", patient_id: str = "", spacing: float = 0.143) -> None:
+                compress: str = "", patient_id: str = "", spacing: float = 0.143, uid_seed: str = "") -> None:
     """A DX radiograph file (the synthetic generator's and the tests'): ``pixels`` are the stored values
-    (uint16), ``compress`` '' or 'rle' (pydicom's own RLE Lossless encoder)."""
+    (uint16), ``compress`` '' or 'rle' (pydicom's own RLE Lossless encoder); ``uid_seed`` makes the
+    UIDs, and so the file, the same on every run."""
     import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, RLELossless, generate_uid
 
     meta = FileMetaDataset()
     meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # Digital X-Ray Image Storage - For Presentation
-    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.MediaStorageSOPInstanceUID = generate_uid(entropy_srcs=[uid_seed]) if uid_seed else generate_uid()
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * PREAMBLE)
     ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID

@@ -6,6 +6,10 @@
 * ``DIR/images/PPPPPPPP_FFF.png``: 8-bit grayscale, square, one per row,
 * ``DIR/train_val_list.txt`` and ``DIR/test_list.txt``, split by patient (as NIH's lists).
 
+``--format dicom`` writes the same pictures as DX DICOM files (``PPPPPPPP_FFF.dcm``, named so in the
+CSV) the way hospitals export them: 12 bits stored, a window, MONOCHROME1 for every second follow-up
+(inverted values), every third RLE-compressed, so prep and predict meet each case.
+
 Pictures are procedural and only chest-LIKE in layout (body, two darker lung fields, heart,
 spine, ribs, noise); they are not medical data. Images labelled Infiltration carry patchy bright
 opacities inside the lung fields, large enough to survive a resize to 64 px, so a small network
@@ -15,6 +19,7 @@ byte-identical CSV, lists and PNGs. Nothing here reads ``shared/`` or the networ
 from __future__ import annotations
 
 import argparse
+import os
 import io
 import sys
 import zlib
@@ -214,13 +219,38 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 # --------------------------------------------------------------------------- driver
 
+FORMATS = ("nih", "dicom")
+
+
+def dicom_file(path: Path, arr: np.ndarray, row: dict, seed: int) -> None:
+    """``arr`` (8-bit) as a 12-bit DX DICOM: values x16 in a 0..4095 window, MONOCHROME1 (stored inverted)
+    for odd follow-ups, RLE for every third; what decoding must undo to give ``arr`` back."""
+    from data_prep import dicom
+
+    f = int(row["Follow-up #"])
+    stored = arr.astype(np.uint16) * 16 + 8
+    photometric = "MONOCHROME1" if f % 2 else "MONOCHROME2"
+    if f % 2:
+        stored = 4095 - stored
+    tmp = path.with_name(path.name + ".tmp")
+    dicom.write_dicom(tmp, stored, photometric=photometric, window=(2048.0, 4096.0),
+                      compress="rle" if f % 3 == 2 else "", patient_id=f"{int(row['Patient ID']):08d}",
+                      spacing=float(row["sx"]), uid_seed=f"cxr-synth-{seed}-{row['Image Index']}")
+    os.replace(tmp, path)  # whole or absent, as the PNGs
+
+
 def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, progress: bool = True,
-             overwrite_images: bool = True) -> dict:
+             overwrite_images: bool = True, fmt: str = "nih") -> dict:
     """Write the whole data set to ``out``; returns a small summary dict."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
     rows = make_table(patients, seed, image_size)
+    if fmt == "dicom":
+        for r in rows:
+            r["Image Index"] = r["Image Index"][:-4] + ".dcm"
     train_val, test = split_lists(rows, seed)
     it = tqdm(rows, desc="synthetic images", unit="img", disable=not progress, file=sys.stderr)
     for r in it:
@@ -229,7 +259,10 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
             continue
         arr = render(image_size, r["Finding Labels"], r["View Position"],
                      image_rng(seed, r["Patient ID"], r["Follow-up #"]))
-        atomic_write_bytes(path, png_bytes(arr))
+        if fmt == "dicom":
+            dicom_file(path, arr, r, seed)
+        else:
+            atomic_write_bytes(path, png_bytes(arr))
     atomic_write_text(out / "Data_Entry_2017.csv", table_csv(rows))
     atomic_write_text(out / "train_val_list.txt", "\n".join(train_val) + "\n")
     atomic_write_text(out / "test_list.txt", "\n".join(test) + "\n")
@@ -249,13 +282,16 @@ def main(argv=None) -> int:
     ap.add_argument("--image-size", type=int, default=1024, help="side of the square PNGs, pixels")
     ap.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical output")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--format", choices=FORMATS, default="nih",
+                    help="nih: 8-bit PNGs (default); dicom: the same pictures as 12-bit DX DICOM files")
     add_debug_arg(ap)
     args = ap.parse_args(argv)
     if args.patients < 1:
         ap.error("--patients must be at least 1")
     if not 16 <= args.image_size <= 4096:
         ap.error("--image-size must be in [16, 4096]")
-    s = generate(args.out, args.patients, args.image_size, args.seed, progress=not args.no_progress)
+    s = generate(args.out, args.patients, args.image_size, args.seed, progress=not args.no_progress,
+                 fmt=args.format)
     print(f"wrote {s['images']} images of {s['patients']} patients ({s['image_size']} px) to {s['out']}: "
           f"Infiltration {s['Infiltration']}, No Finding {s['No Finding']}; "
           f"train_val {s['train_val']}, test {s['test']}")

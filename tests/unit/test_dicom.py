@@ -122,3 +122,43 @@ def test_bytes_and_file_objects_are_read_too(tmp_path):
     c, _ = load_xray(tmp_path / "b.dcm", 16)
     np.testing.assert_array_equal(a, c)
     np.testing.assert_array_equal(b, c)
+
+
+def test_prep_reads_the_generators_dicom_set_as_its_png_set(tmp_path):
+    """``data_prep.synthetic --format dicom`` (12-bit, windowed, MONOCHROME1 on odd follow-ups, some RLE)
+    through prep gives the images prep makes of the PNG set of the same seed, and records each decoding."""
+    import json
+    import subprocess
+    import sys
+
+    import h5py
+
+    root = __import__("pathlib").Path(__file__).resolve().parents[2]
+    out = {}
+    for fmt in ("nih", "dicom"):
+        d = tmp_path / fmt
+        subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(d / "data"), "--patients", "12",
+                        "--image-size", "64", "--seed", "3", "--format", fmt, "--no-progress"], check=True, cwd=root,
+                       capture_output=True)
+        cfg = d / "cfg.yaml"
+        cfg.write_text(f"data: {{csv: {d}/data/Data_Entry_2017.csv, images: {d}/data, image_size: 32}}\n"
+                       f"prep: {{out: {d}/prepared}}\nmodel: {{backbone: tiny, weights: none}}\nrun: {{dir: {d}/run}}\n")
+        subprocess.run([sys.executable, "-m", "data_prep", "--config", str(cfg)], check=True, cwd=root,
+                       capture_output=True)
+        man = json.loads((d / "prepared" / "manifest.json").read_text())
+        images = {}
+        for split in ("train", "val", "test"):
+            for shard in sorted((d / "prepared" / split).glob("*.h5")):
+                with h5py.File(shard, "r") as h:
+                    names = [n.decode() if isinstance(n, bytes) else str(n) for n in h["image_index"][()]]
+                    for n, img in zip(names, h["images"][()]):
+                        images[n.rsplit(".", 1)[0]] = img.astype(int)
+        out[fmt] = (man, images)
+    (man_png, png), (man_dcm, dcm) = out["nih"], out["dicom"]
+    assert sorted(png) == sorted(dcm) and len(png) > 20
+    # the same pictures: the PNG path resizes 8-bit values, the DICOM path its windowed floats (rounding)
+    assert max(np.abs(png[k] - dcm[k]).max() for k in png) <= 2
+    assert np.mean([np.abs(png[k] - dcm[k]).mean() for k in png]) < 0.5
+    kinds = {c["kind"] for c in man_dcm["converted"]}
+    assert {"format", "VOI", "photometric", "bit depth"} <= kinds and not man_dcm["skipped"]
+    assert not any("0000000" in json.dumps(c.get("from", "")) for c in man_dcm["converted"])  # no patient ids
