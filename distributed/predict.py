@@ -308,7 +308,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm")  # files given by name are read by content
 
 
 def expand_inputs(paths, recursive: bool) -> list[str]:

@@ -242,3 +242,20 @@ def test_folders_recursive_and_out_csv(run_dir, images, tmp_path, capsys):
 def test_header_names_the_positive_class_when_every_file_failed(run_dir, images, capsys):
     assert predict.main(["--model", str(run_dir), images["corrupt"]]) == 1
     assert "P(Effusion)" in capsys.readouterr().out
+
+
+def test_a_dicom_and_the_png_of_its_window_get_the_same_probability(run_dir, images, tmp_path, capsys):
+    """Issue 31: predict reads a DICOM radiograph (here MONOCHROME1, 12 bits, windowed) by its content,
+    from a folder too, and gives what it gives the 16-bit PNG written from the same display values."""
+    dicom = pytest.importorskip("data_prep.dicom")
+    gray = np.asarray(Image.open(images["nih1"]).convert("L")).astype(np.uint16)
+    stored = 4095 - (gray * 16 + 8)
+    d = tmp_path / "dcm"
+    d.mkdir()
+    dicom.write_dicom(d / "x.dcm", stored, photometric="MONOCHROME1", window=(2048.0, 4096.0))
+    values, _ = dicom.read_dicom(d / "x.dcm")
+    Image.fromarray(np.rint(values * 65535).astype(np.uint16)).save(tmp_path / "x.png")
+    assert predict.main(["--model", str(run_dir), str(d), str(tmp_path / "x.png"), "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [r["file"] for r in results] == [str(d / "x.dcm"), str(tmp_path / "x.png")]
+    assert results[0]["probability"] == pytest.approx(results[1]["probability"], abs=1e-3)
