@@ -486,6 +486,53 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
                       "Only the author can answer: " + "; ".join(author) + ".", ""])
 
 
+def validation_section(metrics: Mapping) -> str:
+    """What the validation split chose (checkpoint, threshold, temperature) and whether the test split is
+    internal (the same source and prep as training) or an external evaluation, from metrics.json's facts."""
+    plain = metrics["plain"]
+    sc = metrics.get("selected_checkpoint") or {}
+    by_val = "val_loss" in str(sc.get("rule") or "")
+    rows = [["checkpoint", checkpoint_text(sc) if sc else "–",
+             "yes (lowest validation loss)" if by_val else f"no ({md(sc.get('rule') or 'unknown')})"]]
+    op = metrics.get("operating_point") or plain.get("operating_point") or {}
+    if metrics["task"] != "binary":
+        rows.append(["threshold", f"`eval.threshold` {plain['threshold']:g} for every finding", "no (fixed)"])
+    elif op.get("threshold") is None:
+        rows.append(["threshold", f"none: {md(op.get('note') or 'no operating point')}", "–"])
+    else:
+        rows.append(["threshold", f"{op['threshold']:.9g} ({md_code(op.get('rule'))})",
+                     "yes" if op.get("source") == "validation" else f"no ({md(op.get('source'))})"])
+    c = plain.get("calibrated") or {}
+    if c.get("method") == "temperature":
+        rows.append(["temperature", f"{c['temperature']:.4g}", "yes (validation log loss)"])
+    else:
+        rows.append(["temperature", "none" + (" (prior correction only)" if c else " (`eval.calibrate: none`)"),
+                     "–"])
+    if c.get("prior_correction"):
+        rows.append(["prior-correction target", f"prevalence {_f(c.get('target_prevalence'))}",
+                     f"no ({md(c.get('target_source') or 'manifest')}; never the test labels)"])
+    out = ["### What validation chose", "", _table(["choice", "value", "chosen on the validation split"], rows,
+                                                   "lll"), "",
+           "The test split is used only to measure these choices, unchanged; the oracle row is the one number "
+           "fitted on test (for comparison). Intervals at the operating point hold the threshold fixed: they do "
+           "not include the uncertainty of choosing it on validation."]
+    prov = metrics.get("provenance") or {}
+    kind = prov.get("evaluation")
+    if kind == "internal":
+        out.append("**Internal test set:** the test patients come from the same data source and the same prep as "
+                   "the training and validation patients (split by patient). These results estimate performance on "
+                   "that source only; they are not an external validation (other hospitals, scanners, populations).")
+    elif kind == "external":
+        out.append("**External evaluation:** the evaluated data are another prep than the one the model trained on "
+                   f"({provenance_text(prov)}). It is external to the training data as far as that prep's images "
+                   "come from another source.")
+    else:
+        out.append("Whether the test split is internal or external was **not verified** (no record of the "
+                   "training prep in the run folder); read it as internal (same source) unless known otherwise.")
+    out.append("")
+    return "\n".join(out)
+
+
 def provenance_text(prov: Mapping | None) -> str:
     """The report header's row on the data evaluated: the run's own prep, or an external one and its overlap."""
     if not prov:
@@ -542,6 +589,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
     lines += ["## Results", ""]
     for warning in (metrics.get("warnings") or []) + ([short] if (short := resample_warning(metrics)) else []):
         lines += [f"> **Warning:** {md(warning)}.", ""]
+    lines.append(validation_section(metrics))
     if metrics["task"] == "binary":
         lines.append(binary_section(plain, tta, metrics["classes"], metrics.get("tta_rounds", 0), metrics))
         lines.append(calibration_section(plain, tta, metrics))

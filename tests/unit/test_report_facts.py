@@ -74,3 +74,27 @@ def test_operating_point_says_where_it_came_from(tmp_path):
     m["operating_point"] = {**m["operating_point"], "source": "eval.threshold (no validation split)"}
     row = _row(claim_checklist(m, {}, cfg, tmp_path), "Operating point")
     assert "not fitted on the validation split" in row and "chosen on the validation split" not in row
+
+
+def test_report_says_what_validation_chose_and_whether_test_is_internal():
+    """Issue 34.6: checkpoint, threshold and temperature, each said to be chosen on validation (or not), and the
+    test split internal (same source) unless the provenance says external."""
+    from distributed.report import validation_section
+
+    m = _metrics(provenance={"evaluation": "internal", "shared": None}, calibrated=True)
+    m["plain"]["calibrated"]["method"] = "temperature"
+    m["selected_checkpoint"] = {"file": "checkpoints/best-finetune.keras", "rule": "best val_loss of the fine-tune phase",
+                                "phase": "finetune", "epoch": 3, "val_loss": 0.41}
+    text = validation_section(m)
+    rows = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert "epoch 3" in rows["checkpoint"] and "yes (lowest validation loss)" in rows["checkpoint"]
+    assert "0.5 (`youden`) | yes" in rows["threshold"]
+    assert "1.5 | yes" in rows["temperature"]
+    assert "**Internal test set:**" in text and "not an external validation" in text and "External" not in text
+    m["provenance"] = {"evaluation": "external", "evaluated_on": {"prep_out": "/data/other"},
+                       "shared": {"patients": {"test": 8, "val": 5}, "train_test": 0, "train_val": 0}}
+    m["operating_point"] = {**m["operating_point"], "source": "fixed", "rule": "fixed:0.5"}
+    m["selected_checkpoint"]["rule"] = "last epoch"
+    text = validation_section(m)
+    assert "**External evaluation:**" in text and "/data/other" in text and "Internal test set" not in text
+    assert "no (fixed)" in text and "no (last epoch)" in text
