@@ -513,9 +513,10 @@ def validation_section(metrics: Mapping) -> str:
                      f"no ({md(c.get('target_source') or 'manifest')}; never the test labels)"])
     out = ["### What validation chose", "", _table(["choice", "value", "chosen on the validation split"], rows,
                                                    "lll"), "",
-           "The test split is used only to measure these choices, unchanged; the oracle row is the one number "
-           "fitted on test (for comparison). Intervals at the operating point hold the threshold fixed: they do "
-           "not include the uncertainty of choosing it on validation."]
+           "The test split is used only to measure these choices, unchanged"
+           + ("; the oracle row is the one number fitted on test (for comparison). Intervals at the operating "
+              "point hold the threshold fixed: they do not include the uncertainty of choosing it on validation."
+              if metrics["task"] == "binary" else ".")]
     prov = metrics.get("provenance") or {}
     kind = prov.get("evaluation")
     if kind == "internal":
