@@ -509,14 +509,16 @@ def validation_section(metrics: Mapping) -> str:
         rows.append(["temperature", "none" + (" (prior correction only)" if c else " (`eval.calibrate: none`)"),
                      "–"])
     if c.get("prior_correction"):
-        rows.append(["prior-correction target", f"prevalence {_f(c.get('target_prevalence'))}",
-                     f"no ({md(c.get('target_source') or 'manifest')}; never the test labels)"])
+        src = str(c.get("target_source") or "manifest")
+        rows.append(["prior-correction target", f"prevalence {_f(c.get('target_prevalence'))} ({md(src)})",
+                     "no: stated (`eval.prevalence`)" if src == "eval.prevalence" else
+                     "in part: the train and validation labels, never the test labels"])
     out = ["### What validation chose", "", _table(["choice", "value", "chosen on the validation split"], rows,
                                                    "lll"), "",
            "The test split is used only to measure these choices, unchanged"
            + ("; the oracle row is the one number fitted on test (for comparison). Intervals at the operating "
               "point hold the threshold fixed: they do not include the uncertainty of choosing it on validation."
-              if metrics["task"] == "binary" else ".")]
+              if metrics["task"] == "binary" else "."), ""]
     prov = metrics.get("provenance") or {}
     kind = prov.get("evaluation")
     if kind == "internal":

@@ -151,8 +151,9 @@ def exact_from_csvs(out: Path) -> dict:
         n_pat = len(set(groups[y == 1].tolist()))
         d = (tp + fn) / n_pat
         ke, ne = tp / d, (tp + fn) / d
-        lo = float(beta.ppf(0.025, ke, ne - ke + 1)) if tp else 0.0
-        hi = float(beta.ppf(0.975, ke + 1, ne - ke)) if fn else 1.0
+        a = (1 - 0.95) / 2  # as metrics.clopper_pearson writes it (0.025000000000000022)
+        lo = float(beta.ppf(a, ke, ne - ke + 1)) if tp else 0.0
+        hi = float(beta.ppf(1 - a, ke + 1, ne - ke)) if fn else 1.0
         assert (op["sensitivity"]["low"], op["sensitivity"]["high"]) == (lo, hi)
         assert res["brier"] == brier(y, p) and res["ece"] == ece(y, p)
         again = M.calibration_metrics(y, p, groups, n_boot, seed)
