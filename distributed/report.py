@@ -331,7 +331,7 @@ def task_section(metrics: Mapping, cfg) -> str:
         out += ["", f"{co['positives_with_co_findings']} of {co['positives']} test positives carry other findings "
                     f"besides {md(td.get('positive_label'))}. ROC AUC against the same negatives (plain, 95% CI by "
                     "patient):", "",
-                _table(["positives", "images", "ROC AUC [95% CI]"], [
+                _table(["positives", "positive images (against all negatives)", "ROC AUC [95% CI]"], [
                     ["with co-findings", co["auc_with"]["positives"], _iv(co["auc_with"])],
                     ["without co-findings", co["auc_without"]["positives"], _iv(co["auc_without"])]], "lrr")]
     else:

@@ -98,3 +98,19 @@ def test_report_says_what_validation_chose_and_whether_test_is_internal():
     text = validation_section(m)
     assert "**External evaluation:**" in text and "/data/other" in text and "Internal test set" not in text
     assert "no (fixed)" in text and "no (last epoch)" in text
+
+
+def test_co_findings_table_names_its_count_positive_images(tmp_path):
+    """Issue 34.10: the co-findings table's count column holds positive images (against all negatives)."""
+    from distributed.report import task_section
+
+    y = np.array([1] * 10 + [0] * 10)
+    p = np.linspace(0.9, 0.1, 20)
+    co = np.array([True] * 4 + [False] * 16)
+    m = {"task": "binary", "task_definition": {"positive_label": "Effusion", "negative_rule": "no_finding"},
+         "co_findings": {"positives": 10, "positives_with_co_findings": 4,
+                         "auc_with": M.split_auc(y, p, co, np.arange(20)),
+                         "auc_without": M.split_auc(y, p, ~co, np.arange(20))}}
+    text = task_section(m, load_config(None, [f"run.dir={tmp_path}"]))
+    assert "| positives | positive images (against all negatives) | ROC AUC [95% CI] |" in text
+    assert "| with co-findings | 4 |" in text and "| without co-findings | 6 |" in text
