@@ -431,6 +431,24 @@ def operating_fact(metrics: Mapping) -> str:
             "for `cxr-predict`")
 
 
+def intervals_fact(metrics: Mapping) -> str:
+    """Which numbers carry 95% intervals, of which kind, and which do not (from metrics.json)."""
+    plain = metrics["plain"]
+    n_boot = metrics.get("bootstrap")
+    if metrics["task"] != "binary":
+        return (f"per-finding ROC AUC with patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
+                "mean AUC and the per-finding precision, recall and F1 at `eval.threshold`")
+    ci = plain.get("auc_ci") or {}
+    boot = ["average precision", "Brier score", "ECE"] + (["subgroup AUCs"] if plain.get("subgroups") else [])
+    op = plain.get("operating_point") or {}
+    exact = (op.get("sensitivity") or {}).get("method") == "clopper-pearson"
+    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": patient bootstrap, {n_boot} resamples "
+            f"({ci.get('n_valid', 0)} valid for the AUC)"
+            + ("; sensitivity, specificity, PPV, NPV and accuracy at the operating point: exact Clopper-Pearson, "
+               "effective n = patients, threshold held fixed" if exact else "")
+            + "; without intervals: the classification report and accuracy at `eval.threshold`, the oracle row")
+
+
 def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=None) -> str:
     """CLAIM (Checklist for Artificial Intelligence in Medical Imaging, Mongan et al. 2020) items the tool can
     answer, answered from what the evaluation wrote into ``out_dir`` and counted; the others listed for the author."""
@@ -468,8 +486,7 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
         ["Training recipe", f"warm-up {cfg.train.warmup.epochs} epoch(s) ({cfg.train.warmup.optimizer}), fine-tune up "
                             f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} lr {cfg.train.finetune.lr:g}), "
                             f"early stopping {cfg.train.finetune.patience}; evaluated {checkpoint_text(sc)}"],
-        ["Metrics with intervals", f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))} and every other number, "
-                                   f"{metrics.get('bootstrap')} patient-bootstrap resamples"],
+        ["Metrics with intervals", intervals_fact(metrics)],
         ["Operating point", operating_fact(metrics)],
         ["Calibration", calibration_fact(out_dir, metrics) if metrics["task"] == "binary" else "–"],
         ["Subgroups", ("AUC with 95% CI by " + ", ".join(md(k) for k in plain.get("subgroups") or {}))

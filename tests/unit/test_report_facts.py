@@ -114,3 +114,15 @@ def test_co_findings_table_names_its_count_positive_images(tmp_path):
     text = task_section(m, load_config(None, [f"run.dir={tmp_path}"]))
     assert "| positives | positive images (against all negatives) | ROC AUC [95% CI] |" in text
     assert "| with co-findings | 4 |" in text and "| without co-findings | 6 |" in text
+
+
+def test_the_intervals_answer_names_what_has_none(tmp_path):
+    """Issue 34.8: 'every other number has intervals' was false; the answer says which kind each has."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    row = _row(claim_checklist(_metrics(), {}, cfg, tmp_path), "Metrics with intervals")
+    assert "every other number" not in row and "exact Clopper-Pearson" in row
+    assert "without intervals: the classification report and accuracy at `eval.threshold`, the oracle row" in row
+    m = _metrics()
+    del m["plain"]["operating_point"]
+    del m["operating_point"]
+    assert "Clopper-Pearson" not in _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
