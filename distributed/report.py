@@ -209,9 +209,12 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     if flat:
         out.append(f"**Zero-width bootstrap interval** for {', '.join(flat)}: every resample gave the same value, "
                    "which does not mean there is no uncertainty (an exact interval says how much).")
-    if opm.get("threshold") is not None:
-        out.append(f"The operating point's threshold was chosen by `{opm['rule']}` on the {opm['source']} split "
+    if opm.get("threshold") is not None and opm.get("source") == "validation":
+        out.append(f"The operating point's threshold was chosen by `{opm['rule']}` on the validation split "
                    "and applied unchanged to the test split; the oracle row is for comparison only.")
+    elif opm.get("threshold") is not None:
+        out.append(f"The operating point's threshold is `{opm['rule']}` ({md(opm.get('source'))}), not chosen on "
+                   "the validation split; the oracle row is for comparison only.")
     d = metrics.get("tta_minus_plain")
     if d and d.get("auc_diff") is not None:
         out.append(f"TTA minus plain, ROC AUC: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] "

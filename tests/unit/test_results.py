@@ -336,3 +336,17 @@ def test_temperature_at_the_search_bound_is_a_warning(tmp_path):
         "validation": {"before": {"brier": 0.2, "ece": 0.1}, "after": {"brier": 0.0, "ece": 0.0}, "in_sample": True}}}
     sec = calibration_section(plain, None, {})
     assert "(validation, in-sample)" in sec and "**Warning:**" in sec and "search bound" in sec
+
+
+def test_summary_says_chosen_on_validation_only_when_it_was():
+    """Issue 34.8: a fixed:T or no-validation threshold is not 'chosen on the validation split'."""
+    from distributed.report import binary_section
+
+    y, p, g = _data(seed=2)
+    for source, said in (("validation", True), ("fixed", False), ("eval.threshold (no validation split)", False)):
+        m = M.binary_metrics(y, p, groups=g, n_boot=0,
+                             operating={"source": source, "rule": "fixed:0.5" if said is False else "youden",
+                                        "threshold": 0.5})
+        sec = binary_section(m, None, ["negative", "positive"], 0, {})
+        assert ("chosen by `youden` on the validation split" in sec) is said
+        assert ("not chosen on the validation split" in sec) is not said
