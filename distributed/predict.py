@@ -155,14 +155,14 @@ def find_calibration(model_path: Path, digest: str | None = None) -> dict | None
         return {"file": str(f), "applied": False, "why": why, "broken": True}
     try:
         temperature, shift = float(cal["temperature"]), float(cal["shift"])
+        center = float(cal.get("center") or 0.0)  # logit of the training prevalence (metrics.adjust); 0 in older files
     except (KeyError, TypeError, ValueError) as e:
         return {"file": str(f), "applied": False, "why": f"unreadable ({type(e).__name__})", "broken": True}
-    if not (temperature > 0 and np.isfinite(temperature) and np.isfinite(shift)):
-        return {"file": str(f), "applied": False, "why": "temperature or shift out of range", "broken": True}
+    if not (temperature > 0 and np.isfinite(temperature) and np.isfinite(shift) and np.isfinite(center)):
+        return {"file": str(f), "applied": False, "why": "temperature, shift or center out of range", "broken": True}
     ok, why = _listed(cal, digest or sha256_file(model_path))
     if not ok:
         return {"file": str(f), "applied": False, "why": why}
-    center = float(cal.get("center") or 0.0)  # logit of the training prevalence (metrics.adjust); 0 in older files
     return {"file": str(f), "applied": True, "temperature": temperature, "shift": shift, "center": center,
             "prior_correction": bool(cal.get("prior_correction")), "target_prevalence": cal.get("target_prevalence"),
             "method": cal.get("method")}

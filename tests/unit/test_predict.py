@@ -200,6 +200,16 @@ def test_calibration_only_from_the_run_folder_and_never_silently_missing(run_dir
     assert predict.main(["--model", str(d), images["nih1"], "--precision", "float32"]) == 0
     text = capsys.readouterr().out
     assert "sigmoid(logit(p) / 2 + -0.5)" in text and "temperature 2" in text and "shift -0.5" in text
+    # issue 34: the temperature around the training prior (center = logit of the training prevalence)
+    c = float(np.log(0.25 / 0.75))
+    (d / "calibration.json").write_text(json.dumps({**planted, "shift": -0.5, "temperature": 2.0, "center": c}))
+    assert predict.main(["--model", str(d), images["nih1"], "--json", "--precision", "float32"]) == 0
+    got = json.loads(capsys.readouterr().out)["results"][0]
+    z = np.log(got["raw_probability"]) - np.log1p(-got["raw_probability"])
+    assert got["probability"] == pytest.approx(1 / (1 + np.exp(-((z - c) / 2.0 + c - 0.5))), abs=1e-6)
+    (d / "calibration.json").write_text(json.dumps({**planted, "center": "nan"}))
+    bad = predict.find_calibration(d / "model.keras")
+    assert bad["applied"] is False and bad["broken"] and "center" in bad["why"]
     # the run's report says calibrated, the file is gone: refused in one line, unless --raw
     (d / "metrics.json").write_text(json.dumps({"plain": {"calibrated": {"temperature": 2.0}}}))
     (d / "calibration.json").unlink()
