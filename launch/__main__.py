@@ -25,8 +25,8 @@ from launch import elastic
 from launch import pipeline as pl
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
 from launch import mapview, shape as shapes
-from launch.commands import (LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout,
-                             srun_mpi_type)
+from launch.commands import (LaunchSpec, StageCommand, build_command, describe_shape, find_tool, node_topology,
+                             plan_layout, srun_mpi_type)
 from launch.hosts import LaunchError, check_hosts_answer
 from launch.supervise import Interrupted, check_launch_site, run
 
@@ -64,11 +64,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-check-hosts", action="store_true", help="do not probe remote hosts with ssh first")
     elastic.add_arguments(p)
     return p
-
-
-def shapes_line(layout) -> str:
-    from launch.commands import describe_shape
-    return describe_shape(layout.node)
 
 
 def describe(cmd: StageCommand) -> str:
@@ -177,7 +172,7 @@ def _main(args, argv: list[str]) -> int:
                     pl.check_inputs(stage, cfg, args.config, restart=args.restart)
                 except LaunchError as e:
                     print(f"{PROG}: warning: {e}", file=sys.stderr)
-            print(f"# {describe(cmd)}; node shape: {shapes_line(layout)}")
+            print(f"# {describe(cmd)}; node shape: {describe_shape(layout.node)}")
             if cmd.kind != "python":
                 result, refused = mapview.rank_map(cmd, cluster, cfg.runtime)
                 for line in mapview.render(result, layout.node, prefix="# "):

@@ -196,6 +196,8 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
     want, unit = _wanted_per_node(cluster.ranks_per_node, node)
     if stage == "prep" and cluster.prep_ranks_per_node:
         want, unit = cluster.prep_ranks_per_node, "socket"
+    # prep's own ranks per node in a Slurm allocation: they replace the allocation's tasks and cores per task
+    own_slots = allocation.source == "slurm" and stage == "prep" and bool(cluster.prep_ranks_per_node)
     notes: list[str] = []
     uniform = True
 
@@ -208,13 +210,12 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
         rpn = total
     else:
         hosts = allocation.hosts
-        if allocation.source == "slurm" and stage == "prep" and cluster.prep_ranks_per_node:
-            # prep is single-threaded per rank: its own ranks per node on every node of the allocation
+        if own_slots:  # prep is single-threaded per rank: its own ranks on every node of the allocation
             hosts = tuple(Host(h.name, cluster.prep_ranks_per_node) for h in hosts)
         slots = sum(h.slots for h in hosts)
         if np:
             total = np
-        elif allocation.source == "slurm" and not (stage == "prep" and cluster.prep_ranks_per_node):
+        elif allocation.source == "slurm" and not own_slots:
             total = allocation.ntasks or slots
         elif want:
             total = sum(min(h.slots, want) for h in hosts)
@@ -253,7 +254,7 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
         ranks_per_unit, unit_cores = rpn // sockets, cores // sockets  # blocks never cross a socket
     if cluster.cores_per_rank:
         cpr = cluster.cores_per_rank
-    elif allocation.cpus_per_task and allocation.source == "slurm" and not (stage == "prep" and cluster.prep_ranks_per_node):
+    elif allocation.cpus_per_task and allocation.source == "slurm" and not own_slots:
         cpr, note = slurm_cores_per_task(allocation, node)
         share = unit_cores // ranks_per_unit
         if note:
@@ -278,16 +279,20 @@ def plan_layout(stage: str, allocation: Allocation, cluster: ClusterConfig, node
         bind_to, map_by = "core", f"ppr:{ranks_per_unit}:{kind}:pe={cpr}"
     return Layout(np=total, hosts=hosts, ranks_per_node=rpn, cores_per_rank=cpr, map_by=map_by,
                   bind_to=bind_to, oversubscribe=oversubscribe, node=node, notes=tuple(notes), unit=kind,
-                  shape_source=node.source,
-                  own_slots=allocation.source == "slurm" and stage == "prep" and bool(cluster.prep_ranks_per_node))
+                  shape_source=node.source, own_slots=own_slots)
+
+
+def rank_topology(layout: Layout) -> Topology:
+    """What one rank of ``layout`` sees: the node, narrowed to its bound cores and sockets when bound."""
+    if layout.cores_per_rank and layout.bind_to != "none":
+        return dataclasses.replace(layout.node, bound_cores=layout.cores_per_rank,
+                                   bound_sockets=layout.sockets_per_rank)
+    return layout.node
 
 
 def rank_thread_env(layout: Layout, runtime=None) -> dict[str, str]:
     """The tuned thread variables every rank of ``layout`` gets."""
-    node = layout.node
-    if layout.cores_per_rank and layout.bind_to != "none":
-        node = dataclasses.replace(node, bound_cores=layout.cores_per_rank, bound_sockets=layout.sockets_per_rank)
-    return thread_env(node, layout.ranks_per_node, runtime)
+    return thread_env(rank_topology(layout), layout.ranks_per_node, runtime)
 
 
 # --------------------------------------------------------------------------- commands
@@ -441,35 +446,36 @@ HOROVODRUN_LARGE_MCA = ("plm_rsh_no_tree_spawn", "plm_rsh_num_concurrent")
 HOROVODRUN_LARGE_HOSTS = 64
 
 
+def _mca_tokens(args: Sequence[str]):
+    """An mpirun argument list in order: ``(flag, name, value)`` for each ``--mca NAME VALUE`` item,
+    ``(arg,)`` for anything else."""
+    args, i = list(args), 0
+    while i < len(args):
+        if args[i] in MCA_FLAGS and i + 2 < len(args):
+            yield tuple(args[i:i + 3])
+            i += 3
+        else:
+            yield (args[i],)
+            i += 1
+
+
 def mca_params(args: Sequence[str]) -> dict[str, str]:
     """``--mca NAME VALUE`` pairs of an mpirun argument list, by name (the last one of a name wins)."""
-    out, args = {}, list(args)
-    for i, a in enumerate(args[:-2]):
-        if a in MCA_FLAGS:
-            out[args[i + 1]] = args[i + 2]
-    return out
+    return {t[1]: t[2] for t in _mca_tokens(args) if len(t) == 3}
 
 
 def merge_mca(ours: Sequence[tuple[str, str]], user_args: Sequence[str]) -> list[str]:
     """Our MCA parameters then the user's ``mpi_args``, each parameter once: a name the user sets is
     left out of ours (the user's value wins), and a name the user lists twice is kept at its last value.
     Open MPI refuses a line that names a parameter twice."""
-    user = mca_params(user_args)
-    argv = [a for name, value in ours if name not in user for a in ("--mca", name, value)]
-    seen_last = {}
-    args = list(user_args)
-    for i, a in enumerate(args):
-        if a in MCA_FLAGS and i + 1 < len(args):
-            seen_last[args[i + 1]] = i
-    i = 0
-    while i < len(args):
-        if args[i] in MCA_FLAGS and i + 2 < len(args):
-            if seen_last.get(args[i + 1]) == i:
-                argv += ["--mca", args[i + 1], args[i + 2]]
-            i += 3
-        else:
-            argv.append(args[i])
-            i += 1
+    tokens = list(_mca_tokens(user_args))
+    last = {t[1]: k for k, t in enumerate(tokens) if len(t) == 3}
+    argv = [a for name, value in ours if name not in last for a in ("--mca", name, value)]
+    for k, t in enumerate(tokens):
+        if len(t) == 1:
+            argv.append(t[0])
+        elif last[t[1]] == k:
+            argv += ["--mca", t[1], t[2]]
     return argv
 
 
@@ -544,14 +550,7 @@ def horovodrun_fixed_mca(layout: Layout, cluster: ClusterConfig) -> list[str]:
 
 def _without_mca(args: Sequence[str], names) -> list[str]:
     """``args`` without the ``--mca NAME VALUE`` items whose NAME is in ``names``."""
-    out, i, args = [], 0, list(args)
-    while i < len(args):
-        if args[i] in MCA_FLAGS and i + 2 < len(args) and args[i + 1] in names:
-            i += 3
-        else:
-            out.append(args[i])
-            i += 1
-    return out
+    return [a for t in _mca_tokens(args) if not (len(t) == 3 and t[1] in names) for a in t]
 
 
 def _common_mca(layout: Layout, cluster: ClusterConfig) -> list[tuple[str, str]]:

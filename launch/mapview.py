@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from distributed.tuning import Topology, plan_threads
-from launch.commands import MCA_FLAGS, Layout, StageCommand, horovodrun_fixed_mca, horovodrun_mpi_args
+from launch.commands import (MCA_FLAGS, Layout, StageCommand, horovodrun_fixed_mca, horovodrun_mpi_args,
+                             rank_topology)
 from launch.cluster import ClusterConfig
 
 SIM_TIMEOUT_S = 120.0
@@ -163,7 +164,7 @@ def open_mpi_map(cmd: StageCommand, cluster: ClusterConfig, runtime=None, mpirun
         raise MapRefused(_first_error(out))
     real = [h.name for h in lay.hosts] or ["this node"]
     by_sim = dict(zip(names, real))
-    plan = plan_threads(_bound(lay), lay.ranks_per_node, runtime) if lay.cores_per_rank else None
+    plan = plan_threads(rank_topology(lay), lay.ranks_per_node, runtime) if lay.cores_per_rank else None
     node = lay.node
     whole = [(c // node.cores_per_socket, c) for c in range(node.physical_cores)]
     for nm in nodes_map:
@@ -176,11 +177,6 @@ def open_mpi_map(cmd: StageCommand, cluster: ClusterConfig, runtime=None, mpirun
     version = _version(tool)
     return RankMapResult(nodes_map, f"Open MPI {version}'s mapper (ras simulator, {synthetic(lay.node)} per node)",
                          [os.path.basename(tool)] + argv[1:])
-
-
-def _bound(lay: Layout) -> Topology:
-    import dataclasses
-    return dataclasses.replace(lay.node, bound_cores=lay.cores_per_rank, bound_sockets=lay.sockets_per_rank)
 
 
 def _version(tool: str) -> str:
@@ -238,7 +234,7 @@ def planned_map(cmd: StageCommand, runtime=None, why: str = "") -> RankMapResult
     hosts = [h.name for h in lay.hosts] or ["this node"]
     per, cpr = max(1, lay.ranks_per_node), lay.cores_per_rank
     node = lay.node
-    plan = plan_threads(_bound(lay), per, runtime) if cpr else plan_threads(node, per, runtime)
+    plan = plan_threads(rank_topology(lay), per, runtime)
     out, rank = [], 0
     for name in hosts:
         ranks = []
