@@ -4,7 +4,7 @@
 (:mod:`data_prep.imaging`) then resizes it and scales it by its own min..max like any wide image. The
 steps, each recorded in ``info`` so the prep stage can put it in the manifest:
 
-1. header first (``stop_before_pixels``): a file without pixel data, a non-image object (structured
+1. header first (the pixel data is read only when decoded): a file without pixel data, a non-image object (structured
    report, presentation state), several frames, a colour or unknown photometric interpretation, or more
    than ``max_pixels`` pixels is refused (``DicomError``, an ``ImageError`` to ``load_xray``'s callers) before any
    pixel is decoded;
@@ -36,6 +36,7 @@ class DicomError(Exception):
 PREAMBLE = 128  # DICOM Part 10 files: 128 bytes of preamble, then "DICM"
 MAGIC = b"DICM"
 IMAGE_PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2")
+DEFER_SIZE = "256 KB"  # pydicom reads larger values (the pixel data) only when they are used
 
 
 def is_dicom(head: bytes) -> bool:
@@ -86,32 +87,27 @@ def read_dicom(src, max_pixels: int = 0) -> tuple[np.ndarray, dict]:
     except ImportError:  # pinned in requirements.txt; a broken install is said, not a traceback
         raise DicomError("DICOM needs pydicom (pip install -r requirements.txt)") from None
     try:
-        head = pydicom.dcmread(_source(src), stop_before_pixels=True)
+        # one parse; values over DEFER_SIZE (the pixel data) are read only when decoded, after the checks
+        ds = pydicom.dcmread(_source(src), defer_size=DEFER_SIZE)
     except (InvalidDicomError, EOFError, ValueError, TypeError, OSError, KeyError, AttributeError) as e:
         raise DicomError(f"unreadable DICOM header ({type(e).__name__})") from None
-    if "PixelData" not in head and "FloatPixelData" not in head and "DoubleFloatPixelData" not in head:
-        # stop_before_pixels drops the element itself: look for the image module instead
-        if "Rows" not in head or "Columns" not in head:
-            raise DicomError(f"DICOM without an image ({_modality(head)}: no pixel data)")
-    photometric = str(head.get("PhotometricInterpretation", "")).strip()
+    if not any(tag in ds for tag in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+        raise DicomError(f"DICOM without an image ({_modality(ds)}: no pixel data)")
+    photometric = str(ds.get("PhotometricInterpretation", "")).strip()
     if photometric not in IMAGE_PHOTOMETRIC:
         raise DicomError(f"DICOM photometric interpretation {photometric or 'missing'!r}: only MONOCHROME1/2 "
                          f"radiographs are read")
-    frames = int(_num(head.get("NumberOfFrames"), 1))
-    rows, cols = int(_num(head.get("Rows"), 0)), int(_num(head.get("Columns"), 0))
+    frames = int(_num(ds.get("NumberOfFrames"), 1))
+    rows, cols = int(_num(ds.get("Rows"), 0)), int(_num(ds.get("Columns"), 0))
     if rows < 1 or cols < 1:
         raise DicomError("DICOM without rows and columns")
     if frames != 1:
         raise DicomError(f"DICOM with {frames} frames: one radiograph per file is read")
     if max_pixels and rows * cols > max_pixels:
         raise DicomError(f"{cols}x{rows} = {rows * cols} pixels, over the limit of {max_pixels} (prep.max_pixels)")
-    syntax = head.file_meta.get("TransferSyntaxUID") if hasattr(head, "file_meta") else None
+    syntax = ds.file_meta.get("TransferSyntaxUID") if hasattr(ds, "file_meta") else None
     syntax_name = getattr(syntax, "name", str(syntax or "unknown"))
     try:
-        src2 = _source(src)
-        if hasattr(src2, "seek"):
-            src2.seek(0)
-        ds = pydicom.dcmread(src2)
         raw = ds.pixel_array
     except (NotImplementedError, RuntimeError, ValueError, TypeError, AttributeError, OSError, KeyError) as e:
         why = str(e).splitlines()[0][:160] if str(e) else type(e).__name__

@@ -33,6 +33,8 @@ import os
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
+from data_prep import dicom  # pydicom itself is imported only for DICOM input
+
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never a half-grey image
 # Only these decoders run on input from others (Pillow would also hand EPS to Ghostscript, ...).
 FORMATS = ("PNG", "JPEG")
@@ -155,8 +157,6 @@ def _load_checked(src, size, keep_original: bool, max_pixels: int = MAX_PIXELS):
     size = int(size)
     if size < 1:
         raise ValueError(f"size must be positive, got {size}")
-    from data_prep import dicom  # imports pydicom only for DICOM input
-
     try:
         if dicom.looks_like_dicom(src):
             return _load_dicom(src, size, keep_original, max_pixels)
@@ -172,8 +172,6 @@ def _load_checked(src, size, keep_original: bool, max_pixels: int = MAX_PIXELS):
 def _load_dicom(src, size: int, keep_original: bool, max_pixels: int):
     """A DICOM radiograph (:mod:`data_prep.dicom`: modality and VOI LUTs, MONOCHROME1 inverted), then
     resized and min-maxed as any wide gray image."""
-    from data_prep import dicom
-
     try:
         values, d = dicom.read_dicom(src, max_pixels)
     except dicom.DicomError as e:
