@@ -134,21 +134,7 @@ def load_weights_checked(model, p: Path) -> None:
     expected = _expected_weights(model)
     need = sum(math.prod(s) * d.itemsize for s, d in expected.values())
     limit = 4 * need + WEIGHTS_SLACK  # the values, an optimizer's slots (saved by a compiled model), HDF5's own
-    try:
-        with zipfile.ZipFile(p) as z:
-            try:
-                info = z.getinfo(WEIGHTS_MEMBER)
-            except KeyError:
-                raise UntrustedModel(f"{p}: not a Keras model file (no {WEIGHTS_MEMBER} inside)") from None
-            if info.file_size > limit:
-                raise UntrustedModel(f"{p}: its {WEIGHTS_MEMBER} claims {info.file_size} bytes, more than this "
-                                     f"network's weights can take ({limit}); refused")
-            with z.open(info) as f:
-                data = f.read(limit + 1)
-    except zipfile.BadZipFile as e:
-        raise UntrustedModel(f"{p}: damaged model file ({e})") from None
-    if len(data) > limit:
-        raise UntrustedModel(f"{p}: its {WEIGHTS_MEMBER} is larger than this network's weights can take; refused")
+    data = _zip_member(p, WEIGHTS_MEMBER, limit, f"more than this network's weights can take ({limit}); refused")
     where = f"{p} ({WEIGHTS_MEMBER})"
     try:
         h5 = h5py.File(io.BytesIO(data), "r")
@@ -172,6 +158,26 @@ def load_weights_checked(model, p: Path) -> None:
                                  f"was not written by this project") from None
 
 
+def _zip_member(path: Path, name: str, limit: int, too_big: str) -> bytes:
+    """Member ``name`` of the ``.keras`` zip ``path``, refused (UntrustedModel, ``too_big`` saying why) when
+    its header claims more than ``limit`` bytes or more than ``limit`` come out of it."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            try:
+                info = z.getinfo(name)
+            except KeyError:
+                raise UntrustedModel(f"{path}: not a Keras model file (no {name} inside)") from None
+            if info.file_size > limit:
+                raise UntrustedModel(f"{path}: its {name} claims {info.file_size} bytes, {too_big}")
+            with z.open(info) as f:
+                data = f.read(limit + 1)
+    except zipfile.BadZipFile as e:
+        raise UntrustedModel(f"{path}: damaged model file ({e})") from None
+    if len(data) > limit:
+        raise UntrustedModel(f"{path}: its {name} holds more than its header claims, {too_big}")
+    return data
+
+
 def file_kind(path: Path) -> str:
     """``keras`` (a zip), ``savedmodel`` (a folder), ``hdf5`` or ``unknown``, from the bytes, not the name."""
     p = Path(path)
@@ -188,19 +194,7 @@ def file_kind(path: Path) -> str:
 
 def read_keras_config(path: Path) -> dict:
     """The ``config.json`` of a ``.keras`` zip, as plain JSON data."""
-    try:
-        with zipfile.ZipFile(path) as z:
-            try:
-                info = z.getinfo("config.json")
-            except KeyError:
-                raise UntrustedModel(f"{path}: not a Keras model file (no config.json inside)") from None
-            if info.file_size > MAX_CONFIG_BYTES:
-                raise UntrustedModel(f"{path}: its config.json is {info.file_size} bytes, more than any "
-                                     f"network of this project needs")
-            with z.open(info) as f:
-                text = f.read(MAX_CONFIG_BYTES + 1)
-    except zipfile.BadZipFile as e:
-        raise UntrustedModel(f"{path}: damaged model file ({e})") from None
+    text = _zip_member(path, "config.json", MAX_CONFIG_BYTES, "more than any network of this project needs")
     try:
         tree = json.loads(text)
     except ValueError as e:
