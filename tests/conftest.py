@@ -126,3 +126,28 @@ def _add_odd_images(data: Path) -> None:
         f"99990007_000.png,No Finding,0,99990007,33,F,PA,{w},{h}" + rest,
         f"99990009_000.png,Infiltration,0,99990009,51,M,AP,{w},{h}" + rest,
         "99990010_000.png,No Finding,0,99990010,62,F,PA,256,128" + rest]) + "\n")
+
+
+def _write_fake_sysfs(root: Path, sockets: int, cores: int, threads: int, numa: int) -> Path:
+    """A /sys tree of ``sockets`` x ``cores`` cores x ``threads`` hardware threads and ``numa`` NUMA nodes;
+    CPU ``t * sockets * cores + i`` is hardware thread ``t`` of core ``i`` (Linux's numbering of siblings)."""
+    cpu_root = root / "devices/system/cpu"
+    n = sockets * cores
+    cpu_root.mkdir(parents=True)
+    (cpu_root / "online").write_text(f"0-{n * threads - 1}\n")
+    for t in range(threads):
+        for i in range(n):
+            topo = cpu_root / f"cpu{t * n + i}/topology"
+            topo.mkdir(parents=True)
+            (topo / "physical_package_id").write_text(f"{i // cores}\n")
+            (topo / "core_id").write_text(f"{i % cores}\n")
+    for k in range(numa):
+        (root / f"devices/system/node/node{k}").mkdir(parents=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_sysfs():
+    """Writes a fabricated /sys tree (stands for a node this machine is not): ``fake_sysfs(root, sockets,
+    cores, threads, numa)``."""
+    return _write_fake_sysfs

@@ -25,23 +25,6 @@ NPS4 = Topology(sockets=2, physical_cores=192, logical_cpus=384, numa_nodes=8, s
 LOGIN = Topology(sockets=1, physical_cores=16, logical_cpus=16, numa_nodes=1, source="sysfs")
 
 
-def fake_sysfs(root: Path, sockets: int, cores: int, threads: int, numa: int) -> Path:
-    """A /sys tree: ``sockets`` x ``cores`` cores x ``threads`` hardware threads, ``numa`` NUMA nodes."""
-    cpu_root = root / "devices/system/cpu"
-    n = sockets * cores
-    cpu_root.mkdir(parents=True)
-    (cpu_root / "online").write_text(f"0-{n * threads - 1}\n")
-    for t in range(threads):
-        for i in range(n):
-            topo = cpu_root / f"cpu{t * n + i}/topology"
-            topo.mkdir(parents=True)
-            (topo / "physical_package_id").write_text(f"{i // cores}\n")
-            (topo / "core_id").write_text(f"{i % cores}\n")
-    for k in range(numa):
-        (root / f"devices/system/node/node{k}").mkdir(parents=True)
-    return root
-
-
 def remote_runner(sys_root: Path, calls: list):
     """Stands for ssh to a compute node: runs the command given after the host here, on ``sys_root``."""
     def run(cmd, **kw):
@@ -54,7 +37,7 @@ def remote_runner(sys_root: Path, calls: list):
     return run
 
 
-def test_a_shape_probed_on_the_compute_node_wins_over_the_launching_node(tmp_path):
+def test_a_shape_probed_on_the_compute_node_wins_over_the_launching_node(tmp_path, fake_sysfs):
     sysfs = fake_sysfs(tmp_path / "sys", sockets=2, cores=56, threads=2, numa=2)
     alloc = Allocation(parse_hosts("cn001:2,cn002:2"), "hosts")
     calls = []

@@ -61,26 +61,9 @@ def test_explicit_config_values_win():
     assert thread_env(ONE_SOCKET_2, 1, on)["TF_ENABLE_ONEDNN_OPTS"] == "1"
 
 
-def _fake_sys(root: Path, cpus: dict[int, tuple[int, int]], nodes: int):
-    cpu_root = root / "devices/system/cpu"
-    cpu_root.mkdir(parents=True)
-    (cpu_root / "online").write_text(f"0-{max(cpus)}\n")
-    for cpu, (pkg, core) in cpus.items():
-        t = cpu_root / f"cpu{cpu}/topology"
-        t.mkdir(parents=True)
-        (t / "physical_package_id").write_text(f"{pkg}\n")
-        (t / "core_id").write_text(f"{core}\n")
-    for n in range(nodes):
-        (root / f"devices/system/node/node{n}").mkdir(parents=True)
-
-
-def test_detect_topology_from_sysfs_counts_physical_cores(tmp_path, monkeypatch):
+def test_detect_topology_from_sysfs_counts_physical_cores(tmp_path, monkeypatch, fake_sysfs):
     # 2 sockets x 4 cores x 2 hyper-threads: cpu i and i+8 are siblings
-    cpus = {}
-    for i in range(8):
-        cpus[i] = (i // 4, i % 4)
-        cpus[i + 8] = (i // 4, i % 4)
-    _fake_sys(tmp_path, cpus, nodes=2)
+    fake_sysfs(tmp_path, sockets=2, cores=4, threads=2, numa=2)
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
     t = tuning.detect_topology(tmp_path)
     assert (t.sockets, t.physical_cores, t.logical_cpus, t.numa_nodes, t.bound_cores) == (2, 8, 16, 2, None)
