@@ -151,3 +151,29 @@ def fake_sysfs():
     """Writes a fabricated /sys tree (stands for a node this machine is not): ``fake_sysfs(root, sockets,
     cores, threads, numa)``."""
     return _write_fake_sysfs
+
+
+@pytest.fixture()
+def cxr_log():
+    """Messages of the project's logger from a level on: ``got = cxr_log(logging.WARNING)`` fills ``got``
+    until the test ends."""
+    import logging
+
+    from data_prep.log import get_logger
+
+    logger, handlers = get_logger(), []
+
+    def capture(level: int) -> list[str]:
+        got: list[str] = []
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                got.append(record.getMessage())
+
+        handlers.append(Handler(level))
+        logger.addHandler(handlers[-1])
+        return got
+
+    yield capture
+    for h in handlers:
+        logger.removeHandler(h)

@@ -55,21 +55,9 @@ def noflock(request, monkeypatch):
 
 
 @pytest.fixture()
-def notices():
+def notices(cxr_log):
     """Warnings of the 'cxr' logger (the takeover notice), as strings."""
-    got = []
-
-    class H(logging.Handler):
-        def emit(self, record):
-            got.append(record.getMessage())
-
-    from data_prep.log import get_logger
-
-    logger = get_logger()
-    h = H(logging.WARNING)
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
+    return cxr_log(logging.WARNING)
 
 
 def _holder(folder, err, hold_s=30.0, go=0.0):

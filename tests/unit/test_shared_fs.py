@@ -241,20 +241,8 @@ def test_stage_to_bad_input_is_one_line(prepared, monkeypatch, tmp_path):
 
 
 @pytest.fixture()
-def caplog_cxr():
-    got = []
-
-    class H(logging.Handler):
-        def emit(self, record):
-            got.append(record.getMessage())
-
-    from data_prep.log import get_logger
-
-    logger = get_logger()
-    h = H(logging.INFO)
-    logger.addHandler(h)
-    yield got
-    logger.removeHandler(h)
+def caplog_cxr(cxr_log):
+    return cxr_log(logging.INFO)
 
 
 # --------------------------------------------------------------------------- training: both at once
