@@ -131,6 +131,8 @@ def _start_requeued_now(slurm, job: str, *updates: str) -> None:
     while _state(slurm, job) != "PENDING" and time.monotonic() - t0 < 60:
         time.sleep(0.5)
     time.sleep(vslurm.CRED_EXPIRE_S + 2)  # the requeue (and the revocation) came before PENDING
+    if not updates and _state(slurm, job) != "PENDING":
+        return  # Slurm started it by itself once eligible (seen when the requeue came within seconds)
     t0 = time.monotonic()
     while not _nodes_idle(slurm) and time.monotonic() - t0 < 60:
         time.sleep(0.5)
