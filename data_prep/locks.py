@@ -46,6 +46,7 @@ NO_FLOCK = {errno.ENOSYS: "ENOSYS", errno.ENOLCK: "ENOLCK", errno.EOPNOTSUPP: "E
 # NFS without lockd, others (EOPNOTSUPP is ENOTSUP on Linux: one number)
 HEARTBEAT_S = 15.0   # the lock file's heartbeat period
 STALE_S = 120.0      # a lock file of another host whose heartbeat is older than this is taken over
+SETTLE_S = 0.5       # how long a reader waits for the record of a lock file just created
 _HELD: dict[str, "_Held"] = {}  # folder -> what this process holds, for the life of the process
 
 
@@ -128,6 +129,17 @@ def _read_info(path: Path) -> tuple[dict, os.stat_result | None]:
     return (info if isinstance(info, dict) else {}), st
 
 
+def _read_settled(path: Path) -> tuple[dict, os.stat_result | None]:
+    """``_read_info``, waiting up to SETTLE_S while the file is there without a record: its creator
+    made it with O_EXCL and writes the record next, so a reader that came between sees it empty."""
+    deadline = time.monotonic() + SETTLE_S
+    info, st = _read_info(path)
+    while st is not None and "what" not in info and time.monotonic() < deadline:
+        time.sleep(0.02)
+        info, st = _read_info(path)
+    return info, st
+
+
 def _who(holder: dict) -> str:
     return (f"{holder.get('what', 'another run')} (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
             f"since {holder.get('since', '?')})")
@@ -186,7 +198,7 @@ def _lock_file(folder: Path, info: dict) -> tuple[int, Path | None]:
             return _create(path, info), None
         except FileExistsError:
             pass
-        holder, st = _read_info(path)
+        holder, st = _read_settled(path)
         if st is None:
             continue  # removed meanwhile: try again
         why = _gone(holder, st)
@@ -218,11 +230,11 @@ def _lock_file(folder: Path, info: dict) -> tuple[int, Path | None]:
             fd = _create(path, info)
         except FileExistsError:  # another process created one in between: it holds the folder
             os.unlink(claim)
-            raise _busy(folder, _read_info(path)[0]) from None
+            raise _busy(folder, _read_settled(path)[0]) from None
         _notice(f"{folder}: took over the lock file of {_who(holder)}: {why}")
         _clean_claims(folder, keep=claim)
         return fd, claim
-    raise _busy(folder, _read_info(path)[0])
+    raise _busy(folder, _read_settled(path)[0])
 
 
 def _clean_claims(folder: Path, keep: Path) -> None:

@@ -169,6 +169,17 @@ def test_an_unreadable_record_is_judged_by_the_files_time(tmp_path, noflock, mon
     assert json.loads((tmp_path / locks.EXCL_NAME).read_text())["pid"] == os.getpid()
 
 
+def test_a_lock_file_caught_before_its_record_is_written_names_the_holder(tmp_path, noflock):
+    """Stands for two runs starting together: the first has created the file (O_EXCL) and not yet
+    written its record when the second reads it."""
+    (tmp_path / locks.EXCL_NAME).write_text("")
+    import threading
+
+    threading.Timer(0.15, _record, args=(tmp_path,), kwargs={"pid": os.getppid()}).start()
+    with pytest.raises(locks.FolderBusy, match=f"in use by training \\(pid {os.getppid()} on "):
+        locks.acquire(tmp_path, "training")
+
+
 def test_concurrent_takeovers_of_one_stale_lock_leave_one_holder(tmp_path, noflock):
     _record(tmp_path, pid=_dead_pid())
     go = time.time() + 1.5  # every process tries at the same moment
