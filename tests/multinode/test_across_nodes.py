@@ -117,13 +117,14 @@ def test_two_nodes_two_ranks_each_mpi(reference, dataset, single_prep, cluster):
     hosts = ",".join(f"{n.name}:2" for n in cluster.nodes)
     cfg, cl = str(dataset / "cfg.yaml"), str(Path(cluster.dir) / "cluster.yaml")
     prep = dataset / "prepared-2x2"
-    p = ok(launch(cluster, "prep", "--config", cfg, "--cluster", cl, "--hosts", hosts, "--set", f"prep.out={prep}"))
+    p = ok(launch(cluster, "prep", "--config", cfg, "--cluster", cl, "--hosts", hosts, "--set", f"prep.out={prep}",
+                  timeout=600))  # four ranks on two cores, beside the other test worker: slow, not hung
     assert "prep: 4 rank(s) on 2 node(s), up to 2 per node" in p.stderr
     man, shards = _shards(prep)
     assert man["timings"]["ranks"] == 4 and shards == _shards(single_prep)[1]
     dump, run = dataset / "dump-2x2", dataset / "run-2x2"
     p = ok(launch(cluster, "train", "--config", cfg, "--cluster", cl, "--hosts", hosts, "--set", f"run.dir={run}",
-                  "--set", "train.finetune.epochs=0", env={"CXR_TEST_DUMP": str(dump)}))
+                  "--set", "train.finetune.epochs=0", env={"CXR_TEST_DUMP": str(dump)}, timeout=600))
     assert "train: 4 rank(s) on 2 node(s), up to 2 per node" in p.stderr
     ranks = _dumps(dump, 4)
     a, b = (n.name for n in cluster.nodes)
