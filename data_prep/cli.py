@@ -84,6 +84,16 @@ def debug_enabled(argv=None) -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0") or "--debug" in argv
 
 
+def quiet_tensorflow(environ=None, argv=None) -> None:
+    """TensorFlow's C++ notices below errors off (``TF_CPP_MIN_LOG_LEVEL=2``) unless the user chose a
+    level; with ``--debug``/``CXR_DEBUG`` warnings stay (``1``). Its INFO lines (oneDNN, CPU
+    instructions) repeat what rank 0 logs in the project's words, and its warnings are the
+    ``OP_REQUIRES failed`` echoes of an error the project already states in one line (a damaged shard,
+    a peer's stop). Read by TensorFlow at import: call before it."""
+    environ = os.environ if environ is None else environ
+    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1" if debug_enabled(argv) else "2")
+
+
 def add_debug_arg(parser):
     if "--debug" in parser._option_string_actions:  # add_config_args already added it
         return parser

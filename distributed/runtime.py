@@ -16,11 +16,11 @@ import os
 import sys
 from typing import Mapping
 
+from data_prep.cli import quiet_tensorflow
 from data_prep.log import env_local_size, get_logger
 from distributed.precision import cpu_flags, decide, plan_precision
 from distributed.tuning import Topology, ThreadPlan, detect_topology, node_cores, plan_threads, rank_cpus
 
-TF_LOG_LEVEL = "1"  # TF_CPP_MIN_LOG_LEVEL default: INFO off, warnings and errors kept
 
 __all__ = ["apply", "bind_gloo_rank", "configure_tensorflow", "settle_precision", "configure_precision",
            "onednn_enabled", "onednn_note", "effective_threads"]
@@ -59,9 +59,9 @@ def apply(runtime=None, local_ranks: int | None = None, topology: Topology | Non
     ``local_ranks`` defaults to the launcher's local size (1 without a launcher).
     """
     environ = os.environ if environ is None else environ
-    # TensorFlow's C++ INFO notices (oneDNN on, CPU instructions), once per rank at import: hidden unless
-    # the user chose a level; rank 0's log says what matters (threads, oneDNN) in the project's words.
-    environ.setdefault("TF_CPP_MIN_LOG_LEVEL", TF_LOG_LEVEL)
+    # TensorFlow's C++ notices, once per rank at import and as echoes of errors stated in one line:
+    # hidden unless the user chose a level or --debug; rank 0's log says what matters in its own words.
+    quiet_tensorflow(environ)
     # Gloo's launcher binds nothing: bind this rank to its cores as mpirun --bind-to core would,
     # before TensorFlow starts its threads (they inherit the mask) and before the topology is read.
     bound = bind_gloo_rank(environ) if topology is None and environ is os.environ else None

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.cli import command
+from data_prep.cli import command, quiet_tensorflow
 from data_prep.config import add_config_args, config_from_args
 from launch import elastic
 from launch import pipeline as pl
@@ -95,9 +95,9 @@ def main(argv=None) -> int:
             print(f"{PROG} sweep: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
-    # TensorFlow's C++ INFO notices (oneDNN, CPU instructions) off for horovodrun (it loads TensorFlow)
-    # and every rank it starts, unless the user chose a level; rank 0 reports the facts in its own words.
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # as distributed.runtime.TF_LOG_LEVEL
+    # TensorFlow's C++ notices off for horovodrun (it loads TensorFlow) and every rank it starts, unless
+    # the user chose a level or --debug; rank 0 reports the facts in its own words.
+    quiet_tensorflow(argv=argv)
     try:
         return _main(args, argv)
     except LaunchError as e:

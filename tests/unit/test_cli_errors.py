@@ -70,3 +70,20 @@ def test_debug_shows_the_traceback(root):
     args = ["-m", "distributed.train", "--config", "configs/demo.yaml", "--set", "no.such.key=1"]
     for p in (_run([*args, "--debug"], root), _run(args, root, env={"CXR_DEBUG": "1"})):
         assert p.returncode != 0 and "Traceback" in p.stderr and "ConfigError: no.such.key" in p.stderr
+
+
+@pytest.mark.parametrize("environ, argv, level", [
+    ({}, [], "2"),                            # default: TensorFlow's warnings echo errors stated in one line
+    ({}, ["--debug"], "1"),                   # --debug keeps its warnings
+    ({"CXR_DEBUG": "1"}, [], "1"),
+    ({"TF_CPP_MIN_LOG_LEVEL": "0"}, [], "0"),  # the user's own level is kept
+])
+def test_tensorflow_notices_level(environ, argv, level, monkeypatch):
+    from data_prep.cli import quiet_tensorflow
+
+    monkeypatch.delenv("CXR_DEBUG", raising=False)
+    environ = dict(environ)
+    if "CXR_DEBUG" in environ:
+        monkeypatch.setenv("CXR_DEBUG", environ.pop("CXR_DEBUG"))
+    quiet_tensorflow(environ, argv)
+    assert environ["TF_CPP_MIN_LOG_LEVEL"] == level
