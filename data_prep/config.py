@@ -514,7 +514,7 @@ def save_resolved(cfg, folder: str | os.PathLike, name: str = "config.yaml", not
 
 
 def reference_rows(cls=Config, prefix: str = ""):
-    """(dotted key, type, default, doc) for every leaf: the README's config reference."""
+    """(dotted key, type, default, doc) for every leaf: the rows of docs/config-reference.md."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
@@ -543,7 +543,7 @@ def config_from_args(args) -> Config:
 def _print_main(argv=None) -> int:
     """``python -m data_prep.config --config C [--set k=v]``: print the resolved config."""
     parser = add_config_args(argparse.ArgumentParser(description=_print_main.__doc__), required=False)
-    parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key")
+    parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key (docs/config-reference.md)")
     args = parser.parse_args(argv)
     if args.reference:
         print(reference_markdown(), end="")
@@ -552,9 +552,26 @@ def _print_main(argv=None) -> int:
     return 0
 
 
+REFERENCE_HEAD = """# Config reference
+
+Generated from `data_prep/config.py`; do not edit by hand. Regenerate after changing a key:
+
+```bash
+python -m data_prep.config --reference > docs/config-reference.md
+```
+
+`tests/unit/test_docs.py` fails when this file is stale. Every command takes `--config FILE` and any number
+of `--set dotted.key=value`; unknown keys, wrong types and out-of-range values are refused with the dotted key
+(and, where there is one, the closest valid key). `python -m data_prep.config --config C --set k=v` prints the
+resolved config. Where the keys are used: [user guide](user-guide.md), [cluster guide](cluster-guide.md),
+[results guide](results-guide.md).
+
+"""
+
+
 def reference_markdown() -> str:
-    """The README's config reference, generated from the dataclasses (a test keeps them in sync)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    """docs/config-reference.md, generated from the dataclasses (a test keeps the file current)."""
+    lines = [REFERENCE_HEAD.rstrip("\n"), "", "| key | type | default | meaning |", "| --- | --- | --- | --- |"]
     for key, tp, default, doc in reference_rows():
         lines.append(f"| `{key}` | {tp} | `{default!r}` | {doc} |")
     return "\n".join(lines) + "\n"
