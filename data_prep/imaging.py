@@ -22,8 +22,8 @@ Everything that made the input differ from the expected 8-bit square grayscale P
 ``info['conversions']``, one ``{"kind", "from", "action"}`` per difference (kinds: ``mode``,
 ``bit depth``, ``format``, ``aspect``), so the prep stage can put each on record in its manifest.
 
-It is about as fast as decoding the PNG alone: the resize of an 8-bit image costs ~1 ms and the
-min-max is a 256-entry lookup table.
+Decoding dominates its cost: the resize of an 8-bit image stays in uint8 and the min-max is a 256-entry
+lookup table (``python -m benchmarks prep`` compares it with a bare decode; results in BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ MAX_PIXELS = 50_000_000  # prep.max_pixels' default: a larger image is refused f
 _WIDE_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I", "F"}
 # reducing_gap: Pillow first box-reduces by the integer factor int(scale / gap) (a proper low-pass),
 # then the bilinear filter does the rest. 1.3 makes 1024 -> 384 a 2x box reduce + 512 -> 384 bilinear:
-# 1.6x faster than the plain filter, mean difference 0.5 grey levels.
+# cheaper than filtering the full image, and within a grey level of it on average.
 REDUCING_GAP = 1.3
 RESAMPLE = Image.BILINEAR
 

@@ -8,13 +8,13 @@ it, one of two ways by the model's size:
 * ``step`` (small networks: a training step at the training batch costs at most ``TARGET_GFLOP``):
   the model's own forward and backward pass (the fine-tune phase's trainable layers) at the
   training batch. Here the many small kernels, casts and batch norms decide, not the
-  convolutions: the 64-px ``tiny`` net computes no faster in bfloat16, and stays float32.
+  convolutions, so a small net can be no faster in bfloat16 although its convolutions are.
 * ``layers`` (large networks): a forward pass over each of the model's convolution and dense
   layers on its real input shape, the batch shrunk so it costs about ``TARGET_GFLOP`` (at least
   one image; beyond that, every convolution's input rows cut by the same factor: width, channels
-  and kernel, what oneDNN blocks over, stay the model's). There the convolutions are the step (VGG16 at 224 px: this pass 1.96x, the whole
-  fine-tune step 1.90x on an AVX512_BF16 CPU), and it takes 1-3 s where a training step would
-  take more.
+  and kernel, what oneDNN blocks over, stay the model's). There the convolutions are the step, so this
+  pass's ratio stands for the fine-tune step's, and it costs seconds where a training step would cost
+  more (measured ratios and costs: BENCHMARKS.md).
 
 The speed ratio decides (:func:`distributed.precision.decide`); the figures are cached in
 ``precision.json`` of ``$CXR_CACHE_DIR`` (default ``~/.cache/cxr-transfer``), one entry per CPU
