@@ -39,7 +39,7 @@ vcluster-deps:
 	else echo ">> sshd present: $$(/usr/sbin/sshd -V 2>&1 | head -1)"; fi
 
 # A virtual cluster of $(NODES) network-namespace nodes on this machine (root) to rehearse a
-# multi-node run: cluster file /run/cxr-vcluster-0/cluster.yaml (README: "Rehearse a multi-node run").
+# multi-node run: cluster file /run/cxr-vcluster-0/cluster.yaml (docs/cluster-guide.md: "Rehearse a multi-node run").
 vcluster-up: setup
 	$(PY) -m launch vcluster up --nodes $(NODES)
 
