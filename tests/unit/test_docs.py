@@ -1,0 +1,125 @@
+"""The documentation a newcomer reads first: a README that fits on a screen and a half, links that resolve
+(files and GitHub-style heading anchors), the stable commands named, no dated timings outside BENCHMARKS.md, and
+a config reference that is exactly what the generator prints."""
+import re
+from pathlib import Path
+
+import pytest
+
+README_MAX_LINES = 220
+# The stable entry points (setup.py's console scripts are read below); launch's verbs and the two setup commands.
+COMMANDS = ["make demo", "make test", "python -m data_prep.synthetic", "python -m data_prep ",
+            "python -m distributed.train", "python -m distributed.evaluate", "python -m distributed.predict",
+            "python -m launch", "python -m benchmarks", "--config", "--set"]
+LAUNCH_VERBS = ["prep", "train", "evaluate", "pipeline", "plan", "sweep", "vcluster"]
+
+FENCE = re.compile(r"^\s*(```|~~~)")
+HEADING = re.compile(r"^(#{1,6})\s+(.*?)\s*#*\s*$")
+LINK = re.compile(r"(?<!!)\[(?:[^\[\]]|\[[^\]]*\])*\]\(\s*<?([^)\s>]+)>?(?:\s+\"[^\"]*\")?\s*\)")
+INLINE_CODE = re.compile(r"(`+)(?:.+?)\1")
+
+
+def doc_files(root: Path) -> list[Path]:
+    return [root / "README.md", root / "ARCHITECTURE.md", root / "BENCHMARKS.md"] + \
+        sorted((root / "docs").glob("*.md"))
+
+
+def prose_lines(text: str):
+    """(line number, line) outside fenced code blocks."""
+    inside = False
+    for n, line in enumerate(text.splitlines(), 1):
+        if FENCE.match(line):
+            inside = not inside
+            continue
+        if not inside:
+            yield n, line
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a heading: the rendered text (no code ticks, emphasis or link targets), lower case,
+    punctuation dropped but hyphens and underscores, spaces to hyphens."""
+    text = re.sub(r"\[([^\]]*)\]\([^)]*\)", r"\1", heading)
+    text = text.replace("`", "").replace("*", "")
+    text = re.sub(r"[^\w\- ]", "", text.strip().lower())
+    return text.replace(" ", "-")
+
+
+def anchors(path: Path) -> set[str]:
+    seen: dict[str, int] = {}
+    out = set()
+    for _, line in prose_lines(path.read_text()):
+        m = HEADING.match(line)
+        if not m:
+            continue
+        s = slug(m.group(2))
+        k = seen.get(s, 0)
+        seen[s] = k + 1
+        out.add(s if k == 0 else f"{s}-{k}")
+    return out
+
+
+def links(path: Path):
+    """(line number, target) of every Markdown link outside code."""
+    for n, line in prose_lines(path.read_text()):
+        for m in LINK.finditer(INLINE_CODE.sub("", line)):
+            yield n, m.group(1)
+
+
+def test_readme_fits_on_a_screen_and_a_half(root):
+    lines = (root / "README.md").read_text().splitlines()
+    assert len(lines) < README_MAX_LINES, f"README.md has {len(lines)} lines; move detail into docs/"
+
+
+@pytest.mark.parametrize("name", ["README.md", "ARCHITECTURE.md", "BENCHMARKS.md", "docs/user-guide.md",
+                                  "docs/cluster-guide.md", "docs/results-guide.md", "docs/config-reference.md"])
+def test_documents_exist(root, name):
+    assert (root / name).is_file()
+
+
+def test_relative_links_resolve(root):
+    broken = []
+    for doc in doc_files(root):
+        for n, target in links(doc):
+            if re.match(r"^[a-z][a-z0-9+.-]*:", target, re.I):  # http:, https:, mailto:
+                continue
+            file_part, _, anchor = target.partition("#")
+            dest = (doc.parent / file_part).resolve() if file_part else doc
+            where = f"{doc.relative_to(root)}:{n}: {target}"
+            if not dest.exists():
+                broken.append(f"{where} (no such file)")
+            elif root.resolve() not in dest.parents and dest != root.resolve():
+                broken.append(f"{where} (outside the repository)")
+            elif anchor and dest.suffix == ".md" and anchor not in anchors(dest):
+                broken.append(f"{where} (no heading with that anchor)")
+    assert broken == [], "\n".join(broken)
+
+
+def test_readme_names_the_stable_commands(root):
+    readme = (root / "README.md").read_text()
+    scripts = re.findall(r'"(cxr-[a-z]+)=', (root / "setup.py").read_text())
+    assert len(scripts) >= 7
+    missing = [c for c in COMMANDS + scripts if c not in readme]
+    launch = re.search(r"python -m launch \{([a-z,]+)\}", readme)
+    verbs = set(launch.group(1).split(",")) if launch else set()
+    verbs |= set(re.findall(r"python -m launch ([a-z]+)", readme))
+    missing += [f"python -m launch {v}" for v in LAUNCH_VERBS if v not in verbs]
+    assert missing == []
+
+
+def test_no_dated_measurements_in_readme(root):
+    """Measured tables and timings live in BENCHMARKS.md with command, date and CPU; the README links to them."""
+    readme = (root / "README.md").read_text()
+    assert re.findall(r"\b20\d\d-\d\d-\d\d\b", readme) == []
+
+
+def test_config_reference_is_what_the_generator_prints(root):
+    from data_prep.config import reference_markdown
+
+    assert (root / "docs" / "config-reference.md").read_text() == reference_markdown(), \
+        "regenerate: python -m data_prep.config --reference > docs/config-reference.md"
+
+
+def test_slug_matches_github():
+    assert slug("Run directory (`run.dir`)") == "run-directory-rundir"
+    assert slug("Time limits, preemption and kill -9") == "time-limits-preemption-and-kill--9"
+    assert slug("calibration.json and operating_point.json") == "calibrationjson-and-operating_pointjson"
