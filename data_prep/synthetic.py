@@ -1,6 +1,7 @@
 """A generated stand-in for NIH ChestX-ray14: same CSV schema, same file names, same lists.
 
-``python -m data_prep.synthetic --out DIR [--patients N] [--image-size PX] [--seed S]`` writes
+``python -m data_prep.synthetic --out DIR [--patients N] [--image-size PX] [--seed S]`` writes (with
+``--config C`` instead of ``--out``: into C's ``data.images``, whose ``data.csv`` must be the CSV below)
 
 * ``DIR/Data_Entry_2017.csv`` with the real v2020 header (11 fields per row, as the real file),
 * ``DIR/images/PPPPPPPP_FFF.png``: 8-bit grayscale, square, one per row,
@@ -19,8 +20,8 @@ byte-identical CSV, lists and PNGs. Nothing here reads ``shared/`` or the networ
 from __future__ import annotations
 
 import argparse
-import os
 import io
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -29,8 +30,11 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_prep.cli import add_debug_arg, command
+from data_prep.cli import command
+from data_prep.config import ConfigError, add_config_args, load_config
 from data_prep.fsutil import atomic_write_bytes, atomic_write_text
+
+CSV_NAME = "Data_Entry_2017.csv"  # NIH's metadata file name, in the folder written
 
 FINDINGS = ("Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
             "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia")
@@ -263,7 +267,7 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
             dicom_file(path, arr, r, seed)
         else:
             atomic_write_bytes(path, png_bytes(arr))
-    atomic_write_text(out / "Data_Entry_2017.csv", table_csv(rows))
+    atomic_write_text(out / CSV_NAME, table_csv(rows))
     atomic_write_text(out / "train_val_list.txt", "\n".join(train_val) + "\n")
     atomic_write_text(out / "test_list.txt", "\n".join(test) + "\n")
     n_inf = sum("Infiltration" in r["Finding Labels"].split("|") for r in rows)
@@ -273,19 +277,39 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
             "train_val": len(train_val), "test": len(test)}
 
 
+def _out_folder(args, parser) -> str:
+    """``--out``, or the folder a config's ``data.images`` names, whose ``data.csv`` must then be the CSV
+    written there: one config generates and prepares the same data."""
+    if args.config is None:
+        if args.overrides:
+            parser.error("--set needs --config")
+        if args.out is None:
+            parser.error("--out (or --config, whose data.images is the folder) is required")
+        return args.out
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or cfg.data.images
+    expected = Path(out) / CSV_NAME
+    if os.path.abspath(cfg.data.csv) != os.path.abspath(expected):
+        raise ConfigError(f"data.csv: {cfg.data.csv} is not the CSV this writes ({expected}); set data.csv to it "
+                          f"or --out to the folder of data.csv")
+    return out
+
+
 @command("cxr-synth")  # a folder that cannot be written: one line, exit 1
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="cxr-synth", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", required=True, help="folder to write (CSV, lists, images/)")
+    ap.add_argument("--out", default=None, help="folder to write (CSV, lists, images/); default: data.images of "
+                                                "--config")
     ap.add_argument("--patients", type=int, default=200, help="number of patients (about 3.5 images each)")
     ap.add_argument("--image-size", type=int, default=1024, help="side of the square PNGs, pixels")
     ap.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical output")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--format", choices=FORMATS, default="nih",
                     help="nih: 8-bit PNGs (default); dicom: the same pictures as 12-bit DX DICOM files")
-    add_debug_arg(ap)
+    add_config_args(ap, required=False)
     args = ap.parse_args(argv)
+    args.out = _out_folder(args, ap)
     if args.patients < 1:
         ap.error("--patients must be at least 1")
     if not 16 <= args.image_size <= 4096:

@@ -1,6 +1,7 @@
 """Predict chest X-ray files with a trained model: ``cxr-predict`` / ``python -m distributed.predict``.
 
-    python -m distributed.predict --model runs/demo/model.keras a.png b.jpg DIR [--recursive] [--json]
+    python -m distributed.predict {--model runs/demo/model.keras | --config C [--set k=v]} a.png b.jpg DIR
+                                  [--recursive] [--json]
                                   [--out FILE.csv] [--gradcam [DIR]] [--image-size PX] [--threshold T] [--raw]
 
 Every file goes through ``data_prep.imaging.load_xray`` -- the very function the prep stage
@@ -15,7 +16,9 @@ probability, prediction, threshold, error (text cells neutralised for spreadshee
 ``--gradcam`` writes a Grad-CAM overlay at the input's ORIGINAL size beside each input file
 (``<name>.gradcam.png``) or, with a folder, into that folder; each file is decoded once for
 both the network input and the overlay (``load_xray_and_original``). ``--model`` may be a ``.keras``
-file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``).
+file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``). ``--config C`` (with
+``--set k=v``) names the run by its ``run.dir`` and gives ``runtime.precision`` and ``eval.trust_model``;
+options on the command line win.
 
 Everything that comes from the run is read from the RUN FOLDER only (the folder of the model file, or
 the folder above ``checkpoints/``), never from its parent, and applied only when it lists this model
@@ -50,15 +53,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.cli import UsageError, UserError, add_debug_arg, command
-from data_prep.config import ConfigError, load_config
+from data_prep.cli import UsageError, UserError, command
+from data_prep.config import ConfigError, add_config_args, load_config
 from data_prep.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, walk_tree
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
 from data_prep.textsafe import console, csv_row
 from distributed.precision import cpu_flags, decide, plan_precision
-
 
 # --------------------------------------------------------------------------- model and its run
 
@@ -266,7 +268,8 @@ class Decoded:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", "-m", required=True, help=".keras model file or run directory")
+    p.add_argument("--model", "-m", default=None,
+                   help=".keras model file or run directory (default: run.dir of --config)")
     p.add_argument("images", nargs="*", metavar="IMG",
                    help="PNG or JPEG files (8/16-bit, gray, RGB, RGBA), or folders of them")
     p.add_argument("--recursive", "-r", action="store_true", help="read folders with their subfolders")
@@ -283,20 +286,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--raw", action="store_true",
                    help="the network's probabilities, without the run's calibration.json")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default="auto",
-                   help="compute precision (default auto: bfloat16 on CPUs with AMX-BF16, else float32; not measured "
-                        "here); "
-                        "probabilities are float32 either way")
-    p.add_argument("--trust-model", action="store_true",  # distributed.safeload: a model file is data by default
+    p.add_argument("--precision", choices=("auto", "float32", "mixed_bfloat16"), default=None,
+                   help="compute precision (default: runtime.precision of --config, else auto: bfloat16 on CPUs "
+                        "with AMX-BF16, else float32; not measured here); probabilities are float32 either way")
+    p.add_argument("--trust-model", action="store_true", default=None,  # distributed.safeload: data by default
                    help="load the file with Keras' own loader (HDF5, SavedModel, Lambda layers: code in the file "
-                        "runs); only for files you trust")
-    add_debug_arg(p)
+                        "runs); only for files you trust (also eval.trust_model of --config)")
+    add_config_args(p, required=False)
     return p
+
+
+def _from_config(args, parser) -> None:
+    """Fill what the command line left open from ``--config``/``--set``: the model (``run.dir``), the
+    precision (``runtime.precision``) and ``eval.trust_model``; the command line wins."""
+    if args.config is None:
+        if args.overrides:
+            parser.error("--set needs --config")
+        if args.model is None:
+            parser.error("--model (or --config, whose run.dir is the model) is required")
+        args.precision = args.precision or "auto"
+        args.trust_model = bool(args.trust_model)
+        return
+    cfg = load_config(args.config, args.overrides)
+    args.model = args.model or cfg.run.dir
+    args.precision = args.precision or cfg.runtime.precision
+    args.trust_model = cfg.eval.trust_model if args.trust_model is None else args.trust_model
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _from_config(args, parser)
     # "--gradcam a.png b.png": argparse took the first image as DIR; it is an image.
     if args.gradcam and Path(args.gradcam).is_file():
         args.images.insert(0, args.gradcam)
