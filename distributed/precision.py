@@ -12,7 +12,7 @@ environment variable (``TF_ENABLE_ONEDNN_OPTS``) that TensorFlow reads once, at 
 * ``auto``: decided by measurement where the CPU has bfloat16 instructions (``avx512_bf16``, e.g.
   AMD Zen 4/5 and Intel Cooper Lake or later, or ``amx_bf16``) and oneDNN may run: after TensorFlow
   loads, rank 0 times a bfloat16 against a float32 pass over the model's own convolution and dense
-  shapes (:mod:`distributed.calibrate`) and every rank takes ``mixed_bfloat16`` when it was at
+  shapes (:mod:`distributed.precision_probe`) and every rank takes ``mixed_bfloat16`` when it was at
   least ``MARGIN`` (1.15x) faster, else ``float32``; the figures are cached per CPU, thread count,
   TensorFlow version and layer shapes. Without bfloat16 instructions (bfloat16 would be emulated
   in float32, slower) or with oneDNN off: ``float32``, nothing measured.

@@ -480,7 +480,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
     # bfloat16 needs oneDNN, which TensorFlow reads at import: decide before open_model imports it.
     precision = plan_precision(args.precision, environ=os.environ)
-    # auto is measured by training and evaluation (distributed/calibrate.py), not for a few images here:
+    # auto is measured by training and evaluation (distributed/precision_probe.py), not for a few images here:
     # unmeasured it is bfloat16 on AMX-BF16, float32 elsewhere.
     precision = decide(precision, None, flags=cpu_flags())
     if precision.onednn_env:

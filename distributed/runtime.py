@@ -113,7 +113,7 @@ def settle_precision(plan: ThreadPlan, cfg, share=None, root: bool = True) -> Th
     """After ``import tensorflow``: the plan with the precision of ``runtime.precision: auto`` decided,
     where it waits for a measurement (a CPU with bfloat16 instructions; others come back as they are).
 
-    ``root`` measures, or reads the cached measurement (:mod:`distributed.calibrate`), with the
+    ``root`` measures, or reads the cached measurement (:mod:`distributed.precision_probe`), with the
     model of ``cfg`` (its layers at ``data.image_size``, ``train.batch_size``) and this process'
     threads; ``share(obj)`` (``hvd.broadcast_object``) hands root's result to every rank, so all
     compute in the same precision. Without ``share`` every process decides for itself. Logged
@@ -121,7 +121,7 @@ def settle_precision(plan: ThreadPlan, cfg, share=None, root: bool = True) -> Th
     p = plan.precision
     if p is None or not p.measure:
         return plan
-    result = _calibration(plan, cfg) if root or share is None else None
+    result = _probe(plan, cfg) if root or share is None else None
     if share is not None:
         result = share(result)  # every rank takes root's figures (None never reaches here on root)
     source = result.get("source", "measured") if root or share is None else "shared"
@@ -130,37 +130,37 @@ def settle_precision(plan: ThreadPlan, cfg, share=None, root: bool = True) -> Th
                if k in result}
     chosen = decide(p, result.get("ratio"), source, figures=figures, flags=flags)
     if root or share is None:  # the ranks that took root's figures have nothing of their own to say
-        _log_calibration(chosen, result, source)
+        _log_probe(chosen, result, source)
     return dataclasses.replace(plan, precision=chosen)
 
 
-def _log_calibration(chosen, result: dict, source: str) -> None:
+def _log_probe(chosen, result: dict, source: str) -> None:
     logger = get_logger()
     if result.get("error"):
-        logger.warning("precision auto: no calibration (%s); %s", result["error"], chosen.describe())
+        logger.warning("precision auto: not measured (%s); %s", result["error"], chosen.describe())
         return
     what = ("training step (forward and backward)" if result.get("method") == "step"
             else f"forward pass over the model's {result.get('layers', '?')} conv/dense layers")
-    when = (f"calibration {result.get('calibration_s', 0):.1f} s" if source == "measured"
+    when = (f"measured in {result.get('calibration_s', 0):.1f} s" if source == "measured"
             else f"measured {result.get('measured', '?')}")
     logger.info("%s [float32 %.1f ms, bfloat16 %.1f ms per %s, batch %s; %s, cached in %s]", chosen.describe(),
                 result["float32_ms"], result["bfloat16_ms"], what, result.get("batch", "?"), when,
                 result.get("cache", "?"))
 
 
-def _calibration(plan: ThreadPlan, cfg) -> dict:
-    """This process' calibration figures for ``cfg``'s model (:func:`distributed.calibrate.calibrate`);
+def _probe(plan: ThreadPlan, cfg) -> dict:
+    """This process' measured figures for ``cfg``'s model (:func:`distributed.precision_probe.probe`);
     ``{"ratio": None, "error": ...}`` when it cannot run."""
     if onednn_enabled() is False:  # bfloat16 would run on TensorFlow's slow fallback kernels
         return {"ratio": None, "error": "oneDNN is off in this process", "onednn": False}
     try:
-        from distributed import calibrate  # imports TensorFlow: after apply()
+        from distributed import precision_probe  # imports TensorFlow: after apply()
 
-        got = calibrate.calibrate(cfg, plan.intra_op, lambda r: decide(plan.precision, r).precision)
-    except Exception as e:  # noqa: BLE001 - a failed calibration falls back to the rule, said in one line
+        got = precision_probe.probe(cfg, plan.intra_op, lambda r: decide(plan.precision, r).precision)
+    except Exception as e:  # noqa: BLE001 - a failed measurement falls back to the rule, said in one line
         return {"ratio": None, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
     if got.get("cache_error"):
-        get_logger().warning("precision auto: cannot cache the calibration in %s (%s)", got["cache"],
+        get_logger().warning("precision auto: cannot cache the measurement in %s (%s)", got["cache"],
                              got["cache_error"])
     return got
 

@@ -18,7 +18,7 @@ if VENV_BIN not in os.environ.get("PATH", "").split(os.pathsep):
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
 os.environ.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-# runtime.precision auto caches its calibration (distributed/calibrate.py): in a folder of this test
+# runtime.precision auto caches its calibration (distributed/precision_probe.py): in a folder of this test
 # session (inherited by the commands the tests start), not in the user's ~/.cache.
 os.environ.setdefault("CXR_CACHE_DIR", tempfile.mkdtemp(prefix="cxr-test-cache-"))
 

@@ -76,7 +76,7 @@ def test_no_calibration_without_bfloat16_instructions(tmp_path, monkeypatch):
     masked = _masked_cpuinfo(tmp_path, {"avx512_bf16", "amx_bf16", "amx_tile", "amx_int8"})
     real = P.cpu_flags
     monkeypatch.setattr(P, "cpu_flags", lambda cpuinfo=masked: real(cpuinfo))
-    monkeypatch.setattr(runtime, "_calibration", lambda *a: pytest.fail("calibrated without bfloat16 instructions"))
+    monkeypatch.setattr(runtime, "_probe", lambda *a: pytest.fail("calibrated without bfloat16 instructions"))
     cfg = load_config(None, ["runtime.precision=auto"])
     plan = runtime.apply(cfg.runtime, local_ranks=1, environ={}, log=False)
     assert not plan.precision.measure and "no bfloat16 instructions" in plan.precision.reason
@@ -95,7 +95,7 @@ def test_settle_takes_root_figures_on_every_rank(monkeypatch, flags, ratio, want
     calls, sent = [], []
     fig = {"ratio": ratio, "float32_ms": 10.0, "bfloat16_ms": 10.0 / ratio, "batch": 1, "layers": 15,
            "method": "layers", "calibration_s": 1.0, "source": "measured", "cache": "x"}
-    monkeypatch.setattr(runtime, "_calibration", lambda *a: calls.append(1) or dict(fig))
+    monkeypatch.setattr(runtime, "_probe", lambda *a: calls.append(1) or dict(fig))
     root = runtime.settle_precision(plan, cfg, share=lambda obj: sent.append(obj) or obj, root=True)
     other = runtime.settle_precision(plan, cfg, share=lambda obj: sent[0], root=False)
     assert len(calls) == 1 and sent[0]["ratio"] == ratio  # only root measured
@@ -105,7 +105,7 @@ def test_settle_takes_root_figures_on_every_rank(monkeypatch, flags, ratio, want
 
 
 def test_cache_entries_are_validated_and_merged(tmp_path):
-    from distributed import calibrate as C
+    from distributed import precision_probe as C
 
     path = tmp_path / "precision.json"
     path.write_text("{not json")
@@ -122,7 +122,7 @@ def test_cache_entries_are_validated_and_merged(tmp_path):
 
 
 def test_calibration_method_by_model_size():
-    from distributed import calibrate as C
+    from distributed import precision_probe as C
 
     small = [{"kind": "conv", "macs": 10_000_000}] * 5      # 0.1 GFLOP forward per image
     big = [{"kind": "conv", "macs": 1_500_000_000}] * 13    # VGG16-sized
@@ -173,7 +173,7 @@ tf = pytest.importorskip("tensorflow")
 @pytest.mark.skipif(not (cpu_flags() & {"avx512_bf16", "amx_bf16"}), reason="this CPU has no bfloat16 instructions")
 def test_real_calibration_is_cached_and_reused(tmp_path, monkeypatch, caplog):
     """On this CPU: the tiny net is measured once (figures, a cache entry), the next start reads it."""
-    from distributed import calibrate as C
+    from distributed import precision_probe as C
 
     monkeypatch.setenv("CXR_CACHE_DIR", str(tmp_path))
     cfg = load_config(None, ["runtime.precision=auto", "model.backbone=tiny", "model.weights=none",

@@ -1,7 +1,7 @@
 """``runtime.precision: auto`` by measurement: is bfloat16 faster than float32 for THIS model on
 THIS CPU, with this rank's threads?
 
-:func:`calibrate` times the model in float32 and in bfloat16 (Keras' ``mixed_bfloat16`` policy,
+:func:`probe` times the model in float32 and in bfloat16 (Keras' ``mixed_bfloat16`` policy,
 its casts included), alternating, the best of a few passes each, with oneDNN as the process runs
 it, one of two ways by the model's size:
 
@@ -35,7 +35,7 @@ from pathlib import Path
 from data_prep.fsutil import atomic_write_json
 from distributed.precision import PRECISIONS, cpu_model
 
-__all__ = ["calibrate", "cache_file", "cache_key", "read_cached", "store", "layer_specs", "measure_layers",
+__all__ = ["probe", "cache_file", "cache_key", "read_cached", "store", "layer_specs", "measure_layers",
            "measure_step", "TARGET_GFLOP"]
 
 TARGET_GFLOP = 20.0  # float32 FLOPs of one calibration pass (about 0.1 s at 200 GFLOP/s; batch, then rows, cut to it)
@@ -237,7 +237,7 @@ def measure_layers(specs: list[dict], batch: int, passes: int = PASSES, seed: in
     return {**_figures(_best(runs, passes), gflop, batch, len(specs), "layers", t0), "row_scale": scale}
 
 
-def calibrate(cfg, threads: int, decide_fn, path: Path | None = None) -> dict:
+def probe(cfg, threads: int, decide_fn, path: Path | None = None) -> dict:
     """The calibration figures of ``cfg``'s model (``model``, ``data.image_size``,
     ``train.batch_size``, ``train.finetune`` freezing) with ``threads``: cached, else measured and
     cached (``decide_fn(ratio)`` gives the precision stored with them). ``source`` says which;
