@@ -463,7 +463,7 @@ def eval_hash(cfg) -> str:
     return config_hash({"train": train_hash(cfg), "eval": non_default(cfg.eval)})
 
 
-# The keys that define a training run in run.dir (data_prep.rundir): the train hash's keys, less how
+# The keys that define a training run in run.dir (distributed.rundir): the train hash's keys, less how
 # training runs (train.cache, train.elastic, the gradient compression) and how long (epochs and patience
 # may grow on a resume): a resume or a rerun with another value of any other key is refused.
 RUN_FREE_KEYS = ("train.cache", "train.elastic", "train.allreduce_compression", "train.warmup.epochs",

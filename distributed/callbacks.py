@@ -7,14 +7,12 @@ identical everywhere); only rank 0 touches files. Collectives go through ``distr
 from __future__ import annotations
 
 import csv
-import json
 import math
 import os
 import shutil
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,58 +22,19 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from data_prep.textsafe import csv_row
 from distributed import hvd
+from distributed import rundir as R
+from distributed.rundir import STEP_GLOB, RunState, read_history, read_state  # noqa: F401 - the trainer's names
 from distributed.stopping import Signals, Stopped, parse_stop_signals, stop_signals  # noqa: F401 - the trainer's names
 
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
                    "seconds", "images_per_s", "ranks")
 STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
 BATCH_COLUMNS = ("phase", "epoch", "step", "rank", "indices_sha1")  # batches.csv (train.record_batches)
-STEP_GLOB = "step-[0-9]*-[0-9]*"  # checkpoints/step-<epoch>-<step>/ (trainer.save_step_checkpoint)
 
 
 # --------------------------------------------------------------------------- run state
 
-@dataclass
-class RunState:
-    """What ``checkpoints/state.json`` records; enough to resume exactly."""
-    phase: str = "warmup"          # phase of the last completed epoch (or the next one to run)
-    phase_epoch: int = 0           # epochs completed in ``phase``
-    epoch: int = 0                 # epochs completed in the whole run (the history's rows)
-    best_val_loss: float = math.inf
-    best_epoch: int = 0
-    early_stopping: dict = field(default_factory=lambda: {"best": math.inf, "wait": 0, "stopped": False})
-    complete: bool = False
-    size: int = 1
-    writer_rank: int = 0
-    precision: str = "float32"     # compute precision of the epochs so far (runtime.precision)
-    phase_best: dict = field(default_factory=dict)  # {phase: {"epoch", "val_loss"}}: best.keras of a phase
-    step: int = 0                  # steps done in epoch ``epoch + 1`` (a step checkpoint; 0 at an epoch's end)
-
-    def to_json(self) -> dict:
-        d = asdict(self)
-        d["best_val_loss"] = _num(d["best_val_loss"])
-        d["early_stopping"] = {**d["early_stopping"], "best": _num(d["early_stopping"]["best"])}
-        return d
-
-    @classmethod
-    def from_json(cls, d: dict) -> "RunState":
-        d = dict(d)
-        d["best_val_loss"] = _unnum(d.get("best_val_loss"))
-        es = dict(d.get("early_stopping") or {})
-        es["best"] = _unnum(es.get("best"))
-        es.setdefault("wait", 0)
-        es.setdefault("stopped", False)
-        d["early_stopping"] = es
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-def _num(x):
-    return None if x is None or (isinstance(x, float) and not math.isfinite(x)) else float(x)
-
-
-def _unnum(x):
-    return math.inf if x is None else float(x)
+# RunState, read_state and read_history live in distributed.rundir (the run directory's one owner).
 
 
 # --------------------------------------------------------------------------- learning rate
@@ -285,7 +244,7 @@ class Checkpointer(tf.keras.callbacks.Callback):
     def __init__(self, run_dir: Path, state: RunState, phase: str, save_optimizer, tb_writer=None):
         super().__init__()
         self.run_dir = Path(run_dir)
-        self.ckpt = self.run_dir / "checkpoints"
+        self.ckpt = self.run_dir / R.CHECKPOINTS
         self.state, self.phase = state, phase
         self.save_optimizer = save_optimizer
         self.tb = tb_writer
@@ -312,7 +271,7 @@ class Checkpointer(tf.keras.callbacks.Callback):
                  logs.get("images_per_s", float("nan")), " *best*" if improved else "")
         if not self.root:  # Horovod: only rank 0 writes files; the others keep the same state in memory
             return
-        append_history(self.run_dir / "history.csv", {**logs, "phase": self.phase, "epoch": s.epoch,
+        append_history(self.run_dir / R.HISTORY, {**logs, "phase": self.phase, "epoch": s.epoch,
                                                       "ranks": hvd.size()})
         if self.tb is not None:
             with self.tb.as_default():
@@ -321,14 +280,14 @@ class Checkpointer(tf.keras.callbacks.Callback):
                         tf.summary.scalar(k, logs[k], step=s.epoch)
             self.tb.flush()
         self.ckpt.mkdir(parents=True, exist_ok=True)
-        save_model_atomic(self.model, self.ckpt / "last.keras")
-        self.save_optimizer(self.ckpt / "last-optimizer.npz")
+        save_model_atomic(self.model, self.run_dir / R.LAST)
+        self.save_optimizer(self.run_dir / R.CHECKPOINTS / R.OPTIMIZER_FILE)
         if improved:
-            save_model_atomic(self.model, self.ckpt / "best.keras")
+            save_model_atomic(self.model, self.run_dir / R.BEST)
         if phase_improved and self.phase == "finetune":
-            save_model_atomic(self.model, self.ckpt / "best-finetune.keras")
+            save_model_atomic(self.model, self.run_dir / R.PHASE_BEST)
         s.writer_rank = hvd.rank()
-        atomic_write_json(self.ckpt / "state.json", s.to_json())
+        atomic_write_json(self.run_dir / R.STATE, s.to_json())
         for old in self.ckpt.glob(STEP_GLOB):  # step checkpoints of this epoch: behind state.json now
             shutil.rmtree(old, ignore_errors=True)
         self.writes += 1
@@ -586,14 +545,6 @@ def _fmt(v):
     return str(v)
 
 
-def read_history(path) -> list[dict]:
-    path = Path(path)
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 def truncate_history(path: Path, epochs: int) -> int:
     """Keep the header and the first ``epochs`` rows (a resumed run drops uncommitted rows)."""
     rows = read_history(path)
@@ -623,10 +574,3 @@ def save_model_atomic(model, path: Path) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
-
-
-def read_state(run_dir) -> RunState | None:
-    p = Path(run_dir) / "checkpoints" / "state.json"
-    if not p.is_file():
-        return None
-    return RunState.from_json(json.loads(p.read_text()))

@@ -22,8 +22,8 @@ import os
 from pathlib import Path
 
 from data_prep.cli import UserError, one_line
-from distributed import callbacks as cb
 from distributed import model as M
+from distributed import rundir as R
 
 __all__ = ["restore", "CheckpointError", "state_at"]
 
@@ -40,11 +40,11 @@ def _float(v) -> float:
     return x
 
 
-def state_at(history: list[dict], epoch: int, precision: str) -> cb.RunState:
+def state_at(history: list[dict], epoch: int, precision: str) -> R.RunState:
     """The run state after ``epoch`` (1-based) as ``history.csv``'s first ``epoch`` rows imply it."""
     rows = history[:epoch]
     if not rows:
-        return cb.RunState(precision=precision)
+        return R.RunState(precision=precision)
     phase = rows[-1].get("phase") or "warmup"
     losses = [_float(r.get("val_loss")) for r in rows]
     finite = [(v, i + 1) for i, v in enumerate(losses) if math.isfinite(v)]
@@ -56,7 +56,7 @@ def state_at(history: list[dict], epoch: int, precision: str) -> cb.RunState:
             es_best, es_wait = v, 0
         else:
             es_wait += 1
-    return cb.RunState(phase=phase, phase_epoch=len(in_phase), epoch=len(rows), best_val_loss=best_val,
+    return R.RunState(phase=phase, phase_epoch=len(in_phase), epoch=len(rows), best_val_loss=best_val,
                        best_epoch=best_epoch, early_stopping={"best": es_best, "wait": es_wait, "stopped": False},
                        precision=precision)
 
@@ -72,17 +72,18 @@ def restore(run_dir, model, log):
     """The run state of ``run_dir`` with the weights it implies copied into ``model``; None when the
     run has no checkpoint at all. Falls back as the module says, with a WARNING naming the damage."""
     run_dir = Path(run_dir)
-    ckpt = run_dir / "checkpoints"
-    files = {name: ckpt / name for name in ("state.json", "last.keras", "best.keras")}
+    ckpt = run_dir / R.CHECKPOINTS
+    S, L, B = R.STATE_FILE, R.LAST_FILE, R.BEST_FILE
+    files = {name: ckpt / name for name in (S, L, B)}
     if not any(p.exists() for p in files.values()):
         return None
     why: dict[str, str] = {}
     try:
-        state = cb.read_state(run_dir)
+        state = R.read_state(run_dir)
         if state is None:
-            why["state.json"] = "missing"
+            why[S] = "missing"
     except (ValueError, KeyError, TypeError, OSError) as e:  # JSONDecodeError is a ValueError
-        state, why["state.json"] = None, one_line(e)[:160]
+        state, why[S] = None, one_line(e)[:160]
 
     def load(name):
         if not files[name].exists():
@@ -95,38 +96,38 @@ def restore(run_dir, model, log):
             return None
 
     try:
-        history = cb.read_history(run_dir / "history.csv")
+        history = R.read_history(run_dir / R.HISTORY)
     except (OSError, ValueError):
         history = []
-    last = load("last.keras")
+    last = load(L)
     if last is not None and state is not None:
         M.copy_weights(last, model)
         return state
-    best = load("best.keras") if last is None else None
+    best = load(B) if last is None else None
     if state is not None and best is not None and state.best_epoch > 0:
         back = state_at(history, state.best_epoch, state.precision)
         log.warning("--resume: %s is unreadable (%s); falling back to %s (epoch %d): epochs %d-%d are trained again",
-                    files["last.keras"], why["last.keras"], files["best.keras"], state.best_epoch,
+                    files[L], why[L], files[B], state.best_epoch,
                     state.best_epoch + 1, state.epoch)
-        _aside(ckpt / "last-optimizer.npz", log)
+        _aside(ckpt / R.OPTIMIZER_FILE, log)
         M.copy_weights(best, model)
         return back
     if state is None and (last is not None or best is not None) and history:
-        use, name = (last, "last.keras") if last is not None else (best, "best.keras")
+        use, name = (last, L) if last is not None else (best, B)
         precision = M.precision_of(use)
-        if name == "last.keras":
+        if name == L:
             epoch = len(history)
         else:
             losses = [_float(r.get("val_loss")) for r in history]
             finite = [(v, i + 1) for i, v in enumerate(losses) if math.isfinite(v)]
             epoch = min(finite)[1] if finite else len(history)
-            _aside(ckpt / "last-optimizer.npz", log)
+            _aside(ckpt / R.OPTIMIZER_FILE, log)
         back = state_at(history, epoch, precision)
         log.warning("--resume: %s is unreadable (%s); resuming from %s at epoch %d as history.csv records it",
-                    files["state.json"], why["state.json"], files[name], epoch)
+                    files[S], why[S], files[name], epoch)
         M.copy_weights(use, model)
         return back
     listed = "; ".join(f"{files[n]}: {why.get(n, 'not usable without state.json and history.csv')}"
-                       for n in ("state.json", "last.keras", "best.keras"))
+                       for n in (S, L, B))
     raise CheckpointError(f"--resume: no checkpoint of {run_dir} can be read ({listed}); "
                           f"train afresh without --resume (or into another run.dir)")

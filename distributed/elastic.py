@@ -35,6 +35,7 @@ import tensorflow as tf
 from data_prep.log import follow_rank
 from distributed import callbacks as cb
 from distributed import hvd
+from distributed import rundir
 from distributed import trainer as T
 
 
@@ -83,13 +84,13 @@ def _attempt(es, cfg, model, train_data, val_data, log, local: _Local) -> dict:
     state.size = hvd.size()
     model.set_weights(c.weights)  # the synchronised copy: the same on every rank
     if hvd.is_root():
-        cb.truncate_history(run_dir / "history.csv", state.epoch)  # drop the rows of a rolled-back epoch
-        cb.truncate_batches(run_dir / "batches.csv", state.epoch, state.step)
+        cb.truncate_history(run_dir / rundir.HISTORY, state.epoch)  # drop the rows of a rolled-back epoch
+        cb.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
     log.info("elastic (re)start: %d rank(s) x %d images, from epoch %d (%s %d)%s", hvd.size(),
              cfg.train.batch_size, state.epoch + 1, state.phase, state.phase_epoch,
              f" step {state.step + 1}" if state.step else "")
     if hvd.is_root() and local.tb is None:  # Horovod: rank 0 logs (rank 0 may change at a restart)
-        local.tb = tf.summary.create_file_writer(str(run_dir / "tb"))
+        local.tb = tf.summary.create_file_writer(str(run_dir / rundir.TB))
     # Horovod: the trainer's phases for this restart's ranks (learning rate x the ranks of this
     # restart, rescaled at every reset), the committed optimizer state, the elastic commit after
     # rank 0's files.

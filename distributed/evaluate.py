@@ -62,7 +62,7 @@ from typing import Mapping
 import numpy as np
 
 from data_prep import locks
-from data_prep.cli import UserError, command, note_output
+from data_prep.cli import command, note_output
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
 from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
@@ -72,79 +72,20 @@ from distributed import hvd
 from distributed import metrics as M
 from distributed import plots
 from distributed import provenance
+from distributed import rundir as R
 from distributed import runtime
+from distributed.rundir import RunDirError, checkpoint_path, select_checkpoint  # noqa: F401 - evaluate's names
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
 from distributed.report import resample_warning, write_report
 
-CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
 STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",
                                                                   "roc_per_finding")) + \
     tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives")) + \
-    ("operating_point.json",)
+    (R.OPERATING_POINT,)
 
 
-class EvalError(UserError, RuntimeError):
-    """A problem with the run directory or the data that the user has to fix."""
-
-
-PHASE_BEST = "checkpoints/best-finetune.keras"  # the trainer's best val_loss of the fine-tune phase
-
-
-def _history_rows(run_dir: Path) -> list[dict]:
-    try:
-        rows = plots.read_history(run_dir / "history.csv")
-    except OSError:
-        return []
-    out = []
-    for r in rows:
-        try:
-            vl = float(r.get("val_loss"))
-        except (TypeError, ValueError):
-            vl = float("nan")
-        out.append({"phase": r.get("phase"), "epoch": int(float(r.get("epoch") or 0)), "val_loss": vl})
-    return out
-
-
-def _best_row(rows: list[dict], phase: str | None = None) -> dict | None:
-    """The first row with the lowest finite val_loss (of ``phase``), as the trainer's strict '<' keeps it."""
-    cand = [r for r in rows if (phase is None or r["phase"] == phase) and np.isfinite(r["val_loss"])]
-    return min(cand, key=lambda r: r["val_loss"]) if cand else None
-
-
-def select_checkpoint(run_dir, which: str, phase: str = "finetune") -> tuple[Path, dict]:
-    """The model file ``eval.checkpoint`` (+ ``eval.checkpoint_phase``) names, and which epoch it
-    holds, from ``history.csv``: ``{file, rule, phase, epoch, val_loss}`` (``note`` on a fallback).
-
-    best + finetune: ``checkpoints/best-finetune.keras``, the best val_loss of the fine-tune phase (the
-    article); best + any: ``checkpoints/best.keras`` over both phases; last: the last epoch; final:
-    ``model.keras``, which the trainer makes from the fine-tune best when there is one."""
-    run_dir = Path(run_dir)
-    rows = _history_rows(run_dir)
-    has_ft = (run_dir / PHASE_BEST).is_file()
-    note = None
-    if which == "best" and phase == "finetune" and has_ft:
-        path, row, rule = run_dir / PHASE_BEST, _best_row(rows, "finetune"), "best val_loss of the fine-tune phase"
-    elif which == "best":
-        path, row, rule = checkpoint_path(run_dir, "best"), _best_row(rows), "best val_loss of all phases"
-        if phase == "finetune":
-            note = (f"no {PHASE_BEST} in {run_dir} (trained before it existed, or no fine-tune epoch): "
-                    "evaluated checkpoints/best.keras, the best of all phases")
-    elif which == "last":
-        path, row, rule = checkpoint_path(run_dir, "last"), (rows[-1] if rows else None), "last epoch"
-    else:
-        path = checkpoint_path(run_dir, which)
-        row = _best_row(rows, "finetune") if has_ft else _best_row(rows)
-        rule = "final model: the best val_loss of the fine-tune phase" if has_ft else \
-            "final model: the best val_loss of all phases"
-    info = {"file": CHECKPOINTS.get(which) if path.name != Path(PHASE_BEST).name else PHASE_BEST, "rule": rule,
-            "phase": row["phase"] if row else None, "epoch": row["epoch"] if row else None,
-            "val_loss": _clean_float(row["val_loss"]) if row else None}
-    if note:
-        info["note"] = note
-    if row is None:
-        info["note"] = (note + "; " if note else "") + "no history.csv rows: epoch unknown"
-    return path, info
+EvalError = RunDirError  # a problem with the run directory or the data that the user has to fix
 
 
 def _clean_float(x):
@@ -157,20 +98,6 @@ def check_operating_point(rule: str) -> None:
         M.parse_operating_point(rule)
     except ValueError as e:
         raise ConfigError(f"eval.operating_point: {e}") from None
-
-
-def checkpoint_path(run_dir, which: str) -> Path:
-    """The model file ``eval.checkpoint`` names in ``run_dir`` (best, last or final)."""
-    run_dir = Path(run_dir)
-    if which not in CHECKPOINTS:
-        raise EvalError(f"eval.checkpoint: {which!r} is not one of {', '.join(CHECKPOINTS)}")
-    p = run_dir / CHECKPOINTS[which]
-    if not p.exists():
-        have = [k for k, v in CHECKPOINTS.items() if (run_dir / v).exists()]
-        hint = (f"; this run has: {', '.join(have)} (--set eval.checkpoint={have[0]})" if have
-                else "; train first (python -m distributed.train --config ...)")
-        raise EvalError(f"eval.checkpoint={which}: {p} does not exist{hint}")
-    return p
 
 
 # --------------------------------------------------------------------------- prediction (every rank)
@@ -517,7 +444,7 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
 def _training_precision(run_dir: Path) -> str:
     """The precision the run trained in, from its checkpoint state ("unknown" for older runs)."""
     try:
-        return json.loads((run_dir / "checkpoints" / "state.json").read_text()).get("precision", "unknown")
+        return json.loads((run_dir / R.STATE).read_text()).get("precision", "unknown")
     except (OSError, ValueError):
         return "unknown"
 
@@ -620,18 +547,18 @@ def model_files(run_dir: Path, model_path: Path, ckpt: dict) -> dict:
     """{path relative to run.dir: sha256} of the model files an evaluation's outputs belong to: the
     evaluated one, and model.keras too when it holds the same epoch."""
     files = {_rel(model_path, run_dir): sha256_file(model_path)}
-    final = run_dir / "model.keras"
+    final = run_dir / R.FINAL
     if final.is_file() and final.resolve() != Path(model_path).resolve():
         _, fin = select_checkpoint(run_dir, "final")
         if (fin.get("phase"), fin.get("epoch")) == (ckpt.get("phase"), ckpt.get("epoch")) and ckpt.get("epoch"):
-            files["model.keras"] = sha256_file(final)
+            files[R.FINAL] = sha256_file(final)
     return files
 
 
 def write_calibration(out_dir: Path, plan: dict | None, files: dict, ckpt: dict) -> None:
     """``calibration.json`` for cxr-predict: the transform, and the sha256 of every model file it belongs
     to (:func:`model_files`). Removed when off."""
-    out = out_dir / "calibration.json"
+    out = out_dir / R.CALIBRATION
     if plan is None:
         out.unlink(missing_ok=True)
         return
@@ -641,7 +568,7 @@ def write_calibration(out_dir: Path, plan: dict | None, files: dict, ckpt: dict)
 def write_operating_point(out_dir: Path, op: dict | None, files: dict, ckpt: dict) -> None:
     """``operating_point.json`` for cxr-predict: the report's threshold (rule, where it was chosen), compared
     with the network's probability as the CSVs hold it, and the model files it belongs to."""
-    out = out_dir / "operating_point.json"
+    out = out_dir / R.OPERATING_POINT
     if not op or op.get("threshold") is None:
         out.unlink(missing_ok=True)
         return
@@ -671,15 +598,15 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         plan = calibration_plan(cfg, g.manifest, yv, g.val_probs[:, 1] if g.val_probs is not None else None, log)
     cal = (lambda P: M.as_written(M.adjust(P[:, 1], plan["temperature"], plan["shift"], plan["center"]))) if plan else \
         (lambda P: None)
-    atomic_write_text(out_dir / "predictions.csv",
+    atomic_write_text(out_dir / R.PREDICTIONS,
                       predictions_csv(meta, classes, multilabel, g.probs, g.tta, data.targets if multilabel else None,
                                       findings, cal(g.probs)))
     if g.val is not None:
-        atomic_write_text(out_dir / "val_predictions.csv",
+        atomic_write_text(out_dir / R.VAL_PREDICTIONS,
                           predictions_csv(vmeta, classes, multilabel, g.val_probs, g.val_tta,
                                           g.val.targets if multilabel else None, vfindings, cal(g.val_probs)))
     else:
-        (out_dir / "val_predictions.csv").unlink(missing_ok=True)
+        (out_dir / R.VAL_PREDICTIONS).unlink(missing_ok=True)
     files = model_files(run_dir, g.model_path, g.checkpoint)
     write_calibration(out_dir, plan, files, g.checkpoint)
     t0 = time.time()
@@ -703,10 +630,10 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
 
-    from distributed.callbacks import history_chance_warning, read_history  # TensorFlow is loaded by now
+    from distributed.callbacks import history_chance_warning  # TensorFlow is loaded by now
 
     # the trainer's not-learning check, again from history.csv: this log and report.md say it too
-    learning = None if multilabel else history_chance_warning(read_history(run_dir / "history.csv"), len(classes))
+    learning = None if multilabel else history_chance_warning(R.read_history(run_dir / R.HISTORY), len(classes))
     warnings = [learning] if learning else []
     if g.checkpoint.get("note"):
         warnings.append(g.checkpoint["note"])
@@ -735,10 +662,10 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     }
     text = console_text(metrics)
     metrics["console"] = text
-    atomic_write_json(out_dir / "metrics.json", _strip_curves(metrics))
+    atomic_write_json(out_dir / R.METRICS, _strip_curves(metrics))
     print(text, flush=True)
     ev = (g.provenance or {}).get("evaluated_on") or {}
-    save_resolved(cfg, out_dir, "eval_config.yaml",
+    save_resolved(cfg, out_dir, R.EVAL_CONFIG,
                   note=f"prep.out {cfg.prep.out} was made with prep.seed {ev.get('prep_seed')} (its manifest.json, "
                        f"sha256 {str(ev.get('manifest_sha256'))[:12]}); the prep.* values below are this command's "
                        "config, not necessarily the shards'")
@@ -813,7 +740,7 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
 def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
     """The evaluation's plots under ``plots/``; {name: relative path} of those written."""
     run_dir, classes = Path(cfg.run.dir), g.data.classes
-    pdir = g.out_dir / "plots"
+    pdir = g.out_dir / R.PLOTS
     plot_files = {}
     try:
         if g.data.multilabel:
@@ -834,10 +761,10 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> d
             plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
                                  title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
             plot_files["confusion"] = "plots/confusion.png"
-        if plots.plot_history(pdir / "history.png", run_dir / "history.csv", cfg.train.warmup.epochs):
+        if plots.plot_history(pdir / "history.png", run_dir / R.HISTORY, cfg.train.warmup.epochs):
             plot_files["history"] = "plots/history.png"
         else:
-            log.warning("no %s: no training curves", run_dir / "history.csv")
+            log.warning("no %s: no training curves", run_dir / R.HISTORY)
     except Exception as e:  # noqa: BLE001 - a plot never costs the evaluation
         log.warning("plots incomplete: %s: %s", type(e).__name__, e)
     return plot_files

@@ -7,7 +7,6 @@ All writes are atomic.
 """
 from __future__ import annotations
 
-import csv
 import io
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -20,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_prep.fsutil import atomic_write_bytes  # noqa: E402
+from distributed import rundir  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -128,11 +128,6 @@ def plot_multilabel_roc(path, ml: Mapping, title: str = "ROC per finding") -> Pa
 
 # --------------------------------------------------------------------------- training curves
 
-def read_history(path) -> list[dict]:
-    with open(path, newline="") as f:
-        return [dict(r) for r in csv.DictReader(f)]
-
-
 def _num(v):
     try:
         x = float(v)
@@ -181,7 +176,7 @@ def plot_history(path, history_csv, warmup_epochs: int | None = None, title: str
     history_csv = Path(history_csv)
     if not history_csv.is_file():
         return None
-    rows = read_history(history_csv)
+    rows = rundir.read_history(history_csv)
     if not rows:
         return None
     x, phases, switch = history_series(rows, warmup_epochs)
@@ -189,7 +184,7 @@ def plot_history(path, history_csv, warmup_epochs: int | None = None, title: str
     for ax, base, label in ((axes[0], "loss", "Loss"), (axes[1], "accuracy", "Accuracy")):
         k, vk = _metric_keys(rows, base)
         if k is None:
-            ax.text(0.5, 0.5, f"no {base} in history.csv", ha="center", va="center", transform=ax.transAxes)
+            ax.text(0.5, 0.5, f"no {base} in {rundir.HISTORY}", ha="center", va="center", transform=ax.transAxes)
             continue
         ax.plot(x, [_num(r[k]) for r in rows], "o-", ms=3, label=f"train {k}")
         if vk:

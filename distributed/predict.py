@@ -60,6 +60,7 @@ from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
 from data_prep.textsafe import console, csv_row
+from distributed import rundir
 from distributed.precision import cpu_flags, decide, plan_precision
 
 # --------------------------------------------------------------------------- model and its run
@@ -67,10 +68,10 @@ from distributed.precision import cpu_flags, decide, plan_precision
 def resolve_model_path(path) -> Path:
     p = Path(path)
     if p.is_dir():
-        for cand in (p / "model.keras", p / "checkpoints" / "best.keras", p / "checkpoints" / "last.keras"):
-            if cand.is_file():
-                return cand
-        raise FileNotFoundError(f"{p}: no model.keras or checkpoints/best.keras in this run directory")
+        found = rundir.model_in(p)
+        if found is None:
+            raise FileNotFoundError(f"{p}: no {rundir.FINAL} or {rundir.BEST} in this run directory")
+        return found
     if not p.exists():
         raise FileNotFoundError(f"{p}: model file not found")
     return p
@@ -78,13 +79,12 @@ def resolve_model_path(path) -> Path:
 
 def run_folder(model_path: Path) -> Path:
     """The run folder of a model file: its folder, or the one above ``checkpoints/``. Never further up."""
-    model_path = Path(model_path)
-    return model_path.parent.parent if model_path.parent.name == "checkpoints" else model_path.parent
+    return rundir.run_folder_of(model_path)
 
 
 def find_run_config(model_path: Path):
     """The run's resolved config in the run folder (:func:`run_folder`), or None."""
-    for name in ("config.yaml", "eval_config.yaml"):
+    for name in (rundir.CONFIG, rundir.EVAL_CONFIG):
         f = run_folder(model_path) / name
         if f.is_file():
             try:
@@ -149,7 +149,7 @@ def find_calibration(model_path: Path, digest: str | None = None) -> dict | None
     """``calibration.json`` of the run folder (written by cxr-eval with ``eval.calibrate``/
     ``eval.prior_correction``) and whether it belongs to this model file: ``{"file", "applied", "why",
     "temperature", "shift", ...}``; None when the run folder has none."""
-    f = run_folder(model_path) / "calibration.json"
+    f = run_folder(model_path) / rundir.CALIBRATION
     if not f.is_file():
         return None
     cal, why = _run_json(f)
@@ -172,7 +172,7 @@ def find_calibration(model_path: Path, digest: str | None = None) -> dict | None
 
 def report_says_calibrated(model_path: Path) -> str | None:
     """Where the run's evaluation says its predictions are calibrated (its ``metrics.json``), or None."""
-    f = run_folder(model_path) / "metrics.json"
+    f = run_folder(model_path) / rundir.METRICS
     m, _ = _run_json(f) if f.is_file() else (None, None)
     if m and isinstance(m.get("plain"), dict) and m["plain"].get("calibrated"):
         return str(f)
@@ -183,7 +183,7 @@ def find_operating_point(model_path: Path, digest: str | None = None) -> dict:
     """The run's validated operating point (``operating_point.json`` in the run folder) when it lists
     this model file: ``{"threshold", "rule", "source", "file", "applied": True}``; else
     ``{"applied": False, "why"}``."""
-    f = run_folder(model_path) / "operating_point.json"
+    f = run_folder(model_path) / rundir.OPERATING_POINT
     if not f.is_file():
         return {"applied": False, "why": f"no operating_point.json in the run folder {run_folder(model_path)}"}
     op, why = _run_json(f)
@@ -469,7 +469,7 @@ def choose_calibration(args, model_path: Path, digest: str, multilabel: bool) ->
     if says and (cal is None or cal.get("broken")):
         what = "missing" if cal is None else cal["why"]
         raise ModelError(f"{says} says this run's predictions are calibrated, but "
-                         f"{run_folder(model_path) / 'calibration.json'} is {what}: rerun cxr-eval for it, or give "
+                         f"{run_folder(model_path) / rundir.CALIBRATION} is {what}: rerun cxr-eval for it, or give "
                          "--raw for the network's uncalibrated probabilities")
     return cal
 

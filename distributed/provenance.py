@@ -31,8 +31,9 @@ import numpy as np
 from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
 from data_prep.manifest import load_manifest, open_shard_read, shard_paths
+from distributed import rundir
 
-RECORD = "training_prep.json"
+RECORD = rundir.TRAINING_PREP
 SPLITS = ("train", "val", "test")
 
 
@@ -115,7 +116,7 @@ def _run_config_prep(run_dir: Path) -> str | None:
     from data_prep.config import ConfigError, load_config
 
     try:
-        return load_config(run_dir / "config.yaml").prep.out
+        return load_config(run_dir / rundir.CONFIG).prep.out
     except (ConfigError, OSError):
         return None
 

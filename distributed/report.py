@@ -17,6 +17,7 @@ from typing import Mapping, Sequence
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
+from distributed import rundir
 from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side, short_resamples
 from distributed.provenance import leakage_sentence
 
@@ -400,7 +401,7 @@ def grids_written(out_dir, gradcam: Mapping[str, str] | None) -> list[str]:
 def calibration_fact(out_dir, metrics: Mapping) -> str:
     """What calibration the evaluation wrote: ``calibration.json``'s transform, or none."""
     plain = metrics["plain"]
-    f = Path(out_dir) / "calibration.json" if out_dir is not None else None
+    f = Path(out_dir) / rundir.CALIBRATION if out_dir is not None else None
     cal = None
     if f is not None and f.is_file():
         try:
@@ -656,10 +657,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               "fitted on it)",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
               "- `eval_config.yaml`: the configuration of this evaluation"]
-    if (out_dir / "calibration.json").is_file():
+    if (out_dir / rundir.CALIBRATION).is_file():
         lines.append("- `calibration.json`: the probability transform fitted on validation, for `cxr-predict`")
-    if (out_dir / "operating_point.json").is_file():
+    if (out_dir / rundir.OPERATING_POINT).is_file():
         lines.append("- `operating_point.json`: the operating point's threshold, with which `cxr-predict` decides")
     lines.append("")
     lines.append(claim_checklist(metrics, manifest, cfg, out_dir))
-    return atomic_write_text(out_dir / "report.md", "\n".join(lines))
+    return atomic_write_text(out_dir / rundir.REPORT, "\n".join(lines))

@@ -16,7 +16,7 @@ SavedModel for serving: ``tf.saved_model.load(p).serve(images)``), both with the
 best epoch (lowest val_loss), i.e. what early stopping with restore_best_weights gives. Inside an
 epoch: ``checkpoints/step-<epoch>-<step>/`` (a stop signal, ``train.checkpoint_every_s``), which
 ``--resume`` continues from at the next step; ``batches.csv`` with ``train.record_batches``.
-``run.json`` records the run's definition (``data_prep.rundir``): a run of another one there is
+``run.json`` records the run's definition (``distributed.rundir``): a run of another one there is
 refused; ``--restart`` moves it into ``<run.dir>.replaced-<time>`` first.
 
 A damaged shard found during training (``data_prep.manifest.damaged``, raised inside tf.data's
@@ -170,7 +170,7 @@ def record_prep(cfg) -> None:
 def train(cfg, resume: bool = False, plan=None, restart: bool = False) -> dict:
     """Train per ``cfg``; returns {"state", "history", "run_dir"} (the same on every rank).
     ``plan``: a thread plan the caller already applied (benchmarks), else this applies one.
-    ``restart``: move an earlier run in ``run.dir`` aside first (``data_prep.rundir``)."""
+    ``restart``: move an earlier run in ``run.dir`` aside first (``distributed.rundir``)."""
     plan = plan or runtime.apply(cfg.runtime)  # oneDNN/OpenMP threads of this rank: BEFORE TensorFlow starts
     if cfg.train.elastic:  # Horovod elastic: the same phases, restartable with any number of ranks
         from distributed import elastic  # imports TensorFlow: only now that the thread plan is in os.environ

@@ -35,7 +35,7 @@ from distributed import checkpoints
 from distributed import data as D
 from distributed import hvd
 from distributed import model as M
-from data_prep import rundir
+from distributed import rundir
 from distributed import runtime
 
 PHASES = ("warmup", "finetune")
@@ -47,7 +47,7 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
     {"state", "history", "run_dir"} (the same on every rank), with "exit_code" 128 + signal when a
     stop signal ended it (its step checkpoint written). ``restart``: an earlier run in ``run.dir`` is
-    moved aside first (``data_prep.rundir``). Elastic training: ``distributed.elastic.run``."""
+    moved aside first (``distributed.rundir``). Elastic training: ``distributed.elastic.run``."""
     su = setup(cfg, plan, restart=restart)
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
     start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
@@ -60,9 +60,9 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     state.size, state.precision = hvd.size(), su.precision
     if finished:
         log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
-        return {"state": state.to_json(), "history": cb.read_history(run_dir / "history.csv"),
+        return {"state": state.to_json(), "history": rundir.read_history(run_dir / rundir.HISTORY),
                 "run_dir": str(run_dir)}
-    tb = tf.summary.create_file_writer(str(run_dir / "tb")) if hvd.is_root() else None  # Horovod: rank 0 logs
+    tb = tf.summary.create_file_writer(str(run_dir / rundir.TB)) if hvd.is_root() else None  # Horovod: rank 0 logs
     tally = Tally()
     try:
         train_phases(cfg, model, state, su.train, su.val, log, tb, tally, start.opt_phase, start.opt_values)
@@ -85,7 +85,7 @@ def setup(cfg, plan, restart: bool = False) -> Setup:
     """Horovod, TensorFlow's threads and precision, the run directory's config and log, the data
     splits and the model: the start of plain and of elastic training. Rank 0 refuses a run directory
     that holds a run of another definition, or with ``restart`` moves that run aside
-    (``data_prep.rundir``), before it writes anything there."""
+    (``distributed.rundir``), before it writes anything there."""
     runtime.configure_tensorflow(plan)
     hvd.init()  # Horovod: initialise; rank and size come from horovodrun/mpirun (1 process without)
     # runtime.precision auto on a bfloat16 CPU: rank 0 measures (or reads its cached figures) and
@@ -201,7 +201,7 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
                                    tb)  # Horovod: checkpoints written on rank 0 only
             control = cb.StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
                                      lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
-                                     run_dir / "batches.csv" if cfg.train.record_batches else None,
+                                     run_dir / rundir.BATCHES if cfg.train.record_batches else None,
                                      cfg.train.stop_check_s)
             checkpointing = [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]
             try:
@@ -249,7 +249,7 @@ def finish(cfg, model, state, writes: int, log) -> dict:
     if hvd.is_root():  # Horovod: rank 0 writes the final model
         _finalize(model, run_dir, state, log)
     hvd.barrier()  # Horovod: nobody leaves before rank 0 has written everything
-    history = cb.read_history(run_dir / "history.csv") if hvd.is_root() else []
+    history = rundir.read_history(run_dir / rundir.HISTORY) if hvd.is_root() else []
     return {"state": state.to_json(), "history": history, "run_dir": str(run_dir)}
 
 
@@ -341,7 +341,7 @@ def assign_optimizer(opt, values, log) -> None:
 
 # --------------------------------------------------------------------------- resume / finish
 
-STEP_PREFIX = "step-"  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch (cb.STEP_GLOB)
+STEP_PREFIX = rundir.STEP_PREFIX  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch
 
 
 def _phase_done(cfg, state, phase) -> bool:
@@ -359,17 +359,17 @@ def _phase_done(cfg, state, phase) -> bool:
 def clear_checkpoints(run_dir: Path, log) -> None:
     """Rank 0, a run started without --resume: an earlier run's checkpoints and history go."""
     # history.csv without state.json: an earlier run that ended before its first checkpoint (a full disk)
-    if any((run_dir / f).exists() for f in ("checkpoints/state.json", "history.csv")) or step_checkpoints(run_dir):
+    if any((run_dir / f).exists() for f in (rundir.STATE, rundir.HISTORY)) or step_checkpoints(run_dir):
         log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
-        for f in ("history.csv", "batches.csv"):
+        for f in (rundir.HISTORY, rundir.BATCHES):
             (run_dir / f).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+        shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
 
 
 def step_checkpoints(run_dir: Path) -> list[Path]:
     """Complete step checkpoints (renamed into place whole), oldest first."""
-    folder = Path(run_dir) / "checkpoints"
-    return sorted(p for p in folder.glob(cb.STEP_GLOB) if p.is_dir())
+    folder = Path(run_dir) / rundir.CHECKPOINTS
+    return sorted(p for p in folder.glob(rundir.STEP_GLOB) if p.is_dir())
 
 
 def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> Start:
@@ -377,15 +377,15 @@ def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> St
     ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's (or,
     when that is damaged, what ``distributed.checkpoints.restore`` falls back to), or a step
     checkpoint inside the epoch after it; the history and batch record cut to it."""
-    folder = run_dir / "checkpoints"
+    folder = run_dir / rundir.CHECKPOINTS
     state = checkpoints.restore(run_dir, model, log)  # last.keras, else best.keras; state.json, else history.csv
-    optimizer = folder / "last-optimizer.npz"
+    optimizer = folder / rundir.OPTIMIZER_FILE
     steps = step_checkpoints(run_dir)
     if steps:
-        inside = cb.RunState.from_json(json.loads((steps[-1] / "state.json").read_text()))
+        inside = cb.RunState.from_json(json.loads((steps[-1] / rundir.STATE_FILE).read_text()))
         if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
-            state, optimizer = inside, steps[-1] / "last-optimizer.npz"
-            M.copy_weights(M.load_model(steps[-1] / "last.keras"), model)
+            state, optimizer = inside, steps[-1] / rundir.OPTIMIZER_FILE
+            M.copy_weights(M.load_model(steps[-1] / rundir.LAST_FILE), model)
     if state is None:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", folder)
         return Start(None)
@@ -393,9 +393,9 @@ def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> St
         # Converted explicitly: the variables are float32 under both policies, copied as they are.
         log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
                     "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
-    kept = cb.truncate_history(run_dir / "history.csv", state.epoch)
-    cb.truncate_batches(run_dir / "batches.csv", state.epoch, state.step)
-    finished = state.complete and (run_dir / "model.keras").is_file()
+    kept = cb.truncate_history(run_dir / rundir.HISTORY, state.epoch)
+    cb.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
+    finished = state.complete and (run_dir / rundir.FINAL).is_file()
     opt_phase, opt_values = ("", ())
     if state.phase_epoch > 0 or state.step > 0:
         opt_phase, opt_values = read_optimizer(optimizer, log)
@@ -417,15 +417,15 @@ def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
     """Rank 0: a checkpoint inside an epoch (weights, optimizer state, run state with the step),
     written whole into a temporary folder and renamed into place; older step checkpoints are
     removed only after that. Returns its size in bytes."""
-    folder = run_dir / "checkpoints"
+    folder = run_dir / rundir.CHECKPOINTS
     final = folder / f"{STEP_PREFIX}{state.epoch + 1:06d}-{state.step:06d}"
     tmp = folder / f".step.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cb.save_model_atomic(model, tmp / "last.keras")
-    save_optimizer(opt, tmp / "last-optimizer.npz", state.phase)
+    cb.save_model_atomic(model, tmp / rundir.LAST_FILE)
+    save_optimizer(opt, tmp / rundir.OPTIMIZER_FILE, state.phase)
     state.writer_rank = hvd.rank()
-    atomic_write_json(tmp / "state.json", state.to_json())
+    atomic_write_json(tmp / rundir.STATE_FILE, state.to_json())
     size = sum(f.stat().st_size for f in tmp.iterdir())
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -436,15 +436,14 @@ def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
 
 
 def _finalize(model, run_dir: Path, state, log) -> None:
-    best = run_dir / "checkpoints" / "best-finetune.keras"  # the article's: best val_loss of the fine-tune phase
-    best = best if best.is_file() else run_dir / "checkpoints" / "best.keras"
+    best = rundir.evaluated_file(run_dir, "best", "finetune")  # the article's: best val_loss of the fine-tune phase
     if best.is_file():
         M.copy_weights(M.load_model(best), model)
     # The delivered model computes in float32, so it runs at full speed on any CPU; evaluation and
     # predict convert it to their own runtime.precision (bfloat16 where AMX is).
     model = M.convert_precision(model, "float32")
-    cb.save_model_atomic(model, run_dir / "model.keras")
-    sm, tmp = run_dir / "saved_model", run_dir / f".saved_model.tmp-{os.getpid()}"
+    cb.save_model_atomic(model, run_dir / rundir.FINAL)
+    sm, tmp = run_dir / rundir.SAVED_MODEL, run_dir / f".{rundir.SAVED_MODEL}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # export() prints every captured variable
         cb.inference_view(model).export(str(tmp))  # inference SavedModel: tf.saved_model.load(p).serve(x)
@@ -453,11 +452,11 @@ def _finalize(model, run_dir: Path, state, log) -> None:
         os.replace(sm, old)
     os.replace(tmp, sm)
     shutil.rmtree(old, ignore_errors=True)
-    atomic_write_json(run_dir / "checkpoints" / "state.json", state.to_json())
+    atomic_write_json(run_dir / rundir.STATE, state.to_json())
     for old in step_checkpoints(run_dir):  # the finished run's state.json is newer than any of them
         shutil.rmtree(old, ignore_errors=True)
     log.info("done: %d epochs, best val_loss %.4f at epoch %d; %s, %s", state.epoch, state.best_val_loss,
-             state.best_epoch, run_dir / "model.keras", sm)
+             state.best_epoch, run_dir / rundir.FINAL, sm)
 
 
 def _autotune_note(setting: str) -> str:

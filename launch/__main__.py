@@ -12,7 +12,6 @@ through the cluster's client file, a bounded end when a node or rank fails) is
 from __future__ import annotations
 
 import argparse
-import os
 import shlex
 import signal
 import sys

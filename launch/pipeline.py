@@ -4,7 +4,7 @@
 * train is complete when ``<run.dir>/model.keras`` exists and ``<run.dir>/pipeline.json`` (written
   by the launcher when the train stage exits 0) carries this config's train hash; an unfinished
   run with checkpoints is continued with ``--resume``; a run of another definition in ``run.dir``
-  (``data_prep.rundir``) stops the launch before anything starts, naming the keys that differ;
+  (``distributed.rundir``) stops the launch before anything starts, naming the keys that differ;
 * evaluate is complete when ``<run.dir>/report.md`` is newer than the model it evaluated (and,
   when the launcher recorded it, was made with this config's eval section).
 """
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data_prep import config as cfgmod
 from data_prep.fsutil import atomic_write_json
-from data_prep import rundir
+from distributed import rundir
 from launch.hosts import LaunchError
 
 STAGES = ("prep", "train", "evaluate")
@@ -30,12 +30,7 @@ def manifest_path(cfg) -> Path:
 
 
 def evaluated_model(cfg) -> Path:
-    run = Path(cfg.run.dir)
-    phase_best = run / "checkpoints" / "best-finetune.keras"  # distributed.evaluate.select_checkpoint's choice
-    if cfg.eval.checkpoint == "best" and cfg.eval.checkpoint_phase == "finetune" and phase_best.exists():
-        return phase_best
-    return {"best": run / "checkpoints" / "best.keras", "last": run / "checkpoints" / "last.keras",
-            "final": run / "model.keras"}[cfg.eval.checkpoint]
+    return rundir.evaluated_file(cfg.run.dir, cfg.eval.checkpoint, cfg.eval.checkpoint_phase)
 
 
 def read_marker(cfg) -> dict:
@@ -80,15 +75,15 @@ def stage_status(stage: str, cfg) -> Status:
             return Status(False, f"{manifest_path(cfg)} was made with another config (hash {h})")
         return Status(True, f"{manifest_path(cfg)} matches this config (hash {h})")
     if stage == "train":
-        model = run / "model.keras"
+        model = run / rundir.FINAL
         marker = read_marker(cfg).get("train", {})
-        ckpt = run / "checkpoints"
+        ckpt = run / rundir.CHECKPOINTS
         # an epoch's checkpoint, or a step checkpoint (a stop signal in the first epoch)
-        resume = (ckpt / "last.keras").exists() or (ckpt / "state.json").exists() or any(ckpt.glob("step-*"))
+        resume = (run / rundir.LAST).exists() or (run / rundir.STATE).exists() or any(ckpt.glob(rundir.STEP_GLOB))
         if model.exists() and marker.get("config_hash") == cfgmod.train_hash(cfg):
             return Status(True, f"{model} finished for this config")
         if model.exists() and not marker and _trainer_finished(cfg):
-            return Status(True, f"{model} finished for this config (checkpoints/state.json, config.yaml)")
+            return Status(True, f"{model} finished for this config ({rundir.STATE}, {rundir.CONFIG})")
         if model.exists() and marker:
             return Status(False, f"{model} was trained with another config", resume=False)
         diff = rundir.mismatch(cfg)
@@ -98,10 +93,10 @@ def stage_status(stage: str, cfg) -> Status:
             return Status(False, f"checkpoints in {ckpt}: training continues", resume=True)
         return Status(False, "not trained yet")
     if stage == "evaluate":
-        report, model = run / "report.md", evaluated_model(cfg)
+        report, model = run / rundir.REPORT, evaluated_model(cfg)
         if not report.exists():
             return Status(False, f"no {report}")
-        models = [m for m in (model, run / "model.keras") if m.exists()]
+        models = [m for m in (model, run / rundir.FINAL) if m.exists()]
         if not models or report.stat().st_mtime <= max(m.stat().st_mtime for m in models):
             return Status(False, f"{report} is older than the model")
         marker = read_marker(cfg).get("evaluate")
@@ -116,10 +111,10 @@ def _trainer_finished(cfg) -> bool:
     config it saved has this config's train hash."""
     run = Path(cfg.run.dir)
     try:
-        state = json.loads((run / "checkpoints" / "state.json").read_text())
+        state = json.loads((run / rundir.STATE).read_text())
         if not state.get("complete"):
             return False
-        saved = cfgmod.load_config(run / "config.yaml")
+        saved = cfgmod.load_config(run / rundir.CONFIG)
     except (OSError, ValueError, cfgmod.ConfigError):
         return False
     return cfgmod.train_hash(saved) == cfgmod.train_hash(cfg)
@@ -155,7 +150,7 @@ def check_inputs(stage: str, cfg, config_arg: str, restart: bool = False) -> Non
             raise LaunchError(f"evaluate needs prepared data but {manifest_path(cfg)} does not exist; run "
                               f"`python -m launch pipeline --config {config_arg}`")
         model = evaluated_model(cfg)
-        if not model.exists() and not (Path(cfg.run.dir) / "model.keras").exists():
+        if not model.exists() and not (Path(cfg.run.dir) / rundir.FINAL).exists():
             raise LaunchError(f"evaluate needs a trained model but {model} does not exist; run "
                               f"`python -m launch train --config {config_arg}` first (or `launch pipeline`)")
         return

@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 from data_prep.config import load_config
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.textsafe import console, md, md_code
+from distributed import rundir
 from launch import pipeline as pl
 from launch.hosts import LaunchError
 
@@ -65,17 +66,17 @@ def seed_overrides(cfg, seed: int, resplit: bool) -> list[str]:
 
 def seed_done(cfg) -> str | None:
     """Why the seed's run is complete (trained and evaluated for this config), or None."""
-    if not (Path(cfg.run.dir) / "metrics.json").is_file():
+    if not (Path(cfg.run.dir) / rundir.METRICS).is_file():
         return None
     for stage in ("train", "evaluate"):
         st = pl.stage_status(stage, cfg)
         if not st.complete:
             return None
-    return f"{Path(cfg.run.dir) / 'metrics.json'} is complete for this config"
+    return f"{Path(cfg.run.dir) / rundir.METRICS} is complete for this config"
 
 
 def seed_result(cfg, seed: int, overrides: Sequence[str] = ()) -> dict:
-    m = json.loads((Path(cfg.run.dir) / "metrics.json").read_text())
+    m = json.loads((Path(cfg.run.dir) / rundir.METRICS).read_text())
     plain = m.get("plain") or {}
     auc = plain.get("auc") if m.get("task") == "binary" else plain.get("mean_auc")
     ci = plain.get("auc_ci") or {}

@@ -2,7 +2,8 @@
 
 * imports point one way: benchmarks -> launch -> distributed -> data_prep; ``data_prep`` is the
   ground floor (config, log, file helpers) and imports none of the other three;
-* ``launch`` imports only the pure planner ``distributed.tuning``, never TensorFlow, Horovod,
+* ``launch`` imports only the pure ``distributed.tuning`` (planner) and ``distributed.rundir`` (the run
+  directory's files), never TensorFlow, Horovod,
   mpi4py or numpy, so the launcher starts in a fraction of a second on a login node;
 * no product package imports ``benchmarks``, and no module imports itself through a circle;
 * benchmark worker modules load neither TensorFlow nor numpy at import time: thread tuning must
@@ -108,12 +109,12 @@ def test_layers_point_down(graph):
     allowed = {
         "data_prep": lambda n: _top(n) == "data_prep",
         "distributed": lambda n: _top(n) in ("data_prep", "distributed"),
-        "launch": lambda n: _top(n) in ("data_prep", "launch") or n == "distributed.tuning",
+        "launch": lambda n: _top(n) in ("data_prep", "launch") or n in ("distributed.tuning", "distributed.rundir"),
         "benchmarks": lambda n: True,
     }
     bad = sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if not allowed[_top(m)](n))
     assert bad == [], "imports against the layering (data_prep <- distributed <- launch <- benchmarks; " \
-                      "launch uses only distributed.tuning): " + ", ".join(bad)
+                      "launch uses only distributed.tuning and distributed.rundir): " + ", ".join(bad)
 
 
 def _loaded_after(code: str, cwd: Path = ROOT) -> dict:
@@ -151,3 +152,43 @@ def test_a_pipeline_dry_run_loads_none_of_them_either(tmp_path):
 def test_benchmark_worker_modules_load_no_tensorflow_or_numpy_at_import():
     r = _loaded_after("import benchmarks.epoch_timing, benchmarks.scaling, benchmarks.input_pipeline")
     assert r["heavy"] == []
+
+
+# Files of the same name that are not a run directory's: the virtual cluster's own state, and the
+# resolved-config writer's default, which data_prep (below distributed) cannot take from rundir.
+NOT_RUN_DIR = {("launch/vslurm.py", "state.json"), ("launch/vcluster.py", "state.json"),
+               ("data_prep/config.py", "config.yaml")}
+
+
+def _docstrings(tree) -> set[int]:
+    out = set()
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+            out.add(id(body[0].value))
+    return out
+
+
+def test_run_directory_file_names_are_spelled_in_rundir_only():
+    """Issue 35: one owner for the run directory. A string in product code (docstrings aside) that is a
+    run-directory file name, or a path ending in one, is a second spelling of it."""
+    from distributed import rundir
+
+    names = {v.rsplit("/", 1)[-1] for k, v in vars(rundir).items()
+             if k.isupper() and isinstance(v, str) and "." in v.rsplit("/", 1)[-1] and "*" not in v}
+    assert {"state.json", "history.csv", "last.keras", "best.keras", "metrics.json"} <= names
+    found = []
+    for pkg in PRODUCT:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            rel = str(path.relative_to(ROOT))
+            if rel == "distributed/rundir.py":
+                continue
+            tree = ast.parse(path.read_text())
+            docs = _docstrings(tree)
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs:
+                    for n in names:
+                        if (node.value == n or node.value.endswith("/" + n)) and (rel, n) not in NOT_RUN_DIR:
+                            found.append(f"{rel}:{node.lineno} {node.value!r}")
+    assert found == [], "run-directory file names outside distributed/rundir.py: " + ", ".join(found)

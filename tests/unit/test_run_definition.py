@@ -14,7 +14,7 @@ import yaml
 
 from data_prep import config as cfgmod
 from data_prep.config import load_config
-from data_prep import rundir
+from distributed import rundir
 
 ROOT = Path(__file__).resolve().parents[2]
 
