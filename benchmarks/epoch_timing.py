@@ -40,8 +40,20 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, report
-from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config,
-                               parse_steps, steps_per_epoch, tail_text, timed_fit, worker_entry)
+from benchmarks.common import (
+    CACHE,
+    DEFAULT_CONFIG,
+    EPOCH_IMAGES,
+    QUICK,
+    ROOT,
+    THREAD_VARS,
+    bench_config,
+    parse_steps,
+    steps_per_epoch,
+    tail_text,
+    timed_fit,
+    worker_entry,
+)
 from data_prep.cli import UsageError
 from data_prep.config import read_yaml_mapping
 from data_prep.fsutil import atomic_write_json, atomic_write_text

@@ -40,8 +40,18 @@ import time
 from pathlib import Path
 
 from benchmarks import common, machine
-from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config, extrapolate,
-                               tail_text, timed_fit, worker_entry)
+from benchmarks.common import (
+    CACHE,
+    DEFAULT_CONFIG,
+    EPOCH_IMAGES,
+    ROOT,
+    THREAD_VARS,
+    bench_config,
+    extrapolate,
+    tail_text,
+    timed_fit,
+    worker_entry,
+)
 from benchmarks.epoch_timing import Variant, variant_env
 from benchmarks.report import machine_lines
 from data_prep.fsutil import atomic_write_json, atomic_write_text

@@ -32,8 +32,8 @@ from skimage import io as skio
 from skimage import transform
 from skimage.color import rgb2gray, rgba2rgb
 
-from data_prep.cli import add_debug_arg, command
 from data_prep import synthetic
+from data_prep.cli import add_debug_arg, command
 from data_prep.imaging import load_xray
 
 TARGETS = {"ours_over_article": (">=", 2.5), "decode_over_ours": ("<=", 1.3), "ranks_over_one": (">=", 1.8)}

@@ -30,12 +30,24 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine, report, timeline
-from benchmarks.common import (CACHE, DEFAULT_CONFIG, EPOCH_IMAGES, QUICK, ROOT, THREAD_VARS, bench_config, extrapolate,
-                               parse_steps, tail_text, timed_fit, worker_entry)
+from benchmarks.common import (
+    CACHE,
+    DEFAULT_CONFIG,
+    EPOCH_IMAGES,
+    QUICK,
+    ROOT,
+    THREAD_VARS,
+    bench_config,
+    extrapolate,
+    parse_steps,
+    tail_text,
+    timed_fit,
+    worker_entry,
+)
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import env_rank
 from launch.cluster import ClusterConfig, load_cluster, resolve_allocation
-from launch.commands import Layout, LaunchSpec, StageCommand, build_command, find_tool, node_topology, plan_layout
+from launch.commands import LaunchSpec, Layout, StageCommand, build_command, find_tool, node_topology, plan_layout
 from launch.hosts import Allocation, LaunchError
 
 MODES = ("tuned", "untuned", "independent")

@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data_prep.log import get_logger
 from data_prep.cli import deferred
+from data_prep.log import get_logger
 from data_prep.manifest import check_shard, damaged, load_manifest, open_shard_read
 
 __all__ = ["SplitData", "load_split", "steps_per_epoch", "epoch_indices", "shard_indices",

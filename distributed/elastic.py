@@ -34,8 +34,7 @@ import tensorflow as tf
 
 from data_prep.log import follow_rank
 from distributed import callbacks as cb
-from distributed import hvd
-from distributed import rundir
+from distributed import hvd, rundir
 from distributed import trainer as T
 
 

@@ -176,4 +176,4 @@ def leakage_sentence(prov: dict | None) -> str:
     parts = [f"{sh['train_test']} test patient(s) and {sh['train_val']} validation patient(s) were in the model's "
              f"training split"] + ([f"{sh['val_test']} patient(s) are in both validation and test"]
                                    if sh["val_test"] else [])
-    return f"**Patients in two splits**: " + "; ".join(parts) + f" ({counts}): the results are optimistic."
+    return "**Patients in two splits**: " + "; ".join(parts) + f" ({counts}): the results are optimistic."

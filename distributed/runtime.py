@@ -19,8 +19,7 @@ from typing import Mapping
 from data_prep.cli import quiet_tensorflow
 from data_prep.log import env_local_size, get_logger
 from distributed.precision import cpu_flags, decide, plan_precision
-from distributed.tuning import Topology, ThreadPlan, detect_topology, node_cores, plan_threads, rank_cpus
-
+from distributed.tuning import ThreadPlan, Topology, detect_topology, node_cores, plan_threads, rank_cpus
 
 __all__ = ["apply", "bind_gloo_rank", "configure_tensorflow", "settle_precision", "configure_precision",
            "onednn_enabled", "onednn_note", "effective_threads"]

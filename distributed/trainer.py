@@ -31,12 +31,9 @@ from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
 from distributed import callbacks as cb
-from distributed import checkpoints
+from distributed import checkpoints, hvd, rundir, runtime
 from distributed import data as D
-from distributed import hvd
 from distributed import model as M
-from distributed import rundir
-from distributed import runtime
 
 PHASES = ("warmup", "finetune")
 

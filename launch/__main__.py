@@ -20,12 +20,20 @@ from pathlib import Path
 
 from data_prep.cli import command, quiet_tensorflow
 from data_prep.config import add_config_args, config_from_args
-from launch import elastic
+from launch import elastic, mapview
 from launch import pipeline as pl
+from launch import shape as shapes
 from launch.cluster import LAUNCHERS, load_cluster, resolve_allocation
-from launch import mapview, shape as shapes
-from launch.commands import (LaunchSpec, StageCommand, build_command, describe_shape, find_tool, node_topology,
-                             plan_layout, srun_mpi_type)
+from launch.commands import (
+    LaunchSpec,
+    StageCommand,
+    build_command,
+    describe_shape,
+    find_tool,
+    node_topology,
+    plan_layout,
+    srun_mpi_type,
+)
 from launch.hosts import LaunchError, check_hosts_answer
 from launch.supervise import Interrupted, check_launch_site, run
 

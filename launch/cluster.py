@@ -13,8 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from data_prep.config import read_yaml_mapping
-from launch.hosts import (Allocation, Host, LaunchError, check_interface, parse_hostfile, parse_hosts,
-                          slurm_allocation)
+from launch.hosts import Allocation, Host, LaunchError, check_interface, parse_hostfile, parse_hosts, slurm_allocation
 
 MPI_FLAVOURS = ("openmpi", "mpich", "intelmpi")
 LAUNCHERS = ("auto", "mpirun", "horovodrun", "srun")

@@ -18,7 +18,8 @@ import shlex
 import sys
 from pathlib import Path
 
-from launch.commands import LaunchSpec, StageCommand, build_command as plain_command
+from launch.commands import LaunchSpec, StageCommand
+from launch.commands import build_command as plain_command
 from launch.hosts import LaunchError
 
 COOLDOWN_S = (5, 60)  # a failed host is tried again after 5-60 s (Horovod doubles it per failure)

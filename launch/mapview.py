@@ -21,9 +21,8 @@ from pathlib import Path
 from typing import Sequence
 
 from distributed.tuning import Topology, plan_threads
-from launch.commands import (MCA_FLAGS, Layout, StageCommand, horovodrun_fixed_mca, horovodrun_mpi_args,
-                             rank_topology)
 from launch.cluster import ClusterConfig
+from launch.commands import MCA_FLAGS, Layout, StageCommand, horovodrun_fixed_mca, horovodrun_mpi_args, rank_topology
 
 SIM_TIMEOUT_S = 120.0
 CRASH_RETRIES = 12

@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable
 
 from distributed.tuning import Topology, detect_topology
 from launch.cluster import ClusterConfig

@@ -110,8 +110,8 @@ def odd_images():
 
 
 def _add_odd_images(data: Path) -> None:
-    from PIL import Image
     import numpy as np
+    from PIL import Image
 
     g = np.asarray(Image.open(FIXTURES / "00000001_000.png").convert("L"))
     img, rest = data / "images", ",0.143,0.143"

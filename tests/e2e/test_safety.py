@@ -222,7 +222,7 @@ def test_prep_on_a_full_disk_refuses_first_then_completes(config, small_disk):
     out = small_disk / "prepared"
     args = ["-m", "data_prep", "--config", str(config), "--set", f"prep.out={out}"]
     line = _one_line_error(_run(args))
-    assert f"prep needs about" in line and str(out) in line and "free" in line
+    assert "prep needs about" in line and str(out) in line and "free" in line
     small_disk.resize(4096)
     _ok(_run(args))
     _ok(_run(["-m", "data_prep", "verify", "--config", str(config), "--set", f"prep.out={out}"]))

@@ -18,6 +18,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "multinode"))
 from cluster_tools import tiny_dataset  # noqa: E402  (120 patients, 32 px, the tiny backbone)
+
 SLEEP = "0.3"
 
 

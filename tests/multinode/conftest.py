@@ -14,7 +14,6 @@ from cluster_tools import CLUSTER_ID, tiny_dataset
 from launch import vcluster
 
 
-
 @pytest.fixture(scope="session")
 def cluster_available():
     why = vcluster.unavailable_reason()

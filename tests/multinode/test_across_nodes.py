@@ -17,9 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from cluster_tools import ROOT, cluster_file, launch, ok, start_launch, wait_for
 
 from launch import vcluster
-from cluster_tools import ROOT, cluster_file, launch, ok, start_launch, wait_for
 
 pytestmark = [pytest.mark.multinode, pytest.mark.needs_horovod]
 

@@ -23,6 +23,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vnodes, beside this file
 import vnodes  # noqa: E402
+
 from launch import vcluster  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,8 +9,8 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from cluster_tools import CLUSTER_ID, ROOT, cluster_file, ok, start_launch
+
 from launch import vcluster
 from launch.commands import ENV_ALLOW, ENV_ALLOW_PREFIXES
 

@@ -22,6 +22,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # vnodes, beside this file
 import vnodes  # noqa: E402
 from cluster_tools import tiny_dataset  # noqa: E402
+
 from launch import vslurm  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -234,8 +235,9 @@ def test_sbatch_usr1_stops_at_a_step_requeues_and_finishes(slurm, signal_config,
     sends it): cxr.sbatch forwards it, the ranks stop at a step with a checkpoint, the job is
     requeued, and the requeued job resumes at the next step: every step of every epoch once, with
     the batches the seed decides."""
-    from distributed.data import epoch_indices
     import hashlib
+
+    from distributed.data import epoch_indices
 
     run = Path(yaml.safe_load(signal_config.read_text())["run"]["dir"])
     batches = run / "batches.csv"

@@ -16,7 +16,6 @@ import numpy as np
 import pytest
 from sklearn.metrics import classification_report, confusion_matrix, roc_auc_score
 
-
 ROOT = Path(__file__).resolve().parents[2]
 S = 64
 # runtime.precision float32: these tests compare the outputs of separate runs (1 and 2 ranks, with and

@@ -6,8 +6,15 @@ import sys
 import pytest
 import yaml
 
-from data_prep.config import (Config, ConfigError, config_hash, dump_yaml, load_config, reference_rows,
-                              save_resolved, to_dict)
+from data_prep.config import (
+    ConfigError,
+    config_hash,
+    dump_yaml,
+    load_config,
+    reference_rows,
+    save_resolved,
+    to_dict,
+)
 
 
 def write(tmp_path, text, name="c.yaml"):

@@ -20,8 +20,16 @@ from distributed.tuning import Topology
 from launch import pipeline as pl
 from launch.cluster import ClusterConfig, cluster_from_dict, load_cluster
 from launch.commands import LaunchSpec, build_command, plan_layout
-from launch.hosts import (Allocation, Host, LaunchError, expand_nodelist, expand_tasks_per_node, parse_hostfile,
-                          parse_hosts, slurm_allocation)
+from launch.hosts import (
+    Allocation,
+    Host,
+    LaunchError,
+    expand_nodelist,
+    expand_tasks_per_node,
+    parse_hostfile,
+    parse_hosts,
+    slurm_allocation,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 ONE_SOCKET_2 = Topology(sockets=1, physical_cores=2, logical_cpus=2, numa_nodes=1)

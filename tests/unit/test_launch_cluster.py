@@ -15,8 +15,15 @@ import pytest
 from distributed.tuning import Topology, detect_topology, plan_threads
 from launch import shape as shapes
 from launch.cluster import ClusterConfig, cluster_from_dict
-from launch.commands import (LaunchSpec, build_command, intel_pin_domain, mca_params, node_topology, plan_layout,
-                             rank_thread_env)
+from launch.commands import (
+    LaunchSpec,
+    build_command,
+    intel_pin_domain,
+    mca_params,
+    node_topology,
+    plan_layout,
+    rank_thread_env,
+)
 from launch.hosts import Allocation, Host, LaunchError, parse_hosts, slurm_allocation
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -120,9 +120,9 @@ def test_layers_point_down(graph):
 def _loaded_after(code: str, cwd: Path = ROOT) -> dict:
     """Run ``code`` in a fresh interpreter with this checkout first on the path; returns its
     exit code, output and which of HEAVY it had loaded at the end."""
-    probe = (f"import sys, json\nrc = 0\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
+    probe = ("import sys, json\nrc = 0\ntry:\n" + "".join(f"    {line}\n" for line in code.splitlines())
              + "except SystemExit as e:\n    rc = e.code or 0\n"
-             + f"print('\\n' + json.dumps({{'rc': rc, 'heavy': sorted({{m.split('.')[0] for m in sys.modules}} "
+             + "print('\\n' + json.dumps({'rc': rc, 'heavy': sorted({m.split('.')[0] for m in sys.modules} "
              + f"& set({HEAVY!r}))}}))\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
     env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")

@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import yaml
-from PIL import Image
 
 from data_prep import synthetic
 from data_prep.config import load_config

@@ -3,10 +3,9 @@ prior correction, intervals (distributed.metrics; no TensorFlow). Each is recomp
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_score, roc_curve
+from test_metrics import _data  # noqa: E402 - the same synthetic scores
 
 from distributed import metrics as M
-
-from test_metrics import _data  # noqa: E402 - the same synthetic scores
 
 
 def _explicit_resamples(g, n_boot, seed):

@@ -21,7 +21,7 @@ tf = pytest.importorskip("tensorflow")
 
 from data_prep import manifest as M  # noqa: E402
 from data_prep import stage as ST  # noqa: E402
-from data_prep.config import SHARD_FORMAT, load_config, prep_hash, train_hash, eval_hash  # noqa: E402
+from data_prep.config import SHARD_FORMAT, eval_hash, load_config, prep_hash, train_hash  # noqa: E402
 from data_prep.fsutil import sha256_file  # noqa: E402
 from distributed import data as D  # noqa: E402
 

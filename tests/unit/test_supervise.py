@@ -12,11 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from distributed.tuning import Topology
 from launch import supervise as sv
 from launch.cluster import ClusterConfig, cluster_from_dict
 from launch.commands import LaunchSpec, StageCommand, build_command, plan_layout
 from launch.hosts import Allocation, Host, LaunchError
-from distributed.tuning import Topology
 
 NODE = Topology(sockets=1, physical_cores=2, logical_cpus=2, numa_nodes=1, source="test")
 
