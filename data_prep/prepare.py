@@ -44,7 +44,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import config as cfgmod
-from data_prep import locks
+from data_prep import locks, testhooks
 from data_prep import metadata as md
 from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
@@ -59,8 +59,6 @@ _POLL_S = 0.005
 _WRITE_BATCH = 32
 _LEVELS = np.arange(256, dtype=np.int64)
 _LEVELS2 = _LEVELS * _LEVELS
-# Seconds to sleep per image: lets tests kill the stage mid-run deterministically. Never set it otherwise.
-_THROTTLE_ENV = "CXR_PREP_THROTTLE_S"
 
 
 class PrepError(UserError, RuntimeError):
@@ -269,7 +267,7 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             ds = h.create_dataset("images", shape=(hi - lo, S, S), maxshape=(None, S, S), dtype=np.uint8,
                                   chunks=(1, S, S), fletcher32=True, track_times=False)  # checksum per image
             buf, k = [], 0
-            throttle = float(os.environ.get(_THROTTLE_ENV, "0") or 0)
+            throttle = testhooks.prep_throttle_s()  # tests only
             for i in range(lo, hi):
                 if throttle:
                     time.sleep(throttle)

@@ -35,6 +35,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+from data_prep import testhooks
 from data_prep.cli import UserError
 from data_prep.fsutil import atomic_write_json, sha256_file
 from data_prep.log import get_logger
@@ -42,8 +43,6 @@ from data_prep.manifest import shard_file
 
 RECORD = ".staged.json"
 LOCK = ".stage-lock"
-# Seconds to sleep per copy: lets tests make two ranks' staging overlap. Never set it otherwise.
-_THROTTLE_ENV = "CXR_STAGE_THROTTLE_S"
 _SHA = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -164,7 +163,7 @@ def stage(prep_out, entries: list[dict], manifest: dict, stage_to: str, label: s
         if need > free:
             raise StageError(f"prep.stage_to: {folder} has {free / 2**20:.0f} MB free, the shards to stage need "
                              f"{need / 2**20:.0f} MB; free space, or leave prep.stage_to empty")
-        throttle = float(os.environ.get(_THROTTLE_ENV) or 0)
+        throttle = testhooks.stage_throttle_s()  # tests only
         for e, src, dst, tries in todo:
             for attempt in range(1, tries + 1):
                 time.sleep(throttle)

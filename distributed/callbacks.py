@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
+from data_prep import testhooks
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.log import get_logger
 from data_prep.textsafe import csv_row
@@ -28,7 +29,6 @@ from distributed.stopping import Signals, Stopped, parse_stop_signals, stop_sign
 
 HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
                    "seconds", "images_per_s", "ranks")
-STOP_EXIT_CODE = 75  # the test hook's "killed" exit status
 BATCH_COLUMNS = ("phase", "epoch", "step", "rank", "indices_sha1")  # batches.csv (train.record_batches)
 
 
@@ -392,21 +392,14 @@ class LearningCheck(tf.keras.callbacks.Callback):
 
 
 class StopHook(tf.keras.callbacks.Callback):
-    """Test hooks: ``CXR_STOP_AFTER=<phase>:<n>`` ends the process like a kill (no final model)
-    right after the n-th epoch of that phase was committed (after every rank got there);
-    ``CXR_STEP_SLEEP_S=<s>`` sleeps after every training step, so that a test can kill or cancel
-    a job in the middle of an epoch of a tiny model."""
+    """The training test hooks (``data_prep.testhooks``: ``CXR_STOP_AFTER``, ``CXR_STEP_SLEEP_S``); in
+    the callback list only when one is set."""
 
     def __init__(self, phase: str):
         super().__init__()
         self.phase = phase
-        self.sleep = float(os.environ.get("CXR_STEP_SLEEP_S", "") or 0)
-        spec = os.environ.get("CXR_STOP_AFTER", "")
-        self.at = None
-        if ":" in spec:
-            ph, n = spec.split(":", 1)
-            if ph == phase:
-                self.at = int(n)
+        self.sleep = testhooks.step_sleep_s()
+        self.at = testhooks.stop_after(phase)
 
     def on_train_batch_end(self, batch, logs=None):
         if self.sleep > 0:
@@ -415,12 +408,12 @@ class StopHook(tf.keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if self.at is not None and epoch + 1 == self.at:
             hvd.barrier()  # Horovod: rank 0 has committed the checkpoint before anyone exits
-            get_logger().warning("CXR_STOP_AFTER=%s:%d: stopping here as if killed", self.phase, self.at)
+            get_logger().warning("%s=%s:%d: stopping here as if killed", testhooks.STOP_AFTER, self.phase, self.at)
             for h in get_logger().handlers:
                 h.flush()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(STOP_EXIT_CODE)
+            os._exit(testhooks.STOP_EXIT_CODE)
 
 
 # --------------------------------------------------------------------------- stopping on a signal

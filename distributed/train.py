@@ -31,9 +31,7 @@ Exit codes: 0 trained; 128 + signal (SIGTERM 143, SIGUSR1 138, SIGINT 130) stopp
 (``train.stop_signals``) with a step checkpoint (0 under horovodrun's elastic driver: see ``main``);
 1 and 2 the project's errors (``data_prep.cli``).
 
-Test hooks (environment): ``CXR_STOP_AFTER=<phase>:<n>`` exits like a kill after that epoch;
-``CXR_TEST_DUMP=<dir>`` makes every rank write ``rank<r>.json`` (weights checksum, files written);
-``CXR_STEP_SLEEP_S=<s>`` sleeps after every training step (to cancel or kill a tiny run mid-epoch).
+Test hooks (``CXR_STOP_AFTER``, ``CXR_STEP_SLEEP_S``, ``CXR_TEST_DUMP``): ``data_prep.testhooks``.
 """
 from __future__ import annotations
 

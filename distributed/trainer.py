@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from data_prep import locks
+from data_prep import locks, testhooks
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
@@ -269,7 +269,7 @@ def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: i
         cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
         *checkpointing,
         cb.LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
-        cb.StopHook(phase),
+        *([cb.StopHook(phase)] if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
     ]
 
 
@@ -484,10 +484,10 @@ def weights_digest(model) -> str:
 
 
 def _dump_for_tests(model, writes: int) -> None:
-    folder = os.environ.get("CXR_TEST_DUMP")
-    if not folder:
+    folder = testhooks.dump_dir()
+    if folder is None:
         return
-    Path(folder).mkdir(parents=True, exist_ok=True)
+    folder.mkdir(parents=True, exist_ok=True)
     info = {"rank": hvd.rank(), "size": hvd.size(), "horovod": hvd.enabled(), "weights_sha256": weights_digest(model),
             "checkpoint_writes": writes, "pid": os.getpid(), "time": time.time(), "host": os.uname().nodename}
-    (Path(folder) / f"rank{hvd.rank()}.json").write_text(json.dumps(info))
+    (folder / f"rank{hvd.rank()}.json").write_text(json.dumps(info))

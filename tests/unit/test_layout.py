@@ -192,3 +192,34 @@ def test_run_directory_file_names_are_spelled_in_rundir_only():
                         if (node.value == n or node.value.endswith("/" + n)) and (rel, n) not in NOT_RUN_DIR:
                             found.append(f"{rel}:{node.lineno} {node.value!r}")
     assert found == [], "run-directory file names outside distributed/rundir.py: " + ", ".join(found)
+
+
+def test_test_hooks_are_read_in_testhooks_only():
+    """Issue 35: test hooks in one module that product code calls through one seam. No other product
+    module names a test hook's variable; unset, training has no test callback."""
+    from data_prep import testhooks
+
+    hooks = [v for k, v in vars(testhooks).items() if k.isupper() and isinstance(v, str) and v.startswith("CXR_")]
+    assert len(hooks) == 5
+    found = []
+    for pkg in PRODUCT:
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            if path.name == "testhooks.py":
+                continue
+            tree = ast.parse(path.read_text())
+            docs = _docstrings(tree)
+            found += [f"{path.relative_to(ROOT)}:{n.lineno}" for n in ast.walk(tree)
+                      if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs
+                      and any(h in n.value for h in hooks)]
+    assert found == [], "test hook variables outside data_prep/testhooks.py: " + ", ".join(found)
+
+
+def test_unset_hooks_do_nothing(monkeypatch):
+    from data_prep import testhooks
+
+    for name in ("CXR_STOP_AFTER", "CXR_STEP_SLEEP_S", "CXR_TEST_DUMP"):
+        monkeypatch.delenv(name, raising=False)
+    assert not testhooks.training_hooks("warmup") and testhooks.dump_dir() is None
+    monkeypatch.setenv("CXR_STOP_AFTER", "finetune:2")
+    assert testhooks.stop_after("finetune") == 2 and testhooks.stop_after("warmup") is None
+    assert testhooks.training_hooks("finetune") and not testhooks.training_hooks("warmup")
