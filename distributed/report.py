@@ -100,6 +100,11 @@ def _vci(value, ci: Mapping | None, d=3) -> str:
     return _iv({"value": value, **{k: (ci or {}).get(k) for k in ("low", "high")}}, d)
 
 
+BCA_NOTE = ("BCa (Efron 1987) shifts the percentiles of the resamples for the bias (the share of resamples below the "
+            "estimate) and the skew (the acceleration, from a jackknife that leaves out one patient at a time, or "
+            "one of 100 blocks of whole patients when there are more); the plain 2.5–97.5 percentile interval "
+            "stays in `metrics.json` as `percentile`.")
+
 PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the primary result; test-time "
                 "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
 
@@ -199,9 +204,10 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
                   "1 + (m − 1) × ICC with ICC = 1, i.e. the effective sample size is the number of patients in "
                   "each denominator; they hold the threshold fixed (the patient-bootstrap intervals are kept in "
                   "`metrics.json` under `bootstrap`). Every other interval" if exact else "Every interval")
-               + " is the 2.5–97.5 percentile over "
-               f"{ci.get('n_boot', 0)} bootstrap resamples that draw **patients** with replacement "
+               + " is a bias-corrected and accelerated (BCa) bootstrap interval over "
+               f"{ci.get('n_boot', 0)} resamples that draw **patients** with replacement "
                f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent. "
+               f"{BCA_NOTE} "
                "A resample without both classes is dropped from the statistics that need both: the ROC AUC's "
                f"interval rests on {ci.get('n_valid', 0)} of {ci.get('n_boot', 0)} resamples, and `metrics.json` "
                "gives `n_valid` beside every interval.")
@@ -267,7 +273,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
 
 def multilabel_section(plain: Mapping, tta: Mapping | None, tta_rounds: int) -> str:
     names = list(plain["findings"])
-    cols = ["Pathology", "AUROC", "95% CI (by patient)"] + ([f"TTA ({tta_rounds})"] if tta else []) + \
+    cols = ["Pathology", "AUROC", "95% CI (BCa, by patient)"] + ([f"TTA ({tta_rounds})"] if tta else []) + \
         ["positives", "CheXNet (ref.)"]
     rows = []
     for n in names:
@@ -439,13 +445,13 @@ def intervals_fact(metrics: Mapping) -> str:
     plain = metrics["plain"]
     n_boot = metrics.get("bootstrap")
     if metrics["task"] != "binary":
-        return (f"per-finding ROC AUC with patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
+        return (f"per-finding ROC AUC with BCa patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
                 "mean AUC and the per-finding precision, recall and F1 at `eval.threshold`")
     ci = plain.get("auc_ci") or {}
     boot = ["average precision", "Brier score", "ECE"] + (["subgroup AUCs"] if plain.get("subgroups") else [])
     op = plain.get("operating_point") or {}
     exact = (op.get("sensitivity") or {}).get("method") == "clopper-pearson"
-    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": patient bootstrap, {n_boot} resamples "
+    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": BCa patient bootstrap, {n_boot} resamples "
             f"({ci.get('n_valid', 0)} valid for the AUC)"
             + ("; sensitivity, specificity, PPV, NPV and accuracy at the operating point: exact Clopper-Pearson, "
                "effective n = patients, threshold held fixed" if exact else "")

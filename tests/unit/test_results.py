@@ -29,9 +29,9 @@ def test_paired_bootstrap_equals_explicit_resampling():
             diffs.append(roc_auc_score(y[idx], p_tta[idx]) - roc_auc_score(y[idx], p_plain[idx]))
     assert d["auc_diff"] == pytest.approx(roc_auc_score(y, p_tta) - roc_auc_score(y, p_plain), abs=1e-12)
     assert d["n_valid"] == len(diffs) == 200 and d["by"] == "patient"
-    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
-    assert d["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
-    assert d["low"] < d["auc_diff"] < d["high"]
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    assert d["method"] == "bca" and d["low"] < d["auc_diff"] < d["high"]
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -54,8 +54,8 @@ def test_operating_point_interval_equals_explicit_resampling():
     assert op["npv"]["value"] == pytest.approx(1 - y[~pred].mean())
     assert op["accuracy"]["value"] == pytest.approx((pred == y).mean())
     ss = [pred[idx][y[idx] == 1].mean() for idx in _explicit_resamples(g, 100, 4)]
-    assert op["sensitivity"]["bootstrap"]["low"] == pytest.approx(np.percentile(ss, 2.5))
-    assert op["sensitivity"]["bootstrap"]["high"] == pytest.approx(np.percentile(ss, 97.5))
+    assert op["sensitivity"]["bootstrap"]["percentile"]["low"] == pytest.approx(np.percentile(ss, 2.5))
+    assert op["sensitivity"]["bootstrap"]["percentile"]["high"] == pytest.approx(np.percentile(ss, 97.5))
     assert op["sensitivity"]["bootstrap"]["n_valid"] == 100
     # PPV at a deployment prevalence of 25 %, by hand (Bayes)
     ppv = sens * 0.25 / (sens * 0.25 + (1 - spec) * 0.75)
@@ -155,7 +155,8 @@ def test_multilabel_paired_mean_auc_difference_equals_explicit_resampling():
              for idx in _explicit_resamples(g, 60, 2)]
     assert d["auc_diff"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], Pb[:, k]) - roc_auc_score(Y[:, k], Pa[:, k])
                                                    for k in range(3)]))
-    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5)) and d["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5))
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5))
 
 
 def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_csv():
