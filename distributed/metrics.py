@@ -49,7 +49,7 @@ def as_written(x) -> np.ndarray:
     """Probabilities as the CSVs hold them: float32 printed with ``%.9g`` (the float32 round trip) and read
     back as float64. Every number of metrics.json is computed from these values, so that a reader of
     ``predictions.csv``/``val_predictions.csv`` recomputes each one exactly, thresholds included (a
-    threshold is one of these values)."""
+    threshold is halfway between two of these values, :func:`cut_below`)."""
     a = np.asarray(x, dtype=np.float32)
     return np.array([float(f"{v:.9g}") for v in a.ravel().tolist()], dtype=np.float64).reshape(a.shape)
 
@@ -483,8 +483,9 @@ def parse_operating_point(rule: str) -> tuple[str, float | None]:
 def choose_threshold(rule: str, y, p) -> float | None:
     """The threshold ``rule`` picks on (y, p) (the validation split); an image is positive when
     p >= threshold. youden: maximal sensitivity + specificity - 1; sensitivity:S the highest
-    threshold with sensitivity >= S; specificity:S the lowest with specificity >= S; fixed:T is T.
-    None when the rule needs both classes and one is missing."""
+    cut with sensitivity >= S; specificity:S the lowest with specificity >= S; fixed:T is T. The cut
+    lies between two observed scores (:func:`cut_below`), never on one. None when the rule needs both
+    classes and one is missing."""
     kind, v = parse_operating_point(rule)
     if kind == "fixed":
         return float(v)
@@ -493,11 +494,28 @@ def choose_threshold(rule: str, y, p) -> float | None:
         return None
     if kind == "youden":
         return youden(y, p)["threshold"]
-    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64), drop_intermediate=False)
-    thr = np.minimum(thr, 1.0)  # the first threshold is +inf: nothing positive
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thr[0] = +inf: nothing positive
     if kind == "sensitivity":
-        return float(thr[int(np.flatnonzero(tpr >= v - 1e-12)[0])])
-    return float(thr[int(np.flatnonzero(1.0 - fpr >= v - 1e-12)[-1])])
+        return cut_below(p, thr[int(np.flatnonzero(tpr >= v - 1e-12)[0])])
+    return cut_below(p, thr[int(np.flatnonzero(1.0 - fpr >= v - 1e-12)[-1])])
+
+
+NOTHING_POSITIVE = float(np.nextafter(1.0, 2.0))  # the threshold above every probability, 1.0 included
+
+
+def cut_below(p, score: float) -> float:
+    """The threshold that makes exactly the scores >= ``score`` positive (``p >= threshold``) without sitting
+    on an observed score: halfway between ``score`` and the next lower distinct score of ``p`` (halfway to 0
+    below the lowest). ``score`` +inf (nothing positive) gives :data:`NOTHING_POSITIVE` (or the float
+    after the highest score above 1), so a saturated p = 1.0 stays negative."""
+    p = np.asarray(p, dtype=np.float64)
+    if not math.isfinite(score):
+        return float(np.nextafter(max(1.0, float(p.max())), np.inf)) if p.size else NOTHING_POSITIVE
+    lower = p[p < score]
+    if lower.size:
+        return float((score + lower.max()) / 2.0)
+    return float(score / 2.0) if score > 0 else float(score)
 
 
 def _rates(y, pred, w):
@@ -674,15 +692,17 @@ def temperature_at_bound(temperature: float, tol: float = 1e-3) -> bool:
 # --------------------------------------------------------------------------- thresholds, tables
 
 def youden(y, p) -> dict:
-    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on the ROC curve."""
+    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on the ROC curve; of tied maxima the
+    highest cut, placed between that score and the next lower one (:func:`cut_below`)."""
     y = np.asarray(y).astype(int)
     if not both_classes(y):
         return {"threshold": None, "j": None, "sensitivity": None, "specificity": None}
-    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64))
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, p)
     j = tpr - fpr
     i = int(np.argmax(j))
-    t = float(min(thr[i], 1.0))  # roc_curve's first threshold is +inf
-    return {"threshold": t, "j": float(j[i]), "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
+    return {"threshold": cut_below(p, thr[i]), "j": float(j[i]), "sensitivity": float(tpr[i]),
+            "specificity": float(1.0 - fpr[i])}
 
 
 def class_table(y, pred, class_names: Sequence[str]) -> dict:

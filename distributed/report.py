@@ -135,6 +135,12 @@ def zero_width_intervals(m: Mapping) -> list[str]:
     return [name for name, ci in cands if isinstance(ci, Mapping) and ci.get("zero_width")]
 
 
+def threshold_text(t: float) -> str:
+    """A threshold as the report prints it: 9 significant digits, all 17 above 1 (the cut above every
+    probability, ``metrics.NOTHING_POSITIVE``, would read as 1)."""
+    return f"{t:.17g}" if t > 1.0 else f"{t:.9g}"
+
+
 def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
     """The 2x2 table (images) at the operating point, with its threshold: the table whose sensitivity and
     specificity the report gives (STARD 2015, item 23). Empty without an operating point."""
@@ -142,10 +148,10 @@ def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
         return []
     tp, fp, fn, tn = (int(op[k]) for k in ("tp", "fp", "fn", "tn"))
     pos, neg = md(classes[1]), md(classes[0])
-    rows = [[f"predicted {pos} (p >= {op['threshold']:.9g})", tp, fp, tp + fp],
-            [f"predicted {neg} (p < {op['threshold']:.9g})", fn, tn, fn + tn],
+    rows = [[f"predicted {pos} (p >= {threshold_text(op['threshold'])})", tp, fp, tp + fp],
+            [f"predicted {neg} (p < {threshold_text(op['threshold'])})", fn, tn, fn + tn],
             ["total", tp + fn, fp + tn, tp + fp + fn + tn]]
-    return [f"### 2x2 table at the operating point (threshold {op['threshold']:.9g}, `{op.get('rule')}`, "
+    return [f"### 2x2 table at the operating point (threshold {threshold_text(op['threshold'])}, `{op.get('rule')}`, "
             f"from {md(op.get('source'))}; plain, images)", "",
             _table(["", f"reference {pos}", f"reference {neg}", "total"], rows, align="lrrr"), "",
             f"TP {tp}, FP {fp}, FN {fn}, TN {tn}: sensitivity {tp}/{tp + fn}, specificity {tn}/{tn + fp} "
@@ -526,7 +532,7 @@ def validation_section(metrics: Mapping) -> str:
     elif op.get("threshold") is None:
         rows.append(["threshold", f"none: {md(op.get('note') or 'no operating point')}", "–"])
     else:
-        rows.append(["threshold", f"{op['threshold']:.9g} ({md_code(op.get('rule'))})",
+        rows.append(["threshold", f"{threshold_text(op['threshold'])} ({md_code(op.get('rule'))})",
                      "yes" if op.get("source") == "validation" else f"no ({md(op.get('source'))})"])
     c = plain.get("calibrated") or {}
     if c.get("method") == "temperature":

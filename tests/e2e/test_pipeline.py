@@ -64,19 +64,28 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def youden_cut(y, p) -> float:
+    """Youden's threshold recomputed with scikit-learn alone: halfway between the score that maximises
+    sensitivity + specificity - 1 and the next lower distinct score (issue 34.10)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    s = thr[int(np.argmax(tpr - fpr))]
+    lower = p[p < s]
+    return float((s + lower.max()) / 2.0) if lower.size else float(s / 2.0)
+
+
 def assert_results_reproducible(run: Path) -> dict:
     """The issue's "done when": every number below recomputed from the CSVs the run wrote."""
     import numpy as np
-    from sklearn.metrics import roc_curve
 
     m = json.loads((run / "metrics.json").read_text())
     rows, vrows = read_csv(run / "predictions.csv"), read_csv(run / "val_predictions.csv")
     assert vrows and list(vrows[0]) == list(rows[0])
     yv, pv = (np.array([float(r[k]) for r in vrows]) for k in ("label", "probability"))
-    fpr, tpr, thr = roc_curve(yv.astype(int), pv)  # eval.operating_point: youden, on validation
-    op = m["operating_point"]
-    assert op["source"] == "validation" and op["threshold"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0),
-                                                                             abs=1e-7)
+    op = m["operating_point"]  # eval.operating_point: youden, on validation
+    assert op["source"] == "validation" and op["threshold"] == youden_cut(yv.astype(int), pv)
     y, p = (np.array([float(r[k]) for r in rows]) for k in ("label", "probability"))
     assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
     pred = p >= op["threshold"]
@@ -110,7 +119,6 @@ def exact_from_csvs(out: Path) -> dict:
     (and calibration.json's fitted parameters), bit for bit. Point values independently (numpy, scikit-learn);
     intervals by the same patient resamples (distributed.metrics) fed only with CSV values."""
     import numpy as np
-    from sklearn.metrics import roc_curve
 
     from distributed import metrics as M
 
@@ -132,8 +140,7 @@ def exact_from_csvs(out: Path) -> dict:
 
     def check(kind, p, pv):
         res = m["plain"] if kind == "probability" else m["tta"]
-        fpr, tpr, thr = roc_curve(yv, pv)
-        t = float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
+        t = youden_cut(yv, pv)
         op = res["operating_point"]
         assert op["threshold"] == t and op["source"] == "validation" and op["rule"] == "youden"
         pred = p >= t

@@ -247,6 +247,18 @@ def test_missing_checkpoint_names_what_exists(tmp_path):
     assert checkpoint_path(tmp_path, "final") == tmp_path / "model.keras"
 
 
+def youden_cut(y, p) -> float:
+    """Youden's threshold recomputed with scikit-learn alone: halfway between the score that maximises
+    sensitivity + specificity - 1 and the next lower distinct score (issue 34.10)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    s = thr[int(np.argmax(tpr - fpr))]
+    lower = p[p < s]
+    return float((s + lower.max()) / 2.0) if lower.size else float(s / 2.0)
+
+
 def _col(rows, name, typ=float):
     return np.array([typ(r[name]) for r in rows])
 
@@ -255,7 +267,6 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     """The issue's equalities: the threshold recomputed from val_predictions.csv, the Brier score from
     predictions.csv, an interval on every operating-point metric and subgroup AUC, the paired
     TTA - plain difference, the fine-tune checkpoint; the report states split, prevalence, plot, CLAIM."""
-    from sklearn.metrics import roc_curve
 
     cfg, run, _ = binary_run
     m = json.loads((run / "metrics.json").read_text())
@@ -264,10 +275,9 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     assert len(vrows) == manifest["splits"]["val"]["count"] == m["n_val"] and list(vrows[0]) == list(rows[0])
     yv, pv = _col(vrows, "label", int), _col(vrows, "probability")
     assert set(yv) == {0, 1}, "the tiny validation split needs both classes"
-    fpr, tpr, thr = roc_curve(yv, pv)
-    t = min(float(thr[np.argmax(tpr - fpr)]), 1.0)
+    t = youden_cut(yv, pv)  # halfway below Youden's score (issue 34.10)
     op = m["operating_point"]
-    assert op["source"] == "validation" and op["rule"] == "youden" and op["threshold"] == pytest.approx(t, abs=1e-7)
+    assert op["source"] == "validation" and op["rule"] == "youden" and op["threshold"] == t
     assert m["plain"]["operating_point"]["threshold"] == op["threshold"]
     y, p = _col(rows, "label", int), _col(rows, "probability")
     pred = p >= op["threshold"]
@@ -278,8 +288,7 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
         assert op[k]["low"] is not None and op[k]["low"] <= op[k]["value"] <= op[k]["high"], k
     # TTA's operating point comes from the validation TTA column
     yt = _col(vrows, "tta_probability")
-    fpr, tpr, thr = roc_curve(yv, yt)
-    assert m["tta"]["operating_point"]["threshold"] == pytest.approx(min(float(thr[np.argmax(tpr - fpr)]), 1.0), abs=1e-7)
+    assert m["tta"]["operating_point"]["threshold"] == youden_cut(yv, yt)
     # calibration from predictions.csv
     assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
     b = np.minimum((p * 10).astype(int), 9)

@@ -72,15 +72,18 @@ def test_the_issue_s_worked_example_of_precision_at_two_prevalences():
 def test_thresholds_follow_their_rule_on_the_given_split():
     y, p, _ = _data(seed=5)
     fpr, tpr, thr = roc_curve(y, p)
-    assert M.choose_threshold("youden", y, p) == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
-    assert M.choose_threshold("fixed:0.3", y, p) == 0.3
     scores = np.unique(p)
+    best = thr[np.argmax(tpr - fpr)]  # Youden's score; the threshold halfway to the next lower score
+    assert M.choose_threshold("youden", y, p) == (best + scores[scores < best].max()) / 2
+    assert M.choose_threshold("fixed:0.3", y, p) == 0.3
     t = M.choose_threshold("sensitivity:0.9", y, p)
-    up = scores[scores > t].min()  # the highest such threshold: the next score up loses it
+    s = scores[scores > t].min()  # the lowest score it makes positive
+    up = scores[scores > s].min()  # the highest such cut: one score up loses it
+    assert t not in scores and t > scores[scores < s].max()
     assert (p[y == 1] >= t).mean() >= 0.9 > (p[y == 1] >= up).mean()
     t = M.choose_threshold("specificity:0.8", y, p)
-    down = scores[scores < t].max()  # the lowest such threshold: the next score down loses it
-    assert (p[y == 0] < t).mean() >= 0.8 > (p[y == 0] < down).mean()
+    down = scores[scores < t].max()  # the lowest such cut: one score down loses it
+    assert t not in scores and (p[y == 0] < t).mean() >= 0.8 > (p[y == 0] < down).mean()
     for bad in ("youden:1", "sensitivity", "sensitivity:x", "fixed:2", "median"):
         with pytest.raises(ValueError):
             M.parse_operating_point(bad)
@@ -373,3 +376,44 @@ def test_coverage_of_the_exact_interval_at_a_true_sensitivity_of_097_with_20_pos
         flat += b["zero_width"]
     assert cov_exact / sims >= 0.93
     assert cov_boot / sims < 0.8 and flat / sims > 0.2
+
+
+def test_youden_tie_takes_the_midpoint_below_the_tied_score():
+    """Issue 34.10: the threshold lies halfway between the score Youden's J picks (here a score three images share)
+    and the next lower distinct score, never on an observed score; p >= threshold decides as p >= that score."""
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0])
+    p = np.array([.9, .7, .7, .7, .6, .4, .3, .3, .1])
+    yd = M.youden(y, p)
+    assert yd["threshold"] == (0.6 + 0.4) / 2 and yd["threshold"] not in p
+    assert (yd["sensitivity"], yd["specificity"]) == (1.0, 0.8)
+    t = M.choose_threshold("youden", y, p)
+    assert t == yd["threshold"] and np.array_equal(p >= t, p >= 0.6)
+    # tied maxima of J: the highest cut wins, and sits below its score
+    y2, p2 = np.array([1, 0, 1, 0]), np.array([.8, .6, .4, .2])
+    assert M.youden(y2, p2)["threshold"] == (0.8 + 0.6) / 2
+
+
+def test_sensitivity_0_leaves_a_saturated_probability_of_1_negative(tmp_path):
+    """Issue 34.10: 'sensitivity:0' (and any rule that makes nothing positive) gives a threshold above 1.0, so a
+    saturated p = 1.0 is not counted positive; cxr-predict accepts it from operating_point.json."""
+    import json
+
+    from distributed import predict
+    from distributed.report import two_by_two
+
+    y = np.array([1, 1, 0, 0, 1])
+    p = np.array([1.0, 0.8, 0.9, 0.2, 0.5])
+    t = M.choose_threshold("sensitivity:0", y, p)
+    assert t == M.NOTHING_POSITIVE > 1.0 and not (p >= t).any()
+    assert M.choose_threshold("specificity:1", y, p) == 0.95  # the cut above the highest negative, below 1.0
+    op = M.operating_point_metrics(y, p, t, np.arange(5), n_boot=0)
+    assert (op["tp"], op["fp"]) == (0, 0) and op["sensitivity"]["value"] == 0.0
+    assert "p >= 1.0000000000000002" in "\n".join(two_by_two({**op, "threshold": t, "rule": "sensitivity:0",
+                                                                "source": "validation"}, ["a", "b"]))
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"model")
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": t, "rule": "sensitivity:0",
+                                                               "source": "validation", "models": {"model.keras": "d"}}))
+    assert predict.find_operating_point(model, "d")["threshold"] == t
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5, "models": {"model.keras": "d"}}))
+    assert predict.find_operating_point(model, "d")["applied"] is False
