@@ -361,8 +361,9 @@ def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0
 
 
 def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Multi-label: mean AUC(b) - mean AUC(a) over the findings with both classes, paired patient bootstrap
-    (a resample where a finding loses a class leaves that finding out of both means)."""
+    """Multi-label: mean AUC(b) - mean AUC(a) over a FIXED set of findings, those with both classes in the
+    full sample, paired patient bootstrap; a resample where any of them lacks a class is dropped (it counts
+    against ``n_valid``), so that every resample averages the same findings as the point estimate."""
     Y = np.asarray(Y).astype(int)
     ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
     out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0,
@@ -372,9 +373,7 @@ def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: in
     tgs = [(_TieGroups(Y[:, k], np.asarray(P_a)[:, k]), _TieGroups(Y[:, k], np.asarray(P_b)[:, k])) for k in ks]
 
     def diff(w):
-        d = [b.auc(w) - a.auc(w) for a, b in tgs]
-        d = [x for x in d if math.isfinite(x)]
-        return float(np.mean(d)) if d else float("nan")
+        return float(np.mean([b.auc(w) - a.auc(w) for a, b in tgs]))  # NaN when any finding lacks a class
     ci = bootstrap_stats({"d": diff}, groups, n_boot, seed, level)["d"]
     point = float(np.mean([auc(Y[:, k], np.asarray(P_b)[:, k]) - auc(Y[:, k], np.asarray(P_a)[:, k]) for k in ks]))
     out.update(auc_diff=point, **ci)

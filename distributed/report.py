@@ -632,8 +632,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
         d = metrics.get("tta_minus_plain")
         if d and d.get("auc_diff") is not None:
-            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over {d['findings']} findings: {_f(d['auc_diff'])} "
-                      f"[{_f(d['low'])}, {_f(d['high'])}] (paired bootstrap, {d['n_valid']} patient resamples).", ""]
+            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over the {d['findings']} findings with both classes "
+                      f"in the test split: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] (paired BCa bootstrap "
+                      f"on {d['n_valid']} of {d['n_boot']} patient resamples: every resample averages the same findings, "
+                      "and one lacking a class of any of them is dropped).", ""]
     if tta:
         lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
 

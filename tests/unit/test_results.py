@@ -417,3 +417,38 @@ def test_sensitivity_0_leaves_a_saturated_probability_of_1_negative(tmp_path):
     assert predict.find_operating_point(model, "d")["threshold"] == t
     (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5, "models": {"model.keras": "d"}}))
     assert predict.find_operating_point(model, "d")["applied"] is False
+
+
+def test_multilabel_mean_auc_difference_averages_a_fixed_set_of_findings():
+    """Issue 34.10: the paired mean-AUC difference averages the findings with both classes in the full sample, in
+    every resample; a resample where one of them lacks a class is dropped and counted in n_valid (before, it
+    averaged whichever findings kept both classes, a different mean per resample)."""
+    rng = np.random.default_rng(7)
+    g = np.repeat(np.arange(30), 2)
+    Y = rng.integers(0, 2, (60, 3))
+    Y[:, 2] = 0
+    Y[g == 4, 2] = 1  # one patient carries the rare finding: about a third of the resamples lack it
+    Pa = np.clip(0.3 * Y + rng.random((60, 3)) * 0.7, 0, 1)
+    Pb = np.clip(Pa + rng.normal(0, 0.1, Pa.shape), 0, 1)
+    d = M.paired_mean_auc_difference(Y, Pa, Pb, g, n_boot=200, seed=3)
+    diffs = [np.mean([roc_auc_score(Y[i, k], Pb[i, k]) - roc_auc_score(Y[i, k], Pa[i, k]) for k in range(3)])
+             for i in _explicit_resamples(g, 200, 3) if all(len(set(Y[i, k])) == 2 for k in range(3))]
+    assert d["findings"] == 3 and d["n_valid"] == len(diffs) < 0.8 * 200
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    import tempfile
+    from pathlib import Path
+
+    from data_prep.config import load_config
+    from distributed.report import write_report
+
+    ml = M.multilabel_metrics(Y, Pa, class_names=["a", "b", "c"], groups=g, n_boot=0)
+    metrics = {"task": "multilabel", "classes": ["a", "b", "c"], "plain": ml, "tta": None, "tta_minus_plain": d,
+               "bootstrap": 200, "n": 60, "model": "m", "checkpoint": "best", "image_size": 32, "ranks": 1,
+               "seconds": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [f"run.dir={tmp}"])
+        write_report(tmp, cfg=cfg, manifest=None, metrics=metrics, plots={}, gradcam={}, config_yaml="")
+        text = (Path(tmp) / "report.md").read_text()
+    assert f"on {d['n_valid']} of 200 patient resamples: every resample averages the same findings" in text
+    assert f"tta\\_minus\\_plain ({d['n_valid']})" in text  # the warning below 95 % of the resamples (escaped)
