@@ -800,13 +800,13 @@ def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"
 
 
 def split_auc(y, p, mask_pos, groups, n_boot: int = 0, seed: int = 0) -> dict:
-    """AUC of the positives selected by ``mask_pos`` against ALL negatives, ``{value, low, high, positives}``
-    (e.g. positives with and without co-findings)."""
+    """AUC of the positives selected by ``mask_pos`` against ALL negatives, ``{value, low, high, images,
+    positives, negatives}`` in images (e.g. positives with and without co-findings)."""
     y = np.asarray(y).astype(int)
     keep = (y == 0) | (np.asarray(mask_pos, bool) & (y == 1))
     ci = bootstrap_auc(y[keep], np.asarray(p)[keep], np.asarray(groups)[keep], n_boot=n_boot, seed=seed)
-    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "n_valid": ci["n_valid"],
-            "positives": int((y[keep] == 1).sum())}
+    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "n_valid": ci["n_valid"], "method": ci.get("method"),
+            "images": int(keep.sum()), "positives": int((y[keep] == 1).sum()), "negatives": int((y[keep] == 0).sum())}
 
 
 def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,

@@ -346,9 +346,10 @@ def task_section(metrics: Mapping, cfg) -> str:
         out += ["", f"{co['positives_with_co_findings']} of {co['positives']} test positives carry other findings "
                     f"besides {md(td.get('positive_label'))}. ROC AUC against the same negatives (plain, 95% CI by "
                     "patient):", "",
-                _table(["positives", "positive images (against all negatives)", "ROC AUC [95% CI]"], [
-                    ["with co-findings", co["auc_with"]["positives"], _iv(co["auc_with"])],
-                    ["without co-findings", co["auc_without"]["positives"], _iv(co["auc_without"])]], "lrr")]
+                _table(["positives", "images", "positive images", "negative images", "ROC AUC [95% CI]"], [
+                    [name, c.get("images", "–"), c["positives"], c.get("negatives", "–"), _iv(c)]
+                    for name, c in (("with co-findings", co["auc_with"]), ("without co-findings", co["auc_without"]))],
+                       "lrrrr")]
     else:
         out += ["", "_Co-findings not counted: the metadata CSV (data.csv) was not readable at evaluation._"]
     out += ["", "Published patient-split AUCs for Infiltration (about 0.68–0.73, CheXNet 0.7345) are one-vs-rest "
