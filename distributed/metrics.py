@@ -348,8 +348,8 @@ def proportion_interval(k: int, n: int, patients: int, level: float = 0.95) -> d
 
 
 def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """AUC(b) - AUC(a) with a paired patient bootstrap: both AUCs on the same resampled patients (BCa,
-    :func:`interval`)."""
+    """AUC(b) - AUC(a) with a paired patient bootstrap (both AUCs on the same resampled patients; BCa,
+    :func:`interval`) and DeLong's test clustered by patient (``delong``, :func:`delong_test`)."""
     y = np.asarray(y).astype(int)
     out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0}
     if not both_classes(y):
@@ -357,6 +357,7 @@ def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0
     ta, tb = _TieGroups(y, p_a), _TieGroups(y, p_b)
     ci = bootstrap_stats({"d": lambda w: tb.auc(w) - ta.auc(w)}, groups, n_boot, seed, level)["d"]
     out.update(auc_diff=auc(y, p_b) - auc(y, p_a), **ci)
+    out["delong"] = delong_test(y, p_a, p_b, groups, level)
     return out
 
 

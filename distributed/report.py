@@ -159,6 +159,17 @@ def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
             "secondary.", ""]
 
 
+def delong_text(d: Mapping) -> str:
+    """The DeLong sentence beside a paired bootstrap difference (``delong`` of ``metrics.paired_auc_difference``)."""
+    t = d.get("delong") or {}
+    if t.get("z") is None:
+        return ""
+    return (f" DeLong's test of the paired AUCs, clustered by patient (Obuchowski 1997): difference "
+            f"{_f(t['auc_diff'])}, SE {_f(t['se'])}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}, 95% CI "
+            f"[{_f(t['low'])}, {_f(t['high'])}] over {t['cases']} patients; DeLong's original variance takes every "
+            "image for an independent case, this form (like the bootstrap) counts patients.")
+
+
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
                    metrics: Mapping | None = None) -> str:
     metrics = metrics or {}
@@ -230,7 +241,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     d = metrics.get("tta_minus_plain")
     if d and d.get("auc_diff") is not None:
         out.append(f"TTA minus plain, ROC AUC: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] "
-                   f"(paired bootstrap, the same {d['n_valid']} patient resamples for both).")
+                   f"(paired BCa bootstrap, the same {d['n_valid']} patient resamples for both)." + delong_text(d))
     out.append("")
     out += [f"### Classification report at threshold {plain['threshold']:g} (`eval.threshold`; secondary, not the "
             "operating point)", ""]

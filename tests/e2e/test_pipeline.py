@@ -114,6 +114,29 @@ def assert_results_reproducible(run: Path) -> dict:
     return m
 
 
+def clustered_delong_z(y, pa, pb, groups):
+    """DeLong's paired z and two-sided p for AUC(b) - AUC(a), patients as clusters (Obuchowski 1997), by explicit
+    pairs: per patient the sums of the components psi over its positive and its negative images."""
+    import numpy as np
+    from scipy.stats import norm
+
+    pats = sorted(set(groups.tolist()))
+    d10, d01, aucs = [], [], []
+    for p in (pa, pb):
+        psi = (p[y == 1][:, None] > p[y == 0][None, :]) + 0.5 * (p[y == 1][:, None] == p[y == 0][None, :])
+        a = psi.mean()
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        gp, gn = groups[y == 1], groups[y == 0]
+        d10.append(np.array([v10[gp == k].sum() - (gp == k).sum() * a for k in pats]))
+        d01.append(np.array([v01[gn == k].sum() - (gn == k).sum() * a for k in pats]))
+        aucs.append(a)
+    m, n, f = (y == 1).sum(), (y == 0).sum(), len(pats) / (len(pats) - 1)
+    x10, x01 = d10[1] - d10[0], d01[1] - d01[0]  # the variance of the difference
+    var = f * (x10 @ x10) / m ** 2 + f * (x01 @ x01) / n ** 2 + 2 * f * (x10 @ x01) / (m * n)
+    z = (aucs[1] - aucs[0]) / np.sqrt(var) if var > 0 else 0.0
+    return z, 2 * norm.sf(abs(z))
+
+
 def exact_from_csvs(out: Path) -> dict:
     """Issue 30: every operating_point and calibration number of metrics.json recomputed from the CSVs alone
     (and calibration.json's fitted parameters), bit for bit. Point values independently (numpy, scikit-learn);
@@ -173,6 +196,11 @@ def exact_from_csvs(out: Path) -> dict:
     assert m["operating_point"]["threshold"] == t
     if "tta_probability" in rows[0]:
         check("tta_probability", col(rows, "tta_probability"), col(vrows, "tta_probability"))
+        # issue 34: DeLong's paired test, patients as clusters (Obuchowski 1997), from the two columns by hand
+        d = m["tta_minus_plain"]["delong"]
+        z, p = clustered_delong_z(y, col(rows, "probability"), col(rows, "tta_probability"), groups)
+        assert d["z"] == pytest.approx(z, rel=1e-9, abs=1e-12) and d["p"] == pytest.approx(p, rel=1e-9, abs=1e-12)
+        assert d["cases"] == len(set(groups.tolist()))
     c = m["plain"].get("calibrated")
     if c:
         cal = json.loads((out / "calibration.json").read_text())

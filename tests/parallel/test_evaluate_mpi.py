@@ -298,7 +298,9 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     assert m["tta"]["brier"] == pytest.approx(np.mean((pt - y) ** 2), abs=1e-9)
     d = m["tta_minus_plain"]
     assert d["by"] == "patient" and d["auc_diff"] == pytest.approx(roc_auc_score(y, pt) - roc_auc_score(y, p), abs=1e-9)
-    assert d["low"] <= d["high"]
+    assert d["low"] <= d["high"] and d["method"] == "bca"
+    from distributed import metrics as M  # issue 34: DeLong clustered by patient, from predictions.csv alone
+    assert d["delong"] == M.delong_test(y, p, pt, groups=_col(rows, "patient", int))
     for field, vals in m["plain"]["subgroups"].items():
         for k, v in vals.items():
             if v["auc"] is not None:

@@ -103,3 +103,24 @@ def test_clustered_variance_by_hand():
 def test_one_class_gives_no_test():
     t = M.delong_test(np.zeros(5, int), np.arange(5.0), np.arange(5.0))
     assert t["z"] is None and t["p"] is None
+
+
+def test_tta_minus_plain_carries_the_clustered_delong_test_and_the_report_says_so():
+    """The evaluation's paired comparison: the BCa paired bootstrap and, beside it, DeLong's test with patients as
+    the unit (a deterministic function of predictions.csv)."""
+    from distributed.report import binary_section
+
+    rng = np.random.default_rng(3)
+    g = np.repeat(np.arange(60), 2)
+    y = np.repeat(rng.integers(0, 2, 60), 2)
+    plain = np.clip(0.3 * y + rng.random(120) * 0.7, 0, 1)
+    tta = np.clip(plain + rng.normal(0, 0.05, 120), 0, 1)
+    d = M.paired_auc_difference(y, plain, tta, g, n_boot=50, seed=1)
+    assert d["delong"] == M.delong_test(y, plain, tta, groups=g) and d["delong"]["cases"] == 60
+    assert d["delong"]["auc_diff"] == pytest.approx(d["auc_diff"], abs=1e-15)
+    m = M.binary_metrics(y, plain, groups=g, n_boot=0)
+    sec = binary_section(m, None, ["negative", "positive"], 0, {"tta_minus_plain": d})
+    t = d["delong"]
+    assert (f"DeLong's test of the paired AUCs, clustered by patient (Obuchowski 1997): difference "
+            f"{t['auc_diff']:.3f}, SE {t['se']:.3f}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}") in sec
+    assert "takes every image for an independent case" in sec and "paired BCa bootstrap" in sec
