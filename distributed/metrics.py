@@ -874,7 +874,7 @@ def format_auc_line(m: Mapping, digits: int = 3) -> str:
     ci = m.get("auc_ci") or {}
     s = f"ROC AUC {_fmt(m.get('auc'), digits)}"
     if ci.get("low") is not None:
-        s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, "
+        s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, BCa over "
               f"{ci['n_valid']} bootstrap resamples by patient)")
     op = m.get("operating_point") or {}
     if op.get("threshold") is not None:
