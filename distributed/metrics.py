@@ -139,11 +139,13 @@ def weighted_auc(y, p, w=None) -> float:
 
 
 def patient_resample_batches(groups, n_boot: int, seed: int = 0, chunk: int = 128):
-    """Yield weight matrices (up to ``chunk`` resamples x images): how often each image is drawn when
-    PATIENTS are drawn with replacement (all images of a drawn patient come along; a patient drawn twice
-    counts twice). The draws are those of :func:`patient_resample_weights`, in the same order."""
+    """Yield weight matrices (up to ``chunk`` resamples x images, fewer rows for large test sets): how often
+    each image is drawn when PATIENTS are drawn with replacement (all images of a drawn patient come along;
+    a patient drawn twice counts twice). The draws are those of :func:`patient_resample_weights`, in the
+    same order, whatever the chunk."""
     _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
     n_pat = int(g_inv.max()) + 1 if g_inv.size else 0
+    chunk = max(1, min(chunk, 2_000_000 // max(1, g_inv.size)))
     rng = np.random.default_rng(seed)
     for start in range(0, n_boot, chunk):
         b = min(chunk, n_boot - start)
@@ -409,6 +411,8 @@ def _delong_cov(y, ps, groups=None) -> tuple[np.ndarray, np.ndarray, int]:
         return aucs, c10 / (y == 1).sum() + c01 / (y == 0).sum(), int(len(y))
     _, g = np.unique(np.asarray(groups), return_inverse=True)
     k = int(g.max()) + 1
+    if k < 2:
+        return aucs, np.full((len(ps), len(ps)), np.nan), k
     mi = np.bincount(g[y == 1], minlength=k).astype(np.float64)
     ni = np.bincount(g[y == 0], minlength=k).astype(np.float64)
     big_m, big_n = mi.sum(), ni.sum()
@@ -426,10 +430,11 @@ def delong_auc(y, p, groups=None, level: float = 0.95) -> dict:
     from scipy.stats import norm
 
     a, cov, k = _delong_cov(y, [p], groups)
-    se = math.sqrt(max(cov[0, 0], 0.0))
+    se = math.sqrt(max(cov[0, 0], 0.0)) if math.isfinite(cov[0, 0]) else None  # None with one patient
     z = float(norm.ppf((1.0 + level) / 2.0))
-    return {"auc": float(a[0]), "var": float(cov[0, 0]), "se": se, "low": float(a[0] - z * se),
-            "high": float(a[0] + z * se), "level": level, "method": _delong_name(groups), "cases": k}
+    low, high = (None, None) if se is None else (float(a[0] - z * se), float(a[0] + z * se))
+    return {"auc": float(a[0]), "var": _clean(cov[0, 0]), "se": se, "low": low, "high": high, "level": level,
+            "method": _delong_name(groups), "cases": k}
 
 
 def _delong_name(groups) -> str:
@@ -451,7 +456,11 @@ def delong_test(y, p_a, p_b, groups=None, level: float = 0.95) -> dict:
         return out
     a, cov, k = _delong_cov(y, [p_a, p_b], groups)
     d = float(a[1] - a[0])
-    se = math.sqrt(max(cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1], 0.0))
+    var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
+    if not math.isfinite(var):  # one patient: no variance between patients
+        out.update(auc_diff=d, cases=k)
+        return out
+    se = math.sqrt(max(var, 0.0))
     z = d / se if se > 0 else 0.0
     h = float(norm.ppf((1.0 + level) / 2.0)) * se
     out.update(auc_diff=d, se=se, z=z, p=float(2.0 * norm.sf(abs(z))), low=d - h, high=d + h, cases=k)

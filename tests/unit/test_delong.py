@@ -124,3 +124,6 @@ def test_tta_minus_plain_carries_the_clustered_delong_test_and_the_report_says_s
     assert (f"DeLong's test of the paired AUCs, clustered by patient (Obuchowski 1997): difference "
             f"{t['auc_diff']:.3f}, SE {t['se']:.3f}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}") in sec
     assert "takes every image for an independent case" in sec and "paired BCa bootstrap" in sec
+    one = M.delong_test(np.array([1, 0, 1, 0]), np.array([.9, .1, .8, .3]), np.array([.7, .2, .6, .4]),
+                        groups=np.zeros(4, int))  # one patient with both classes: no variance between patients
+    assert one["auc_diff"] == 0.0 and one["z"] is None and one["se"] is None
