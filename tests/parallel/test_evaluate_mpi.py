@@ -255,6 +255,8 @@ def youden_cut(y, p) -> float:
 
     fpr, tpr, thr = roc_curve(y, p)
     s = thr[int(np.argmax(tpr - fpr))]
+    if not np.isfinite(s):  # nothing positive: the float after 1.0
+        return float(np.nextafter(max(1.0, p.max()), np.inf))
     lower = p[p < s]
     return float((s + lower.max()) / 2.0) if lower.size else float(s / 2.0)
 
