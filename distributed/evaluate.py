@@ -15,8 +15,8 @@ probability) pairs, checks that every test image came back exactly once, and wri
   point (``eval.operating_point``) and the calibration (``eval.calibrate``, ``eval.prior_correction``)
   are fitted on it and applied to the test split, never fitted on the test set;
 * ``metrics.json``: every number (plain, the primary result, and TTA) with patient-bootstrap
-  intervals (BCa), the operating point, calibration, ``tta_minus_plain`` (paired bootstrap; binary also
-  DeLong's test clustered by patient),
+  intervals (BCa), the operating point, calibration, ``tta_minus_plain`` (paired bootstrap and DeLong's
+  test clustered by patient),
   ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables;
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;

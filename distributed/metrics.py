@@ -366,7 +366,8 @@ def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0
 def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
     """Multi-label: mean AUC(b) - mean AUC(a) over a FIXED set of findings, those with both classes in the
     full sample, paired patient bootstrap; a resample where any of them lacks a class is dropped (it counts
-    against ``n_valid``), so that every resample averages the same findings as the point estimate."""
+    against ``n_valid``), so that every resample averages the same findings as the point estimate. DeLong's
+    test of the same difference, patients as clusters, in ``delong`` (:func:`delong_mean_difference`)."""
     Y = np.asarray(Y).astype(int)
     ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
     out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0,
@@ -380,6 +381,7 @@ def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: in
     ci = bootstrap_stats({"d": diff}, groups, n_boot, seed, level)["d"]
     point = float(np.mean([auc(Y[:, k], np.asarray(P_b)[:, k]) - auc(Y[:, k], np.asarray(P_a)[:, k]) for k in ks]))
     out.update(auc_diff=point, **ci)
+    out["delong"] = delong_mean_difference(Y, P_a, P_b, groups, level)
     return out
 
 
@@ -397,31 +399,38 @@ def delong_components(y, p) -> tuple[np.ndarray, np.ndarray]:
     return v10, v01
 
 
-def _delong_cov(y, ps, groups=None) -> tuple[np.ndarray, np.ndarray, int]:
-    """(AUCs, their covariance matrix, clusters) of the score columns ``ps`` on the same cases. Without
-    ``groups``: DeLong et al. (1988), every image an independent case, S10 / m + S01 / n. With patient
-    ``groups``: Obuchowski (1997, Biometrics 53:567-578), the patient the independent unit: per patient
-    the sums of the components over its positive and negative images, S = I / (I - 1) x the sums of
-    cross-products of their deviations from (images x AUC), var = S10 / M + S01 / N + 2 S11 / (M N)."""
+def patient_influence(y, p, groups) -> tuple[float, np.ndarray]:
+    """(AUC, per-patient influence psi) for the clustered DeLong variance (Obuchowski 1997, Biometrics
+    53:567-578): psi_i = (V10_i - m_i A) / M + (V01_i - n_i A) / N, with V10_i and V01_i the sums of the
+    structural components over patient i's m_i positive and n_i negative images (patients in sorted id
+    order). var(A) = I / (I - 1) sum psi_i^2, which is Obuchowski's S10 / M + S01 / N + 2 S11 / (M N); any
+    linear combination of AUCs on the same patients (two scores, several findings) takes the same sum over
+    its combination of psi."""
     y = np.asarray(y).astype(int)
-    comps = [delong_components(y, p) for p in ps]
-    aucs = np.array([c[0].mean() for c in comps])
-    if groups is None:
-        c10, c01 = np.atleast_2d(np.cov([c[0] for c in comps])), np.atleast_2d(np.cov([c[1] for c in comps]))
-        return aucs, c10 / (y == 1).sum() + c01 / (y == 0).sum(), int(len(y))
     _, g = np.unique(np.asarray(groups), return_inverse=True)
-    k = int(g.max()) + 1
+    k = int(g.max()) + 1 if g.size else 0
+    v10, v01 = delong_components(y, p)
+    a = float(v10.mean())
+    psi = np.bincount(g[y == 1], weights=v10 - a, minlength=k) / v10.size + \
+        np.bincount(g[y == 0], weights=v01 - a, minlength=k) / v01.size
+    return a, psi
+
+
+def _delong_cov(y, ps, groups=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(AUCs, their covariance matrix, cases) of the score columns ``ps`` on the same cases. Without
+    ``groups``: DeLong et al. (1988), every image an independent case, S10 / m + S01 / n. With patient
+    ``groups``: the patient is the independent unit, I / (I - 1) Psi Psi' (:func:`patient_influence`)."""
+    y = np.asarray(y).astype(int)
+    if groups is None:
+        comps = [delong_components(y, p) for p in ps]
+        c10, c01 = np.atleast_2d(np.cov([c[0] for c in comps])), np.atleast_2d(np.cov([c[1] for c in comps]))
+        return np.array([c[0].mean() for c in comps]), c10 / (y == 1).sum() + c01 / (y == 0).sum(), int(len(y))
+    infl = [patient_influence(y, p, groups) for p in ps]
+    aucs, psi = np.array([a for a, _ in infl]), np.array([q for _, q in infl])
+    k = psi.shape[1]
     if k < 2:
         return aucs, np.full((len(ps), len(ps)), np.nan), k
-    mi = np.bincount(g[y == 1], minlength=k).astype(np.float64)
-    ni = np.bincount(g[y == 0], minlength=k).astype(np.float64)
-    big_m, big_n = mi.sum(), ni.sum()
-    d10 = np.array([np.bincount(g[y == 1], weights=c[0], minlength=k) - mi * a for c, a in zip(comps, aucs)])
-    d01 = np.array([np.bincount(g[y == 0], weights=c[1], minlength=k) - ni * a for c, a in zip(comps, aucs)])
-    f = k / (k - 1.0)
-    s11 = f * d10 @ d01.T
-    cov = f * (d10 @ d10.T) / big_m ** 2 + f * (d01 @ d01.T) / big_n ** 2 + (s11 + s11.T) / (big_m * big_n)
-    return aucs, cov, k
+    return aucs, k / (k - 1.0) * psi @ psi.T, k
 
 
 def delong_auc(y, p, groups=None, level: float = 0.95) -> dict:
@@ -447,23 +456,46 @@ def delong_test(y, p_a, p_b, groups=None, level: float = 0.95) -> dict:
     its standard error from the covariance of the structural components, z, two-sided p and the Wald
     interval. Without ``groups`` every image is an independent case (pROC's roc.test); with patient
     ``groups`` the patients are (Obuchowski 1997), the right unit when a patient has several images."""
-    from scipy.stats import norm
-
     y = np.asarray(y).astype(int)
     out = {"auc_diff": None, "se": None, "z": None, "p": None, "low": None, "high": None, "level": level,
            "method": _delong_name(groups)}
     if not both_classes(y):
         return out
     a, cov, k = _delong_cov(y, [p_a, p_b], groups)
-    d = float(a[1] - a[0])
-    var = cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1]
-    if not math.isfinite(var):  # one patient: no variance between patients
-        out.update(auc_diff=d, cases=k)
+    return _wald(out, float(a[1] - a[0]), cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1], k)
+
+
+def delong_mean_difference(Y, P_a, P_b, groups, level: float = 0.95) -> dict:
+    """Multi-label: mean over the findings with both classes of AUC(b) - AUC(a), tested like
+    :func:`delong_test` with patients as clusters; the influence of the mean difference is the mean of the
+    findings' influence differences (:func:`patient_influence`), so the findings' correlation within a
+    patient is in the variance."""
+    Y, P_a, P_b = np.asarray(Y).astype(int), np.asarray(P_a), np.asarray(P_b)
+    ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
+    out = {"auc_diff": None, "se": None, "z": None, "p": None, "low": None, "high": None, "level": level,
+           "method": _delong_name(groups), "findings": len(ks)}
+    if not ks:
+        return out
+    parts = [(patient_influence(Y[:, k], P_a[:, k], groups), patient_influence(Y[:, k], P_b[:, k], groups))
+             for k in ks]
+    d = float(np.mean([b[0] - a[0] for a, b in parts]))
+    psi = np.mean([b[1] - a[1] for a, b in parts], axis=0)
+    n = psi.size
+    return _wald(out, d, n / (n - 1.0) * float(psi @ psi) if n > 1 else float("nan"), n)
+
+
+def _wald(out: dict, d: float, var: float, cases: int) -> dict:
+    """``out`` with the difference ``d``, its SE from ``var``, z, two-sided p and the Wald interval at
+    ``out["level"]``; no z or p when the variance is undefined (one patient)."""
+    from scipy.stats import norm
+
+    out.update(auc_diff=d, cases=cases)
+    if not math.isfinite(var):
         return out
     se = math.sqrt(max(var, 0.0))
     z = d / se if se > 0 else 0.0
-    h = float(norm.ppf((1.0 + level) / 2.0)) * se
-    out.update(auc_diff=d, se=se, z=z, p=float(2.0 * norm.sf(abs(z))), low=d - h, high=d + h, cases=k)
+    h = float(norm.ppf((1.0 + out["level"]) / 2.0)) * se
+    out.update(se=se, z=z, p=float(2.0 * norm.sf(abs(z))), low=d - h, high=d + h)
     return out
 
 

@@ -159,12 +159,13 @@ def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
             "secondary.", ""]
 
 
-def delong_text(d: Mapping) -> str:
-    """The DeLong sentence beside a paired bootstrap difference (``delong`` of ``metrics.paired_auc_difference``)."""
+def delong_text(d: Mapping, what: str = "AUCs") -> str:
+    """The DeLong sentence beside a paired bootstrap difference (``delong`` of ``metrics.paired_auc_difference``
+    or ``metrics.paired_mean_auc_difference``)."""
     t = d.get("delong") or {}
     if t.get("z") is None:
         return ""
-    return (f" DeLong's test of the paired AUCs, clustered by patient (Obuchowski 1997): difference "
+    return (f" DeLong's test of the paired {what}, clustered by patient (Obuchowski 1997): difference "
             f"{_f(t['auc_diff'])}, SE {_f(t['se'])}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}, 95% CI "
             f"[{_f(t['low'])}, {_f(t['high'])}] over {t['cases']} patients; DeLong's original variance takes every "
             "image for an independent case, this form (like the bootstrap) counts patients.")
@@ -647,7 +648,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
             lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over the {d['findings']} findings with both classes "
                       f"in the test split: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] (paired BCa bootstrap "
                       f"on {d['n_valid']} of {d['n_boot']} patient resamples: every resample averages the same findings, "
-                      "and one lacking a class of any of them is dropped).", ""]
+                      "and one lacking a class of any of them is dropped)." + delong_text(d, "mean AUCs"), ""]
     if tta:
         lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
 

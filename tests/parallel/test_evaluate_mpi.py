@@ -231,6 +231,12 @@ def test_multilabel_per_finding_auc(workdir):
     assert aucs and m["plain"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
     d = m["tta_minus_plain"]  # paired over the findings with both classes
     assert d["findings"] == len(aucs) and d["auc_diff"] == pytest.approx(m["tta"]["mean_auc"] - m["plain"]["mean_auc"])
+    from distributed import metrics as M  # issue 34: DeLong of the mean difference, patients as clusters, from the CSV
+    cols = [c.replace(" ", "_") for c in m["classes"]]
+    table = {k: np.array([[float(r[f"{k}_{c}"]) for c in cols] for r in rows]) for k in
+             ("label", "probability", "tta_probability")}
+    assert d["delong"] == M.delong_mean_difference(table["label"].astype(int), table["probability"],
+                                                   table["tta_probability"], _col(rows, "patient", int))
     assert len(_csv(run / "val_predictions.csv")) == json.loads(
         (Path(str(cfg).replace("cfg-multilabel.yaml", "prepared-multilabel")) / "manifest.json").read_text()
     )["splits"]["val"]["count"]

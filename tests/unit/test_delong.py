@@ -127,3 +127,33 @@ def test_tta_minus_plain_carries_the_clustered_delong_test_and_the_report_says_s
     one = M.delong_test(np.array([1, 0, 1, 0]), np.array([.9, .1, .8, .3]), np.array([.7, .2, .6, .4]),
                         groups=np.zeros(4, int))  # one patient with both classes: no variance between patients
     assert one["auc_diff"] == 0.0 and one["z"] is None and one["se"] is None
+
+
+def test_multilabel_mean_difference_with_patients_as_clusters():
+    """The mean over findings of AUC(b) - AUC(a): one finding gives delong_test's clustered numbers; with two, the
+    variance is I / (I - 1) x the sum over patients of the squared mean influence difference, by explicit pairs."""
+    rng = np.random.default_rng(5)
+    g = np.repeat(np.arange(40), 3)
+    Y = rng.integers(0, 2, (120, 3))
+    Y[:, 2] = 0  # no positives: left out
+    Pa = np.clip(0.3 * Y + rng.random((120, 3)) * 0.7, 0, 1).round(2)
+    Pb = np.clip(Pa + rng.normal(0, 0.05, Pa.shape), 0, 1).round(2)
+    one = M.delong_mean_difference(Y[:, :1], Pa[:, :1], Pb[:, :1], g)
+    ref = M.delong_test(Y[:, 0], Pa[:, 0], Pb[:, 0], groups=g)
+    assert (one["z"], one["p"], one["se"]) == (pytest.approx(ref["z"], rel=1e-12), pytest.approx(ref["p"], rel=1e-12),
+                                              pytest.approx(ref["se"], rel=1e-12))
+
+    def influence(y, p):
+        pos, neg = p[y == 1], p[y == 0]
+        psi = (pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])
+        a, gp, gn = psi.mean(), g[y == 1], g[y == 0]
+        return a, np.array([(psi.mean(1)[gp == k] - a).sum() / len(pos) + (psi.mean(0)[gn == k] - a).sum() / len(neg)
+                            for k in range(40)])
+    parts = [(influence(Y[:, k], Pa[:, k]), influence(Y[:, k], Pb[:, k])) for k in (0, 1)]
+    d = np.mean([b[0] - a[0] for a, b in parts])
+    psi = np.mean([b[1] - a[1] for a, b in parts], axis=0)
+    r = M.delong_mean_difference(Y, Pa, Pb, g)
+    assert r["findings"] == 2 and r["cases"] == 40 and r["auc_diff"] == pytest.approx(d, abs=1e-15)
+    assert r["se"] == pytest.approx(np.sqrt(40 / 39 * (psi ** 2).sum()), rel=1e-12)
+    d2 = M.paired_mean_auc_difference(Y, Pa, Pb, g, n_boot=20)
+    assert d2["delong"] == r and d2["auc_diff"] == pytest.approx(r["auc_diff"], abs=1e-15)

@@ -451,4 +451,5 @@ def test_multilabel_mean_auc_difference_averages_a_fixed_set_of_findings():
         write_report(tmp, cfg=cfg, manifest=None, metrics=metrics, plots={}, gradcam={}, config_yaml="")
         text = (Path(tmp) / "report.md").read_text()
     assert f"on {d['n_valid']} of 200 patient resamples: every resample averages the same findings" in text
+    assert "DeLong's test of the paired mean AUCs, clustered by patient (Obuchowski 1997)" in text
     assert f"tta\\_minus\\_plain ({d['n_valid']})" in text  # the warning below 95 % of the resamples (escaped)
