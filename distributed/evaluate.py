@@ -15,7 +15,8 @@ probability) pairs, checks that every test image came back exactly once, and wri
   point (``eval.operating_point``) and the calibration (``eval.calibrate``, ``eval.prior_correction``)
   are fitted on it and applied to the test split, never fitted on the test set;
 * ``metrics.json``: every number (plain, the primary result, and TTA) with patient-bootstrap
-  intervals, the operating point, calibration, ``tta_minus_plain`` (paired bootstrap),
+  intervals (BCa), the operating point, calibration, ``tta_minus_plain`` (paired bootstrap and DeLong's
+  test clustered by patient),
   ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables;
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;
@@ -649,7 +650,8 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "checkpoint": cfg.eval.checkpoint, "selected_checkpoint": g.checkpoint,
         "image_size": data.image_size, "n": data.n, "n_val": g.val.n if g.val is not None else 0, "ranks": g.ranks,
         "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
-        "bootstrap_by": "patient", "primary": "plain", "seconds": time.time() - g.started,
+        "bootstrap_by": "patient", "bootstrap_interval": "bca", "primary": "plain",
+        "seconds": time.time() - g.started,
         "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
         "warnings": warnings, "split_method": g.manifest.get("split_method", "seeded"),
         "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,

@@ -4,7 +4,7 @@ Everything here works on plain arrays so that a test can recompute any number of
 ``metrics.json`` from ``predictions.csv`` with scikit-learn alone.
 
 * :func:`binary_metrics` -- the article's table (precision, recall, F1, support per class,
-  macro/weighted averages, accuracy) at a threshold, ROC AUC with a 95% bootstrap interval
+  macro/weighted averages, accuracy) at a threshold, ROC AUC with a 95% BCa bootstrap interval
   resampled **by patient**, Youden's threshold, the confusion matrix, and AUC per subgroup
   (view, sex) where both classes are present.
 * :func:`multilabel_metrics` -- per-finding AUC with patient-bootstrap intervals and the mean
@@ -49,7 +49,7 @@ def as_written(x) -> np.ndarray:
     """Probabilities as the CSVs hold them: float32 printed with ``%.9g`` (the float32 round trip) and read
     back as float64. Every number of metrics.json is computed from these values, so that a reader of
     ``predictions.csv``/``val_predictions.csv`` recomputes each one exactly, thresholds included (a
-    threshold is one of these values)."""
+    threshold is halfway between two of these values, :func:`cut_below`)."""
     a = np.asarray(x, dtype=np.float32)
     return np.array([float(f"{v:.9g}") for v in a.ravel().tolist()], dtype=np.float64).reshape(a.shape)
 
@@ -102,6 +102,25 @@ class _TieGroups:
         prec = np.divide(ctp, ctp + cfp, out=np.zeros_like(ctp), where=(ctp + cfp) > 0)
         return float((wp * prec).sum() / tp)
 
+    def batch_sums(self, W):
+        """:meth:`group_sums` of every row of the weight matrix ``W`` (resamples x images) at once."""
+        b = W.shape[0]
+        idx = (np.arange(b)[:, None] * self.n_groups + self.inv[None, :]).ravel()
+        size = b * self.n_groups
+        wp = np.bincount(idx, weights=(W * self.y).ravel(), minlength=size).reshape(b, self.n_groups)
+        wn = np.bincount(idx, weights=(W * (1.0 - self.y)).ravel(), minlength=size).reshape(b, self.n_groups)
+        return wp, wn
+
+    def aucs(self, W) -> np.ndarray:
+        """:meth:`auc` of every row of ``W``: NaN where a row lacks a class."""
+        wp, wn = self.batch_sums(W)
+        tp, tn = wp.sum(axis=1), wn.sum(axis=1)
+        below = tn[:, None] - np.cumsum(wn, axis=1)
+        ok = (tp > 0) & (tn > 0)
+        out = np.full(len(W), np.nan)
+        out[ok] = (wp[ok] * (below[ok] + 0.5 * wn[ok])).sum(axis=1) / (tp[ok] * tn[ok])
+        return out
+
     def roc(self, w):
         wp, wn = self.group_sums(w)
         tp, tn = wp.sum(), wn.sum()
@@ -119,23 +138,98 @@ def weighted_auc(y, p, w=None) -> float:
     return _TieGroups(y, p).auc(w)
 
 
+def patient_resample_batches(groups, n_boot: int, seed: int = 0, chunk: int = 128):
+    """Yield weight matrices (up to ``chunk`` resamples x images, fewer rows for large test sets): how often
+    each image is drawn when PATIENTS are drawn with replacement (all images of a drawn patient come along;
+    a patient drawn twice counts twice). The draws are those of :func:`patient_resample_weights`, in the
+    same order, whatever the chunk."""
+    _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
+    n_pat = int(g_inv.max()) + 1 if g_inv.size else 0
+    chunk = max(1, min(chunk, 2_000_000 // max(1, g_inv.size)))
+    rng = np.random.default_rng(seed)
+    for start in range(0, n_boot, chunk):
+        b = min(chunk, n_boot - start)
+        draws = rng.integers(0, n_pat, (b, n_pat))
+        counts = np.bincount((np.arange(b)[:, None] * n_pat + draws).ravel(), minlength=b * n_pat)
+        yield counts.reshape(b, n_pat)[:, g_inv].astype(np.float64)
+
+
 def patient_resample_weights(groups, n_boot: int, seed: int = 0):
     """Yield, per resample, how often each image is drawn when PATIENTS are drawn with
     replacement (all images of a drawn patient come along; a patient drawn twice counts twice)."""
+    for W in patient_resample_batches(groups, n_boot, seed):
+        yield from W
+
+
+def jackknife_blocks(groups, max_blocks: int = 100) -> np.ndarray:
+    """Block of each image for the grouped jackknife of :func:`bca_interval`: every patient its own block
+    up to ``max_blocks`` patients; beyond, patient k (in sorted id order) goes to block k mod ``max_blocks``,
+    so that a block holds whole patients and the acceleration costs ``max_blocks`` evaluations whatever
+    the number of patients (the delete-a-group jackknife, Efron & Tibshirani 1993, sec. 11.5)."""
     _, g_inv = np.unique(np.asarray(groups), return_inverse=True)
-    n_pat = int(g_inv.max()) + 1 if g_inv.size else 0
-    rng = np.random.default_rng(seed)
-    for _ in range(n_boot):
-        counts = np.bincount(rng.integers(0, n_pat, n_pat), minlength=n_pat)
-        yield counts[g_inv].astype(np.float64)
+    return g_inv % max_blocks if g_inv.size else g_inv
+
+
+def jackknife_weights(blocks) -> np.ndarray:
+    """One row per jackknife block: weight 0 for that block's images, 1 for the others."""
+    blocks = np.asarray(blocks)
+    k = int(blocks.max()) + 1 if blocks.size else 0
+    return (blocks[None, :] != np.arange(k)[:, None]).astype(np.float64)
+
+
+def jackknife_values(fn, blocks) -> np.ndarray:
+    """``fn(w)`` with each jackknife block left out in turn (weight 0), the finite values only."""
+    blocks = np.asarray(blocks)
+    k = int(blocks.max()) + 1 if blocks.size else 0
+    v = np.array([fn((blocks != b).astype(np.float64)) for b in range(k)], dtype=np.float64)
+    return v[np.isfinite(v)]
+
+
+def bca_interval(draws, point: float, jack, level: float = 0.95) -> tuple[float | None, float | None]:
+    """Bias-corrected and accelerated bootstrap interval (Efron 1987, JASA 82:171-185; Efron & Tibshirani
+    1993, ch. 14) of the statistic whose full-sample value is ``point``, from its finite bootstrap ``draws``
+    and its leave-one-block-out ``jack`` values.
+
+    z0 = Phi^-1(share of draws below ``point``, ties counted one half), the bias correction; a = sum d^3 /
+    (6 (sum d^2)^1.5) with d = mean(jack) - jack, the acceleration; the interval is the draws' quantiles
+    at Phi(z0 + (z0 + z) / (1 - a (z0 + z))) for z = Phi^-1((1 -/+ level) / 2). With all draws equal (e.g.
+    sensitivity 64/64) it is that value, width 0."""
+    from scipy.stats import norm
+
+    d = np.asarray(draws, dtype=np.float64)  # None -> NaN
+    d = d[np.isfinite(d)]
+    if not d.size or point is None or not math.isfinite(point):
+        return None, None
+    b = d.size
+    share = ((d < point).sum() + 0.5 * (d == point).sum()) / b
+    z0 = float(norm.ppf(min(max(share, 0.5 / b), 1.0 - 0.5 / b)))
+    j = np.asarray(jack, dtype=np.float64)
+    dev = j.mean() - j if j.size > 1 else np.zeros(1)
+    ss = float((dev ** 2).sum())
+    a = float((dev ** 3).sum() / (6.0 * ss ** 1.5)) if ss > 0 else 0.0
+    out = []
+    for z in (norm.ppf((1.0 - level) / 2.0), norm.ppf((1.0 + level) / 2.0)):
+        q = float(norm.cdf(z0 + (z0 + z) / (1.0 - a * (z0 + z))))
+        out.append(float(np.quantile(d, q)))
+    return out[0], out[1]
+
+
+def interval(draws, point: float, jack, level: float = 0.95) -> dict:
+    """The bootstrap interval of metrics.json: ``low``/``high`` BCa (:func:`bca_interval`, ``method``
+    "bca"), the percentile interval kept beside it (``percentile``), ``n_valid`` and ``zero_width``."""
+    lo, hi = bca_interval(draws, point, jack, level)
+    plo, phi, n = percentile_interval(draws, level)
+    return {"low": lo, "high": hi, "n_valid": n, "zero_width": zero_width(lo, hi), "method": "bca",
+            "percentile": {"low": plo, "high": phi}}
 
 
 def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
                   roc_band: bool = False) -> dict:
-    """Percentile interval of the ROC AUC over ``n_boot`` resamples of patients.
+    """BCa interval of the ROC AUC over ``n_boot`` resamples of patients (:func:`interval`; the
+    acceleration from a jackknife over patients, :func:`jackknife_blocks`).
 
-    Resamples with a single class are skipped and counted. With ``roc_band`` also returns the
-    pointwise ``level`` band of the TPR on :data:`FPR_GRID`.
+    Resamples with a single class are skipped and counted (``n_valid``). With ``roc_band`` also returns
+    the pointwise percentile ``level`` band of the TPR on :data:`FPR_GRID`.
     """
     y = np.asarray(y).astype(int)
     out = {"n_boot": int(n_boot), "n_valid": 0, "level": level, "low": None, "high": None,
@@ -144,22 +238,19 @@ def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float 
         return out
     tg = _TieGroups(y, p)
     aucs, tprs = [], []
-    for w in patient_resample_weights(groups, n_boot, seed):
-        a = tg.auc(w)
-        if not math.isfinite(a):
-            continue
-        aucs.append(a)
+    for W in patient_resample_batches(groups, n_boot, seed):
+        a = tg.aucs(W)
+        aucs.append(a[np.isfinite(a)])
         if roc_band:
-            fpr, tpr = tg.roc(w)
-            tprs.append(np.interp(FPR_GRID, fpr, tpr))
-    if not aucs:
+            tprs += [np.interp(FPR_GRID, *tg.roc(w)) for w, ok in zip(W, np.isfinite(a)) if ok]
+    aucs = np.concatenate(aucs)
+    if not aucs.size:
         return out
-    aucs = np.asarray(aucs)
-    q = (1.0 - level) / 2.0 * 100.0
-    out.update(n_valid=int(aucs.size), low=float(np.percentile(aucs, q)),
-               high=float(np.percentile(aucs, 100.0 - q)), std=float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0)
-    out["zero_width"] = zero_width(out["low"], out["high"])
+    jack = tg.aucs(jackknife_weights(jackknife_blocks(groups)))
+    out.update(interval(aucs, tg.auc(np.ones(len(y))), jack[np.isfinite(jack)], level))
+    out["std"] = float(aucs.std(ddof=1)) if aucs.size > 1 else 0.0
     if roc_band:
+        q = (1.0 - level) / 2.0 * 100.0
         t = np.asarray(tprs)
         out["roc_band"] = {"fpr": FPR_GRID.tolist(), "tpr_low": np.percentile(t, q, axis=0).tolist(),
                            "tpr_high": np.percentile(t, 100.0 - q, axis=0).tolist()}
@@ -168,7 +259,8 @@ def bootstrap_auc(y, p, groups, n_boot: int = 1000, seed: int = 0, level: float 
 
 def percentile_interval(values, level: float = 0.95) -> tuple[float | None, float | None, int]:
     """(low, high, n) percentile interval of the finite ``values`` (None, None, 0 without any)."""
-    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    v = np.asarray(values, dtype=np.float64)  # None -> NaN
+    v = v[np.isfinite(v)]
     if not v.size:
         return None, None, 0
     q = (1.0 - level) / 2.0 * 100.0
@@ -176,20 +268,26 @@ def percentile_interval(values, level: float = 0.95) -> tuple[float | None, floa
 
 
 def bootstrap_stats(stats: Mapping, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile intervals of several statistics over the SAME patient resamples.
+    """BCa intervals (:func:`interval`) of several statistics over the SAME patient resamples.
 
     ``stats`` maps a name to ``fn(w) -> float`` of per-image resample weights ``w`` (how often each
-    image is drawn, :func:`patient_resample_weights`); NaN results (a resample without one class) are
-    left out of that statistic. Returns ``{name: {"low", "high", "n_valid"}}``."""
+    image is drawn, :func:`patient_resample_weights`); ``fn`` of all ones is the point estimate, and
+    ``fn`` with a block of patients weighted 0 a jackknife value. NaN results (a resample without one
+    class) are left out of that statistic. Returns ``{name: {"low", "high", "n_valid", "zero_width",
+    "method", "percentile"}}``."""
+    groups = np.asarray(groups)
     draws = {k: [] for k in stats}
-    if n_boot > 0 and len(np.asarray(groups)):
+    if n_boot > 0 and len(groups):
         for w in patient_resample_weights(groups, n_boot, seed):
             for k, fn in stats.items():
                 draws[k].append(fn(w))
     out = {}
+    blocks = jackknife_blocks(groups)
     for k, v in draws.items():
-        lo, hi, n = percentile_interval(v, level)
-        out[k] = {"low": lo, "high": hi, "n_valid": n, "zero_width": zero_width(lo, hi)}
+        if not v:
+            out[k] = interval(v, None, [], level)
+            continue
+        out[k] = interval(v, stats[k](np.ones(len(groups))), jackknife_values(stats[k], blocks), level)
     return out
 
 
@@ -252,20 +350,24 @@ def proportion_interval(k: int, n: int, patients: int, level: float = 0.95) -> d
 
 
 def paired_auc_difference(y, p_a, p_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """AUC(b) - AUC(a) with a paired patient bootstrap: both AUCs on the same resampled patients."""
+    """AUC(b) - AUC(a) with a paired patient bootstrap (both AUCs on the same resampled patients; BCa,
+    :func:`interval`) and DeLong's test clustered by patient (``delong``, :func:`delong_test`)."""
     y = np.asarray(y).astype(int)
     out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0}
     if not both_classes(y):
         return out
     ta, tb = _TieGroups(y, p_a), _TieGroups(y, p_b)
     ci = bootstrap_stats({"d": lambda w: tb.auc(w) - ta.auc(w)}, groups, n_boot, seed, level)["d"]
-    out.update(auc_diff=auc(y, p_b) - auc(y, p_a), low=ci["low"], high=ci["high"], n_valid=ci["n_valid"])
+    out.update(auc_diff=auc(y, p_b) - auc(y, p_a), **ci)
+    out["delong"] = delong_test(y, p_a, p_b, groups, level)
     return out
 
 
 def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Multi-label: mean AUC(b) - mean AUC(a) over the findings with both classes, paired patient bootstrap
-    (a resample where a finding loses a class leaves that finding out of both means)."""
+    """Multi-label: mean AUC(b) - mean AUC(a) over a FIXED set of findings, those with both classes in the
+    full sample, paired patient bootstrap; a resample where any of them lacks a class is dropped (it counts
+    against ``n_valid``), so that every resample averages the same findings as the point estimate. DeLong's
+    test of the same difference, patients as clusters, in ``delong`` (:func:`delong_mean_difference`)."""
     Y = np.asarray(Y).astype(int)
     ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
     out = {"auc_diff": None, "low": None, "high": None, "by": "patient", "n_boot": int(n_boot), "n_valid": 0,
@@ -275,12 +377,125 @@ def paired_mean_auc_difference(Y, P_a, P_b, groups, n_boot: int = 1000, seed: in
     tgs = [(_TieGroups(Y[:, k], np.asarray(P_a)[:, k]), _TieGroups(Y[:, k], np.asarray(P_b)[:, k])) for k in ks]
 
     def diff(w):
-        d = [b.auc(w) - a.auc(w) for a, b in tgs]
-        d = [x for x in d if math.isfinite(x)]
-        return float(np.mean(d)) if d else float("nan")
+        return float(np.mean([b.auc(w) - a.auc(w) for a, b in tgs]))  # NaN when any finding lacks a class
     ci = bootstrap_stats({"d": diff}, groups, n_boot, seed, level)["d"]
     point = float(np.mean([auc(Y[:, k], np.asarray(P_b)[:, k]) - auc(Y[:, k], np.asarray(P_a)[:, k]) for k in ks]))
-    out.update(auc_diff=point, low=ci["low"], high=ci["high"], n_valid=ci["n_valid"])
+    out.update(auc_diff=point, **ci)
+    out["delong"] = delong_mean_difference(Y, P_a, P_b, groups, level)
+    return out
+
+
+# --------------------------------------------------------------------------- DeLong
+
+def delong_components(y, p) -> tuple[np.ndarray, np.ndarray]:
+    """DeLong's structural components (DeLong, DeLong & Clarke-Pearson 1988, Biometrics 44:837-845):
+    V10 of each positive = the share of negatives it scores above, V01 of each negative = the share of
+    positives scoring above it, a tie counting one half. The AUC is the mean of either."""
+    y, p = np.asarray(y).astype(int), np.asarray(p, dtype=np.float64)
+    pos, neg = np.sort(p[y == 1]), np.sort(p[y == 0])
+    v10 = (np.searchsorted(neg, p[y == 1], "left") + np.searchsorted(neg, p[y == 1], "right")) / (2.0 * neg.size)
+    v01 = (2 * pos.size - np.searchsorted(pos, p[y == 0], "left") - np.searchsorted(pos, p[y == 0], "right")) \
+        / (2.0 * pos.size)
+    return v10, v01
+
+
+def patient_influence(y, p, groups) -> tuple[float, np.ndarray]:
+    """(AUC, per-patient influence psi) for the clustered DeLong variance (Obuchowski 1997, Biometrics
+    53:567-578): psi_i = (V10_i - m_i A) / M + (V01_i - n_i A) / N, with V10_i and V01_i the sums of the
+    structural components over patient i's m_i positive and n_i negative images (patients in sorted id
+    order). var(A) = I / (I - 1) sum psi_i^2, which is Obuchowski's S10 / M + S01 / N + 2 S11 / (M N); any
+    linear combination of AUCs on the same patients (two scores, several findings) takes the same sum over
+    its combination of psi."""
+    y = np.asarray(y).astype(int)
+    _, g = np.unique(np.asarray(groups), return_inverse=True)
+    k = int(g.max()) + 1 if g.size else 0
+    v10, v01 = delong_components(y, p)
+    a = float(v10.mean())
+    psi = np.bincount(g[y == 1], weights=v10 - a, minlength=k) / v10.size + \
+        np.bincount(g[y == 0], weights=v01 - a, minlength=k) / v01.size
+    return a, psi
+
+
+def _delong_cov(y, ps, groups=None) -> tuple[np.ndarray, np.ndarray, int]:
+    """(AUCs, their covariance matrix, cases) of the score columns ``ps`` on the same cases. Without
+    ``groups``: DeLong et al. (1988), every image an independent case, S10 / m + S01 / n. With patient
+    ``groups``: the patient is the independent unit, I / (I - 1) Psi Psi' (:func:`patient_influence`)."""
+    y = np.asarray(y).astype(int)
+    if groups is None:
+        comps = [delong_components(y, p) for p in ps]
+        c10, c01 = np.atleast_2d(np.cov([c[0] for c in comps])), np.atleast_2d(np.cov([c[1] for c in comps]))
+        return np.array([c[0].mean() for c in comps]), c10 / (y == 1).sum() + c01 / (y == 0).sum(), int(len(y))
+    infl = [patient_influence(y, p, groups) for p in ps]
+    aucs, psi = np.array([a for a, _ in infl]), np.array([q for _, q in infl])
+    k = psi.shape[1]
+    if k < 2:
+        return aucs, np.full((len(ps), len(ps)), np.nan), k
+    return aucs, k / (k - 1.0) * psi @ psi.T, k
+
+
+def delong_auc(y, p, groups=None, level: float = 0.95) -> dict:
+    """AUC with DeLong's variance and the Wald interval AUC -/+ z se (clustered by patient with
+    ``groups``, :func:`_delong_cov`): ``{auc, var, se, low, high, method}``."""
+    from scipy.stats import norm
+
+    a, cov, k = _delong_cov(y, [p], groups)
+    se = math.sqrt(max(cov[0, 0], 0.0)) if math.isfinite(cov[0, 0]) else None  # None with one patient
+    z = float(norm.ppf((1.0 + level) / 2.0))
+    low, high = (None, None) if se is None else (float(a[0] - z * se), float(a[0] + z * se))
+    return {"auc": float(a[0]), "var": _clean(cov[0, 0]), "se": se, "low": low, "high": high, "level": level,
+            "method": _delong_name(groups), "cases": k}
+
+
+def _delong_name(groups) -> str:
+    return "DeLong 1988, images independent" if groups is None else \
+        "DeLong, clustered by patient (Obuchowski 1997)"
+
+
+def delong_test(y, p_a, p_b, groups=None, level: float = 0.95) -> dict:
+    """Paired test of two correlated AUCs on the same cases (DeLong et al. 1988): difference AUC(b) - AUC(a),
+    its standard error from the covariance of the structural components, z, two-sided p and the Wald
+    interval. Without ``groups`` every image is an independent case (pROC's roc.test); with patient
+    ``groups`` the patients are (Obuchowski 1997), the right unit when a patient has several images."""
+    y = np.asarray(y).astype(int)
+    out = {"auc_diff": None, "se": None, "z": None, "p": None, "low": None, "high": None, "level": level,
+           "method": _delong_name(groups)}
+    if not both_classes(y):
+        return out
+    a, cov, k = _delong_cov(y, [p_a, p_b], groups)
+    return _wald(out, float(a[1] - a[0]), cov[0, 0] + cov[1, 1] - 2.0 * cov[0, 1], k)
+
+
+def delong_mean_difference(Y, P_a, P_b, groups, level: float = 0.95) -> dict:
+    """Multi-label: mean over the findings with both classes of AUC(b) - AUC(a), tested like
+    :func:`delong_test` with patients as clusters; the influence of the mean difference is the mean of the
+    findings' influence differences (:func:`patient_influence`), so the findings' correlation within a
+    patient is in the variance."""
+    Y, P_a, P_b = np.asarray(Y).astype(int), np.asarray(P_a), np.asarray(P_b)
+    ks = [k for k in range(Y.shape[1]) if both_classes(Y[:, k])]
+    out = {"auc_diff": None, "se": None, "z": None, "p": None, "low": None, "high": None, "level": level,
+           "method": _delong_name(groups), "findings": len(ks)}
+    if not ks:
+        return out
+    parts = [(patient_influence(Y[:, k], P_a[:, k], groups), patient_influence(Y[:, k], P_b[:, k], groups))
+             for k in ks]
+    d = float(np.mean([b[0] - a[0] for a, b in parts]))
+    psi = np.mean([b[1] - a[1] for a, b in parts], axis=0)
+    n = psi.size
+    return _wald(out, d, n / (n - 1.0) * float(psi @ psi) if n > 1 else float("nan"), n)
+
+
+def _wald(out: dict, d: float, var: float, cases: int) -> dict:
+    """``out`` with the difference ``d``, its SE from ``var``, z, two-sided p and the Wald interval at
+    ``out["level"]``; no z or p when the variance is undefined (one patient)."""
+    from scipy.stats import norm
+
+    out.update(auc_diff=d, cases=cases)
+    if not math.isfinite(var):
+        return out
+    se = math.sqrt(max(var, 0.0))
+    z = d / se if se > 0 else 0.0
+    h = float(norm.ppf((1.0 + out["level"]) / 2.0)) * se
+    out.update(se=se, z=z, p=float(2.0 * norm.sf(abs(z))), low=d - h, high=d + h)
     return out
 
 
@@ -309,8 +524,9 @@ def parse_operating_point(rule: str) -> tuple[str, float | None]:
 def choose_threshold(rule: str, y, p) -> float | None:
     """The threshold ``rule`` picks on (y, p) (the validation split); an image is positive when
     p >= threshold. youden: maximal sensitivity + specificity - 1; sensitivity:S the highest
-    threshold with sensitivity >= S; specificity:S the lowest with specificity >= S; fixed:T is T.
-    None when the rule needs both classes and one is missing."""
+    cut with sensitivity >= S; specificity:S the lowest with specificity >= S; fixed:T is T. The cut
+    lies between two observed scores (:func:`cut_below`), never on one. None when the rule needs both
+    classes and one is missing."""
     kind, v = parse_operating_point(rule)
     if kind == "fixed":
         return float(v)
@@ -319,11 +535,28 @@ def choose_threshold(rule: str, y, p) -> float | None:
         return None
     if kind == "youden":
         return youden(y, p)["threshold"]
-    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64), drop_intermediate=False)
-    thr = np.minimum(thr, 1.0)  # the first threshold is +inf: nothing positive
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, p, drop_intermediate=False)  # thr[0] = +inf: nothing positive
     if kind == "sensitivity":
-        return float(thr[int(np.flatnonzero(tpr >= v - 1e-12)[0])])
-    return float(thr[int(np.flatnonzero(1.0 - fpr >= v - 1e-12)[-1])])
+        return cut_below(p, thr[int(np.flatnonzero(tpr >= v - 1e-12)[0])])
+    return cut_below(p, thr[int(np.flatnonzero(1.0 - fpr >= v - 1e-12)[-1])])
+
+
+NOTHING_POSITIVE = float(np.nextafter(1.0, 2.0))  # the threshold above every probability, 1.0 included
+
+
+def cut_below(p, score: float) -> float:
+    """The threshold that makes exactly the scores >= ``score`` positive (``p >= threshold``) without sitting
+    on an observed score: halfway between ``score`` and the next lower distinct score of ``p`` (halfway to 0
+    below the lowest). ``score`` +inf (nothing positive) gives :data:`NOTHING_POSITIVE` (or the float
+    after the highest score above 1), so a saturated p = 1.0 stays negative."""
+    p = np.asarray(p, dtype=np.float64)
+    if not math.isfinite(score):
+        return float(np.nextafter(max(1.0, float(p.max())), np.inf)) if p.size else NOTHING_POSITIVE
+    lower = p[p < score]
+    if lower.size:
+        return float((score + lower.max()) / 2.0)
+    return float(score / 2.0) if score > 0 else float(score)
 
 
 def _rates(y, pred, w):
@@ -386,12 +619,13 @@ def operating_point_metrics(y, p, threshold: float, groups, *, n_boot: int = 100
         exact = proportion_interval(int(hit.sum()), int(den.sum()), len(np.unique(g[den])))
         out[k] = {**with_ci(point[k], exact if den.any() else None),
                   **{x: exact[x] for x in ("method", "k", "n", "patients", "design_effect", "n_effective")},
-                  "bootstrap": {x: cis[k][x] for x in ("low", "high", "n_valid", "zero_width")}}
+                  "bootstrap": {x: cis[k][x] for x in ("low", "high", "n_valid", "zero_width", "method", "percentile")}}
     if prevalence:
         at = predictive_values(point["sensitivity"], point["specificity"], prevalence)
         out["at_prevalence"] = {"prevalence": float(prevalence),
-                                **{k: {**with_ci(at[k], cis[f"{k}@P"]), "method": "bootstrap",
-                                       **{x: cis[f"{k}@P"][x] for x in ("n_valid", "zero_width")}}
+                                **{k: {**with_ci(at[k], cis[f"{k}@P"]),
+                                       **{x: cis[f"{k}@P"][x] for x in ("n_valid", "zero_width", "method",
+                                                                         "percentile")}}
                                    for k in ("ppv", "npv")}}
     return out
 
@@ -499,15 +733,17 @@ def temperature_at_bound(temperature: float, tol: float = 1e-3) -> bool:
 # --------------------------------------------------------------------------- thresholds, tables
 
 def youden(y, p) -> dict:
-    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on the ROC curve."""
+    """Threshold maximising sensitivity + specificity - 1 (Youden's J) on the ROC curve; of tied maxima the
+    highest cut, placed between that score and the next lower one (:func:`cut_below`)."""
     y = np.asarray(y).astype(int)
     if not both_classes(y):
         return {"threshold": None, "j": None, "sensitivity": None, "specificity": None}
-    fpr, tpr, thr = roc_curve(y, np.asarray(p, dtype=np.float64))
+    p = np.asarray(p, dtype=np.float64)
+    fpr, tpr, thr = roc_curve(y, p)
     j = tpr - fpr
     i = int(np.argmax(j))
-    t = float(min(thr[i], 1.0))  # roc_curve's first threshold is +inf
-    return {"threshold": t, "j": float(j[i]), "sensitivity": float(tpr[i]), "specificity": float(1.0 - fpr[i])}
+    return {"threshold": cut_below(p, thr[i]), "j": float(j[i]), "sensitivity": float(tpr[i]),
+            "specificity": float(1.0 - fpr[i])}
 
 
 def class_table(y, pred, class_names: Sequence[str]) -> dict:
@@ -606,13 +842,13 @@ def binary_metrics(y, p, *, class_names: Sequence[str] = ("negative", "positive"
 
 
 def split_auc(y, p, mask_pos, groups, n_boot: int = 0, seed: int = 0) -> dict:
-    """AUC of the positives selected by ``mask_pos`` against ALL negatives, ``{value, low, high, positives}``
-    (e.g. positives with and without co-findings)."""
+    """AUC of the positives selected by ``mask_pos`` against ALL negatives, ``{value, low, high, images,
+    positives, negatives}`` in images (e.g. positives with and without co-findings)."""
     y = np.asarray(y).astype(int)
     keep = (y == 0) | (np.asarray(mask_pos, bool) & (y == 1))
     ci = bootstrap_auc(y[keep], np.asarray(p)[keep], np.asarray(groups)[keep], n_boot=n_boot, seed=seed)
-    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "n_valid": ci["n_valid"],
-            "positives": int((y[keep] == 1).sum())}
+    return {**with_ci(auc(y[keep], np.asarray(p)[keep]), ci), "n_valid": ci["n_valid"], "method": ci.get("method"),
+            "images": int(keep.sum()), "positives": int((y[keep] == 1).sum()), "negatives": int((y[keep] == 0).sum())}
 
 
 def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,
@@ -679,7 +915,7 @@ def format_auc_line(m: Mapping, digits: int = 3) -> str:
     ci = m.get("auc_ci") or {}
     s = f"ROC AUC {_fmt(m.get('auc'), digits)}"
     if ci.get("low") is not None:
-        s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, "
+        s += (f" (95% CI {_fmt(ci['low'], digits)}-{_fmt(ci['high'], digits)}, BCa over "
               f"{ci['n_valid']} bootstrap resamples by patient)")
     op = m.get("operating_point") or {}
     if op.get("threshold") is not None:

@@ -77,6 +77,11 @@ def resolve_model_path(path) -> Path:
     return p
 
 
+# The threshold cxr-eval writes when its rule makes nothing positive (distributed.metrics.NOTHING_POSITIVE, the
+# float after 1.0): a probability of 1.0 stays negative. Accepted beside thresholds in [0, 1].
+NOTHING_POSITIVE = float(np.nextafter(1.0, 2.0))
+
+
 def run_folder(model_path: Path) -> Path:
     """The run folder of a model file: its folder, or the one above ``checkpoints/``. Never further up."""
     return rundir.run_folder_of(model_path)
@@ -193,7 +198,7 @@ def find_operating_point(model_path: Path, digest: str | None = None) -> dict:
         t = float(op["threshold"])
     except (KeyError, TypeError, ValueError):
         return {"applied": False, "file": str(f), "why": f"{f} has no threshold"}
-    if not 0.0 <= t <= 1.0:
+    if not 0.0 <= t <= NOTHING_POSITIVE:
         return {"applied": False, "file": str(f), "why": f"{f}: threshold {t!r} outside [0, 1]"}
     ok, why = _listed(op, digest or sha256_file(model_path))
     if not ok:

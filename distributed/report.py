@@ -101,6 +101,11 @@ def _vci(value, ci: Mapping | None, d=3) -> str:
     return _iv({"value": value, **{k: (ci or {}).get(k) for k in ("low", "high")}}, d)
 
 
+BCA_NOTE = ("BCa (Efron 1987) shifts the percentiles of the resamples for the bias (the share of resamples below the "
+            "estimate) and the skew (the acceleration, from a jackknife that leaves out one patient at a time, or "
+            "one of 100 blocks of whole patients when there are more); the plain 2.5–97.5 percentile interval "
+            "stays in `metrics.json` as `percentile`.")
+
 PRIMARY_NOTE = ("The **plain** evaluation (one prediction per image) is the primary result; test-time "
                 "augmentation is a secondary analysis, compared with it by a paired bootstrap.")
 
@@ -131,6 +136,12 @@ def zero_width_intervals(m: Mapping) -> list[str]:
     return [name for name, ci in cands if isinstance(ci, Mapping) and ci.get("zero_width")]
 
 
+def threshold_text(t: float) -> str:
+    """A threshold as the report prints it: 9 significant digits, all 17 above 1 (the cut above every
+    probability, ``metrics.NOTHING_POSITIVE``, would read as 1)."""
+    return f"{t:.17g}" if t > 1.0 else f"{t:.9g}"
+
+
 def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
     """The 2x2 table (images) at the operating point, with its threshold: the table whose sensitivity and
     specificity the report gives (STARD 2015, item 23). Empty without an operating point."""
@@ -138,15 +149,27 @@ def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
         return []
     tp, fp, fn, tn = (int(op[k]) for k in ("tp", "fp", "fn", "tn"))
     pos, neg = md(classes[1]), md(classes[0])
-    rows = [[f"predicted {pos} (p >= {op['threshold']:.9g})", tp, fp, tp + fp],
-            [f"predicted {neg} (p < {op['threshold']:.9g})", fn, tn, fn + tn],
+    rows = [[f"predicted {pos} (p >= {threshold_text(op['threshold'])})", tp, fp, tp + fp],
+            [f"predicted {neg} (p < {threshold_text(op['threshold'])})", fn, tn, fn + tn],
             ["total", tp + fn, fp + tn, tp + fp + fn + tn]]
-    return [f"### 2x2 table at the operating point (threshold {op['threshold']:.9g}, `{op.get('rule')}`, "
+    return [f"### 2x2 table at the operating point (threshold {threshold_text(op['threshold'])}, `{op.get('rule')}`, "
             f"from {md(op.get('source'))}; plain, images)", "",
             _table(["", f"reference {pos}", f"reference {neg}", "total"], rows, align="lrrr"), "",
             f"TP {tp}, FP {fp}, FN {fn}, TN {tn}: sensitivity {tp}/{tp + fn}, specificity {tn}/{tn + fp} "
             "(`metrics.json` `operating_point.tp/fp/fn/tn`). The tables at `eval.threshold` further down are "
             "secondary.", ""]
+
+
+def delong_text(d: Mapping, what: str = "AUCs") -> str:
+    """The DeLong sentence beside a paired bootstrap difference (``delong`` of ``metrics.paired_auc_difference``
+    or ``metrics.paired_mean_auc_difference``)."""
+    t = d.get("delong") or {}
+    if t.get("z") is None:
+        return ""
+    return (f" DeLong's test of the paired {what}, clustered by patient (Obuchowski 1997): difference "
+            f"{_f(t['auc_diff'])}, SE {_f(t['se'])}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}, 95% CI "
+            f"[{_f(t['low'])}, {_f(t['high'])}] over {t['cases']} patients; DeLong's original variance takes every "
+            "image for an independent case, this form (like the bootstrap) counts patients.")
 
 
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
@@ -200,9 +223,10 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
                   "1 + (m − 1) × ICC with ICC = 1, i.e. the effective sample size is the number of patients in "
                   "each denominator; they hold the threshold fixed (the patient-bootstrap intervals are kept in "
                   "`metrics.json` under `bootstrap`). Every other interval" if exact else "Every interval")
-               + " is the 2.5–97.5 percentile over "
-               f"{ci.get('n_boot', 0)} bootstrap resamples that draw **patients** with replacement "
+               + " is a bias-corrected and accelerated (BCa) bootstrap interval over "
+               f"{ci.get('n_boot', 0)} resamples that draw **patients** with replacement "
                f"({plain['patients']} patients, {plain['n']} images): images of one patient are not independent. "
+               f"{BCA_NOTE} "
                "A resample without both classes is dropped from the statistics that need both: the ROC AUC's "
                f"interval rests on {ci.get('n_valid', 0)} of {ci.get('n_boot', 0)} resamples, and `metrics.json` "
                "gives `n_valid` beside every interval.")
@@ -219,7 +243,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     d = metrics.get("tta_minus_plain")
     if d and d.get("auc_diff") is not None:
         out.append(f"TTA minus plain, ROC AUC: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] "
-                   f"(paired bootstrap, the same {d['n_valid']} patient resamples for both).")
+                   f"(paired BCa bootstrap, the same {d['n_valid']} patient resamples for both)." + delong_text(d))
     out.append("")
     out += [f"### Classification report at threshold {plain['threshold']:g} (`eval.threshold`; secondary, not the "
             "operating point)", ""]
@@ -268,7 +292,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
 
 def multilabel_section(plain: Mapping, tta: Mapping | None, tta_rounds: int) -> str:
     names = list(plain["findings"])
-    cols = ["Pathology", "AUROC", "95% CI (by patient)"] + ([f"TTA ({tta_rounds})"] if tta else []) + \
+    cols = ["Pathology", "AUROC", "95% CI (BCa, by patient)"] + ([f"TTA ({tta_rounds})"] if tta else []) + \
         ["positives", "CheXNet (ref.)"]
     rows = []
     for n in names:
@@ -335,9 +359,10 @@ def task_section(metrics: Mapping, cfg) -> str:
         out += ["", f"{co['positives_with_co_findings']} of {co['positives']} test positives carry other findings "
                     f"besides {md(td.get('positive_label'))}. ROC AUC against the same negatives (plain, 95% CI by "
                     "patient):", "",
-                _table(["positives", "positive images (against all negatives)", "ROC AUC [95% CI]"], [
-                    ["with co-findings", co["auc_with"]["positives"], _iv(co["auc_with"])],
-                    ["without co-findings", co["auc_without"]["positives"], _iv(co["auc_without"])]], "lrr")]
+                _table(["positives", "images", "positive images", "negative images", "ROC AUC [95% CI]"], [
+                    [name, c.get("images", "–"), c["positives"], c.get("negatives", "–"), _iv(c)]
+                    for name, c in (("with co-findings", co["auc_with"]), ("without co-findings", co["auc_without"]))],
+                       "lrrrr")]
     else:
         out += ["", "_Co-findings not counted: the metadata CSV (data.csv) was not readable at evaluation._"]
     out += ["", "Published patient-split AUCs for Infiltration (about 0.68–0.73, CheXNet 0.7345) are one-vs-rest "
@@ -440,13 +465,13 @@ def intervals_fact(metrics: Mapping) -> str:
     plain = metrics["plain"]
     n_boot = metrics.get("bootstrap")
     if metrics["task"] != "binary":
-        return (f"per-finding ROC AUC with patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
+        return (f"per-finding ROC AUC with BCa patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
                 "mean AUC and the per-finding precision, recall and F1 at `eval.threshold`")
     ci = plain.get("auc_ci") or {}
     boot = ["average precision", "Brier score", "ECE"] + (["subgroup AUCs"] if plain.get("subgroups") else [])
     op = plain.get("operating_point") or {}
     exact = (op.get("sensitivity") or {}).get("method") == "clopper-pearson"
-    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": patient bootstrap, {n_boot} resamples "
+    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": BCa patient bootstrap, {n_boot} resamples "
             f"({ci.get('n_valid', 0)} valid for the AUC)"
             + ("; sensitivity, specificity, PPV, NPV and accuracy at the operating point: exact Clopper-Pearson, "
                "effective n = patients, threshold held fixed" if exact else "")
@@ -521,7 +546,7 @@ def validation_section(metrics: Mapping) -> str:
     elif op.get("threshold") is None:
         rows.append(["threshold", f"none: {md(op.get('note') or 'no operating point')}", "–"])
     else:
-        rows.append(["threshold", f"{op['threshold']:.9g} ({md_code(op.get('rule'))})",
+        rows.append(["threshold", f"{threshold_text(op['threshold'])} ({md_code(op.get('rule'))})",
                      "yes" if op.get("source") == "validation" else f"no ({md(op.get('source'))})"])
     c = plain.get("calibrated") or {}
     if c.get("method") == "temperature":
@@ -621,8 +646,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
         d = metrics.get("tta_minus_plain")
         if d and d.get("auc_diff") is not None:
-            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over {d['findings']} findings: {_f(d['auc_diff'])} "
-                      f"[{_f(d['low'])}, {_f(d['high'])}] (paired bootstrap, {d['n_valid']} patient resamples).", ""]
+            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over the {d['findings']} findings with both classes "
+                      f"in the test split: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] (paired BCa bootstrap "
+                      f"on {d['n_valid']} of {d['n_boot']} patient resamples: every resample averages the same findings, "
+                      "and one lacking a class of any of them is dropped)." + delong_text(d, "mean AUCs"), ""]
     if tta:
         lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
 

@@ -64,19 +64,30 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def youden_cut(y, p) -> float:
+    """Youden's threshold recomputed with scikit-learn alone: halfway between the score that maximises
+    sensitivity + specificity - 1 and the next lower distinct score (issue 34.10)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    s = thr[int(np.argmax(tpr - fpr))]
+    if not np.isfinite(s):  # nothing positive: the float after 1.0
+        return float(np.nextafter(max(1.0, p.max()), np.inf))
+    lower = p[p < s]
+    return float((s + lower.max()) / 2.0) if lower.size else float(s / 2.0)
+
+
 def assert_results_reproducible(run: Path) -> dict:
     """The issue's "done when": every number below recomputed from the CSVs the run wrote."""
     import numpy as np
-    from sklearn.metrics import roc_curve
 
     m = json.loads((run / "metrics.json").read_text())
     rows, vrows = read_csv(run / "predictions.csv"), read_csv(run / "val_predictions.csv")
     assert vrows and list(vrows[0]) == list(rows[0])
     yv, pv = (np.array([float(r[k]) for r in vrows]) for k in ("label", "probability"))
-    fpr, tpr, thr = roc_curve(yv.astype(int), pv)  # eval.operating_point: youden, on validation
-    op = m["operating_point"]
-    assert op["source"] == "validation" and op["threshold"] == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0),
-                                                                             abs=1e-7)
+    op = m["operating_point"]  # eval.operating_point: youden, on validation
+    assert op["source"] == "validation" and op["threshold"] == youden_cut(yv.astype(int), pv)
     y, p = (np.array([float(r[k]) for r in rows]) for k in ("label", "probability"))
     assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
     pred = p >= op["threshold"]
@@ -105,12 +116,34 @@ def assert_results_reproducible(run: Path) -> dict:
     return m
 
 
+def clustered_delong_z(y, pa, pb, groups):
+    """DeLong's paired z and two-sided p for AUC(b) - AUC(a), patients as clusters (Obuchowski 1997), by explicit
+    pairs: per patient the sums of the components psi over its positive and its negative images."""
+    import numpy as np
+    from scipy.stats import norm
+
+    pats = sorted(set(groups.tolist()))
+    d10, d01, aucs = [], [], []
+    for p in (pa, pb):
+        psi = (p[y == 1][:, None] > p[y == 0][None, :]) + 0.5 * (p[y == 1][:, None] == p[y == 0][None, :])
+        a = psi.mean()
+        v10, v01 = psi.mean(axis=1), psi.mean(axis=0)
+        gp, gn = groups[y == 1], groups[y == 0]
+        d10.append(np.array([v10[gp == k].sum() - (gp == k).sum() * a for k in pats]))
+        d01.append(np.array([v01[gn == k].sum() - (gn == k).sum() * a for k in pats]))
+        aucs.append(a)
+    m, n, f = (y == 1).sum(), (y == 0).sum(), len(pats) / (len(pats) - 1)
+    x10, x01 = d10[1] - d10[0], d01[1] - d01[0]  # the variance of the difference
+    var = f * (x10 @ x10) / m ** 2 + f * (x01 @ x01) / n ** 2 + 2 * f * (x10 @ x01) / (m * n)
+    z = (aucs[1] - aucs[0]) / np.sqrt(var) if var > 0 else 0.0
+    return z, 2 * norm.sf(abs(z))
+
+
 def exact_from_csvs(out: Path) -> dict:
     """Issue 30: every operating_point and calibration number of metrics.json recomputed from the CSVs alone
     (and calibration.json's fitted parameters), bit for bit. Point values independently (numpy, scikit-learn);
     intervals by the same patient resamples (distributed.metrics) fed only with CSV values."""
     import numpy as np
-    from sklearn.metrics import roc_curve
 
     from distributed import metrics as M
 
@@ -132,8 +165,7 @@ def exact_from_csvs(out: Path) -> dict:
 
     def check(kind, p, pv):
         res = m["plain"] if kind == "probability" else m["tta"]
-        fpr, tpr, thr = roc_curve(yv, pv)
-        t = float(min(thr[int(np.argmax(tpr - fpr))], 1.0))
+        t = youden_cut(yv, pv)
         op = res["operating_point"]
         assert op["threshold"] == t and op["source"] == "validation" and op["rule"] == "youden"
         pred = p >= t
@@ -166,6 +198,11 @@ def exact_from_csvs(out: Path) -> dict:
     assert m["operating_point"]["threshold"] == t
     if "tta_probability" in rows[0]:
         check("tta_probability", col(rows, "tta_probability"), col(vrows, "tta_probability"))
+        # issue 34: DeLong's paired test, patients as clusters (Obuchowski 1997), from the two columns by hand
+        d = m["tta_minus_plain"]["delong"]
+        z, p = clustered_delong_z(y, col(rows, "probability"), col(rows, "tta_probability"), groups)
+        assert d["z"] == pytest.approx(z, rel=1e-9, abs=1e-12) and d["p"] == pytest.approx(p, rel=1e-9, abs=1e-12)
+        assert d["cases"] == len(set(groups.tolist()))
     c = m["plain"].get("calibrated")
     if c:
         cal = json.loads((out / "calibration.json").read_text())

@@ -230,6 +230,12 @@ def test_multilabel_per_finding_auc(workdir):
     assert aucs and m["plain"]["mean_auc"] == pytest.approx(np.mean(aucs), abs=1e-9)
     d = m["tta_minus_plain"]  # paired over the findings with both classes
     assert d["findings"] == len(aucs) and d["auc_diff"] == pytest.approx(m["tta"]["mean_auc"] - m["plain"]["mean_auc"])
+    from distributed import metrics as M  # issue 34: DeLong of the mean difference, patients as clusters, from the CSV
+    cols = [c.replace(" ", "_") for c in m["classes"]]
+    table = {k: np.array([[float(r[f"{k}_{c}"]) for c in cols] for r in rows]) for k in
+             ("label", "probability", "tta_probability")}
+    assert d["delong"] == M.delong_mean_difference(table["label"].astype(int), table["probability"],
+                                                   table["tta_probability"], _col(rows, "patient", int))
     assert len(_csv(run / "val_predictions.csv")) == json.loads(
         (Path(str(cfg).replace("cfg-multilabel.yaml", "prepared-multilabel")) / "manifest.json").read_text()
     )["splits"]["val"]["count"]
@@ -246,6 +252,20 @@ def test_missing_checkpoint_names_what_exists(tmp_path):
     assert checkpoint_path(tmp_path, "final") == tmp_path / "model.keras"
 
 
+def youden_cut(y, p) -> float:
+    """Youden's threshold recomputed with scikit-learn alone: halfway between the score that maximises
+    sensitivity + specificity - 1 and the next lower distinct score (issue 34.10)."""
+    import numpy as np
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    s = thr[int(np.argmax(tpr - fpr))]
+    if not np.isfinite(s):  # nothing positive: the float after 1.0
+        return float(np.nextafter(max(1.0, p.max()), np.inf))
+    lower = p[p < s]
+    return float((s + lower.max()) / 2.0) if lower.size else float(s / 2.0)
+
+
 def _col(rows, name, typ=float):
     return np.array([typ(r[name]) for r in rows])
 
@@ -254,7 +274,6 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     """The issue's equalities: the threshold recomputed from val_predictions.csv, the Brier score from
     predictions.csv, an interval on every operating-point metric and subgroup AUC, the paired
     TTA - plain difference, the fine-tune checkpoint; the report states split, prevalence, plot, CLAIM."""
-    from sklearn.metrics import roc_curve
 
     cfg, run, _ = binary_run
     m = json.loads((run / "metrics.json").read_text())
@@ -263,10 +282,9 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     assert len(vrows) == manifest["splits"]["val"]["count"] == m["n_val"] and list(vrows[0]) == list(rows[0])
     yv, pv = _col(vrows, "label", int), _col(vrows, "probability")
     assert set(yv) == {0, 1}, "the tiny validation split needs both classes"
-    fpr, tpr, thr = roc_curve(yv, pv)
-    t = min(float(thr[np.argmax(tpr - fpr)]), 1.0)
+    t = youden_cut(yv, pv)  # halfway below Youden's score (issue 34.10)
     op = m["operating_point"]
-    assert op["source"] == "validation" and op["rule"] == "youden" and op["threshold"] == pytest.approx(t, abs=1e-7)
+    assert op["source"] == "validation" and op["rule"] == "youden" and op["threshold"] == t
     assert m["plain"]["operating_point"]["threshold"] == op["threshold"]
     y, p = _col(rows, "label", int), _col(rows, "probability")
     pred = p >= op["threshold"]
@@ -277,8 +295,7 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
         assert op[k]["low"] is not None and op[k]["low"] <= op[k]["value"] <= op[k]["high"], k
     # TTA's operating point comes from the validation TTA column
     yt = _col(vrows, "tta_probability")
-    fpr, tpr, thr = roc_curve(yv, yt)
-    assert m["tta"]["operating_point"]["threshold"] == pytest.approx(min(float(thr[np.argmax(tpr - fpr)]), 1.0), abs=1e-7)
+    assert m["tta"]["operating_point"]["threshold"] == youden_cut(yv, yt)
     # calibration from predictions.csv
     assert m["plain"]["brier"] == pytest.approx(np.mean((p - y) ** 2), abs=1e-9)
     b = np.minimum((p * 10).astype(int), 9)
@@ -288,7 +305,9 @@ def test_operating_point_from_validation_and_calibration_recomputed(binary_run):
     assert m["tta"]["brier"] == pytest.approx(np.mean((pt - y) ** 2), abs=1e-9)
     d = m["tta_minus_plain"]
     assert d["by"] == "patient" and d["auc_diff"] == pytest.approx(roc_auc_score(y, pt) - roc_auc_score(y, p), abs=1e-9)
-    assert d["low"] <= d["high"]
+    assert d["low"] <= d["high"] and d["method"] == "bca"
+    from distributed import metrics as M  # issue 34: DeLong clustered by patient, from predictions.csv alone
+    assert d["delong"] == M.delong_test(y, p, pt, groups=_col(rows, "patient", int))
     for field, vals in m["plain"]["subgroups"].items():
         for k, v in vals.items():
             if v["auc"] is not None:

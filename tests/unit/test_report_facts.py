@@ -101,7 +101,8 @@ def test_report_says_what_validation_chose_and_whether_test_is_internal():
 
 
 def test_co_findings_table_names_its_count_positive_images(tmp_path):
-    """Issue 34.10: the co-findings table's count column holds positive images (against all negatives)."""
+    """Issue 34.10: the co-findings table's "images" column holds the images of that AUC (its positives and all
+    negatives), beside the positive and negative images."""
     from distributed.report import task_section
 
     y = np.array([1] * 10 + [0] * 10)
@@ -112,8 +113,8 @@ def test_co_findings_table_names_its_count_positive_images(tmp_path):
                          "auc_with": M.split_auc(y, p, co, np.arange(20)),
                          "auc_without": M.split_auc(y, p, ~co, np.arange(20))}}
     text = task_section(m, load_config(None, [f"run.dir={tmp_path}"]))
-    assert "| positives | positive images (against all negatives) | ROC AUC [95% CI] |" in text
-    assert "| with co-findings | 4 |" in text and "| without co-findings | 6 |" in text
+    assert "| positives | images | positive images | negative images | ROC AUC [95% CI] |" in text
+    assert "| with co-findings | 14 | 4 | 10 |" in text and "| without co-findings | 16 | 6 | 10 |" in text
 
 
 def test_the_intervals_answer_names_what_has_none(tmp_path):

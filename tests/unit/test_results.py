@@ -28,9 +28,9 @@ def test_paired_bootstrap_equals_explicit_resampling():
             diffs.append(roc_auc_score(y[idx], p_tta[idx]) - roc_auc_score(y[idx], p_plain[idx]))
     assert d["auc_diff"] == pytest.approx(roc_auc_score(y, p_tta) - roc_auc_score(y, p_plain), abs=1e-12)
     assert d["n_valid"] == len(diffs) == 200 and d["by"] == "patient"
-    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
-    assert d["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
-    assert d["low"] < d["auc_diff"] < d["high"]
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    assert d["method"] == "bca" and d["low"] < d["auc_diff"] < d["high"]
 
 
 @pytest.mark.parametrize("ties", [False, True])
@@ -53,8 +53,8 @@ def test_operating_point_interval_equals_explicit_resampling():
     assert op["npv"]["value"] == pytest.approx(1 - y[~pred].mean())
     assert op["accuracy"]["value"] == pytest.approx((pred == y).mean())
     ss = [pred[idx][y[idx] == 1].mean() for idx in _explicit_resamples(g, 100, 4)]
-    assert op["sensitivity"]["bootstrap"]["low"] == pytest.approx(np.percentile(ss, 2.5))
-    assert op["sensitivity"]["bootstrap"]["high"] == pytest.approx(np.percentile(ss, 97.5))
+    assert op["sensitivity"]["bootstrap"]["percentile"]["low"] == pytest.approx(np.percentile(ss, 2.5))
+    assert op["sensitivity"]["bootstrap"]["percentile"]["high"] == pytest.approx(np.percentile(ss, 97.5))
     assert op["sensitivity"]["bootstrap"]["n_valid"] == 100
     # PPV at a deployment prevalence of 25 %, by hand (Bayes)
     ppv = sens * 0.25 / (sens * 0.25 + (1 - spec) * 0.75)
@@ -71,15 +71,18 @@ def test_the_issue_s_worked_example_of_precision_at_two_prevalences():
 def test_thresholds_follow_their_rule_on_the_given_split():
     y, p, _ = _data(seed=5)
     fpr, tpr, thr = roc_curve(y, p)
-    assert M.choose_threshold("youden", y, p) == pytest.approx(min(thr[np.argmax(tpr - fpr)], 1.0))
-    assert M.choose_threshold("fixed:0.3", y, p) == 0.3
     scores = np.unique(p)
+    best = thr[np.argmax(tpr - fpr)]  # Youden's score; the threshold halfway to the next lower score
+    assert M.choose_threshold("youden", y, p) == (best + scores[scores < best].max()) / 2
+    assert M.choose_threshold("fixed:0.3", y, p) == 0.3
     t = M.choose_threshold("sensitivity:0.9", y, p)
-    up = scores[scores > t].min()  # the highest such threshold: the next score up loses it
+    s = scores[scores > t].min()  # the lowest score it makes positive
+    up = scores[scores > s].min()  # the highest such cut: one score up loses it
+    assert t not in scores and t > scores[scores < s].max()
     assert (p[y == 1] >= t).mean() >= 0.9 > (p[y == 1] >= up).mean()
     t = M.choose_threshold("specificity:0.8", y, p)
-    down = scores[scores < t].max()  # the lowest such threshold: the next score down loses it
-    assert (p[y == 0] < t).mean() >= 0.8 > (p[y == 0] < down).mean()
+    down = scores[scores < t].max()  # the lowest such cut: one score down loses it
+    assert t not in scores and (p[y == 0] < t).mean() >= 0.8 > (p[y == 0] < down).mean()
     for bad in ("youden:1", "sensitivity", "sensitivity:x", "fixed:2", "median"):
         with pytest.raises(ValueError):
             M.parse_operating_point(bad)
@@ -154,7 +157,8 @@ def test_multilabel_paired_mean_auc_difference_equals_explicit_resampling():
              for idx in _explicit_resamples(g, 60, 2)]
     assert d["auc_diff"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], Pb[:, k]) - roc_auc_score(Y[:, k], Pa[:, k])
                                                    for k in range(3)]))
-    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5)) and d["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5))
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5))
 
 
 def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_csv():
@@ -371,3 +375,80 @@ def test_coverage_of_the_exact_interval_at_a_true_sensitivity_of_097_with_20_pos
         flat += b["zero_width"]
     assert cov_exact / sims >= 0.93
     assert cov_boot / sims < 0.8 and flat / sims > 0.2
+
+
+def test_youden_tie_takes_the_midpoint_below_the_tied_score():
+    """Issue 34.10: the threshold lies halfway between the score Youden's J picks (here a score three images share)
+    and the next lower distinct score, never on an observed score; p >= threshold decides as p >= that score."""
+    y = np.array([1, 1, 1, 0, 1, 0, 0, 0, 0])
+    p = np.array([.9, .7, .7, .7, .6, .4, .3, .3, .1])
+    yd = M.youden(y, p)
+    assert yd["threshold"] == (0.6 + 0.4) / 2 and yd["threshold"] not in p
+    assert (yd["sensitivity"], yd["specificity"]) == (1.0, 0.8)
+    t = M.choose_threshold("youden", y, p)
+    assert t == yd["threshold"] and np.array_equal(p >= t, p >= 0.6)
+    # tied maxima of J: the highest cut wins, and sits below its score
+    y2, p2 = np.array([1, 0, 1, 0]), np.array([.8, .6, .4, .2])
+    assert M.youden(y2, p2)["threshold"] == (0.8 + 0.6) / 2
+
+
+def test_sensitivity_0_leaves_a_saturated_probability_of_1_negative(tmp_path):
+    """Issue 34.10: 'sensitivity:0' (and any rule that makes nothing positive) gives a threshold above 1.0, so a
+    saturated p = 1.0 is not counted positive; cxr-predict accepts it from operating_point.json."""
+    import json
+
+    from distributed import predict
+    from distributed.report import two_by_two
+
+    y = np.array([1, 1, 0, 0, 1])
+    p = np.array([1.0, 0.8, 0.9, 0.2, 0.5])
+    t = M.choose_threshold("sensitivity:0", y, p)
+    assert t == M.NOTHING_POSITIVE > 1.0 and not (p >= t).any()
+    assert M.choose_threshold("specificity:1", y, p) == 0.95  # the cut above the highest negative, below 1.0
+    op = M.operating_point_metrics(y, p, t, np.arange(5), n_boot=0)
+    assert (op["tp"], op["fp"]) == (0, 0) and op["sensitivity"]["value"] == 0.0
+    assert "p >= 1.0000000000000002" in "\n".join(two_by_two({**op, "threshold": t, "rule": "sensitivity:0",
+                                                                "source": "validation"}, ["a", "b"]))
+    model = tmp_path / "model.keras"
+    model.write_bytes(b"model")
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": t, "rule": "sensitivity:0",
+                                                               "source": "validation", "models": {"model.keras": "d"}}))
+    assert predict.find_operating_point(model, "d")["threshold"] == t
+    (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": 1.5, "models": {"model.keras": "d"}}))
+    assert predict.find_operating_point(model, "d")["applied"] is False
+
+
+def test_multilabel_mean_auc_difference_averages_a_fixed_set_of_findings():
+    """Issue 34.10: the paired mean-AUC difference averages the findings with both classes in the full sample, in
+    every resample; a resample where one of them lacks a class is dropped and counted in n_valid (before, it
+    averaged whichever findings kept both classes, a different mean per resample)."""
+    rng = np.random.default_rng(7)
+    g = np.repeat(np.arange(30), 2)
+    Y = rng.integers(0, 2, (60, 3))
+    Y[:, 2] = 0
+    Y[g == 4, 2] = 1  # one patient carries the rare finding: about a third of the resamples lack it
+    Pa = np.clip(0.3 * Y + rng.random((60, 3)) * 0.7, 0, 1)
+    Pb = np.clip(Pa + rng.normal(0, 0.1, Pa.shape), 0, 1)
+    d = M.paired_mean_auc_difference(Y, Pa, Pb, g, n_boot=200, seed=3)
+    diffs = [np.mean([roc_auc_score(Y[i, k], Pb[i, k]) - roc_auc_score(Y[i, k], Pa[i, k]) for k in range(3)])
+             for i in _explicit_resamples(g, 200, 3) if all(len(set(Y[i, k])) == 2 for k in range(3))]
+    assert d["findings"] == 3 and d["n_valid"] == len(diffs) < 0.8 * 200
+    assert d["percentile"]["low"] == pytest.approx(np.percentile(diffs, 2.5), abs=1e-12)
+    assert d["percentile"]["high"] == pytest.approx(np.percentile(diffs, 97.5), abs=1e-12)
+    import tempfile
+    from pathlib import Path
+
+    from data_prep.config import load_config
+    from distributed.report import write_report
+
+    ml = M.multilabel_metrics(Y, Pa, class_names=["a", "b", "c"], groups=g, n_boot=0)
+    metrics = {"task": "multilabel", "classes": ["a", "b", "c"], "plain": ml, "tta": None, "tta_minus_plain": d,
+               "bootstrap": 200, "n": 60, "model": "m", "checkpoint": "best", "image_size": 32, "ranks": 1,
+               "seconds": 1.0}
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(None, [f"run.dir={tmp}"])
+        write_report(tmp, cfg=cfg, manifest=None, metrics=metrics, plots={}, gradcam={}, config_yaml="")
+        text = (Path(tmp) / "report.md").read_text()
+    assert f"on {d['n_valid']} of 200 patient resamples: every resample averages the same findings" in text
+    assert "DeLong's test of the paired mean AUCs, clustered by patient (Obuchowski 1997)" in text
+    assert f"tta\\_minus\\_plain ({d['n_valid']})" in text  # the warning below 95 % of the resamples (escaped)
