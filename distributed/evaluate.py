@@ -654,6 +654,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "seconds": time.time() - g.started,
         "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
         "warnings": warnings, "split_method": g.manifest.get("split_method", "seeded"),
+        "trained_layers": R.read_trained_layers(run_dir),  # per phase, as the trainer recorded it
         "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,
                             "negative_rule": None if multilabel else cfg.data.negative_rule},
         "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},

@@ -22,7 +22,7 @@ import tensorflow as tf
 from data_prep.cli import UserError
 from distributed import safeload
 
-__all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable",
+__all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable", "trainable_summary",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES", "Backbone",
            "imagenet_weights_file", "copy_weights", "precision_of", "convert_precision", "PRECISIONS"]
 
@@ -303,6 +303,22 @@ def backbone_layers(model) -> list:
     """The backbone's layers in order, counted from the input layer (as ``VGG16().layers``)."""
     start, stop = _index(model, "preprocess"), _index(model, "head_gap")
     return [model.layers[0]] + list(model.layers[start + 1:stop])
+
+
+def trainable_summary(model) -> dict:
+    """What a phase trains, after :func:`set_trainable`: the backbone layers frozen and trained (names,
+    counted from the input layer as ``VGG16().layers``), the head, and the parameter counts."""
+    layers = backbone_layers(model)
+
+    def count(ws) -> int:
+        return int(sum(w.shape.num_elements() for w in ws))
+
+    return {"backbone_layers": len(layers),
+            "frozen": [la.name for la in layers if not la.trainable],
+            "trained": [la.name for la in layers if la.trainable],
+            "head": [n for n in HEAD_LAYERS if model.get_layer(n).trainable],
+            "trainable_params": count(model.trainable_weights),
+            "non_trainable_params": count(model.non_trainable_weights)}
 
 
 def last_conv_layer(model) -> str:

@@ -336,6 +336,29 @@ NEGATIVE_RULES = {
 }
 
 
+def _layer_span(names: list) -> str:
+    return "none" if not names else md_code(names[0]) if len(names) == 1 else \
+        f"{md_code(names[0])} .. {md_code(names[-1])}"
+
+
+def trained_layers_text(metrics: dict) -> str:
+    """What each phase trained, from the trainer's record (``trained_layers.json``): backbone layers
+    frozen and trained (first .. last), and trainable parameters."""
+    rec = metrics.get("trained_layers")
+    if not isinstance(rec, dict) or not rec:
+        return "trained layers not recorded (trained before the record existed)"
+    out = []
+    for phase in ("warmup", "finetune"):
+        d = rec.get(phase)
+        if not isinstance(d, dict):
+            continue
+        frozen, trained = list(d.get("frozen") or []), list(d.get("trained") or [])
+        out.append(f"{phase}: {len(frozen)} of {d.get('backbone_layers', len(frozen) + len(trained))} backbone layers "
+                   f"frozen ({_layer_span(frozen)}), {len(trained)} trained ({_layer_span(trained)}) and the head, "
+                   f"{int(d.get('trainable_params', 0)):,} trainable parameters")
+    return "; ".join(out) or "trained layers not recorded"
+
+
 def checkpoint_text(sc: Mapping | None) -> str:
     if not sc:
         return "–"
@@ -514,7 +537,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
                                          f"{cfg.model.dense_units} + dropout {cfg.model.dropout}"],
         ["Training recipe", f"warm-up {cfg.train.warmup.epochs} epoch(s) ({cfg.train.warmup.optimizer}), fine-tune up "
                             f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} lr {cfg.train.finetune.lr:g}), "
-                            f"early stopping {cfg.train.finetune.patience}; evaluated {checkpoint_text(sc)}"],
+                            f"early stopping {cfg.train.finetune.patience}; {trained_layers_text(metrics)}; "
+                            f"evaluated {checkpoint_text(sc)}"],
         ["Metrics with intervals", intervals_fact(metrics)],
         ["Operating point", operating_fact(metrics)],
         ["Calibration", calibration_fact(out_dir, metrics) if metrics["task"] == "binary" else "–"],

@@ -62,6 +62,7 @@ BATCHES = "batches.csv"
 CONFIG = "config.yaml"
 RUN_JSON = "run.json"
 TRAINING_PREP = "training_prep.json"  # the prep it trained on (distributed.provenance)
+TRAINED_LAYERS = "trained_layers.json"  # per phase: frozen and trained layers, parameters
 TB = "tb"
 # evaluation
 EVAL_CONFIG = "eval_config.yaml"
@@ -144,6 +145,21 @@ def read_history(path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def record_phase_layers(run_dir, phase: str, summary: dict) -> Path:
+    """Add ``phase``'s :func:`distributed.model.trainable_summary` to ``trained_layers.json``."""
+    path = Path(run_dir) / TRAINED_LAYERS
+    return atomic_write_json(path, {**(read_trained_layers(run_dir) or {}), phase: summary})
+
+
+def read_trained_layers(run_dir) -> dict | None:
+    """``{phase: summary}`` of the phases trained in ``run_dir``; None for a run without the record."""
+    try:
+        doc = json.loads((Path(run_dir) / TRAINED_LAYERS).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def holds_run(run_dir) -> bool:

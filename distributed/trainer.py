@@ -189,6 +189,8 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
                 state.phase, state.phase_epoch, state.step = phase, 0, 0
                 state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
             ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel)
+            if hvd.is_root():  # Horovod: rank 0 writes the run's files
+                rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
             if opt_phase == phase and opt_values:
                 assign_optimizer(ph.optimizer, opt_values, log)
             # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,

@@ -241,6 +241,12 @@ def test_pipeline_two_ranks_to_a_report(workdir):
     assert marker["train"]["ranks"] == 2
     assert history_epochs(run) == [1, 2, 3]
     assert "AUC" in (run / "report.md").read_text()
+    # what each phase trained (issue 32): the warm-up only the head, the fine-tune all but the first 10 layers
+    layers = json.loads((run / "metrics.json").read_text())["trained_layers"]
+    assert layers["warmup"]["trained"] == [] and len(layers["finetune"]["frozen"]) == 10
+    assert layers["finetune"]["trainable_params"] > layers["warmup"]["trainable_params"] > 0
+    n = layers["finetune"]["backbone_layers"]
+    assert f"finetune: 10 of {n} backbone layers frozen" in (run / "report.md").read_text()
     assert_results_reproducible(run)
     exact_from_csvs(run)
 

@@ -127,3 +127,20 @@ def test_the_intervals_answer_names_what_has_none(tmp_path):
     del m["plain"]["operating_point"]
     del m["operating_point"]
     assert "Clopper-Pearson" not in _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
+
+
+def test_trained_layers_sentence_follows_the_record(tmp_path):
+    """Issue 32: the recipe names what each phase froze and trained, from trained_layers.json."""
+    from distributed import rundir
+    from distributed.report import trained_layers_text
+
+    assert "not recorded" in trained_layers_text({"trained_layers": rundir.read_trained_layers(tmp_path)})
+    rundir.record_phase_layers(tmp_path, "warmup", {"backbone_layers": 3, "frozen": ["image", "c1", "c2"],
+                                                    "trained": [], "head": ["predictions"], "trainable_params": 10})
+    rundir.record_phase_layers(tmp_path, "finetune", {"backbone_layers": 3, "frozen": ["image"],
+                                                      "trained": ["c1", "c2"], "head": ["predictions"],
+                                                      "trainable_params": 1234})
+    text = trained_layers_text({"trained_layers": rundir.read_trained_layers(tmp_path)})
+    assert text == ("warmup: 3 of 3 backbone layers frozen (`image` .. `c2`), 0 trained (none) and the head, "
+                    "10 trainable parameters; finetune: 1 of 3 backbone layers frozen (`image`), 2 trained "
+                    "(`c1` .. `c2`) and the head, 1,234 trainable parameters")
