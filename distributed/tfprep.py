@@ -28,11 +28,18 @@ from __future__ import annotations
 
 import tensorflow as tf
 
-__all__ = ["REDUCING_GAP", "preprocess", "resize_like_pillow", "jpeg_draft_ratio"]
+__all__ = ["REDUCING_GAP", "preprocess", "resize_like_pillow", "jpeg_draft_ratio", "to_float32"]
 
 REDUCING_GAP = 1.3  # data_prep.imaging.REDUCING_GAP (a test keeps them equal)
 _PRECISION_BITS = 22  # Resample.c: 32 - 8 - 2
 _F64 = tf.float64
+
+
+def to_float32(x):
+    """``x`` (>= 0) rounded to float32, as a store into a float32 image rounds it, then back in float64 for
+    the next step. The ``maximum`` keeps converters from folding the two casts into none (tf2onnx removes
+    a float cast that feeds another cast, which would skip the rounding)."""
+    return tf.cast(tf.maximum(tf.cast(x, tf.float32), 0.0), _F64)
 
 
 def jpeg_draft_ratio(width: int, height: int, size: int) -> int:
@@ -76,26 +83,41 @@ def _reduce_u8(x, fy, fx):
 def _reduce_f(x, fy, fx):
     """``Image.reduce((fx, fy))`` of a mode ``F`` image (Reduce.c, 32bpc): sum * (1 / n) in double, stored float32."""
     s, n = _box_sums(x, fy, fx)
-    return tf.cast(tf.cast(s * (1.0 / n), tf.float32), _F64)
+    return to_float32(s * (1.0 / n))
 
 
-def _coefficients(in_size, in1, out_size: int):
+def _coefficients(in_size, in1, out_size: int, out_first: bool):
     """Resample.c ``precompute_coeffs`` for the bilinear filter over the box [0, in1) of an axis of
-    ``in_size`` pixels: a dense (out_size, in_size) float64 matrix, rows normalised (zeros outside each
-    output pixel's window)."""
-    in1 = tf.cast(tf.cast(in1, tf.float32), _F64)  # the box reaches C as float
+    ``in_size`` pixels: a dense float64 matrix of each output pixel's normalised weights (zeros outside
+    its window), (out_size, in_size) when ``out_first`` else (in_size, out_size). Built in the orientation
+    each pass multiplies with, so that no transpose meets a matrix product (ONNX Runtime fuses the two
+    into a kernel that has no float64 version)."""
+    in1 = tf.cast(in1, _F64)  # float32: the box reaches C as float
     scale = in1 / out_size
     filterscale = tf.maximum(scale, 1.0)
     support = 1.0 * filterscale
     center = (tf.range(out_size, dtype=_F64) + 0.5) * scale  # in0 = 0
     xmin = tf.maximum(tf.math.floor(center - support + 0.5), 0.0)  # (int) truncates; negative values clamp to 0
     xmax = tf.minimum(tf.math.floor(center + support + 0.5), tf.cast(in_size, _F64))
-    xs = tf.cast(tf.range(in_size), _F64)[None, :]
-    c, lo, hi = center[:, None], xmin[:, None], xmax[:, None]
+    xs = tf.cast(tf.range(in_size), _F64)
+    ax = 1 if out_first else 0  # the input axis
+    if out_first:
+        xs, c, lo, hi = xs[None, :], center[:, None], xmin[:, None], xmax[:, None]
+    else:
+        xs, c, lo, hi = xs[:, None], center[None, :], xmin[None, :], xmax[None, :]
     t = tf.abs((xs - c + 0.5) * (1.0 / filterscale))
     w = tf.where((xs >= lo) & (xs < hi) & (t < 1.0), 1.0 - t, 0.0)
-    ww = tf.math.cumsum(w, axis=1)[:, -1:]  # summed left to right, as the C loop does
+    ww = tf.reduce_max(tf.math.cumsum(w, axis=ax), axis=ax, keepdims=True)  # summed in input order, as in C
     return tf.where(ww != 0.0, w / tf.where(ww != 0.0, ww, 1.0), w)
+
+
+def _passes(x, size: int, in1_w, in1_h, coefficients, between):
+    """Horizontal pass ``x @ kx`` (N, H, S), ``between`` (the rounding Pillow does after it), then the
+    vertical pass ``ky @ t``: (N, S, S)."""
+    kx = coefficients(_coefficients(tf.shape(x)[2], in1_w, size, out_first=False))  # (W, S)
+    ky = coefficients(_coefficients(tf.shape(x)[1], in1_h, size, out_first=True))  # (S, H)
+    t = between(tf.matmul(x, kx[None]))
+    return tf.matmul(ky[None], t)
 
 
 def _resample_u8(x, size: int, in1_w, in1_h):
@@ -107,26 +129,20 @@ def _resample_u8(x, size: int, in1_w, in1_h):
         v = tf.math.floor((s + float(1 << (_PRECISION_BITS - 1))) / float(1 << _PRECISION_BITS))
         return tf.clip_by_value(v, 0.0, 255.0)
 
-    kx = fixed(_coefficients(tf.shape(x)[2], in1_w, size))  # (S, W)
-    ky = fixed(_coefficients(tf.shape(x)[1], in1_h, size))  # (S, H)
     # integer products below 2**30, sums below 2**31: exact in float64
-    t = clip8(tf.einsum("nhw,sw->nhs", x, kx))
-    return clip8(tf.einsum("nhs,th->nts", t, ky))
+    return clip8(_passes(x, size, in1_w, in1_h, fixed, clip8))
 
 
 def _resample_f(x, size: int, in1_w, in1_h):
     """ImagingResample, mode ``F``: double sums, float32 after each pass."""
-    kx = _coefficients(tf.shape(x)[2], in1_w, size)
-    ky = _coefficients(tf.shape(x)[1], in1_h, size)
-    t = tf.cast(tf.cast(tf.einsum("nhw,sw->nhs", x, kx), tf.float32), _F64)
-    return tf.cast(tf.einsum("nhs,th->nts", t, ky), tf.float32)
+    return tf.cast(_passes(x, size, in1_w, in1_h, lambda k: k, to_float32), tf.float32)
 
 
 def resize_like_pillow(images, size: int):
     """(N, H, W) uint8 or uint16 -> (N, size, size): uint8 input as Pillow resizes mode ``L`` (uint8
     out), uint16 input as Pillow resizes mode ``F`` (float32 out); reducing_gap 1.3, bilinear."""
     eight = images.dtype == tf.uint8
-    x = tf.cast(images, _F64) if eight else tf.cast(tf.cast(images, tf.float32), _F64)
+    x = tf.cast(images, _F64)  # exact for uint8 and uint16
     h, w = tf.shape(x)[1], tf.shape(x)[2]
     fx, fy = _reduce_factor(w, size), _reduce_factor(h, size)
     reduced = (fx > 1) | (fy > 1)
@@ -134,9 +150,10 @@ def resize_like_pillow(images, size: int):
         x = tf.cond(reduced, lambda: _reduce_u8(x, fy, fx), lambda: x)
     else:
         x = tf.cond(reduced, lambda: _reduce_f(x, fy, fx), lambda: x)
-    # the box after the reduction: (0, 0, W / fx, H / fy) in Python floats (W, H without one)
-    in1_w = tf.cast(w, _F64) / tf.cast(fx, _F64)
-    in1_h = tf.cast(h, _F64) / tf.cast(fy, _F64)
+    # the box after the reduction, (0, 0, W / fx, H / fy), reaches C as float32: the float32 quotient of
+    # two integers is the double one rounded to float32 (and needs no cast of a cast)
+    in1_w = tf.cast(w, tf.float32) / tf.cast(fx, tf.float32)
+    in1_h = tf.cast(h, tf.float32) / tf.cast(fy, tf.float32)
     if eight:
         return tf.cast(_resample_u8(x, size, in1_w, in1_h), tf.uint8)
     return _resample_f(x, size, in1_w, in1_h)
