@@ -1,13 +1,13 @@
 """Export a trained run as a bundle another team can run: ``cxr-export`` / ``python -m distributed.export``.
 
-    python -m distributed.export --run RUN [--out DIR] [--format savedmodel] [--force]
+    python -m distributed.export --run RUN [--out DIR] [--format savedmodel[,onnx]] [--force]
 
 The bundle (default ``RUN/export``; written under a temporary name and renamed, so it is whole or absent):
 
 * ``saved_model/``: a TensorFlow SavedModel that takes what a file decoder gives and does the rest in its
   graph (:mod:`distributed.tfprep`: Pillow's resize with ``reducing_gap=1.3`` and the per-image min-max,
   equal to ``data_prep.imaging.load_xray``), then the network, the run's calibration and its operating point.
-  Signatures (``images``: ``(N, H, W)`` or one ``(H, W)`` grayscale image; a batch shares one size):
+  Signatures (``images``: ``(N, H, W)`` grayscale, one image as a batch of one; a batch shares one size):
 
   ===========================  ==========================  =================================================
   signature                    input                       outputs
@@ -33,7 +33,12 @@ The bundle (default ``RUN/export``; written under a temporary name and renamed, 
 * ``MODEL_CARD.md`` (:mod:`distributed.modelcard`), the Grad-CAM grids it links (``gradcam/``), and the
   run's ``config.yaml``.
 
-Only binary runs are exported. ``--format onnx`` is refused (docs/export.md says why).
+``--format savedmodel,onnx`` adds ``onnx/predict_uint8.onnx`` and ``onnx/predict_uint16.onnx`` (tf2onnx, opset 17):
+the same graph, preprocessing included, for ONNX Runtime (``tests/e2e/test_export.py``: the same probabilities
+as TensorFlow within 1e-4, the same preprocessed pixels). tf2onnx declares ``protobuf~=3.20`` but works with
+TensorFlow 2.15's protobuf 4.25; it is installed without its declared dependencies (``requirements-onnx.txt``).
+
+Only binary runs are exported.
 """
 from __future__ import annotations
 
@@ -49,9 +54,11 @@ from data_prep.cli import UsageError, UserError, add_debug_arg, command, note_ou
 from data_prep.fsutil import atomic_write_text, sha256_file
 from distributed.bundle import FORMAT, FORMAT_VERSION, MODEL_FILE, MODEL_JSON
 
-FORMATS = ("savedmodel",)
-ONNX_REFUSAL = ("--format onnx: not available: tf2onnx 1.16.1, the last release, cannot be installed beside "
-                "this project's protobuf 4.25 and TensorFlow 2.15 (docs/export.md)")
+FORMATS = ("savedmodel", "onnx")
+ONNX_OPSET = 17
+ONNX_SIGNATURES = ("predict_uint8", "predict_uint16")  # onnx/<signature>.onnx
+ONNX_MISSING = ("--format onnx needs tf2onnx and onnx: pip install --no-deps -r requirements-onnx.txt "
+                "(make deps does)")
 
 
 class ExportError(UserError):
@@ -195,7 +202,7 @@ def model_json(facts: dict, size: int, files: dict) -> dict:
         "project": {"name": "cxr-transfer", "version": project_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": "binary", "classes": list(facts["classes"]), "positive_class": facts["classes"][1],
-        "input": {"image_size": int(size), "dtypes": ["uint8", "uint16"], "layout": "(N, H, W) or (H, W) grayscale",
+        "input": {"image_size": int(size), "dtypes": ["uint8", "uint16"], "layout": "(N, H, W) grayscale, a batch of same-size images",
                   "preprocessing": "data_prep.imaging.load_xray after the decode (distributed/tfprep.py): Pillow "
                                    "BILINEAR resize with reducing_gap 1.3, per-image min-max to 0..255",
                   "decode": "gray as Pillow/libjpeg decode it; colour -> ITU-R 601 luma; JPEG at the DCT scale of "
@@ -219,7 +226,7 @@ def serving_module(model, size: int, classes, dec: dict, cal: dict):
     """A ``tf.Module`` holding the network with the signatures of the module doc."""
     import tensorflow as tf
 
-    from distributed.tfprep import preprocess
+    from distributed.tfprep import preprocess, to_float32
 
     threshold = float(dec["threshold"])
     on_raw = dec["applied_to"] == "raw_probability"
@@ -239,34 +246,28 @@ def serving_module(model, size: int, classes, dec: dict, cal: dict):
             if cal.get("applied"):
                 p = tf.clip_by_value(tf.cast(raw, tf.float64), 1e-7, 1 - 1e-7)  # metrics.logit's clip
                 c = float(cal["center"])
-                z = (tf.math.log(p) - tf.math.log1p(-p) - c) / float(cal["temperature"]) + c + float(cal["shift"])
+                # log(1 - p), not log1p: ONNX has no Log1p; in float64 the two differ far below float32's ulp
+                z = (tf.math.log(p) - tf.math.log(1.0 - p) - c) / float(cal["temperature"]) + c + float(cal["shift"])
                 prob = tf.cast(1.0 / (1.0 + tf.exp(-z)), tf.float32)
-            positive = tf.cast(raw if on_raw else prob, tf.float64) >= self.threshold
+            positive = (tf.cast(raw, tf.float64) if on_raw else to_float32(prob)) >= self.threshold
             return {"raw_probability": raw, "probability": prob, "positive": positive,
                     "label": tf.gather(names, tf.cast(positive, tf.int32))}
 
-        @staticmethod
-        def _batch(images):
-            tf.debugging.assert_rank_in(images, [2, 3], message="images: (N, H, W) or (H, W) grayscale")
-            shape = tf.shape(images)
-            x = tf.reshape(images, tf.concat([[-1], shape[-2:]], 0))
-            return tf.ensure_shape(x, [None, None, None])
-
-        @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8, name="images")])
         def preprocess_uint8(self, images):
-            return {"image": preprocess(self._batch(images), size)}
+            return {"image": preprocess(images, size)}
 
-        @tf.function(input_signature=[tf.TensorSpec(None, tf.uint16, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint16, name="images")])
         def preprocess_uint16(self, images):
-            return {"image": preprocess(self._batch(images), size)}
+            return {"image": preprocess(images, size)}
 
-        @tf.function(input_signature=[tf.TensorSpec(None, tf.uint8, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint8, name="images")])
         def predict_uint8(self, images):
-            return self._decide(preprocess(self._batch(images), size))
+            return self._decide(preprocess(images, size))
 
-        @tf.function(input_signature=[tf.TensorSpec(None, tf.uint16, name="images")])
+        @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.uint16, name="images")])
         def predict_uint16(self, images):
-            return self._decide(preprocess(self._batch(images), size))
+            return self._decide(preprocess(images, size))
 
         @tf.function(input_signature=[tf.TensorSpec([None, size, size], tf.uint8, name="images")])
         def predict_preprocessed(self, images):
@@ -286,6 +287,35 @@ def save_serving(module, folder: Path) -> None:
 
 # --------------------------------------------------------------------------- the bundle
 
+def onnx_available() -> bool:
+    from importlib.util import find_spec
+
+    return find_spec("tf2onnx") is not None and find_spec("onnx") is not None
+
+
+def save_onnx(saved_model: Path, folder: Path) -> dict:
+    """tf2onnx's conversion of the SavedModel's full-graph signatures (preprocessing included), one
+    ``folder/<signature>.onnx`` each, by its own command line in a child process (what docs/export.md
+    shows); ExportError with tf2onnx's last line when it fails."""
+    import subprocess
+    from importlib.metadata import version
+
+    folder.mkdir()
+    files = {}
+    for sig in ONNX_SIGNATURES:
+        dest = folder / f"{sig}.onnx"
+        r = subprocess.run([sys.executable, "-m", "tf2onnx.convert", "--saved-model", str(saved_model), "--tag",
+                            "serve", "--signature_def", sig, "--opset", str(ONNX_OPSET), "--output", str(dest)],
+                           capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+        if r.returncode != 0 or not dest.is_file():
+            last = next((x for x in reversed(r.stderr.splitlines()) if x.strip()), f"exit code {r.returncode}")
+            raise ExportError(f"ONNX conversion of {sig} failed: {last.strip()}")
+        files[sig] = f"{folder.name}/{dest.name}"
+    return {"opset": ONNX_OPSET, "converter": f"tf2onnx {version('tf2onnx')}", "files": files,
+            "inputs": {"predict_uint8": "images uint8 (N, H, W)", "predict_uint16": "images uint16 (N, H, W)"},
+            "outputs": ["raw_probability", "probability", "positive", "label"]}
+
+
 def file_digests(folder: Path) -> dict:
     """sha256 of every file under ``folder`` (model.json excluded), by relative path."""
     out = {}
@@ -300,10 +330,10 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
     run = Path(run)
     out = Path(out) if out else run / "export"
     for f in formats:
-        if f == "onnx":
-            raise UsageError(ONNX_REFUSAL)
         if f not in FORMATS:
             raise UsageError(f"--format {f}: expected one of {', '.join(FORMATS)}")
+    if "onnx" in formats and not onnx_available():
+        raise UsageError(ONNX_MISSING)
     if out.exists() and not force:
         raise ExportError(f"{out} exists: remove it, give another --out, or --force to replace it")
     facts = run_facts(run)
@@ -325,6 +355,7 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
     try:
         tmp.mkdir()
         save_serving(serving_module(model, size, facts["classes"], dec, cal), tmp / "saved_model")
+        onnx = save_onnx(tmp / "saved_model", tmp / "onnx") if "onnx" in formats else None
         shutil.copyfile(facts["model_path"], tmp / MODEL_FILE)
         if sha256_file(tmp / MODEL_FILE) != facts["digest"]:
             raise ExportError(f"{facts['model_path']} changed while it was copied; export again")
@@ -338,6 +369,7 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
                 shutil.copyfile(src, tmp / "gradcam" / src.name)
                 grids[name] = f"gradcam/{src.name}"
         doc = model_json(facts, size, {})
+        doc["onnx"] = onnx
         (tmp / "MODEL_CARD.md").write_text(model_card(facts, doc, grids))
         doc["files"] = file_digests(tmp)
         atomic_write_text(tmp / MODEL_JSON, json.dumps(doc, indent=2) + "\n")
@@ -346,8 +378,8 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    log(f"bundle of {run} written to {out}: saved_model/ (preprocessing in the graph), {MODEL_FILE}, {MODEL_JSON}, "
-        f"MODEL_CARD.md; threshold {dec['threshold']:.9g} on {dec['applied_to']}, calibration "
+    log(f"bundle of {run} written to {out}: saved_model/ (preprocessing in the graph), "
+        f"{'onnx/, ' if onnx else ''}{MODEL_FILE}, {MODEL_JSON}, MODEL_CARD.md; threshold {dec['threshold']:.9g} on {dec['applied_to']}, calibration "
         f"{'applied' if cal['applied'] else 'none'}")
     return out
 
@@ -357,8 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", required=True, help="the run folder (model.keras, metrics.json, config.yaml, ...)")
     p.add_argument("--out", default=None, help="bundle folder (default RUN/export)")
-    p.add_argument("--format", default="savedmodel", help="comma-separated: savedmodel (onnx is refused, see "
-                                                          "docs/export.md)")
+    p.add_argument("--format", default="savedmodel", help="comma-separated: savedmodel (always written), onnx "
+                                                          "(also onnx/predict_uint8.onnx, onnx/predict_uint16.onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
     add_debug_arg(p)
     return p
@@ -370,6 +402,7 @@ def main(argv=None) -> int:
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     if not formats:
         raise UsageError("--format: give at least one format")
+    formats = ["savedmodel"] + [f for f in formats if f != "savedmodel"]  # ONNX is converted from the SavedModel
     quiet_tensorflow(argv=argv)
     export(args.run, args.out, formats, force=args.force)
     return 0
