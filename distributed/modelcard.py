@@ -54,16 +54,21 @@ def _data_section(facts, doc) -> list[str]:
     for s in ("train", "val", "test"):
         v = splits.get(s) or {}
         pats = (td.get("split_patients") or {}).get(s)
+        if pats is None and s == "test":
+            pats = m.get("plain", {}).get("patients")
         counts = ", ".join(f"{md(k)} {n}" for k, n in (v.get("label_counts") or {}).items())
         lines.append(f"- {s}: {v.get('count', '–')} images" + (f", {pats} patients" if pats is not None else "")
                      + (f" ({counts})" if counts else "") + f", prevalence {num(prev.get(s))}"
-                     + (" (the training split is resampled to balance the classes)" if s == "train" else ""))
+                     + (f" (resampled to {cfg.prep.train_per_class} per class)"
+                        if s == "train" and cfg.prep.train_per_class else ""))
     lines += ["",
               f"- Label rule: positive = the finding {md(task.get('positive_label'))} among the image's labels; "
               f"negative = {neg}.",
               "- Label noise: NIH ChestX-ray14's labels were mined from the radiology reports by NLP, not read "
               "from the images; their published accuracy is above 90% for most findings but lower for some, and "
-              "Infiltration is among the least reliable. Test metrics are measured against these labels.", ""]
+              "Infiltration is among the least reliable. Test metrics are measured against these labels."
+              + (" (The generated labels of this data set are exact by construction: trained on NIH data, the "
+                 "same model would meet that noise.)" if src["synthetic"] else ""), ""]
     return lines
 
 
@@ -173,10 +178,13 @@ def model_card(facts: Mapping, doc: Mapping, grids: Mapping[str, str]) -> str:
     lim = ["## Limitations", ""]
     if synthetic:
         lim.append("- Trained and tested on generated pictures (see Data): not a medical model.")
-    lim += ["- One data source; the test split is internal (same hospital and prep as training): no external "
-            "validation.", "- Labels are NLP-mined and noisy (see Data); the test metrics inherit that noise.",
-            f"- The threshold was chosen at the validation prevalence {num((facts['metrics'].get('prevalence') or {}).get('val'))}; "
-            "PPV and NPV change with the prevalence where the model is used.",
+    lim += ["- One data source; the test split is internal (same source and prep as training, other patients): "
+            "no external validation."]
+    if not synthetic:
+        lim.append("- Labels are NLP-mined and noisy (see Data); the test metrics inherit that noise.")
+    val_prev = (facts["metrics"].get("prevalence") or {}).get("val")
+    lim += [f"- The threshold was chosen at the validation prevalence {num(val_prev)}; PPV and NPV change with the "
+            "prevalence where the model is used.",
             "- Images are squashed to a square (aspect ratio not kept); a JPEG is read at libjpeg's reduced DCT "
             "scale as prep reads it.", ""]
     lines += lim
