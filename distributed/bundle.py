@@ -17,13 +17,14 @@ from pathlib import Path
 
 from data_prep.cli import UserError
 from data_prep.fsutil import sha256_file
+from distributed import rundir
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "BundleError", "Bundle", "is_bundle", "read_bundle", "MODEL_JSON"]
 
 FORMAT = "cxr-transfer-bundle"
 FORMAT_VERSION = 1
 MODEL_JSON = "model.json"
-MODEL_FILE = "model.keras"
+MODEL_FILE = rundir.FINAL  # the run's model file, copied under the same name
 MAX_JSON_BYTES = 1 << 20  # a model.json is ~5 KB
 
 

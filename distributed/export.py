@@ -1,6 +1,6 @@
 """Export a trained run as a bundle another team can run: ``cxr-export`` / ``python -m distributed.export``.
 
-    python -m distributed.export --run RUN [--out DIR] [--format savedmodel[,onnx]] [--force]
+    python -m distributed.export {--run RUN | --config C [--set k=v]} [--out DIR] [--format savedmodel[,onnx]] [--force]
 
 The bundle (default ``RUN/export``; written under a temporary name and renamed, so it is whole or absent):
 
@@ -50,8 +50,10 @@ import sys
 import time
 from pathlib import Path
 
-from data_prep.cli import UsageError, UserError, add_debug_arg, command, note_output, quiet_tensorflow
+from data_prep.cli import UsageError, UserError, command, note_output, quiet_tensorflow
+from data_prep.config import add_config_args, load_config
 from data_prep.fsutil import atomic_write_text, sha256_file
+from distributed import rundir
 from distributed.bundle import FORMAT, FORMAT_VERSION, MODEL_FILE, MODEL_JSON
 
 FORMATS = ("savedmodel", "onnx")
@@ -96,14 +98,14 @@ def run_facts(run: Path) -> dict:
         model_path = resolve_model_path(run)
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
-    metrics = _read_json(run / "metrics.json")
+    metrics = _read_json(run / rundir.METRICS)
     if metrics is None:
-        raise ExportError(f"{run / 'metrics.json'} is missing or unreadable: evaluate the run first (cxr-eval)")
+        raise ExportError(f"{run / rundir.METRICS} is missing or unreadable: evaluate the run first (cxr-eval)")
     if metrics.get("task") != "binary":
         raise ExportError(f"{run}: a {metrics.get('task')!r} run; only binary runs are exported")
     classes = metrics.get("classes")
     if not (isinstance(classes, list) and len(classes) == 2 and all(isinstance(c, str) for c in classes)):
-        raise ExportError(f"{run / 'metrics.json'}: no two class names")
+        raise ExportError(f"{run / rundir.METRICS}: no two class names")
     digest = sha256_file(model_path)
     op = find_operating_point(model_path, digest)
     cal = find_calibration(model_path, digest)
@@ -112,7 +114,7 @@ def run_facts(run: Path) -> dict:
         why = "missing" if cal is None else cal["why"]
         raise ExportError(f"{says} says this run's predictions are calibrated, but its calibration.json is {why}")
     # the evaluation's resolved config (the one metrics.json came from), else the training's
-    cfg_file = next((run / n for n in ("eval_config.yaml", "config.yaml") if (run / n).is_file()), None)
+    cfg_file = next((run / n for n in (rundir.EVAL_CONFIG, rundir.CONFIG) if (run / n).is_file()), None)
     try:
         cfg = load_config(cfg_file) if cfg_file is not None else None
     except (ConfigError, OSError) as e:
@@ -121,7 +123,7 @@ def run_facts(run: Path) -> dict:
         raise ExportError(f"{run}: no eval_config.yaml or config.yaml in the run folder")
     return {"run": run, "model_path": model_path, "digest": digest, "metrics": metrics, "classes": classes,
             "operating_point": op, "calibration": cal if cal and cal.get("applied") else None, "config": cfg,
-            "training_prep": _read_json(run / "training_prep.json"),
+            "training_prep": _read_json(run / rundir.TRAINING_PREP),
             "config_yaml": cfg_file.read_text()}
 
 
@@ -129,7 +131,7 @@ def decision(facts: dict) -> dict:
     op = facts["operating_point"]
     if op.get("applied"):
         return {"threshold": op["threshold"], "applied_to": "raw_probability", "compare": ">=",
-                "rule": op["rule"], "chosen_on": op["source"], "source": "operating_point.json"}
+                "rule": op["rule"], "chosen_on": op["source"], "source": rundir.OPERATING_POINT}
     return {"threshold": 0.5, "applied_to": "probability", "compare": ">=", "rule": "default", "chosen_on": None,
             "source": None, "note": op.get("why")}
 
@@ -202,7 +204,8 @@ def model_json(facts: dict, size: int, files: dict) -> dict:
         "project": {"name": "cxr-transfer", "version": project_version()},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "task": "binary", "classes": list(facts["classes"]), "positive_class": facts["classes"][1],
-        "input": {"image_size": int(size), "dtypes": ["uint8", "uint16"], "layout": "(N, H, W) grayscale, a batch of same-size images",
+        "input": {"image_size": int(size), "dtypes": ["uint8", "uint16"],
+                  "layout": "(N, H, W) grayscale, a batch of same-size images",
                   "preprocessing": "data_prep.imaging.load_xray after the decode (distributed/tfprep.py): Pillow "
                                    "BILINEAR resize with reducing_gap 1.3, per-image min-max to 0..255",
                   "decode": "gray as Pillow/libjpeg decode it; colour -> ITU-R 601 luma; JPEG at the DCT scale of "
@@ -360,7 +363,7 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
         if sha256_file(tmp / MODEL_FILE) != facts["digest"]:
             raise ExportError(f"{facts['model_path']} changed while it was copied; export again")
         if facts["config_yaml"] is not None:
-            (tmp / "config.yaml").write_text(facts["config_yaml"])
+            (tmp / rundir.CONFIG).write_text(facts["config_yaml"])
         grids = {}
         for name, rel in (facts["metrics"].get("gradcam") or {}).items():
             src = run / str(rel)
@@ -379,26 +382,34 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     log(f"bundle of {run} written to {out}: saved_model/ (preprocessing in the graph), "
-        f"{'onnx/, ' if onnx else ''}{MODEL_FILE}, {MODEL_JSON}, MODEL_CARD.md; threshold {dec['threshold']:.9g} on {dec['applied_to']}, calibration "
-        f"{'applied' if cal['applied'] else 'none'}")
+        f"{'onnx/, ' if onnx else ''}{MODEL_FILE}, {MODEL_JSON}, MODEL_CARD.md; threshold {dec['threshold']:.9g} "
+        f"on {dec['applied_to']}, calibration {'applied' if cal['applied'] else 'none'}")
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-export", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", required=True, help="the run folder (model.keras, metrics.json, config.yaml, ...)")
+    p.add_argument("--run", default=None, help="the run folder (model.keras, metrics.json, config.yaml, ...; "
+                                               "default: run.dir of --config)")
     p.add_argument("--out", default=None, help="bundle folder (default RUN/export)")
     p.add_argument("--format", default="savedmodel", help="comma-separated: savedmodel (always written), onnx "
                                                           "(also onnx/predict_uint8.onnx, onnx/predict_uint16.onnx)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle folder")
-    add_debug_arg(p)
+    add_config_args(p, required=False)
     return p
 
 
 @command("cxr-export")
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        args.run = args.run or load_config(args.config, args.overrides).run.dir
+    elif args.overrides:
+        parser.error("--set needs --config")
+    if args.run is None:
+        parser.error("--run (or --config, whose run.dir is the run) is required")
     formats = [f.strip().lower() for f in args.format.split(",") if f.strip()]
     if not formats:
         raise UsageError("--format: give at least one format")

@@ -114,7 +114,8 @@ def _bundle(tmp_path, **changes) -> Path:
     (tmp_path / "model.keras").write_bytes(b"not really a model")
     doc = {"format": FORMAT, "format_version": 1, "task": "binary", "classes": ["No Finding", "Infiltration"],
            "positive_class": "Infiltration", "input": {"image_size": 32},
-           "decision": {"threshold": 0.25, "applied_to": "raw_probability", "rule": "youden", "chosen_on": "validation"},
+           "decision": {"threshold": 0.25, "applied_to": "raw_probability", "rule": "youden",
+                        "chosen_on": "validation"},
            "calibration": {"applied": True, "temperature": 1.5, "shift": 0.1, "center": 0.0},
            "files": {"model.keras": sha256_file(tmp_path / "model.keras")}}
     for k, v in changes.items():
@@ -172,3 +173,9 @@ def test_export_refuses_unknown_formats_and_missing_runs_in_one_line(tmp_path):
     assert r.returncode == 2 and r.stderr == "cxr-export: error: --format tflite: expected one of savedmodel, onnx\n"
     r = _run("-m", "distributed.export", "--run", str(tmp_path / "nothing"))
     assert r.returncode == 1 and r.stderr.startswith("cxr-export: error: ") and r.stderr.count("\n") == 1
+    # --config names the run by its run.dir, as for every command; --run wins
+    (tmp_path / "c.yaml").write_text(f"run: {{dir: {tmp_path / 'elsewhere'}}}\n")
+    r = _run("-m", "distributed.export", "--config", str(tmp_path / "c.yaml"), "--set", "run.name=x")
+    assert r.returncode == 1 and f"{tmp_path / 'elsewhere'}: not a run folder" in r.stderr
+    r = _run("-m", "distributed.export", "--set", "run.dir=x")
+    assert r.returncode == 2 and "--set needs --config" in r.stderr
