@@ -67,10 +67,15 @@ $(VENV)/.deps-stamp: requirements.txt | $(PY)
 	$(PIP) install -q -r requirements.txt
 	touch $@
 
-deps: mpi $(VENV)/.deps-stamp
+# ONNX export and its check (requirements-onnx.txt says why --no-deps).
+$(VENV)/.onnx-stamp: requirements-onnx.txt $(VENV)/.deps-stamp
+	$(PIP) install -q --no-deps -r requirements-onnx.txt
+	touch $@
+
+deps: mpi $(VENV)/.deps-stamp $(VENV)/.onnx-stamp
 
 # Horovod 0.28.1 from source against the installed TensorFlow, with MPI and Gloo (about 4 minutes on 2 cores).
-$(VENV)/.horovod-stamp: $(VENV)/.deps-stamp
+$(VENV)/.horovod-stamp: $(VENV)/.deps-stamp $(VENV)/.onnx-stamp
 	@if $(PY) -c "import horovod, horovod.tensorflow as h; assert horovod.__version__ == '$(HOROVOD_VERSION)'; assert h.mpi_built() and h.gloo_built()" 2>/dev/null; then \
 	  echo ">> horovod $(HOROVOD_VERSION) already built"; \
 	else \

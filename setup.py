@@ -36,6 +36,7 @@ setup(
             "cxr-train=distributed.train:main",
             "cxr-eval=distributed.evaluate:main",
             "cxr-predict=distributed.predict:main",
+            "cxr-export=distributed.export:main",
             "cxr-launch=launch.__main__:main",
             "cxr-bench=benchmarks.__main__:main",
         ]

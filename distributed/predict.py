@@ -16,9 +16,11 @@ probability, prediction, threshold, error (text cells neutralised for spreadshee
 ``--gradcam`` writes a Grad-CAM overlay at the input's ORIGINAL size beside each input file
 (``<name>.gradcam.png``) or, with a folder, into that folder; each file is decoded once for
 both the network input and the overlay (``load_xray_and_original``). ``--model`` may be a ``.keras``
-file or a run directory (its ``model.keras``, else ``checkpoints/best.keras``). ``--config C`` (with
-``--set k=v``) names the run by its ``run.dir`` and gives ``runtime.precision`` and ``eval.trust_model``;
-options on the command line win.
+file, a run directory (its ``model.keras``, else ``checkpoints/best.keras``) or a bundle written by
+``cxr-export`` (a folder with ``model.json``: its ``model.keras``, loaded as data, with the classes,
+threshold and calibration its ``model.json`` lists, checked by :mod:`distributed.bundle`; the same
+answers as the run it came from). ``--config C`` (with ``--set k=v``) names the run by its ``run.dir``
+and gives ``runtime.precision`` and ``eval.trust_model``; options on the command line win.
 
 Everything that comes from the run is read from the RUN FOLDER only (the folder of the model file, or
 the folder above ``checkpoints/``), never from its parent, and applied only when it lists this model
@@ -61,6 +63,7 @@ from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
 from data_prep.textsafe import console, csv_row
 from distributed import rundir
+from distributed.bundle import is_bundle, read_bundle
 from distributed.precision import cpu_flags, decide, plan_precision
 
 # --------------------------------------------------------------------------- model and its run
@@ -274,7 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cxr-predict", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", "-m", default=None,
-                   help=".keras model file or run directory (default: run.dir of --config)")
+                   help=".keras model file, run directory or exported bundle (cxr-export) (default: run.dir of "
+                        "--config)")
     p.add_argument("images", nargs="*", metavar="IMG",
                    help="PNG or JPEG files (8/16-bit, gray, RGB, RGBA), or folders of them")
     p.add_argument("--recursive", "-r", action="store_true", help="read folders with their subfolders")
@@ -479,6 +483,27 @@ def choose_calibration(args, model_path: Path, digest: str, multilabel: bool) ->
     return cal
 
 
+def bundle_threshold(args, bundle) -> dict:
+    """:func:`choose_threshold` for an exported bundle: ``--threshold``, else its model.json's decision."""
+    if args.threshold is not None:
+        return {"threshold": float(args.threshold), "source": "--threshold", "on": "probability"}
+    f = str(bundle.folder / "model.json")
+    if bundle.threshold_on == "raw_probability":
+        return {"threshold": bundle.threshold, "source": "operating point", "rule": bundle.rule,
+                "chosen_on": bundle.chosen_on, "file": f, "on": "raw_probability"}
+    return {"threshold": bundle.threshold, "source": "default", "why": f"{f} has no validated operating point",
+            "on": "probability"}
+
+
+def bundle_calibration(args, bundle) -> dict | None:
+    """:func:`choose_calibration` for an exported bundle: its model.json's calibration, ``--raw``, or None."""
+    if args.raw:
+        return {"raw": True, "applied": False}
+    if bundle.calibration is None:
+        return None
+    return {"file": str(bundle.folder / "model.json"), "applied": True, **bundle.calibration}
+
+
 @command("cxr-predict")  # a bad argument exits 2, a model that cannot be loaded 1: one line each
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -490,14 +515,28 @@ def main(argv=None) -> int:
     precision = decide(precision, None, flags=cpu_flags())
     if precision.onednn_env:
         os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", precision.onednn_env)
-    model_path, model = open_model(args.model, precision.precision, trust=args.trust_model)
-    digest = sha256_file(model_path)
-    cfg = find_run_config(model_path)
-    size = input_size(model, cfg, args.image_size)
-    multilabel = is_multilabel(model)
-    names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
-    th = choose_threshold(args, model_path, digest, multilabel)
-    cal = choose_calibration(args, model_path, digest, multilabel)
+    bundle = read_bundle(args.model) if is_bundle(args.model) else None
+    if bundle is not None:  # its model.keras, loaded as data as any model file; the SavedModel is not loaded
+        model_path, model = open_model(bundle.model_file, precision.precision, trust=False)
+        cfg, digest = None, bundle.sha256
+        size = input_size(model, cfg, args.image_size)
+        if size != bundle.image_size:
+            raise ModelError(f"{bundle.model_file}: input size {size}, but its model.json says {bundle.image_size}")
+        multilabel = is_multilabel(model)
+        if multilabel or int(model.output_shape[-1]) != 2:
+            raise ModelError(f"{bundle.model_file}: not the binary model its model.json describes")
+        names = list(bundle.classes)
+        th = bundle_threshold(args, bundle)
+        cal = bundle_calibration(args, bundle)
+    else:
+        model_path, model = open_model(args.model, precision.precision, trust=args.trust_model)
+        digest = sha256_file(model_path)
+        cfg = find_run_config(model_path)
+        size = input_size(model, cfg, args.image_size)
+        multilabel = is_multilabel(model)
+        names = class_names_for(cfg, int(model.output_shape[-1]), multilabel)
+        th = choose_threshold(args, model_path, digest, multilabel)
+        cal = choose_calibration(args, model_path, digest, multilabel)
 
     files = expand_inputs(args.images, args.recursive)
     results, decoded = read_images(files, size, keep_original=args.gradcam is not None)
