@@ -136,3 +136,12 @@ def valid(flow) -> bool:
         return False
     return all(isinstance(s, Mapping) and s.get("step") in STEPS and isinstance(s.get("images"), int)
                for s in flow["steps"])
+
+
+def with_evaluated(flow: Mapping | None, images, patients, cls) -> dict | None:
+    """A copy of prep's ``flow`` with the ``evaluated`` step of the test split (the images the evaluation
+    predicted); None when the manifest recorded no flow (a prep older than it)."""
+    if not valid(flow):
+        return None
+    steps = [s for s in flow["steps"] if s["step"] != "evaluated"]
+    return {**flow, "steps": steps + [count("evaluated", images, patients, cls, flow["classes"], "test")]}

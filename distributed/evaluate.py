@@ -61,6 +61,7 @@ from typing import Mapping
 
 import numpy as np
 
+from data_prep import flow as fl
 from data_prep import locks
 from data_prep.cli import UserError, command, note_output
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
@@ -552,6 +553,13 @@ def correction_prevalence(prev: Mapping, deployment: float = 0.0) -> tuple[float
     return prev.get("natural_train_val"), "train+val (natural, before caps)"
 
 
+def evaluated_flow(manifest: Mapping, meta: dict, data) -> dict | None:
+    """The manifest's flow of images and patients with the test images evaluated added (``data_prep.flow``);
+    None when the prep recorded none."""
+    cls = fl.label_classes(meta["label"], data.targets, manifest.get("task"), manifest.get("classes") or [])
+    return fl.with_evaluated(manifest.get("flow"), meta["image_index"], meta["patient_id"], cls)
+
+
 def finding_labels(cfg, names) -> list[str] | None:
     """The CSV's Finding Labels of each image (``data.csv``), or None when the CSV cannot be read."""
     from data_prep.metadata import MetadataError, read_metadata
@@ -728,6 +736,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,
                             "negative_rule": None if multilabel else cfg.data.negative_rule},
         "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},
+        "flow": evaluated_flow(g.manifest, meta, data),
         **extra,
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
         "gradcam_threshold": cam_threshold,

@@ -14,6 +14,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from data_prep import flow as fl
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
@@ -85,6 +86,62 @@ def data_section(manifest: Mapping | None, provenance: Mapping | None = None) ->
     txt.append(f"Splits are by patient. {leakage_sentence(provenance)} The training split may be resampled "
                "(balanced); validation and test hold each image at most once.")
     return "\n".join(txt)
+
+
+FLOW_NOT_RECORDED = ("_The flow of images and patients was not recorded: this prep is older than it (rerun prep to "
+                     "record it). Only prep's skips are known (above)._")
+
+
+def _flow_prev(steps: Sequence[Mapping], i: int) -> Mapping | None:
+    """The step an image of ``steps[i]`` came from: the previous one of the whole data set, or of the same split."""
+    s = steps[i]
+    if s.get("split") is None or s["step"] == "split":
+        return next((t for t in reversed(steps[:i]) if t.get("split") is None), None) if s.get("split") is None \
+            else None
+    return next((t for t in reversed(steps[:i]) if t.get("split") == s["split"]), None)
+
+
+def _flow_row(s: Mapping, prev: Mapping | None, classes: Sequence[str]) -> list:
+    per = s.get("classes") or {}
+    cells = [f"{per[c]['images']} / {per[c]['patients']}" if c in per else "–" for c in classes]
+    images = f"{s['images']}" + (f" ({s['rows']} rows)" if s.get("rows") else "")
+    gone = prev["images"] - s["images"] if prev is not None else None
+    return [md(s.get("what") or s["step"]), md(s.get("split") or "all"), images,
+            "–" if s.get("patients") is None else s["patients"], *cells, "–" if gone is None else gone]
+
+
+def flow_section(flow: Mapping | None) -> str:
+    """STARD's flow of images and patients (``data_prep.flow``: prep's counts and the evaluated test images) as a
+    table with what each step excluded, and the exclusions summed; a sentence when the prep recorded none."""
+    if not fl.valid(flow):
+        return FLOW_NOT_RECORDED
+    steps, classes = flow["steps"], [c for c in flow["classes"]]
+    rows = [_flow_row(s, _flow_prev(steps, i), classes) for i, s in enumerate(steps)]
+    head = ["step", "split", "images", "patients", *(f"{md(c)}: images / patients" for c in classes), "excluded here"]
+    out = ["### Flow of images and patients", "", _table(head, rows, "ll" + "r" * (len(head) - 2)), "",
+           "Images are distinct images (a balanced split's rows with resampled copies in brackets); a patient counts "
+           "in every class of which they have an image, so the classes' patients can add up to more than the "
+           "patients. The splits' first step counts what the patient split assigned; each later row of a split "
+           "excludes from that split's row before it.", ""]
+    ex = flow_exclusions(flow)
+    if ex:
+        out += [ex, ""]
+    return "\n".join(out)
+
+
+def flow_exclusions(flow: Mapping | None) -> str:
+    """``E of N CSV rows excluded: a by ..., b by ...`` from the flow, and whether every written test image was
+    evaluated; empty without a flow."""
+    if not fl.valid(flow):
+        return ""
+    rows, kept = fl.total(flow, "csv"), fl.total(flow, "written")
+    parts = [f"{n} {why}" for _, why, n in fl.exclusions(flow) if n]
+    text = (f"{rows - kept} of {rows} CSV rows excluded before training and testing"
+            + (f" ({'; '.join(parts)})" if parts else "") + f"; {kept} images in the shards")
+    lost = fl.not_evaluated(flow)
+    if lost is not None:
+        text += "; every written test image evaluated" if lost == 0 else f"; {lost} written test image(s) not evaluated"
+    return text + "."
 
 
 def _iv(x: Mapping | None, d=3) -> str:
@@ -422,6 +479,16 @@ def calibration_fact(out_dir, metrics: Mapping) -> str:
     return head + "not calibrated (no `calibration.json`)"
 
 
+def exclusion_fact(metrics: Mapping, manifest: Mapping) -> str:
+    """Every exclusion from the CSV rows to the shards (task rule, caps, prep's skips), from the flow; without one
+    only prep's skips are known, and the answer says so."""
+    flow = metrics.get("flow")
+    if fl.valid(flow):
+        return flow_exclusions(flow)[:-1] + " (the flow table under Data; prep's skips in `manifest.json`, `skipped`)"
+    return (f"flow not recorded (a prep older than it): {len(manifest.get('skipped') or [])} image(s) skipped by prep "
+            "(reasons in `manifest.json`, `skipped`); the images the task rule and the caps excluded are not counted")
+
+
 def operating_fact(metrics: Mapping) -> str:
     op = metrics.get("operating_point") or (metrics["plain"].get("operating_point") or {})
     if metrics["task"] != "binary":
@@ -478,8 +545,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
         ["Data source and version", f"metadata {md_code(cfg.data.csv)}, images below {md_code(cfg.data.images)}; prep "
                                     f"format {md(manifest.get('format', '–'))}, prep hash "
                                     f"{md(manifest.get('config_hash', '–'))} (the CSV's release is the author's to state)"],
-        ["Inclusion / exclusion", f"task {md(metrics['task'])}; {len(manifest.get('skipped') or [])} image(s) excluded "
-                                  "(reasons in `manifest.json`, `skipped`); per split: " + (counts or "–")],
+        ["Inclusion / exclusion", f"task {md(metrics['task'])}; {exclusion_fact(metrics, manifest)}; per split: "
+                                  + (counts or "–")],
         ["Split and leakage control", split + " Only the training split is resampled."],
         ["Prevalence per split", ", ".join(f"{md(k)} {_f(v)}" for k, v in prev.items() if v is not None) or "–"],
         ["Preprocessing", f"{metrics['image_size']} px, per-image min-max to uint8, the backbone's ImageNet "
@@ -608,7 +675,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
              ], "ll"), "",
              task_section(metrics, cfg),
-             "## Data", "", data_section(manifest, metrics.get("provenance")), "", PREPROCESSING_NOTE, ""]
+             "## Data", "", data_section(manifest, metrics.get("provenance")), "",
+             flow_section(metrics.get("flow")), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in (metrics.get("warnings") or []) + ([short] if (short := resample_warning(metrics)) else []):
         lines += [f"> **Warning:** {md(warning)}.", ""]

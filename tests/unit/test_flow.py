@@ -175,3 +175,31 @@ def test_flow_of_the_real_nih_metadata_recomputed_with_pandas(tmp_path, fixtures
     got = _got(capped["flow"])
     assert got[("capped", "test")]["classes"][POS]["images"] == 40 and got[("capped", "train")]["rows"] == 4000
     assert sum(got[("split", s)]["images"] for s in ("train", "val", "test")) < got[("files", None)]["images"]
+
+
+def test_report_renders_the_flow_and_counts_every_exclusion(tmp_path, data):
+    """The flow table and the exclusions in report.md, from a prep with caps and a skip: the excluded images are the
+    CSV rows less the shards' distinct images, split into their causes; a manifest without a flow says so."""
+    from data_prep import flow as fl
+    from distributed.report import FLOW_NOT_RECORDED, flow_exclusions, flow_section
+
+    man, out = _prep(tmp_path, data, "capped", val_per_class=2, test_per_class=4)
+    n_rows = len(pd.read_csv(data / "Data_Entry_2017.csv", dtype=str))
+    shards = {s: _shards(out, s) for s in ("train", "val", "test")}
+    kept = sum(f["image"].nunique() for f in shards.values())
+    t = shards["test"]
+    flow = fl.with_evaluated(man["flow"], t["image"], t["patient"], t["cls"])
+    text = flow_exclusions(flow)
+    assert text.startswith(f"{n_rows - kept} of {n_rows} CSV rows excluded before training and testing (")
+    usable, _ = _rows(data / "Data_Entry_2017.csv")
+    assert f"{n_rows - len(usable)} unusable CSV rows; " in text
+    assert f"; {(usable['cls'] == OTHER).sum()} by the task rule; 2 image file missing or empty; " in text
+    assert "unreadable images skipped by prep" in text and "by balancing and per-class caps" in text
+    assert text.endswith(f"; {kept} images in the shards; every written test image evaluated.")
+    table = flow_section(flow)
+    row = next(ln for ln in table.splitlines() if ln.startswith("| evaluated | test |"))
+    per = [f"{(t['cls'] == c).sum()} / {t.loc[t['cls'] == c, 'patient'].nunique()}" for c in (NEG, POS)]
+    assert row == f"| evaluated | test | {len(t)} | {t['patient'].nunique()} | {per[0]} | {per[1]} | – | 0 |"
+    fewer = fl.with_evaluated(man["flow"], t["image"][1:], t["patient"][1:], t["cls"][1:])
+    assert flow_exclusions(fewer).endswith("; 1 written test image(s) not evaluated.")
+    assert flow_section(None) == FLOW_NOT_RECORDED and flow_section({"steps": "x"}) == FLOW_NOT_RECORDED

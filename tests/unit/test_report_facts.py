@@ -126,3 +126,32 @@ def test_the_intervals_answer_names_what_has_none(tmp_path):
     del m["plain"]["operating_point"]
     del m["operating_point"]
     assert "Clopper-Pearson" not in _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
+
+
+def _flow(unreadable=0):
+    """A flow of 100 CSV rows: 20 dropped by the task rule, 10 by the test cap, ``unreadable`` by prep."""
+    def step(name, images, split=None):
+        return {"step": name, "split": split, "what": name, "images": images, "patients": None, "classes": None}
+    return {"classes": ["No Finding", "Infiltration", "not in the task"],
+            "steps": [step("csv", 100), step("usable", 100), step("task", 80), step("files", 80),
+                      step("split", 50, "train"), step("split", 30, "test"), step("capped", 50, "train"),
+                      step("capped", 20, "test"), step("written", 50 - unreadable, "train"),
+                      step("written", 20, "test"), step("evaluated", 20, "test")]}
+
+
+def test_inclusion_counts_every_exclusion_of_the_flow(tmp_path):
+    """Issue 34.8: 'N image(s) excluded' counted prep's skips only; now the task rule and the caps too, and a prep
+    with skips changes the count; without a flow the answer says what is not counted."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    m = _metrics()
+    m["flow"] = _flow()
+    row = _row(claim_checklist(m, {"skipped": []}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "30 of 100 CSV rows excluded before training and testing (20 by the task rule; 10 by balancing and " \
+           "per-class caps); 70 images in the shards; every written test image evaluated" in row
+    m["flow"] = _flow(unreadable=3)
+    row = _row(claim_checklist(m, {"skipped": [{"image": "a"}] * 3}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "33 of 100 CSV rows excluded" in row and "; 3 unreadable images skipped by prep)" in row
+    del m["flow"]
+    row = _row(claim_checklist(m, {"skipped": [{"image": "a"}] * 3}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "flow not recorded (a prep older than it): 3 image(s) skipped by prep" in row
+    assert "the images the task rule and the caps excluded are not counted" in row
