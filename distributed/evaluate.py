@@ -781,14 +781,7 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
     rule = cfg.eval.operating_point
 
     def one(P, PV):
-        if PV is not None:
-            op = {"source": "validation", "rule": rule, "threshold": M.choose_threshold(rule, yv, PV[:, 1])}
-        elif rule.startswith("fixed:"):
-            op = {"source": "fixed", "rule": rule, "threshold": M.choose_threshold(rule, None, None)}
-        else:
-            log.warning("no validation split: the operating point is eval.threshold (%g), not %s", threshold, rule)
-            op = {"source": "eval.threshold (no validation split)", "rule": f"fixed:{threshold:g}",
-                  "threshold": float(threshold)}
+        op = operating_spec(rule, yv, PV[:, 1] if PV is not None else None, threshold, log)
         return M.binary_metrics(Y, P[:, 1], class_names=data.classes, threshold=threshold, groups=groups,
                                 subgroups=subgroups, n_boot=n_boot, seed=seed, operating=op,
                                 prevalence=cfg.eval.prevalence)
@@ -817,6 +810,19 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
             "auc_without": M.split_auc(Y, g.probs[:, 1], ~co, groups, n_boot, seed),
             "negatives_with_findings": int((co & (Y == 0)).sum())}
     return Y, plain, tta_m, extra
+
+
+def operating_spec(rule: str, y_val, p_val, threshold: float, log) -> dict:
+    """The operating point's ``{source, rule, threshold}``: ``fixed:T`` is stated (source ``fixed``, even with a
+    validation split); any other rule is chosen on the validation predictions, or without them falls back to
+    ``eval.threshold`` and says so."""
+    if rule.startswith("fixed:"):
+        return {"source": "fixed", "rule": rule, "threshold": M.choose_threshold(rule, None, None)}
+    if p_val is not None:
+        return {"source": "validation", "rule": rule, "threshold": M.choose_threshold(rule, y_val, p_val)}
+    log.warning("no validation split: the operating point is eval.threshold (%g), not %s", threshold, rule)
+    return {"source": "eval.threshold (no validation split)", "rule": f"fixed:{threshold:g}",
+            "threshold": float(threshold)}
 
 
 def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:

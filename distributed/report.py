@@ -205,6 +205,13 @@ def two_by_two(op: Mapping, classes: Sequence[str]) -> list[str]:
             "secondary.", ""]
 
 
+def op_origin(op: Mapping) -> str:
+    """Where an operating point's threshold came from, as the report's row says it."""
+    if op.get("threshold") is None:
+        return "none"
+    return "chosen on validation" if op.get("source") == "validation" else f"{md(op.get('source'))}: not chosen on validation"
+
+
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
                    metrics: Mapping | None = None) -> str:
     metrics = metrics or {}
@@ -220,7 +227,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     rows = [
         row("ROC AUC [95% CI]", lambda m: _vci(m["auc"], m.get("auc_ci"))),
         row("average precision [95% CI]", lambda m: _vci(m.get("average_precision"), m.get("average_precision_ci"))),
-        row("operating point (threshold from validation)", lambda m: (
+        row(f"operating point (threshold {op_origin(plain.get('operating_point') or {})})", lambda m: (
             f"{_f((m.get('operating_point') or {}).get('threshold'))} ({(m.get('operating_point') or {}).get('rule')})")),
         row("sensitivity at the operating point", op("sensitivity")),
         row("specificity at the operating point", op("specificity")),
@@ -501,22 +508,75 @@ def operating_fact(metrics: Mapping) -> str:
             "for `cxr-predict`")
 
 
-def intervals_fact(metrics: Mapping) -> str:
-    """Which numbers carry 95% intervals, of which kind, and which do not (from metrics.json)."""
+def _has_ci(x) -> bool:
+    return isinstance(x, Mapping) and x.get("low") is not None
+
+
+def _sort_ci(pairs, boot: list, exact: list, none: list) -> None:
+    """Each (name, interval) into the bootstrap, exact (Clopper-Pearson) or no-interval list."""
+    for name, ci in pairs:
+        if not _has_ci(ci):
+            none.append(name)
+        else:
+            (exact if ci.get("method") == "clopper-pearson" else boot).append(name)
+
+
+def _interval_lists(metrics: Mapping) -> tuple[list, list, list]:
+    """(bootstrap, exact, none): the binary numbers of metrics.json by the interval they carry."""
     plain = metrics["plain"]
-    n_boot = metrics.get("bootstrap")
-    if metrics["task"] != "binary":
-        return (f"per-finding ROC AUC with patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
-                "mean AUC and the per-finding precision, recall and F1 at `eval.threshold`")
-    ci = plain.get("auc_ci") or {}
-    boot = ["average precision", "Brier score", "ECE"] + (["subgroup AUCs"] if plain.get("subgroups") else [])
     op = plain.get("operating_point") or {}
-    exact = (op.get("sensitivity") or {}).get("method") == "clopper-pearson"
-    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": patient bootstrap, {n_boot} resamples "
-            f"({ci.get('n_valid', 0)} valid for the AUC)"
-            + ("; sensitivity, specificity, PPV, NPV and accuracy at the operating point: exact Clopper-Pearson, "
-               "effective n = patients, threshold held fixed" if exact else "")
-            + "; without intervals: the classification report and accuracy at `eval.threshold`, the oracle row")
+    dep = op.get("at_prevalence") or {}
+    c = plain.get("calibrated") or {}
+    co = metrics.get("co_findings") or {}
+    boot, exact = [], []
+    none = ["the classification report and accuracy at `eval.threshold`", "the oracle row"]
+    pairs = [(f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))}", plain.get("auc_ci")),
+             ("average precision", plain.get("average_precision_ci")), ("Brier score", plain.get("brier_ci")),
+             ("ECE", plain.get("ece_ci"))]
+    pairs += [(f"{k} at the operating point", op.get(k.lower())) for k in ("sensitivity", "specificity", "PPV", "NPV",
+                                                                           "accuracy") if op.get("threshold") is not None]
+    pairs += [(f"{k} at prevalence {dep.get('prevalence')}", dep.get(k.lower())) for k in ("PPV", "NPV") if dep]
+    groups = [v.get("auc_ci") for g in (plain.get("subgroups") or {}).values() for v in g.values()]
+    if groups:
+        pairs.append(("subgroup AUCs" + ("" if all(map(_has_ci, groups)) else " (where both classes are present)"),
+                      {"low": 0} if any(map(_has_ci, groups)) else None))
+    pairs += [(f"calibrated {k}", c.get(f"{k.lower().split()[0]}_ci")) for k in ("Brier score", "ECE") if c]
+    pairs += [(f"co-finding AUC {w}", co.get(f"auc_{w}")) for w in ("with", "without") if co]
+    if metrics.get("tta_minus_plain"):
+        pairs.append(("TTA minus plain ROC AUC (paired)", metrics["tta_minus_plain"]))
+    _sort_ci(pairs, boot, exact, none)
+    if (c.get("validation") or {}).get("before"):
+        none.append("the validation Brier score and ECE before and after calibration (in-sample)")
+    if c.get("method") == "temperature":
+        none.append("the fitted temperature")
+    if metrics.get("decision_curve"):
+        none.append("the decision curve's net benefits")
+    return boot, exact, none
+
+
+def intervals_fact(metrics: Mapping) -> str:
+    """Which numbers carry 95% intervals, of which kind, and which have none: each listed from metrics.json,
+    never "every other number"."""
+    plain, n_boot = metrics["plain"], metrics.get("bootstrap")
+    if metrics["task"] != "binary":
+        boot = ["per-finding ROC AUC"] if any(_has_ci(f.get("auc_ci")) for f in plain["findings"].values()) else []
+        none = [] if boot else ["per-finding ROC AUC"]
+        d = metrics.get("tta_minus_plain") or {}
+        boot += ["TTA minus plain mean AUC (paired)"] if d.get("low") is not None else []
+        none += ["the mean AUC", "the per-finding precision, recall and F1 at `eval.threshold`",
+                 "the exact-match accuracy"]
+        exact = []
+    else:
+        boot, exact, none = _interval_lists(metrics)
+    parts = []
+    if boot:
+        parts.append(f"patient bootstrap ({n_boot} resamples; `n_valid` beside each in `metrics.json`): "
+                     + ", ".join(boot))
+    if exact:
+        parts.append(", ".join(exact) + ": exact Clopper-Pearson, effective n = patients, threshold held fixed")
+    if metrics.get("tta") and (boot or exact):
+        parts.append("the TTA column likewise")
+    return "; ".join(parts + ["without intervals: " + ", ".join(none)])
 
 
 def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=None) -> str:
@@ -571,6 +631,15 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
                       "Items of CLAIM (Checklist for Artificial Intelligence in Medical Imaging) this tool can answer:",
                       "", _table(["item", "answer"], rows, "ll"), "",
                       "Only the author can answer: " + "; ".join(author) + ".", ""])
+
+
+def fitted_on_validation(metrics: Mapping) -> str:
+    """What this evaluation fitted on the validation predictions, from metrics.json."""
+    op = metrics.get("operating_point") or {}
+    c = metrics["plain"].get("calibrated") or {}
+    what = (["the operating point"] if op.get("threshold") is not None and op.get("source") == "validation" else []) + \
+        (["the temperature"] if c.get("method") == "temperature" else [])
+    return f"{' and '.join(what)} fitted on it" if what else "nothing was fitted on it"
 
 
 def validation_section(metrics: Mapping) -> str:
@@ -695,7 +764,10 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
 
     if plots:
         lines += ["## Plots", ""]
-        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples; dot: the operating point chosen on validation)",
+        op = metrics.get("operating_point") or {}
+        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples"
+                         + (f"; dot: the operating point, {op_origin(op)}" if op.get("threshold") is not None else "")
+                         + ")",
                   "pr": "Precision-recall curve", "confusion": "Confusion matrix",
                   "calibration": "Reliability diagram (calibration; 10 equal-width bins, marker size ~ images)",
                   "roc_per_finding": "ROC curve per finding",
@@ -720,8 +792,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               fence(config_yaml) + "yaml", config_yaml.rstrip(), fence(config_yaml), "",
               "## Files", "",
               "- `predictions.csv`: one row per test image (probability, and with TTA `tta_probability`)",
-              "- `val_predictions.csv`: the same for the validation split (the operating point and calibration are "
-              "fitted on it)",
+              f"- `val_predictions.csv`: the same for the validation split ({fitted_on_validation(metrics)})",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
               "- `eval_config.yaml`: the configuration of this evaluation"]
     if (out_dir / "calibration.json").is_file():
