@@ -20,7 +20,9 @@ probability) pairs, checks that every test image came back exactly once, and wri
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;
 * ``plots/``: ROC with the patient-bootstrap band, precision-recall, reliability diagram, confusion matrix,
-  training curves (per-finding ROC for multi-label runs);
+  decision curve, training curves (per-finding ROC for multi-label runs);
+* ``decision_curve.csv`` (binary): net benefit of the model, treat-all and treat-none at threshold
+  probabilities 0.01-0.99 (``distributed.decision``), from the test probabilities as written;
 * ``gradcam/``: Grad-CAM grids of the most confident true positives, false positives and
   false negatives;
 * ``report.md`` and ``eval_config.yaml``;
@@ -69,6 +71,7 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
+from distributed import decision
 from distributed import hvd
 from distributed import metrics as M
 from distributed import plots
@@ -80,9 +83,9 @@ from distributed.report import resample_warning, write_report
 CHECKPOINTS = {"best": "checkpoints/best.keras", "last": "checkpoints/last.keras", "final": "model.keras"}
 _SEED_MIX = 1_000_003
 STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",
-                                                                  "roc_per_finding")) + \
+                                                                  "roc_per_finding", "decision_curve")) + \
     tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives")) + \
-    ("operating_point.json",)
+    ("operating_point.json", "decision_curve.csv")
 
 
 class EvalError(UserError, RuntimeError):
@@ -696,9 +699,12 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
         (out_dir / rel).unlink(missing_ok=True)
+    dcurve = None
     if not multilabel:
         write_operating_point(out_dir, plain.get("operating_point"), files, g.checkpoint)
-    plot_files = _write_plots(cfg, g, Y, plain, tta_m, log)
+        dcurve = decision.curve(Y, g.probs[:, 1])
+        atomic_write_text(out_dir / "decision_curve.csv", decision.curve_csv(dcurve))
+    plot_files = _write_plots(cfg, g, Y, plain, tta_m, log, dcurve)
     from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
 
     cam_files, cam_layer = {}, None
@@ -737,6 +743,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
                             "negative_rule": None if multilabel else cfg.data.negative_rule},
         "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},
         "flow": evaluated_flow(g.manifest, meta, data),
+        "decision_curve": decision.summary(dcurve, float(Y.mean())) if dcurve else None,
         **extra,
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
         "gradcam_threshold": cam_threshold,
@@ -825,8 +832,9 @@ def operating_spec(rule: str, y_val, p_val, threshold: float, log) -> dict:
             "threshold": float(threshold)}
 
 
-def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
-    """The evaluation's plots under ``plots/``; {name: relative path} of those written."""
+def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log, dcurve: dict | None = None) -> dict:
+    """The evaluation's plots under ``plots/``; {name: relative path} of those written. ``dcurve``: the decision
+    curve (binary)."""
     run_dir, classes = Path(cfg.run.dir), g.data.classes
     pdir = g.out_dir / "plots"
     plot_files = {}
@@ -849,6 +857,10 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> d
             plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
                                  title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
             plot_files["confusion"] = "plots/confusion.png"
+            if dcurve:
+                plots.plot_decision_curve(pdir / "decision_curve.png", dcurve, float(Y.mean()),
+                                          title=f"Decision curve: {classes[1]}")
+                plot_files["decision_curve"] = "plots/decision_curve.png"
         if plots.plot_history(pdir / "history.png", run_dir / "history.csv", cfg.train.warmup.epochs):
             plot_files["history"] = "plots/history.png"
         else:

@@ -633,6 +633,21 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
                       "Only the author can answer: " + "; ".join(author) + ".", ""])
 
 
+def decision_note(dc: Mapping) -> str:
+    """What the decision curve shows and at which prevalence (``metrics.json`` ``decision_curve``)."""
+    lo, hi = dc.get("threshold_range") or (None, None)
+    above = dc.get("model_above_both") or {}
+    where = (f"at {above['thresholds']} of the thresholds (lowest {above['lowest']:g}, highest {above['highest']:g})"
+             if above.get("thresholds") else "at none of the thresholds")
+    return (f"Net benefit = TP/n − FP/n × pt/(1 − pt) (Vickers & Elkin 2006) of the plain probabilities "
+            f"(`probability` in `predictions.csv`, positive when p >= pt) at threshold probabilities pt from {lo:g} "
+            f"to {hi:g}, against treating every image as positive and treating none; every value is in "
+            f"{md_code(dc.get('file'))}. It holds at **the test set's prevalence** ({_f(dc.get('prevalence'))}, "
+            f"{dc.get('n')} images), which prep's per-class caps or balancing may have set (see the flow under "
+            "Data), not at a clinical prevalence; and pt is read as the model's probability, meaningful as far as "
+            f"it is calibrated. The model's net benefit exceeds both {where}. No intervals.")
+
+
 def fitted_on_validation(metrics: Mapping) -> str:
     """What this evaluation fitted on the validation predictions, from metrics.json."""
     op = metrics.get("operating_point") or {}
@@ -772,8 +787,11 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                   "calibration": "Reliability diagram (calibration; 10 equal-width bins, marker size ~ images)",
                   "roc_per_finding": "ROC curve per finding",
                   "history": "Training curves (the dotted line marks the switch from warm-up to fine-tuning)"}
+        titles["decision_curve"] = "Decision curve (net benefit against treat-all and treat-none)"
         for k, rel in plots.items():
             lines += [f"**{titles.get(k, k)}**", "", f"![{k}]({rel})", ""]
+            if k == "decision_curve" and metrics.get("decision_curve"):
+                lines += [decision_note(metrics["decision_curve"]), ""]
     else:
         lines += ["## Plots", "", "_none_", ""]
 
@@ -797,6 +815,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               "- `eval_config.yaml`: the configuration of this evaluation"]
     if (out_dir / "calibration.json").is_file():
         lines.append("- `calibration.json`: the probability transform fitted on validation, for `cxr-predict`")
+    if (out_dir / "decision_curve.csv").is_file():
+        lines.append("- `decision_curve.csv`: the decision curve's net benefits, from `predictions.csv`")
     if (out_dir / "operating_point.json").is_file():
         lines.append("- `operating_point.json`: the operating point's threshold, with which `cxr-predict` decides")
     lines.append("")
