@@ -93,12 +93,12 @@ FLOW_NOT_RECORDED = ("_The flow of images and patients was not recorded: this pr
 
 
 def _flow_prev(steps: Sequence[Mapping], i: int) -> Mapping | None:
-    """The step an image of ``steps[i]`` came from: the previous one of the whole data set, or of the same split."""
-    s = steps[i]
-    if s.get("split") is None or s["step"] == "split":
-        return next((t for t in reversed(steps[:i]) if t.get("split") is None), None) if s.get("split") is None \
-            else None
-    return next((t for t in reversed(steps[:i]) if t.get("split") == s["split"]), None)
+    """The step an image of ``steps[i]`` came from: the previous one of the whole data set, or of the same split
+    (none for a split's first step: the patient split excludes no image of a split)."""
+    if steps[i]["step"] == "split":
+        return None
+    same = [t for t in steps[:i] if t.get("split") == steps[i].get("split")]
+    return same[-1] if same else None
 
 
 def _flow_row(s: Mapping, prev: Mapping | None, classes: Sequence[str]) -> list:
@@ -115,7 +115,7 @@ def flow_section(flow: Mapping | None) -> str:
     table with what each step excluded, and the exclusions summed; a sentence when the prep recorded none."""
     if not fl.valid(flow):
         return FLOW_NOT_RECORDED
-    steps, classes = flow["steps"], [c for c in flow["classes"]]
+    steps, classes = flow["steps"], list(flow["classes"])
     rows = [_flow_row(s, _flow_prev(steps, i), classes) for i, s in enumerate(steps)]
     head = ["step", "split", "images", "patients", *(f"{md(c)}: images / patients" for c in classes), "excluded here"]
     out = ["### Flow of images and patients", "", _table(head, rows, "ll" + "r" * (len(head) - 2)), "",
