@@ -513,12 +513,22 @@ def _has_ci(x) -> bool:
 
 
 def _sort_ci(pairs, boot: list, exact: list, none: list) -> None:
-    """Each (name, interval) into the bootstrap, exact (Clopper-Pearson) or no-interval list."""
+    """Each (name, interval) into the bootstrap (as (name, method)), exact (Clopper-Pearson) or no-interval list."""
     for name, ci in pairs:
         if not _has_ci(ci):
             none.append(name)
+        elif ci.get("method") == "clopper-pearson":
+            exact.append(name)
         else:
-            (exact if ci.get("method") == "clopper-pearson" else boot).append(name)
+            boot.append((name, ci.get("method") or "percentile"))
+
+
+def _boot_kind(boot: list) -> str:
+    """The bootstrap intervals' kind, from the ``method`` they record (none recorded: percentile)."""
+    kinds = {m for _, m in boot}
+    names = {"bca": "BCa", "percentile": "percentile", "bootstrap": "percentile"}
+    return f"{names.get(kinds.pop(), '')} patient bootstrap".lstrip() if len(kinds) == 1 else \
+        "patient bootstrap (BCa or percentile: `method` in `metrics.json`)"
 
 
 def _interval_lists(metrics: Mapping) -> tuple[list, list, list]:
@@ -559,10 +569,11 @@ def intervals_fact(metrics: Mapping) -> str:
     never "every other number"."""
     plain, n_boot = metrics["plain"], metrics.get("bootstrap")
     if metrics["task"] != "binary":
-        boot = ["per-finding ROC AUC"] if any(_has_ci(f.get("auc_ci")) for f in plain["findings"].values()) else []
+        cis = [f.get("auc_ci") for f in plain["findings"].values() if _has_ci(f.get("auc_ci"))]
+        boot = [("per-finding ROC AUC", cis[0].get("method") or "percentile")] if cis else []
         none = [] if boot else ["per-finding ROC AUC"]
         d = metrics.get("tta_minus_plain") or {}
-        boot += ["TTA minus plain mean AUC (paired)"] if d.get("low") is not None else []
+        boot += [("TTA minus plain mean AUC (paired)", d.get("method") or "percentile")] if _has_ci(d) else []
         none += ["the mean AUC", "the per-finding precision, recall and F1 at `eval.threshold`",
                  "the exact-match accuracy"]
         exact = []
@@ -570,8 +581,8 @@ def intervals_fact(metrics: Mapping) -> str:
         boot, exact, none = _interval_lists(metrics)
     parts = []
     if boot:
-        parts.append(f"patient bootstrap ({n_boot} resamples; `n_valid` beside each in `metrics.json`): "
-                     + ", ".join(boot))
+        parts.append(f"{_boot_kind(boot)} ({n_boot} resamples; `n_valid` beside each in `metrics.json`): "
+                     + ", ".join(name for name, _ in boot))
     if exact:
         parts.append(", ".join(exact) + ": exact Clopper-Pearson, effective n = patients, threshold held fixed")
     if metrics.get("tta") and (boot or exact):

@@ -176,7 +176,7 @@ def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
     m = {**_metrics(), "plain": plain, "bootstrap": 40, "operating_point": plain["operating_point"]}
     row = _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
     boot, rest = row.split("; without intervals: ")
-    assert "patient bootstrap (40 resamples" in boot and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot
+    assert boot.startswith("| Metrics with intervals | percentile patient bootstrap (40 resamples") and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot
     assert "sensitivity at the operating point, specificity at the operating point" in boot and "Clopper-Pearson" in boot
     assert rest.startswith("the classification report and accuracy at `eval.threshold`, the oracle row, the validation "
                            "Brier score and ECE before and after calibration (in-sample), the fitted temperature")
@@ -184,9 +184,22 @@ def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
     ml = M.multilabel_metrics(Y, rng.random((30, 3)), class_names=["a", "b", "c"], groups=np.arange(30), n_boot=20)
     row = _row(claim_checklist({**m, "task": "multilabel", "plain": ml, "bootstrap": 20}, {}, cfg, tmp_path),
                "Metrics with intervals")
-    assert row.endswith("patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): per-finding ROC "
+    assert row.endswith("percentile patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): per-finding ROC "
                         "AUC; without intervals: the mean AUC, the per-finding precision, recall and F1 at "
                         "`eval.threshold`, the exact-match accuracy |")
+
+
+def test_the_intervals_answer_names_the_bootstrap_kind_each_interval_records(tmp_path):
+    """An interval that records ``method: bca`` is called BCa; a mix says where to look."""
+    from distributed.report import intervals_fact
+
+    m = _metrics()
+    p = m["plain"]
+    p["auc_ci"] = {"low": 0.7, "high": 0.9, "method": "bca"}
+    p["average_precision_ci"] = {"low": 0.6, "high": 0.9, "method": "bca"}
+    assert intervals_fact(m).startswith("BCa patient bootstrap (0 resamples; ")
+    p["brier_ci"] = {"low": 0.1, "high": 0.2}
+    assert intervals_fact(m).startswith("patient bootstrap (BCa or percentile: `method` in `metrics.json`) ")
 
 
 def test_fixed_and_fallback_thresholds_are_not_said_to_come_from_validation(tmp_path):
