@@ -203,3 +203,19 @@ def test_report_renders_the_flow_and_counts_every_exclusion(tmp_path, data):
     fewer = fl.with_evaluated(man["flow"], t["image"][1:], t["patient"][1:], t["cls"][1:])
     assert flow_exclusions(fewer).endswith("; 1 written test image(s) not evaluated.")
     assert flow_section(None) == FLOW_NOT_RECORDED and flow_section({"steps": "x"}) == FLOW_NOT_RECORDED
+
+
+def test_a_manifest_without_a_flow_loads_and_a_malformed_one_is_refused(tmp_path, data):
+    import json
+
+    from data_prep.manifest import ManifestError, load_manifest
+
+    man, out = _prep(tmp_path, data, "old")
+    doc = json.loads((out / "manifest.json").read_text())
+    del doc["flow"]  # a prep older than the flow
+    (out / "manifest.json").write_text(json.dumps(doc))
+    assert "flow" not in load_manifest(out)
+    doc["flow"] = {"classes": [], "steps": [{"step": "csv", "images": "many"}]}
+    (out / "manifest.json").write_text(json.dumps(doc))
+    with pytest.raises(ManifestError, match="flow of images and patients is malformed; rerun prep"):
+        load_manifest(out)
