@@ -225,3 +225,15 @@ def test_fixed_and_fallback_thresholds_are_not_said_to_come_from_validation(tmp_
     assert operating_spec("youden", y, p, 0.5, log)["source"] == "validation"
     assert operating_spec("youden", None, None, 0.4, log) == {"source": "eval.threshold (no validation split)",
                                                                "rule": "fixed:0.4", "threshold": 0.4}
+
+
+def test_predict_says_chosen_on_validation_only_when_it_was():
+    """cxr-predict's threshold line, from operating_point.json's source: fixed:T and the fallback are not
+    'chosen on the validation split'."""
+    from distributed.predict import threshold_note
+
+    th = {"threshold": 0.3, "source": "operating point", "rule": "youden", "chosen_on": "validation", "file": "m"}
+    assert "(youden, chosen on the validation split; m)" in threshold_note(th)
+    for src in ("fixed", "eval.threshold (no validation split)"):
+        note = threshold_note({**th, "rule": "fixed:0.3", "chosen_on": src})
+        assert f"(fixed:0.3, {src}, not chosen on validation; m)" in note and "chosen on the" not in note
