@@ -175,6 +175,10 @@ def test_flow_of_the_real_nih_metadata_recomputed_with_pandas(tmp_path, fixtures
     got = _got(capped["flow"])
     assert got[("capped", "test")]["classes"][POS]["images"] == 40 and got[("capped", "train")]["rows"] == 4000
     assert sum(got[("split", s)]["images"] for s in ("train", "val", "test")) < got[("files", None)]["images"]
+    from distributed.report import flow_exclusions  # the "about 32k of NIH's 112k" dropped by the rule
+
+    assert "(31865 by the task rule; " in flow_exclusions({**capped["flow"], "steps": capped["flow"]["steps"] + [
+        {**s, "step": "written"} for s in capped["flow"]["steps"] if s["step"] == "capped"]})
 
 
 def test_report_renders_the_flow_and_counts_every_exclusion(tmp_path, data):
