@@ -111,6 +111,11 @@ def _num(x, d: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{d}f}"
 
 
+# n -> the 95% interval of a normal population's sd as multiples of the sample sd: sqrt((n-1)/chi2(0.975, n-1))
+# to sqrt((n-1)/chi2(0.025, n-1)); with few runs the sample sd is itself uncertain.
+SD_CI_FACTORS = {2: (0.45, 31.9), 3: (0.52, 6.3), 4: (0.57, 3.7), 5: (0.60, 2.9)}
+
+
 def spread_text(s: dict) -> str:
     """n, range, mean and (n >= 2) the sample sd of the runs with a value, as ``sweep.md`` and the log say it."""
     n, runs = s["auc_n"], len(s["runs"])
@@ -128,8 +133,9 @@ def sweep_markdown(s: dict, config: str) -> str:
     rows = [f"| {r['seed']} | {md(r['prep_seed'])} | "
             f"{f(r['auc']) if r['auc'] is not None else 'none: ' + md(r.get('why_no_auc') or 'no AUC')} | "
             f"{f(r['auc_ci']['low'])} – {f(r['auc_ci']['high'])} | {md_code(r['run_dir'])} |" for r in s["runs"]]
-    few = (" With fewer than about 5 runs a standard deviation says little: its own 95% interval spans about "
-           "0.52–6.3 times it at n = 3.") if 0 < s["auc_n"] < 5 else ""
+    lo, hi = SD_CI_FACTORS.get(s["auc_n"] if s["auc_sd"] is not None else 0, (None, None))
+    few = (f" With n = {s['auc_n']} a standard deviation says little: a 95% interval for the true one spans "
+           f"about {lo}–{hi} times the sample's (chi-square, normal values).") if lo else ""
     varied = "train.seed and prep.seed (the split)" if s["resplit"] else "train.seed (one split: prep.seed fixed)"
     sets = s.get("overrides") or []
     return "\n".join([f"# Seed sweep of {md_code(config)}", "",

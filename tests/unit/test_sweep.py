@@ -132,5 +132,6 @@ def test_a_run_without_an_auc_is_listed_and_not_counted(tmp_path, capsys):
     assert "| 1 | 42 | none: one class only: AUC undefined | – – – |" in md
     assert "n = 2 run(s) with a test ROC AUC of 3: range 0.700 – 0.760" in md
     assert "sample standard deviation of the 2 runs 0.042" in md and "over 3 seeds" not in md
+    assert "With n = 2 a standard deviation says little: a 95% interval for the true one spans about 0.45–31.9" in md
     assert "n = 2 run(s) with a test ROC AUC of 3" in capsys.readouterr().err
     assert sweep.summary([0], [dict(s["runs"][1])], False)["auc_sd"] is None
