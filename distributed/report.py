@@ -123,10 +123,7 @@ def flow_section(flow: Mapping | None) -> str:
            "in every class of which they have an image, so the classes' patients can add up to more than the "
            "patients. The splits' first step counts what the patient split assigned; each later row of a split "
            "excludes from that split's row before it.", ""]
-    ex = flow_exclusions(flow)
-    if ex:
-        out += [ex, ""]
-    return "\n".join(out)
+    return "\n".join(out + [flow_exclusions(flow)])
 
 
 def flow_exclusions(flow: Mapping | None) -> str:
@@ -551,7 +548,7 @@ def _interval_lists(metrics: Mapping) -> tuple[list, list, list]:
         pairs.append(("subgroup AUCs" + ("" if all(map(_has_ci, groups)) else " (where both classes are present)"),
                       {"low": 0} if any(map(_has_ci, groups)) else None))
     pairs += [(f"calibrated {k}", c.get(f"{k.lower().split()[0]}_ci")) for k in ("Brier score", "ECE") if c]
-    pairs += [(f"co-finding AUC {w}", co.get(f"auc_{w}")) for w in ("with", "without") if co]
+    pairs += [(f"AUC of the positives {w} co-findings", co.get(f"auc_{w}")) for w in ("with", "without") if co]
     if metrics.get("tta_minus_plain"):
         pairs.append(("TTA minus plain ROC AUC (paired)", metrics["tta_minus_plain"]))
     _sort_ci(pairs, boot, exact, none)
