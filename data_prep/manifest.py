@@ -8,6 +8,7 @@ from pathlib import Path
 from data_prep import h5check
 from data_prep.cli import UserError
 from data_prep.config import SHARD_FORMAT
+from data_prep.flow import valid as flow_valid
 from data_prep.fsutil import sha256_file
 
 MANIFEST = "manifest.json"
@@ -39,6 +40,8 @@ def load_manifest(prep_out) -> dict:
     if m["format"] != FORMAT:
         raise ManifestError(f"{path}: shard format {m['format']}, this code reads format {FORMAT} "
                             f"({FORMAT_NOTES.get(FORMAT, 'a newer layout')}); rerun prep with --overwrite")
+    if "flow" in m and not flow_valid(m["flow"]):  # optional: manifests of older preps have none
+        raise ManifestError(f"{path}: its flow of images and patients is malformed; rerun prep")
     for name in SPLITS:
         if name not in m["splits"]:
             raise ManifestError(f"{path}: no split {name!r}")

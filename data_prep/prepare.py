@@ -19,7 +19,9 @@ Flow (the same code with one process or under ``mpirun -np N``):
    (count, sha256, label counts, patients, pixel sums). The training mean/std come from the
    pixel sums reduced over ranks (stored in each shard's attributes, so resumed shards are not
    re-decoded), as exact integers: identical for any number of ranks.
-4. rank 0 writes ``manifest.json`` last and atomically, and ``config.yaml`` beside it.
+4. rank 0 writes ``manifest.json`` last and atomically, and ``config.yaml`` beside it. Its ``flow``
+   (``data_prep.flow``) counts images and patients per class from the CSV rows to the written shards:
+   the plan's steps, and the written images (each shard's planned rows but those it skipped).
 
 mpi4py is imported only when the launcher says there is more than one rank.
 """
@@ -44,6 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import config as cfgmod
+from data_prep import flow as fl
 from data_prep import locks, testhooks
 from data_prep import metadata as md
 from data_prep.cli import UserError
@@ -85,7 +88,14 @@ def make_plan(cfg, log=None) -> dict:
     frame, issues = md.read_metadata(d.csv, d.max_age, p.limit)
     log.info("metadata: %d usable rows of %s (%d rows skipped, %d notes)", len(frame), d.csv,
              len(issues.skipped), len(issues.notes))
+    names = fl.class_names(d.task, classes)
+
+    def step(name, rows, split_name=None):
+        cls = fl.row_classes(rows, d.task, classes, d.positive_label, d.negative_rule)
+        return fl.count(name, rows["image"], rows["patient"], cls, names, split_name)
+    flow = [fl.csv_step(len(frame) + len(issues.skipped), p.limit), step("usable", frame)]
     df = md.select_task(frame, d.task, d.positive_label, d.negative_rule)
+    flow.append(step("task", df))
     # files: find by name below data.images; missing and empty files are skipped here
     refused: list[dict] = []  # symlink loops and links leaving data.images (fsutil.walk_tree)
     found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out], refused=refused)
@@ -104,6 +114,7 @@ def make_plan(cfg, log=None) -> dict:
     empty = sizes == 0
     issues.skip_rows(df, empty, "zero-byte file")
     df = df.loc[~empty]
+    flow.append(step("files", df))
     # split by patient
     official, split_method = None, "seeded"
     if d.official_split:
@@ -114,10 +125,12 @@ def make_plan(cfg, log=None) -> dict:
     issues.extend(split_issues)
     if d.task == "multilabel" and (p.train_per_class or p.val_per_class or p.test_per_class):
         log.warning("prep.*_per_class apply to the binary task only; ignored for multilabel")
-    splits, shards = {}, []
+    splits, shards, capped = {}, [], []
     for name in md.SPLITS:
         per_class = {"train": p.train_per_class, "val": p.val_per_class, "test": p.test_per_class}[name]
         rows = md.sample_split(df.loc[split == name], name, d.task, per_class, p.seed)
+        flow.append(step("split", df.loc[split == name], name))
+        capped.append(step("capped", rows, name))
         splits[name] = {
             "image": rows["image"].tolist(), "path": rows["path"].tolist(),
             "label": rows["label"].to_numpy(np.int64), "targets": md.targets_matrix(rows, d.task),
@@ -139,7 +152,8 @@ def make_plan(cfg, log=None) -> dict:
             "splits": splits, "shards": shards, "skipped": issues.skipped,
             "notes": issues.notes + refused,
             "max_pixels": p.max_pixels,
-            "split_method": split_method, "plan_s": time.perf_counter() - t0}
+            "split_method": split_method, "flow": {"classes": names, "steps": flow + capped},
+            "plan_s": time.perf_counter() - t0}
     for name in md.SPLITS:
         s = splits[name]
         log.info("plan %-5s: %6d images, %5d patients, %d shards", name, len(s["image"]),
@@ -585,6 +599,25 @@ def run(cfg, comm=None) -> dict | None:
     return manifest
 
 
+def written_flow(plan: dict, results: dict, splits: dict) -> list[dict]:
+    """The flow's ``written`` step of each split: the planned rows of every shard but the images that shard
+    skipped (``data_prep.flow``); their number is the split's count, else an internal error."""
+    out = []
+    for name in md.SPLITS:
+        sp = plan["splits"][name]
+        keep = np.ones(len(sp["image"]), bool)
+        for sh in (s for s in plan["shards"] if s["split"] == name):
+            bad = {s["image"] for s in results[sh["file"]]["skipped"]}
+            keep[sh["start"]:sh["stop"]] = [n not in bad for n in sp["image"][sh["start"]:sh["stop"]]]
+        cls = fl.label_classes(sp["label"][keep], sp["targets"][keep], plan["task"], plan["classes"])
+        out.append(fl.count("written", np.asarray(sp["image"], dtype=object)[keep], sp["patient"][keep], cls,
+                            plan["flow"]["classes"], name))
+        if out[-1].get("rows", out[-1]["images"]) != splits[name]["count"]:
+            raise PrepError(f"internal error: the flow counts {out[-1]['images']} written {name} images, the shards "
+                            f"{splits[name]['count']}")
+    return out
+
+
 def _strict_message(skipped: list[dict]) -> str:
     first = "; ".join(f"{s['image']}: {s['reason']}" for s in skipped[:5])
     return f"--strict: {len(skipped)} image(s) would be skipped: {first}{' ...' if len(skipped) > 5 else ''}"
@@ -665,6 +698,7 @@ def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
         "split_method": plan["split_method"], "splits": splits,
         "mean": mean, "std": math.sqrt(var), "pixel_count": pcount,
         "skipped": _dedupe(skipped), "converted": _dedupe(converted), "notes": plan["notes"],
+        "flow": {**plan["flow"], "steps": plan["flow"]["steps"] + written_flow(plan, results, splits)},
         "versions": versions(), "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }

@@ -21,7 +21,9 @@ probability) pairs, checks that every test image came back exactly once, and wri
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;
 * ``plots/``: ROC with the patient-bootstrap band, precision-recall, reliability diagram, confusion matrix,
-  training curves (per-finding ROC for multi-label runs);
+  decision curve, training curves (per-finding ROC for multi-label runs);
+* ``decision_curve.csv`` (binary): net benefit of the model, treat-all and treat-none at threshold
+  probabilities 0.01-0.99 (``distributed.decision``), from the test probabilities as written;
 * ``gradcam/``: Grad-CAM grids of the most confident true positives, false positives and
   false negatives;
 * ``report.md`` and ``eval_config.yaml``;
@@ -62,6 +64,7 @@ from typing import Mapping
 
 import numpy as np
 
+from data_prep import flow as fl
 from data_prep import locks
 from data_prep.cli import command, note_output
 from data_prep.config import ConfigError, add_config_args, config_from_args, dump_yaml, save_resolved
@@ -69,6 +72,7 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
+from distributed import decision
 from distributed import hvd
 from distributed import metrics as M
 from distributed import plots
@@ -81,9 +85,9 @@ from distributed.report import resample_warning, write_report
 
 _SEED_MIX = 1_000_003
 STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",
-                                                                  "roc_per_finding")) + \
+                                                                  "roc_per_finding", "decision_curve")) + \
     tuple(f"gradcam/{n}.png" for n in ("true_positives", "false_positives", "false_negatives")) + \
-    (R.OPERATING_POINT,)
+    (R.OPERATING_POINT, R.DECISION_CURVE)
 
 
 EvalError = RunDirError  # a problem with the run directory or the data that the user has to fix
@@ -480,6 +484,13 @@ def correction_prevalence(prev: Mapping, deployment: float = 0.0) -> tuple[float
     return prev.get("natural_train_val"), "train+val (natural, before caps)"
 
 
+def evaluated_flow(manifest: Mapping, meta: dict, data) -> dict | None:
+    """The manifest's flow of images and patients with the test images evaluated added (``data_prep.flow``);
+    None when the prep recorded none."""
+    cls = fl.label_classes(meta["label"], data.targets, manifest.get("task"), manifest.get("classes") or [])
+    return fl.with_evaluated(manifest.get("flow"), meta["image_index"], meta["patient_id"], cls)
+
+
 def finding_labels(cfg, names) -> list[str] | None:
     """The CSV's Finding Labels of each image (``data.csv``), or None when the CSV cannot be read."""
     from data_prep.metadata import MetadataError, read_metadata
@@ -616,9 +627,12 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
         (out_dir / rel).unlink(missing_ok=True)
+    dcurve = None
     if not multilabel:
         write_operating_point(out_dir, plain.get("operating_point"), files, g.checkpoint)
-    plot_files = _write_plots(cfg, g, Y, plain, tta_m, log)
+        dcurve = decision.curve(Y, g.probs[:, 1])
+        atomic_write_text(out_dir / R.DECISION_CURVE, decision.curve_csv(dcurve))
+    plot_files = _write_plots(cfg, g, Y, plain, tta_m, log, dcurve)
     from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
 
     cam_files, cam_layer = {}, None
@@ -658,6 +672,8 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,
                             "negative_rule": None if multilabel else cfg.data.negative_rule},
         "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},
+        "flow": evaluated_flow(g.manifest, meta, data),
+        "decision_curve": decision.summary(dcurve, float(Y.mean())) if dcurve else None,
         **extra,
         "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
         "gradcam_threshold": cam_threshold,
@@ -702,14 +718,7 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
     rule = cfg.eval.operating_point
 
     def one(P, PV):
-        if PV is not None:
-            op = {"source": "validation", "rule": rule, "threshold": M.choose_threshold(rule, yv, PV[:, 1])}
-        elif rule.startswith("fixed:"):
-            op = {"source": "fixed", "rule": rule, "threshold": M.choose_threshold(rule, None, None)}
-        else:
-            log.warning("no validation split: the operating point is eval.threshold (%g), not %s", threshold, rule)
-            op = {"source": "eval.threshold (no validation split)", "rule": f"fixed:{threshold:g}",
-                  "threshold": float(threshold)}
+        op = operating_spec(rule, yv, PV[:, 1] if PV is not None else None, threshold, log)
         return M.binary_metrics(Y, P[:, 1], class_names=data.classes, threshold=threshold, groups=groups,
                                 subgroups=subgroups, n_boot=n_boot, seed=seed, operating=op,
                                 prevalence=cfg.eval.prevalence)
@@ -740,8 +749,22 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
     return Y, plain, tta_m, extra
 
 
-def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> dict:
-    """The evaluation's plots under ``plots/``; {name: relative path} of those written."""
+def operating_spec(rule: str, y_val, p_val, threshold: float, log) -> dict:
+    """The operating point's ``{source, rule, threshold}``: ``fixed:T`` is stated (source ``fixed``, even with a
+    validation split); any other rule is chosen on the validation predictions, or without them falls back to
+    ``eval.threshold`` and says so."""
+    if rule.startswith("fixed:"):
+        return {"source": "fixed", "rule": rule, "threshold": M.choose_threshold(rule, None, None)}
+    if p_val is not None:
+        return {"source": "validation", "rule": rule, "threshold": M.choose_threshold(rule, y_val, p_val)}
+    log.warning("no validation split: the operating point is eval.threshold (%g), not %s", threshold, rule)
+    return {"source": "eval.threshold (no validation split)", "rule": f"fixed:{threshold:g}",
+            "threshold": float(threshold)}
+
+
+def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log, dcurve: dict | None = None) -> dict:
+    """The evaluation's plots under ``plots/``; {name: relative path} of those written. ``dcurve``: the decision
+    curve (binary)."""
     run_dir, classes = Path(cfg.run.dir), g.data.classes
     pdir = g.out_dir / R.PLOTS
     plot_files = {}
@@ -764,6 +787,10 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log) -> d
             plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
                                  title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
             plot_files["confusion"] = "plots/confusion.png"
+            if dcurve:
+                plots.plot_decision_curve(pdir / "decision_curve.png", dcurve, float(Y.mean()),
+                                          title=f"Decision curve: {classes[1]}")
+                plot_files["decision_curve"] = "plots/decision_curve.png"
         if plots.plot_history(pdir / "history.png", run_dir / R.HISTORY, cfg.train.warmup.epochs):
             plot_files["history"] = "plots/history.png"
         else:

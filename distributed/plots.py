@@ -1,6 +1,7 @@
 """PNG plots of an evaluation (matplotlib, Agg backend; no TensorFlow).
 
-ROC curve with the patient-bootstrap band, precision-recall curve, reliability diagram, confusion matrix, the
+ROC curve with the patient-bootstrap band, precision-recall curve, reliability diagram, confusion matrix, decision
+curve, the
 per-finding ROC curves of a multi-label run, and the training curves from ``history.csv``
 (loss and accuracy over both phases, the warm-up -> fine-tune switch marked).
 All writes are atomic.
@@ -72,6 +73,22 @@ def plot_pr(path, curves: Sequence[tuple[str, Mapping]], prevalence: float | Non
                 label=f"{label}: AP {ap:.3f}" if ap is not None else label)
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower left", fontsize=7)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_decision_curve(path, c: Mapping, prevalence: float, title: str = "Decision curve") -> Path:
+    """Net benefit of the model, of treating all and of treating none over threshold probabilities
+    (``distributed.decision.curve``), at the test split's prevalence."""
+    fig, ax = plt.subplots(figsize=(5.6, 4.6))
+    t = np.asarray(c["threshold"])
+    ax.plot(t, c["net_benefit"], c="C0", lw=1.8, label="model (p >= threshold)")
+    ax.plot(t, c["net_benefit_treat_all"], c="C1", lw=1.2, ls="--", label="treat all")
+    ax.plot(t, c["net_benefit_treat_none"], c="0.4", lw=1.2, ls=":", label="treat none")
+    ax.set(xlabel="Threshold probability", ylabel="Net benefit", xlim=(0, 1),
+           ylim=(min(-0.05, float(np.min(c["net_benefit"]))), max(0.05, prevalence * 1.1)),
+           title=f"{title} (test prevalence {prevalence:.2f})")
+    ax.legend(loc="upper right", fontsize=7)
     ax.grid(alpha=0.3)
     return _save(fig, path)
 

@@ -232,8 +232,10 @@ def threshold_note(th: dict) -> str:
     if th["source"] == "--threshold":
         return f"threshold {th['threshold']:.9g} (--threshold), applied to probability"
     if th["source"] == "operating point":
-        return (f"threshold {th['threshold']:.9g}: the run's operating point ({th['rule']}, chosen on the "
-                f"{th['chosen_on']} split; {th['file']}), applied to the network's probability as the report did")
+        where = "chosen on the validation split" if th["chosen_on"] == "validation" else \
+            f"{th['chosen_on']}, not chosen on validation"
+        return (f"threshold {th['threshold']:.9g}: the run's operating point ({th['rule']}, {where}; {th['file']}), "
+                "applied to the network's probability as the report did")
     return f"threshold 0.5: {th['why']}; --threshold T to choose one"
 
 

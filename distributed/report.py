@@ -14,6 +14,7 @@ import datetime as _dt
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from data_prep import flow as fl
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
@@ -86,6 +87,59 @@ def data_section(manifest: Mapping | None, provenance: Mapping | None = None) ->
     txt.append(f"Splits are by patient. {leakage_sentence(provenance)} The training split may be resampled "
                "(balanced); validation and test hold each image at most once.")
     return "\n".join(txt)
+
+
+FLOW_NOT_RECORDED = ("_The flow of images and patients was not recorded: this prep is older than it (rerun prep to "
+                     "record it). Only prep's skips are known (above)._")
+
+
+def _flow_prev(steps: Sequence[Mapping], i: int) -> Mapping | None:
+    """The step an image of ``steps[i]`` came from: the previous one of the whole data set, or of the same split
+    (none for a split's first step: the patient split excludes no image of a split)."""
+    if steps[i]["step"] == "split":
+        return None
+    same = [t for t in steps[:i] if t.get("split") == steps[i].get("split")]
+    return same[-1] if same else None
+
+
+def _flow_row(s: Mapping, prev: Mapping | None, classes: Sequence[str]) -> list:
+    per = s.get("classes") or {}
+    cells = [f"{per[c]['images']} / {per[c]['patients']}" if c in per else "–" for c in classes]
+    images = f"{s['images']}" + (f" ({s['rows']} rows)" if s.get("rows") else "")
+    gone = prev["images"] - s["images"] if prev is not None else None
+    return [md(s.get("what") or s["step"]), md(s.get("split") or "all"), images,
+            "–" if s.get("patients") is None else s["patients"], *cells, "–" if gone is None else gone]
+
+
+def flow_section(flow: Mapping | None) -> str:
+    """STARD's flow of images and patients (``data_prep.flow``: prep's counts and the evaluated test images) as a
+    table with what each step excluded, and the exclusions summed; a sentence when the prep recorded none."""
+    if not fl.valid(flow):
+        return FLOW_NOT_RECORDED
+    steps, classes = flow["steps"], list(flow["classes"])
+    rows = [_flow_row(s, _flow_prev(steps, i), classes) for i, s in enumerate(steps)]
+    head = ["step", "split", "images", "patients", *(f"{md(c)}: images / patients" for c in classes), "excluded here"]
+    out = ["### Flow of images and patients", "", _table(head, rows, "ll" + "r" * (len(head) - 2)), "",
+           "Images are distinct images (a balanced split's rows with resampled copies in brackets); a patient counts "
+           "in every class of which they have an image, so the classes' patients can add up to more than the "
+           "patients. The splits' first step counts what the patient split assigned; each later row of a split "
+           "excludes from that split's row before it.", ""]
+    return "\n".join(out + [flow_exclusions(flow)])
+
+
+def flow_exclusions(flow: Mapping | None) -> str:
+    """``E of N CSV rows excluded: a by ..., b by ...`` from the flow, and whether every written test image was
+    evaluated; empty without a flow."""
+    if not fl.valid(flow):
+        return ""
+    rows, kept = fl.total(flow, "csv"), fl.total(flow, "written")
+    parts = [f"{n} {why}" for _, why, n in fl.exclusions(flow) if n]
+    text = (f"{rows - kept} of {rows} CSV rows excluded before training and testing"
+            + (f" ({'; '.join(parts)})" if parts else "") + f"; {kept} images in the shards")
+    lost = fl.not_evaluated(flow)
+    if lost is not None:
+        text += "; every written test image evaluated" if lost == 0 else f"; {lost} written test image(s) not evaluated"
+    return text + "."
 
 
 def _iv(x: Mapping | None, d=3) -> str:
@@ -172,6 +226,13 @@ def delong_text(d: Mapping, what: str = "AUCs") -> str:
             "image for an independent case, this form (like the bootstrap) counts patients.")
 
 
+def op_origin(op: Mapping) -> str:
+    """Where an operating point's threshold came from, as the report's row says it."""
+    if op.get("threshold") is None:
+        return "none"
+    return "chosen on validation" if op.get("source") == "validation" else f"{md(op.get('source'))}: not chosen on validation"
+
+
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
                    metrics: Mapping | None = None) -> str:
     metrics = metrics or {}
@@ -187,7 +248,7 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
     rows = [
         row("ROC AUC [95% CI]", lambda m: _vci(m["auc"], m.get("auc_ci"))),
         row("average precision [95% CI]", lambda m: _vci(m.get("average_precision"), m.get("average_precision_ci"))),
-        row("operating point (threshold from validation)", lambda m: (
+        row(f"operating point (threshold {op_origin(plain.get('operating_point') or {})})", lambda m: (
             f"{_f((m.get('operating_point') or {}).get('threshold'))} ({(m.get('operating_point') or {}).get('rule')})")),
         row("sensitivity at the operating point", op("sensitivity")),
         row("specificity at the operating point", op("specificity")),
@@ -471,6 +532,16 @@ def calibration_fact(out_dir, metrics: Mapping) -> str:
     return head + "not calibrated (no `calibration.json`)"
 
 
+def exclusion_fact(metrics: Mapping, manifest: Mapping) -> str:
+    """Every exclusion from the CSV rows to the shards (task rule, caps, prep's skips), from the flow; without one
+    only prep's skips are known, and the answer says so."""
+    flow = metrics.get("flow")
+    if fl.valid(flow):
+        return flow_exclusions(flow)[:-1] + " (the flow table under Data; prep's skips in `manifest.json`, `skipped`)"
+    return (f"flow not recorded (a prep older than it): {len(manifest.get('skipped') or [])} image(s) skipped by prep "
+            "(reasons in `manifest.json`, `skipped`); the images the task rule and the caps excluded are not counted")
+
+
 def operating_fact(metrics: Mapping) -> str:
     op = metrics.get("operating_point") or (metrics["plain"].get("operating_point") or {})
     if metrics["task"] != "binary":
@@ -483,22 +554,86 @@ def operating_fact(metrics: Mapping) -> str:
             "for `cxr-predict`")
 
 
-def intervals_fact(metrics: Mapping) -> str:
-    """Which numbers carry 95% intervals, of which kind, and which do not (from metrics.json)."""
+def _has_ci(x) -> bool:
+    return isinstance(x, Mapping) and x.get("low") is not None
+
+
+def _sort_ci(pairs, boot: list, exact: list, none: list) -> None:
+    """Each (name, interval) into the bootstrap (as (name, method)), exact (Clopper-Pearson) or no-interval list."""
+    for name, ci in pairs:
+        if not _has_ci(ci):
+            none.append(name)
+        elif ci.get("method") == "clopper-pearson":
+            exact.append(name)
+        else:
+            boot.append((name, ci.get("method") or "percentile"))
+
+
+def _boot_kind(boot: list) -> str:
+    """The bootstrap intervals' kind, from the ``method`` they record (none recorded: percentile)."""
+    kinds = {m for _, m in boot}
+    names = {"bca": "BCa", "percentile": "percentile", "bootstrap": "percentile"}
+    return f"{names.get(kinds.pop(), '')} patient bootstrap".lstrip() if len(kinds) == 1 else \
+        "patient bootstrap (BCa or percentile: `method` in `metrics.json`)"
+
+
+def _interval_lists(metrics: Mapping) -> tuple[list, list, list]:
+    """(bootstrap, exact, none): the binary numbers of metrics.json by the interval they carry."""
     plain = metrics["plain"]
-    n_boot = metrics.get("bootstrap")
-    if metrics["task"] != "binary":
-        return (f"per-finding ROC AUC with BCa patient-bootstrap intervals ({n_boot} resamples); without intervals: the "
-                "mean AUC and the per-finding precision, recall and F1 at `eval.threshold`")
-    ci = plain.get("auc_ci") or {}
-    boot = ["average precision", "Brier score", "ECE"] + (["subgroup AUCs"] if plain.get("subgroups") else [])
     op = plain.get("operating_point") or {}
-    exact = (op.get("sensitivity") or {}).get("method") == "clopper-pearson"
-    return (f"ROC AUC {_vci(plain.get('auc'), ci)}, " + ", ".join(boot) + f": BCa patient bootstrap, {n_boot} resamples "
-            f"({ci.get('n_valid', 0)} valid for the AUC)"
-            + ("; sensitivity, specificity, PPV, NPV and accuracy at the operating point: exact Clopper-Pearson, "
-               "effective n = patients, threshold held fixed" if exact else "")
-            + "; without intervals: the classification report and accuracy at `eval.threshold`, the oracle row")
+    dep = op.get("at_prevalence") or {}
+    c = plain.get("calibrated") or {}
+    co = metrics.get("co_findings") or {}
+    boot, exact = [], []
+    none = ["the classification report and accuracy at `eval.threshold`", "the oracle row"]
+    pairs = [(f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))}", plain.get("auc_ci")),
+             ("average precision", plain.get("average_precision_ci")), ("Brier score", plain.get("brier_ci")),
+             ("ECE", plain.get("ece_ci"))]
+    pairs += [(f"{k} at the operating point", op.get(k.lower())) for k in ("sensitivity", "specificity", "PPV", "NPV",
+                                                                           "accuracy") if op.get("threshold") is not None]
+    pairs += [(f"{k} at prevalence {dep.get('prevalence')}", dep.get(k.lower())) for k in ("PPV", "NPV") if dep]
+    groups = [v.get("auc_ci") for g in (plain.get("subgroups") or {}).values() for v in g.values()]
+    if groups:
+        pairs.append(("subgroup AUCs" + ("" if all(map(_has_ci, groups)) else " (where both classes are present)"),
+                      {"low": 0} if any(map(_has_ci, groups)) else None))
+    pairs += [(f"calibrated {k}", c.get(f"{k.lower().split()[0]}_ci")) for k in ("Brier score", "ECE") if c]
+    pairs += [(f"AUC of the positives {w} co-findings", co.get(f"auc_{w}")) for w in ("with", "without") if co]
+    if metrics.get("tta_minus_plain"):
+        pairs.append(("TTA minus plain ROC AUC (paired)", metrics["tta_minus_plain"]))
+    _sort_ci(pairs, boot, exact, none)
+    if (c.get("validation") or {}).get("before"):
+        none.append("the validation Brier score and ECE before and after calibration (in-sample)")
+    if c.get("method") == "temperature":
+        none.append("the fitted temperature")
+    if metrics.get("decision_curve"):
+        none.append("the decision curve's net benefits")
+    return boot, exact, none
+
+
+def intervals_fact(metrics: Mapping) -> str:
+    """Which numbers carry 95% intervals, of which kind, and which have none: each listed from metrics.json,
+    never "every other number"."""
+    plain, n_boot = metrics["plain"], metrics.get("bootstrap")
+    if metrics["task"] != "binary":
+        cis = [f.get("auc_ci") for f in plain["findings"].values() if _has_ci(f.get("auc_ci"))]
+        boot = [("per-finding ROC AUC", cis[0].get("method") or "percentile")] if cis else []
+        none = [] if boot else ["per-finding ROC AUC"]
+        d = metrics.get("tta_minus_plain") or {}
+        boot += [("TTA minus plain mean AUC (paired)", d.get("method") or "percentile")] if _has_ci(d) else []
+        none += ["the mean AUC", "the per-finding precision, recall and F1 at `eval.threshold`",
+                 "the exact-match accuracy"]
+        exact = []
+    else:
+        boot, exact, none = _interval_lists(metrics)
+    parts = []
+    if boot:
+        parts.append(f"{_boot_kind(boot)} ({n_boot} resamples; `n_valid` beside each in `metrics.json`): "
+                     + ", ".join(name for name, _ in boot))
+    if exact:
+        parts.append(", ".join(exact) + ": exact Clopper-Pearson, effective n = patients, threshold held fixed")
+    if metrics.get("tta") and (boot or exact):
+        parts.append("the TTA column likewise")
+    return "; ".join(parts + ["without intervals: " + ", ".join(none)])
 
 
 def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=None) -> str:
@@ -527,8 +662,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
         ["Data source and version", f"metadata {md_code(cfg.data.csv)}, images below {md_code(cfg.data.images)}; prep "
                                     f"format {md(manifest.get('format', '–'))}, prep hash "
                                     f"{md(manifest.get('config_hash', '–'))} (the CSV's release is the author's to state)"],
-        ["Inclusion / exclusion", f"task {md(metrics['task'])}; {len(manifest.get('skipped') or [])} image(s) excluded "
-                                  "(reasons in `manifest.json`, `skipped`); per split: " + (counts or "–")],
+        ["Inclusion / exclusion", f"task {md(metrics['task'])}; {exclusion_fact(metrics, manifest)}; per split: "
+                                  + (counts or "–")],
         ["Split and leakage control", split + " Only the training split is resampled."],
         ["Prevalence per split", ", ".join(f"{md(k)} {_f(v)}" for k, v in prev.items() if v is not None) or "–"],
         ["Preprocessing", f"{metrics['image_size']} px, per-image min-max to uint8, the backbone's ImageNet "
@@ -554,6 +689,30 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
                       "Items of CLAIM (Checklist for Artificial Intelligence in Medical Imaging) this tool can answer:",
                       "", _table(["item", "answer"], rows, "ll"), "",
                       "Only the author can answer: " + "; ".join(author) + ".", ""])
+
+
+def decision_note(dc: Mapping) -> str:
+    """What the decision curve shows and at which prevalence (``metrics.json`` ``decision_curve``)."""
+    lo, hi = dc.get("threshold_range") or (None, None)
+    above = dc.get("model_above_both") or {}
+    where = (f"at {above['thresholds']} of the thresholds (lowest {above['lowest']:g}, highest {above['highest']:g})"
+             if above.get("thresholds") else "at none of the thresholds")
+    return (f"Net benefit = TP/n − FP/n × pt/(1 − pt) (Vickers & Elkin 2006) of the plain probabilities "
+            f"(`probability` in `predictions.csv`, positive when p >= pt) at threshold probabilities pt from {lo:g} "
+            f"to {hi:g}, against treating every image as positive and treating none; every value is in "
+            f"{md_code(dc.get('file'))}. It holds at **the test set's prevalence** ({_f(dc.get('prevalence'))}, "
+            f"{dc.get('n')} images), which prep's per-class caps or balancing may have set (see the flow under "
+            "Data), not at a clinical prevalence; and pt is read as the model's probability, meaningful as far as "
+            f"it is calibrated. The model's net benefit exceeds both {where}. No intervals.")
+
+
+def fitted_on_validation(metrics: Mapping) -> str:
+    """What this evaluation fitted on the validation predictions, from metrics.json."""
+    op = metrics.get("operating_point") or {}
+    c = metrics["plain"].get("calibrated") or {}
+    what = (["the operating point"] if op.get("threshold") is not None and op.get("source") == "validation" else []) + \
+        (["the temperature"] if c.get("method") == "temperature" else [])
+    return f"{' and '.join(what)} fitted on it" if what else "nothing was fitted on it"
 
 
 def validation_section(metrics: Mapping) -> str:
@@ -658,7 +817,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
              ], "ll"), "",
              task_section(metrics, cfg),
-             "## Data", "", data_section(manifest, metrics.get("provenance")), "", PREPROCESSING_NOTE, ""]
+             "## Data", "", data_section(manifest, metrics.get("provenance")), "",
+             flow_section(metrics.get("flow")), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in (metrics.get("warnings") or []) + ([short] if (short := resample_warning(metrics)) else []):
         lines += [f"> **Warning:** {md(warning)}.", ""]
@@ -679,13 +839,19 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
 
     if plots:
         lines += ["## Plots", ""]
-        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples; dot: the operating point chosen on validation)",
+        op = metrics.get("operating_point") or {}
+        titles = {"roc": "ROC curve (shaded: 95% pointwise band over patient resamples"
+                         + (f"; dot: the operating point, {op_origin(op)}" if op.get("threshold") is not None else "")
+                         + ")",
                   "pr": "Precision-recall curve", "confusion": "Confusion matrix",
                   "calibration": "Reliability diagram (calibration; 10 equal-width bins, marker size ~ images)",
                   "roc_per_finding": "ROC curve per finding",
                   "history": "Training curves (the dotted line marks the switch from warm-up to fine-tuning)"}
+        titles["decision_curve"] = "Decision curve (net benefit against treat-all and treat-none)"
         for k, rel in plots.items():
             lines += [f"**{titles.get(k, k)}**", "", f"![{k}]({rel})", ""]
+            if k == "decision_curve" and metrics.get("decision_curve"):
+                lines += [decision_note(metrics["decision_curve"]), ""]
     else:
         lines += ["## Plots", "", "_none_", ""]
 
@@ -704,12 +870,13 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
               fence(config_yaml) + "yaml", config_yaml.rstrip(), fence(config_yaml), "",
               "## Files", "",
               "- `predictions.csv`: one row per test image (probability, and with TTA `tta_probability`)",
-              "- `val_predictions.csv`: the same for the validation split (the operating point and calibration are "
-              "fitted on it)",
+              f"- `val_predictions.csv`: the same for the validation split ({fitted_on_validation(metrics)})",
               "- `metrics.json`: every number above", "- `plots/`, `gradcam/`: the images above",
               "- `eval_config.yaml`: the configuration of this evaluation"]
     if (out_dir / rundir.CALIBRATION).is_file():
         lines.append("- `calibration.json`: the probability transform fitted on validation, for `cxr-predict`")
+    if (out_dir / rundir.DECISION_CURVE).is_file():
+        lines.append("- `decision_curve.csv`: the decision curve's net benefits, from `predictions.csv`")
     if (out_dir / rundir.OPERATING_POINT).is_file():
         lines.append("- `operating_point.json`: the operating point's threshold, with which `cxr-predict` decides")
     lines.append("")

@@ -7,14 +7,19 @@ also sets ``prep.seed`` (so the patient split and the balancing vary too) and ``
 
     {"config": "c.yaml", "overrides": ["train.lr=..."], "varied": ["train.seed", "run.dir"],
      "seeds": [0, 1], "resplit": false, "runs": [{"seed": 0, "auc": ..., "auc_ci": {"low", "high"},
-     "overrides": [...], "run_dir": ...}, ...], "auc_mean": ..., "auc_sd": ...}
+     "overrides": [...], "run_dir": ...}, ...], "auc_n": 2, "auc_min": ..., "auc_max": ..., "auc_mean": ...,
+     "auc_sd": ..., "auc_sd_ddof": 1, "without_auc": [{"seed": 2, "why": ...}]}
 
 and ``sweep.md`` (a table of the same, with the base config, every ``--set`` override and the varied
-keys: two sweeps of different options never look alike; values escaped for Markdown). ``auc_sd`` is
-given only with two or more seeds (else null, "n/a" in ``sweep.md`` and the log). A seed whose evaluation is complete for its config is skipped,
+keys: two sweeps of different options never look alike; values escaped for Markdown). The summary is
+of the runs with a value: ``auc_n`` counts them (not the seeds), a run without an AUC is listed in
+``without_auc`` with the reason; each run's value, the range (min-max) and the mean are given, and
+``auc_sd``, the sample standard deviation (ddof 1) of the ``auc_n`` values, only when ``auc_n >= 2``
+(else null): a description of the spread between runs, not an interval (with 3 runs the true sd lies
+anywhere in about 0.52-6.3 times it). A seed whose evaluation is complete for its config is skipped,
 so rerunning the same command after an interruption continues with the next unfinished seed (and
-``pipeline`` itself resumes a seed's interrupted training). The spread over seeds is the sample
-standard deviation of the plain (primary) test AUCs. No numpy: ``launch`` stays light.
+``pipeline`` itself resumes a seed's interrupted training). The values are the plain (primary) test
+ROC AUCs (multilabel: the mean AUROC). No numpy: ``launch`` stays light.
 """
 from __future__ import annotations
 
@@ -80,7 +85,8 @@ def seed_result(cfg, seed: int, overrides: Sequence[str] = ()) -> dict:
     plain = m.get("plain") or {}
     auc = plain.get("auc") if m.get("task") == "binary" else plain.get("mean_auc")
     ci = plain.get("auc_ci") or {}
-    return {"seed": seed, "prep_seed": cfg.prep.seed, "auc": auc,
+    why = None if auc is not None else str(plain.get("note") or "metrics.json holds no test AUC for this run")
+    return {"seed": seed, "prep_seed": cfg.prep.seed, "auc": auc, "why_no_auc": why,
             "auc_ci": {"low": ci.get("low"), "high": ci.get("high")}, "overrides": list(overrides),
             "selected_checkpoint": m.get("selected_checkpoint"), "run_dir": str(cfg.run.dir)}
 
@@ -94,20 +100,43 @@ def summary(seeds: Sequence[int], runs: list[dict], resplit: bool, config: str =
             overrides: Sequence[str] = ()) -> dict:
     aucs = [r["auc"] for r in runs if r["auc"] is not None]
     return {"config": str(config), "overrides": list(overrides), "varied": varied_keys(resplit),
-            "seeds": list(seeds), "resplit": resplit, "runs": runs,
+            "seeds": list(seeds), "resplit": resplit, "runs": runs, "auc_n": len(aucs),
+            "auc_min": min(aucs) if aucs else None, "auc_max": max(aucs) if aucs else None,
             "auc_mean": statistics.fmean(aucs) if aucs else None,
-            "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None,
-            "auc_sd_ddof": 1, "auc_n": len(aucs)}
+            "auc_sd": statistics.stdev(aucs) if len(aucs) > 1 else None, "auc_sd_ddof": 1,
+            "without_auc": [{"seed": r["seed"], "why": r.get("why_no_auc") or "no AUC"} for r in runs
+                            if r["auc"] is None]}
 
 
 def _num(x, d: int = 3) -> str:
     return "n/a" if x is None else f"{x:.{d}f}"
 
 
+# n -> the 95% interval of a normal population's sd as multiples of the sample sd: sqrt((n-1)/chi2(0.975, n-1))
+# to sqrt((n-1)/chi2(0.025, n-1)); with few runs the sample sd is itself uncertain.
+SD_CI_FACTORS = {2: (0.45, 31.9), 3: (0.52, 6.3), 4: (0.57, 3.7), 5: (0.60, 2.9)}
+
+
+def spread_text(s: dict) -> str:
+    """n, range, mean and (n >= 2) the sample sd of the runs with a value, as ``sweep.md`` and the log say it."""
+    n, runs = s["auc_n"], len(s["runs"])
+    of = f"n = {n} run(s) with a test ROC AUC" + (f" of {runs}" if n != runs else "")
+    if not n:
+        return of + ": no range, mean or standard deviation"
+    sd = (f"sample standard deviation of the {n} runs {_num(s['auc_sd'])} (ddof 1; a description of the spread "
+          "between runs, not a confidence interval)" if s["auc_sd"] is not None else
+          "no standard deviation (fewer than 2 runs with a value)")
+    return f"{of}: range {_num(s['auc_min'])} – {_num(s['auc_max'])} (min – max), mean {_num(s['auc_mean'])}; {sd}"
+
+
 def sweep_markdown(s: dict, config: str) -> str:
     f = (lambda x: "–" if x is None else f"{x:.3f}")
-    rows = [f"| {r['seed']} | {md(r['prep_seed'])} | {f(r['auc'])} | {f(r['auc_ci']['low'])} – "
-            f"{f(r['auc_ci']['high'])} | {md_code(r['run_dir'])} |" for r in s["runs"]]
+    rows = [f"| {r['seed']} | {md(r['prep_seed'])} | "
+            f"{f(r['auc']) if r['auc'] is not None else 'none: ' + md(r.get('why_no_auc') or 'no AUC')} | "
+            f"{f(r['auc_ci']['low'])} – {f(r['auc_ci']['high'])} | {md_code(r['run_dir'])} |" for r in s["runs"]]
+    lo, hi = SD_CI_FACTORS.get(s["auc_n"] if s["auc_sd"] is not None else 0, (None, None))
+    few = (f" With n = {s['auc_n']} a standard deviation says little: a 95% interval for the true one spans "
+           f"about {lo}–{hi} times the sample's (chi-square, normal values).") if lo else ""
     varied = "train.seed and prep.seed (the split)" if s["resplit"] else "train.seed (one split: prep.seed fixed)"
     sets = s.get("overrides") or []
     return "\n".join([f"# Seed sweep of {md_code(config)}", "",
@@ -117,9 +146,8 @@ def sweep_markdown(s: dict, config: str) -> str:
                       f"({varied}). Test ROC AUC of the plain (primary) evaluation of each run, with its "
                       "patient-bootstrap 95% interval.", "",
                       "| seed | prep.seed | ROC AUC | 95% CI | run |", "| ---: | ---: | ---: | :--- | :--- |", *rows, "",
-                      f"Mean {_num(s['auc_mean'])}, standard deviation {_num(s['auc_sd'])} (sample, over "
-                      f"{len(s['runs'])} seed(s); n/a with fewer than 2): the spread from seeds"
-                      + (" and splits" if s["resplit"] else "") + ", beside each run's sampling interval.", ""])
+                      spread_text(s) + ". The spread is from the seeds" + (" and splits" if s["resplit"] else "")
+                      + "; each run's own sampling uncertainty is its 95% interval above." + few, ""])
 
 
 def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]) -> int:
@@ -151,6 +179,5 @@ def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]
     out = Path(base.run.dir)
     atomic_write_json(out / "sweep.json", s)
     atomic_write_text(out / "sweep.md", sweep_markdown(s, args.config))
-    say(console(f"{len(runs)} run(s): AUC mean {_num(s['auc_mean'])}, sd {_num(s['auc_sd'])}; {out / 'sweep.json'}, "
-                f"{out / 'sweep.md'}"))
+    say(console(f"{len(runs)} run(s); {spread_text(s)}; {out / 'sweep.json'}, {out / 'sweep.md'}"))
     return 0

@@ -113,6 +113,7 @@ def assert_results_reproducible(run: Path) -> dict:
     assert "![calibration](plots/calibration.png)" in report and (run / "plots" / "calibration.png").is_file()
     assert "## Reporting checklist (CLAIM)" in report
     assert f"finetune phase, epoch {sc['epoch']}" in report
+    assert_flow_and_decision_curve(run, m, rows, report)
     return m
 
 
@@ -137,6 +138,24 @@ def clustered_delong_z(y, pa, pb, groups):
     var = f * (x10 @ x10) / m ** 2 + f * (x01 @ x01) / n ** 2 + 2 * f * (x10 @ x01) / (m * n)
     z = (aucs[1] - aucs[0]) / np.sqrt(var) if var > 0 else 0.0
     return z, 2 * norm.sf(abs(z))
+
+
+def assert_flow_and_decision_curve(run: Path, m: dict, rows: list[dict], report: str) -> None:
+    """Issue 34: the flow's evaluated step and the decision curve recomputed from predictions.csv; the report
+    shows both, and the net benefit at the test set's prevalence."""
+    ev = next(s for s in m["flow"]["steps"] if s["step"] == "evaluated")
+    pos = [r for r in rows if r["label"] == "1"]
+    assert (ev["images"], ev["patients"]) == (len(rows), len({r["patient"] for r in rows}))
+    assert ev["classes"][m["classes"][1]] == {"images": len(pos), "patients": len({r["patient"] for r in pos})}
+    assert "### Flow of images and patients" in report and "every written test image evaluated" in report
+    n, prev = len(rows), len(pos) / len(rows)
+    for r in read_csv(run / "decision_curve.csv"):
+        pt = float(r["threshold"])
+        tp = sum(float(x["probability"]) >= pt and x["label"] == "1" for x in rows)
+        fp = sum(float(x["probability"]) >= pt and x["label"] == "0" for x in rows)
+        assert float(r["net_benefit"]) == pytest.approx(tp / n - fp / n * pt / (1 - pt), rel=1e-12, abs=1e-15)
+        assert float(r["net_benefit_treat_all"]) == pytest.approx(prev - (1 - prev) * pt / (1 - pt), rel=1e-12)
+    assert "![decision_curve](plots/decision_curve.png)" in report and "**the test set's prevalence**" in report
 
 
 def exact_from_csvs(out: Path) -> dict:

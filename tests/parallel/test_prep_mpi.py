@@ -84,6 +84,7 @@ def test_two_ranks_equal_one_process(tmp_path, data, root):
     assert n_shards >= 6
     assert sum(two["timings"]["shards_per_rank"]) == n_shards and len(two["timings"]["shards_per_rank"]) == 2
     assert one["mean"] == two["mean"] and one["std"] == two["std"]
+    assert one["flow"] == two["flow"]  # the flow of images and patients does not depend on the ranks
     # HDF5 files written without timestamps: byte-identical too
     assert [s["sha256"] for sp in SPLITS for s in one["splits"][sp]["shards"]] == \
            [s["sha256"] for sp in SPLITS for s in two["splits"][sp]["shards"]]
@@ -145,6 +146,7 @@ def test_killed_run_resumes_to_complete_manifest(tmp_path, data, root):
     ref_man = load_manifest(ref)
     assert [s["sha256"] for sp in SPLITS for s in ref_man["splits"][sp]["shards"]] == \
            [s["sha256"] for sp in SPLITS for s in man["splits"][sp]["shards"]]
+    assert man["flow"] == ref_man["flow"]  # resumed shards count in the flow as written ones
 
 
 def test_error_on_rank0_stops_every_rank_once(tmp_path, data, root):

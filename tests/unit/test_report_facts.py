@@ -144,3 +144,114 @@ def test_trained_layers_sentence_follows_the_record(tmp_path):
     assert text == ("warmup: 3 of 3 backbone layers frozen (`image` .. `c2`), 0 trained (none) and the head, "
                     "10 trainable parameters; finetune: 1 of 3 backbone layers frozen (`image`), 2 trained "
                     "(`c1` .. `c2`) and the head, 1,234 trainable parameters")
+
+
+def _flow(unreadable=0):
+    """A flow of 100 CSV rows: 20 dropped by the task rule, 10 by the test cap, ``unreadable`` by prep."""
+    def step(name, images, split=None):
+        return {"step": name, "split": split, "what": name, "images": images, "patients": None, "classes": None}
+    return {"classes": ["No Finding", "Infiltration", "not in the task"],
+            "steps": [step("csv", 100), step("usable", 100), step("task", 80), step("files", 80),
+                      step("split", 50, "train"), step("split", 30, "test"), step("capped", 50, "train"),
+                      step("capped", 20, "test"), step("written", 50 - unreadable, "train"),
+                      step("written", 20, "test"), step("evaluated", 20, "test")]}
+
+
+def test_inclusion_counts_every_exclusion_of_the_flow(tmp_path):
+    """Issue 34.8: 'N image(s) excluded' counted prep's skips only; now the task rule and the caps too, and a prep
+    with skips changes the count; without a flow the answer says what is not counted."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    m = _metrics()
+    m["flow"] = _flow()
+    row = _row(claim_checklist(m, {"skipped": []}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "30 of 100 CSV rows excluded before training and testing (20 by the task rule; 10 by balancing and " \
+           "per-class caps); 70 images in the shards; every written test image evaluated" in row
+    m["flow"] = _flow(unreadable=3)
+    row = _row(claim_checklist(m, {"skipped": [{"image": "a"}] * 3}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "33 of 100 CSV rows excluded" in row and "; 3 unreadable images skipped by prep)" in row
+    del m["flow"]
+    row = _row(claim_checklist(m, {"skipped": [{"image": "a"}] * 3}, cfg, tmp_path), "Inclusion / exclusion")
+    assert "flow not recorded (a prep older than it): 3 image(s) skipped by prep" in row
+    assert "the images the task rule and the caps excluded are not counted" in row
+
+
+def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
+    """Issue 34.8: with resamples every bootstrap metric is listed as such; without them (eval.bootstrap 0) the AUC,
+    AP, Brier and ECE move to 'without intervals'; fitted extras (temperature, in-sample validation figures) are
+    listed without; a multilabel run names its mean AUC and precision/recall/F1."""
+    cfg = load_config(None, [f"run.dir={tmp_path}"])
+    row = _row(claim_checklist(_metrics(), {}, cfg, tmp_path), "Metrics with intervals")
+    assert "patient bootstrap" not in row
+    assert "without intervals: the classification report and accuracy at `eval.threshold`, the oracle row, ROC AUC " \
+           "0.905" in row and ", average precision, Brier score, ECE" in row
+    rng = np.random.default_rng(1)
+    y = np.array([0, 1] * 20)
+    p = np.clip(y * 0.4 + rng.random(40) * 0.6, 0, 1)
+    plain = M.binary_metrics(y, p, class_names=("No Finding", "Infiltration"), groups=np.arange(40), n_boot=40,
+                             operating={"source": "validation", "rule": "youden", "threshold": 0.5})
+    plain["calibrated"] = {**M.calibration_metrics(y, p, np.arange(40), 40, 0), "method": "temperature",
+                           "validation": {"before": {"brier": 0.2}, "after": {"brier": 0.1}}}
+    m = {**_metrics(), "plain": plain, "bootstrap": 40, "operating_point": plain["operating_point"]}
+    row = _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
+    boot, rest = row.split("; without intervals: ")
+    assert boot.startswith("| Metrics with intervals | percentile patient bootstrap (40 resamples") and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot
+    assert "sensitivity at the operating point, specificity at the operating point" in boot and "Clopper-Pearson" in boot
+    assert rest.startswith("the classification report and accuracy at `eval.threshold`, the oracle row, the validation "
+                           "Brier score and ECE before and after calibration (in-sample), the fitted temperature")
+    Y = np.eye(3, dtype=int)[np.arange(30) % 3]
+    ml = M.multilabel_metrics(Y, rng.random((30, 3)), class_names=["a", "b", "c"], groups=np.arange(30), n_boot=20)
+    row = _row(claim_checklist({**m, "task": "multilabel", "plain": ml, "bootstrap": 20}, {}, cfg, tmp_path),
+               "Metrics with intervals")
+    assert row.endswith("percentile patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): per-finding ROC "
+                        "AUC; without intervals: the mean AUC, the per-finding precision, recall and F1 at "
+                        "`eval.threshold`, the exact-match accuracy |")
+
+
+def test_the_intervals_answer_names_the_bootstrap_kind_each_interval_records(tmp_path):
+    """An interval that records ``method: bca`` is called BCa; a mix says where to look."""
+    from distributed.report import intervals_fact
+
+    m = _metrics()
+    p = m["plain"]
+    p["auc_ci"] = {"low": 0.7, "high": 0.9, "method": "bca"}
+    p["average_precision_ci"] = {"low": 0.6, "high": 0.9, "method": "bca"}
+    assert intervals_fact(m).startswith("BCa patient bootstrap (0 resamples; ")
+    p["brier_ci"] = {"low": 0.1, "high": 0.2}
+    assert intervals_fact(m).startswith("patient bootstrap (BCa or percentile: `method` in `metrics.json`) ")
+
+
+def test_fixed_and_fallback_thresholds_are_not_said_to_come_from_validation(tmp_path):
+    """Issue 34.8: the summary's row, the ROC plot's title and the file list say 'chosen on validation' only when
+    the threshold was; `fixed:T` is 'fixed' even with a validation split (evaluate's source)."""
+    from distributed.report import binary_section, fitted_on_validation
+
+    m = _metrics()
+    assert "| operating point (threshold chosen on validation) |" in binary_section(m["plain"], None, m["classes"], 0, m)
+    assert fitted_on_validation(m) == "the operating point fitted on it"
+    for source in ("fixed", "eval.threshold (no validation split)"):
+        op = {**m["plain"]["operating_point"], "source": source}
+        m2 = {**m, "plain": {**m["plain"], "operating_point": op}, "operating_point": op}
+        sec = binary_section(m2["plain"], None, m["classes"], 0, m2)
+        assert f"| operating point (threshold {source}: not chosen on validation) |" in sec
+        assert fitted_on_validation(m2) == "nothing was fitted on it"
+    import logging
+
+    from distributed.evaluate import operating_spec
+
+    y, p, log = np.array([0, 1, 0, 1]), np.array([0.1, 0.8, 0.3, 0.6]), logging.getLogger("test")
+    assert operating_spec("fixed:0.3", y, p, 0.5, log) == {"source": "fixed", "rule": "fixed:0.3", "threshold": 0.3}
+    assert operating_spec("youden", y, p, 0.5, log)["source"] == "validation"
+    assert operating_spec("youden", None, None, 0.4, log) == {"source": "eval.threshold (no validation split)",
+                                                               "rule": "fixed:0.4", "threshold": 0.4}
+
+
+def test_predict_says_chosen_on_validation_only_when_it_was():
+    """cxr-predict's threshold line, from operating_point.json's source: fixed:T and the fallback are not
+    'chosen on the validation split'."""
+    from distributed.predict import threshold_note
+
+    th = {"threshold": 0.3, "source": "operating point", "rule": "youden", "chosen_on": "validation", "file": "m"}
+    assert "(youden, chosen on the validation split; m)" in threshold_note(th)
+    for src in ("fixed", "eval.threshold (no validation split)"):
+        note = threshold_note({**th, "rule": "fixed:0.3", "chosen_on": src})
+        assert f"(fixed:0.3, {src}, not chosen on validation; m)" in note and "chosen on the" not in note
