@@ -154,7 +154,8 @@ def test_multilabel_paired_mean_auc_difference_equals_explicit_resampling():
              for idx in _explicit_resamples(g, 60, 2)]
     assert d["auc_diff"] == pytest.approx(np.mean([roc_auc_score(Y[:, k], Pb[:, k]) - roc_auc_score(Y[:, k], Pa[:, k])
                                                    for k in range(3)]))
-    assert d["low"] == pytest.approx(np.percentile(diffs, 2.5)) and d["high"] == pytest.approx(np.percentile(diffs, 97.5))
+    assert (d["low"] == pytest.approx(np.percentile(diffs, 2.5))
+            and d["high"] == pytest.approx(np.percentile(diffs, 97.5)))
 
 
 def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_csv():
@@ -366,7 +367,7 @@ def test_coverage_of_the_exact_interval_at_a_true_sensitivity_of_097_with_20_pos
         hit = (rng.random(len(g)) < np.repeat(np.where(hard, 0.5, 1.0), m)).astype(float)
         r = M.proportion_interval(int(hit.sum()), len(hit), 20)
         cov_exact += r["low"] <= 0.97 <= r["high"]
-        b = M.bootstrap_stats({"s": lambda w: (w * hit).sum() / w.sum()}, g, 200, s)["s"]
+        b = M.bootstrap_stats({"s": lambda w, hit=hit: (w * hit).sum() / w.sum()}, g, 200, s)["s"]
         cov_boot += b["low"] <= 0.97 <= b["high"]
         flat += b["zero_width"]
     assert cov_exact / sims >= 0.93
