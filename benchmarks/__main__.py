@@ -1,4 +1,5 @@
-"""``python -m benchmarks {epoch-timing,scaling,input-pipeline,timeline,prep,reliability} ...`` (console script ``cxr-bench``).
+"""``python -m benchmarks {epoch-timing,scaling,input-pipeline,timeline,prep,reliability} ...`` \
+(console script ``cxr-bench``).
 
 * ``epoch-timing``: s/epoch of the article's warm-up and fine-tune per TensorFlow variant;
 * ``scaling``: fine-tune throughput per number of Horovod ranks, with and without thread tuning;
@@ -20,7 +21,8 @@ from data_prep.cli import add_debug_arg, command
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.split("\n\n")[0])
-    sub = ap.add_subparsers(dest="command", required=True, metavar="{epoch-timing,scaling,input-pipeline,timeline,prep,reliability,checksums}")
+    sub = ap.add_subparsers(dest="command", required=True,
+                            metavar="{epoch-timing,scaling,input-pipeline,timeline,prep,reliability,checksums}")
     for module in (epoch_timing, scaling, input_pipeline, timeline, prep, reliability, checksums):
         module.register(sub)
     for p in sub.choices.values():

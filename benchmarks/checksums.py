@@ -77,7 +77,8 @@ def read_all(path: Path) -> float:
 def run(args) -> int:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.images, args.size, args.size), dtype=np.uint8)
-    batches = [np.sort(rng.choice(args.images, args.batch, replace=False)) for _ in range(4 * args.images // args.batch)]
+    batches = [np.sort(rng.choice(args.images, args.batch, replace=False))
+               for _ in range(4 * args.images // args.batch)]
     best = {v: {"write": np.inf, "read batches": np.inf, "read all": np.inf} for v in ("with", "without")}
     with tempfile.TemporaryDirectory(prefix="cxr-bench-checksums-") as d:
         files = {v: Path(d) / f"shard-{v}.h5" for v in best}

@@ -155,7 +155,7 @@ def _pinned(req: str) -> tuple[str, str] | None:
 
 
 def _req_name(req: str) -> str:
-    return re.split(r"[\s\[<>=!~;]", req.strip(), 1)[0].lower().replace("_", "-")
+    return re.split(r"[\s\[<>=!~;]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
 
 
 def current_satisfies(reqs) -> bool:

@@ -146,7 +146,8 @@ def run(args) -> int:
         summary = synthetic.generate(data, patients=args.patients, image_size=args.source_size, seed=0,
                                      progress=False, overwrite_images=False)
         files = sorted(str(p) for p in (data / "images").glob("*.png"))
-        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+        result = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                              "python": platform.python_version(),
                               "loadavg_before": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
                   "images": len(files), "source_size": args.source_size, "size": args.size, "repeat": args.repeat,
                   "dataset": summary}

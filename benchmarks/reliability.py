@@ -39,7 +39,7 @@ def measure(cfg, repeats: int = 3, args_dir: str | None = None) -> dict | None:
     for _ in range(20):
         hvd.allreduce(np.int32(0), op="max", name="cxr_stop")
     flag, after = [], []
-    for i in range(200):
+    for _ in range(200):
         t = time.perf_counter()
         hvd.allreduce(np.int32(0), op="max", name="cxr_stop")  # exactly StepControl's call
         flag.append(time.perf_counter() - t)
@@ -63,7 +63,8 @@ def measure(cfg, repeats: int = 3, args_dir: str | None = None) -> dict | None:
             t = time.perf_counter()
             size = T.save_step_checkpoint(Path(d), model, ph.optimizer, state)
             times.append(time.perf_counter() - t)
-    out.update(backbone=cfg.model.backbone, params=int(model.count_params()), checkpoint_s=round(statistics.median(times), 2),
+    out.update(backbone=cfg.model.backbone, params=int(model.count_params()),
+               checkpoint_s=round(statistics.median(times), 2),
                checkpoint_s_all=[round(x, 2) for x in times], checkpoint_mb=round(size / 2**20, 1))
     return out
 

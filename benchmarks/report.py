@@ -251,7 +251,8 @@ def timeline_lines(results: dict) -> list[str]:
          "gradient ready on all ranks to its reduction done. Files: `timelines/` beside this report "
          "(open in chrome://tracing; summarise with `python -m benchmarks timeline FILE`).", "", *TABLE_HEAD]
     for mode, n, r in rows:
-        L.append(markdown_row(f"{mode}, {n} ranks ({r['timeline']['rounds']} round(s))", r["timeline"], r.get("step_s")))
+        L.append(markdown_row(f"{mode}, {n} ranks ({r['timeline']['rounds']} round(s))", r["timeline"],
+                              r.get("step_s")))
     return L
 
 

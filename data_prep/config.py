@@ -51,14 +51,16 @@ def _copy(d):
 @dataclass(frozen=True)
 class DataConfig:
     csv: str = _f("data/Data_Entry_2017.csv", "NIH metadata CSV (2017 or v2020 schema)")
-    images: str = _f("data", "root below which the PNGs are found by name (flat images/ or Kaggle's images_NNN/images/)")
+    images: str = _f(
+        "data", "root below which the PNGs are found by name (flat images/ or Kaggle's images_NNN/images/)")
     image_size: int = _f(384, "side of the square image fed to the network, pixels", 32, 2048)
-    task: Literal["binary", "multilabel"] = _f("binary", "binary: positive_label vs negatives; multilabel: the 14 findings")
+    task: Literal["binary", "multilabel"] = _f(
+        "binary", "binary: positive_label vs negatives; multilabel: the 14 findings")
     positive_label: str = _f("Infiltration", "finding that makes an image positive (binary task)")
     negative_rule: Literal["no_finding", "all_others"] = _f(
         "no_finding", "negatives: only 'No Finding' images (the article) or every image without the positive label")
-    official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV (or in data.images); a missing "
-                                      "one stops prep")
+    official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV (or in data.images); "
+                                      "a missing one stops prep")
     max_age: int = _f(120, "ages above this are implausible: the image is kept, its age recorded as unknown", 1, 200)
 
 
@@ -66,7 +68,8 @@ class DataConfig:
 class PrepConfig:
     out: str = _f("prepared", "folder for HDF5 shards and manifest.json")
     shard_size: int = _f(1024, "images per HDF5 shard", 1, 1_000_000)
-    train_per_class: int = _f(0, "training images per class after balancing (resampling with replacement); 0 = no balancing", 0)
+    train_per_class: int = _f(
+        0, "training images per class after balancing (resampling with replacement); 0 = no balancing", 0)
     val_per_class: int = _f(0, "cap on validation images per class, each image at most once; 0 = all", 0)
     test_per_class: int = _f(0, "cap on test images per class, each image at most once; 0 = all", 0)
     val_fraction: float = _f(0.1, "share of patients held out for validation (seeded group split)", 0.0, 0.9)
@@ -98,7 +101,8 @@ class AugmentConfig:
     width_shift: float = _f(0.15, "max horizontal shift, fraction of width", 0.0, 1.0)
     height_shift: float = _f(0.15, "max vertical shift, fraction of height", 0.0, 1.0)
     rotation: float = _f(5.0, "max rotation, degrees", 0.0, 180.0)
-    shear: float = _f(0.01, "max shear angle in DEGREES as Keras' shear_range: the article's 0.01 is almost none", 0.0, 45.0)
+    shear: float = _f(
+        0.01, "max shear angle in DEGREES as Keras' shear_range: the article's 0.01 is almost none", 0.0, 45.0)
     zoom: float = _f(0.1, "zoom drawn from [1-zoom, 1+zoom]", 0.0, 0.9)
 
 
@@ -128,7 +132,8 @@ class TrainConfig:
     batch_size: int = _f(16, "images per rank per step", 1, 4096)
     seed: int = _f(1234, "seed of shuffling, augmentation and initialisation", 0)
     scale_lr: bool = _f(True, "multiply learning rates by the number of ranks (Horovod recipe)")
-    lr_warmup_epochs: float = _f(1.0, "epochs over which the scaled learning rate ramps up (Horovod recipe)", 0.0, 100.0)
+    lr_warmup_epochs: float = _f(
+        1.0, "epochs over which the scaled learning rate ramps up (Horovod recipe)", 0.0, 100.0)
     steps_per_epoch: int = _f(0, "cap on steps per epoch (smoke tests); 0 = the whole training split", 0)
     cache: bool = _f(False, "keep decoded training images in memory after the first epoch")
     allreduce_compression: Literal["none", "fp16"] = _f(
@@ -164,7 +169,8 @@ class RuntimeConfig:
     reserve_cores: int = _f(0, "cores of each rank left to Horovod's and tf.data's threads (intra-op threads = the "
                                "rank's cores minus these, at least 1); 0 until a measurement shows a gain", 0, 64)
     omp_num_threads: int = _f(0, "OMP_NUM_THREADS per rank; 0 = the intra-op threads", 0)
-    kmp_affinity: str = _f("granularity=fine,compact,1,0", "KMP_AFFINITY for OpenMP builds (intel-tensorflow); empty = unset")
+    kmp_affinity: str = _f(
+        "granularity=fine,compact,1,0", "KMP_AFFINITY for OpenMP builds (intel-tensorflow); empty = unset")
     kmp_blocktime: int = _f(1, "KMP_BLOCKTIME in ms for OpenMP builds", 0, 10000)
     data_threads: int = _f(0, "tf.data parallelism; 0 = autotune", 0)
     data_autotune: Literal["auto", "on", "off"] = _f("auto", "tf.data autotuning: on, off, or auto (on, but off for "
@@ -195,15 +201,16 @@ class EvalConfig:
     operating_point: str = _f("youden", "rule choosing the threshold on the VALIDATION split, applied to test: "
                                         "youden, sensitivity:S, specificity:S or fixed:T")
     calibrate: Literal["none", "temperature"] = _f(
-        "none", "temperature: fit a temperature on validation, saved in run.dir/calibration.json (cxr-predict applies it)")
+        "none", "temperature: fit a temperature on validation, saved in run.dir/calibration.json "
+                "(cxr-predict applies it)")
     prior_correction: bool = _f(False, "correct probabilities from the training split's class proportions to "
                                        "eval.prevalence, else train+val's natural prevalence (manifest; never "
                                        "test); evaluate and cxr-predict")
     prevalence: float = _f(0.0, "deployment prevalence P: also report PPV/NPV recomputed at P; 0 = off", 0.0, 0.999)
     trust_model: bool = _f(False, "load model files with Keras' own loader (HDF5, Lambda layers: code in the file "
                                   "runs); default: rebuilt by this project, weights only (distributed.safeload)")
-    allow_overlap: bool = _f(False, "evaluate a prep other than the run's own although some of its patients were in the "
-                                    "model's training split (reported); default: refused, naming the counts")
+    allow_overlap: bool = _f(False, "evaluate a prep other than the run's own although some of its patients were in "
+                                    "the model's training split (reported); default: refused, naming the counts")
     out: str = _f("", "folder for the evaluation's outputs; empty = run.dir for the run's own prep, "
                       "run.dir/eval-<prep hash> for another prep (an external evaluation)")
 
@@ -332,7 +339,8 @@ def _set_dotted(tree: dict, dotted: str, raw: str):
         tp = typing.get_type_hints(cls)[part]
         if i == len(parts) - 1:
             if dataclasses.is_dataclass(tp):
-                raise ConfigError(f"{key}: is a section; set one of its keys, e.g. {key}.{dataclasses.fields(tp)[0].name}=...")
+                raise ConfigError(f"{key}: is a section; set one of its keys, e.g. "
+                                  f"{key}.{dataclasses.fields(tp)[0].name}=...")
             try:
                 value = safe_load(raw) if raw != "" else ""
             except yaml.YAMLError as e:
@@ -424,10 +432,13 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # leaves every existing output's hash as it was; HASH_SCHEMA is bumped instead when a default's
 # meaning changes (then every output is made again).
 
-SHARD_FORMAT = 3  # layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32 checksums on every dataset); a new one invalidates old outputs
+# layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32
+# checksums on every dataset); a new one invalidates old outputs
+SHARD_FORMAT = 3
 HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
 PREP_RUN_KEYS = ("out", "strict", "overwrite", "stage_to")  # where and how prep runs or is read, not what it makes
-TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")  # how training runs, not what it trains
+# how training runs, not what it trains
+TRAIN_RUN_KEYS = ("stop_signals", "stop_check_s", "checkpoint_every_s", "record_batches")
 
 
 def non_default(section, default=None) -> dict:
@@ -543,7 +554,8 @@ def config_from_args(args) -> Config:
 def _print_main(argv=None) -> int:
     """``python -m data_prep.config --config C [--set k=v]``: print the resolved config."""
     parser = add_config_args(argparse.ArgumentParser(description=_print_main.__doc__), required=False)
-    parser.add_argument("--reference", action="store_true", help="print the Markdown reference of every key (docs/config-reference.md)")
+    parser.add_argument("--reference", action="store_true",
+                        help="print the Markdown reference of every key (docs/config-reference.md)")
     args = parser.parse_args(argv)
     if args.reference:
         print(reference_markdown(), end="")

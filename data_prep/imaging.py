@@ -199,7 +199,8 @@ def conversions(info: dict) -> list[dict]:
     bits = info.get("bits", 8)
     if info.get("converted_from"):
         out.append({"kind": "mode", "from": info["converted_from"],
-                    "action": "converted to 8-bit gray" if bits == 8 else f"converted to gray from its {bits}-bit values"})
+                    "action": ("converted to 8-bit gray" if bits == 8
+                               else f"converted to gray from its {bits}-bit values")})
     if bits != 8:
         source = f"{info['mode']} {bits}-bit per channel" if info.get("converted_from") else info["mode"]
         out.append({"kind": "bit depth", "from": source, "action": f"{bits}-bit values scaled to 8 bit "

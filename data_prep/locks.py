@@ -17,12 +17,12 @@ Two kinds, :func:`kind` says which one a process holds:
   rewrites in place every :data:`HEARTBEAT_S` seconds. It is refused while its holder lives, and taken
   over with a one-line warning when the holder is gone: on this host (``socket.gethostname()``) its pid
   no longer exists; on any host its heartbeat is older than :data:`STALE_S` seconds (the hosts' clocks
-  must agree to well within that; a holder stopped for longer, e.g. a suspended job, loses the folder). A takeover first claims the stale token with
-  ``O_EXCL`` (``.cxr-lock.excl.takeover-<token>``, one winner), then renames the stale file away,
-  checks that it renamed the file it judged, and creates its own with ``O_EXCL`` again. ``release()``
-  and the process's exit remove the file; a killed holder leaves it for the next run to take over.
-  Every node must see the folder through the same kind of mount: a process holding the ``flock`` and one
-  holding the lock file do not see each other.
+  must agree to well within that; a holder stopped for longer, e.g. a suspended job, loses the folder).
+  A takeover first claims the stale token with ``O_EXCL`` (``.cxr-lock.excl.takeover-<token>``, one
+  winner), then renames the stale file away, checks that it renamed the file it judged, and creates its
+  own with ``O_EXCL`` again. ``release()`` and the process's exit remove the file; a killed holder
+  leaves it for the next run to take over. Every node must see the folder through the same kind of
+  mount: a process holding the ``flock`` and one holding the lock file do not see each other.
 """
 from __future__ import annotations
 

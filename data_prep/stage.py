@@ -13,9 +13,10 @@ and evaluation process copies the shards of the splits it loads into
   so no reader sees half a shard.
 * Checked: every copy's sha256 is compared with the manifest's. A copy that differs (found damaged
   from an earlier run, or just made) is made again once; when it still differs (a damaged source or
-  disk) the process stops with one line naming the file. ``.staged.json`` records (size, mtime, ctime, inode, sha256) of every verified copy: a copy
-  that still has them is reused without reading it again; any other (changed, replaced) is hashed again,
-  and copied again when it differs. The shards' Fletcher-32 checksums still guard every read.
+  disk) the process stops with one line naming the file. ``.staged.json`` records (size, mtime, ctime,
+  inode, sha256) of every verified copy: a copy that still has them is reused without reading it again;
+  any other (changed, replaced) is hashed again, and copied again when it differs. The shards'
+  Fletcher-32 checksums still guard every read.
 * One line (rank 0): ``train: staged N shards (X MB) to DIR in T s (M reused)``.
 
 The folder name changes with the prep output, so a new prep output is staged beside an old one;

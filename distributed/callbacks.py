@@ -488,7 +488,8 @@ class StepControl(tf.keras.callbacks.Callback):
         if mid and self.root:
             self.save_step()
         hvd.barrier()  # Horovod: every rank leaves after rank 0 wrote the checkpoint
-        get_logger().info("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)  # rank 0: one line
+        # rank 0: one line
+        get_logger().info("stopped by %s %s; resume with --resume", signal.Signals(signum).name, where)
         raise Stopped(signum, where)
 
 

@@ -252,7 +252,8 @@ def random_transforms(batch: int | tf.Tensor, height: int, width: int, aug, seed
     zx = _uniform(shape, 1.0 - aug.zoom, 1.0 + aug.zoom, seeds[2]) if aug.zoom else tf.ones(shape)
     zy = _uniform(shape, 1.0 - aug.zoom, 1.0 + aug.zoom, seeds[3]) if aug.zoom else tf.ones(shape)
     tx = _uniform(shape, -aug.width_shift, aug.width_shift, seeds[4]) * width if aug.width_shift else tf.zeros(shape)
-    ty = _uniform(shape, -aug.height_shift, aug.height_shift, seeds[5]) * height if aug.height_shift else tf.zeros(shape)
+    ty = (_uniform(shape, -aug.height_shift, aug.height_shift, seeds[5]) * height if aug.height_shift
+          else tf.zeros(shape))
     if aug.horizontal_flip:
         flip = _uniform(shape, 0.0, 1.0, seeds[6]) < 0.5
     else:

@@ -59,7 +59,8 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
     start = T.Start(None)
     if hvd.is_root():  # rank 0 reads or clears the checkpoints; the first synchronisation hands them on
-        start = T.read_checkpoint(run_dir, model, log, su.precision) if resume else T.clear_checkpoints(run_dir, log) or start
+        start = (T.read_checkpoint(run_dir, model, log, su.precision) if resume
+                 else T.clear_checkpoints(run_dir, log) or start)
     state = start.state or cb.RunState(size=hvd.size())
     state.precision = su.precision
     # No collective before the elastic function: ranks added later start here while the others

@@ -46,7 +46,8 @@ def init() -> bool:
             import horovod.tensorflow.keras as hvd_keras
             _hvd, _hvd_tf, _state["version"] = hvd_keras, hvd_tf, getattr(horovod, "__version__", "?")
         except Exception as e:  # ImportError, or Horovod built without TensorFlow support
-            reason = f"Horovod cannot be imported ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+            reason = ("Horovod cannot be imported "
+                      f"({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})")
     if reason is not None:
         if env_size() > 1:
             raise RuntimeError(f"{reason}, but the launcher started {env_size()} ranks: each would train alone "

@@ -286,7 +286,8 @@ def _first_difference(a, b, where="config"):
         if len(a) != len(b):
             return f"{where} (length {len(a)} vs {len(b)})"
         for i, (x, y) in enumerate(zip(a, b)):
-            label = x.get("config", {}).get("name", i) if isinstance(x, dict) and isinstance(x.get("config"), dict) else i
+            label = (x.get("config", {}).get("name", i)
+                     if isinstance(x, dict) and isinstance(x.get("config"), dict) else i)
             d = _first_difference(x, y, f"{where}[{label}]")
             if d:
                 return d

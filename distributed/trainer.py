@@ -49,7 +49,8 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
     start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
     if hvd.is_root():  # Horovod: rank 0 reads or clears the checkpoints
-        start = read_checkpoint(run_dir, model, log, su.precision) if resume else clear_checkpoints(run_dir, log) or start
+        start = (read_checkpoint(run_dir, model, log, su.precision) if resume
+                 else clear_checkpoints(run_dir, log) or start)
     # Horovod: every rank continues from the same phase, epoch and step (rank 0 read them); the
     # weights and optimizer state follow by the broadcast before the phase's first step.
     state, finished = hvd.broadcast_object((start.state, start.finished), root_rank=0)

@@ -125,7 +125,8 @@ class ThreadPlan:
                 f"inter_op={self.inter_op} ({o.get('inter_op', 'auto')}), "
                 f"OMP_NUM_THREADS={self.omp_num_threads}, KMP_AFFINITY={self.kmp_affinity or '(unset)'}, "
                 f"KMP_BLOCKTIME={self.kmp_blocktime}, oneDNN={self.onednn}, "
-                f"HOROVOD_CYCLE_TIME={self.horovod_cycle_ms:g} ms ({o.get('horovod_cycle_ms', 'auto')}); node: {t.sockets} socket(s), "
+                f"HOROVOD_CYCLE_TIME={self.horovod_cycle_ms:g} ms ({o.get('horovod_cycle_ms', 'auto')}); "
+                f"node: {t.sockets} socket(s), "
                 f"{t.numa_nodes} NUMA node(s), {t.physical_cores} physical cores, {t.logical_cpus} CPUs "
                 f"[{t.source}]; share: {share}"
                 + (f"; {self.precision.describe()}" if self.precision is not None else ""))

@@ -123,7 +123,10 @@ def _main(args, argv: list[str]) -> int:
     allocation = resolve_allocation(cluster, hosts=args.hosts, hostfile=args.hostfile)
     planning = args.stage == "plan"
     dry = args.dry_run or planning
-    say = (lambda m: print(f"[launch] {m}", file=sys.stderr))
+
+    def say(m):
+        print(f"[launch] {m}", file=sys.stderr)
+
     if not dry and allocation.source not in ("slurm", "local"):  # under Slurm the job script runs on the first node
         check_launch_site(allocation.hosts, cluster.network_interface, cluster.ssh_config,
                           "python -m launch " + shlex.join(argv))

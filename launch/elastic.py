@@ -30,7 +30,8 @@ def add_arguments(p) -> None:
                    help="train: Horovod elastic, going on when a host is lost and growing back when it returns "
                         "(also train.elastic: true in the config)")
     p.add_argument("--min-np", type=int, default=None, help="elastic: fewest ranks to go on with (default 1)")
-    p.add_argument("--max-np", type=int, default=None, help="elastic: most ranks to grow to (default: the hosts' slots)")
+    p.add_argument("--max-np", type=int, default=None,
+                   help="elastic: most ranks to grow to (default: the hosts' slots)")
 
 
 def wanted(stage: str, args, cfg) -> bool:

@@ -336,7 +336,8 @@ def check(result: RankMapResult, layout: Layout) -> list[str]:
                     problems.append(f"{nm.name} rank {r.rank} has {r.hwts.get(c)} of core {c[1]}'s "
                                     f"{node.threads_per_core} hardware threads")
             if len(r.cores) != layout.cores_per_rank:
-                problems.append(f"{nm.name} rank {r.rank} bound to {len(r.cores)} cores, planned {layout.cores_per_rank}")
+                problems.append(f"{nm.name} rank {r.rank} bound to {len(r.cores)} cores, "
+                                f"planned {layout.cores_per_rank}")
             if r.threads and r.threads != len(r.cores):
                 problems.append(f"{nm.name} rank {r.rank}: {r.threads} threads on {len(r.cores)} cores")
     return problems

@@ -9,8 +9,8 @@ A multi-host stage is watched two ways while it runs:
   group is stopped;
 * the nodes: every ``PROBE_INTERVAL_S`` a TCP connection to each remote node's ssh port (from the
   cluster's ssh client file when it names one); a node that answered once and then misses
-  ``PROBE_MISSES`` probes in a row is cut off, and the stage is stopped at once (a rank waiting for a lost peer in an allreduce
-  never returns: mpirun alone would wait for hours).
+  ``PROBE_MISSES`` probes in a row is cut off, and the stage is stopped at once (a rank waiting for
+  a lost peer in an allreduce never returns: mpirun alone would wait for hours).
 
 Stopping is SIGTERM to the group, then SIGKILL ``STOP_GRACE_S`` later: mpirun, horovodrun and the
 ssh sessions all go; nothing is left to run on as an orphan on this machine.

@@ -671,8 +671,9 @@ def add_verbs(p) -> None:
     s = verbs.add_parser("status", help="list the nodes, or what a crashed cluster left")
     for v in (u, d, s):
         v.add_argument("--id", type=int, default=0, help=f"which cluster, 0-{MAX_ID} (its own /26 of 198.18.0.0/24)")
-        v.add_argument("--dir", type=Path, default=None, help="its folder, created by up (mode 0700; an existing path is refused; "
-                                                                 "default /run/cxr-vcluster-ID)")
+        v.add_argument("--dir", type=Path, default=None,
+                       help="its folder, created by up (mode 0700; an existing path is refused; "
+                            "default /run/cxr-vcluster-ID)")
 
 
 def main(args) -> int:

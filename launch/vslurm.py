@@ -167,7 +167,8 @@ def up(cluster_id: int = 0, folder: Path | None = None, vdir: Path | None = None
             os.mkdir(folder / "spool" / n.name, 0o700)
         _start(state, "munged", ["munged", "--force", "--foreground", f"--key-file={folder / 'munge.key'}",
                                  f"--socket={folder / 'munge.sock'}", f"--pid-file={folder / 'munged.pid'}",
-                                 f"--log-file={folder / 'log' / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}"])
+                                 f"--log-file={folder / 'log' / 'munged.log'}",
+                                 f"--seed-file={folder / 'munged.seed'}"])
         _wait(lambda: (folder / "munge.sock").exists(), 10, "munged did not create its socket", folder / "log")
         conf = str(folder / "slurm.conf")
         first = cluster.nodes[0].name

@@ -168,7 +168,10 @@ def exact_from_csvs(out: Path) -> dict:
 
     m = json.loads((out / "metrics.json").read_text())
     rows, vrows = read_csv(out / "predictions.csv"), read_csv(out / "val_predictions.csv")
-    col = (lambda rs, k: np.array([float(r[k]) for r in rs]))
+
+    def col(rs, k):
+        return np.array([float(r[k]) for r in rs])
+
     y, yv = col(rows, "label").astype(int), col(vrows, "label").astype(int)
     groups = col(rows, "patient").astype(int)
     n_boot = m["bootstrap"]
@@ -329,7 +332,8 @@ def test_another_prep_is_refused_then_evaluated_into_its_own_folder(workdir):
     (out,) = run.glob("eval-*")
     m = exact_from_csvs(out)
     sh = m["provenance"]["shared"]
-    assert m["provenance"]["evaluation"] == "external" and (sh["train_test"], sh["train_val"]) == (int(got[1]), int(got[3]))
+    assert (m["provenance"]["evaluation"] == "external"
+            and (sh["train_test"], sh["train_val"]) == (int(got[1]), int(got[3])))
     report = (out / "report.md").read_text()
     assert f"patients shared with the model's training split: **{got[1]} of {got[2]} test" in report
     assert "**external evaluation**" in report and "prep.seed 7 per its manifest" in report
@@ -388,7 +392,8 @@ def test_sweep_two_seeds_then_a_rerun_skips_both(workdir):
         assert x["auc"] == m["plain"]["auc"] and x["auc_ci"]["low"] == m["plain"]["auc_ci"]["low"]
         assert yaml.safe_load((run / "config.yaml").read_text())["train"]["seed"] == x["seed"]
         aucs.append(x["auc"])
-    assert s["auc_mean"] == pytest.approx(statistics.fmean(aucs)) and s["auc_sd"] == pytest.approx(statistics.stdev(aucs))
+    assert (s["auc_mean"] == pytest.approx(statistics.fmean(aucs))
+            and s["auc_sd"] == pytest.approx(statistics.stdev(aucs)))
     assert "| 0 |" in (base / "sweep.md").read_text()
     t0 = time.monotonic()
     r = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)

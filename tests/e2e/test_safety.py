@@ -95,7 +95,8 @@ def test_a_damaged_shard_stops_training_naming_it_and_verify_lists_it(config, tm
                        text=True, timeout=300, env={**env, "CXR_NO_HOROVOD": "1"})
     line = _one_line_error(p)
     assert str(shard) in line and "damaged" in line and "--overwrite" in line
-    assert [ln for ln in p.stderr.splitlines() if not re.match(r"\d\d:\d\d:\d\d (\[rank \d+\] )?(INFO|WARNING) ", ln)] == [line]
+    assert [ln for ln in p.stderr.splitlines()
+            if not re.match(r"\d\d:\d\d:\d\d (\[rank \d+\] )?(INFO|WARNING) ", ln)] == [line]
     line = _one_line_error(_run(["-m", "data_prep", "--verify", "--config", str(config), "--set", f"prep.out={prep}"]))
     assert shard.name in line and "rerun prep with --overwrite" in line
 
@@ -234,7 +235,8 @@ def test_prep_running_out_of_space_mid_write_leaves_no_partial_shard(config, sma
 
     monkeypatch.setattr(prepare, "check_space", lambda *a: None)  # as if another writer filled the disk meanwhile
     cfg = load_config(config, [f"prep.out={small_disk / 'prepared'}"])
-    with pytest.raises(prepare.PrepError, match="no space left on device writing shards into .*complete shards are kept"):
+    with pytest.raises(prepare.PrepError,
+                       match="no space left on device writing shards into .*complete shards are kept"):
         prepare.run(cfg)
     left = sorted(p.name for p in (small_disk / "prepared").rglob("*") if p.is_file())
     assert left and not [n for n in left if ".tmp" in n] and "manifest.json" not in left

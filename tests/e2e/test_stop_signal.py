@@ -137,7 +137,8 @@ def test_kill_9_loses_at_most_one_checkpoint_interval(config, reference, tmp_pat
 
 def test_elastic_training_uses_the_same_step_with_its_compression(config, tmp_path):
     code = ("import sys; from distributed import hvd; seen = []; wrap = hvd.DistributedOptimizer\n"
-            "hvd.DistributedOptimizer = lambda o, compression='none', **k: seen.append(compression) or wrap(o, compression, **k)\n"
+            "hvd.DistributedOptimizer = lambda o, compression='none', **k: "
+            "seen.append(compression) or wrap(o, compression, **k)\n"
             "from data_prep.config import load_config; from distributed.train import train\n"
             "r = train(load_config(sys.argv[1], sys.argv[2:])); print('SEEN', seen, r['state']['epoch'])")
     p = _run(["-c", code, str(config), f"run.dir={tmp_path / 'run'}", "train.elastic=true",

@@ -30,8 +30,9 @@ def on_node(cluster, node: str, argv, env=None) -> list[str]:
     pass_env = {k: os.environ[k] for k in PASSED_VARS if k in os.environ}
     pass_env.setdefault("PYTHONPATH", str(ROOT))
     pass_env.update({"TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})})
-    inner = f"cd {shlex.quote(str(ROOT))} && exec env {' '.join(f'{k}={shlex.quote(v)}' for k, v in pass_env.items())} " \
-            + shlex.join([str(a) for a in argv])
+    inner = (f"cd {shlex.quote(str(ROOT))} && exec env "
+             f"{' '.join(f'{k}={shlex.quote(v)}' for k, v in pass_env.items())} "
+             + shlex.join([str(a) for a in argv]))
     return vcluster.ssh_command(cluster, node, inner)
 
 

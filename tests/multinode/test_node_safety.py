@@ -15,7 +15,8 @@ from launch import vcluster
 from launch.commands import ENV_ALLOW, ENV_ALLOW_PREFIXES
 
 pytestmark = [pytest.mark.multinode]
-HOROVOD_OWN = {"NCCL_SOCKET_IFNAME", "PYTHONUNBUFFERED"}  # set by horovodrun itself, not from the launcher's environment
+# set by horovodrun itself, not from the launcher's environment
+HOROVOD_OWN = {"NCCL_SOCKET_IFNAME", "PYTHONUNBUFFERED"}
 _ASSIGN = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=")
 
 

@@ -1,4 +1,5 @@
-"""Two ranks under ``horovodrun -np 2`` on damaged shards: every rank stops with one line naming a shard, in bounded time."""
+"""Two ranks under ``horovodrun -np 2`` on damaged shards: every rank stops with one line naming a shard,
+in bounded time."""
 import json
 import os
 import re
@@ -58,7 +59,8 @@ def test_damaged_training_shards_stop_every_rank_with_one_line(tmp_path):
     assert damaged, errors
     # no TensorFlow traceback of the generator (issue 30): besides its line and log lines a rank prints nothing
     # (horovodrun's shell may add "Terminated" for a rank it stopped; Horovod may note a lost peer in one line)
-    ranks_out = [ln for ln in p.stderr.splitlines() if ln.startswith(("[0]", "[1]"))]  # horovodrun's own traceback aside
+    ranks_out = [ln for ln in p.stderr.splitlines()
+                 if ln.startswith(("[0]", "[1]"))]  # horovodrun's own traceback aside
     assert not [ln for ln in ranks_out if "Traceback" in ln or 'File "' in ln or "script_ops.py" in ln]
     for rank in (0, 1):
         own = [ln.split(":", 1)[1] for ln in p.stderr.splitlines() if ln.startswith(f"[{rank}]<stderr>:")]

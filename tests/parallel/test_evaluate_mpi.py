@@ -96,7 +96,8 @@ def binary_run(workdir):
     cfg = _config(workdir)
     _run([sys.executable, "-m", "data_prep", "--config", str(cfg)])
     run = _make_run(cfg, 2, False)
-    p = _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg), *sum([["--set", s] for s in BASE_SETS], [])])
+    p = _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg),
+              *sum([["--set", s] for s in BASE_SETS], [])])
     return cfg, run, p.stdout + p.stderr
 
 
@@ -352,7 +353,8 @@ def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_pat
     _run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg),
           *sum([["--set", s] for s in BASE_SETS + [f"run.dir={run2}", "eval.tta=false", "eval.calibrate=temperature",
                                                    "eval.prior_correction=true", "eval.prevalence=0.1",
-                                                   "eval.checkpoint_phase=any", "eval.operating_point=sensitivity:0.8"]],
+                                                   "eval.checkpoint_phase=any",
+                                                   "eval.operating_point=sensitivity:0.8"]],
               [])])
     m = json.loads((run2 / "metrics.json").read_text())
     cal = json.loads((run2 / "calibration.json").read_text())
@@ -398,7 +400,8 @@ def test_temperature_and_prior_correction_recomputed_by_hand(binary_run, tmp_pat
 def test_a_bad_operating_point_is_a_one_line_config_error(binary_run):
     cfg, _, _ = binary_run
     p = subprocess.run([sys.executable, "-m", "distributed.evaluate", "--config", str(cfg), "--set",
-                        "eval.operating_point=median"], cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+                        "eval.operating_point=median"],
+                       cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 2
     assert p.stderr.strip().splitlines()[-1] == ("cxr-eval: error: eval.operating_point: 'median' is not youden, "
                                                  "sensitivity:S, specificity:S or fixed:T")
@@ -451,7 +454,8 @@ def test_selected_checkpoint_names_phase_and_epoch_from_history(tmp_path):
     (tmp_path / "history.csv").write_text("phase,epoch,loss,val_loss\nwarmup,1,0.7,0.40\nfinetune,2,0.6,0.50\n"
                                           "finetune,3,0.5,0.45\nfinetune,4,0.4,0.45\nfinetune,5,0.4,0.47\n")
     path, info = select_checkpoint(tmp_path, "best", "finetune")
-    assert path.name == "best.keras" and (info["phase"], info["epoch"]) == ("warmup", 1) and "best-finetune" in info["note"]
+    assert (path.name == "best.keras" and (info["phase"], info["epoch"]) == ("warmup", 1)
+            and "best-finetune" in info["note"])
     (tmp_path / "checkpoints" / "best-finetune.keras").write_bytes(b"x")
     path, info = select_checkpoint(tmp_path, "best", "finetune")
     assert path.name == "best-finetune.keras" and info == {

@@ -77,7 +77,8 @@ def test_two_ranks_equal_one_process(tmp_path, data, root):
         assert a["count"] == b["count"] and a["label_counts"] == b["label_counts"]
         for sa in a["shards"]:
             n_shards += 1
-            with h5py.File(tmp_path / "one" / sa["file"], "r") as ha, h5py.File(tmp_path / "two" / sa["file"], "r") as hb:
+            with (h5py.File(tmp_path / "one" / sa["file"], "r") as ha,
+                  h5py.File(tmp_path / "two" / sa["file"], "r") as hb):
                 for ds in DATASETS:
                     assert np.array_equal(ha[ds][...], hb[ds][...]), (sa["file"], ds)
                 assert ha["images"].shape[0] == sa["count"] > 0

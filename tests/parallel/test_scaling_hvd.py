@@ -19,7 +19,8 @@ def test_scaling_two_ranks_tuned_and_independent(tmp_path):
     env = {**os.environ, "CXR_BENCH_CACHE": str(tmp_path / "cache")}
     env.pop("HOROVOD_CYCLE_TIME", None)
     r = subprocess.run([sys.executable, "-m", "benchmarks", "scaling", "--quick", "--np", "1,2", "--repeats", "1",
-                        "--modes", "tuned,independent", "--set", "model.backbone=tiny", "--timeline", "--out", str(out)],
+                        "--modes", "tuned,independent", "--set", "model.backbone=tiny", "--timeline",
+                        "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads((out / "scaling.json").read_text())

@@ -19,7 +19,12 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "e2e"))
-from test_stop_signal import config, wait_for_rows  # noqa: E402,F401  (the tiny data set, prepared once)
+import test_stop_signal  # noqa: E402
+from test_stop_signal import wait_for_rows  # noqa: E402
+
+# the e2e module's fixture (the tiny data set, prepared once), registered here under its name; an assignment,
+# not an import, as the tests below take it as their parameter ``config``
+config = test_stop_signal.config
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.needs_horovod
@@ -115,8 +120,8 @@ def test_two_ranks_stop_at_the_same_step_and_resume_with_the_same_batches(config
     assert [p.name for p in (run / "checkpoints").glob("step-*")] == [f"step-000002-{step:06d}"]
     rows = _rows(run)
     assert len(rows) == 2 * (STEPS + step)  # both ranks stopped after the same step
-    resumed = _check(subprocess.run(_train(kind, config, run, "--resume"), cwd=ROOT, env=_env({"PYTHONPATH": str(ROOT)}),
-                                    capture_output=True, text=True, timeout=600))
+    resumed = _check(subprocess.run(_train(kind, config, run, "--resume"), cwd=ROOT,
+                                    env=_env({"PYTHONPATH": str(ROOT)}), capture_output=True, text=True, timeout=600))
     assert f"and step {step} of epoch 2" in resumed.stdout + resumed.stderr
     assert _rows(run) == reference
     print(f"reliability: 2 ranks ({kind}), {sig.name} to the {target}: {took:.1f} s to exit, 0 steps lost")

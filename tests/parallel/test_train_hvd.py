@@ -82,7 +82,8 @@ def test_two_ranks_train_both_phases_identically(tmp_path):
     if cpu_flags() & {"avx512_bf16", "amx_bf16"}:
         assert len(re.findall(r"\(auto: measured .*ms per ", out)) == 1, out[-3000:]  # one calibration
     assert (run_dir / "model.keras").is_file() and (run_dir / "saved_model" / "saved_model.pb").is_file()
-    assert not [x for x in run_dir.iterdir() if x.name.startswith(".") and x.name != ".cxr-lock"]  # the run's lock stays
+    # the run's lock stays
+    assert not [x for x in run_dir.iterdir() if x.name.startswith(".") and x.name != ".cxr-lock"]
 
     # every rank logs its own thread settings, computed for 2 ranks on this node
     from distributed import tuning

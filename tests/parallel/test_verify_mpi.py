@@ -1,4 +1,5 @@
-"""``python -m data_prep verify`` under ``mpirun -np 2``: the shards shared among the ranks, every damaged one listed."""
+"""``python -m data_prep verify`` under ``mpirun -np 2``: the shards shared among the ranks, every damaged
+one listed."""
 import json
 import os
 import subprocess

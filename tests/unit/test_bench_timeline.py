@@ -12,7 +12,8 @@ def _tensor(pid, name):
 
 
 def _span(pid, name, b_ms, e_ms):
-    return [{"ph": "B", "name": name, "ts": int(b_ms * 1000), "pid": pid}, {"ph": "E", "ts": int(e_ms * 1000), "pid": pid}]
+    return [{"ph": "B", "name": name, "ts": int(b_ms * 1000), "pid": pid},
+            {"ph": "E", "ts": int(e_ms * 1000), "pid": pid}]
 
 
 def _step(t0):

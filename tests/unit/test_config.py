@@ -57,7 +57,8 @@ def test_unknown_key_names_dotted_key(tmp_path):
 
 
 def test_unknown_section(tmp_path):
-    with pytest.raises(ConfigError, match=r"^trian: unknown key \(sections are: data, eval, model.*; did you mean train\?$"):
+    with pytest.raises(ConfigError,
+                       match=r"^trian: unknown key \(sections are: data, eval, model.*; did you mean train\?$"):
         load_config(write(tmp_path, "trian: {}\n"))
 
 

@@ -49,7 +49,8 @@ def _write_prepared(root: Path, counts=(("train", (40, 40, 17)), ("val", (23,)),
                 h.create_dataset("label", data=label)
                 h.create_dataset("targets", data=np.eye(2, dtype=np.uint8)[label])
                 st = h5py.string_dtype()
-                h.create_dataset("image_index", data=np.array([f"{offset + i:08d}_000.png" for i in idx], dtype=object), dtype=st)
+                h.create_dataset("image_index",
+                                 data=np.array([f"{offset + i:08d}_000.png" for i in idx], dtype=object), dtype=st)
                 h.create_dataset("patient_id", data=idx // 2)
                 h.create_dataset("view", data=np.array(["PA"] * n, dtype=object), dtype=st)
                 h.create_dataset("age", data=np.full(n, 40, np.int16))
@@ -139,7 +140,7 @@ def test_eval_dataset_shards_cover_split_once(prepared):
     va = D.load_split(prepared, "val")
     ids, imgs = [], []
     for r in range(3):
-        for x, y, i in D.eval_dataset(va, batch_size=4, rank=r, size=3, with_index=True):
+        for x, _y, i in D.eval_dataset(va, batch_size=4, rank=r, size=3, with_index=True):
             ids.append(i.numpy())
             imgs.append(_decode(x))
     ids, imgs = np.concatenate(ids), np.concatenate(imgs)

@@ -142,7 +142,8 @@ def test_prep_reads_the_generators_dicom_set_as_its_png_set(tmp_path):
                        capture_output=True)
         cfg = d / "cfg.yaml"
         cfg.write_text(f"data: {{csv: {d}/data/Data_Entry_2017.csv, images: {d}/data, image_size: 32}}\n"
-                       f"prep: {{out: {d}/prepared}}\nmodel: {{backbone: tiny, weights: none}}\nrun: {{dir: {d}/run}}\n")
+                       f"prep: {{out: {d}/prepared}}\nmodel: {{backbone: tiny, weights: none}}\n"
+                       f"run: {{dir: {d}/run}}\n")
         subprocess.run([sys.executable, "-m", "data_prep", "--config", str(cfg)], check=True, cwd=root,
                        capture_output=True)
         man = json.loads((d / "prepared" / "manifest.json").read_text())
@@ -154,7 +155,7 @@ def test_prep_reads_the_generators_dicom_set_as_its_png_set(tmp_path):
                     for n, img in zip(names, h["images"][()]):
                         images[n.rsplit(".", 1)[0]] = img.astype(int)
         out[fmt] = (man, images)
-    (man_png, png), (man_dcm, dcm) = out["nih"], out["dicom"]
+    (_man_png, png), (man_dcm, dcm) = out["nih"], out["dicom"]
     assert sorted(png) == sorted(dcm) and len(png) > 20
     # the same pictures: the PNG path resizes 8-bit values, the DICOM path its windowed floats (rounding)
     assert max(np.abs(png[k] - dcm[k]).max() for k in png) <= 2

@@ -34,7 +34,8 @@ def test_markdown_escapes():
     assert md("a\x1b[31mb") == r"a\\x1b\[31mb"
 
 
-@pytest.mark.parametrize("cell,out", [(FORMULA, "'" + FORMULA), ("+1+2", "'+1+2"), ("-2+3", "'-2+3"), ("@SUM(A1)", "'@SUM(A1)"),
+@pytest.mark.parametrize("cell,out", [(FORMULA, "'" + FORMULA), ("+1+2", "'+1+2"), ("-2+3", "'-2+3"),
+                                      ("@SUM(A1)", "'@SUM(A1)"),
                                       ("-0.5", "-0.5"), ("-1e-07", "-1e-07"), ("+3", "+3"), (-1, -1), (-0.25, -0.25),
                                       ("PA", "PA"), ("\tx", "'\tx")])
 def test_csv_cells(cell, out):
@@ -60,7 +61,8 @@ def test_report_and_csv_escape_crafted_values(tmp_path):
                 "splits": {"test": {"count": 40, "patients": 20, "label_counts": {"No Finding": 20, "Infiltration": 20},
                                     "shards": []}},
                 "skipped": [{"image": "a.png", "reason": f"unknown finding label {EVIL_LABEL!r}"}], "converted": []}
-    metrics = {"task": "binary", "classes": ["No Finding", "Infiltration"], "model": "model`|.keras", "checkpoint": "best",
+    metrics = {"task": "binary", "classes": ["No Finding", "Infiltration"],
+               "model": "model`|.keras", "checkpoint": "best",
                "n": 40, "ranks": 1, "seconds": 1.0, "tta_rounds": 0, "image_size": 32, "bootstrap": 20, "plain": plain,
                "tta": None, "operating_point": plain["operating_point"], "warnings": [f"odd {EVIL_LABEL}"],
                "run_dir": str(tmp_path), "gradcam": {}, "prevalence": {"test": 0.5}}
@@ -133,7 +135,8 @@ def test_crafted_metadata_csv_through_prep_to_report_and_csv(tmp_path):
     shutil.copy(src, data / "images" / "99990011_000.png")
     with open(data / "Data_Entry_2017.csv", "a", newline="") as f:
         w = csv.writer(f)
-        w.writerow([evil_name, "Infiltration", 0, 99990010, 40, "<script>x</script>", FORMULA + "|**b**", 32, 32, 0.1, 0.1])
+        w.writerow([evil_name, "Infiltration", 0, 99990010, 40, "<script>x</script>", FORMULA + "|**b**",
+                    32, 32, 0.1, 0.1])
         w.writerow(["99990011_000.png", "Infiltration|" + EVIL_LABEL, 0, 99990011, 40, "M", "PA", 32, 32, 0.1, 0.1])
     cfg = load_config(None, [f"data.csv={data / 'Data_Entry_2017.csv'}", f"data.images={data}", "data.image_size=32",
                              f"prep.out={tmp_path / 'prepared'}", "prep.shard_size=64", "prep.test_fraction=0.5"])

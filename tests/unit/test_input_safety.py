@@ -1,4 +1,5 @@
-"""Inputs from others: only PNG/JPEG decoded, a pixel limit before decoding, symlink loops and links out of the image root."""
+"""Inputs from others: only PNG/JPEG decoded, a pixel limit before decoding, symlink loops and links out
+of the image root."""
 import os
 
 import numpy as np

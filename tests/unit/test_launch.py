@@ -169,7 +169,8 @@ def test_hydra_flavours_pass_variables_with_genv():
                                     cluster=ClusterConfig(mpi="mpich")), uid=1000).argv
     assert argv[:3] == ["mpirun", "-n", "4"] and ["-ppn", "2"] == argv[argv.index("-ppn"):argv.index("-ppn") + 2]
     assert "-bind-to" in argv and argv[argv.index("-bind-to") + 1] == "core:8"
-    assert ["-genv", "OMP_NUM_THREADS", "8"] == argv[argv.index("OMP_NUM_THREADS") - 1:argv.index("OMP_NUM_THREADS") + 2]
+    assert (["-genv", "OMP_NUM_THREADS", "8"]
+            == argv[argv.index("OMP_NUM_THREADS") - 1:argv.index("OMP_NUM_THREADS") + 2])
 
 
 def test_cluster_file_is_checked(tmp_path):

@@ -59,7 +59,8 @@ def test_a_shape_probed_on_the_compute_node_wins_over_the_launching_node(tmp_pat
     # cached beside the run: the next launch does not probe again
     cached = json.loads((tmp_path / "run" / shapes.CACHE_NAME).read_text())
     assert cached["host"] == "cn001" and cached["physical_cores"] == 112
-    again = shapes.resolve(ClusterConfig(), alloc, run_dir=tmp_path / "run", here=LOGIN, run=remote_runner(sysfs, calls))
+    again = shapes.resolve(ClusterConfig(), alloc, run_dir=tmp_path / "run", here=LOGIN,
+                           run=remote_runner(sysfs, calls))
     assert again.source == "probed on cn001 (cached)" and len(calls) == 1
 
 
@@ -102,7 +103,8 @@ def test_numa_gives_one_rank_per_domain_and_the_documented_inter_op_rule():
     env = rank_thread_env(lay)
     assert (env["TF_NUM_INTRAOP_THREADS"], env["TF_NUM_INTEROP_THREADS"]) == ("24", "1")
     # one rank per socket (4 NUMA domains each): still within a socket, 1 inter-op thread
-    lay = plan_layout("train", Allocation(parse_hosts("cn001:2"), "hosts"), ClusterConfig(ranks_per_node="socket"), NPS4)
+    lay = plan_layout("train", Allocation(parse_hosts("cn001:2"), "hosts"),
+                      ClusterConfig(ranks_per_node="socket"), NPS4)
     assert lay.map_by == "ppr:1:socket:pe=96" and rank_thread_env(lay)["TF_NUM_INTEROP_THREADS"] == "1"
     # one rank over both sockets: 2, and the rank's own plan from its CPU mask says the same
     lay = plan_layout("train", Allocation(parse_hosts("cn001:1"), "hosts"), ClusterConfig(), SPR)
@@ -231,7 +233,8 @@ def test_srun_inside_an_allocation_with_pmix():
 
 def test_srun_mpi_type_reads_srun_mpi_list(monkeypatch):
     from launch import commands
-    out = "MPI plugin types are...\n\tnone\n\tcray_shasta\n\tpmi2\n\tpmix\nspecific pmix plugin versions available: pmix_v4\n"
+    out = ("MPI plugin types are...\n\tnone\n\tcray_shasta\n\tpmi2\n\tpmix\n"
+           "specific pmix plugin versions available: pmix_v4\n")
     monkeypatch.setattr(commands.shutil, "which", lambda name: "/usr/bin/srun")
     fake = lambda *a, **k: subprocess.CompletedProcess(a[0], 0, stdout=out, stderr="")  # noqa: E731
     assert commands.srun_mpi_type(run=fake) == "pmix"

@@ -154,7 +154,8 @@ def test_another_hosts_fresh_heartbeat_is_refused_and_a_stale_one_taken_over(tmp
     assert not notices
     _record(tmp_path, host="node-b17", pid=4242, heartbeat=f"{time.time() - 3:.3f}")
     locks.acquire(tmp_path, "training")
-    assert len(notices) == 1 and "pid 4242 on node-b17" in notices[0] and "heartbeat is 3 s old (over 2 s)" in notices[0]
+    assert (len(notices) == 1 and "pid 4242 on node-b17" in notices[0]
+            and "heartbeat is 3 s old (over 2 s)" in notices[0])
     assert json.loads((tmp_path / locks.EXCL_NAME).read_text())["host"] == socket.gethostname()
 
 

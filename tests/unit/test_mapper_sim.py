@@ -28,7 +28,8 @@ from launch.hosts import Allocation, Host
 
 # CI (make test) installs both: there a missing one fails the tests instead of skipping them
 pytestmark = pytest.mark.skipif(
-    (not shutil.which("lstopo-no-graphics") or not shutil.which("mpirun")) and os.environ.get("CI", "").lower() != "true",
+    (not shutil.which("lstopo-no-graphics") or not shutil.which("mpirun"))
+    and os.environ.get("CI", "").lower() != "true",
     reason="needs Open MPI's mpirun and hwloc's lstopo-no-graphics (make setup)")
 
 NODES = {  # sockets, cores per socket, NUMA per socket, threads per core

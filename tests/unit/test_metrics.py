@@ -138,6 +138,7 @@ def test_format_class_table_looks_like_sklearn():
     txt = M.format_class_table(rep)
     ref = classification_report(y, (p >= 0.5).astype(int), target_names=names, zero_division=0)
     # same rows and the same numbers at 2 digits
-    assert [ln.split() for ln in txt.splitlines() if ln.strip()] == [ln.split() for ln in ref.splitlines() if ln.strip()]
+    assert ([ln.split() for ln in txt.splitlines() if ln.strip()]
+            == [ln.split() for ln in ref.splitlines() if ln.strip()])
     both = M.format_side_by_side(txt, txt)
     assert len(both.splitlines()) == len(txt.splitlines())

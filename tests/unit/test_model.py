@@ -44,8 +44,8 @@ def test_head_and_io(tiny):
 
 
 def test_vgg16_is_flat_with_in_model_preprocessing(vgg16):
-    assert not any(isinstance(l, tf.keras.Model) for l in vgg16.layers)  # no nested model
-    names = [l.name for l in vgg16.layers]
+    assert not any(isinstance(layer, tf.keras.Model) for layer in vgg16.layers)  # no nested model
+    names = [layer.name for layer in vgg16.layers]
     assert names[:4] == ["image", "gray_to_rgb", "preprocess", "block1_conv1"]
     assert M.last_conv_layer(vgg16) == "block5_conv3"
     gray = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 1)).astype(np.float32)
@@ -85,11 +85,11 @@ def test_config_allows_exactly_the_registered_backbones():
 
 def test_freezing_phases(vgg16):
     bl = M.backbone_layers(vgg16)
-    assert [l.name for l in bl[:10]][-1] == "block3_conv3"  # VGG16().layers[:10]: the article's option B
+    assert [layer.name for layer in bl[:10]][-1] == "block3_conv3"  # VGG16().layers[:10]: the article's option B
     M.set_trainable(vgg16, "warmup")
     assert {w.name.split("/")[0] for w in vgg16.trainable_weights} == {"head_dense", "predictions"}
     M.set_trainable(vgg16, "finetune", "first_n", 10)
-    trainable = {l.name for l in vgg16.layers if l.trainable and l.weights}
+    trainable = {layer.name for layer in vgg16.layers if layer.trainable and layer.weights}
     assert "block3_conv3" not in trainable and "block4_conv1" in trainable and "predictions" in trainable
     assert "block1_conv1" not in trainable
     M.set_trainable(vgg16, "finetune", "all_conv", 10)

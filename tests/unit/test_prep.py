@@ -271,7 +271,8 @@ def test_official_split_and_a_missing_list(tmp_path, base_data):
 def test_nothing_to_prepare_is_an_error(tmp_path):
     d = tmp_path / "data"
     (d / "images").mkdir(parents=True)
-    (d / "Data_Entry_2017.csv").write_text(synthetic.HEADER + "\n00000001_000.png,No Finding,0,1,40,M,PA,64,64,0.1,0.1\n")
+    (d / "Data_Entry_2017.csv").write_text(
+        synthetic.HEADER + "\n00000001_000.png,No Finding,0,1,40,M,PA,64,64,0.1,0.1\n")
     with pytest.raises(PrepError, match="nothing to prepare.*file not found below data.images: 1"):
         run(load_config(_config(tmp_path, d)))
 
@@ -279,7 +280,8 @@ def test_nothing_to_prepare_is_an_error(tmp_path):
 def test_single_process_never_imports_mpi4py(tmp_path, base_data, root):
     code = ("import sys; from data_prep.__main__ import main; rc = main(['--config', sys.argv[1]]); "
             "print('MPI' if 'mpi4py' in sys.modules else 'NOMPI'); sys.exit(rc)")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_COMM_WORLD", "PMI", "PMIX", "HOROVOD", "SLURM"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("OMPI_COMM_WORLD", "PMI", "PMIX", "HOROVOD", "SLURM"))}
     r = subprocess.run([sys.executable, "-c", code, str(_config(tmp_path, base_data))], cwd=root,
                        capture_output=True, text=True, timeout=120, env=env)
     assert r.returncode == 0, r.stderr

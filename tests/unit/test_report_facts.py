@@ -83,7 +83,8 @@ def test_report_says_what_validation_chose_and_whether_test_is_internal():
 
     m = _metrics(provenance={"evaluation": "internal", "shared": None}, calibrated=True)
     m["plain"]["calibrated"]["method"] = "temperature"
-    m["selected_checkpoint"] = {"file": "checkpoints/best-finetune.keras", "rule": "best val_loss of the fine-tune phase",
+    m["selected_checkpoint"] = {"file": "checkpoints/best-finetune.keras",
+                                "rule": "best val_loss of the fine-tune phase",
                                 "phase": "finetune", "epoch": 3, "val_loss": 0.41}
     text = validation_section(m)
     rows = {ln.split(" | ")[0][2:]: ln for ln in text.splitlines() if ln.startswith("| ")}

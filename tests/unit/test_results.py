@@ -370,7 +370,7 @@ def test_coverage_of_the_exact_interval_at_a_true_sensitivity_of_097_with_20_pos
         hit = (rng.random(len(g)) < np.repeat(np.where(hard, 0.5, 1.0), m)).astype(float)
         r = M.proportion_interval(int(hit.sum()), len(hit), 20)
         cov_exact += r["low"] <= 0.97 <= r["high"]
-        b = M.bootstrap_stats({"s": lambda w: (w * hit).sum() / w.sum()}, g, 200, s)["s"]
+        b = M.bootstrap_stats({"s": lambda w, hit=hit: (w * hit).sum() / w.sum()}, g, 200, s)["s"]
         cov_boot += b["low"] <= 0.97 <= b["high"]
         flat += b["zero_width"]
     assert cov_exact / sims >= 0.93

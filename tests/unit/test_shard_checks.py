@@ -1,4 +1,5 @@
-"""A shard is checked against its manifest entry when opened, before any data is read; manifest paths stay inside prep.out."""
+"""A shard is checked against its manifest entry when opened, before any data is read; manifest paths
+stay inside prep.out."""
 import json
 
 import h5py

@@ -56,7 +56,8 @@ def _write_prepared(root: Path, sizes=(("train", (3,) * 12), ("val", (4, 4)), ("
                 h.create_dataset("label", data=label)
                 h.create_dataset("targets", data=np.eye(2, dtype=np.uint8)[label])
                 st = h5py.string_dtype()
-                h.create_dataset("image_index", data=np.array([f"{i:08d}_000.png" for i in idx], dtype=object), dtype=st)
+                h.create_dataset("image_index",
+                                 data=np.array([f"{i:08d}_000.png" for i in idx], dtype=object), dtype=st)
                 h.create_dataset("patient_id", data=idx)
                 h.create_dataset("view", data=np.array(["PA"] * n, dtype=object), dtype=st)
                 h.create_dataset("age", data=np.full(n, 40, np.int16))
@@ -130,7 +131,8 @@ def test_shards_are_read_where_hdf5_file_locking_fails(prepared, monkeypatch, kw
 def test_open_shards_are_bounded_and_each_is_checked_once(prepared, monkeypatch):
     checked = []
     real_check = D.check_shard
-    monkeypatch.setattr(D, "check_shard", lambda h, entry, *a: (checked.append(entry["file"]), real_check(h, entry, *a)))
+    monkeypatch.setattr(D, "check_shard",
+                        lambda h, entry, *a: (checked.append(entry["file"]), real_check(h, entry, *a)))
     tr = D.SplitData(prepared, "train", max_open=4)
     assert len(tr.files) == 12 and tr.opens == 12 and tr.peak_open == 4  # labels read once from each shard
     rng = np.random.default_rng(0)
@@ -232,7 +234,8 @@ def test_a_damaged_copy_of_a_damaged_source_is_copied_once_then_refused(prepared
 
 def test_stage_to_bad_input_is_one_line(prepared, monkeypatch, tmp_path):
     monkeypatch.delenv("CXR_NO_SUCH_SCRATCH", raising=False)
-    with pytest.raises(ST.StageError, match=r"prep.stage_to '\$CXR_NO_SUCH_SCRATCH/x': \$CXR_NO_SUCH_SCRATCH is not set"):
+    with pytest.raises(ST.StageError,
+                       match=r"prep.stage_to '\$CXR_NO_SUCH_SCRATCH/x': \$CXR_NO_SUCH_SCRATCH is not set"):
         D.SplitData(prepared, "test", stage_to="$CXR_NO_SUCH_SCRATCH/x")
     m = json.loads((prepared / "manifest.json").read_text())
     m["splits"]["test"]["shards"][0]["sha256"] = "x"
@@ -263,7 +266,7 @@ except OSError:
     pass
 from distributed.train import main
 sys.exit(main(sys.argv[2:]))
-"""
+"""  # noqa: E501 - the text of a program run as is
 
 
 def test_training_passes_stage_to_and_reads_without_hdf5_locks(tmp_path):

@@ -117,7 +117,8 @@ def test_a_stop_signal_goes_to_the_ranks_and_the_stage_may_end_by_itself(tmp_pat
     not, and the stage's own exit is awaited (the rank checkpoints and exits with 128 + 15)."""
     ready, got, rc = tmp_path / "ready", tmp_path / "got", tmp_path / "rc"
     rank = ("import signal, sys, time, pathlib\n"
-            f"signal.signal(signal.SIGTERM, lambda s, f: (time.sleep(1), pathlib.Path({str(got)!r}).write_text(str(s)), "
+            "signal.signal(signal.SIGTERM, lambda s, f: (time.sleep(1), "
+            f"pathlib.Path({str(got)!r}).write_text(str(s)), "
             "sys.exit(128 + s)))\n"
             f"pathlib.Path({str(ready)!r}).write_text('1')\ntime.sleep(60)\n")
     launcher = ("import os, subprocess, sys, pathlib\n"

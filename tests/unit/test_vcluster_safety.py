@@ -57,7 +57,8 @@ def test_down_deletes_only_the_files_its_state_lists(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("original", [b"127.0.0.1 localhost\n::1 ip6\n",
-                                      b"127.0.0.1 localhost\r\n# a user's comment\r\n10.0.0.1 box",  # CRLF, no final newline
+                                      # CRLF, no final newline
+                                      b"127.0.0.1 localhost\r\n# a user's comment\r\n10.0.0.1 box",
                                       b""])
 def test_hosts_lines_are_added_and_removed_byte_exactly(tmp_path, monkeypatch, original):
     hosts = tmp_path / "hosts"
