@@ -72,16 +72,12 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
-from distributed import decision
-from distributed import hvd
+from distributed import decision, hvd, plots, provenance, runtime
 from distributed import metrics as M
-from distributed import plots
-from distributed import provenance
 from distributed import rundir as R
-from distributed import runtime
-from distributed.rundir import RunDirError, checkpoint_path, select_checkpoint  # noqa: F401 - evaluate's names
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
 from distributed.report import resample_warning, write_report
+from distributed.rundir import RunDirError, checkpoint_path, select_checkpoint  # noqa: F401 - evaluate's names
 
 _SEED_MIX = 1_000_003
 STALE_OUTPUTS = tuple(f"plots/{n}.png" for n in ("roc", "pr", "calibration", "confusion", "history",

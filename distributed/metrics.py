@@ -18,8 +18,15 @@ import math
 from typing import Iterable, Mapping, Sequence
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, average_precision_score, classification_report,
-                             confusion_matrix, precision_recall_curve, roc_auc_score, roc_curve)
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    classification_report,
+    confusion_matrix,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
 
 # AUROC of CheXNet (Rajpurkar et al. 2017, table 1) on its own patient split of ChestX-ray14:
 # a reference point only, never a like-for-like comparison.

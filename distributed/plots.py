@@ -15,8 +15,8 @@ from typing import Mapping, Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.ticker  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
 import numpy as np  # noqa: E402
 
 from data_prep.fsutil import atomic_write_bytes  # noqa: E402

@@ -463,7 +463,7 @@ def calibration_section(plain: Mapping, tta: Mapping | None, metrics: Mapping) -
         rows.append(["TTA", _vci(tta.get("brier"), tta.get("brier_ci")), _vci(tta.get("ece"), tta.get("ece_ci"))])
     c = plain.get("calibrated")
     if c:
-        rows.append([f"plain, calibrated (`calibrated_probability`)", _vci(c.get("brier"), c.get("brier_ci")),
+        rows.append(["plain, calibrated (`calibrated_probability`)", _vci(c.get("brier"), c.get("brier_ci")),
                      _vci(c.get("ece"), c.get("ece_ci"))])
     out += [_table(["probabilities", "Brier score [95% CI]", "ECE (10 equal-width bins) [95% CI]"], rows), ""]
     if c:

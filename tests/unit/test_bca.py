@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 from sklearn.metrics import roc_auc_score
+from test_results import _explicit_resamples  # noqa: E402 - the same generator calls as the metrics
 
 from distributed import metrics as M
-
-from test_results import _explicit_resamples  # noqa: E402 - the same generator calls as the metrics
 
 
 def _clustered(rng, n_pos, n_neg, auc=0.82):
