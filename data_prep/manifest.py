@@ -51,7 +51,8 @@ def load_manifest(prep_out) -> dict:
 
 
 FORMAT_NOTES = {3: "shards checksummed with HDF5's Fletcher-32 filter"}
-FIX = "rerun prep with --overwrite (prep.overwrite=true), or `python -m data_prep verify --config C` to list every damaged shard"
+FIX = ("rerun prep with --overwrite (prep.overwrite=true), or `python -m data_prep verify --config C` "
+       "to list every damaged shard")
 
 
 def shard_file(prep_out: Path, entry: dict, where="manifest") -> Path:
@@ -215,7 +216,8 @@ def verify_manifest(prep_out, files=None) -> dict:
                     if ds not in h or h[ds].shape[0] != n:
                         problems.append(f"{sh['file']}: dataset {ds} missing or of the wrong length")
                 if h["images"].shape[1:] != (m["image_size"], m["image_size"]):
-                    problems.append(f"{sh['file']}: images are {h['images'].shape[1:]}, manifest says {m['image_size']}")
+                    problems.append(f"{sh['file']}: images are {h['images'].shape[1:]}, "
+                                    f"manifest says {m['image_size']}")
                 hh = h.attrs.get("config_hash")
                 hh = hh.decode() if isinstance(hh, bytes) else hh
                 if hh != m["config_hash"]:

@@ -222,7 +222,8 @@ def check_existing(out: Path, plan: dict, overwrite: bool, log) -> dict:
         first = "; ".join(f"{f} ({why})" for f, why in conflicts[:3])
         raise PrepError(
             f"{out} holds prep output made with a different config (this config's hash is {plan['config_hash']}): "
-            f"{first}{'; ...' if len(conflicts) > 3 else ''}. Rerun with --overwrite (prep.overwrite=true) to replace it, "
+            f"{first}{'; ...' if len(conflicts) > 3 else ''}. Rerun with --overwrite (prep.overwrite=true) "
+            "to replace it, "
             f"or choose another prep.out.")
     for f, _ in conflicts:
         log.warning("overwrite: removing %s", f)
@@ -308,10 +309,12 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             idx = np.asarray(keep, dtype=np.int64)
             st = _str_dtype()
             opts = {"track_times": False}
-            nums = {**opts, "fletcher32": n > 0}  # numbers checksummed (HDF5 filters cannot take variable-length strings)
+            # numbers checksummed (HDF5 filters cannot take variable-length strings)
+            nums = {**opts, "fletcher32": n > 0}
             h.create_dataset("label", data=sp["label"][idx], dtype=np.int64, **nums)
             h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **nums)
-            h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st, **opts)
+            h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st,
+                             **opts)
             h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **nums)
             h.create_dataset("view", data=np.array([sp["view"][i] for i in keep], dtype=object), dtype=st, **opts)
             h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **nums)

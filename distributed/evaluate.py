@@ -197,7 +197,8 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
             head += [f"tta_probability_{_col(c)}" for c in classes]
     else:
         head = base + (["findings"] if findings is not None else []) + ["probability"] + \
-            (["tta_probability"] if tta is not None else []) + (["calibrated_probability"] if calibrated is not None else [])
+            (["tta_probability"] if tta is not None else []) + \
+            (["calibrated_probability"] if calibrated is not None else [])
     w.writerow(csv_row(head))
     for i in range(len(probs)):
         row = [i, meta["image_index"][i], int(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
@@ -246,7 +247,8 @@ def gradcam_groups(y, p, threshold: float, k: int) -> dict:
             "false_negatives": fn[np.argsort(p[fn], kind="stable")][:k]}
 
 
-def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, threshold, per_group, log) -> tuple[dict, str]:
+def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, threshold, per_group,
+                 log) -> tuple[dict, str]:
     from distributed.gradcam import GradCAM, overlay, save_grid  # imports TensorFlow: after runtime.apply
 
     cam = GradCAM(model)
@@ -435,7 +437,8 @@ def _load_checked(cfg, run_dir: Path, precision: str = "float32"):
     model = load_model(model_path, precision=precision, trust=cfg.eval.trust_model)
     in_size = model.input_shape[1]
     if in_size is not None and in_size != data.image_size:
-        raise EvalError(f"{model_path} takes {in_size} px images, the shards in {cfg.prep.out} are {data.image_size} px")
+        raise EvalError(f"{model_path} takes {in_size} px images, "
+                        f"the shards in {cfg.prep.out} are {data.image_size} px")
     n_out = int(model.output_shape[-1])
     if n_out != data.num_classes:
         raise EvalError(f"{model_path} has {n_out} outputs, the test split has {data.num_classes} classes")
@@ -513,9 +516,10 @@ def calibration_plan(cfg, manifest, y_val, p_val, log) -> dict | None:
 
     The temperature scales the log-odds around the training prior, ``center`` = logit(pi_train):
     sigmoid((logit p - logit pi_train) / T + logit pi_target) (``metrics.adjust``), so that T changes the
-    spread and not the base rate. The prior shift moves the odds from the training split's class proportions to ``eval.prevalence``
-    or else the natural prevalence of train+val (:func:`correction_prevalence`; never the test labels); the temperature is fitted on validation with the validation split's
-    own shift, so it corrects the spread and not the base rate."""
+    spread and not the base rate. The prior shift moves the odds from the training split's class proportions to
+    ``eval.prevalence`` or else the natural prevalence of train+val (:func:`correction_prevalence`; never the test
+    labels); the temperature is fitted on validation with the validation split's own shift, so it corrects the
+    spread and not the base rate."""
     if cfg.eval.calibrate == "none" and not cfg.eval.prior_correction:
         return None
     prev = prevalences(manifest)
@@ -774,7 +778,8 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log, dcur
                 plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
                 plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
                 plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
-            rel = [("plain", plain["reliability"])] + ([(f"TTA x{g.tta_rounds}", tta_m["reliability"])] if tta_m else [])
+            rel = [("plain", plain["reliability"])] + (
+                [(f"TTA x{g.tta_rounds}", tta_m["reliability"])] if tta_m else [])
             if plain.get("calibrated"):
                 c = plain["calibrated"]
                 rel.append((f"plain, calibrated (T {c['temperature']:.2f}, shift {c['shift']:+.2f})", c["reliability"]))

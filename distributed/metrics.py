@@ -873,7 +873,8 @@ def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0
         boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed + k, roc_band=False)
         f = {"positives": int(y.sum()), "auc": auc(y, p), "auc_ci": boot,
              "chexnet_auc": CHEXNET_AUC.get(_norm_name(name))}
-        f["subgroups"] = {g: subgroup_auc(y, p, keys, groups, n_boot, seed + k) for g, keys in (subgroups or {}).items()}
+        f["subgroups"] = {g: subgroup_auc(y, p, keys, groups, n_boot, seed + k)
+                          for g, keys in (subgroups or {}).items()}
         if curves and both_classes(y):
             fpr, tpr, _ = roc_curve(y, p)
             f["curves"] = {"roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}

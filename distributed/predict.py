@@ -460,7 +460,8 @@ def choose_threshold(args, model_path: Path, digest: str, multilabel: bool) -> d
     if args.threshold is not None:
         return {"threshold": float(args.threshold), "source": "--threshold", "on": "probability"}
     if multilabel:
-        return {"threshold": 0.5, "source": "default", "why": "no operating point for multi-label runs", "on": "probability"}
+        return {"threshold": 0.5, "source": "default", "why": "no operating point for multi-label runs",
+                "on": "probability"}
     op = find_operating_point(model_path, digest)
     if not op["applied"]:
         return {"threshold": 0.5, "source": "default", "why": op["why"], "on": "probability"}
@@ -592,7 +593,8 @@ def report(results: list[dict], as_json: bool, model_path, size: int, th: dict, 
     threshold = th["threshold"]
     if as_json:
         doc = {"model": str(model_path), "image_size": int(size), "threshold": threshold,
-               "threshold_source": {k: v for k, v in th.items() if k != "threshold"}, "threshold_note": threshold_note(th),
+               "threshold_source": {k: v for k, v in th.items() if k != "threshold"},
+               "threshold_note": threshold_note(th),
                "task": "multilabel" if multilabel else "binary", "classes": names, "results": results,
                "failed": failed, "calibration": {**calibration, "note": note} if calibration else None}
         print(json.dumps(doc, indent=2))
@@ -632,7 +634,8 @@ def print_table(results, multilabel: bool, threshold: float, names=None) -> None
         if multilabel:
             top = sorted(r["probabilities"].items(), key=lambda kv: -kv[1])[:5]
             txt = ", ".join(f"{n} {v:.3f}{'*' if v >= threshold else ''}" for n, v in top)
-            print(f"{files[id(r)]:<{w}}  {size:>11}  {console(txt)}" + (f"  [{console('; '.join(note))}]" if note else ""))
+            print(f"{files[id(r)]:<{w}}  {size:>11}  {console(txt)}"
+                  + (f"  [{console('; '.join(note))}]" if note else ""))
         else:
             lw = max(11, len(console(r["label"])) + 3)
             print(f"{files[id(r)]:<{w}}  {r['probability']:>{lw}.4f}  {console(r['prediction']):<14}  {size:>11}  "

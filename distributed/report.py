@@ -83,7 +83,8 @@ def data_section(manifest: Mapping | None, provenance: Mapping | None = None) ->
         reasons: dict = {}
         for s in sk:
             reasons[s.get("reason", "?")] = reasons.get(s.get("reason", "?"), 0) + 1
-        txt.append("Skip reasons: " + "; ".join(f"{md(k)} ({v})" for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".")
+        txt.append("Skip reasons: " + "; ".join(f"{md(k)} ({v})"
+                                                for k, v in sorted(reasons.items(), key=lambda kv: -kv[1])) + ".")
     txt.append(f"Splits are by patient. {leakage_sentence(provenance)} The training split may be resampled "
                "(balanced); validation and test hold each image at most once.")
     return "\n".join(txt)
@@ -230,7 +231,8 @@ def op_origin(op: Mapping) -> str:
     """Where an operating point's threshold came from, as the report's row says it."""
     if op.get("threshold") is None:
         return "none"
-    return "chosen on validation" if op.get("source") == "validation" else f"{md(op.get('source'))}: not chosen on validation"
+    return ("chosen on validation" if op.get("source") == "validation"
+            else f"{md(op.get('source'))}: not chosen on validation")
 
 
 def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], tta_rounds: int,
@@ -249,7 +251,8 @@ def binary_section(plain: Mapping, tta: Mapping | None, classes: Sequence[str], 
         row("ROC AUC [95% CI]", lambda m: _vci(m["auc"], m.get("auc_ci"))),
         row("average precision [95% CI]", lambda m: _vci(m.get("average_precision"), m.get("average_precision_ci"))),
         row(f"operating point (threshold {op_origin(plain.get('operating_point') or {})})", lambda m: (
-            f"{_f((m.get('operating_point') or {}).get('threshold'))} ({(m.get('operating_point') or {}).get('rule')})")),
+            f"{_f((m.get('operating_point') or {}).get('threshold'))} "
+            f"({(m.get('operating_point') or {}).get('rule')})")),
         row("sensitivity at the operating point", op("sensitivity")),
         row("specificity at the operating point", op("specificity")),
         row("PPV at the operating point (test prevalence)", op("ppv")),
@@ -521,8 +524,8 @@ def calibration_fact(out_dir, metrics: Mapping) -> str:
             cal = None
     head = f"Brier {_f(plain.get('brier'))}, ECE {_f(plain.get('ece'))} of the network's probabilities; "
     if cal and plain.get("calibrated"):
-        what = [f"temperature {float(cal['temperature']):.3f}" + (" fitted on validation" if cal.get("method") == "temperature"
-                                                                  else ""),
+        what = [f"temperature {float(cal['temperature']):.3f}"
+                + (" fitted on validation" if cal.get("method") == "temperature" else ""),
                 f"shift {float(cal['shift']):+.3f}" + (" (prior correction)" if cal.get("prior_correction") else "")]
         c = plain["calibrated"]
         return head + (f"calibrated by `calibration.json` ({', '.join(what)}): Brier {_f(c.get('brier'))}, "
@@ -589,8 +592,8 @@ def _interval_lists(metrics: Mapping) -> tuple[list, list, list]:
     pairs = [(f"ROC AUC {_vci(plain.get('auc'), plain.get('auc_ci'))}", plain.get("auc_ci")),
              ("average precision", plain.get("average_precision_ci")), ("Brier score", plain.get("brier_ci")),
              ("ECE", plain.get("ece_ci"))]
-    pairs += [(f"{k} at the operating point", op.get(k.lower())) for k in ("sensitivity", "specificity", "PPV", "NPV",
-                                                                           "accuracy") if op.get("threshold") is not None]
+    pairs += [(f"{k} at the operating point", op.get(k.lower()))
+              for k in ("sensitivity", "specificity", "PPV", "NPV", "accuracy") if op.get("threshold") is not None]
     pairs += [(f"{k} at prevalence {dep.get('prevalence')}", dep.get(k.lower())) for k in ("PPV", "NPV") if dep]
     groups = [v.get("auc_ci") for g in (plain.get("subgroups") or {}).values() for v in g.values()]
     if groups:
@@ -652,7 +655,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
     missing = [GRID_NAMES[k] for k in GRID_NAMES if k not in grids]
     if grids:
         failure = "Grad-CAM grids of " + ", ".join(GRID_NAMES[k] for k in grids) + \
-            (f"; none of {' or '.join(missing)} (no such test images at the threshold, or not drawn)" if missing else "")
+            (f"; none of {' or '.join(missing)} (no such test images at the threshold, or not drawn)"
+             if missing else "")
     else:
         failure = "no Grad-CAM grids (eval.gradcam_per_group = 0, or none drawn)"
     split = f"{md(metrics.get('split_method', 'seeded'))}, by patient. {leakage_sentence(prov)}"
@@ -661,7 +665,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
     rows = [
         ["Data source and version", f"metadata {md_code(cfg.data.csv)}, images below {md_code(cfg.data.images)}; prep "
                                     f"format {md(manifest.get('format', '–'))}, prep hash "
-                                    f"{md(manifest.get('config_hash', '–'))} (the CSV's release is the author's to state)"],
+                                    f"{md(manifest.get('config_hash', '–'))} "
+                                    "(the CSV's release is the author's to state)"],
         ["Inclusion / exclusion", f"task {md(metrics['task'])}; {exclusion_fact(metrics, manifest)}; per split: "
                                   + (counts or "–")],
         ["Split and leakage control", split + " Only the training split is resampled."],
@@ -671,7 +676,8 @@ def claim_checklist(metrics: Mapping, manifest: Mapping | None, cfg, out_dir=Non
         ["Model and pretrained weights", f"{md(cfg.model.backbone)}, weights {md_code(cfg.model.weights)}, head Dense "
                                          f"{cfg.model.dense_units} + dropout {cfg.model.dropout}"],
         ["Training recipe", f"warm-up {cfg.train.warmup.epochs} epoch(s) ({cfg.train.warmup.optimizer}), fine-tune up "
-                            f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} lr {cfg.train.finetune.lr:g}), "
+                            f"to {cfg.train.finetune.epochs} ({cfg.train.finetune.optimizer} "
+                            f"lr {cfg.train.finetune.lr:g}), "
                             f"early stopping {cfg.train.finetune.patience}; {trained_layers_text(metrics)}; "
                             f"evaluated {checkpoint_text(sc)}"],
         ["Metrics with intervals", intervals_fact(metrics)],
@@ -799,7 +805,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
              f"{md_code(source)}" + (f" into {md_code(out_dir)}" if out_dir != source else "") + ".", "",
              _table(["", ""], [
                  ["task", metrics["task"] + (f" — positive class **{md(metrics['classes'][-1])}**"
-                                             if metrics["task"] == "binary" else f" — {len(metrics['classes'])} findings")],
+                                             if metrics["task"] == "binary"
+                                             else f" — {len(metrics['classes'])} findings")],
                  ["model", f"{md_code(metrics['model'])} (eval.checkpoint = {metrics['checkpoint']})"],
                  ["evaluated data", provenance_text(metrics.get("provenance"))],
                  ["selected checkpoint", checkpoint_text(metrics.get("selected_checkpoint"))],
@@ -807,11 +814,13 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                  ["backbone", f"{cfg.model.backbone} (weights: {cfg.model.weights}), {metrics['image_size']} px"
                               + backbone_note(cfg.model)],
                  *([["precision", f"trained in {metrics['precision']['training']}, evaluated in "
-                                  f"{metrics['precision']['evaluation']} (runtime.precision; probabilities are float32)"]]
+                                  f"{metrics['precision']['evaluation']} (runtime.precision; "
+                                  "probabilities are float32)"]]
                    if metrics.get("precision") else []),
                  ["test set", f"{metrics['n']} images of {plain['patients']} patients"
                   + (f"; prevalence {_f(plain.get('prevalence'))} (natural prevalence of the task "
-                     f"{_f((metrics.get('prevalence') or {}).get('natural'))})" if metrics["task"] == "binary" else "")],
+                     f"{_f((metrics.get('prevalence') or {}).get('natural'))})"
+                     if metrics["task"] == "binary" else "")],
                  ["preprocessing", "the backbone's ImageNet preprocessing, not the train mean/std (see Data)"],
                  ["evaluation", f"{metrics['ranks']} rank(s), {metrics['seconds']:.1f} s; test-time augmentation: "
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
@@ -830,9 +839,11 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
         lines.append(multilabel_section(plain, tta, metrics.get("tta_rounds", 0)))
         d = metrics.get("tta_minus_plain")
         if d and d.get("auc_diff") is not None:
-            lines += [PRIMARY_NOTE + f" TTA minus plain, mean AUROC over the {d['findings']} findings with both classes "
+            lines += [PRIMARY_NOTE + " TTA minus plain, mean AUROC over the "
+                      f"{d['findings']} findings with both classes "
                       f"in the test split: {_f(d['auc_diff'])} [{_f(d['low'])}, {_f(d['high'])}] (paired BCa bootstrap "
-                      f"on {d['n_valid']} of {d['n_boot']} patient resamples: every resample averages the same findings, "
+                      f"on {d['n_valid']} of {d['n_boot']} patient resamples: "
+                      "every resample averages the same findings, "
                       "and one lacking a class of any of them is dropped)." + delong_text(d, "mean AUCs"), ""]
     if tta:
         lines += [TTA_NOTE.format(n=metrics["tta_rounds"] + 1, rounds=metrics["tta_rounds"]), ""]
@@ -857,7 +868,8 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
 
     lines += ["## Grad-CAM", ""]
     if gradcam:
-        lines += [f"Heat maps of the positive class score on layer {md_code(metrics.get('gradcam_layer', '?'))} over the "
+        lines += ["Heat maps of the positive class score on layer "
+                  f"{md_code(metrics.get('gradcam_layer', '?'))} over the "
                   "network's input image, for the most confident cases of each group.", ""]
         for k, rel in gradcam.items():
             lines += [f"**{k.replace('_', ' ')}**", "", f"![{k}]({rel})", ""]

@@ -130,7 +130,9 @@ def spread_text(s: dict) -> str:
 
 
 def sweep_markdown(s: dict, config: str) -> str:
-    f = (lambda x: "–" if x is None else f"{x:.3f}")
+    def f(x):
+        return "–" if x is None else f"{x:.3f}"
+
     rows = [f"| {r['seed']} | {md(r['prep_seed'])} | "
             f"{f(r['auc']) if r['auc'] is not None else 'none: ' + md(r.get('why_no_auc') or 'no AUC')} | "
             f"{f(r['auc_ci']['low'])} – {f(r['auc_ci']['high'])} | {md_code(r['run_dir'])} |" for r in s["runs"]]
@@ -145,7 +147,8 @@ def sweep_markdown(s: dict, config: str) -> str:
                       f"Varied per seed: {', '.join(md_code(k) for k in s.get('varied') or varied_keys(s['resplit']))} "
                       f"({varied}). Test ROC AUC of the plain (primary) evaluation of each run, with its "
                       "patient-bootstrap 95% interval.", "",
-                      "| seed | prep.seed | ROC AUC | 95% CI | run |", "| ---: | ---: | ---: | :--- | :--- |", *rows, "",
+                      "| seed | prep.seed | ROC AUC | 95% CI | run |", "| ---: | ---: | ---: | :--- | :--- |",
+                      *rows, "",
                       spread_text(s) + ". The spread is from the seeds" + (" and splits" if s["resplit"] else "")
                       + "; each run's own sampling uncertainty is its 95% interval above." + few, ""])
 
@@ -155,7 +158,10 @@ def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]
     args, rest = build_parser(prog).parse_known_args(list(argv))
     seeds = parse_seeds(args.seeds)
     base = load_config(args.config, args.overrides)
-    say = (lambda m: print(f"[sweep] {m}", file=sys.stderr))
+
+    def say(m):
+        print(f"[sweep] {m}", file=sys.stderr)
+
     runs = []
     for seed in seeds:
         sets = [*args.overrides, *seed_overrides(base, seed, args.resplit)]

@@ -244,7 +244,8 @@ def test_multilabel_per_finding_auc(workdir):
     assert (run / "plots" / "roc_per_finding.png").is_file()
     ev = next(s for s in m["flow"]["steps"] if s["step"] == "evaluated")  # multilabel classes: with a finding or none
     none = {r["patient"] for r in rows if r["label"] == "No Finding"}
-    assert ev["classes"]["No Finding"] == {"images": sum(r["label"] == "No Finding" for r in rows), "patients": len(none)}
+    assert ev["classes"]["No Finding"] == {"images": sum(r["label"] == "No Finding" for r in rows),
+                                           "patients": len(none)}
     assert ev["classes"]["with a finding"]["images"] == sum(r["label"] != "No Finding" for r in rows)
     report = (run / "report.md").read_text()
     assert "with a finding: images / patients" in report and "| Operating point | none: per-finding decisions" in report

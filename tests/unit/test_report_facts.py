@@ -195,15 +195,18 @@ def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
     m = {**_metrics(), "plain": plain, "bootstrap": 40, "operating_point": plain["operating_point"]}
     row = _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
     boot, rest = row.split("; without intervals: ")
-    assert boot.startswith("| Metrics with intervals | percentile patient bootstrap (40 resamples") and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot
-    assert "sensitivity at the operating point, specificity at the operating point" in boot and "Clopper-Pearson" in boot
+    assert (boot.startswith("| Metrics with intervals | percentile patient bootstrap (40 resamples")
+            and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot)
+    assert ("sensitivity at the operating point, specificity at the operating point" in boot
+            and "Clopper-Pearson" in boot)
     assert rest.startswith("the classification report and accuracy at `eval.threshold`, the oracle row, the validation "
                            "Brier score and ECE before and after calibration (in-sample), the fitted temperature")
     Y = np.eye(3, dtype=int)[np.arange(30) % 3]
     ml = M.multilabel_metrics(Y, rng.random((30, 3)), class_names=["a", "b", "c"], groups=np.arange(30), n_boot=20)
     row = _row(claim_checklist({**m, "task": "multilabel", "plain": ml, "bootstrap": 20}, {}, cfg, tmp_path),
                "Metrics with intervals")
-    assert row.endswith("percentile patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): per-finding ROC "
+    assert row.endswith("percentile patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): "
+                        "per-finding ROC "
                         "AUC; without intervals: the mean AUC, the per-finding precision, recall and F1 at "
                         "`eval.threshold`, the exact-match accuracy |")
 
@@ -227,7 +230,8 @@ def test_fixed_and_fallback_thresholds_are_not_said_to_come_from_validation(tmp_
     from distributed.report import binary_section, fitted_on_validation
 
     m = _metrics()
-    assert "| operating point (threshold chosen on validation) |" in binary_section(m["plain"], None, m["classes"], 0, m)
+    assert ("| operating point (threshold chosen on validation) |"
+            in binary_section(m["plain"], None, m["classes"], 0, m))
     assert fitted_on_validation(m) == "the operating point fitted on it"
     for source in ("fixed", "eval.threshold (no validation split)"):
         op = {**m["plain"]["operating_point"], "source": source}
