@@ -194,8 +194,9 @@ def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
                            "validation": {"before": {"brier": 0.2}, "after": {"brier": 0.1}}}
     m = {**_metrics(), "plain": plain, "bootstrap": 40, "operating_point": plain["operating_point"]}
     row = _row(claim_checklist(m, {}, cfg, tmp_path), "Metrics with intervals")
+    # the intervals come from metrics.py, which makes them BCa (method "bca")
     boot, rest = row.split("; without intervals: ")
-    assert (boot.startswith("| Metrics with intervals | percentile patient bootstrap (40 resamples")
+    assert (boot.startswith("| Metrics with intervals | BCa patient bootstrap (40 resamples")
             and "ROC AUC" in boot and "calibrated Brier score, calibrated ECE" in boot)
     assert ("sensitivity at the operating point, specificity at the operating point" in boot
             and "Clopper-Pearson" in boot)
@@ -205,7 +206,7 @@ def test_the_intervals_answer_follows_what_metrics_json_holds(tmp_path):
     ml = M.multilabel_metrics(Y, rng.random((30, 3)), class_names=["a", "b", "c"], groups=np.arange(30), n_boot=20)
     row = _row(claim_checklist({**m, "task": "multilabel", "plain": ml, "bootstrap": 20}, {}, cfg, tmp_path),
                "Metrics with intervals")
-    assert row.endswith("percentile patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): "
+    assert row.endswith("BCa patient bootstrap (20 resamples; `n_valid` beside each in `metrics.json`): "
                         "per-finding ROC "
                         "AUC; without intervals: the mean AUC, the per-finding precision, recall and F1 at "
                         "`eval.threshold`, the exact-match accuracy |")
