@@ -16,7 +16,7 @@ DEMO_DIR ?= demo-output
 
 NODES ?= 2
 
-.PHONY: setup mpi vcluster-deps vcluster-up vcluster-down slurm-deps venv deps horovod check-build test test-unit test-parallel test-e2e demo bench clean
+.PHONY: setup mpi vcluster-deps vcluster-up vcluster-down slurm-deps venv deps horovod check-build lint test test-unit test-parallel test-e2e demo bench clean
 
 setup: check-build vcluster-deps
 
@@ -100,7 +100,11 @@ check-build: mpi $(VENV)/.project-stamp
 	done
 	@$(PY) -c "import tensorflow as tf, numpy, horovod; print('>> ok: tensorflow', tf.__version__, 'numpy', numpy.__version__, 'horovod', horovod.__version__)"
 
-test: setup slurm-deps
+# ruff with the project's rules (ruff.toml): make test runs it before the tests.
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: setup slurm-deps lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 test-unit: setup
