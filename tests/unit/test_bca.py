@@ -84,7 +84,7 @@ def test_every_bootstrap_interval_names_its_method_and_keeps_the_percentile():
     sec = binary_section(m, None, ["negative", "positive"], 0, {})
     assert "is a bias-corrected and accelerated (BCa) bootstrap interval over 100 resamples" in sec
     assert "`percentile`" in sec
-    assert "BCa patient bootstrap, 100 resamples" in intervals_fact({"task": "binary", "plain": m, "bootstrap": 100})
+    assert "BCa patient bootstrap (100 resamples" in intervals_fact({"task": "binary", "plain": m, "bootstrap": 100})
 
 
 @pytest.mark.parametrize("n_pos,n_neg,sims", [(15, 45, 1000), (30, 90, 800)])
