@@ -1,6 +1,6 @@
 """The exported bundle's parts that need no trained run: the in-graph preprocessing (distributed.tfprep)
 against data_prep.imaging.load_xray, model.json's checks (distributed.bundle), and the commands' one-line
-refusals. The export of a real run: tests/e2e/test_export.py."""
+refusals. The export of a real run: tests/e2e/test_export_run.py."""
 import io
 import json
 import subprocess

@@ -223,3 +223,12 @@ def test_unset_hooks_do_nothing(monkeypatch):
     monkeypatch.setenv("CXR_STOP_AFTER", "finetune:2")
     assert testhooks.stop_after("finetune") == 2 and testhooks.stop_after("warmup") is None
     assert testhooks.training_hooks("finetune") and not testhooks.training_hooks("warmup")
+
+
+def test_test_module_basenames_are_unique():
+    """The test folders have no __init__.py, so pytest imports each module by its basename: two files of one
+    name in tests/unit and tests/e2e make the second fail to collect ("import file mismatch")."""
+    seen: dict[str, list[str]] = {}
+    for p in sorted((ROOT / "tests").rglob("test_*.py")):
+        seen.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
+    assert {k: v for k, v in seen.items() if len(v) > 1} == {}
