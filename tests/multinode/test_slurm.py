@@ -134,19 +134,28 @@ def _start_requeued_now(slurm, job: str, *updates: str) -> None:
     time.sleep(vslurm.CRED_EXPIRE_S + 2)  # the requeue (and the revocation) came before PENDING
 
     def started_by_slurm() -> bool:  # once eligible, Slurm's own scheduling pass may start it at any moment
-        return not updates and _state(slurm, job) != "PENDING"
+        return _state(slurm, job) not in ("PENDING", None)
+
+    def started_without_us() -> bool:
+        """Started (or even done) by Slurm: ``updates`` still apply to it while it runs."""
+        if not started_by_slurm():
+            return False
+        if updates:
+            subprocess.run(["scontrol", "update", f"JobId={job}", *updates], env=slurm.env(), capture_output=True,
+                           timeout=15)
+        return True
 
     t0 = time.monotonic()
     while not _nodes_idle(slurm) and time.monotonic() - t0 < 60:
-        if started_by_slurm():
+        if started_without_us():
             return
         time.sleep(0.5)
-    if started_by_slurm():
+    if started_without_us():
         return
     assert _state(slurm, job) == "PENDING" and _nodes_idle(slurm), _story(slurm, job)
     r = subprocess.run(["scontrol", "update", f"JobId={job}", "StartTime=now", *updates], env=slurm.env(),
                        capture_output=True, text=True, timeout=15)
-    if r.returncode != 0 and started_by_slurm():
+    if r.returncode != 0 and started_without_us():
         return  # Slurm's pass came between the check and the update
     assert r.returncode == 0, r.stderr + _story(slurm, job)
 
