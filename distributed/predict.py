@@ -55,7 +55,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from data_prep.cli import UsageError, UserError, command
+from data_prep.cli import UsageError, UserError, command, quiet_tensorflow
 from data_prep.config import ConfigError, add_config_args, load_config
 from data_prep.fsutil import atomic_write_bytes, atomic_write_text, sha256_file, walk_tree
 from data_prep.imaging import ImageError, load_xray, load_xray_and_original
@@ -510,7 +510,7 @@ def bundle_calibration(args, bundle) -> dict | None:
 @command("cxr-predict")  # a bad argument exits 2, a model that cannot be loaded 1: one line each
 def main(argv=None) -> int:
     args = parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # read by TensorFlow at import: before open_model
+    quiet_tensorflow(argv=argv)  # read by TensorFlow at import: before open_model
     # bfloat16 needs oneDNN, which TensorFlow reads at import: decide before open_model imports it.
     precision = plan_precision(args.precision, environ=os.environ)
     # auto is measured by training and evaluation (distributed/precision_probe.py), not for a few images here:
