@@ -5,7 +5,6 @@ and ``cxr-predict --model BUNDLE`` answers as the run does.
 """
 import io
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -15,21 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_pipeline import env  # the subprocess environment of the e2e pipeline tests
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 S = 32
 
 pytestmark = [pytest.mark.needs_mpirun, pytest.mark.needs_horovod]
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_COMM_WORLD", "HOROVOD_"))}
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if os.getuid() == 0:
-        e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return e
 
 
 def run(*args, timeout=900):
