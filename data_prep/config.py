@@ -26,6 +26,8 @@ import yaml
 
 from data_prep.cli import UsageError, add_debug_arg, command
 from data_prep.fsutil import atomic_write_text
+from distributed.backbones import BACKBONES  # pure data: the one backbone list
+from distributed.backbones import NAMES as BACKBONE_NAMES
 
 
 class ConfigError(UsageError, ValueError):
@@ -87,7 +89,7 @@ class PrepConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    backbone: Literal["vgg16", "vgg19", "resnet50", "densenet121", "tiny"] = _f(
+    backbone: Literal[BACKBONE_NAMES] = _f(
         "vgg16", "tf.keras.applications backbone, without its top; tiny: a small VGG-shaped net for tests and CI only")
     weights: str = _f("imagenet", "imagenet (Keras cache, ~/.keras/models), none, or a path to an .h5 weight file")
     dense_units: int = _f(256, "units of the Dense relu layer of the new head", 1)
@@ -116,9 +118,12 @@ class WarmupConfig:
 @dataclass(frozen=True)
 class FinetuneConfig:
     epochs: int = _f(30, "maximum fine-tune epochs", 0, 10000)
-    freeze: Literal["first_n", "all_conv"] = _f(
-        "first_n", "first_n: freeze the first freeze_first layers (the article's option B); all_conv: option A")
+    freeze: Literal["first_n", "all_conv", "blocks"] = _f(
+        "first_n", "first_n: freeze the first freeze_first layers (the article's option B); all_conv: option A; "
+                   "blocks: freeze the input and the backbone's blocks 1..freeze_blocks")
     freeze_first: int = _f(10, "layers of the backbone kept frozen (counted from its input layer)", 0)
+    freeze_blocks: int = _f(3, "with freeze: blocks, the backbone's blocks kept frozen, from the first (VGG16: "
+                               "block1..block5, ResNet50/DenseNet121: conv1..conv5; 3 = VGG16's 10 layers)", 0)
     optimizer: Literal["sgd", "rmsprop", "adam"] = _f("sgd", "optimizer of the fine-tune phase")
     lr: float = _f(1e-3, "learning rate for one rank (scaled by the number of ranks)", 0.0, 10.0)
     momentum: float = _f(0.9, "SGD momentum", 0.0, 1.0)
@@ -411,7 +416,16 @@ def load_config(path: str | os.PathLike | None = None, overrides: Sequence[str] 
     tree: dict = read_yaml_mapping(path) if path is not None else {}
     for dotted, raw in parse_overrides(overrides):
         _set_dotted(tree, dotted, raw)
-    return _build(Config, tree, "")
+    return _check_across(_build(Config, tree, ""))
+
+
+def _check_across(cfg: Config) -> Config:
+    """Checks of one key against another (each key alone was checked by ``_build``)."""
+    n, backbone = cfg.train.finetune.freeze_blocks, BACKBONES[cfg.model.backbone]
+    if n > len(backbone.blocks):
+        raise ConfigError(f"train.finetune.freeze_blocks: {n} is out of range for model.backbone={backbone.name}; "
+                          f"allowed 0..{len(backbone.blocks)} ({', '.join(b for b, _ in backbone.blocks)})")
+    return cfg
 
 
 def to_dict(cfg) -> dict:

@@ -29,8 +29,9 @@ from distributed.model import convert_precision, last_conv_layer  # noqa: E402
 
 
 def find_last_conv(model: tf.keras.Model) -> str:
-    """The name of the layer Grad-CAM should look at: the model's own answer
-    (``distributed.model.last_conv_layer``) when it has one, else the last 4-D conv output."""
+    """The name of the layer Grad-CAM should look at: for a model of a registered backbone the registry's
+    ``gradcam_layer`` (``distributed.model.last_conv_layer``, no guessing); a model whose backbone is unknown
+    falls back to a search: the last Conv2D, else the last 4-D output."""
     try:
         name = last_conv_layer(model)  # the contract's answer (block5_conv3 for VGG16)
         if name:

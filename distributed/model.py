@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -21,46 +20,12 @@ import tensorflow as tf
 
 from data_prep.cli import UserError
 from distributed import safeload
+from distributed.backbones import BACKBONES, Backbone, backbone_of, frozen_through_block
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable", "trainable_summary",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES", "Backbone",
            "imagenet_weights_file", "copy_weights", "precision_of", "convert_precision", "PRECISIONS"]
 
-_APPS = "https://storage.googleapis.com/tensorflow/keras-applications/"
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """One backbone the config may name (``model.backbone``; a test keeps the config's allowed values
-    equal to :data:`BACKBONES`)."""
-    name: str
-    constructor: str | None     # tf.keras.applications class; None: the tiny test network (_tiny_backbone)
-    preprocess: str             # the backbone's preprocess_input mode (_PREPROCESS)
-    weights_file: str | None    # ImageNet no-top weights in the Keras cache; None: none exist
-    weights_url: str | None     # where Keras downloads them
-    gradcam_layer: str          # last 4-D feature map (last_conv_layer)
-    freeze_counts: str          # what train.finetune.freeze_first counts (backbone_layers), their number first
-    batch_norm: bool            # has BatchNormalization (statistics averaged over ranks each epoch)
-
-
-def _apps(folder: str, file: str) -> tuple[str, str]:
-    return file, _APPS + folder + file
-
-
-BACKBONES = {b.name: b for b in (
-    Backbone("vgg16", "VGG16", "caffe", *_apps("vgg16/", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-             "block5_conv3", "19 layers of VGG16(): input, 13 conv, 5 pooling (10: blocks 1-3)", False),
-    Backbone("vgg19", "VGG19", "caffe", *_apps("vgg19/", "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-             "block5_conv4", "22 layers of VGG19(): input, 16 conv, 5 pooling", False),
-    Backbone("resnet50", "ResNet50", "caffe",
-             *_apps("resnet/", "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-             "conv5_block3_out", "175 layers of ResNet50(), from its input layer", True),
-    Backbone("densenet121", "DenseNet121", "torch",
-             *_apps("densenet/", "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5"),
-             "relu", "427 layers of DenseNet121(), from its input layer", True),
-    Backbone("tiny", None, "tf", None, None, "block5_relu3",
-             "45 layers of the tiny net: input, 13 x (conv, batch norm, relu), 5 pooling", True),
-)}
 _PREPROCESS = {  # the backbone modules' own preprocess_input (imagenet_utils modes)
     "caffe": lambda x: tf.keras.applications.vgg16.preprocess_input(x),
     "torch": lambda x: tf.keras.applications.densenet.preprocess_input(x),
@@ -322,8 +287,16 @@ def trainable_summary(model) -> dict:
 
 
 def last_conv_layer(model) -> str:
-    """Name of the last convolutional feature map: 'block5_conv3' for VGG16, 'block5_conv4' for
-    VGG19, 'conv5_block3_out' for ResNet50, 'relu' for DenseNet121 (the Grad-CAM layer)."""
+    """Name of the last convolutional feature map, the Grad-CAM layer: the registry's ``gradcam_layer``
+    for a model built by :func:`build_model` ('block5_conv3' for VGG16, 'block5_conv4' for VGG19,
+    'conv5_block3_out' for ResNet50, 'relu' for DenseNet121). A model whose backbone is not in the
+    registry falls back to a search: the last 4-D output of its backbone that is no pooling, padding
+    or dropout."""
+    backbone = backbone_of(model.name)
+    if backbone is not None:
+        name = BACKBONES[backbone].gradcam_layer
+        _index(model, name)  # a model of that name without the layer: not ours, say so
+        return name
     for layer in reversed(backbone_layers(model)[1:]):
         shape = layer.output_shape
         if isinstance(layer, (tf.keras.layers.MaxPooling2D, tf.keras.layers.AveragePooling2D,
@@ -334,21 +307,29 @@ def last_conv_layer(model) -> str:
     raise ValueError(f"model {model.name} has no 4-D feature map in its backbone")
 
 
-def set_trainable(model, phase: str, freeze: str = "first_n", freeze_first: int = 10) -> int:
+def set_trainable(model, phase: str, freeze: str = "first_n", freeze_first: int = 10, freeze_blocks: int = 0) -> int:
     """Freeze for a phase; returns the number of trainable weight tensors.
 
     warmup: the whole backbone frozen, only the head trains. finetune: ``first_n`` freezes the
     first ``freeze_first`` backbone layers (the article's option B), ``all_conv`` the whole
-    backbone (option A). Recompile after calling this. Frozen BatchNorm layers run in inference
-    mode (Keras 2 semantics of ``trainable=False``).
+    backbone (option A), ``blocks`` the input and the backbone's blocks 1..``freeze_blocks``
+    (:func:`distributed.backbones.frozen_through_block`: the same meaning on any backbone). Recompile
+    after calling this. Frozen BatchNorm layers run in inference mode (Keras 2 semantics of
+    ``trainable=False``).
     """
     layers = backbone_layers(model)
     if phase == "warmup" or freeze == "all_conv":
         frozen = len(layers)
     elif freeze == "first_n":
         frozen = min(freeze_first, len(layers))
+    elif freeze == "blocks":
+        backbone = backbone_of(model.name)
+        if backbone is None:
+            raise ValueError(f"train.finetune.freeze: blocks needs a model built by build_model; {model.name!r} "
+                             f"is not one (use first_n)")
+        frozen = frozen_through_block(backbone, [la.name for la in layers], freeze_blocks)
     else:
-        raise ValueError(f"freeze: {freeze!r} is not first_n or all_conv")
+        raise ValueError(f"freeze: {freeze!r} is not first_n, all_conv or blocks")
     model.trainable = True
     for i, layer in enumerate(layers):
         layer.trainable = i >= frozen

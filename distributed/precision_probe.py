@@ -156,7 +156,7 @@ def _figures(best: dict, gflop: float, batch: int, layers: int, how: str, t0: fl
 
 
 def measure_step(model_cfg, image_size: int, batch: int, freeze: str = "first_n", freeze_first: int = 10,
-                 passes: int = PASSES + 1, seed: int = 0) -> dict:
+                 passes: int = PASSES + 1, seed: int = 0, freeze_blocks: int = 0) -> dict:
     """Seconds of the model's forward and backward pass (gradients of the fine-tune phase's
     trainable weights) at ``batch`` in float32 and in mixed_bfloat16, and their ratio."""
     import tensorflow as tf  # after runtime.apply (module docstring)
@@ -170,7 +170,7 @@ def measure_step(model_cfg, image_size: int, batch: int, freeze: str = "first_n"
     runs, gflop, layers = {}, 0.0, 0
     for precision in ("float32", "mixed_bfloat16"):
         model = M.build_model(dataclasses.replace(model_cfg, weights="none"), image_size, 2, precision=precision)
-        M.set_trainable(model, "finetune", freeze, freeze_first)
+        M.set_trainable(model, "finetune", freeze, freeze_first, freeze_blocks)
         specs = layer_specs(model)
         gflop, layers = 3 * 2 * batch * sum(s["macs"] for s in specs) / 1e9, len(specs)
 
@@ -258,8 +258,8 @@ def probe(cfg, threads: int, decide_fn, path: Path | None = None) -> dict:
     if cached is not None:
         return {**cached, "source": "cached", "cache": str(path), "key": key}
     ft = cfg.train.finetune
-    got = (measure_step(cfg.model, S, batch, ft.freeze, ft.freeze_first) if how == "step"
-           else measure_layers(specs, batch))
+    got = (measure_step(cfg.model, S, batch, ft.freeze, ft.freeze_first, freeze_blocks=ft.freeze_blocks)
+           if how == "step" else measure_layers(specs, batch))
     got["calibration_s"] = round(time.perf_counter() - t0, 2)  # the probe's build included
     got["precision"] = decide_fn(got["ratio"])
     got["cache"], got["key"] = str(path), key

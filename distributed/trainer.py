@@ -4,7 +4,8 @@ the run directory and the test hooks). It imports TensorFlow, so it is imported 
 
 It follows Horovod's ``examples/tensorflow2/tensorflow2_keras_mnist.py``; every distributed line
 says why. Two phases: ``warmup`` (backbone frozen, only the new head learns) and ``finetune``
-(the first ``freeze_first`` backbone layers frozen, or all of them with ``freeze: all_conv``),
+(the first ``freeze_first`` backbone layers frozen, blocks 1..``freeze_blocks`` with ``freeze: blocks``,
+or all of them with ``freeze: all_conv``),
 each with its own optimizer, learning rate scaled by the number of ranks and ramped up over
 ``train.lr_warmup_epochs``. Validation on the whole val split each epoch (sharded, gathered),
 best-val_loss checkpoint, early stopping in the fine-tune phase.
@@ -159,7 +160,8 @@ def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: boo
     ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
     step of every way of training (plain, elastic, the benchmarks)."""
     pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
-    trainable = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
+    trainable = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first,
+                                  cfg.train.finetune.freeze_blocks)
     # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
     # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
     opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),

@@ -190,3 +190,13 @@ def test_stage_hashes_ignore_defaults_so_a_new_defaulted_key_changes_no_hash():
         C.train_hash(load_config(None, ["train.batch_size=8", "model.backbone=tiny", "train.seed=1234"]))
     assert C.non_default(cfg.train) == {"batch_size": 8}
     assert C.non_default(load_config(None, ["train.finetune.lr=0.01"]).train) == {"finetune": {"lr": 0.01}}
+
+
+def test_freeze_blocks_is_checked_against_the_backbones_blocks():
+    cfg = load_config(None, ["train.finetune.freeze=blocks", "train.finetune.freeze_blocks=5"])
+    assert (cfg.train.finetune.freeze, cfg.train.finetune.freeze_blocks) == ("blocks", 5)
+    with pytest.raises(ConfigError, match=r"^train.finetune.freeze_blocks: 6 is out of range for "
+                                          r"model.backbone=vgg16; allowed 0..5 \(block1, .*block5\)$"):
+        load_config(None, ["train.finetune.freeze_blocks=6"])
+    with pytest.raises(ConfigError, match="conv1, conv2"):
+        load_config(None, ["model.backbone=resnet50", "train.finetune.freeze_blocks=9"])

@@ -10,6 +10,7 @@ tf = pytest.importorskip("tensorflow")
 
 from data_prep.config import load_config  # noqa: E402
 from distributed import model as M  # noqa: E402
+from distributed.backbones import block_names, frozen_through_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -69,6 +70,13 @@ def test_backbone_registry_describes_the_built_network(backbone):
     assert m.get_layer("preprocess").mode == b.preprocess
     assert any(isinstance(layer, tf.keras.layers.BatchNormalization) for layer in m.layers) == b.batch_norm
     assert b.freeze_counts.startswith(f"{len(M.backbone_layers(m))} layers of ")
+    names = [layer.name for layer in M.backbone_layers(m)]
+    ends = [frozen_through_block(backbone, names, n) for n in range(len(b.blocks) + 1)]
+    assert ends[0] == 0 and ends[-1] == len(names) and ends == sorted(set(ends))  # each block adds layers
+    for (block, prefixes), end in zip(b.blocks[:-1], ends[1:]):
+        assert names[end - 1].startswith(prefixes) and not names[end].startswith(prefixes), block
+    assert block_names(backbone) == (["block1", "block2", "block3", "block4", "block5"] if "vgg" in backbone
+                                     or backbone == "tiny" else ["conv1", "conv2", "conv3", "conv4", "conv5"])
     if b.weights_file:
         assert M.imagenet_weights_file(backbone) == (b.weights_file, b.weights_url)
         assert b.weights_url.endswith("/" + b.weights_file)
@@ -96,6 +104,24 @@ def test_freezing_phases(vgg16):
     assert {w.name.split("/")[0] for w in vgg16.trainable_weights} == {"head_dense", "predictions"}
     M.set_trainable(vgg16, "finetune", "first_n", 0)
     assert len(vgg16.trainable_weights) == len(vgg16.weights)
+
+
+def test_freezing_by_block_is_the_articles_option_b_on_vgg16_and_means_the_same_on_tiny(vgg16, tiny):
+    M.set_trainable(vgg16, "finetune", "first_n", 10)
+    by_layers = {w.name for w in vgg16.trainable_weights}
+    M.set_trainable(vgg16, "finetune", "blocks", freeze_blocks=3)  # blocks 1-3: the article's 10 layers
+    assert {w.name for w in vgg16.trainable_weights} == by_layers
+    assert [la.name for la in M.backbone_layers(vgg16) if not la.trainable][-1] == "block3_pool"
+    for n, first_trained in [(1, "block2_conv1"), (2, "block3_conv1"), (4, "block5_conv1")]:
+        M.set_trainable(tiny, "finetune", "blocks", freeze_blocks=n)
+        trained = [la.name for la in M.backbone_layers(tiny) if la.trainable]
+        assert trained[0] == first_trained and all(not t.startswith(f"block{n}_") for t in trained)
+    M.set_trainable(tiny, "finetune", "blocks", freeze_blocks=5)
+    assert {w.name.split("/")[0] for w in tiny.trainable_weights} == {"head_dense", "predictions"}
+    M.set_trainable(tiny, "finetune", "blocks", freeze_blocks=0)
+    assert len(tiny.trainable_weights) == len(tiny.weights) - 2 * 13  # all but batch norms' moving statistics
+    with pytest.raises(ValueError, match="train.finetune.freeze_blocks: 6 is out of range"):
+        M.set_trainable(tiny, "finetune", "blocks", freeze_blocks=6)
 
 
 def test_save_load_roundtrip_keeps_custom_layers(tiny, tmp_path):
