@@ -1,5 +1,6 @@
 """``python -m launch {prep,train,evaluate,pipeline} --config C ...`` (console script ``cxr-launch``);
-``python -m launch sweep --config C --seeds 0,1,2`` runs the pipeline once per seed (:mod:`launch.sweep`).
+``python -m launch sweep --config C --seeds 0,1,2`` runs the pipeline once per seed (:mod:`launch.sweep`),
+``--grid KEY=V1,V2`` / ``--preset transfer-options`` once per grid point and seed (:mod:`launch.grid`).
 
 Builds the real command line of each stage (a plain python process for one rank, ``mpirun`` for
 prep, ``horovodrun`` or ``mpirun`` for train and evaluate) with process binding and the tuned
@@ -46,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "allocation, with process binding and tuned threads for every rank.",
         epilog=f"`{PROG} vcluster up|down|status` makes a virtual cluster of namespace nodes on this machine "
                f"(root) to rehearse a multi-node run; see `{PROG} vcluster --help`. `{PROG} sweep --config C "
-               f"--seeds 0,1,2 [--resplit]` runs the pipeline once per seed; see `{PROG} sweep --help`.")
+               f"--seeds 0,1,2 [--grid KEY=V1,V2] [--resplit]` runs the pipeline once per seed and grid point; see "
+               f"`{PROG} sweep --help`.")
     p.add_argument("stage", choices=("prep", "train", "evaluate", "pipeline", "plan"),
                    help="plan: print each stage's command and, per node, every rank's cores, NUMA domain and "
                         "threads as Open MPI's mapper binds them (nothing runs)")
@@ -95,9 +97,9 @@ def main(argv=None) -> int:
         from launch import vcluster  # a rehearsal cluster on this machine: its own verbs and options
         return vcluster.cli(argv[1:], prog=f"{PROG} vcluster")
     if argv[:1] == ["sweep"]:
-        from launch import sweep  # one pipeline per seed, then sweep.json / sweep.md
+        from launch import grid  # one pipeline per arm (seed, grid point), then sweep.json / sweep.md
         try:
-            return sweep.cli(argv[1:], prog=f"{PROG} sweep", run_pipeline=main)
+            return grid.cli(argv[1:], prog=f"{PROG} sweep", run_pipeline=main)
         except LaunchError as e:
             print(f"{PROG} sweep: error: {e}", file=sys.stderr)
             return 2
