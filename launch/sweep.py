@@ -19,7 +19,9 @@ of the runs with a value: ``auc_n`` counts them (not the seeds), a run without a
 anywhere in about 0.52-6.3 times it). A seed whose evaluation is complete for its config is skipped,
 so rerunning the same command after an interruption continues with the next unfinished seed (and
 ``pipeline`` itself resumes a seed's interrupted training). The values are the plain (primary) test
-ROC AUCs (multilabel: the mean AUROC). No numpy: ``launch`` stays light.
+ROC AUCs (multilabel: the mean AUROC). No numpy: ``launch`` stays light. ``--grid`` and ``--preset``
+(configurations compared on the same test patients) are :mod:`launch.grid`'s, which hands a sweep with
+``--seeds`` alone to :func:`cli`.
 """
 from __future__ import annotations
 
