@@ -200,6 +200,7 @@ def arm_result(cfg, arm: Arm) -> dict:
     except paired.NotPaired:
         val_auc = None
     return {"arm": arm.name, "point": arm.point.name, "option": arm.point.option, "seed": arm.seed,
+            "train_seed": cfg.train.seed,
             "values": dict(arm.point.sets), "overrides": arm.overrides, "run_dir": str(run),
             "prep_out": str(cfg.prep.out), "prep_hash": cfgmod.prep_hash(cfg), "layers": layers_of(run),
             "s_per_epoch": seconds_per_epoch(run), "val_auc": val_auc, "auc": s["auc"], "auc_ci": s["auc_ci"],
@@ -333,7 +334,7 @@ def sweep_markdown(s: dict) -> str:
         test = (f"{_f(a['auc'])} [{_f(a['auc_ci']['low'])}, {_f(a['auc_ci']['high'])}]" if a["auc"] is not None
                 else "none: " + md(a.get("why_no_auc") or "no AUC"))
         ft = (a["layers"].get("finetune") or {}).get("trainable_params")
-        lines.append(f"| {md_code(a['arm'])} | {md(a['seed'])} | {_params(ft)} | {_f(a['val_auc'])} | {test} "
+        lines.append(f"| {md_code(a['arm'])} | {md(a['train_seed'])} | {_params(ft)} | {_f(a['val_auc'])} | {test} "
                      f"| {_diff_text(a)} | {md_code(a['run_dir'])} |")
     lines += ["", "How to read it: choose on the validation column; the test column and its interval say how "
               "well the chosen configuration does on patients it never saw, and a Δ interval that excludes 0 is "

@@ -132,8 +132,9 @@ def fake_pipeline(calls):
         (d / "model.keras").write_text("m")
         old = time.time() - 10
         os.utime(d / "model.keras", (old, old))
-        n = cfg.train.finetune.freeze_first
-        test_skill, val_skill = SKILL[n]
+        ft = cfg.train.finetune
+        n = {"first_n": ft.freeze_first, "all_conv": 45, "blocks": [0, 4, 7, 11, 15, 45][ft.freeze_blocks]}[ft.freeze]
+        test_skill, val_skill = SKILL.get(n, (0.1 + n / 100, 0.1 + n / 100))
         _write_predictions(d / "predictions.csv", rows, test_skill, cfg.train.seed)
         _write_predictions(d / "val_predictions.csv", rows, val_skill, 100 + cfg.train.seed)
         auc = paired.auc_of(d / "predictions.csv")
@@ -223,3 +224,32 @@ def test_a_paired_difference_recomputed_with_an_explicit_patient_resampling(tmp_
     _write_predictions(other, rows[:-1], 0.5, 2)
     with pytest.raises(paired.NotPaired, match="not predictions for the same test images"):
         paired.paired_difference(a, other)
+
+
+def test_the_preset_writes_the_articles_table_with_measured_rows(tmp_path):
+    """Issue 32.3 on the tiny backbone's blocks: option A and B frozen through blocks 1-4, one row each."""
+    cfg = _config(tmp_path)
+    calls = []
+    assert grid.cli(["--config", str(cfg), "--preset", "transfer-options"], "sweep", fake_pipeline(calls)) == 0
+    sets = [[x for x in c if x.startswith("train.finetune.freeze")] for c in calls]
+    assert sets == [["train.finetune.freeze=all_conv"]] + [
+        ["train.finetune.freeze=blocks", f"train.finetune.freeze_blocks={k}"] for k in (1, 2, 3, 4)]
+    s = json.loads((tmp_path / "runs" / "sweep.json").read_text())
+    assert s["kind"] == "preset" and s["preset"] == "transfer-options" and s["backbone"] == "tiny"
+    assert s["seeds"] is None and [a["seed"] for a in s["arms"]] == [None] * 5
+    assert [a["train_seed"] for a in s["arms"]] == [1234] * 5
+    # the fake's validation skill grows with the frozen layers: all frozen (A) is best on validation
+    assert s["best"] == "A-head-only" and s["reference"] == "A-head-only"
+    assert [p["frozen_layers"] for p in s["points"]] == [45, 4, 7, 11, 15]
+    assert all(a["vs_reference"] is None or a["vs_reference"]["auc_diff"] is not None for a in s["arms"])
+    md = (tmp_path / "runs" / "sweep.md").read_text()
+    assert "# Sweep `transfer-options` of" in md and "Seeds: the config's train.seed." in md
+    assert "| `A-head-only` **best** (reference) | A: train the head only | 45 of 45 | 550 | 2.0 | 4.0 |" in md
+    b2 = next(a for a in s["arms"] if a["arm"] == "B-frozen-block2")
+    row = (f"| `B-frozen-block2` | B: fine-tune above block2 | 7 of 45 | 930 | 2.0 | 4.0 | {b2['val_auc']:.3f} | "
+           f"{b2['auc']:.3f} [{b2['auc_ci']['low']:.3f}, {b2['auc_ci']['high']:.3f}] |")
+    assert row in md
+    assert "| `B-frozen-block2` | 1234 | 930 |" in md
+    with pytest.raises(LaunchError, match="--reference 'nope': not a grid point"):
+        grid.cli(["--config", str(cfg), "--preset", "transfer-options", "--reference", "nope"], "sweep",
+                 fake_pipeline([]))
