@@ -49,7 +49,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                    help="override a config value by its dotted key (repeatable)")
     p.add_argument("--seeds", required=True, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--resplit", action="store_true",
-                   help="also vary prep.seed (the patient split and balancing), with prep.out <prep.out>-seed-<s>")
+                   help="also vary prep.seed (the patient split and balancing), with prep.out <prep.out>-seed-<s> "
+                        "(with --grid/--preset: <prep.out>-<prep hash>)")
     return p
 
 

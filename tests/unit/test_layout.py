@@ -234,3 +234,13 @@ def test_test_module_basenames_are_unique():
     for p in sorted((ROOT / "tests").rglob("test_*.py")):
         seen.setdefault(p.name, []).append(str(p.relative_to(ROOT)))
     assert {k: v for k, v in seen.items() if len(v) > 1} == {}
+
+
+def test_a_grid_sweep_dry_run_loads_none_of_them(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data: {{csv: {tmp_path}/Data_Entry_2017.csv, images: {tmp_path}, image_size: 32}}\n"
+                   f"prep: {{out: {tmp_path}/prepared}}\nrun: {{dir: {tmp_path}/run}}\nmodel: {{backbone: tiny}}\n")
+    r = _loaded_after(f"from launch.__main__ import main\nrc = main(['sweep', '--config', {str(cfg)!r}, '--preset', "
+                      f"'transfer-options', '--seeds', '0,1', '--np', '1', '--dry-run'])")
+    assert r["rc"] == 0 and r["stdout"].count("-m distributed.evaluate") == 10  # 5 preset arms x 2 seeds
+    assert r["heavy"] == []  # arms, names and prep sharing are plain Python; sweep.png is another process
