@@ -156,7 +156,8 @@ def _load(config: str, overrides: Sequence[str], point: str):
     try:
         return cfgmod.load_config(config, overrides)
     except cfgmod.ConfigError as e:
-        raise LaunchError(f"--grid {point}: {e}" if point else str(e)) from None
+        raise LaunchError(f"grid point {point}: {str(e).replace('(in --set)', '(in --grid or --set)')}" if point
+                          else str(e)) from None
 
 
 # --------------------------------------------------------------------------- one arm's results

@@ -67,7 +67,7 @@ def test_arms_share_the_prep_unless_their_prep_config_differs(tmp_path):
 
 def test_a_bad_grid_key_or_value_is_one_line_naming_it(tmp_path):
     cfg = _config(tmp_path)
-    with pytest.raises(LaunchError, match=r"^--grid freez-2: train.finetune.freez: unknown key") as e:
+    with pytest.raises(LaunchError, match=r"^grid point freez-2: train.finetune.freez: unknown key") as e:
         grid.make_arms(str(cfg), [], grid.grid_points([("train.finetune.freez", ["2"])]), None, False)
     assert "\n" not in str(e.value)
     with pytest.raises(LaunchError, match="train.finetune.freeze_blocks: 7 is out of range"):
