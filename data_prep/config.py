@@ -24,10 +24,10 @@ from typing import Any, Literal, Mapping, Sequence
 
 import yaml
 
+from data_prep.backbones import BACKBONES  # pure data: the one backbone list
+from data_prep.backbones import NAMES as BACKBONE_NAMES
 from data_prep.cli import UsageError, add_debug_arg, command
 from data_prep.fsutil import atomic_write_text
-from distributed.backbones import BACKBONES  # pure data: the one backbone list
-from distributed.backbones import NAMES as BACKBONE_NAMES
 
 
 class ConfigError(UsageError, ValueError):

@@ -18,9 +18,9 @@ from types import SimpleNamespace
 
 import tensorflow as tf
 
+from data_prep.backbones import BACKBONES, Backbone, backbone_of, frozen_through_block
 from data_prep.cli import UserError
 from distributed import safeload
-from distributed.backbones import BACKBONES, Backbone, backbone_of, frozen_through_block
 
 __all__ = ["build_model", "load_model", "last_conv_layer", "backbone_layers", "set_trainable", "trainable_summary",
            "GrayToRGB", "BackbonePreprocess", "WeightsUnavailable", "CUSTOM_OBJECTS", "BACKBONES", "Backbone",
@@ -313,7 +313,7 @@ def set_trainable(model, phase: str, freeze: str = "first_n", freeze_first: int 
     warmup: the whole backbone frozen, only the head trains. finetune: ``first_n`` freezes the
     first ``freeze_first`` backbone layers (the article's option B), ``all_conv`` the whole
     backbone (option A), ``blocks`` the input and the backbone's blocks 1..``freeze_blocks``
-    (:func:`distributed.backbones.frozen_through_block`: the same meaning on any backbone). Recompile
+    (:func:`data_prep.backbones.frozen_through_block`: the same meaning on any backbone). Recompile
     after calling this. Frozen BatchNorm layers run in inference mode (Keras 2 semantics of
     ``trainable=False``).
     """

@@ -35,10 +35,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from data_prep import backbones
 from data_prep import config as cfgmod
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.textsafe import console, md, md_code
-from distributed import backbones, rundir
+from distributed import rundir
 from launch import paired
 from launch import sweep as seeds_sweep
 from launch.hosts import LaunchError

@@ -1,10 +1,9 @@
 """The package layout the code promises (ARCHITECTURE.md):
 
 * imports point one way: benchmarks -> launch -> distributed -> data_prep; ``data_prep`` is the
-  ground floor (config, log, file helpers) and imports none of the other three, but for the config's
-  backbone list, the pure-data registry ``distributed.backbones``;
+  ground floor (config, log, file helpers, the pure-data backbone registry) and imports none of the other three;
 * ``launch`` imports only the pure ``distributed.tuning`` (planner), ``distributed.rundir`` (the run
-  directory's files) and ``distributed.backbones`` (the backbone registry), never TensorFlow, Horovod,
+  directory's files), never TensorFlow, Horovod,
   mpi4py or numpy, so the launcher starts in a fraction of a second on a login node;
 * no product package imports ``benchmarks``, and no module imports itself through a circle;
 * benchmark worker modules load neither TensorFlow nor numpy at import time: thread tuning must
@@ -25,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("data_prep", "distributed", "launch", "benchmarks")
 PRODUCT = ("data_prep", "distributed", "launch")
 HEAVY = ("tensorflow", "keras", "horovod", "mpi4py", "numpy")
-PURE = ("distributed.tuning", "distributed.rundir", "distributed.backbones")  # no TF/numpy: launch may import them
+PURE = ("distributed.tuning", "distributed.rundir")  # no TF/numpy: launch may import them
 
 
 def _module_name(path: Path) -> str:
@@ -109,14 +108,14 @@ def test_product_code_never_imports_benchmarks(graph):
 
 def test_layers_point_down(graph):
     allowed = {
-        "data_prep": lambda n: _top(n) == "data_prep" or n == "distributed.backbones",
+        "data_prep": lambda n: _top(n) == "data_prep",
         "distributed": lambda n: _top(n) in ("data_prep", "distributed"),
         "launch": lambda n: _top(n) in ("data_prep", "launch") or n in PURE,
         "benchmarks": lambda n: True,
     }
     bad = sorted(f"{m} -> {n}" for m, deps in graph.items() for n in deps if not allowed[_top(m)](n))
     assert bad == [], "imports against the layering (data_prep <- distributed <- launch <- benchmarks; " \
-                      f"launch uses only {', '.join(PURE)}; data_prep only distributed.backbones): " + ", ".join(bad)
+                      f"launch uses only {', '.join(PURE)}): " + ", ".join(bad)
 
 
 def _loaded_after(code: str, cwd: Path = ROOT) -> dict:

@@ -8,9 +8,9 @@ import pytest
 
 tf = pytest.importorskip("tensorflow")
 
+from data_prep.backbones import block_names, frozen_through_block  # noqa: E402
 from data_prep.config import load_config  # noqa: E402
 from distributed import model as M  # noqa: E402
-from distributed.backbones import block_names, frozen_through_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
