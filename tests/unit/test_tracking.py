@@ -1,0 +1,229 @@
+"""Experiment tracking with MLflow (issue 32, item 5): what is logged from a run folder (params, the per-epoch
+history, the test metrics with intervals, the report and plots), read back from a temporary file store with
+``mlflow.search_runs``; the MLflow run a folder keeps across a resume; and the run without MLflow."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from data_prep.config import load_config
+from distributed import rundir, tracking
+
+ROOT = Path(__file__).resolve().parents[2]
+
+HISTORY = [
+    {"phase": "warmup", "epoch": 1, "loss": 0.9, "accuracy": 0.5, "val_loss": 0.8, "val_accuracy": 0.55,
+     "val_auc": 0.61, "lr": 0.001, "seconds": 3.5, "images_per_s": 20.0, "ranks": 2},
+    {"phase": "finetune", "epoch": 2, "loss": 0.7, "accuracy": 0.6, "val_loss": 0.65, "val_accuracy": 0.62,
+     "val_auc": 0.7, "lr": 0.002, "seconds": 4.0, "images_per_s": 18.0, "ranks": 2},
+    {"phase": "finetune", "epoch": 3, "loss": 0.6, "accuracy": 0.7, "val_loss": "", "val_accuracy": "",
+     "val_auc": 0.75, "lr": 0.002, "seconds": 4.25, "images_per_s": 17.5, "ranks": 2},
+]
+
+METRICS = {
+    "task": "binary", "n": 40, "provenance": {"evaluation": "internal"},
+    "plain": {"auc": 0.8125, "auc_ci": {"low": 0.7, "high": 0.9, "n_valid": 20},
+              "average_precision": 0.75, "average_precision_ci": {"low": 0.6, "high": 0.85},
+              "brier": 0.2, "brier_ci": {"low": 0.15, "high": 0.25}, "ece": 0.05, "ece_ci": {"low": 0.01, "high": 0.1},
+              "operating_point": {"source": "validation", "rule": "youden", "threshold": 0.4,
+                                  "sensitivity": {"value": 0.8, "low": 0.6, "high": 0.9},
+                                  "specificity": {"value": 0.7, "low": 0.5, "high": 0.85},
+                                  "ppv": {"value": 0.6, "low": 0.4, "high": 0.75},
+                                  "npv": {"value": 0.85, "low": 0.7, "high": 0.95},
+                                  "accuracy": {"value": 0.74, "low": 0.6, "high": 0.85}}},
+    "tta": {"auc": 0.83, "auc_ci": {"low": 0.72, "high": 0.92}, "operating_point": {"threshold": None}},
+    "tta_minus_plain": {"auc_diff": 0.0175, "low": -0.01, "high": 0.04},
+}
+
+
+def _cfg(tmp_path, *sets, backend="mlflow"):
+    return load_config(None, [f"run.dir={tmp_path / 'runs' / 'a'}", f"tracking.backend={backend}",
+                              f"tracking.uri={(tmp_path / 'mlruns').as_uri()}", "tracking.experiment=t", *sets])
+
+
+def _history(run: Path, rows) -> None:
+    run.mkdir(parents=True, exist_ok=True)
+    with open(run / rundir.HISTORY, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def _run_folder(run: Path) -> None:
+    """A finished run folder as training and evaluation leave it (the files tracking reads)."""
+    from PIL import Image
+
+    _history(run, HISTORY)
+    (run / rundir.CONFIG).write_text("run: {name: a}\n")
+    (run / rundir.TRAINED_LAYERS).write_text(json.dumps({"finetune": {"trainable_params": 123}}))
+    (run / rundir.METRICS).write_text(json.dumps(METRICS))
+    (run / rundir.REPORT).write_text("# Report\n\n![ROC](plots/roc.png)\n")
+    (run / rundir.PLOTS).mkdir()
+    Image.new("L", (8, 8), 128).save(run / rundir.PLOTS / "roc.png")
+
+
+# --------------------------------------------------------------------------- what is logged (no MLflow)
+
+def test_the_config_becomes_dotted_params_cut_to_mlflows_limit(tmp_path):
+    cfg = load_config(None, ["train.finetune.freeze_first=7", "run.name=" + "x" * 7000])
+    p = tracking.config_params(cfg)
+    assert p["train.finetune.freeze_first"] == "7" and p["model.backbone"] == "vgg16"
+    assert p["tracking.backend"] == "none" and p["train.augment.zoom"] == "0.1"
+    assert len(p["run.name"]) == tracking.PARAM_VALUE_MAX and p["run.name"].endswith("...")
+    assert len(p) == len(tracking.config_params(load_config(None)))  # one param per leaf key
+
+
+def test_history_rows_become_metrics_per_phase_at_the_run_s_epoch():
+    rows = [{k: str(v) for k, v in r.items()} for r in HISTORY]
+    got = tracking.history_metrics(rows)
+    assert ("loss", 0.9, 1) in got and ("warmup/loss", 0.9, 1) in got
+    assert ("finetune/val_auc", 0.75, 3) in got and ("val_auc", 0.7, 2) in got and ("seconds", 4.25, 3) in got
+    assert not [k for k, _, s in got if k.endswith("val_loss") and s == 3]  # an empty cell is no value
+    assert not [k for k, _, _ in got if k in ("phase", "epoch") or k.endswith(("/phase", "/epoch"))]
+    assert {s for _, _, s in tracking.history_metrics(rows, after_epoch=2)} == {3}
+
+
+def test_the_test_metrics_carry_their_intervals_and_f1_at_the_operating_point():
+    m = tracking.evaluation_metrics(METRICS)
+    assert (m["test/auc"], m["test/auc_low"], m["test/auc_high"]) == (0.8125, 0.7, 0.9)
+    assert (m["test/precision"], m["test/precision_low"], m["test/recall_high"]) == (0.6, 0.4, 0.9)
+    assert m["test/f1"] == pytest.approx(2 * 0.6 * 0.8 / 1.4) and m["test/threshold"] == 0.4
+    assert m["test/specificity"] == 0.7 and m["test/npv_low"] == 0.7 and m["test/brier_high"] == 0.25
+    assert (m["test_tta/auc"], m["test_tta/auc_low"]) == (0.83, 0.72) and "test_tta/threshold" not in m
+    assert (m["test/tta_minus_plain"], m["test/tta_minus_plain_high"]) == (0.0175, 0.04)
+    multi = {"task": "multilabel", "plain": {"mean_auc": 0.7, "findings": {
+        "Pleural_Thickening": {"auc": 0.66, "auc_ci": {"low": 0.5, "high": 0.8}}, "Hernia": {"auc": None}}}}
+    mm = tracking.evaluation_metrics(multi, "ext/test")
+    assert mm == {"ext/test/mean_auc": 0.7, "ext/test/auc/Pleural_Thickening": 0.66,
+                  "ext/test/auc/Pleural_Thickening_low": 0.5, "ext/test/auc/Pleural_Thickening_high": 0.8}
+
+
+def test_the_store_is_the_config_s_then_the_environment_s_then_beside_run_dir(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path}/sweep/arm-1"])
+    assert tracking.tracking_uri(cfg, {}) == (tmp_path / "sweep" / "mlruns").as_uri()
+    assert tracking.tracking_uri(cfg, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) == "http://127.0.0.1:5000"
+    cfg = load_config(None, [f"run.dir={tmp_path}", "tracking.uri=file:///x/mlruns"])
+    assert tracking.tracking_uri(cfg, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) == "file:///x/mlruns"
+
+
+def test_tracking_is_off_by_default_and_a_bad_backend_names_the_key():
+    from data_prep.config import ConfigError
+
+    assert load_config(None).tracking.backend == "none" and not tracking.enabled(load_config(None))
+    with pytest.raises(ConfigError, match=r"^tracking\.backend: 'wandb' is not allowed; expected one of 'none', "
+                                          r"'mlflow'$"):
+        load_config(None, ["tracking.backend=wandb"])
+
+
+def test_without_mlflow_tracking_on_is_one_line_naming_the_extra_and_off_is_nothing(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    tracking.require(_cfg(tmp_path, backend="none"))
+    assert tracking.log_training(_cfg(tmp_path, backend="none")) is None
+    with pytest.raises(tracking.TrackingError, match=r"^tracking\.backend is mlflow but MLflow cannot be imported "
+                                                     r".*: pip install -r requirements-tracking\.txt, or set "
+                                                     r"tracking\.backend: none$"):
+        tracking.require(_cfg(tmp_path))
+
+
+def test_training_with_tracking_on_stops_before_it_starts_without_mlflow(tmp_path):
+    """The command's one line, exit code 1, before any data is read (prep.out does not even exist)."""
+    code = ("import sys; sys.modules['mlflow'] = None\n"
+            "from distributed.train import main\nsys.exit(main(sys.argv[1:]))")
+    (tmp_path / "c.yaml").write_text("{}\n")
+    p = subprocess.run([sys.executable, "-c", code, "--config", str(tmp_path / "c.yaml"), "--set",
+                        f"run.dir={tmp_path / 'run'}", "--set", f"prep.out={tmp_path / 'none'}", "--set",
+                        "tracking.backend=mlflow"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT), CXR_NO_HOROVOD="1"))
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 1 and lines[-1].startswith("cxr-train: error: tracking.backend is mlflow but MLflow "), \
+        p.stderr[-2000:]
+    assert "requirements-tracking.txt" in lines[-1] and not (tmp_path / "run").exists()
+
+
+# --------------------------------------------------------------------------- logged and read back (MLflow)
+
+@pytest.mark.needs_mlflow
+def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    cfg = _cfg(tmp_path, "train.finetune.freeze_first=5")
+    run = Path(cfg.run.dir)
+    _run_folder(run)
+    run_id = tracking.log_training(cfg)
+    assert run_id and tracking.log_evaluation(cfg, METRICS) == run_id
+    assert json.loads((run / rundir.TRACKING).read_text())["run_id"] == run_id
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    df = mlflow.search_runs(experiment_names=["t"])
+    assert len(df) == 1 and df.loc[0, "run_id"] == run_id and df.loc[0, "status"] == "FINISHED"
+    row = df.loc[0]
+    assert row["params.train.finetune.freeze_first"] == "5" and row["params.model.backbone"] == "vgg16"
+    assert row["metrics.test/auc"] == 0.8125 and row["metrics.test/auc_low"] == 0.7
+    assert row["metrics.test/auc_high"] == 0.9 and row["metrics.test/recall"] == 0.8
+    assert row["metrics.val_auc"] == 0.75  # the last epoch's value
+    assert row["tags.cxr.folder"] == "a" and row["tags.mlflow.runName"] == "a"
+    client = MlflowClient(cfg.tracking.uri)
+    hist = client.get_metric_history(run_id, "finetune/val_auc")
+    assert sorted((m.step, m.value) for m in hist) == [(2, 0.7), (3, 0.75)]
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "warmup/loss")] == [(1, 0.9)]
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {rundir.REPORT, rundir.METRICS, rundir.HISTORY, rundir.CONFIG, rundir.TRAINED_LAYERS,
+            rundir.PLOTS} <= top
+    assert [a.path for a in client.list_artifacts(run_id, rundir.PLOTS)] == [f"{rundir.PLOTS}/roc.png"]
+    report = client.download_artifacts(run_id, rundir.REPORT, str(tmp_path))
+    assert Path(report).read_text() == (run / rundir.REPORT).read_text()
+
+
+@pytest.mark.needs_mlflow
+def test_a_resume_logs_into_the_same_mlflow_run_once_and_a_new_training_opens_another(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    cfg = _cfg(tmp_path)
+    run = Path(cfg.run.dir)
+    _history(run, HISTORY[:2])
+    first = tracking.log_training(cfg)
+    _history(run, HISTORY)  # the resumed training added epoch 3
+    assert tracking.log_training(cfg, resume=True) == first
+    assert tracking.log_training(cfg, resume=True) == first  # again: nothing new, nothing twice
+    client = MlflowClient(cfg.tracking.uri)
+    assert sorted(m.step for m in client.get_metric_history(first, "loss")) == [1, 2, 3]
+    # a later stage's config that differs: MLflow's params stay, the difference is a tag
+    later = _cfg(tmp_path, "eval.tta_rounds=3")
+    assert tracking.log_evaluation(later, {"task": "binary", "n": 4}, run) == first
+    r = client.get_run(first)
+    assert r.data.params["eval.tta_rounds"] == "5" and r.data.tags["config_changed.eval.tta_rounds"] == "3"
+    # a training started afresh (no --resume), or a history that is not the one logged: a new MLflow run
+    second = tracking.log_training(cfg)
+    assert second != first
+    _history(run, [{**HISTORY[0], "loss": 0.95}])
+    third = tracking.log_training(cfg, resume=True)
+    assert third not in (first, second)
+    assert len(client.search_runs([r.info.experiment_id])) == 3
+
+
+@pytest.mark.needs_mlflow
+def test_a_store_that_refuses_is_a_warning_after_training(tmp_path, monkeypatch):
+    said = []
+
+    class Log:
+        def warning(self, msg, *args):
+            said.append(msg % args)
+    monkeypatch.setattr(tracking, "get_logger", Log)
+    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    (tmp_path / "file").write_text("not a folder")
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "tracking.backend=mlflow",
+                             f"tracking.uri={(tmp_path / 'file' / 'mlruns').as_uri()}"])
+    _history(Path(cfg.run.dir), HISTORY)
+    assert tracking.log_training(cfg) is None
+    (err,) = said
+    assert "MLflow: the training was not logged (tracking.uri file://" in err
+    assert "NotADirectoryError" in err and "python -m distributed.tracking --config" in err
+    assert not (Path(cfg.run.dir) / rundir.TRACKING).exists()
