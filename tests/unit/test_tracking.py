@@ -161,6 +161,7 @@ def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
     assert json.loads((run / rundir.TRACKING).read_text())["run_id"] == run_id
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", cfg.tracking.uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens a file store only when told to
     df = mlflow.search_runs(experiment_names=["t"])
     assert len(df) == 1 and df.loc[0, "run_id"] == run_id and df.loc[0, "status"] == "FINISHED"
     row = df.loc[0]
@@ -227,3 +228,72 @@ def test_a_store_that_refuses_is_a_warning_after_training(tmp_path, monkeypatch)
     assert "MLflow: the training was not logged (tracking.uri file://" in err
     assert "NotADirectoryError" in err and "python -m distributed.tracking --config" in err
     assert not (Path(cfg.run.dir) / rundir.TRACKING).exists()
+
+
+# --------------------------------------------------------------------------- a real run (tiny backbone, 1 process)
+
+TINY = ["data.image_size=32", "prep.shard_size=16", "model.backbone=tiny", "model.weights=none",
+        "model.dense_units=8", "train.batch_size=4", "train.steps_per_epoch=2", "train.warmup.epochs=1",
+        "train.finetune.epochs=1", "eval.tta=false", "eval.bootstrap=20", "eval.gradcam_per_group=0",
+        "runtime.precision=float32"]
+HIDDEN = "import sys; sys.modules['mlflow'] = None\nfrom {0} import main\nsys.exit(main(sys.argv[1:]))"
+MODULES = {"prep": "data_prep.__main__", "train": "distributed.train", "evaluate": "distributed.evaluate"}
+
+
+def _run(args, stage, hide_mlflow=False):
+    """A stage as a command on one process; ``hide_mlflow``: where ``import mlflow`` fails."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), CXR_NO_HOROVOD="1", TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    code = HIDDEN.format(MODULES[stage]) if hide_mlflow else HIDDEN.replace("sys.modules['mlflow'] = None",
+                                                                            "").format(MODULES[stage])
+    p = subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"{stage}: {p.stderr[-3000:]}"
+    return p
+
+
+@pytest.mark.needs_mlflow
+def test_a_tiny_run_trained_without_mlflow_then_evaluated_and_resumed_with_tracking(tmp_path, monkeypatch):
+    """Training with tracking off works where MLflow cannot be imported; the evaluation with tracking on opens
+    the folder's MLflow run in the default store beside run.dir, and a --resume of the finished training
+    with tracking on adds its params and history to that same run."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="2")
+    synth = subprocess.run([sys.executable, "-m", "data_prep.synthetic", "--out", str(tmp_path / "data"), "--patients",
+                            "30", "--image-size", "32", "--seed", "3", "--no-progress"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert synth.returncode == 0, synth.stderr[-2000:]
+    (tmp_path / "c.yaml").write_text("{}\n")
+    sets = [f"data.csv={tmp_path / 'data' / 'Data_Entry_2017.csv'}", f"data.images={tmp_path / 'data'}",
+            f"prep.out={tmp_path / 'prepared'}", f"run.dir={tmp_path / 'runs' / 'tiny'}", *TINY]
+    args = ["--config", str(tmp_path / "c.yaml"), *(a for s in sets for a in ("--set", s))]
+    _run(args, "prep")
+    run, store = tmp_path / "runs" / "tiny", tmp_path / "runs" / tracking.STORE_DIR
+    _run(args, "train", hide_mlflow=True)
+    assert (run / rundir.FINAL).is_file() and not (run / rundir.TRACKING).exists() and not store.exists()
+
+    on = [*args, "--set", "tracking.backend=mlflow"]
+    _run(on, "evaluate")
+    first = json.loads((run / rundir.TRACKING).read_text())
+    assert first["uri"] == store.as_uri() and first["logged_epochs"] == 0
+    _run([*on, "--resume"], "train")  # finished: nothing to train, the history is logged
+    rec = json.loads((run / rundir.TRACKING).read_text())
+    assert rec["run_id"] == first["run_id"] and rec["logged_epochs"] == 2
+
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 opens a file store only when told to
+    client = MlflowClient(store.as_uri())
+    (exp,) = [e for e in client.search_experiments() if e.name == tracking.DEFAULT_EXPERIMENT]
+    (r,) = client.search_runs([exp.experiment_id])
+    assert r.info.run_id == rec["run_id"] and r.data.params["model.backbone"] == "tiny"
+    m = json.loads((run / rundir.METRICS).read_text())
+    assert r.data.metrics["test/auc"] == pytest.approx(m["plain"]["auc"])
+    assert r.data.metrics["test/auc_low"] == pytest.approx(m["plain"]["auc_ci"]["low"])
+    rows = rundir.read_history(run / rundir.HISTORY)
+    hist = client.get_metric_history(r.info.run_id, "val_loss")
+    assert [(h.step, h.value) for h in sorted(hist, key=lambda h: h.step)] == \
+        [(int(x["epoch"]), pytest.approx(float(x["val_loss"]))) for x in rows]
+    assert [h.step for h in client.get_metric_history(r.info.run_id, "finetune/loss")] == [2]
+    top = {a.path for a in client.list_artifacts(r.info.run_id)}
+    assert {rundir.REPORT, rundir.METRICS, rundir.HISTORY, rundir.PLOTS} <= top
+    assert any(a.path.endswith(".png") for a in client.list_artifacts(r.info.run_id, rundir.PLOTS))
