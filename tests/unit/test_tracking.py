@@ -297,3 +297,21 @@ def test_a_tiny_run_trained_without_mlflow_then_evaluated_and_resumed_with_track
     top = {a.path for a in client.list_artifacts(r.info.run_id)}
     assert {rundir.REPORT, rundir.METRICS, rundir.HISTORY, rundir.PLOTS} <= top
     assert any(a.path.endswith(".png") for a in client.list_artifacts(r.info.run_id, rundir.PLOTS))
+
+
+def test_mlflow_is_imported_in_tracking_only_and_only_inside_its_functions():
+    import ast
+
+    found = []
+    for pkg in ("data_prep", "distributed", "launch", "benchmarks"):
+        for path in sorted((ROOT / pkg).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            top = {id(n) for n in tree.body}
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                    [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n == "mlflow" or n.startswith("mlflow.") for n in names):
+                    where = f"{path.relative_to(ROOT)}:{node.lineno}"
+                    if path.name != "tracking.py" or pkg != "distributed" or id(node) in top:
+                        found.append(where)
+    assert found == [], "mlflow imported outside distributed/tracking.py's functions: " + ", ".join(found)
