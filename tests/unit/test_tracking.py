@@ -40,6 +40,14 @@ METRICS = {
 }
 
 
+def _rank(monkeypatch, rank: int) -> None:
+    """The launcher's rank variables (data_prep.log.env_rank) as under a launcher's rank ``rank``."""
+    for k in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(k, raising=False)
+    if rank:
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", str(rank))
+
+
 def _cfg(tmp_path, *sets, backend="mlflow"):
     return load_config(None, [f"run.dir={tmp_path / 'runs' / 'a'}", f"tracking.backend={backend}",
                               f"tracking.uri={(tmp_path / 'mlruns').as_uri()}", "tracking.experiment=t", *sets])
@@ -121,7 +129,7 @@ def test_tracking_is_off_by_default_and_a_bad_backend_names_the_key():
 
 def test_without_mlflow_tracking_on_is_one_line_naming_the_extra_and_off_is_nothing(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # import mlflow now raises ImportError
-    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    _rank(monkeypatch, 0)
     tracking.require(_cfg(tmp_path, backend="none"))
     assert tracking.log_training(_cfg(tmp_path, backend="none")) is None
     with pytest.raises(tracking.TrackingError, match=r"^tracking\.backend is mlflow but MLflow cannot be imported "
@@ -152,7 +160,7 @@ def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
     import mlflow
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    _rank(monkeypatch, 0)
     cfg = _cfg(tmp_path, "train.finetune.freeze_first=5")
     run = Path(cfg.run.dir)
     _run_folder(run)
@@ -183,10 +191,36 @@ def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
 
 
 @pytest.mark.needs_mlflow
+def test_only_rank_0_logs_and_a_finished_folder_is_logged_after_the_fact(tmp_path, monkeypatch, capsys):
+    cfg = _cfg(tmp_path)
+    run = Path(cfg.run.dir)
+    _run_folder(run)
+    _rank(monkeypatch, 1)
+    tracking.require(cfg)  # rank 1 logs nothing, so it needs no MLflow either
+    assert tracking.log_training(cfg) is None and tracking.log_evaluation(cfg, METRICS) is None
+    assert not (run / rundir.TRACKING).exists() and not (tmp_path / "mlruns").exists()
+    _rank(monkeypatch, 0)
+    (tmp_path / "c.yaml").write_text(f"run: {{dir: {run}}}\ntracking: {{uri: {cfg.tracking.uri}, experiment: t}}\n")
+    assert tracking.main(["--config", str(tmp_path / "c.yaml")]) == 0  # tracking.backend none: the command turns it on
+    rec = json.loads((run / rundir.TRACKING).read_text())
+    assert capsys.readouterr().out.strip() == f"MLflow run {rec['run_id']} in {cfg.tracking.uri}"
+    from mlflow.tracking import MlflowClient
+
+    r = MlflowClient(cfg.tracking.uri).get_run(rec["run_id"])
+    assert r.data.metrics["test/auc"] == 0.8125 and r.data.metrics["loss"] == 0.6 and rec["logged_epochs"] == 3
+    assert rec["evaluated"] == str(run)
+    (tmp_path / "empty.yaml").write_text(f"run: {{dir: {tmp_path / 'none'}}}\n")
+    assert tracking.main(["--config", str(tmp_path / "empty.yaml")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("python -m distributed.tracking: error: run.dir ") \
+        and "holds no training run" in err[0]
+
+
+@pytest.mark.needs_mlflow
 def test_a_resume_logs_into_the_same_mlflow_run_once_and_a_new_training_opens_another(tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
-    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    _rank(monkeypatch, 0)
     cfg = _cfg(tmp_path)
     run = Path(cfg.run.dir)
     _history(run, HISTORY[:2])
@@ -218,7 +252,7 @@ def test_a_store_that_refuses_is_a_warning_after_training(tmp_path, monkeypatch)
         def warning(self, msg, *args):
             said.append(msg % args)
     monkeypatch.setattr(tracking, "get_logger", Log)
-    monkeypatch.delenv("OMPI_COMM_WORLD_RANK", raising=False)
+    _rank(monkeypatch, 0)
     (tmp_path / "file").write_text("not a folder")
     cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", "tracking.backend=mlflow",
                              f"tracking.uri={(tmp_path / 'file' / 'mlruns').as_uri()}"])
