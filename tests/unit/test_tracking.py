@@ -118,6 +118,14 @@ def test_the_store_is_the_config_s_then_the_environment_s_then_beside_run_dir(tm
     assert tracking.tracking_uri(cfg, {"MLFLOW_TRACKING_URI": "http://127.0.0.1:5000"}) == "file:///x/mlruns"
 
 
+def test_the_evaluation_is_read_where_it_wrote(tmp_path):
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}"])
+    assert tracking.evaluation_folder(cfg, {"provenance": {"evaluation": "internal"}}) == tmp_path / "run"
+    assert tracking.evaluation_folder(cfg, {"provenance": None}) == tmp_path / "run"
+    cfg = load_config(None, [f"run.dir={tmp_path / 'run'}", f"eval.out={tmp_path / 'ext'}"])
+    assert tracking.evaluation_folder(cfg, {"provenance": {"evaluation": "external"}}) == tmp_path / "ext"
+
+
 def test_tracking_is_off_by_default_and_a_bad_backend_names_the_key():
     from data_prep.config import ConfigError
 
@@ -188,6 +196,15 @@ def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
     assert [a.path for a in client.list_artifacts(run_id, rundir.PLOTS)] == [f"{rundir.PLOTS}/roc.png"]
     report = client.download_artifacts(run_id, rundir.REPORT, str(tmp_path))
     assert Path(report).read_text() == (run / rundir.REPORT).read_text()
+    # an external evaluation (another prep, its own folder): the same MLflow run, under the folder's name
+    ext = run / "eval-0123abcd"
+    ext.mkdir()
+    (ext / rundir.REPORT).write_text("# External\n")
+    other = {**METRICS, "plain": {**METRICS["plain"], "auc": 0.6}, "provenance": {"evaluation": "external"}}
+    assert tracking.log_evaluation(cfg, other, ext) == run_id
+    r = client.get_run(run_id)
+    assert r.data.metrics["eval-0123abcd/test/auc"] == 0.6 and r.data.metrics["test/auc"] == 0.8125
+    assert [a.path for a in client.list_artifacts(run_id, "eval-0123abcd")] == [f"eval-0123abcd/{rundir.REPORT}"]
 
 
 @pytest.mark.needs_mlflow
