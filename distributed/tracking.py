@@ -208,7 +208,12 @@ def read_record(run_dir) -> dict | None:
         doc = json.loads((Path(run_dir) / rundir.TRACKING).read_text())
     except (OSError, ValueError):
         return None
-    return doc if isinstance(doc, dict) and isinstance(doc.get("run_id"), str) else None
+    if not isinstance(doc, dict) or not isinstance(doc.get("run_id"), str):
+        return None
+    epochs = doc.get("logged_epochs", 0)
+    if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 0:
+        return None  # not a record this module wrote: a new MLflow run rather than a guess
+    return doc
 
 
 class Tracker:
@@ -246,13 +251,26 @@ class Tracker:
             except Exception:  # noqa: BLE001 - deleted from the store: a new run below
                 pass
         name = self.cfg.tracking.experiment or DEFAULT_EXPERIMENT
-        exp = self.client.get_experiment_by_name(name)
-        exp_id = exp.experiment_id if exp is not None else self.client.create_experiment(name)
+        exp_id = self._experiment(name)
         run = self.client.create_run(exp_id, run_name=self.cfg.run.name or self.run_dir.name, tags=self._tags())
         rec = {"backend": "mlflow", "uri": self.uri, "experiment": name, "experiment_id": exp_id,
                "run_id": run.info.run_id, "logged_epochs": 0, "history_sha256": _history_digest([], 0)}
         self._write(rec)
         return rec
+
+    def _experiment(self, name: str) -> str:
+        exp = self.client.get_experiment_by_name(name)
+        if exp is None:
+            try:
+                return self.client.create_experiment(name)
+            except Exception:  # noqa: BLE001 - made meanwhile by another run (two sweeps, two pipelines)
+                exp = self.client.get_experiment_by_name(name)
+                if exp is None:
+                    raise
+        if exp.lifecycle_stage != "active":
+            raise TrackingError(f"tracking.experiment: {name!r} is deleted in {self.uri}; restore it "
+                                "(mlflow experiments restore) or name another experiment")
+        return exp.experiment_id
 
     def _tags(self) -> dict:
         run = self.run_dir.resolve()

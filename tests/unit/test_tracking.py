@@ -259,6 +259,14 @@ def test_a_resume_logs_into_the_same_mlflow_run_once_and_a_new_training_opens_an
     third = tracking.log_training(cfg, resume=True)
     assert third not in (first, second)
     assert len(client.search_runs([r.info.experiment_id])) == 3
+    # a damaged record is not guessed at: a new MLflow run
+    (run / rundir.TRACKING).write_text(json.dumps({"run_id": third, "logged_epochs": "many"}))
+    assert tracking.read_record(run) is None and tracking.log_training(cfg, resume=True) not in (first, second, third)
+    # an experiment deleted in the store is one line, a warning after the stage
+    client.delete_experiment(r.info.experiment_id)
+    assert tracking.log_training(cfg) is None
+    with pytest.raises(tracking.TrackingError, match=r"^tracking\.experiment: 't' is deleted in file://"):
+        tracking.Tracker(cfg, reuse=False)
 
 
 @pytest.mark.needs_mlflow
