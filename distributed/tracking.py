@@ -273,12 +273,10 @@ class Tracker:
         return exp.experiment_id
 
     def _tags(self) -> dict:
+        """The run folder, its definition's hash, and its folder and parent's names: a sweep arm's and its sweep's."""
         run = self.run_dir.resolve()
-        tags = {"cxr.run_dir": str(run), "cxr.run_hash": cfgmod.run_hash(self.cfg), "cxr.folder": run.name,
+        return {"cxr.run_dir": str(run), "cxr.run_hash": cfgmod.run_hash(self.cfg), "cxr.folder": run.name,
                 "cxr.parent": run.parent.name}
-        if (run.parent / "sweep.json").is_file() or (run.parent / "sweep.md").is_file():
-            tags.update({"cxr.sweep": run.parent.name, "cxr.arm": run.name})
-        return tags
 
     def _write(self, rec: dict) -> None:
         atomic_write_json(self.run_dir / rundir.TRACKING,

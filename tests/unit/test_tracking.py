@@ -185,7 +185,7 @@ def test_a_run_folder_logged_to_a_file_store_reads_back(tmp_path, monkeypatch):
     assert row["metrics.test/auc"] == 0.8125 and row["metrics.test/auc_low"] == 0.7
     assert row["metrics.test/auc_high"] == 0.9 and row["metrics.test/recall"] == 0.8
     assert row["metrics.val_auc"] == 0.75  # the last epoch's value
-    assert row["tags.cxr.folder"] == "a" and row["tags.mlflow.runName"] == "a"
+    assert row["tags.cxr.folder"] == "a" and row["tags.cxr.parent"] == "runs" and row["tags.mlflow.runName"] == "a"
     client = MlflowClient(cfg.tracking.uri)
     hist = client.get_metric_history(run_id, "finetune/val_auc")
     assert sorted((m.step, m.value) for m in hist) == [(2, 0.7), (3, 0.75)]
