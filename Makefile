@@ -72,7 +72,12 @@ $(VENV)/.onnx-stamp: requirements-onnx.txt $(VENV)/.deps-stamp
 	$(PIP) install -q --no-deps -r requirements-onnx.txt
 	touch $@
 
-deps: mpi $(VENV)/.deps-stamp $(VENV)/.onnx-stamp
+# Experiment tracking with MLflow (tracking.backend: mlflow; requirements-tracking.txt says why its pins).
+$(VENV)/.tracking-stamp: requirements-tracking.txt requirements.txt $(VENV)/.deps-stamp
+	$(PIP) install -q -r requirements-tracking.txt
+	touch $@
+
+deps: mpi $(VENV)/.deps-stamp $(VENV)/.onnx-stamp $(VENV)/.tracking-stamp
 
 # Horovod 0.28.1 from source against the installed TensorFlow, with MPI and Gloo (about 4 minutes on 2 cores).
 $(VENV)/.horovod-stamp: $(VENV)/.deps-stamp $(VENV)/.onnx-stamp
@@ -88,7 +93,7 @@ $(VENV)/.horovod-stamp: $(VENV)/.deps-stamp $(VENV)/.onnx-stamp
 
 horovod: mpi $(VENV)/.horovod-stamp
 
-$(VENV)/.project-stamp: setup.py requirements.txt $(VENV)/.horovod-stamp
+$(VENV)/.project-stamp: setup.py requirements.txt $(VENV)/.horovod-stamp $(VENV)/.tracking-stamp
 	$(PIP) install -q --no-deps --no-build-isolation -e .
 	touch $@
 

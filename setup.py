@@ -6,14 +6,15 @@ from setuptools import find_packages, setup
 HERE = Path(__file__).parent
 
 
-def requirements():
-    # One place for pins: requirements.txt (also what `make setup` installs).
-    # Build-only and test-only tools are not run-time needs.
+def requirements(name="requirements.txt"):
+    # One place for pins: requirements.txt (also what `make setup` installs), and the optional extras' files.
+    # Build-only and test-only tools are not run-time needs; pip options (-c FILE) are not requirements.
     skip = {"setuptools", "wheel", "pytest", "cffi"}
     out = []
-    for line in (HERE / "requirements.txt").read_text().splitlines():
+    for line in (HERE / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
-        if line and line.split("=")[0].split("<")[0].split(">")[0].strip().lower() not in skip:
+        if line and not line.startswith("-") and \
+                line.split("=")[0].split("<")[0].split(">")[0].strip().lower() not in skip:
             out.append(line)
     return out
 
@@ -28,7 +29,7 @@ setup(
     packages=find_packages(include=["data_prep*", "distributed*", "launch*", "benchmarks*"]),
     package_data={"launch": ["*.sbatch"]},
     install_requires=requirements(),
-    extras_require={"horovod": ["horovod==0.28.1"]},
+    extras_require={"horovod": ["horovod==0.28.1"], "tracking": requirements("requirements-tracking.txt")},
     entry_points={
         "console_scripts": [
             "cxr-prep=data_prep.__main__:main",

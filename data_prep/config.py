@@ -227,6 +227,16 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class TrackingConfig:
+    backend: Literal["none", "mlflow"] = _f(
+        "none", "experiment tracking: none, or mlflow (rank 0 logs the resolved config, the per-epoch history, the "
+                "test metrics with intervals, report.md and the plots; needs requirements-tracking.txt)")
+    uri: str = _f("", "MLflow tracking URI; empty = $MLFLOW_TRACKING_URI, else the local file store "
+                      "<run.dir>/../mlruns")
+    experiment: str = _f("", "MLflow experiment name; empty = cxr-transfer")
+
+
+@dataclass(frozen=True)
 class Config:
     data: DataConfig = _f(DataConfig(), "")
     prep: PrepConfig = _f(PrepConfig(), "")
@@ -235,6 +245,7 @@ class Config:
     runtime: RuntimeConfig = _f(RuntimeConfig(), "")
     eval: EvalConfig = _f(EvalConfig(), "")
     run: RunConfig = _f(RunConfig(), "")
+    tracking: TrackingConfig = _f(TrackingConfig(), "")
 
 
 # --------------------------------------------------------------------------- building

@@ -72,7 +72,7 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
-from distributed import decision, hvd, plots, provenance, runtime
+from distributed import decision, hvd, plots, provenance, runtime, tracking
 from distributed import metrics as M
 from distributed import rundir as R
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
@@ -808,12 +808,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     cfg = config_from_args(args)
     note_output(cfg.run.dir)  # a full disk's one line names the run directory (data_prep.cli)
+    tracking.require(cfg)  # tracking.backend mlflow without MLflow: one line now, not after the evaluation
     plan = runtime.apply(cfg.runtime)  # this rank's threads: BEFORE TensorFlow starts (module docstring)
     runtime.configure_tensorflow(plan)
     try:
         hvd.init()  # Horovod: rank 0's auto-precision figures are broadcast, one precision for all ranks
         plan = runtime.settle_precision(plan, cfg, share=hvd.broadcast_object, root=hvd.is_root())
-        evaluate(cfg, precision=runtime.configure_precision(plan))
+        metrics = evaluate(cfg, precision=runtime.configure_precision(plan))
+        tracking.log_evaluation(cfg, metrics)  # rank 0, into the training's MLflow run (tracking.backend)
     finally:
         hvd.shutdown()
     return 0

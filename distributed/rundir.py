@@ -64,6 +64,7 @@ RUN_JSON = "run.json"
 TRAINING_PREP = "training_prep.json"  # the prep it trained on (distributed.provenance)
 TRAINED_LAYERS = "trained_layers.json"  # per phase: frozen and trained layers, parameters
 TB = "tb"
+TRACKING = "tracking.json"  # the MLflow run training and evaluation log into (distributed.tracking)
 # evaluation
 EVAL_CONFIG = "eval_config.yaml"
 METRICS = "metrics.json"

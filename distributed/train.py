@@ -46,7 +46,7 @@ from data_prep import cli
 from data_prep.cli import UserError, command, note_output
 from data_prep.config import add_config_args, config_from_args
 from data_prep.log import env_rank
-from distributed import runtime
+from distributed import runtime, tracking
 from distributed.stopping import stop_signals
 
 
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg = config_from_args(args)
     note_output(cfg.run.dir)  # a full disk's one line names the run directory
+    tracking.require(cfg)  # tracking.backend mlflow without MLflow: one line now, not after training
     # 0: trained; 128 + signal number when a stop signal (train.stop_signals) ended it at a step
     # with a checkpoint (SIGTERM 143, SIGUSR1 138, SIGINT 130: "ended by that signal" to shells and Slurm).
     try:
@@ -150,6 +151,7 @@ def main(argv=None) -> int:
 
     if code == 0 and (hvd.rank() if hvd.enabled() else env_rank()) == 0:
         record_prep(cfg)
+        tracking.log_training(cfg, resume=args.resume)  # MLflow (tracking.backend), else nothing
     return 0 if code and hvd.elastic_enabled() else code
 
 

@@ -52,9 +52,17 @@ def have_horovod() -> bool:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300).returncode == 0
 
 
+def have_mlflow() -> bool:
+    """MLflow, the optional extra of experiment tracking (requirements-tracking.txt, which `make setup` installs)."""
+    import importlib.util
+
+    return importlib.util.find_spec("mlflow") is not None
+
+
 MISSING = {
     "needs_mpirun": (have_mpirun, "mpirun (Open MPI) not installed"),
     "needs_horovod": (have_horovod, "Horovod with TensorFlow and MPI not built (make setup)"),
+    "needs_mlflow": (have_mlflow, "MLflow not installed (pip install -r requirements-tracking.txt)"),
 }
 
 
@@ -78,7 +86,7 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_runtest_setup(item):
-    """Tests marked needs_mpirun / needs_horovod skip without it, and fail under CI=true."""
+    """Tests marked needs_mpirun / needs_horovod / needs_mlflow skip without it, and fail under CI=true."""
     for marker, (available, reason) in MISSING.items():
         if item.get_closest_marker(marker) and not available():
             if IN_CI:

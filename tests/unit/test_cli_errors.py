@@ -11,6 +11,7 @@ CONFIG_COMMANDS = [
     ("prep", ["-m", "data_prep"]),
     ("train", ["-m", "distributed.train"]),
     ("evaluate", ["-m", "distributed.evaluate"]),
+    ("tracking", ["-m", "distributed.tracking"]),
     ("launch", ["-m", "launch", "pipeline", "--dry-run"]),
     ("config", ["-m", "data_prep.config"]),
     ("bench epoch-timing", ["-m", "benchmarks", "epoch-timing"]),

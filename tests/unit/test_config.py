@@ -64,7 +64,7 @@ def test_unknown_section(tmp_path):
 
 @pytest.mark.parametrize("override, message", [
     ("no.such.key=1", r"^no\.such\.key: unknown key; 'no' is not a section \(sections are: data, eval, model, prep, "
-                      r"run, runtime, train\) \(in --set\)$"),
+                      r"run, runtime, tracking, train\) \(in --set\)$"),
     ("train.batchsize=8", r"^train\.batchsize: unknown key \('train' has: .*\); did you mean train\.batch_size\? "),
     ("trian.seed=1", r"^trian\.seed: unknown key; 'trian' is not a section .*; did you mean train\.seed\?"),
     ("train.warmup.lrr=1", r"did you mean train\.warmup\.lr\?"),
