@@ -30,10 +30,18 @@ from data_prep import locks, testhooks
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
-from distributed import callbacks as cb
 from distributed import checkpoints, hvd, rundir, runtime
 from distributed import data as D
 from distributed import model as M
+from distributed.batchnorm import AverageBatchNormStatistics
+from distributed.checkpoints import Checkpointer, inference_view, save_model_atomic
+from distributed.learning_check import LearningCheck
+from distributed.progress import EpochTimer, LearningRateLogger, progress
+from distributed.run_control import EarlyStopping, StepControl
+from distributed.rundir import RunState
+from distributed.schedule import WarmupInverseTimeDecay
+from distributed.stopping import Stopped, stop_signals
+from distributed.validation import Validation
 
 PHASES = ("warmup", "finetune")
 
@@ -47,14 +55,14 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     moved aside first (``distributed.rundir``). Elastic training: ``distributed.elastic.run``."""
     su = setup(cfg, plan, restart=restart)
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
-    start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
+    start = Start(RunState(size=hvd.size(), precision=su.precision))
     if hvd.is_root():  # Horovod: rank 0 reads or clears the checkpoints
         start = (read_checkpoint(run_dir, model, log, su.precision) if resume
                  else clear_checkpoints(run_dir, log) or start)
     # Horovod: every rank continues from the same phase, epoch and step (rank 0 read them); the
     # weights and optimizer state follow by the broadcast before the phase's first step.
     state, finished = hvd.broadcast_object((start.state, start.finished), root_rank=0)
-    state = state or cb.RunState()
+    state = state or RunState()
     state.size, state.precision = hvd.size(), su.precision
     if finished:
         log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
@@ -64,7 +72,7 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     tally = Tally()
     try:
         train_phases(cfg, model, state, su.train, su.val, log, tb, tally, start.opt_phase, start.opt_values)
-    except cb.Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
+    except Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
         return stopped(cfg, e)
     return finish(cfg, model, state, tally.writes, log)
 
@@ -122,7 +130,7 @@ def setup(cfg, plan, restart: bool = False) -> Setup:
     return Setup(log, train_data, val_data, model, precision)
 
 
-def stopped(cfg, e: cb.Stopped) -> dict:
+def stopped(cfg, e: Stopped) -> dict:
     """The result of a run a stop signal ended (every rank): its exit code is 128 + the signal."""
     return {"state": None, "history": [], "run_dir": str(cfg.run.dir), "exit_code": e.exit_code}
 
@@ -137,7 +145,7 @@ class Tally:
 class Start:
     """Where a run starts: its state, whether it had already finished, and the optimizer values of
     the checkpoint (``opt_phase``: the phase they belong to; "" = none)."""
-    state: cb.RunState | None
+    state: RunState | None
     finished: bool = False
     opt_phase: str = ""
     opt_values: tuple = ()
@@ -180,7 +188,7 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
     multilabel = train_data.multilabel
     # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
     steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
-    with cb.stop_signals(cfg.train.stop_signals) as signals:
+    with stop_signals(cfg.train.stop_signals) as signals:
         for phase in PHASES:
             if state.complete or _phase_done(cfg, state, phase):
                 continue
@@ -197,9 +205,9 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
             # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
             # weights after a resume, and the weights at the phase switch.
             hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
-            ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=ph.optimizer, n=phase: save_optimizer(o, p, n),
+            ckpt = Checkpointer(run_dir, state, phase, lambda p, o=ph.optimizer, n=phase: save_optimizer(o, p, n),
                                    tb)  # Horovod: checkpoints written on rank 0 only
-            control = cb.StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
+            control = StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
                                      lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
                                      run_dir / rundir.BATCHES if cfg.train.record_batches else None,
                                      cfg.train.stop_check_s)
@@ -219,7 +227,7 @@ def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, 
     callbacks = epoch_callbacks(cfg, state, ph.name, ph.steps, val_data, train_data.num_classes,
                                 train_data.multilabel, checkpointing) + [control]
     # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
-    verbose, shown = cb.progress(ph.name, ph.steps, B * hvd.size(), hvd.is_root())
+    verbose, shown = progress(ph.name, ph.steps, B * hvd.size(), hvd.is_root())
     log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)%s",
              ph.name, state.phase_epoch + 1, ph.pcfg.epochs, ph.trainable, ph.pcfg.optimizer, ph.pcfg.lr,
              hvd.size() if cfg.train.scale_lr else 1,
@@ -260,19 +268,20 @@ def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: i
     return [
         # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
         hvd.metric_average_callback(),
-        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
+        EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
         # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
-        cb.AverageBatchNormStatistics(),
-        cb.LearningRateLogger(),
+        AverageBatchNormStatistics(),
+        LearningRateLogger(),
         # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
-        cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
+        Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
                                              size=hvd.size(), with_index=True,
                                              data_threads=cfg.runtime.data_threads,
                                              autotune=cfg.runtime.data_autotune), multilabel),
-        cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
+        EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
         *checkpointing,
-        cb.LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
-        *([cb.StopHook(phase)] if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
+        LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
+        *([tf.keras.callbacks.LambdaCallback(**testhooks.training_callback_functions(phase, hvd.barrier))]
+          if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
     ]
 
 
@@ -285,7 +294,7 @@ def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
     # Horovod: learning rate x size (the global batch is size times larger), ramped up over
     # lr_warmup_epochs from the one-rank rate (as LearningRateWarmupCallback, but as a schedule
     # of the optimizer's step: it composes with the decay and resumes with the optimizer).
-    lr = cb.WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
+    lr = WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
     legacy = tf.keras.optimizers.legacy
     if pcfg.optimizer == "sgd":
         return legacy.SGD(lr, momentum=getattr(pcfg, "momentum", 0.0), nesterov=getattr(pcfg, "nesterov", False))
@@ -382,7 +391,7 @@ def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> St
     optimizer = folder / rundir.OPTIMIZER_FILE
     steps = step_checkpoints(run_dir)
     if steps:
-        inside = cb.RunState.from_json(json.loads((steps[-1] / rundir.STATE_FILE).read_text()))
+        inside = RunState.from_json(json.loads((steps[-1] / rundir.STATE_FILE).read_text()))
         if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
             state, optimizer = inside, steps[-1] / rundir.OPTIMIZER_FILE
             M.copy_weights(M.load_model(steps[-1] / rundir.LAST_FILE), model)
@@ -393,8 +402,8 @@ def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> St
         # Converted explicitly: the variables are float32 under both policies, copied as they are.
         log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
                     "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
-    kept = cb.truncate_history(run_dir / rundir.HISTORY, state.epoch)
-    cb.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
+    kept = rundir.truncate_history(run_dir / rundir.HISTORY, state.epoch)
+    rundir.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
     finished = state.complete and (run_dir / rundir.FINAL).is_file()
     opt_phase, opt_values = ("", ())
     if state.phase_epoch > 0 or state.step > 0:
@@ -422,7 +431,7 @@ def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
     tmp = folder / f".step.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    cb.save_model_atomic(model, tmp / rundir.LAST_FILE)
+    save_model_atomic(model, tmp / rundir.LAST_FILE)
     save_optimizer(opt, tmp / rundir.OPTIMIZER_FILE, state.phase)
     state.writer_rank = hvd.rank()
     atomic_write_json(tmp / rundir.STATE_FILE, state.to_json())
@@ -442,11 +451,11 @@ def _finalize(model, run_dir: Path, state, log) -> None:
     # The delivered model computes in float32, so it runs at full speed on any CPU; evaluation and
     # predict convert it to their own runtime.precision (bfloat16 where AMX is).
     model = M.convert_precision(model, "float32")
-    cb.save_model_atomic(model, run_dir / rundir.FINAL)
+    save_model_atomic(model, run_dir / rundir.FINAL)
     sm, tmp = run_dir / rundir.SAVED_MODEL, run_dir / f".{rundir.SAVED_MODEL}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # export() prints every captured variable
-        cb.inference_view(model).export(str(tmp))  # inference SavedModel: tf.saved_model.load(p).serve(x)
+        inference_view(model).export(str(tmp))  # inference SavedModel: tf.saved_model.load(p).serve(x)
     old = run_dir / f".saved_model.old-{os.getpid()}"
     if sm.exists():
         os.replace(sm, old)
