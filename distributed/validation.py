@@ -11,23 +11,12 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from distributed import hvd
+from distributed import hvd, roc
 
 
 def auc_score(y: np.ndarray, p: np.ndarray) -> float:
-    """ROC AUC by the rank-sum statistic (ties averaged); NaN without both classes."""
-    y = np.asarray(y).astype(bool).ravel()
-    p = np.asarray(p, dtype=np.float64).ravel()
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return float("nan")
-    order = np.argsort(p, kind="mergesort")
-    sp = p[order]
-    ranks = np.empty(len(p), dtype=np.float64)
-    _, first, counts = np.unique(sp, return_index=True, return_counts=True)
-    avg = first + (counts + 1) / 2.0  # 1-based average rank of each tie group
-    ranks[order] = np.repeat(avg, counts)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
+    """ROC AUC (:func:`distributed.roc.auc`, ties count one half); NaN without both classes."""
+    return roc.auc(np.asarray(y).astype(bool).ravel(), np.asarray(p, dtype=np.float64).ravel())
 
 
 def classification_metrics(y: np.ndarray, p: np.ndarray, multilabel: bool) -> dict:
