@@ -2,12 +2,19 @@
 the run directory and the test hooks). It imports TensorFlow, so it is imported only after
 ``distributed.runtime.apply`` has set this rank's threads: :func:`distributed.train.train` does.
 
-It follows Horovod's ``examples/tensorflow2/tensorflow2_keras_mnist.py``; every distributed line
-says why. Two phases: ``warmup`` (backbone frozen, only the new head learns) and ``finetune``
-(the first ``freeze_first`` backbone layers frozen, or all of them with ``freeze: all_conv``),
-each with its own optimizer, learning rate scaled by the number of ranks and ramped up over
-``train.lr_warmup_epochs``. Validation on the whole val split each epoch (sharded, gathered),
-best-val_loss checkpoint, early stopping in the fine-tune phase.
+Read it top to bottom as Horovod's ``examples/tensorflow2/tensorflow2_keras_mnist.py``: :func:`run`
+(initialise, data and model, where to start, the phases, the final model) and :func:`train_phase`, the
+recipe of one phase (learning rate x ranks with a warm-up, ``DistributedOptimizer``, initial variables
+broadcast from rank 0, metrics averaged over ranks, checkpoints and progress on rank 0, ``fit``); every
+distributed line says why in a ``# Horovod:`` comment. Two phases: ``warmup`` (backbone frozen, only
+the new head learns) and ``finetune`` (the first ``freeze_first`` backbone layers frozen, or all of
+them with ``freeze: all_conv``), each with its own optimizer. Validation on the whole val split each
+epoch (sharded, gathered), best-val_loss checkpoint, early stopping in the fine-tune phase.
+
+What lets a run stop and continue anywhere is beside the recipe, under "resilience":
+:func:`phases_from` (the phases a resumed run has left), :func:`fit_epochs` (a resumed epoch's
+remaining steps alone, then the further epochs), :func:`step_control` (a stop at a step every rank
+agrees on, periodic step checkpoints), :func:`read_checkpoint` and :func:`save_step_checkpoint`.
 """
 from __future__ import annotations
 
@@ -43,10 +50,10 @@ from distributed.schedule import WarmupInverseTimeDecay
 from distributed.stopping import Stopped, stop_signals
 from distributed.validation import Validation
 
+# --------------------------------------------------------------------------- the recipe (Horovod's Keras example)
+
 PHASES = ("warmup", "finetune")
 
-
-# --------------------------------------------------------------------------- the recipe
 
 def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
@@ -75,16 +82,6 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     except Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
         return stopped(cfg, e)
     return finish(cfg, model, state, tally.writes, log)
-
-
-@dataclass
-class Setup:
-    """What every way of training starts with (:func:`setup`)."""
-    log: object
-    train: D.SplitData
-    val: D.SplitData
-    model: object
-    precision: str
 
 
 def setup(cfg, plan, restart: bool = False) -> Setup:
@@ -130,6 +127,127 @@ def setup(cfg, plan, restart: bool = False) -> Setup:
     return Setup(log, train_data, val_data, model, precision)
 
 
+@dataclass
+class Setup:
+    """What every way of training starts with (:func:`setup`)."""
+    log: object
+    train: D.SplitData
+    val: D.SplitData
+    model: object
+    precision: str
+
+
+def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally, opt_phase: str = "",
+                 opt_values=(), extra_callbacks=None) -> None:
+    """The phases from ``state`` on (every rank, the same ``state``); ``opt_values``: optimizer
+    variables of phase ``opt_phase`` to start from (a checkpoint, an elastic commit);
+    ``extra_callbacks(phase) -> list``: callbacks after the checkpoint writer (the elastic commit);
+    ``tally.writes`` counts the epoch checkpoints this rank wrote."""
+    # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
+    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
+    with stop_signals(cfg.train.stop_signals) as signals:
+        for phase in phases_from(cfg, state):
+            train_phase(cfg, model, state, phase, steps, train_data, val_data, log, tb, tally, signals,
+                        opt_values if opt_phase == phase else (), extra_callbacks)
+
+
+def train_phase(cfg, model, state, phase: str, steps: int, train_data, val_data, log, tb, tally: Tally, signals,
+                opt_values=(), extra_callbacks=None) -> None:
+    """One phase, on every rank, as Horovod's Keras example trains; ``opt_values``: the optimizer's
+    variables to continue from (a resume). The resilience is in the functions called by name."""
+    run_dir = Path(cfg.run.dir)
+    # Horovod: learning rate x size (the global batch is size times larger), warmed up from the
+    # one-rank rate (the schedule), and DistributedOptimizer, which averages gradients over ranks.
+    ph = prepare_phase(cfg, model, phase, hvd.size(), steps, train_data.multilabel)
+    if hvd.is_root():  # Horovod: rank 0 writes the run's files
+        rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
+    if opt_values:
+        assign_optimizer(ph.optimizer, opt_values, log)  # resume: the optimizer continues
+    # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
+    # weights after a resume, and the weights at the phase switch.
+    hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
+    # Horovod: checkpoints written on rank 0 only (every rank keeps the same run state).
+    ckpt = Checkpointer(run_dir, state, phase, lambda p: save_optimizer(ph.optimizer, p, phase), tb)
+    control = step_control(cfg, ph, state, signals)
+    callbacks = epoch_callbacks(cfg, state, phase, steps, val_data, train_data.num_classes, train_data.multilabel,
+                                [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]) + [control]
+    # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
+    verbose, shown = progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
+    try:
+        fit_epochs(cfg, ph, state, train_data, callbacks + shown, verbose, control, log)
+    finally:
+        tally.writes += ckpt.writes
+
+
+def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
+    """Freeze for ``phase``, make its optimizer (learning rate for ``size`` ranks, warm-up over
+    ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
+    step of every way of training (plain, elastic, the benchmarks)."""
+    pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
+    trainable = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
+    # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
+    # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
+    opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),
+                                   compression=cfg.train.allreduce_compression)
+    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
+                  metrics=["accuracy"])
+    build_optimizer(opt, model)
+    return Phase(phase, pcfg, model, opt, steps, trainable)
+
+
+def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
+    """The phase's Keras optimizer (legacy optimizer classes: the ones Horovod 0.28's
+    DistributedOptimizer wraps), learning rate per rank x ``size`` with a linear warm-up."""
+    warm = int(round(tcfg.lr_warmup_epochs * steps_per_epoch))
+    # Horovod: learning rate x size (the global batch is size times larger), ramped up over
+    # lr_warmup_epochs from the one-rank rate (as LearningRateWarmupCallback, but as a schedule
+    # of the optimizer's step: it composes with the decay and resumes with the optimizer).
+    lr = WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
+    legacy = tf.keras.optimizers.legacy
+    if pcfg.optimizer == "sgd":
+        return legacy.SGD(lr, momentum=getattr(pcfg, "momentum", 0.0), nesterov=getattr(pcfg, "nesterov", False))
+    if pcfg.optimizer == "rmsprop":
+        return legacy.RMSprop(lr)
+    if pcfg.optimizer == "adam":
+        return legacy.Adam(lr)
+    raise ValueError(f"train.{phase}.optimizer: {pcfg.optimizer!r}")
+
+
+def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: int, multilabel: bool,
+                    checkpointing: list) -> list:
+    """The callbacks of a phase's ``fit``, with ``checkpointing`` (the checkpoint writer, and the
+    elastic commit after it) in place, for the size of this run (or elastic restart)."""
+    return [
+        # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
+        hvd.metric_average_callback(),
+        EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
+        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
+        AverageBatchNormStatistics(),
+        LearningRateLogger(),
+        # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
+        Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
+                                          size=hvd.size(), with_index=True, data_threads=cfg.runtime.data_threads,
+                                          autotune=cfg.runtime.data_autotune), multilabel),
+        EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
+        *checkpointing,
+        LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
+        *([tf.keras.callbacks.LambdaCallback(**testhooks.training_callback_functions(phase, hvd.barrier))]
+          if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
+    ]
+
+
+def finish(cfg, model, state, writes: int, log) -> dict:
+    """After the last phase: rank 0 writes the final model; the run's result on every rank."""
+    run_dir = Path(cfg.run.dir)
+    state.complete = True
+    _dump_for_tests(model, writes)
+    if hvd.is_root():  # Horovod: rank 0 writes the final model
+        _finalize(model, run_dir, state, log)
+    hvd.barrier()  # Horovod: nobody leaves before rank 0 has written everything
+    history = rundir.read_history(run_dir / rundir.HISTORY) if hvd.is_root() else []
+    return {"state": state.to_json(), "history": history, "run_dir": str(run_dir)}
+
+
 def stopped(cfg, e: Stopped) -> dict:
     """The result of a run a stop signal ended (every rank): its exit code is 128 + the signal."""
     return {"state": None, "history": [], "run_dir": str(cfg.run.dir), "exit_code": e.exit_code}
@@ -162,72 +280,29 @@ class Phase:
     trainable: int    # trainable weight tensors
 
 
-def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
-    """Freeze for ``phase``, make its optimizer (learning rate for ``size`` ranks, warm-up over
-    ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
-    step of every way of training (plain, elastic, the benchmarks)."""
-    pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
-    trainable = M.set_trainable(model, phase, cfg.train.finetune.freeze, cfg.train.finetune.freeze_first)
-    # Horovod: average gradients over ranks (allreduce) before they are applied. They are float32
-    # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
-    opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),
-                                   compression=cfg.train.allreduce_compression)
-    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
-                  metrics=["accuracy"])
-    build_optimizer(opt, model)
-    return Phase(phase, pcfg, model, opt, steps, trainable)
+# --------------------------------------- resilience: partial epochs, stop at a step, step checkpoints, resume
+
+def phases_from(cfg, state):
+    """The phases left to train from ``state`` (all of them for a new run): a finished phase is
+    skipped, entering a phase resets its epoch, step and early stopping, and none follows once
+    early stopping has ended the run (also when resumed after it)."""
+    for phase in PHASES:
+        if state.complete or _phase_done(cfg, state, phase):
+            continue
+        if state.phase == phase and state.early_stopping.get("stopped"):
+            return  # resumed after early stopping had ended the run
+        if state.phase != phase:  # entering this phase (not resuming inside it)
+            state.phase, state.phase_epoch, state.step = phase, 0, 0
+            state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
+        yield phase
+        if state.early_stopping.get("stopped"):
+            return
 
 
-def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally, opt_phase: str = "",
-                 opt_values=(), extra_callbacks=None) -> None:
-    """The phases from ``state`` on (every rank, the same ``state``); ``opt_values``: optimizer
-    variables of phase ``opt_phase`` to start from (a checkpoint, an elastic commit);
-    ``extra_callbacks(phase) -> list``: callbacks after the checkpoint writer (the elastic commit);
-    ``tally.writes`` counts the epoch checkpoints this rank wrote."""
-    run_dir = Path(cfg.run.dir)
-    multilabel = train_data.multilabel
-    # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
-    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
-    with stop_signals(cfg.train.stop_signals) as signals:
-        for phase in PHASES:
-            if state.complete or _phase_done(cfg, state, phase):
-                continue
-            if state.phase == phase and state.early_stopping.get("stopped"):
-                break  # resumed after early stopping had ended the run
-            if state.phase != phase:  # entering this phase (not resuming inside it)
-                state.phase, state.phase_epoch, state.step = phase, 0, 0
-                state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
-            ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel)
-            if hvd.is_root():  # Horovod: rank 0 writes the run's files
-                rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
-            if opt_phase == phase and opt_values:
-                assign_optimizer(ph.optimizer, opt_values, log)
-            # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
-            # weights after a resume, and the weights at the phase switch.
-            hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
-            ckpt = Checkpointer(run_dir, state, phase, lambda p, o=ph.optimizer, n=phase: save_optimizer(o, p, n),
-                                   tb)  # Horovod: checkpoints written on rank 0 only
-            control = StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
-                                     lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
-                                     run_dir / rundir.BATCHES if cfg.train.record_batches else None,
-                                     cfg.train.stop_check_s)
-            checkpointing = [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]
-            try:
-                fit_phase(cfg, ph, state, train_data, val_data, checkpointing, control, log)
-            finally:
-                tally.writes += ckpt.writes
-            if state.early_stopping.get("stopped"):
-                break
-
-
-def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, control, log) -> None:
+def fit_epochs(cfg, ph: Phase, state, train_data, callbacks: list, verbose: int, control: StepControl, log) -> None:
     """``fit`` the phase from ``state`` (phase epoch, and step within the epoch after a stop): a
     resumed epoch first runs its remaining steps alone, then the phase's further epochs."""
     B = cfg.train.batch_size
-    callbacks = epoch_callbacks(cfg, state, ph.name, ph.steps, val_data, train_data.num_classes,
-                                train_data.multilabel, checkpointing) + [control]
-    # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
-    verbose, shown = progress(ph.name, ph.steps, B * hvd.size(), hvd.is_root())
     log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)%s",
              ph.name, state.phase_epoch + 1, ph.pcfg.epochs, ph.trainable, ph.pcfg.optimizer, ph.pcfg.lr,
              hvd.size() if cfg.train.scale_lr else 1,
@@ -241,7 +316,7 @@ def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, 
                              data_threads=cfg.runtime.data_threads, autotune=cfg.runtime.data_autotune,
                              record=control.record_slots)
         ph.model.fit(ds, steps_per_epoch=ph.steps - first, epochs=state.phase_epoch + 1 if first else ph.pcfg.epochs,
-                     initial_epoch=state.phase_epoch, callbacks=callbacks + shown, verbose=verbose)
+                     initial_epoch=state.phase_epoch, callbacks=callbacks, verbose=verbose)
         if not first:
             break
     if control.flags and hvd.size() > 1:
@@ -249,106 +324,15 @@ def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, 
                  1e3 * control.flag_s / control.flags, ph.name)
 
 
-def finish(cfg, model, state, writes: int, log) -> dict:
-    """After the last phase: rank 0 writes the final model; the run's result on every rank."""
+def step_control(cfg, ph: Phase, state, signals) -> StepControl:
+    """The phase's :class:`distributed.run_control.StepControl`: the stop at a step every rank agrees
+    on (``train.stop_signals``, ``train.stop_check_s``), rank 0's step checkpoints
+    (``train.checkpoint_every_s``, :func:`save_step_checkpoint`) and the batch record."""
     run_dir = Path(cfg.run.dir)
-    state.complete = True
-    _dump_for_tests(model, writes)
-    if hvd.is_root():  # Horovod: rank 0 writes the final model
-        _finalize(model, run_dir, state, log)
-    hvd.barrier()  # Horovod: nobody leaves before rank 0 has written everything
-    history = rundir.read_history(run_dir / rundir.HISTORY) if hvd.is_root() else []
-    return {"state": state.to_json(), "history": history, "run_dir": str(run_dir)}
+    return StepControl(state, ph.name, ph.steps, signals, cfg.train.checkpoint_every_s,
+                       lambda: save_step_checkpoint(run_dir, ph.model, ph.optimizer, state),
+                       run_dir / rundir.BATCHES if cfg.train.record_batches else None, cfg.train.stop_check_s)
 
-
-def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: int, multilabel: bool,
-                    checkpointing: list) -> list:
-    """The callbacks of a phase's ``fit``, with ``checkpointing`` (the checkpoint writer, and the
-    elastic commit after it) in place, for the size of this run (or elastic restart)."""
-    return [
-        # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
-        hvd.metric_average_callback(),
-        EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
-        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
-        AverageBatchNormStatistics(),
-        LearningRateLogger(),
-        # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
-        Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
-                                             size=hvd.size(), with_index=True,
-                                             data_threads=cfg.runtime.data_threads,
-                                             autotune=cfg.runtime.data_autotune), multilabel),
-        EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
-        *checkpointing,
-        LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
-        *([tf.keras.callbacks.LambdaCallback(**testhooks.training_callback_functions(phase, hvd.barrier))]
-          if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
-    ]
-
-
-# --------------------------------------------------------------------------- optimizers
-
-def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
-    """The phase's Keras optimizer (legacy optimizer classes: the ones Horovod 0.28's
-    DistributedOptimizer wraps), learning rate per rank x ``size`` with a linear warm-up."""
-    warm = int(round(tcfg.lr_warmup_epochs * steps_per_epoch))
-    # Horovod: learning rate x size (the global batch is size times larger), ramped up over
-    # lr_warmup_epochs from the one-rank rate (as LearningRateWarmupCallback, but as a schedule
-    # of the optimizer's step: it composes with the decay and resumes with the optimizer).
-    lr = WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
-    legacy = tf.keras.optimizers.legacy
-    if pcfg.optimizer == "sgd":
-        return legacy.SGD(lr, momentum=getattr(pcfg, "momentum", 0.0), nesterov=getattr(pcfg, "nesterov", False))
-    if pcfg.optimizer == "rmsprop":
-        return legacy.RMSprop(lr)
-    if pcfg.optimizer == "adam":
-        return legacy.Adam(lr)
-    raise ValueError(f"train.{phase}.optimizer: {pcfg.optimizer!r}")
-
-
-def opt_variables(opt) -> list:
-    """The optimizer's variables (step counter, slots) in a stable order."""
-    v = opt.variables
-    return list(v() if callable(v) else v)
-
-
-def build_optimizer(opt, model) -> None:
-    """Create the optimizer's slots now (Keras would at the first step), so they can be restored
-    and broadcast before training."""
-    if hasattr(opt, "_create_all_weights"):  # legacy OptimizerV2
-        opt._create_all_weights(model.trainable_variables)
-    else:  # Keras 2.11+ optimizer
-        opt.build(model.trainable_variables)
-
-
-def save_optimizer(opt, path: Path, phase: str) -> None:
-    vs = opt_variables(opt)
-    buf = io.BytesIO()
-    np.savez(buf, **{f"v{i:04d}": v.numpy() for i, v in enumerate(vs)},
-             names=np.array([v.name for v in vs]), phase=np.array(phase))
-    atomic_write_bytes(path, buf.getvalue())
-
-
-def read_optimizer(path: Path, log) -> tuple[str, tuple]:
-    """(phase, values) of an optimizer state file; ("", ()) when there is none."""
-    if not path.is_file():
-        log.warning("no optimizer state at %s: the optimizer restarts (learning-rate warm-up again)", path)
-        return "", ()
-    with np.load(path, allow_pickle=False) as z:
-        n = len(z["names"])
-        return str(z["phase"]), tuple(z[f"v{i:04d}"] for i in range(n))
-
-
-def assign_optimizer(opt, values, log) -> None:
-    """Set the optimizer's variables to ``values`` (a checkpoint's or an elastic commit's)."""
-    vs = opt_variables(opt)
-    if len(values) != len(vs) or any(tuple(v.shape) != tuple(a.shape) for v, a in zip(vs, values)):
-        raise RuntimeError("the checkpoint's optimizer state does not fit this model/optimizer (changed config?)")
-    for v, a in zip(vs, values):
-        v.assign(a)
-    log.info("optimizer state restored (%d variables, step %d)", len(vs), int(opt.iterations.numpy()))
-
-
-# --------------------------------------------------------------------------- resume / finish
 
 STEP_PREFIX = rundir.STEP_PREFIX  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch
 
@@ -443,6 +427,53 @@ def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
             shutil.rmtree(old, ignore_errors=True)
     return size
 
+
+# --------------------------------------------------------------------------- optimizer state
+
+def opt_variables(opt) -> list:
+    """The optimizer's variables (step counter, slots) in a stable order."""
+    v = opt.variables
+    return list(v() if callable(v) else v)
+
+
+def build_optimizer(opt, model) -> None:
+    """Create the optimizer's slots now (Keras would at the first step), so they can be restored
+    and broadcast before training."""
+    if hasattr(opt, "_create_all_weights"):  # legacy OptimizerV2
+        opt._create_all_weights(model.trainable_variables)
+    else:  # Keras 2.11+ optimizer
+        opt.build(model.trainable_variables)
+
+
+def save_optimizer(opt, path: Path, phase: str) -> None:
+    vs = opt_variables(opt)
+    buf = io.BytesIO()
+    np.savez(buf, **{f"v{i:04d}": v.numpy() for i, v in enumerate(vs)},
+             names=np.array([v.name for v in vs]), phase=np.array(phase))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def read_optimizer(path: Path, log) -> tuple[str, tuple]:
+    """(phase, values) of an optimizer state file; ("", ()) when there is none."""
+    if not path.is_file():
+        log.warning("no optimizer state at %s: the optimizer restarts (learning-rate warm-up again)", path)
+        return "", ()
+    with np.load(path, allow_pickle=False) as z:
+        n = len(z["names"])
+        return str(z["phase"]), tuple(z[f"v{i:04d}"] for i in range(n))
+
+
+def assign_optimizer(opt, values, log) -> None:
+    """Set the optimizer's variables to ``values`` (a checkpoint's or an elastic commit's)."""
+    vs = opt_variables(opt)
+    if len(values) != len(vs) or any(tuple(v.shape) != tuple(a.shape) for v, a in zip(vs, values)):
+        raise RuntimeError("the checkpoint's optimizer state does not fit this model/optimizer (changed config?)")
+    for v, a in zip(vs, values):
+        v.assign(a)
+    log.info("optimizer state restored (%d variables, step %d)", len(vs), int(opt.iterations.numpy()))
+
+
+# --------------------------------------------------------------------------- the end, and helpers
 
 def _finalize(model, run_dir: Path, state, log) -> None:
     best = rundir.evaluated_file(run_dir, "best", "finetune")  # the article's: best val_loss of the fine-tune phase
