@@ -22,7 +22,7 @@ The phases themselves are the trainer's (:func:`distributed.trainer.train_phases
 the commit (a callback after the checkpoint writer) and the restore from the commit.
 
 Cost: one copy of the weights and optimizer variables into host memory per epoch on every rank
-(about 120 MB for VGG16 with SGD momentum) and a broadcast of them at each restart.
+and a broadcast of them at each restart.
 Horovod calls stay in ``distributed.hvd``.
 """
 from __future__ import annotations
