@@ -6,7 +6,7 @@ What stopping and periodic checkpoints cost (train.stop_signals, train.checkpoin
   weights, optimizer state, run state, into a temporary folder renamed into place) of the config's
   model in the fine-tune phase (default VGG16, ``model.weights: none``: the size is what counts),
   seconds and MB, median of ``--repeats``;
-* ``flag``: the stop flag's allreduce after every step (``distributed.callbacks.StepControl``),
+* ``flag``: the stop flag's allreduce after every step (``distributed.run_control.StepControl``),
   microseconds per call, median over 200 back-to-back calls after 20 untimed ones, and over 40
   calls each after 0.2-0.4 s idle (as after a step's compute): run it with 2 ranks,
   ``horovodrun --gloo -np 2 -H localhost:2 python -m benchmarks reliability``.
@@ -29,10 +29,10 @@ def measure(cfg, repeats: int = 3, args_dir: str | None = None) -> dict | None:
     plan = runtime.apply(cfg.runtime, log=False)  # BEFORE TensorFlow, as training does
     import numpy as np
 
-    from distributed import callbacks as cb
     from distributed import hvd
     from distributed import model as M
     from distributed import trainer as T
+    from distributed.rundir import RunState
 
     runtime.configure_tensorflow(plan)
     hvd.init()
@@ -56,7 +56,7 @@ def measure(cfg, repeats: int = 3, args_dir: str | None = None) -> dict | None:
         return None
     model = M.build_model(cfg.model, cfg.data.image_size, 2, precision=runtime.configure_precision(plan))
     ph = T.prepare_phase(cfg, model, "finetune", hvd.size(), 100)
-    state = cb.RunState(phase="finetune", epoch=3, step=211)
+    state = RunState(phase="finetune", epoch=3, step=211)
     with tempfile.TemporaryDirectory(dir=args_dir) as d:
         times, size = [], 0
         for _ in range(repeats):

@@ -216,7 +216,7 @@ def image_rng(seed: int, patient: int, followup: int) -> np.random.Generator:
 
 
 def png_bytes(arr: np.ndarray) -> bytes:
-    """8-bit gray PNG; zlib's RLE strategy: as small as level 6, about 3x faster to write."""
+    """8-bit gray PNG; zlib's RLE strategy: as small as level 6 and faster to write."""
     buf = io.BytesIO()
     Image.fromarray(arr, mode="L").save(buf, format="PNG", compress_level=6, compress_type=zlib.Z_RLE)
     return buf.getvalue()

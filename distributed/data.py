@@ -20,11 +20,10 @@
   gets its map/prefetch/options): tf.data's autotuning, except for the finite evaluation
   pipelines of a rank that may run on one CPU only (``runtime.data_autotune: auto``). There the
   autotuner's model thread sleeps through ever longer optimisation periods and each iterator's
-  teardown waits for it to wake: on this project's 2-core machine (one rank bound per core)
-  8-10 s idle at the end of a 30-s validation pass, 11-16 s at the end of a benchmark's ``fit``,
-  none with autotuning off. Training keeps it: in 7 interleaved pairs of 2-rank fine-tune runs
-  the steps were 3-10 % slower without it in 6 (BENCHMARKS.md), more than one wait per phase
-  costs. Off: ``data_threads`` (or the process's CPUs) map calls and a prefetch buffer of 2.
+  teardown waits for it to wake: seconds idle at the end of every validation pass, none with
+  autotuning off. Training keeps it: its steps are slower without it (BENCHMARKS.md), which costs
+  more than one wait per phase. Off: ``data_threads`` (or the process's CPUs) map calls and a
+  prefetch buffer of 2.
 
 No Horovod here: rank and size are arguments.
 """

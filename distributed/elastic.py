@@ -22,7 +22,7 @@ The phases themselves are the trainer's (:func:`distributed.trainer.train_phases
 the commit (a callback after the checkpoint writer) and the restore from the commit.
 
 Cost: one copy of the weights and optimizer variables into host memory per epoch on every rank
-(about 120 MB for VGG16 with SGD momentum) and a broadcast of them at each restart.
+and a broadcast of them at each restart.
 Horovod calls stay in ``distributed.hvd``.
 """
 from __future__ import annotations
@@ -33,15 +33,16 @@ from pathlib import Path
 import tensorflow as tf
 
 from data_prep.log import follow_rank
-from distributed import callbacks as cb
 from distributed import hvd, rundir
 from distributed import trainer as T
+from distributed.rundir import RunState
+from distributed.stopping import Stopped
 
 
 @dataclass(frozen=True)
 class Committed:
     """What a commit keeps: replaced as a whole at every commit, never changed in place."""
-    run_state: dict            # cb.RunState.to_json()
+    run_state: dict            # RunState.to_json()
     weights: list              # model.get_weights()
     opt_phase: str = ""        # phase the optimizer values belong to ("" = none yet)
     opt_values: tuple = ()     # the optimizer's variables (iterations, slots) as numpy arrays
@@ -61,7 +62,7 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     if hvd.is_root():  # rank 0 reads or clears the checkpoints; the first synchronisation hands them on
         start = (T.read_checkpoint(run_dir, model, log, su.precision) if resume
                  else T.clear_checkpoints(run_dir, log) or start)
-    state = start.state or cb.RunState(size=hvd.size())
+    state = start.state or RunState(size=hvd.size())
     state.precision = su.precision
     # No collective before the elastic function: ranks added later start here while the others
     # wait in its synchronisation (Horovod's rule for elastic.run).
@@ -69,7 +70,7 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
                                                start.opt_values))
     try:
         return hvd.elastic_run(_attempt)(es, cfg, model, su.train, su.val, log, _Local())
-    except cb.Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
+    except Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
         return T.stopped(cfg, e)
 
 
@@ -78,14 +79,14 @@ def _attempt(es, cfg, model, train_data, val_data, log, local: _Local) -> dict:
     c: Committed = es.committed
     run_dir = Path(cfg.run.dir)
     log = follow_rank(hvd.rank(), logfile=str(run_dir / "train.log"))  # a restart may change this rank
-    state = cb.RunState.from_json(c.run_state)
+    state = RunState.from_json(c.run_state)
     if state.step and state.size != hvd.size():  # a step of an epoch cut for another number of ranks
         state.step = 0
     state.size = hvd.size()
     model.set_weights(c.weights)  # the synchronised copy: the same on every rank
     if hvd.is_root():
-        cb.truncate_history(run_dir / rundir.HISTORY, state.epoch)  # drop the rows of a rolled-back epoch
-        cb.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
+        rundir.truncate_history(run_dir / rundir.HISTORY, state.epoch)  # drop the rows of a rolled-back epoch
+        rundir.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
     log.info("elastic (re)start: %d rank(s) x %d images, from epoch %d (%s %d)%s", hvd.size(),
              cfg.train.batch_size, state.epoch + 1, state.phase, state.phase_epoch,
              f" step {state.step + 1}" if state.step else "")
@@ -104,7 +105,7 @@ class Commit(tf.keras.callbacks.Callback):
     (``es.commit()``, which also raises Horovod's HostsUpdatedInterrupt when hosts were added or
     removed: the restart happens here, at an epoch boundary)."""
 
-    def __init__(self, es, state: cb.RunState, phase: T.Phase):
+    def __init__(self, es, state: RunState, phase: T.Phase):
         super().__init__()
         self.es, self.state, self.phase = es, state, phase
 

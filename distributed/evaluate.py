@@ -645,7 +645,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         except Exception as e:  # noqa: BLE001
             log.warning("Grad-CAM skipped: %s: %s", type(e).__name__, e)
 
-    from distributed.callbacks import history_chance_warning  # TensorFlow is loaded by now
+    from distributed.learning_check import history_chance_warning  # TensorFlow is loaded by now
 
     # the trainer's not-learning check, again from history.csv: this log and report.md say it too
     learning = None if multilabel else history_chance_warning(R.read_history(run_dir / R.HISTORY), len(classes))

@@ -123,8 +123,8 @@ def decide(plan: PrecisionPlan, ratio: float | None, source: str = "measured", m
     """The choice of an ``auto`` plan that waits for a measurement (``plan.measure``): bfloat16
     when ``ratio`` (float32 time / bfloat16 time of the calibration pass) is at least ``margin``.
     ``source``: measured (here, now), cached (an earlier measurement on this CPU), shared (rank 0's,
-    broadcast). ``ratio`` None (no measurement could run): AMX-BF16 keeps bfloat16 (5x at VGG16
-    sizes, BENCHMARKS.md), otherwise float32. Plans that wait for nothing come back unchanged."""
+    broadcast). ``ratio`` None (no measurement could run): AMX-BF16 keeps bfloat16 (far faster at
+    VGG16 sizes, BENCHMARKS.md), otherwise float32. Plans that wait for nothing come back unchanged."""
     if not plan.measure:
         return plan
     figs = tuple(sorted((figures or {}).items()))

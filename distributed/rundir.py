@@ -1,11 +1,12 @@
 """The run directory: the name of every file training and evaluation keep there, the training state
-(``checkpoints/state.json``), the history (``history.csv``) and which model file an evaluation reads.
+(``checkpoints/state.json``), the history (``history.csv``) and batch record (``batches.csv``): read,
+appended, cut back on a resume; and which model file an evaluation reads.
 
 Pure Python (pathlib, csv, json, math): ``launch`` imports it without TensorFlow. Other modules
 spell no run-directory file name; they join ``run_dir / rundir.NAME``. What each file holds is in
 docs/results-guide.md.
 
-Training (``distributed.callbacks``, ``distributed.trainer``) writes ``history.csv`` and
+Training (``distributed.checkpoints``, ``distributed.trainer``) writes ``history.csv`` and
 ``checkpoints/``: ``last.keras`` every epoch, ``best.keras`` at the best val_loss of all phases,
 ``best-finetune.keras`` at the best of the fine-tune phase, ``state.json`` (:class:`RunState`) after
 them, and ``step-<epoch>-<step>/`` inside an epoch; at the end ``model.keras`` and ``saved_model/``.
@@ -35,6 +36,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -42,7 +44,8 @@ from pathlib import Path
 
 from data_prep import config as cfgmod
 from data_prep.cli import UsageError, UserError
-from data_prep.fsutil import atomic_write_json
+from data_prep.fsutil import atomic_write_json, atomic_write_text
+from data_prep.textsafe import csv_row
 
 # training
 CHECKPOINTS = "checkpoints"
@@ -78,6 +81,9 @@ PLOTS = "plots"
 GRADCAM = "gradcam"
 
 MODEL_FILES = {"best": BEST, "last": LAST, "final": FINAL}  # eval.checkpoint -> file
+HISTORY_COLUMNS = ("phase", "epoch", "loss", "accuracy", "val_loss", "val_accuracy", "val_auc", "lr",
+                   "seconds", "images_per_s", "ranks")
+BATCH_COLUMNS = ("phase", "epoch", "step", "rank", "indices_sha1")  # batches.csv (train.record_batches)
 _LOCKS = (".cxr-lock",)  # data_prep.locks' files (.cxr-lock, .cxr-lock.excl, its claims) stay where they are
 
 
@@ -147,6 +153,66 @@ def read_history(path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def append_history(path, row: dict) -> None:
+    """Rank 0, at an epoch's end: ``row``'s values under ``history.csv``'s columns, flushed to disk."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    columns = HISTORY_COLUMNS
+    if not new:  # a history begun by an older version keeps its columns
+        with open(path, newline="") as f:
+            columns = tuple(next(csv.reader(f), HISTORY_COLUMNS))
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(columns)
+        w.writerow(csv_row([_fmt(row.get(k)) for k in columns]))  # numbers stay numbers (data_prep.textsafe)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fmt(v):
+    if v is None:
+        return ""
+    if isinstance(v, numbers.Real) and not isinstance(v, numbers.Integral):  # float, numpy floats
+        return "nan" if not math.isfinite(float(v)) else f"{float(v):.6g}"
+    return str(v)
+
+
+def truncate_history(path, epochs: int) -> int:
+    """Keep the header and the first ``epochs`` rows (a resumed run drops uncommitted rows)."""
+    path = Path(path)
+    rows = read_history(path)
+    if len(rows) <= epochs:
+        return len(rows)
+    lines = [",".join(HISTORY_COLUMNS)] + [",".join(r.get(k, "") or "" for k in HISTORY_COLUMNS) for r in rows[:epochs]]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+    return epochs
+
+
+def append_batches(path, rows) -> None:
+    """Rank 0, after a step: every rank's ``batches.csv`` row (``train.record_batches``)."""
+    path = Path(path)
+    new = not path.exists() or path.stat().st_size == 0
+    with open(path, "a", newline="") as f:
+        w = csv.writer(f)
+        if new:
+            w.writerow(BATCH_COLUMNS)
+        w.writerows(csv_row(r) for r in rows)  # text cells neutralised for spreadsheets (data_prep.textsafe)
+
+
+def truncate_batches(path, epochs: int, step: int) -> None:
+    """Keep the rows of steps a checkpoint covers (epochs 1..``epochs`` and ``step`` steps of the next)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    keep = [r for r in rows if int(r["epoch"]) <= epochs or (int(r["epoch"]) == epochs + 1 and int(r["step"]) <= step)]
+    if len(keep) != len(rows):
+        atomic_write_text(path, ",".join(BATCH_COLUMNS) + "\n" +
+                          "".join(",".join(r[k] for k in BATCH_COLUMNS) + "\n" for r in keep))
 
 
 def record_phase_layers(run_dir, phase: str, summary: dict) -> Path:

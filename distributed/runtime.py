@@ -29,9 +29,9 @@ def bind_gloo_rank(environ: Mapping[str, str] | None = None, sys_root: str | os.
     """Bind this process to its share of the node's cores when ``horovodrun --gloo`` started it.
 
     Gloo's launcher binds nothing (``--binding-args`` are MPI-only), so every rank could run on
-    every core; under ``--mpi`` the launcher binds. Bound Gloo ranks ran the fine-tune step a few
-    percent faster than bound MPI ranks (BENCHMARKS.md). Only acts when the process is unbound,
-    there are 2+ ranks on the node and no more than its physical cores. ``environ`` holds
+    every core; under ``--mpi`` the launcher binds (bound Gloo and bound MPI ranks compared:
+    BENCHMARKS.md). Only acts when the process is unbound, there are 2+ ranks on the node and no
+    more than its physical cores. ``environ`` holds
     horovodrun's variables (``HOROVOD_GLOO_RENDEZVOUS_ADDR``, and the
     ``HOROVOD_LOCAL_RANK``/``HOROVOD_LOCAL_SIZE`` it always sets with it). Returns the CPUs bound
     to, or None when it did nothing."""

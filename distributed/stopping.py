@@ -1,6 +1,6 @@
 """Stop signals (``train.stop_signals``), without TensorFlow: ``python -m distributed.train``
 installs the handlers before TensorFlow loads, so a signal during start-up is kept too and
-training stops after its first step (:class:`distributed.callbacks.StepControl` decides when)."""
+training stops after its first step (:class:`distributed.run_control.StepControl` decides when)."""
 from __future__ import annotations
 
 import contextlib

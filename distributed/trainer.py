@@ -2,13 +2,20 @@
 the run directory and the test hooks). It imports TensorFlow, so it is imported only after
 ``distributed.runtime.apply`` has set this rank's threads: :func:`distributed.train.train` does.
 
-It follows Horovod's ``examples/tensorflow2/tensorflow2_keras_mnist.py``; every distributed line
-says why. Two phases: ``warmup`` (backbone frozen, only the new head learns) and ``finetune``
-(the first ``freeze_first`` backbone layers frozen, blocks 1..``freeze_blocks`` with ``freeze: blocks``,
-or all of them with ``freeze: all_conv``),
-each with its own optimizer, learning rate scaled by the number of ranks and ramped up over
-``train.lr_warmup_epochs``. Validation on the whole val split each epoch (sharded, gathered),
-best-val_loss checkpoint, early stopping in the fine-tune phase.
+Read it top to bottom as Horovod's ``examples/tensorflow2/tensorflow2_keras_mnist.py``: :func:`run`
+(initialise, data and model, where to start, the phases, the final model) and :func:`train_phase`, the
+recipe of one phase (learning rate x ranks with a warm-up, ``DistributedOptimizer``, initial variables
+broadcast from rank 0, metrics averaged over ranks, checkpoints and progress on rank 0, ``fit``); every
+distributed line says why in a ``# Horovod:`` comment. Two phases: ``warmup`` (backbone frozen, only
+the new head learns) and ``finetune`` (the first ``freeze_first`` backbone layers frozen, blocks
+1..``freeze_blocks`` with ``freeze: blocks``, or all of them with ``freeze: all_conv``), each with its own
+optimizer. Validation on the whole val split each epoch (sharded, gathered), best-val_loss checkpoint,
+early stopping in the fine-tune phase.
+
+What lets a run stop and continue anywhere is beside the recipe, under "resilience":
+:func:`phases_from` (the phases a resumed run has left), :func:`fit_epochs` (a resumed epoch's
+remaining steps alone, then the further epochs), :func:`step_control` (a stop at a step every rank
+agrees on, periodic step checkpoints), :func:`read_checkpoint` and :func:`save_step_checkpoint`.
 """
 from __future__ import annotations
 
@@ -31,15 +38,23 @@ from data_prep import locks, testhooks
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
-from distributed import callbacks as cb
 from distributed import checkpoints, hvd, rundir, runtime
 from distributed import data as D
 from distributed import model as M
+from distributed.batchnorm import AverageBatchNormStatistics
+from distributed.checkpoints import Checkpointer, inference_view, save_model_atomic
+from distributed.learning_check import LearningCheck
+from distributed.progress import EpochTimer, LearningRateLogger, progress
+from distributed.run_control import EarlyStopping, StepControl
+from distributed.rundir import RunState
+from distributed.schedule import WarmupInverseTimeDecay
+from distributed.stopping import Stopped, stop_signals
+from distributed.validation import Validation
+
+# --------------------------------------------------------------------------- the recipe (Horovod's Keras example)
 
 PHASES = ("warmup", "finetune")
 
-
-# --------------------------------------------------------------------------- the recipe
 
 def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     """Train per ``cfg`` with the thread ``plan`` already applied (``runtime.apply``); returns
@@ -48,14 +63,14 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     moved aside first (``distributed.rundir``). Elastic training: ``distributed.elastic.run``."""
     su = setup(cfg, plan, restart=restart)
     run_dir, log, model = Path(cfg.run.dir), su.log, su.model
-    start = Start(cb.RunState(size=hvd.size(), precision=su.precision))
+    start = Start(RunState(size=hvd.size(), precision=su.precision))
     if hvd.is_root():  # Horovod: rank 0 reads or clears the checkpoints
         start = (read_checkpoint(run_dir, model, log, su.precision) if resume
                  else clear_checkpoints(run_dir, log) or start)
     # Horovod: every rank continues from the same phase, epoch and step (rank 0 read them); the
     # weights and optimizer state follow by the broadcast before the phase's first step.
     state, finished = hvd.broadcast_object((start.state, start.finished), root_rank=0)
-    state = state or cb.RunState()
+    state = state or RunState()
     state.size, state.precision = hvd.size(), su.precision
     if finished:
         log.info("%s: training already complete (%d epochs); nothing to do", run_dir, state.epoch)
@@ -65,19 +80,9 @@ def run(cfg, plan, resume: bool = False, restart: bool = False) -> dict:
     tally = Tally()
     try:
         train_phases(cfg, model, state, su.train, su.val, log, tb, tally, start.opt_phase, start.opt_values)
-    except cb.Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
+    except Stopped as e:  # a stop signal: the step checkpoint is written, every rank ends here
         return stopped(cfg, e)
     return finish(cfg, model, state, tally.writes, log)
-
-
-@dataclass
-class Setup:
-    """What every way of training starts with (:func:`setup`)."""
-    log: object
-    train: D.SplitData
-    val: D.SplitData
-    model: object
-    precision: str
 
 
 def setup(cfg, plan, restart: bool = False) -> Setup:
@@ -123,36 +128,56 @@ def setup(cfg, plan, restart: bool = False) -> Setup:
     return Setup(log, train_data, val_data, model, precision)
 
 
-def stopped(cfg, e: cb.Stopped) -> dict:
-    """The result of a run a stop signal ended (every rank): its exit code is 128 + the signal."""
-    return {"state": None, "history": [], "run_dir": str(cfg.run.dir), "exit_code": e.exit_code}
-
-
 @dataclass
-class Tally:
-    """What this process wrote (counted across elastic restarts too)."""
-    writes: int = 0     # epoch checkpoints
-
-
-@dataclass
-class Start:
-    """Where a run starts: its state, whether it had already finished, and the optimizer values of
-    the checkpoint (``opt_phase``: the phase they belong to; "" = none)."""
-    state: cb.RunState | None
-    finished: bool = False
-    opt_phase: str = ""
-    opt_values: tuple = ()
-
-
-@dataclass
-class Phase:
-    """A phase ready to train: the model compiled with its (distributed) optimizer."""
-    name: str
-    pcfg: object
+class Setup:
+    """What every way of training starts with (:func:`setup`)."""
+    log: object
+    train: D.SplitData
+    val: D.SplitData
     model: object
-    optimizer: object
-    steps: int
-    trainable: int    # trainable weight tensors
+    precision: str
+
+
+def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally, opt_phase: str = "",
+                 opt_values=(), extra_callbacks=None) -> None:
+    """The phases from ``state`` on (every rank, the same ``state``); ``opt_values``: optimizer
+    variables of phase ``opt_phase`` to start from (a checkpoint, an elastic commit);
+    ``extra_callbacks(phase) -> list``: callbacks after the checkpoint writer (the elastic commit);
+    ``tally.writes`` counts the epoch checkpoints this rank wrote."""
+    # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
+    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
+    with stop_signals(cfg.train.stop_signals) as signals:
+        for phase in phases_from(cfg, state):
+            train_phase(cfg, model, state, phase, steps, train_data, val_data, log, tb, tally, signals,
+                        opt_values if opt_phase == phase else (), extra_callbacks)
+
+
+def train_phase(cfg, model, state, phase: str, steps: int, train_data, val_data, log, tb, tally: Tally, signals,
+                opt_values=(), extra_callbacks=None) -> None:
+    """One phase, on every rank, as Horovod's Keras example trains; ``opt_values``: the optimizer's
+    variables to continue from (a resume). The resilience is in the functions called by name."""
+    run_dir = Path(cfg.run.dir)
+    # Horovod: learning rate x size (the global batch is size times larger), warmed up from the
+    # one-rank rate (the schedule), and DistributedOptimizer, which averages gradients over ranks.
+    ph = prepare_phase(cfg, model, phase, hvd.size(), steps, train_data.multilabel)
+    if hvd.is_root():  # Horovod: rank 0 writes the run's files
+        rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
+    if opt_values:
+        assign_optimizer(ph.optimizer, opt_values, log)  # resume: the optimizer continues
+    # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
+    # weights after a resume, and the weights at the phase switch.
+    hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
+    # Horovod: checkpoints written on rank 0 only (every rank keeps the same run state).
+    ckpt = Checkpointer(run_dir, state, phase, lambda p: save_optimizer(ph.optimizer, p, phase), tb)
+    control = step_control(cfg, ph, state, signals)
+    callbacks = epoch_callbacks(cfg, state, phase, steps, val_data, train_data.num_classes, train_data.multilabel,
+                                [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]) + [control]
+    # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
+    verbose, shown = progress(phase, steps, cfg.train.batch_size * hvd.size(), hvd.is_root())
+    try:
+        fit_epochs(cfg, ph, state, train_data, callbacks + shown, verbose, control, log)
+    finally:
+        tally.writes += ckpt.writes
 
 
 def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
@@ -172,75 +197,45 @@ def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: boo
     return Phase(phase, pcfg, model, opt, steps, trainable)
 
 
-def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally, opt_phase: str = "",
-                 opt_values=(), extra_callbacks=None) -> None:
-    """The phases from ``state`` on (every rank, the same ``state``); ``opt_values``: optimizer
-    variables of phase ``opt_phase`` to start from (a checkpoint, an elastic commit);
-    ``extra_callbacks(phase) -> list``: callbacks after the checkpoint writer (the elastic commit);
-    ``tally.writes`` counts the epoch checkpoints this rank wrote."""
-    run_dir = Path(cfg.run.dir)
-    multilabel = train_data.multilabel
-    # Horovod: 1/size of every epoch per rank, for the size of this run (or elastic restart).
-    steps = D.steps_per_epoch(train_data.n, cfg.train.batch_size, hvd.size(), cfg.train.steps_per_epoch)
-    with cb.stop_signals(cfg.train.stop_signals) as signals:
-        for phase in PHASES:
-            if state.complete or _phase_done(cfg, state, phase):
-                continue
-            if state.phase == phase and state.early_stopping.get("stopped"):
-                break  # resumed after early stopping had ended the run
-            if state.phase != phase:  # entering this phase (not resuming inside it)
-                state.phase, state.phase_epoch, state.step = phase, 0, 0
-                state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
-            ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel)
-            if hvd.is_root():  # Horovod: rank 0 writes the run's files
-                rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
-            if opt_phase == phase and opt_values:
-                assign_optimizer(ph.optimizer, opt_values, log)
-            # Horovod: start every rank from rank 0's weights and optimizer state: initial weights,
-            # weights after a resume, and the weights at the phase switch.
-            hvd.broadcast_variables(model.variables + opt_variables(ph.optimizer), root_rank=0)
-            ckpt = cb.Checkpointer(run_dir, state, phase, lambda p, o=ph.optimizer, n=phase: save_optimizer(o, p, n),
-                                   tb)  # Horovod: checkpoints written on rank 0 only
-            control = cb.StepControl(state, phase, steps, signals, cfg.train.checkpoint_every_s,
-                                     lambda o=ph.optimizer: save_step_checkpoint(run_dir, model, o, state),
-                                     run_dir / rundir.BATCHES if cfg.train.record_batches else None,
-                                     cfg.train.stop_check_s)
-            checkpointing = [ckpt, *(extra_callbacks(ph) if extra_callbacks else [])]
-            try:
-                fit_phase(cfg, ph, state, train_data, val_data, checkpointing, control, log)
-            finally:
-                tally.writes += ckpt.writes
-            if state.early_stopping.get("stopped"):
-                break
+def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
+    """The phase's Keras optimizer (legacy optimizer classes: the ones Horovod 0.28's
+    DistributedOptimizer wraps), learning rate per rank x ``size`` with a linear warm-up."""
+    warm = int(round(tcfg.lr_warmup_epochs * steps_per_epoch))
+    # Horovod: learning rate x size (the global batch is size times larger), ramped up over
+    # lr_warmup_epochs from the one-rank rate (as LearningRateWarmupCallback, but as a schedule
+    # of the optimizer's step: it composes with the decay and resumes with the optimizer).
+    lr = WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
+    legacy = tf.keras.optimizers.legacy
+    if pcfg.optimizer == "sgd":
+        return legacy.SGD(lr, momentum=getattr(pcfg, "momentum", 0.0), nesterov=getattr(pcfg, "nesterov", False))
+    if pcfg.optimizer == "rmsprop":
+        return legacy.RMSprop(lr)
+    if pcfg.optimizer == "adam":
+        return legacy.Adam(lr)
+    raise ValueError(f"train.{phase}.optimizer: {pcfg.optimizer!r}")
 
 
-def fit_phase(cfg, ph: Phase, state, train_data, val_data, checkpointing: list, control, log) -> None:
-    """``fit`` the phase from ``state`` (phase epoch, and step within the epoch after a stop): a
-    resumed epoch first runs its remaining steps alone, then the phase's further epochs."""
-    B = cfg.train.batch_size
-    callbacks = epoch_callbacks(cfg, state, ph.name, ph.steps, val_data, train_data.num_classes,
-                                train_data.multilabel, checkpointing) + [control]
-    # Horovod: progress on rank 0 only; a live bar only on a terminal without a launcher.
-    verbose, shown = cb.progress(ph.name, ph.steps, B * hvd.size(), hvd.is_root())
-    log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)%s",
-             ph.name, state.phase_epoch + 1, ph.pcfg.epochs, ph.trainable, ph.pcfg.optimizer, ph.pcfg.lr,
-             hvd.size() if cfg.train.scale_lr else 1,
-             f"; epoch {state.epoch + 1} from step {state.step + 1} of {ph.steps}" if state.step else "")
-    while state.phase_epoch < ph.pcfg.epochs and not state.early_stopping.get("stopped"):
-        first = state.step  # > 0: the rest of an epoch stopped at that step
-        control.offset = first
-        # Horovod: disjoint share of each epoch per rank; the epoch number (and step) keep resumes exact.
-        ds = D.train_dataset(train_data, batch_size=B, rank=hvd.rank(), size=hvd.size(), seed=cfg.train.seed,
-                             start_epoch=state.epoch, start_step=first, steps=ph.steps, augment=cfg.train.augment,
-                             data_threads=cfg.runtime.data_threads, autotune=cfg.runtime.data_autotune,
-                             record=control.record_slots)
-        ph.model.fit(ds, steps_per_epoch=ph.steps - first, epochs=state.phase_epoch + 1 if first else ph.pcfg.epochs,
-                     initial_epoch=state.phase_epoch, callbacks=callbacks + shown, verbose=verbose)
-        if not first:
-            break
-    if control.flags and hvd.size() > 1:
-        log.info("stop flag: %d allreduce(s) of %.1f ms in phase %s", control.flags,
-                 1e3 * control.flag_s / control.flags, ph.name)
+def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: int, multilabel: bool,
+                    checkpointing: list) -> list:
+    """The callbacks of a phase's ``fit``, with ``checkpointing`` (the checkpoint writer, and the
+    elastic commit after it) in place, for the size of this run (or elastic restart)."""
+    return [
+        # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
+        hvd.metric_average_callback(),
+        EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
+        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
+        AverageBatchNormStatistics(),
+        LearningRateLogger(),
+        # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
+        Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
+                                          size=hvd.size(), with_index=True, data_threads=cfg.runtime.data_threads,
+                                          autotune=cfg.runtime.data_autotune), multilabel),
+        EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
+        *checkpointing,
+        LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
+        *([tf.keras.callbacks.LambdaCallback(**testhooks.training_callback_functions(phase, hvd.barrier))]
+          if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
+    ]
 
 
 def finish(cfg, model, state, writes: int, log) -> dict:
@@ -255,48 +250,187 @@ def finish(cfg, model, state, writes: int, log) -> dict:
     return {"state": state.to_json(), "history": history, "run_dir": str(run_dir)}
 
 
-def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: int, multilabel: bool,
-                    checkpointing: list) -> list:
-    """The callbacks of a phase's ``fit``, with ``checkpointing`` (the checkpoint writer, and the
-    elastic commit after it) in place, for the size of this run (or elastic restart)."""
-    return [
-        # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
-        hvd.metric_average_callback(),
-        cb.EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
-        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
-        cb.AverageBatchNormStatistics(),
-        cb.LearningRateLogger(),
-        # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
-        cb.Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
-                                             size=hvd.size(), with_index=True,
-                                             data_threads=cfg.runtime.data_threads,
-                                             autotune=cfg.runtime.data_autotune), multilabel),
-        cb.EarlyStopping(state, cfg.train.finetune.patience, active=phase == "finetune" and val_data.n > 0),
-        *checkpointing,
-        cb.LearningCheck(phase, num_classes, multilabel),  # Horovod: rank 0 warns
-        *([cb.StopHook(phase)] if testhooks.training_hooks(phase) else []),  # tests only (data_prep.testhooks)
-    ]
+def stopped(cfg, e: Stopped) -> dict:
+    """The result of a run a stop signal ended (every rank): its exit code is 128 + the signal."""
+    return {"state": None, "history": [], "run_dir": str(cfg.run.dir), "exit_code": e.exit_code}
 
 
-# --------------------------------------------------------------------------- optimizers
+@dataclass
+class Tally:
+    """What this process wrote (counted across elastic restarts too)."""
+    writes: int = 0     # epoch checkpoints
 
-def make_optimizer(phase: str, pcfg, tcfg, size: int, steps_per_epoch: int):
-    """The phase's Keras optimizer (legacy optimizer classes: the ones Horovod 0.28's
-    DistributedOptimizer wraps), learning rate per rank x ``size`` with a linear warm-up."""
-    warm = int(round(tcfg.lr_warmup_epochs * steps_per_epoch))
-    # Horovod: learning rate x size (the global batch is size times larger), ramped up over
-    # lr_warmup_epochs from the one-rank rate (as LearningRateWarmupCallback, but as a schedule
-    # of the optimizer's step: it composes with the decay and resumes with the optimizer).
-    lr = cb.WarmupInverseTimeDecay(pcfg.lr, size, warm, getattr(pcfg, "decay", 0.0), tcfg.scale_lr)
-    legacy = tf.keras.optimizers.legacy
-    if pcfg.optimizer == "sgd":
-        return legacy.SGD(lr, momentum=getattr(pcfg, "momentum", 0.0), nesterov=getattr(pcfg, "nesterov", False))
-    if pcfg.optimizer == "rmsprop":
-        return legacy.RMSprop(lr)
-    if pcfg.optimizer == "adam":
-        return legacy.Adam(lr)
-    raise ValueError(f"train.{phase}.optimizer: {pcfg.optimizer!r}")
 
+@dataclass
+class Start:
+    """Where a run starts: its state, whether it had already finished, and the optimizer values of
+    the checkpoint (``opt_phase``: the phase they belong to; "" = none)."""
+    state: RunState | None
+    finished: bool = False
+    opt_phase: str = ""
+    opt_values: tuple = ()
+
+
+@dataclass
+class Phase:
+    """A phase ready to train: the model compiled with its (distributed) optimizer."""
+    name: str
+    pcfg: object
+    model: object
+    optimizer: object
+    steps: int
+    trainable: int    # trainable weight tensors
+
+
+# --------------------------------------- resilience: partial epochs, stop at a step, step checkpoints, resume
+
+def phases_from(cfg, state):
+    """The phases left to train from ``state`` (all of them for a new run): a finished phase is
+    skipped, entering a phase resets its epoch, step and early stopping, and none follows once
+    early stopping has ended the run (also when resumed after it)."""
+    for phase in PHASES:
+        if state.complete or _phase_done(cfg, state, phase):
+            continue
+        if state.phase == phase and state.early_stopping.get("stopped"):
+            return  # resumed after early stopping had ended the run
+        if state.phase != phase:  # entering this phase (not resuming inside it)
+            state.phase, state.phase_epoch, state.step = phase, 0, 0
+            state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
+        yield phase
+        if state.early_stopping.get("stopped"):
+            return
+
+
+def fit_epochs(cfg, ph: Phase, state, train_data, callbacks: list, verbose: int, control: StepControl, log) -> None:
+    """``fit`` the phase from ``state`` (phase epoch, and step within the epoch after a stop): a
+    resumed epoch first runs its remaining steps alone, then the phase's further epochs."""
+    B = cfg.train.batch_size
+    log.info("phase %s: epochs %d..%d, %d trainable weight tensors, %s lr %.3g x %d rank(s)%s",
+             ph.name, state.phase_epoch + 1, ph.pcfg.epochs, ph.trainable, ph.pcfg.optimizer, ph.pcfg.lr,
+             hvd.size() if cfg.train.scale_lr else 1,
+             f"; epoch {state.epoch + 1} from step {state.step + 1} of {ph.steps}" if state.step else "")
+    while state.phase_epoch < ph.pcfg.epochs and not state.early_stopping.get("stopped"):
+        first = state.step  # > 0: the rest of an epoch stopped at that step
+        control.offset = first
+        # Horovod: disjoint share of each epoch per rank; the epoch number (and step) keep resumes exact.
+        ds = D.train_dataset(train_data, batch_size=B, rank=hvd.rank(), size=hvd.size(), seed=cfg.train.seed,
+                             start_epoch=state.epoch, start_step=first, steps=ph.steps, augment=cfg.train.augment,
+                             data_threads=cfg.runtime.data_threads, autotune=cfg.runtime.data_autotune,
+                             record=control.record_slots)
+        ph.model.fit(ds, steps_per_epoch=ph.steps - first, epochs=state.phase_epoch + 1 if first else ph.pcfg.epochs,
+                     initial_epoch=state.phase_epoch, callbacks=callbacks, verbose=verbose)
+        if not first:
+            break
+    if control.flags and hvd.size() > 1:
+        log.info("stop flag: %d allreduce(s) of %.1f ms in phase %s", control.flags,
+                 1e3 * control.flag_s / control.flags, ph.name)
+
+
+def step_control(cfg, ph: Phase, state, signals) -> StepControl:
+    """The phase's :class:`distributed.run_control.StepControl`: the stop at a step every rank agrees
+    on (``train.stop_signals``, ``train.stop_check_s``), rank 0's step checkpoints
+    (``train.checkpoint_every_s``, :func:`save_step_checkpoint`) and the batch record."""
+    run_dir = Path(cfg.run.dir)
+    return StepControl(state, ph.name, ph.steps, signals, cfg.train.checkpoint_every_s,
+                       lambda: save_step_checkpoint(run_dir, ph.model, ph.optimizer, state),
+                       run_dir / rundir.BATCHES if cfg.train.record_batches else None, cfg.train.stop_check_s)
+
+
+STEP_PREFIX = rundir.STEP_PREFIX  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch
+
+
+def _phase_done(cfg, state, phase) -> bool:
+    """True when ``phase`` is behind ``state`` (or has no epochs)."""
+    pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
+    if pcfg.epochs == 0:
+        return True
+    order = PHASES.index(phase)
+    cur = PHASES.index(state.phase) if state.phase in PHASES else len(PHASES)
+    if cur > order:
+        return True
+    return cur == order and state.phase_epoch >= pcfg.epochs
+
+
+def clear_checkpoints(run_dir: Path, log) -> None:
+    """Rank 0, a run started without --resume: an earlier run's checkpoints and history go."""
+    # history.csv without state.json: an earlier run that ended before its first checkpoint (a full disk)
+    if any((run_dir / f).exists() for f in (rundir.STATE, rundir.HISTORY)) or step_checkpoints(run_dir):
+        log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
+        for f in (rundir.HISTORY, rundir.BATCHES):
+            (run_dir / f).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
+
+
+def step_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete step checkpoints (renamed into place whole), oldest first."""
+    folder = Path(run_dir) / rundir.CHECKPOINTS
+    return sorted(p for p in folder.glob(rundir.STEP_GLOB) if p.is_dir())
+
+
+def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> Start:
+    """Rank 0's part of a resume (the one place checkpoints are read): the run state, weights (into
+    ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's (or,
+    when that is damaged, what ``distributed.checkpoints.restore`` falls back to), or a step
+    checkpoint inside the epoch after it; the history and batch record cut to it."""
+    folder = run_dir / rundir.CHECKPOINTS
+    state = checkpoints.restore(run_dir, model, log)  # last.keras, else best.keras; state.json, else history.csv
+    optimizer = folder / rundir.OPTIMIZER_FILE
+    steps = step_checkpoints(run_dir)
+    if steps:
+        inside = RunState.from_json(json.loads((steps[-1] / rundir.STATE_FILE).read_text()))
+        if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
+            state, optimizer = inside, steps[-1] / rundir.OPTIMIZER_FILE
+            M.copy_weights(M.load_model(steps[-1] / rundir.LAST_FILE), model)
+    if state is None:
+        log.warning("--resume: no checkpoint in %s, starting from the beginning", folder)
+        return Start(None)
+    if state.precision != precision:
+        # Converted explicitly: the variables are float32 under both policies, copied as they are.
+        log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
+                    "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
+    kept = rundir.truncate_history(run_dir / rundir.HISTORY, state.epoch)
+    rundir.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
+    finished = state.complete and (run_dir / rundir.FINAL).is_file()
+    opt_phase, opt_values = ("", ())
+    if state.phase_epoch > 0 or state.step > 0:
+        opt_phase, opt_values = read_optimizer(optimizer, log)
+        if opt_phase and opt_phase != state.phase:
+            log.warning("optimizer state is of phase %s, not %s: not restored", opt_phase, state.phase)
+    if state.step and state.size != hvd.size():
+        log.warning("--resume: stopped at step %d with %d rank(s), resumed with %d: epoch %d starts again from its "
+                    "first step (the steps of an epoch depend on the number of ranks)", state.step, state.size,
+                    hvd.size(), state.epoch + 1)
+        state.step = 0
+    log.info("resuming after epoch %d (%s epoch %d)%s, best val_loss %.4f at epoch %d, early-stopping "
+             "wait %d; history has %d rows", state.epoch, state.phase, state.phase_epoch,
+             f" and step {state.step} of epoch {state.epoch + 1}" if state.step else "",
+             state.best_val_loss, state.best_epoch, state.early_stopping.get("wait", 0), kept)
+    return Start(state, finished, opt_phase, opt_values)
+
+
+def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
+    """Rank 0: a checkpoint inside an epoch (weights, optimizer state, run state with the step),
+    written whole into a temporary folder and renamed into place; older step checkpoints are
+    removed only after that. Returns its size in bytes."""
+    folder = run_dir / rundir.CHECKPOINTS
+    final = folder / f"{STEP_PREFIX}{state.epoch + 1:06d}-{state.step:06d}"
+    tmp = folder / f".step.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_model_atomic(model, tmp / rundir.LAST_FILE)
+    save_optimizer(opt, tmp / rundir.OPTIMIZER_FILE, state.phase)
+    state.writer_rank = hvd.rank()
+    atomic_write_json(tmp / rundir.STATE_FILE, state.to_json())
+    size = sum(f.stat().st_size for f in tmp.iterdir())
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in step_checkpoints(run_dir):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return size
+
+
+# --------------------------------------------------------------------------- optimizer state
 
 def opt_variables(opt) -> list:
     """The optimizer's variables (step counter, slots) in a stable order."""
@@ -341,101 +475,7 @@ def assign_optimizer(opt, values, log) -> None:
     log.info("optimizer state restored (%d variables, step %d)", len(vs), int(opt.iterations.numpy()))
 
 
-# --------------------------------------------------------------------------- resume / finish
-
-STEP_PREFIX = rundir.STEP_PREFIX  # checkpoints/step-<epoch>-<step>/: a checkpoint inside an epoch
-
-
-def _phase_done(cfg, state, phase) -> bool:
-    """True when ``phase`` is behind ``state`` (or has no epochs)."""
-    pcfg = cfg.train.warmup if phase == "warmup" else cfg.train.finetune
-    if pcfg.epochs == 0:
-        return True
-    order = PHASES.index(phase)
-    cur = PHASES.index(state.phase) if state.phase in PHASES else len(PHASES)
-    if cur > order:
-        return True
-    return cur == order and state.phase_epoch >= pcfg.epochs
-
-
-def clear_checkpoints(run_dir: Path, log) -> None:
-    """Rank 0, a run started without --resume: an earlier run's checkpoints and history go."""
-    # history.csv without state.json: an earlier run that ended before its first checkpoint (a full disk)
-    if any((run_dir / f).exists() for f in (rundir.STATE, rundir.HISTORY)) or step_checkpoints(run_dir):
-        log.warning("%s has checkpoints of an earlier run: starting afresh (use --resume to continue)", run_dir)
-        for f in (rundir.HISTORY, rundir.BATCHES):
-            (run_dir / f).unlink(missing_ok=True)
-        shutil.rmtree(run_dir / rundir.CHECKPOINTS, ignore_errors=True)
-
-
-def step_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete step checkpoints (renamed into place whole), oldest first."""
-    folder = Path(run_dir) / rundir.CHECKPOINTS
-    return sorted(p for p in folder.glob(rundir.STEP_GLOB) if p.is_dir())
-
-
-def read_checkpoint(run_dir: Path, model, log, precision: str = "float32") -> Start:
-    """Rank 0's part of a resume (the one place checkpoints are read): the run state, weights (into
-    ``model``) and optimizer values of the newest checkpoint of ``run_dir``: the last epoch's (or,
-    when that is damaged, what ``distributed.checkpoints.restore`` falls back to), or a step
-    checkpoint inside the epoch after it; the history and batch record cut to it."""
-    folder = run_dir / rundir.CHECKPOINTS
-    state = checkpoints.restore(run_dir, model, log)  # last.keras, else best.keras; state.json, else history.csv
-    optimizer = folder / rundir.OPTIMIZER_FILE
-    steps = step_checkpoints(run_dir)
-    if steps:
-        inside = cb.RunState.from_json(json.loads((steps[-1] / rundir.STATE_FILE).read_text()))
-        if inside.epoch == (state.epoch if state else 0):  # not behind the last epoch's checkpoint
-            state, optimizer = inside, steps[-1] / rundir.OPTIMIZER_FILE
-            M.copy_weights(M.load_model(steps[-1] / rundir.LAST_FILE), model)
-    if state is None:
-        log.warning("--resume: no checkpoint in %s, starting from the beginning", folder)
-        return Start(None)
-    if state.precision != precision:
-        # Converted explicitly: the variables are float32 under both policies, copied as they are.
-        log.warning("--resume: the checkpoint was trained in %s, this run computes in %s (runtime.precision); "
-                    "its float32 weights and optimizer state carry over unchanged", state.precision, precision)
-    kept = cb.truncate_history(run_dir / rundir.HISTORY, state.epoch)
-    cb.truncate_batches(run_dir / rundir.BATCHES, state.epoch, state.step)
-    finished = state.complete and (run_dir / rundir.FINAL).is_file()
-    opt_phase, opt_values = ("", ())
-    if state.phase_epoch > 0 or state.step > 0:
-        opt_phase, opt_values = read_optimizer(optimizer, log)
-        if opt_phase and opt_phase != state.phase:
-            log.warning("optimizer state is of phase %s, not %s: not restored", opt_phase, state.phase)
-    if state.step and state.size != hvd.size():
-        log.warning("--resume: stopped at step %d with %d rank(s), resumed with %d: epoch %d starts again from its "
-                    "first step (the steps of an epoch depend on the number of ranks)", state.step, state.size,
-                    hvd.size(), state.epoch + 1)
-        state.step = 0
-    log.info("resuming after epoch %d (%s epoch %d)%s, best val_loss %.4f at epoch %d, early-stopping "
-             "wait %d; history has %d rows", state.epoch, state.phase, state.phase_epoch,
-             f" and step {state.step} of epoch {state.epoch + 1}" if state.step else "",
-             state.best_val_loss, state.best_epoch, state.early_stopping.get("wait", 0), kept)
-    return Start(state, finished, opt_phase, opt_values)
-
-
-def save_step_checkpoint(run_dir: Path, model, opt, state) -> float:
-    """Rank 0: a checkpoint inside an epoch (weights, optimizer state, run state with the step),
-    written whole into a temporary folder and renamed into place; older step checkpoints are
-    removed only after that. Returns its size in bytes."""
-    folder = run_dir / rundir.CHECKPOINTS
-    final = folder / f"{STEP_PREFIX}{state.epoch + 1:06d}-{state.step:06d}"
-    tmp = folder / f".step.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    cb.save_model_atomic(model, tmp / rundir.LAST_FILE)
-    save_optimizer(opt, tmp / rundir.OPTIMIZER_FILE, state.phase)
-    state.writer_rank = hvd.rank()
-    atomic_write_json(tmp / rundir.STATE_FILE, state.to_json())
-    size = sum(f.stat().st_size for f in tmp.iterdir())
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    for old in step_checkpoints(run_dir):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return size
-
+# --------------------------------------------------------------------------- the end, and helpers
 
 def _finalize(model, run_dir: Path, state, log) -> None:
     best = rundir.evaluated_file(run_dir, "best", "finetune")  # the article's: best val_loss of the fine-tune phase
@@ -444,11 +484,11 @@ def _finalize(model, run_dir: Path, state, log) -> None:
     # The delivered model computes in float32, so it runs at full speed on any CPU; evaluation and
     # predict convert it to their own runtime.precision (bfloat16 where AMX is).
     model = M.convert_precision(model, "float32")
-    cb.save_model_atomic(model, run_dir / rundir.FINAL)
+    save_model_atomic(model, run_dir / rundir.FINAL)
     sm, tmp = run_dir / rundir.SAVED_MODEL, run_dir / f".{rundir.SAVED_MODEL}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     with contextlib.redirect_stdout(io.StringIO()):  # export() prints every captured variable
-        cb.inference_view(model).export(str(tmp))  # inference SavedModel: tf.saved_model.load(p).serve(x)
+        inference_view(model).export(str(tmp))  # inference SavedModel: tf.saved_model.load(p).serve(x)
     old = run_dir / f".saved_model.old-{os.getpid()}"
     if sm.exists():
         os.replace(sm, old)

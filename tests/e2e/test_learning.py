@@ -61,9 +61,9 @@ def _train_and_measure(prepared, precision: str) -> float:
 
     import tensorflow as tf  # noqa: F401 - after the subprocesses: keep this process light until here
 
-    from distributed.callbacks import auc_score
     from distributed.data import eval_dataset, load_split
     from distributed.model import load_model, precision_of
+    from distributed.validation import auc_score
 
     val = load_split(tmp / "prepared", "val")
     assert val.n >= 60 and 0 < val.labels.sum() < val.n

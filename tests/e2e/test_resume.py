@@ -108,7 +108,8 @@ def test_resume_in_another_precision_says_so_and_carries_the_weights(config, tmp
 
 def test_resume_keeps_early_stopping_state(tmp_path):
     pytest.importorskip("tensorflow")
-    from distributed.callbacks import EarlyStopping, RunState
+    from distributed.run_control import EarlyStopping
+    from distributed.rundir import RunState
 
     class _M:
         stop_training = False

@@ -123,3 +123,26 @@ def test_slug_matches_github():
     assert slug("Run directory (`run.dir`)") == "run-directory-rundir"
     assert slug("Time limits, preemption and kill -9") == "time-limits-preemption-and-kill--9"
     assert slug("calibration.json and operating_point.json") == "calibrationjson-and-operating_pointjson"
+
+
+# A measured figure in a docstring: a date, a throughput, an AUC, "N x/% faster/slower", "N s idle", "about N MB".
+MEASURED = re.compile(r"\b20\d\d-\d\d-\d\d\b|\d\s*(img|images)/s\b|\bAUC\s*(of\s*)?0\.\d\d|"
+                      r"\d\s*(x|%|percent)\s+(faster|slower)|\b(faster|slower)\s+in\s+\d|\d\s*s\s+idle\b|"
+                      r"\babout\s+\d+\s*[MG]B\b|\d(\.\d+)?x\s+at\b")
+
+
+def test_no_measurements_in_docstrings(root):
+    """Issue 35: no diary in docstrings; measurements live in BENCHMARKS.md (with command, date and CPU)."""
+    import ast
+
+    assert MEASURED.search("8-10 s idle at the end") and MEASURED.search("(about 120 MB for VGG16")
+    assert MEASURED.search("about 3x faster to write") and MEASURED.search("keeps bfloat16 (5x at VGG16")
+    found = []
+    for pkg in ("data_prep", "distributed", "launch"):
+        for path in sorted((root / pkg).glob("*.py")):
+            tree = ast.parse(path.read_text())
+            for node in ast.walk(tree):
+                if isinstance(node, (ast.Module, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                    doc = ast.get_docstring(node) or ""
+                    found += [f"{path.relative_to(root)}: {m.group(0)!r}" for m in MEASURED.finditer(doc)]
+    assert found == [], "measurements in docstrings (move them to BENCHMARKS.md): " + ", ".join(found)

@@ -226,6 +226,25 @@ def test_unset_hooks_do_nothing(monkeypatch):
     assert testhooks.training_hooks("finetune") and not testhooks.training_hooks("warmup")
 
 
+def test_training_hook_sleeps_and_stops_after_every_rank_arrived(monkeypatch):
+    from data_prep import testhooks
+
+    monkeypatch.setenv("CXR_STOP_AFTER", "finetune:2")
+    monkeypatch.setenv("CXR_STEP_SLEEP_S", "0.25")
+    slept, calls = [], []
+    monkeypatch.setattr(testhooks.time, "sleep", slept.append)
+    monkeypatch.setattr(testhooks.os, "_exit", lambda code: calls.append(("exit", code)))
+    hooks = testhooks.training_callback_functions("finetune", lambda: calls.append("barrier"))
+    hooks["on_train_batch_end"](0, {})
+    hooks["on_epoch_end"](0, {})  # the first epoch: nothing
+    assert slept == [0.25] and calls == []
+    hooks["on_epoch_end"](1, {})
+    assert calls == ["barrier", ("exit", testhooks.STOP_EXIT_CODE)]  # the barrier first: rank 0 has committed
+    calls.clear()
+    testhooks.training_callback_functions("warmup", lambda: calls.append("barrier"))["on_epoch_end"](1, {})
+    assert calls == []
+
+
 def test_test_module_basenames_are_unique():
     """The test folders have no __init__.py, so pytest imports each module by its basename: two files of one
     name in tests/unit and tests/e2e make the second fail to collect ("import file mismatch")."""

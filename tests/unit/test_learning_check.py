@@ -8,14 +8,15 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 
 from data_prep.config import load_config  # noqa: E402
-from distributed import callbacks as cb  # noqa: E402
+from distributed import learning_check as LC  # noqa: E402
+from distributed import progress as P  # noqa: E402
 from distributed.report import backbone_note, data_section  # noqa: E402
 
 
 @pytest.mark.parametrize("loss, k, warns", [(0.70, 2, True), (0.67, 2, True), (0.65, 2, False), (0.05, 2, False),
                                             (1.05, 3, True), (1.00, 3, False), (math.nan, 2, False)])
 def test_chance_warning_below_95_percent_of_ln_k_is_learning(loss, k, warns):
-    msg = cb.chance_warning(loss, k, 2)
+    msg = LC.chance_warning(loss, k, 2)
     assert (msg is not None) == warns
     if warns:
         assert f"ln {k} = {math.log(k):.3f}" in msg and "not learning" in msg and "model.weights" in msg
@@ -23,9 +24,9 @@ def test_chance_warning_below_95_percent_of_ln_k_is_learning(loss, k, warns):
 
 def test_history_check_reads_the_second_finetune_epoch():
     rows = [{"phase": "warmup", "loss": "0.69"}, {"phase": "finetune", "loss": "0.69"}]
-    assert cb.history_chance_warning(rows, 2) is None  # only one fine-tune epoch: too early to say
-    assert "training loss 0.700" in cb.history_chance_warning(rows + [{"phase": "finetune", "loss": "0.70"}], 2)
-    assert cb.history_chance_warning(rows + [{"phase": "finetune", "loss": "0.30"}], 2) is None
+    assert LC.history_chance_warning(rows, 2) is None  # only one fine-tune epoch: too early to say
+    assert "training loss 0.700" in LC.history_chance_warning(rows + [{"phase": "finetune", "loss": "0.70"}], 2)
+    assert LC.history_chance_warning(rows + [{"phase": "finetune", "loss": "0.30"}], 2) is None
 
 
 class _Lines(logging.Handler):
@@ -50,12 +51,12 @@ def log_lines():
 
 
 def test_learning_check_warns_once_after_two_finetune_epochs(log_lines):
-    check = cb.LearningCheck("finetune", 2, multilabel=False)
+    check = LC.LearningCheck("finetune", 2, multilabel=False)
     for epoch in range(4):
         check.on_epoch_end(epoch, {"loss": 0.69})
     assert [lv for lv, m in log_lines if "not learning" in m] == ["WARNING"]
-    cb.LearningCheck("warmup", 2, multilabel=False).on_epoch_end(1, {"loss": 0.69})
-    cb.LearningCheck("finetune", 2, multilabel=True).on_epoch_end(1, {"loss": 0.69})
+    LC.LearningCheck("warmup", 2, multilabel=False).on_epoch_end(1, {"loss": 0.69})
+    LC.LearningCheck("finetune", 2, multilabel=True).on_epoch_end(1, {"loss": 0.69})
     assert len([m for _, m in log_lines if "not learning" in m]) == 1
 
 
@@ -63,15 +64,15 @@ def test_progress_live_bar_only_on_a_terminal_without_launcher(monkeypatch):
     monkeypatch.setattr("sys.stdout.isatty", lambda: True)
     for var in ("HOROVOD_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"):
         monkeypatch.delenv(var, raising=False)
-    assert cb.progress("warmup", 10, 32, root=True) == (1, [])
-    assert cb.progress("warmup", 10, 32, root=False) == (0, [])
+    assert P.progress("warmup", 10, 32, root=True) == (1, [])
+    assert P.progress("warmup", 10, 32, root=False) == (0, [])
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")  # mpirun gives ranks a pseudo-terminal
-    verbose, shown = cb.progress("warmup", 10, 32, root=True)
-    assert verbose == 0 and isinstance(shown[0], cb.Progress)
+    verbose, shown = P.progress("warmup", 10, 32, root=True)
+    assert verbose == 0 and isinstance(shown[0], P.Progress)
 
 
 def test_progress_lines_carry_rate_and_eta(log_lines):
-    p = cb.Progress("finetune", steps=10, images_per_step=32, every_s=0.0)
+    p = P.Progress("finetune", steps=10, images_per_step=32, every_s=0.0)
     p.on_epoch_begin(2)
     p.on_train_batch_end(3, {"loss": 0.5})
     p.on_train_batch_end(9, {"loss": 0.4})  # the last step: the epoch's own line follows

@@ -165,7 +165,7 @@ def test_missing_imagenet_weights_say_which_file_goes_where(tmp_path, monkeypatc
 
 
 def test_model_and_data_never_import_horovod_or_mpi():
-    code = ("import sys; import distributed.model, distributed.data, distributed.callbacks, distributed.train, "
+    code = ("import sys; import distributed.model, distributed.data, distributed.checkpoints, distributed.train, "
             "distributed.trainer, distributed.evaluate, distributed.predict; "
             "bad = [m for m in sys.modules if m.split('.')[0] in ('horovod', 'mpi4py')]; "
             "assert not bad, bad")
