@@ -261,18 +261,21 @@ class SubgroupAuc(Record):
 
 @dataclass(frozen=True)
 class RocCurve(Record):
+    """A ROC curve (in memory, for the plots)."""
     fpr: list | None = _f("false positive rates")
     tpr: list | None = _f("true positive rates")
 
 
 @dataclass(frozen=True)
 class PrCurve(Record):
+    """A precision-recall curve (in memory, for the plots)."""
     precision: list | None = _f("precisions")
     recall: list | None = _f("recalls")
 
 
 @dataclass(frozen=True)
 class RocBand(Record):
+    """The ROC curve's pointwise band over patient resamples (in memory, for the plots)."""
     fpr: list | None = _f("the grid of false positive rates")
     tpr_low: list | None = _f("2.5th percentile of the resampled TPR")
     tpr_high: list | None = _f("97.5th percentile")
@@ -288,6 +291,7 @@ class Curves(Record):
 
 @dataclass(frozen=True)
 class BrierEce(Record):
+    """Brier score and ECE of one set of probabilities."""
     brier: float | None = _f("Brier score")
     ece: float | None = _f("expected calibration error")
 
@@ -358,6 +362,7 @@ class BinaryResult(Record):
 
 @dataclass(frozen=True)
 class FindingCurves(Record):
+    """A finding's ROC curve (in memory, for the plots)."""
     roc: RocCurve | None = _f("ROC curve")
 
 
@@ -493,12 +498,14 @@ class Provenance(Record):
 
 @dataclass(frozen=True)
 class Timings(Record):
+    """Where the evaluation's time went."""
     predict_per_rank: list | None = _f("seconds per rank")
     metrics: float | None = _f("seconds for the metrics")
 
 
 @dataclass(frozen=True)
 class ClassCount(Record):
+    """Images and patients of one class at a step of the flow."""
     images: int | None = _f("distinct images of the class")
     patients: int | None = _f("patients with an image of the class")
 
@@ -526,6 +533,7 @@ class Flow(Record):
 
 @dataclass(frozen=True)
 class TaskDefinition(Record):
+    """The task the model was trained for (`data.*`)."""
     task: str | None = _f("`data.task`")
     positive_label: str | None = _f("binary: `data.positive_label`")
     negative_rule: str | None = _f("binary: `data.negative_rule`")
@@ -550,6 +558,7 @@ class Prevalence(Record):
 
 @dataclass(frozen=True)
 class AboveBoth(Record):
+    """Where the model's net benefit exceeds treating all and treating none."""
     thresholds: int | None = _f("thresholds where the model beats treat-all and treat-none")
     lowest: float | None = _f("the lowest of them")
     highest: float | None = _f("the highest")
@@ -580,6 +589,7 @@ class PhaseLayers(Record):
 
 @dataclass(frozen=True)
 class PrecisionUsed(Record):
+    """The compute precisions (`runtime.precision`); probabilities are float32 either way."""
     evaluation: str | None = _f("compute precision of the evaluation")
     training: str | None = _f("compute precision of the training")
 
@@ -668,78 +678,64 @@ def read(path) -> EvalResult:
 
 # --------------------------------------------------------------------------- the schema, from the code
 
+def _link(rec) -> str:
+    return f"[{rec.__name__}](#{rec.__name__.lower()})"
+
+
 def _type_text(tp) -> str:
-    recs = _records(tp)
+    """A field's JSON type as the reference writes it, records linked to their section."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
     if origin in _UNION:
-        inner = [a for a in args if a is not type(None)]
-        return " or ".join(_type_text(a) for a in inner)
-    if recs:
-        return "object"
+        return " or ".join(_type_text(a) for a in args if a is not type(None))
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return _link(tp)
     if origin is dict:
-        return "object"
-    if origin is list or tp is list:
-        return "list"
-    return {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object"}.get(tp, str(tp))
+        return f"map of {_type_text(args[1])}" if len(args) == 2 else "object"
+    if origin is list:
+        return f"list of {_type_text(args[0])}" if args else "list"
+    names = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "list"}
+    return names[tp] if tp in names else str(tp)
 
 
-def _children(tp) -> list:
-    """Record classes below a field's type: ``X``, ``dict[str, X]``, ``list[X]``, ``dict[str, dict[str, X]]``."""
-    recs = _records(tp)
-    if recs:
-        return recs
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in _UNION:
-        return [r for a in args for r in _children(a)]
-    if typing.get_origin(tp) is dict and len(args) == 2:
-        return _children(args[1])
-    if typing.get_origin(tp) is list and args:
-        return _children(args[0])
-    return []
+def _below(tp) -> list:
+    """The Record classes a field's type names, at any depth (``dict[str, dict[str, X]]``, unions, lists)."""
+    if isinstance(tp, type) and issubclass(tp, Record):
+        return [tp]
+    return [r for a in typing.get_args(tp) for r in _below(a)]
 
 
-def _path_step(tp) -> str:
-    args = typing.get_args(tp)
-    if typing.get_origin(tp) in _UNION:
-        inner = [a for a in args if a is not type(None)]
-        return _path_step(inner[0]) if len(inner) == 1 else ""
-    if typing.get_origin(tp) is dict and len(args) == 2:
-        return ".<name>" + _path_step(args[1])
-    if typing.get_origin(tp) is list:
-        return "[]"
-    return ""
+def _json_fields(cls) -> list:
+    return [f for f in dataclasses.fields(cls) if f.name != "unknown" and f.metadata.get("json", True)]
 
 
-def schema_rows(cls=EvalResult, prefix: str = "", seen=None) -> list[tuple[str, str, str]]:
-    """(key path, JSON type, meaning) of every key metrics.json can hold, from the fields' ``doc``."""
-    rows = []
-    seen = set() if seen is None else seen
-    for f in dataclasses.fields(cls):
-        md = f.metadata
-        if f.name == "unknown" or not md.get("json", True):
+def records(root=EvalResult) -> list:
+    """Every record metrics.json can hold, from ``root`` down, each once, in the order first reached."""
+    out, todo = [], [root]
+    while todo:
+        cls = todo.pop(0)
+        if cls in out:
             continue
-        tp = _hints(cls)[f.name]
-        key = md.get("key") or f.name
-        path = f"{prefix}{key}"
-        doc = md["doc"] + (" (left out when it has none)" if md.get("omit") else "")
-        rows.append((path, _type_text(tp), doc))
-        kids = _children(tp)
-        if len(kids) > 1:  # plain/tta: documented in their own tables
-            continue
-        for k in kids:
-            rows += schema_rows(k, path + _path_step(tp) + ".", seen)
-    return rows
+        out.append(cls)
+        todo += [r for f in _json_fields(cls) for r in _below(_hints(cls)[f.name])]
+    return out
 
 
 def schema_markdown() -> str:
-    """The results guide's generated tables: the top level, then ``plain``/``tta`` per task."""
-    def table(rows):
-        out = ["| key | type | meaning |", "| --- | --- | --- |"]
-        return out + [f"| `{p}` | {t} | {d.replace('|', '/')} |" for p, t, d in rows]
-    parts = ["Top level (`distributed.results.EvalResult`):", ""] + table(schema_rows()) + [""]
-    parts += ["`plain` and `tta`, binary task (`BinaryResult`):", ""] + table(schema_rows(BinaryResult)) + [""]
-    parts += ["`plain` and `tta`, multi-label task (`MultilabelResult`):", ""] + table(schema_rows(MultilabelResult))
-    return "\n".join(parts) + "\n"
+    """``docs/metrics-reference.md``: a table per record (key, type, meaning), from the fields and their ``doc``."""
+    out = ["# metrics.json reference", "",
+           "Generated from `distributed/results.py` (`python -m distributed.results > docs/metrics-reference.md`); "
+           "what the numbers mean and how they are computed is in the [results guide](results-guide.md#metricsjson). "
+           "Every key is written, null when it has no value, except those marked *omitted when empty*. "
+           "`map of X`: an object whose keys are names (classes, findings, subgroups, phases).", ""]
+    for cls in records():
+        out += [f"## {cls.__name__}", "", " ".join(cls.__doc__.split()).replace("``", "`"), "",
+                "| key | type | meaning |", "| --- | --- | --- |"]
+        for f in _json_fields(cls):
+            doc = f.metadata["doc"] + (" (*omitted when empty*)" if f.metadata.get("omit") else "")
+            out.append(f"| `{f.metadata.get('key') or f.name}` | {_type_text(_hints(cls)[f.name])} | "
+                       f"{doc.replace('|', '/')} |")
+        out.append("")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
