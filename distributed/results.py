@@ -352,6 +352,7 @@ class BinaryResult(Record):
     subgroups: dict[str, dict[str, SubgroupAuc]] | None = _f("per `view` and `sex` value: the AUC")
     curves: Curves | None = _f("ROC/PR curves and band for the plots (not written)", json=False)
     calibrated: Calibrated | None = _f("with a calibration: the calibrated probabilities", omit=True)
+    note: str | None = _f("why there is no AUC (written by earlier versions)", omit=True)
     unknown: dict | None = _unknown()
 
     def row(self, name: str) -> ClassRow:
@@ -389,6 +390,7 @@ class MultilabelResult(Record):
     findings_with_auc: int | None = _f("how many findings that is")
     report: dict[str, ClassRow | float] | None = _f("per finding and averages at `eval.threshold`; `accuracy`: "
                                                      "exact match")
+    note: str | None = _f("why there is no AUC (written by earlier versions)", omit=True)
     unknown: dict | None = _unknown()
 
 
@@ -674,6 +676,14 @@ def write(path, result: EvalResult) -> Path:
 def read(path) -> EvalResult:
     """``metrics.json``: the one place it is read (OSError, ValueError or TypeError when unreadable)."""
     return EvalResult.from_json(json.loads(Path(path).read_text()))
+
+
+def read_if_valid(path) -> EvalResult | None:
+    """:func:`read`, or None when the file is missing, unreadable or not a JSON object."""
+    try:
+        return read(path)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 # --------------------------------------------------------------------------- the schema, from the code
