@@ -17,7 +17,8 @@ probability) pairs, checks that every test image came back exactly once, and wri
 * ``metrics.json``: every number (plain, the primary result, and TTA) with patient-bootstrap
   intervals (BCa), the operating point, calibration, ``tta_minus_plain`` (paired bootstrap and DeLong's
   test clustered by patient),
-  ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables;
+  ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables: a ``distributed.results.EvalResult``
+  (its keys: docs/metrics-reference.md);
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;
 * ``plots/``: ROC with the patient-bootstrap band, precision-recall, reliability diagram, confusion matrix,

@@ -5,13 +5,14 @@ writes it with :func:`write`; every reader of ``metrics.json`` goes through :fun
 ``EvalResult.from_json`` of an already parsed document). ``report.py`` and ``plots.py`` take these records.
 
 Every record is a frozen dataclass whose fields are the JSON keys in the order they are written. A field's
-``metadata`` carries its meaning (``doc``: the results guide's table is generated from it, :func:`schema_markdown`)
+``metadata`` carries its meaning (``doc``: docs/metrics-reference.md is generated from it, :func:`schema_markdown`)
 and how it is written: ``key`` when the JSON name is not a Python name (``f1-score``), ``omit`` for a key that is
 left out when it has no value (rather than written as null), ``json=False`` for what is kept in memory for the
 plots but not written (the ROC and PR curves).
 
 Reading is lenient, as the readers before it were: a missing key reads as None (a ``metrics.json`` of an earlier
-version loads), a key this version does not know is kept (``unknown``) and written back after the known ones.
+version loads), a key this version does not know is kept (``unknown``, every record has it) and written back
+after the known ones.
 Values are kept as they were computed or read (no conversion): ``to_json(from_json(d)) == d`` for every document
 this version writes.
 """
@@ -33,8 +34,11 @@ def _f(doc: str, *, key: str | None = None, omit: bool = False, json: bool = Tru
     return field(default=default, metadata={"doc": doc, "key": key, "omit": omit, "json": json})
 
 
+@dataclass(frozen=True)
 class Record:
     """Base of the records: ``to_json`` and ``from_json`` driven by the dataclass fields."""
+    unknown: dict | None = field(default=None, metadata={"doc": "keys this version does not know, kept as read",
+                                                         "json": False})
 
     def to_json(self) -> dict:
         out = {}
@@ -46,7 +50,7 @@ class Record:
             if v is None and md.get("omit"):
                 continue
             out[md.get("key") or f.name] = _dump(v)
-        out.update(_dump(getattr(self, "unknown", None) or {}))
+        out.update(_dump(self.unknown or {}))
         return out
 
     @classmethod
@@ -65,13 +69,9 @@ class Record:
             if key in data:
                 kw[f.name] = _load(hints[f.name], data[key])
         unknown = {k: v for k, v in data.items() if k not in known}
-        if unknown and any(f.name == "unknown" for f in dataclasses.fields(cls)):
+        if unknown:
             kw["unknown"] = unknown
         return cls(**kw)
-
-
-def _unknown():
-    return _f("keys this version does not know, kept as read", json=False)
 
 
 _HINTS: dict = {}
@@ -137,7 +137,6 @@ class Interval(Record):
     zero_width: bool | None = _f("every resample gave the same value", omit=True)
     method: str | None = _f("`bca` (or `percentile`)", omit=True)
     percentile: Percentile | None = _f("the percentile interval of the same resamples", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -153,7 +152,6 @@ class AucInterval(Record):
     zero_width: bool | None = _f("every resample gave the same value", omit=True)
     method: str | None = _f("`bca`", omit=True)
     percentile: Percentile | None = _f("the percentile interval of the same resamples", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -166,7 +164,6 @@ class ValueInterval(Record):
     zero_width: bool | None = _f("every resample gave the same value")
     method: str | None = _f("`bca`")
     percentile: Percentile | None = _f("the percentile interval of the same resamples")
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -183,7 +180,6 @@ class Proportion(Record):
     design_effect: float | None = _f("Kish's design effect with ICC 1: images per patient")
     n_effective: float | None = _f("n / design_effect: the patients")
     bootstrap: Interval | None = _f("the patient bootstrap's interval of the same proportion")
-    unknown: dict | None = _unknown()
 
 
 # --------------------------------------------------------------------------- the binary task
@@ -213,7 +209,6 @@ class OperatingPoint(Record):
     npv: Proportion | None = _f("negative predictive value (test prevalence)", omit=True)
     accuracy: Proportion | None = _f("accuracy", omit=True)
     at_prevalence: AtPrevalence | None = _f("with `eval.prevalence`: PPV and NPV at it", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -227,7 +222,6 @@ class Oracle(Record):
     fitted_on: str | None = _f("`test`")
     note: str | None = _f("says it is optimistic")
     accuracy: float | None = _f("accuracy there", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -322,7 +316,6 @@ class Calibrated(Record):
     target_source: str | None = _f("where the target comes from (`eval.prevalence` or train+val)")
     warning: str | None = _f("e.g. a temperature at the search bound")
     validation: CalibrationCheck | None = _f("the validation split before and after", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -353,7 +346,6 @@ class BinaryResult(Record):
     curves: Curves | None = _f("ROC/PR curves and band for the plots (not written)", json=False)
     calibrated: Calibrated | None = _f("with a calibration: the calibrated probabilities", omit=True)
     note: str | None = _f("why there is no AUC (written by earlier versions)", omit=True)
-    unknown: dict | None = _unknown()
 
     def row(self, name: str) -> ClassRow:
         return self.report[name]
@@ -376,7 +368,6 @@ class FindingResult(Record):
     chexnet_auc: float | None = _f("CheXNet's published AUC (reference)")
     subgroups: dict[str, dict[str, SubgroupAuc]] | None = _f("per `view` and `sex` value: the AUC", omit=True)
     curves: FindingCurves | None = _f("ROC curve for the plot (not written)", json=False)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -391,7 +382,6 @@ class MultilabelResult(Record):
     report: dict[str, ClassRow | float] | None = _f("per finding and averages at `eval.threshold`; `accuracy`: "
                                                      "exact match")
     note: str | None = _f("why there is no AUC (written by earlier versions)", omit=True)
-    unknown: dict | None = _unknown()
 
 
 # --------------------------------------------------------------------------- comparisons and facts
@@ -426,7 +416,6 @@ class AucDifference(Record):
     method: str | None = _f("`bca`", omit=True)
     percentile: Percentile | None = _f("the percentile interval", omit=True)
     delong: DeLong | None = _f("DeLong's test of the same difference", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -461,7 +450,6 @@ class SelectedCheckpoint(Record):
     epoch: int | None = _f("its epoch")
     val_loss: float | None = _f("its validation loss")
     note: str | None = _f("a fallback taken", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -474,7 +462,6 @@ class PrepSummary(Record):
     prep_seed: int | None = _f("its prep.seed")
     created: str | None = _f("when it was made")
     splits: dict | None = _f("per split: `patients`, `patients_sha256`")
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -495,7 +482,6 @@ class Provenance(Record):
     note: str | None = _f("how the training prep was found")
     allow_overlap: bool | None = _f("`eval.allow_overlap`")
     shared: Shared | None = _f("patients shared between splits; null when not checked")
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -522,7 +508,6 @@ class FlowStep(Record):
     patients: int | None = _f("patients (null where not counted)")
     classes: dict[str, ClassCount] | None = _f("per class: images and patients")
     rows: int | None = _f("rows with a balanced split's resampled copies", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -530,7 +515,6 @@ class Flow(Record):
     """STARD's flow of images and patients: the manifest's, with the evaluated test images added."""
     classes: list | None = _f("the classes counted")
     steps: list[FlowStep] | None = _f("the steps, in order")
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -551,7 +535,6 @@ class Prevalence(Record):
     natural_train_val: float | None = _f("the same of train+val: the prior-correction target unless "
                                          "`eval.prevalence`", omit=True)
     deployment: float | None = _f("`eval.prevalence` or null")
-    unknown: dict | None = _unknown()
 
     def items(self) -> Iterator[tuple[str, Any]]:
         """(name, share) in the order metrics.json holds them."""
@@ -586,7 +569,6 @@ class PhaseLayers(Record):
     head: list | None = _f("the head's layers (trained)", omit=True)
     trainable_params: int | None = _f("trainable parameters")
     non_trainable_params: int | None = _f("frozen parameters", omit=True)
-    unknown: dict | None = _unknown()
 
 
 @dataclass(frozen=True)
@@ -640,7 +622,6 @@ class EvalResult(Record):
     gradcam_threshold: float | None = _f("the threshold that sorted the images")
     precision: PrecisionUsed | None = _f("compute precisions")
     console: str | None = _f("the tables printed on the console")
-    unknown: dict | None = _unknown()
 
     @property
     def binary(self) -> bool:
