@@ -17,7 +17,8 @@ probability) pairs, checks that every test image came back exactly once, and wri
 * ``metrics.json``: every number (plain, the primary result, and TTA) with patient-bootstrap
   intervals (BCa), the operating point, calibration, ``tta_minus_plain`` (paired bootstrap and DeLong's
   test clustered by patient),
-  ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables;
+  ``selected_checkpoint`` (phase, epoch, val_loss) and the console tables: a ``distributed.results.EvalResult``
+  (its keys: docs/metrics-reference.md);
 * ``calibration.json`` (with ``eval.calibrate``/``eval.prior_correction``): the probability transform
   that ``cxr-predict`` applies to the model files it lists;
 * ``plots/``: ROC with the patient-bootstrap band, precision-recall, reliability diagram, confusion matrix,
@@ -72,11 +73,12 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
-from distributed import decision, hvd, plots, provenance, runtime, tracking
+from distributed import decision, hvd, plots, provenance, results, runtime, tracking
 from distributed import metrics as M
 from distributed import rundir as R
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
 from distributed.report import resample_warning, write_report
+from distributed.results import BinaryResult, EvalResult, MultilabelResult, OperatingPoint
 from distributed.rundir import RunDirError, checkpoint_path, select_checkpoint  # noqa: F401 - evaluate's names
 
 _SEED_MIX = 1_000_003
@@ -229,12 +231,6 @@ def _rel(path: Path, base: Path) -> str:
         return str(path)
 
 
-def _strip_curves(m):
-    if isinstance(m, dict):
-        return {k: _strip_curves(v) for k, v in m.items() if k != "curves"}
-    return m
-
-
 def gradcam_groups(y, p, threshold: float, k: int) -> dict:
     """Indices of the ``k`` most confident true positives, false positives, false negatives."""
     y, p = np.asarray(y), np.asarray(p)
@@ -282,42 +278,45 @@ def make_gradcam(run_dir: Path, model, data, meta, classes, multilabel, Y, P, th
     return out, cam.layer_name
 
 
-def console_text(metrics: dict) -> str:
-    plain, tta = metrics["plain"], metrics.get("tta")
-    lines = [f"Test split: {metrics['n']} images, {plain['patients']} patients; model {console(metrics['model'])} "
-             f"({metrics['checkpoint']}); {metrics['ranks']} rank(s)", ""]
-    prov = metrics.get("provenance") or {}
-    if prov.get("evaluation") in ("external", "unverified"):
-        sh = prov.get("shared")
-        ev = prov.get("evaluated_on") or {}
-        lines[-1:] = [f"{prov['evaluation'].capitalize()} evaluation on {console(ev.get('prep_out'))} (prep.seed "
-                      f"{ev.get('prep_seed')}): " + (f"{sh['train_test']} of {sh['patients']['test']} test and "
-                                                     f"{sh['train_val']} of {sh['patients']['val']} validation "
-                                                     "patients were in the model's training split" if sh else
-                                                     "overlap with the training patients not checked"), ""]
-    if metrics["task"] == "binary":
-        left = format_class_table(plain["report"], title="without test-time augmentation")
+def console_text(result: EvalResult) -> str:
+    """The tables printed on the console (and kept in metrics.json ``console``)."""
+    plain, tta = result.plain, result.tta
+    lines = [f"Test split: {result.n} images, {plain.patients} patients; model {console(result.model)} "
+             f"({result.checkpoint}); {result.ranks} rank(s)", ""]
+    prov = result.provenance
+    if prov is not None and prov.evaluation in ("external", "unverified"):
+        sh, ev = prov.shared, prov.evaluated_on
+        lines[-1:] = [f"{prov.evaluation.capitalize()} evaluation on {console(ev.prep_out)} (prep.seed "
+                      f"{ev.prep_seed}): " + (f"{sh.train_test} of {sh.patients['test']} test and "
+                                              f"{sh.train_val} of {sh.patients['val']} validation "
+                                              "patients were in the model's training split" if sh else
+                                              "overlap with the training patients not checked"), ""]
+    # the text tables of distributed.metrics read the JSON form
+    pj, tj = plain.to_json(), (tta.to_json() if tta is not None else None)
+    if result.task == "binary":
+        left = format_class_table(pj["report"], title="without test-time augmentation")
         if tta:
-            right = format_class_table(tta["report"], title="with test-time augmentation "
-                                       f"(plain + {metrics['tta_rounds']} augmented)")
+            right = format_class_table(tj["report"], title="with test-time augmentation "
+                                       f"(plain + {result.tta_rounds} augmented)")
             lines.append(format_side_by_side(left, right))
         else:
             lines.append(left)
-        lines += ["", "plain: " + format_auc_line(plain)]
+        lines += ["", "plain: " + format_auc_line(pj)]
         if tta:
-            lines.append("TTA:   " + format_auc_line(tta))
-        for g, vals in plain.get("subgroups", {}).items():
+            lines.append("TTA:   " + format_auc_line(tj))
+        for g, vals in (plain.subgroups or {}).items():
             parts = []
             for k, v in vals.items():
-                t = (tta or {}).get("subgroups", {}).get(g, {}).get(k, {}) if tta else {}
-                a = f"{v['auc']:.3f}" if v["auc"] is not None else "n/a (one class)"
-                if tta and t.get("auc") is not None:
-                    a += f" (TTA {t['auc']:.3f})"
-                parts.append(f"{console(k)} {a}, n={v['n']}")
+                t = (tta.subgroups or {})[g][k] if tta and g in (tta.subgroups or {}) and k in tta.subgroups[g] \
+                    else None
+                a = f"{v.auc:.3f}" if v.auc is not None else "n/a (one class)"
+                if t is not None and t.auc is not None:
+                    a += f" (TTA {t.auc:.3f})"
+                parts.append(f"{console(k)} {a}, n={v.n}")
             lines.append(f"AUC by {g}: " + "; ".join(parts))
     else:
-        lines.append(format_auc_table(plain, tta))
-        lines += ["", format_class_table(plain["report"], title=f"per finding at threshold {plain['threshold']:g}")]
+        lines.append(format_auc_table(pj, tj))
+        lines += ["", format_class_table(pj["report"], title=f"per finding at threshold {plain.threshold:g}")]
     return "\n".join(lines)
 
 
@@ -344,7 +343,7 @@ class Gathered:
     provenance: dict = None       # distributed.provenance.check: internal or external, patients shared
 
 
-def evaluate(cfg, precision: str = "float32") -> dict | None:
+def evaluate(cfg, precision: str = "float32") -> EvalResult | None:
     """Run the evaluation described by ``cfg``; returns the metrics on rank 0, None elsewhere.
     Thread settings (``distributed.runtime.apply``) must be in place before TensorFlow starts.
     ``precision``: the compute precision the model is converted to (``runtime.configure_precision``);
@@ -577,21 +576,21 @@ def write_calibration(out_dir: Path, plan: dict | None, files: dict, ckpt: dict)
     atomic_write_json(out, {**plan, "models": files, "checkpoint": ckpt})
 
 
-def write_operating_point(out_dir: Path, op: dict | None, files: dict, ckpt: dict) -> None:
+def write_operating_point(out_dir: Path, op: OperatingPoint | None, files: dict, ckpt: dict) -> None:
     """``operating_point.json`` for cxr-predict: the report's threshold (rule, where it was chosen), compared
     with the network's probability as the CSVs hold it, and the model files it belongs to."""
     out = out_dir / R.OPERATING_POINT
-    if not op or op.get("threshold") is None:
+    if op is None or op.threshold is None:
         out.unlink(missing_ok=True)
         return
-    atomic_write_json(out, {"threshold": op["threshold"], "rule": op["rule"], "source": op["source"],
+    atomic_write_json(out, {"threshold": op.threshold, "rule": op.rule, "source": op.source,
                             "probability": "raw", "compare": "probability as written (%.9g) >= threshold",
-                            "sensitivity": (op.get("sensitivity") or {}).get("value"),
-                            "specificity": (op.get("specificity") or {}).get("value"),
+                            "sensitivity": op.sensitivity.value if op.sensitivity is not None else None,
+                            "specificity": op.specificity.value if op.specificity is not None else None,
                             "models": files, "checkpoint": ckpt})
 
 
-def _write_outputs(cfg, g: Gathered, log) -> dict:
+def _write_outputs(cfg, g: Gathered, log) -> EvalResult:
     """Rank 0: predictions.csv, val_predictions.csv, metrics, plots, Grad-CAM, metrics.json, report.md,
     eval_config.yaml, calibration.json."""
     run_dir, out_dir, data = Path(cfg.run.dir), g.out_dir, g.data
@@ -623,20 +622,22 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
     write_calibration(out_dir, plan, files, g.checkpoint)
     t0 = time.time()
     Y, plain, tta_m, extra = _compute_metrics(cfg, data, meta, g, vmeta, findings, plan, log)
+    kind = MultilabelResult if multilabel else BinaryResult
+    plain, tta_m = kind.from_json(plain), kind.from_json(tta_m)
     t_metrics = time.time() - t0
     # files of an earlier evaluation that this one would not rewrite are removed first
     for rel in STALE_OUTPUTS:
         (out_dir / rel).unlink(missing_ok=True)
     dcurve = None
     if not multilabel:
-        write_operating_point(out_dir, plain.get("operating_point"), files, g.checkpoint)
+        write_operating_point(out_dir, plain.operating_point, files, g.checkpoint)
         dcurve = decision.curve(Y, g.probs[:, 1])
         atomic_write_text(out_dir / R.DECISION_CURVE, decision.curve_csv(dcurve))
     plot_files = _write_plots(cfg, g, Y, plain, tta_m, log, dcurve)
     from distributed.model import precision_of  # imports TensorFlow: after runtime.apply
 
     cam_files, cam_layer = {}, None
-    cam_threshold = (plain.get("operating_point") or {}).get("threshold") if not multilabel else None
+    cam_threshold = getattr(plain.operating_point, "threshold", None) if not multilabel else None
     cam_threshold = cfg.eval.threshold if cam_threshold is None else cam_threshold
     if cfg.eval.gradcam_per_group > 0:
         try:
@@ -654,45 +655,47 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
         warnings.append(g.checkpoint["note"])
     for w in warnings:
         log.warning(w)
-    short = resample_warning({"bootstrap": cfg.eval.bootstrap, "plain": plain, "tta": tta_m, **extra})
+    result = EvalResult(
+        format=results.FORMAT, task="multilabel" if multilabel else "binary", classes=classes,
+        positive_class=None if multilabel else classes[1], model=_rel(g.model_path, run_dir),
+        run_dir=str(run_dir), provenance=results.Provenance.from_json(g.provenance),
+        checkpoint=cfg.eval.checkpoint, selected_checkpoint=results.SelectedCheckpoint.from_json(g.checkpoint),
+        image_size=data.image_size, n=data.n, n_val=g.val.n if g.val is not None else 0, ranks=g.ranks,
+        threshold=cfg.eval.threshold, tta_rounds=g.tta_rounds, bootstrap=cfg.eval.bootstrap,
+        bootstrap_by="patient", bootstrap_interval="bca", primary="plain",
+        seconds=time.time() - g.started,
+        timings=results.Timings(predict_per_rank=g.predict_seconds.tolist(), metrics=t_metrics),
+        warnings=warnings, split_method=g.manifest.get("split_method", "seeded"),
+        trained_layers=results.trained_layers(R.read_trained_layers(run_dir)),  # per phase, as the trainer recorded it
+        task_definition=results.TaskDefinition(task=cfg.data.task, positive_label=None if multilabel else
+                                       cfg.data.positive_label,
+                                       negative_rule=None if multilabel else cfg.data.negative_rule),
+        prevalence=results.Prevalence.from_json({**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None}),
+        flow=results.Flow.from_json(evaluated_flow(g.manifest, meta, data)),
+        decision_curve=results.DecisionCurve.from_json(decision.summary(dcurve, float(Y.mean())) if dcurve else None),
+        operating_point=plain.operating_point if not multilabel else None,  # of the primary (plain) evaluation
+        tta_minus_plain=results.AucDifference.from_json(extra.get("tta_minus_plain")),
+        co_findings=results.CoFindings.from_json(extra.get("co_findings")),
+        plain=plain, tta=tta_m, plots=plot_files, gradcam=cam_files, gradcam_layer=cam_layer,
+        gradcam_threshold=cam_threshold,
+        precision=results.PrecisionUsed(evaluation=precision_of(g.model), training=_training_precision(run_dir)))
+    short = resample_warning(result)
     if short:  # report.md says it too (report.resample_warning)
         log.warning(short)
-    metrics = {
-        "format": 2, "task": "multilabel" if multilabel else "binary", "classes": classes,
-        "positive_class": None if multilabel else classes[1], "model": _rel(g.model_path, run_dir),
-        "run_dir": str(run_dir), "provenance": g.provenance,
-        "checkpoint": cfg.eval.checkpoint, "selected_checkpoint": g.checkpoint,
-        "image_size": data.image_size, "n": data.n, "n_val": g.val.n if g.val is not None else 0, "ranks": g.ranks,
-        "threshold": cfg.eval.threshold, "tta_rounds": g.tta_rounds, "bootstrap": cfg.eval.bootstrap,
-        "bootstrap_by": "patient", "bootstrap_interval": "bca", "primary": "plain",
-        "seconds": time.time() - g.started,
-        "timings": {"predict_per_rank": g.predict_seconds.tolist(), "metrics": t_metrics},
-        "warnings": warnings, "split_method": g.manifest.get("split_method", "seeded"),
-        "trained_layers": R.read_trained_layers(run_dir),  # per phase, as the trainer recorded it
-        "task_definition": {"task": cfg.data.task, "positive_label": None if multilabel else cfg.data.positive_label,
-                            "negative_rule": None if multilabel else cfg.data.negative_rule},
-        "prevalence": {**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None},
-        "flow": evaluated_flow(g.manifest, meta, data),
-        "decision_curve": decision.summary(dcurve, float(Y.mean())) if dcurve else None,
-        **extra,
-        "plain": plain, "tta": tta_m, "plots": plot_files, "gradcam": cam_files, "gradcam_layer": cam_layer,
-        "gradcam_threshold": cam_threshold,
-        "precision": {"evaluation": precision_of(g.model), "training": _training_precision(run_dir)},
-    }
-    text = console_text(metrics)
-    metrics["console"] = text
-    atomic_write_json(out_dir / R.METRICS, _strip_curves(metrics))
+    text = console_text(result)
+    result = dataclasses.replace(result, console=text)
+    results.write(out_dir / R.METRICS, result)
     print(text, flush=True)
     ev = (g.provenance or {}).get("evaluated_on") or {}
     save_resolved(cfg, out_dir, R.EVAL_CONFIG,
                   note=f"prep.out {cfg.prep.out} was made with prep.seed {ev.get('prep_seed')} (its manifest.json, "
                        f"sha256 {str(ev.get('manifest_sha256'))[:12]}); the prep.* values below are this command's "
                        "config, not necessarily the shards'")
-    write_report(out_dir, cfg=cfg, manifest=g.manifest, metrics=metrics, plots=plot_files, gradcam=cam_files,
+    write_report(out_dir, cfg=cfg, manifest=g.manifest, metrics=result, plots=plot_files, gradcam=cam_files,
                  config_yaml=dump_yaml(cfg), console=text)
     log.info("wrote predictions.csv, val_predictions.csv, metrics.json, plots/, gradcam/, report.md in %s (%.1f s)",
              out_dir, time.time() - g.started)
-    return metrics
+    return result
 
 
 def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, log):
@@ -724,7 +727,6 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
                                 prevalence=cfg.eval.prevalence)
     plain = one(g.probs, g.val_probs)
     tta_m = one(g.tta, g.val_tta) if g.tta is not None else None
-    extra["operating_point"] = plain.get("operating_point")  # of the primary (plain) evaluation
     if tta_m is not None:
         extra["tta_minus_plain"] = M.paired_auc_difference(Y, g.probs[:, 1], g.tta[:, 1], groups, n_boot, seed)
     if plan is not None:
@@ -762,7 +764,8 @@ def operating_spec(rule: str, y_val, p_val, threshold: float, log) -> dict:
             "threshold": float(threshold)}
 
 
-def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log, dcurve: dict | None = None) -> dict:
+def _write_plots(cfg, g: Gathered, Y, plain: BinaryResult | MultilabelResult, tta_m, log,
+                 dcurve: dict | None = None) -> dict:
     """The evaluation's plots under ``plots/``; {name: relative path} of those written. ``dcurve``: the decision
     curve (binary)."""
     run_dir, classes = Path(cfg.run.dir), g.data.classes
@@ -774,18 +777,17 @@ def _write_plots(cfg, g: Gathered, Y, plain: dict, tta_m: dict | None, log, dcur
             plot_files["roc_per_finding"] = "plots/roc_per_finding.png"
         else:
             curves = [("plain", plain)] + ([(f"TTA x{g.tta_rounds}", tta_m)] if tta_m else [])
-            if plain.get("curves"):
+            if plain.curves is not None:
                 plots.plot_roc(pdir / "roc.png", curves, title=f"ROC: {classes[1]} vs {classes[0]}")
                 plots.plot_pr(pdir / "pr.png", curves, prevalence=float(Y.mean()))
                 plot_files.update(roc="plots/roc.png", pr="plots/pr.png")
-            rel = [("plain", plain["reliability"])] + (
-                [(f"TTA x{g.tta_rounds}", tta_m["reliability"])] if tta_m else [])
-            if plain.get("calibrated"):
-                c = plain["calibrated"]
-                rel.append((f"plain, calibrated (T {c['temperature']:.2f}, shift {c['shift']:+.2f})", c["reliability"]))
+            rel = [("plain", plain.reliability)] + ([(f"TTA x{g.tta_rounds}", tta_m.reliability)] if tta_m else [])
+            if plain.calibrated:
+                c = plain.calibrated
+                rel.append((f"plain, calibrated (T {c.temperature:.2f}, shift {c.shift:+.2f})", c.reliability))
             plots.plot_calibration(pdir / "calibration.png", rel, title=f"Reliability: {classes[1]} (test)")
             plot_files["calibration"] = "plots/calibration.png"
-            plots.plot_confusion(pdir / "confusion.png", plain["confusion_matrix"], classes,
+            plots.plot_confusion(pdir / "confusion.png", plain.confusion_matrix, classes,
                                  title=f"Confusion matrix (threshold {cfg.eval.threshold:g})")
             plot_files["confusion"] = "plots/confusion.png"
             if dcurve:

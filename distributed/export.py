@@ -53,7 +53,7 @@ from pathlib import Path
 from data_prep.cli import UsageError, UserError, command, note_output, quiet_tensorflow
 from data_prep.config import add_config_args, load_config
 from data_prep.fsutil import atomic_write_text, sha256_file
-from distributed import rundir
+from distributed import results, rundir
 from distributed.bundle import FORMAT, FORMAT_VERSION, MODEL_FILE, MODEL_JSON
 
 FORMATS = ("savedmodel", "onnx")
@@ -98,12 +98,12 @@ def run_facts(run: Path) -> dict:
         model_path = resolve_model_path(run)
     except FileNotFoundError as e:
         raise ExportError(str(e)) from None
-    metrics = _read_json(run / rundir.METRICS)
+    metrics = results.read_if_valid(run / rundir.METRICS)
     if metrics is None:
         raise ExportError(f"{run / rundir.METRICS} is missing or unreadable: evaluate the run first (cxr-eval)")
-    if metrics.get("task") != "binary":
-        raise ExportError(f"{run}: a {metrics.get('task')!r} run; only binary runs are exported")
-    classes = metrics.get("classes")
+    if metrics.task != "binary":
+        raise ExportError(f"{run}: a {metrics.task!r} run; only binary runs are exported")
+    classes = metrics.classes
     if not (isinstance(classes, list) and len(classes) == 2 and all(isinstance(c, str) for c in classes)):
         raise ExportError(f"{run / rundir.METRICS}: no two class names")
     digest = sha256_file(model_path)
@@ -178,22 +178,21 @@ def synthetic_marker(csv_path) -> Path | None:
     return f if f.is_file() else None
 
 
-def test_metrics(metrics: dict) -> dict:
+def test_metrics(metrics: results.EvalResult) -> dict:
     """The test split's numbers as metrics.json holds them (copied, not recomputed)."""
-    plain = metrics["plain"]
-    op = metrics.get("operating_point") or plain.get("operating_point") or {}
+    plain = metrics.plain
+    op = metrics.chosen_operating_point()
     keys = ("sensitivity", "specificity", "ppv", "npv", "accuracy")
-    ci = plain.get("auc_ci") or {}
-    out = {"split": "test", "n": plain.get("n"), "positives": plain.get("positives"),
-           "prevalence": plain.get("prevalence"), "patients": plain.get("patients"),
-           "auc": {"value": plain.get("auc"), "low": ci.get("low"), "high": ci.get("high"), "level": ci.get("level"),
-                   "by": ci.get("by"), "n_boot": ci.get("n_boot")},
-           "average_precision": plain.get("average_precision"), "brier": plain.get("brier"), "ece": plain.get("ece"),
-           "operating_point": {"threshold": op.get("threshold"), "rule": op.get("rule"), "source": op.get("source"),
-                               **{k: op.get(k) for k in keys if op.get(k) is not None}}}
-    if isinstance(plain.get("calibrated"), dict):
-        c = plain["calibrated"]
-        out["calibrated"] = {"brier": c.get("brier"), "ece": c.get("ece")}
+    ci = plain.auc_ci or results.AucInterval()
+    out = {"split": "test", "n": plain.n, "positives": plain.positives,
+           "prevalence": plain.prevalence, "patients": plain.patients,
+           "auc": {"value": plain.auc, "low": ci.low, "high": ci.high, "level": ci.level,
+                   "by": ci.by, "n_boot": ci.n_boot},
+           "average_precision": plain.average_precision, "brier": plain.brier, "ece": plain.ece,
+           "operating_point": {"threshold": op.threshold, "rule": op.rule, "source": op.source,
+                               **{k: getattr(op, k).to_json() for k in keys if getattr(op, k) is not None}}}
+    if plain.calibrated is not None:
+        out["calibrated"] = {"brier": plain.calibrated.brier, "ece": plain.calibrated.ece}
     return out
 
 
@@ -215,7 +214,7 @@ def model_json(facts: dict, size: int, files: dict) -> dict:
         "calibration": calibration_doc(facts),
         "training_data": training_data(facts),
         "metrics": test_metrics(m),
-        "selected_checkpoint": m.get("selected_checkpoint"),
+        "selected_checkpoint": m.selected_checkpoint.to_json() if m.selected_checkpoint is not None else None,
         "source_run": {"dir": str(facts["run"]), "model_file": facts["model_path"].name
                        if facts["model_path"].parent == facts["run"] else
                        str(facts["model_path"].relative_to(facts["run"])), "sha256": facts["digest"]},
@@ -365,7 +364,7 @@ def export(run, out=None, formats=FORMATS, force: bool = False, log=print) -> Pa
         if facts["config_yaml"] is not None:
             (tmp / rundir.CONFIG).write_text(facts["config_yaml"])
         grids = {}
-        for name, rel in (facts["metrics"].get("gradcam") or {}).items():
+        for name, rel in (facts["metrics"].gradcam or {}).items():
             src = run / str(rel)
             if isinstance(rel, str) and src.is_file() and src.resolve().is_relative_to(run.resolve()):
                 (tmp / "gradcam").mkdir(exist_ok=True)

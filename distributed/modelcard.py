@@ -11,6 +11,7 @@ import shlex
 from collections.abc import Mapping
 
 from data_prep.textsafe import fence, md, md_code
+from distributed import results
 
 __all__ = ["model_card", "num", "interval"]
 
@@ -33,11 +34,11 @@ def interval(d: Mapping | None) -> str:
 
 def _data_section(facts, doc) -> list[str]:
     m, cfg = facts["metrics"], facts["config"]
-    td, prev = doc["training_data"], m.get("prevalence") or {}
-    task = m.get("task_definition") or {}
-    neg_rule = task.get("negative_rule") or cfg.data.negative_rule
+    td, prev = doc["training_data"], dict(m.prevalence.items()) if m.prevalence else {}
+    task = m.task_definition or results.TaskDefinition()
+    neg_rule = task.negative_rule or cfg.data.negative_rule
     neg = ("images whose only label is `No Finding`" if neg_rule == "no_finding"
-           else f"every image without {md(task.get('positive_label'))}")
+           else f"every image without {md(task.positive_label)}")
     src = td["source"]
     lines = ["## Data", ""]
     if src["synthetic"]:
@@ -55,14 +56,14 @@ def _data_section(facts, doc) -> list[str]:
         v = splits.get(s) or {}
         pats = (td.get("split_patients") or {}).get(s)
         if pats is None and s == "test":
-            pats = m.get("plain", {}).get("patients")
+            pats = getattr(m.plain, "patients", None)
         counts = ", ".join(f"{md(k)} {n}" for k, n in (v.get("label_counts") or {}).items())
         lines.append(f"- {s}: {v.get('count', '–')} images" + (f", {pats} patients" if pats is not None else "")
                      + (f" ({counts})" if counts else "") + f", prevalence {num(prev.get(s))}"
                      + (f" (resampled to {cfg.prep.train_per_class} per class)"
                         if s == "train" and cfg.prep.train_per_class else ""))
     lines += ["",
-              f"- Label rule: positive = the finding {md(task.get('positive_label'))} among the image's labels; "
+              f"- Label rule: positive = the finding {md(task.positive_label)} among the image's labels; "
               f"negative = {neg}.",
               "- Label noise: NIH ChestX-ray14's labels were mined from the radiology reports by NLP, not read "
               "from the images; their published accuracy is above 90% for most findings but lower for some, and "
@@ -108,24 +109,24 @@ def _calibration_section(doc, facts) -> list[str]:
                       "point was chosen on it."]
     else:
         lines += ["", "No calibration: `probability` is the network's."]
-    plots = (facts["metrics"].get("plots") or {})
+    plots = facts["metrics"].plots or {}
     if "calibration" in plots:
         lines += ["", "The reliability diagram is in the run's `plots/calibration.png`."]
     return lines + [""]
 
 
 def _subgroups_section(facts) -> list[str]:
-    sub = facts["metrics"]["plain"].get("subgroups") or {}
+    sub = facts["metrics"].plain.subgroups or {}
     if not sub:
         return []
     lines = ["## Subgroups (test split)", "", "| group | images | positives | ROC AUC [95% interval] |",
              "| --- | --- | --- | --- |"]
     for field, groups in sub.items():
         for name, v in groups.items():
-            ci = v.get("auc_ci") or {}
-            auc = (interval({"value": v["auc"], "low": ci.get("low"), "high": ci.get("high")})
-                   if v.get("auc") is not None else md(v.get("note") or "undefined"))
-            lines.append(f"| {md(field)} {md(name)} | {v.get('n')} | {v.get('positives')} | {auc} |")
+            ci = v.auc_ci or results.Interval()
+            auc = (interval({"value": v.auc, "low": ci.low, "high": ci.high})
+                   if v.auc is not None else md(v.note or "undefined"))
+            lines.append(f"| {md(field)} {md(name)} | {v.n} | {v.positives} | {auc} |")
     return lines + ["", "Small groups give wide intervals; an undefined AUC means one class only.", ""]
 
 
@@ -182,7 +183,7 @@ def model_card(facts: Mapping, doc: Mapping, grids: Mapping[str, str]) -> str:
             "no external validation."]
     if not synthetic:
         lim.append("- Labels are NLP-mined and noisy (see Data); the test metrics inherit that noise.")
-    val_prev = (facts["metrics"].get("prevalence") or {}).get("val")
+    val_prev = getattr(facts["metrics"].prevalence, "val", None)
     lim += [f"- The threshold was chosen at the validation prevalence {num(val_prev)}; PPV and NPV change with the "
             "prevalence where the model is used.",
             "- Images are squashed to a square (aspect ratio not kept); a JPEG is read at libjpeg's reduced DCT "

@@ -21,6 +21,7 @@ import numpy as np  # noqa: E402
 
 from data_prep.fsutil import atomic_write_bytes  # noqa: E402
 from distributed import rundir  # noqa: E402
+from distributed.results import BinaryResult, MultilabelResult, ReliabilityBin  # noqa: E402
 
 
 def _save(fig, path) -> Path:
@@ -31,27 +32,27 @@ def _save(fig, path) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def plot_roc(path, curves: Sequence[tuple[str, Mapping]], title: str = "ROC curve") -> Path:
-    """``curves``: (label, metrics) pairs from ``metrics.binary_metrics``; the first one's
+def plot_roc(path, curves: Sequence[tuple[str, BinaryResult]], title: str = "ROC curve") -> Path:
+    """``curves``: (label, result) pairs of binary evaluations (with their ``curves``); the first one's
     bootstrap band is shaded."""
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="chance")
     for i, (label, m) in enumerate(curves):
-        c = (m.get("curves") or {})
-        if not c:
+        c = m.curves
+        if c is None:
             continue
-        band = c.get("roc_band")
+        band = c.roc_band
         if band and i == 0:
-            ax.fill_between(band["fpr"], band["tpr_low"], band["tpr_high"], color=f"C{i}", alpha=0.2,
-                            label=f"95% band ({m['auc_ci']['n_valid']} patient resamples)")
-        ci = m.get("auc_ci") or {}
-        txt = f"{label}: AUC {m['auc']:.3f}"
-        if ci.get("low") is not None:
-            txt += f" [{ci['low']:.3f}, {ci['high']:.3f}]"
-        ax.plot(c["roc"]["fpr"], c["roc"]["tpr"], c=f"C{i}", lw=1.8, label=txt)
-        op = m.get("operating_point") or {}
-        if op.get("threshold") is not None:  # the threshold chosen on validation, where it lands on test
-            ax.plot(1 - op["specificity"]["value"], op["sensitivity"]["value"], "o", c=f"C{i}", ms=5)
+            ax.fill_between(band.fpr, band.tpr_low, band.tpr_high, color=f"C{i}", alpha=0.2,
+                            label=f"95% band ({m.auc_ci.n_valid} patient resamples)")
+        ci = m.auc_ci
+        txt = f"{label}: AUC {m.auc:.3f}"
+        if ci is not None and ci.low is not None:
+            txt += f" [{ci.low:.3f}, {ci.high:.3f}]"
+        ax.plot(c.roc.fpr, c.roc.tpr, c=f"C{i}", lw=1.8, label=txt)
+        op = m.operating_point
+        if op is not None and op.threshold is not None:  # the threshold chosen on validation, where it lands on test
+            ax.plot(1 - op.specificity.value, op.sensitivity.value, "o", c=f"C{i}", ms=5)
     ax.set(xlabel="False positive rate (1 - specificity)", ylabel="True positive rate (sensitivity)",
            xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower right", fontsize=7)
@@ -59,17 +60,17 @@ def plot_roc(path, curves: Sequence[tuple[str, Mapping]], title: str = "ROC curv
     return _save(fig, path)
 
 
-def plot_pr(path, curves: Sequence[tuple[str, Mapping]], prevalence: float | None = None,
+def plot_pr(path, curves: Sequence[tuple[str, BinaryResult]], prevalence: float | None = None,
             title: str = "Precision-recall curve") -> Path:
     fig, ax = plt.subplots(figsize=(5.2, 5))
     if prevalence is not None:
         ax.axhline(prevalence, ls="--", c="0.6", lw=1, label=f"prevalence {prevalence:.2f}")
     for i, (label, m) in enumerate(curves):
-        c = (m.get("curves") or {}).get("pr")
+        c = m.curves.pr if m.curves is not None else None
         if not c:
             continue
-        ap = m.get("average_precision")
-        ax.plot(c["recall"], c["precision"], c=f"C{i}", lw=1.8,
+        ap = m.average_precision
+        ax.plot(c.recall, c.precision, c=f"C{i}", lw=1.8,
                 label=f"{label}: AP {ap:.3f}" if ap is not None else label)
     ax.set(xlabel="Recall", ylabel="Precision", xlim=(0, 1), ylim=(0, 1.01), title=title)
     ax.legend(loc="lower left", fontsize=7)
@@ -93,13 +94,14 @@ def plot_decision_curve(path, c: Mapping, prevalence: float, title: str = "Decis
     return _save(fig, path)
 
 
-def plot_calibration(path, curves: Sequence[tuple[str, Sequence[Mapping]]], title: str = "Reliability diagram") -> Path:
-    """``curves``: (label, ``metrics.reliability`` bins) pairs: mean probability against the fraction
+def plot_calibration(path, curves: Sequence[tuple[str, Sequence[ReliabilityBin]]],
+                     title: str = "Reliability diagram") -> Path:
+    """``curves``: (label, reliability bins) pairs: mean probability against the fraction
     positive per equal-width bin (marker area ~ images), the diagonal is perfect calibration."""
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1, label="perfectly calibrated")
     for i, (label, bins) in enumerate(curves):
-        pts = [(b["mean_probability"], b["fraction_positive"], b["n"]) for b in bins if b["n"]]
+        pts = [(b.mean_probability, b.fraction_positive, b.n) for b in bins if b.n]
         if not pts:
             continue
         x, y, n = (np.array(v, dtype=float) for v in zip(*pts))
@@ -128,16 +130,16 @@ def plot_confusion(path, cm, class_names: Sequence[str], title: str = "Confusion
     return _save(fig, path)
 
 
-def plot_multilabel_roc(path, ml: Mapping, title: str = "ROC per finding") -> Path:
+def plot_multilabel_roc(path, ml: MultilabelResult, title: str = "ROC per finding") -> Path:
     fig, ax = plt.subplots(figsize=(6.5, 6))
     ax.plot([0, 1], [0, 1], ls="--", c="0.6", lw=1)
     cmap = matplotlib.colormaps["tab20"]
-    for i, (name, f) in enumerate(ml["findings"].items()):
-        c = (f.get("curves") or {}).get("roc")
+    for i, (name, f) in enumerate(ml.findings.items()):
+        c = f.curves.roc if f.curves is not None else None
         if c:
-            ax.plot(c["fpr"], c["tpr"], lw=1.2, c=cmap(i % 20), label=f"{name} {f['auc']:.3f}")
+            ax.plot(c.fpr, c.tpr, lw=1.2, c=cmap(i % 20), label=f"{name} {f.auc:.3f}")
     ax.set(xlabel="False positive rate", ylabel="True positive rate", xlim=(0, 1), ylim=(0, 1.01),
-           title=f"{title} (mean AUC {ml['mean_auc']:.3f})" if ml.get("mean_auc") is not None else title)
+           title=f"{title} (mean AUC {ml.mean_auc:.3f})" if ml.mean_auc is not None else title)
     ax.legend(loc="lower right", fontsize=6)
     ax.grid(alpha=0.3)
     return _save(fig, path)

@@ -62,7 +62,7 @@ from data_prep.imaging import ImageError, load_xray, load_xray_and_original
 from data_prep.manifest import load_manifest
 from data_prep.metadata import FINDINGS
 from data_prep.textsafe import console, csv_row
-from distributed import rundir
+from distributed import results, rundir
 from distributed.bundle import is_bundle, read_bundle
 from distributed.precision import cpu_flags, decide, plan_precision
 
@@ -181,8 +181,8 @@ def find_calibration(model_path: Path, digest: str | None = None) -> dict | None
 def report_says_calibrated(model_path: Path) -> str | None:
     """Where the run's evaluation says its predictions are calibrated (its ``metrics.json``), or None."""
     f = run_folder(model_path) / rundir.METRICS
-    m, _ = _run_json(f) if f.is_file() else (None, None)
-    if m and isinstance(m.get("plain"), dict) and m["plain"].get("calibrated"):
+    m = results.read_if_valid(f)
+    if m is not None and getattr(m.plain, "calibrated", None):
         return str(f)
     return None
 

@@ -26,7 +26,6 @@ ROC AUCs (multilabel: the mean AUROC). No numpy: ``launch`` stays light. ``--gri
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Callable, Sequence
 from data_prep.config import load_config
 from data_prep.fsutil import atomic_write_json, atomic_write_text
 from data_prep.textsafe import console, md, md_code
-from distributed import rundir
+from distributed import results, rundir
 from launch import pipeline as pl
 from launch.hosts import LaunchError
 
@@ -84,14 +83,16 @@ def seed_done(cfg) -> str | None:
 
 
 def seed_result(cfg, seed: int, overrides: Sequence[str] = ()) -> dict:
-    m = json.loads((Path(cfg.run.dir) / rundir.METRICS).read_text())
-    plain = m.get("plain") or {}
-    auc = plain.get("auc") if m.get("task") == "binary" else plain.get("mean_auc")
-    ci = plain.get("auc_ci") or {}
-    why = None if auc is not None else str(plain.get("note") or "metrics.json holds no test AUC for this run")
+    m = results.read(Path(cfg.run.dir) / rundir.METRICS)
+    auc = getattr(m.plain, "auc" if m.task == "binary" else "mean_auc", None)
+    ci = getattr(m.plain, "auc_ci", None)
+    why = None if auc is not None else str(getattr(m.plain, "note", None) or
+                                            "metrics.json holds no test AUC for this run")
     return {"seed": seed, "prep_seed": cfg.prep.seed, "auc": auc, "why_no_auc": why,
-            "auc_ci": {"low": ci.get("low"), "high": ci.get("high")}, "overrides": list(overrides),
-            "selected_checkpoint": m.get("selected_checkpoint"), "run_dir": str(cfg.run.dir)}
+            "auc_ci": {"low": getattr(ci, "low", None), "high": getattr(ci, "high", None)},
+            "overrides": list(overrides),
+            "selected_checkpoint": m.selected_checkpoint.to_json() if m.selected_checkpoint else None,
+            "run_dir": str(cfg.run.dir)}
 
 
 def varied_keys(resplit: bool) -> list[str]:

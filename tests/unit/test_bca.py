@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from test_results import _explicit_resamples  # noqa: E402 - the same generator calls as the metrics
 
 from distributed import metrics as M
+from distributed.results import BinaryResult, EvalResult
 
 
 def _clustered(rng, n_pos, n_neg, auc=0.82):
@@ -81,10 +82,11 @@ def test_every_bootstrap_interval_names_its_method_and_keeps_the_percentile():
         assert ci["method"] == "bca" and set(ci["percentile"]) == {"low", "high"}
         assert ci["low"] <= ci["high"]
     from distributed.report import binary_section, intervals_fact
-    sec = binary_section(m, None, ["negative", "positive"], 0, {})
+    sec = binary_section(BinaryResult.from_json(m), None, ["negative", "positive"], 0, EvalResult.from_json({}))
     assert "is a bias-corrected and accelerated (BCa) bootstrap interval over 100 resamples" in sec
     assert "`percentile`" in sec
-    assert "BCa patient bootstrap (100 resamples" in intervals_fact({"task": "binary", "plain": m, "bootstrap": 100})
+    assert "BCa patient bootstrap (100 resamples" in intervals_fact(
+        EvalResult.from_json({"task": "binary", "plain": m, "bootstrap": 100}))
 
 
 @pytest.mark.parametrize("n_pos,n_neg,sims", [(15, 45, 1000), (30, 90, 800)])

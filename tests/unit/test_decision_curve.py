@@ -11,6 +11,7 @@ from distributed import metrics as M
 from distributed.evaluate import predictions_csv
 from distributed.plots import plot_decision_curve
 from distributed.report import decision_note
+from distributed.results import DecisionCurve
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +49,11 @@ def test_net_benefit_equals_a_hand_computation_from_predictions_csv(predictions)
 def test_report_says_the_net_benefit_holds_at_the_test_prevalence(predictions, tmp_path):
     y, p = predictions["label"].to_numpy(), predictions["probability"].to_numpy()
     c = decision.curve(y, p)
-    note = decision_note(decision.summary(c, float(y.mean())))
+    note = decision_note(DecisionCurve.from_json(decision.summary(c, float(y.mean()))))
     assert "**the test set's prevalence** (0.333, 60 images)" in note and "`decision_curve.csv`" in note
     assert "TP/n − FP/n × pt/(1 − pt)" in note and "from 0.01 to 0.99" in note
     out = plot_decision_curve(tmp_path / "plots" / "decision_curve.png", c, float(y.mean()))
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     none = decision.curve(y, np.zeros_like(p))
-    assert "exceeds both at none of the thresholds" in decision_note(decision.summary(none, float(y.mean())))
+    assert "exceeds both at none of the thresholds" in decision_note(
+        DecisionCurve.from_json(decision.summary(none, float(y.mean()))))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from distributed import metrics as M
+from distributed.results import BinaryResult, EvalResult
 
 ASAH = Path(__file__).resolve().parents[1] / "fixtures" / "asah.csv"
 
@@ -119,7 +120,8 @@ def test_tta_minus_plain_carries_the_clustered_delong_test_and_the_report_says_s
     assert d["delong"] == M.delong_test(y, plain, tta, groups=g) and d["delong"]["cases"] == 60
     assert d["delong"]["auc_diff"] == pytest.approx(d["auc_diff"], abs=1e-15)
     m = M.binary_metrics(y, plain, groups=g, n_boot=0)
-    sec = binary_section(m, None, ["negative", "positive"], 0, {"tta_minus_plain": d})
+    sec = binary_section(BinaryResult.from_json(m), None, ["negative", "positive"], 0,
+                         EvalResult.from_json({"tta_minus_plain": d}))
     t = d["delong"]
     assert (f"DeLong's test of the paired AUCs, clustered by patient (Obuchowski 1997): difference "
             f"{t['auc_diff']:.3f}, SE {t['se']:.3f}, z = {t['z']:.2f}, two-sided p = {t['p']:.3g}") in sec

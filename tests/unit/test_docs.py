@@ -71,7 +71,8 @@ def test_readme_fits_on_a_screen_and_a_half(root):
 
 
 @pytest.mark.parametrize("name", ["README.md", "ARCHITECTURE.md", "BENCHMARKS.md", "docs/user-guide.md",
-                                  "docs/cluster-guide.md", "docs/results-guide.md", "docs/config-reference.md"])
+                                  "docs/cluster-guide.md", "docs/results-guide.md", "docs/config-reference.md",
+                                  "docs/metrics-reference.md"])
 def test_documents_exist(root, name):
     assert (root / name).is_file()
 
@@ -117,6 +118,21 @@ def test_config_reference_is_what_the_generator_prints(root):
 
     assert (root / "docs" / "config-reference.md").read_text() == reference_markdown(), \
         "regenerate: python -m data_prep.config --reference > docs/config-reference.md"
+
+
+def test_metrics_reference_is_what_the_dataclasses_say(root):
+    """docs/metrics-reference.md is generated from distributed/results.py: a key added, renamed or documented
+    differently in a record and not in the reference (or the other way round) fails here."""
+    import dataclasses
+
+    from distributed import results
+
+    for cls in results.records():
+        assert not cls.__doc__.startswith(f"{cls.__name__}("), f"{cls.__name__} has no docstring"
+        for f in dataclasses.fields(cls):
+            assert f.name == "unknown" or f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no doc"
+    assert (root / "docs" / "metrics-reference.md").read_text() == results.schema_markdown(), \
+        "regenerate: python -m distributed.results > docs/metrics-reference.md"
 
 
 def test_slug_matches_github():

@@ -15,6 +15,7 @@ from data_prep.textsafe import csv_cell, md, md_code
 from distributed import evaluate as E
 from distributed import metrics as M
 from distributed.report import write_report
+from distributed.results import EvalResult
 
 EVIL_VIEW = "PA|<script>alert(1)</script>"
 EVIL_LABEL = "**bold** ![x](http://evil.example/x.png) <img src=x onerror=alert(1)>"
@@ -66,9 +67,9 @@ def test_report_and_csv_escape_crafted_values(tmp_path):
                "n": 40, "ranks": 1, "seconds": 1.0, "tta_rounds": 0, "image_size": 32, "bootstrap": 20, "plain": plain,
                "tta": None, "operating_point": plain["operating_point"], "warnings": [f"odd {EVIL_LABEL}"],
                "run_dir": str(tmp_path), "gradcam": {}, "prevalence": {"test": 0.5}}
-    console = E.console_text(metrics)
+    console = E.console_text(EvalResult.from_json(metrics))
     assert "\x1b" not in console
-    write_report(tmp_path, cfg=cfg, manifest=manifest, metrics=metrics, plots={}, gradcam={},
+    write_report(tmp_path, cfg=cfg, manifest=manifest, metrics=EvalResult.from_json(metrics), plots={}, gradcam={},
                  config_yaml="a: 1\n```\n<script>x</script>", console=console + "\n```\n# injected")
     text = (tmp_path / "report.md").read_text()
     # nothing of the crafted values is active Markdown or HTML outside code blocks

@@ -3,7 +3,7 @@
 * imports point one way: benchmarks -> launch -> distributed -> data_prep; ``data_prep`` is the
   ground floor (config, log, file helpers, the pure-data backbone registry) and imports none of the other three;
 * ``launch`` imports only the pure ``distributed.tuning`` (planner), ``distributed.rundir`` (the run
-  directory's files), never TensorFlow, Horovod,
+  directory's files) and ``distributed.results`` (metrics.json's records), never TensorFlow, Horovod,
   mpi4py or numpy, so the launcher starts in a fraction of a second on a login node;
 * no product package imports ``benchmarks``, and no module imports itself through a circle;
 * benchmark worker modules load neither TensorFlow nor numpy at import time: thread tuning must
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("data_prep", "distributed", "launch", "benchmarks")
 PRODUCT = ("data_prep", "distributed", "launch")
 HEAVY = ("tensorflow", "keras", "horovod", "mpi4py", "numpy")
-PURE = ("distributed.tuning", "distributed.rundir")  # no TF/numpy: launch may import them
+PURE = ("distributed.tuning", "distributed.rundir", "distributed.results")  # no TF/numpy: launch may import them
 
 
 def _module_name(path: Path) -> str:

@@ -6,6 +6,7 @@ from sklearn.metrics import average_precision_score, brier_score_loss, roc_auc_s
 from test_metrics import _data  # noqa: E402 - the same synthetic scores
 
 from distributed import metrics as M
+from distributed.results import BinaryResult, EvalResult, OperatingPoint
 
 
 def _explicit_resamples(g, n_boot, seed):
@@ -191,7 +192,8 @@ def test_two_by_two_at_the_operating_point_equals_a_hand_count_from_predictions_
     assert {k: op[k] for k in hand} == hand
     assert op["sensitivity"]["value"] == hand["tp"] / (hand["tp"] + hand["fn"])
     assert t < 0.4 and m["confusion_matrix"][1][0] != hand["fn"]  # the 0.5 table is another table
-    sec = binary_section(m, None, ["No Finding", "Effusion"], 0, {"operating_point": op})
+    sec = binary_section(BinaryResult.from_json(m), None, ["No Finding", "Effusion"], 0,
+                         EvalResult.from_json({"operating_point": op}))
     assert sec.index("### 2x2 table at the operating point") < sec.index("### Summary")
     assert f"TP {hand['tp']}, FP {hand['fp']}, FN {hand['fn']}, TN {hand['tn']}" in sec
     assert f"threshold {t:.9g}" in sec and "secondary, not the operating point" in sec
@@ -216,7 +218,7 @@ def test_clopper_pearson_of_64_of_64_and_the_zero_width_bootstrap_is_flagged():
     from distributed.report import binary_section
     m = M.binary_metrics(y, p, groups=np.arange(128), n_boot=50,
                          operating={"source": "validation", "rule": "fixed:0.85", "threshold": 0.85})
-    sec = binary_section(m, None, ["negative", "positive"], 0, {})
+    sec = binary_section(BinaryResult.from_json(m), None, ["negative", "positive"], 0, EvalResult.from_json({}))
     flagged = next(ln for ln in sec.splitlines() if ln.startswith("**Zero-width bootstrap interval** for"))
     assert "sensitivity at the operating point" in flagged and "Brier" not in flagged
     assert "[0.944, 1.000]" in sec  # the exact interval in the summary
@@ -252,13 +254,14 @@ def test_dropped_resamples_are_counted_cited_and_warned():
     assert m["auc_ci"]["n_valid"] == valid < 400
     assert m["average_precision_ci"]["n_valid"] == valid
     assert m["operating_point"]["sensitivity"]["bootstrap"]["n_valid"] == sum(1 for w in drawn if (w * y).sum() > 0)
-    assert f"rests on {valid} of 400 resamples" in binary_section(m, None, ["negative", "positive"], 0, {})
-    assert resample_warning({"bootstrap": 400, "plain": m}) is None  # 97 %: above the 95 % line
+    assert f"rests on {valid} of 400 resamples" in binary_section(BinaryResult.from_json(m), None,
+                                                                  ["negative", "positive"], 0, EvalResult.from_json({}))
+    assert resample_warning(EvalResult.from_json({"bootstrap": 400, "plain": m})) is None  # 97 %: above the 95 % line
     y2 = np.array([1] * 2 + [0] * 22)  # one positive patient of 12: about 35 % of resamples lack it
     m2 = M.binary_metrics(y2, p, groups=g, n_boot=400, seed=3)
     v2 = m2["auc_ci"]["n_valid"]
     assert v2 < 0.95 * 400
-    w = resample_warning({"bootstrap": 400, "plain": m2})
+    w = resample_warning(EvalResult.from_json({"bootstrap": 400, "plain": m2}))
     assert w is not None and f"plain.auc_ci ({v2})" in w and "of the 400 patient resamples" in w
 
 
@@ -337,7 +340,7 @@ def test_temperature_at_the_search_bound_is_a_warning(tmp_path):
         "brier": 0.1, "ece": 0.05, "method": "temperature", "temperature": plan["temperature"], "shift": 0.0,
         "center": 0.0, "warning": plan["warning"],
         "validation": {"before": {"brier": 0.2, "ece": 0.1}, "after": {"brier": 0.0, "ece": 0.0}, "in_sample": True}}}
-    sec = calibration_section(plain, None, {})
+    sec = calibration_section(BinaryResult.from_json(plain), None, EvalResult.from_json({}))
     assert "(validation, in-sample)" in sec and "**Warning:**" in sec and "search bound" in sec
 
 
@@ -350,7 +353,7 @@ def test_summary_says_chosen_on_validation_only_when_it_was():
         m = M.binary_metrics(y, p, groups=g, n_boot=0,
                              operating={"source": source, "rule": "fixed:0.5" if said is False else "youden",
                                         "threshold": 0.5})
-        sec = binary_section(m, None, ["negative", "positive"], 0, {})
+        sec = binary_section(BinaryResult.from_json(m), None, ["negative", "positive"], 0, EvalResult.from_json({}))
         assert ("chosen by `youden` on the validation split" in sec) is said
         assert ("not chosen on the validation split" in sec) is not said
 
@@ -407,8 +410,8 @@ def test_sensitivity_0_leaves_a_saturated_probability_of_1_negative(tmp_path):
     assert M.choose_threshold("specificity:1", y, p) == 0.95  # the cut above the highest negative, below 1.0
     op = M.operating_point_metrics(y, p, t, np.arange(5), n_boot=0)
     assert (op["tp"], op["fp"]) == (0, 0) and op["sensitivity"]["value"] == 0.0
-    assert "p >= 1.0000000000000002" in "\n".join(two_by_two({**op, "threshold": t, "rule": "sensitivity:0",
-                                                                "source": "validation"}, ["a", "b"]))
+    assert "p >= 1.0000000000000002" in "\n".join(two_by_two(OperatingPoint.from_json(
+        {**op, "threshold": t, "rule": "sensitivity:0", "source": "validation"}), ["a", "b"]))
     model = tmp_path / "model.keras"
     model.write_bytes(b"model")
     (tmp_path / "operating_point.json").write_text(json.dumps({"threshold": t, "rule": "sensitivity:0",
@@ -447,7 +450,8 @@ def test_multilabel_mean_auc_difference_averages_a_fixed_set_of_findings():
                "seconds": 1.0}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config(None, [f"run.dir={tmp}"])
-        write_report(tmp, cfg=cfg, manifest=None, metrics=metrics, plots={}, gradcam={}, config_yaml="")
+        write_report(tmp, cfg=cfg, manifest=None, metrics=EvalResult.from_json(metrics), plots={}, gradcam={},
+                     config_yaml="")
         text = (Path(tmp) / "report.md").read_text()
     assert f"on {d['n_valid']} of 200 patient resamples: every resample averages the same findings" in text
     assert "DeLong's test of the paired mean AUCs, clustered by patient (Obuchowski 1997)" in text
