@@ -366,11 +366,14 @@ def evaluation_folder(cfg, metrics: dict) -> Path:
     return Path(provenance.check(cfg, Path(cfg.run.dir))["out_dir"])
 
 
-def log_evaluation(cfg, metrics: dict | None, out_dir=None) -> str | None:
-    """Rank 0 after evaluation (``metrics``: what it returned; None off rank 0): into the run folder's MLflow
-    run, the test metrics with intervals and the report, metrics.json, plots and Grad-CAM grids."""
+def log_evaluation(cfg, metrics, out_dir=None) -> str | None:
+    """Rank 0 after evaluation (``metrics``: the ``distributed.results.EvalResult`` it returned, or its JSON
+    form; None off rank 0): into the run folder's MLflow run, the test metrics with intervals and the report,
+    metrics.json, plots and Grad-CAM grids."""
     if not enabled(cfg) or metrics is None or not chief():
         return None
+    if not isinstance(metrics, dict):
+        metrics = metrics.to_json()  # metrics.json's own form: the keys evaluation_metrics reads
     return _guarded(cfg, "evaluation", lambda: _log_evaluation(cfg, metrics, out_dir))
 
 
@@ -422,7 +425,9 @@ def main(argv=None) -> int:
     run_id = _log_training(cfg, reuse=True)
     metrics_file = run_dir / rundir.METRICS
     if metrics_file.is_file():
-        _log_evaluation(cfg, json.loads(metrics_file.read_text()), run_dir)
+        from distributed import results
+
+        _log_evaluation(cfg, results.read(metrics_file).to_json(), run_dir)
     print(f"MLflow run {run_id} in {tracking_uri(cfg)}")
     return 0
 
