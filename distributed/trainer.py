@@ -35,6 +35,7 @@ import numpy as np
 import tensorflow as tf
 
 from data_prep import locks, testhooks
+from data_prep.backbones import BACKBONES
 from data_prep.config import save_resolved
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json
 from data_prep.log import get_logger
@@ -223,8 +224,9 @@ def epoch_callbacks(cfg, state, phase: str, steps: int, val_data, num_classes: i
         # Horovod: average loss/accuracy of the epoch over ranks (validation is gathered instead).
         hvd.metric_average_callback(),
         EpochTimer(steps * cfg.train.batch_size * hvd.size(), steps),
-        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them.
-        AverageBatchNormStatistics(),
+        # Horovod: BatchNorm moving statistics are per rank (not gradients): average them, for the
+        # backbones the registry says have BatchNorm (a test keeps the flag equal to the built model).
+        *([AverageBatchNormStatistics()] if BACKBONES[cfg.model.backbone].batch_norm else []),
         LearningRateLogger(),
         # Horovod: validation sharded over ranks, predictions gathered: identical metrics everywhere.
         Validation(lambda: D.eval_dataset(val_data, batch_size=cfg.eval.batch_size, rank=hvd.rank(),
