@@ -406,20 +406,12 @@ def run(args, rest: list[str], prog: str, run_pipeline: Callable[[list[str]], in
     results = []
     for arm in arms:
         cfg = cfgmod.load_config(args.config, arm.overrides)
-        why = seeds_sweep.seed_done(cfg)
-        if why and "--force" not in rest:
-            say(console(f"skip {arm.name}: {why}"))
-        else:
-            say(console(f"{arm.name}: {' '.join(arm.overrides[len(args.overrides):])}"))
-            rc = run_pipeline(["pipeline", "--config", args.config, *sum([["--set", s] for s in arm.overrides], []),
-                               *rest])
-            if rc != 0:
-                print(f"{prog}: error: arm {arm.name} failed (exit code {rc}); rerun the same command to continue",
-                      file=sys.stderr)
-                return rc
-            if "--dry-run" in rest:
-                continue
-        results.append(arm_result(cfg, arm))
+        rc = seeds_sweep.run_arm(cfg, args.config, arm.overrides, arm.name, arm.overrides[len(args.overrides):],
+                                 rest, prog, run_pipeline, say, failed=f"arm {arm.name}")
+        if rc != 0:
+            return rc
+        if "--dry-run" not in rest:
+            results.append(arm_result(cfg, arm))
     if "--dry-run" in rest:
         return 0
     n_boot = base.eval.bootstrap

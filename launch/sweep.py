@@ -157,6 +157,23 @@ def sweep_markdown(s: dict, config: str) -> str:
                       + "; each run's own sampling uncertainty is its 95% interval above." + few, ""])
 
 
+def run_arm(cfg, config: str, sets: Sequence[str], label: str, shown: Sequence[str], rest: Sequence[str], prog: str,
+            run_pipeline: Callable[[list[str]], int], say: Callable[[str], None], failed: str = "") -> int:
+    """One arm of a sweep (a seed, a grid point's seed): its whole ``launch pipeline`` with ``sets``, unless
+    its evaluation is complete for ``cfg`` (``--force`` runs it anyway); the pipeline's exit code, 0 when
+    skipped. ``label`` names it in the log (``shown``: the overrides it adds), ``failed`` in the error."""
+    why = seed_done(cfg)
+    if why and "--force" not in rest:
+        say(console(f"skip {label}: {why}"))
+        return 0
+    say(console(f"{label}: {' '.join(shown)}"))
+    rc = run_pipeline(["pipeline", "--config", config, *sum([["--set", s] for s in sets], []), *rest])
+    if rc != 0:
+        print(f"{prog}: error: {failed or label} failed (exit code {rc}); rerun the same command to continue",
+              file=sys.stderr)
+    return rc
+
+
 def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]) -> int:
     """``run_pipeline(argv)``: ``launch``'s own main for ``pipeline ...`` (one seed's stages)."""
     args, rest = build_parser(prog).parse_known_args(list(argv))
@@ -170,19 +187,12 @@ def cli(argv: Sequence[str], prog: str, run_pipeline: Callable[[list[str]], int]
     for seed in seeds:
         sets = [*args.overrides, *seed_overrides(base, seed, args.resplit)]
         cfg = load_config(args.config, sets)
-        why = seed_done(cfg)
-        if why and "--force" not in rest:
-            say(console(f"skip seed {seed}: {why}"))
-        else:
-            say(console(f"seed {seed}: {' '.join(seed_overrides(base, seed, args.resplit))}"))
-            rc = run_pipeline(["pipeline", "--config", args.config, *sum([["--set", s] for s in sets], []), *rest])
-            if rc != 0:
-                print(f"{prog}: error: seed {seed} failed (exit code {rc}); rerun the same command to continue",
-                      file=sys.stderr)
-                return rc
-            if "--dry-run" in rest:
-                continue
-        runs.append(seed_result(cfg, seed, sets))
+        rc = run_arm(cfg, args.config, sets, f"seed {seed}", seed_overrides(base, seed, args.resplit), rest, prog,
+                     run_pipeline, say)
+        if rc != 0:
+            return rc
+        if "--dry-run" not in rest:
+            runs.append(seed_result(cfg, seed, sets))
     if "--dry-run" in rest:
         return 0
     s = summary(seeds, runs, args.resplit, args.config, args.overrides)
