@@ -219,7 +219,8 @@ def find_images(root, names=None, exclude=(), refused: list | None = None) -> di
     """Map file name -> path for every file below ``root`` (flat ``images/`` or Kaggle's
     ``images_NNN/images/``): NIH's CSV names its images by file name only. Only names in ``names`` are kept
     when given. Directories are walked in sorted order, so when a name occurs twice the first path in that
-    order wins. Symlink loops and symlinks leaving ``root`` are not followed and are listed in ``refused`` (``fsutil.walk_tree``)."""
+    order wins. Symlink loops and symlinks leaving ``root`` are not followed and are listed in ``refused``
+    (``fsutil.walk_tree``)."""
     root = Path(root)
     if not root.is_dir():
         raise MetadataError(f"image folder not found: {root} (data.images)")
