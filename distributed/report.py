@@ -18,7 +18,7 @@ from data_prep import flow as fl
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
-from distributed import rundir
+from distributed import labelpolicy, rundir
 from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side, short_resamples
 from distributed.provenance import leakage_sentence
 
@@ -826,7 +826,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: Mapping, pl
                                 + (f"{metrics['tta_rounds']} rounds" if tta else "off")],
              ], "ll"), "",
              task_section(metrics, cfg),
-             "## Data", "", data_section(manifest, metrics.get("provenance")), "",
+             "## Data", "", data_section(manifest, metrics.get("provenance")), "", labelpolicy.report_line(metrics), "",
              flow_section(metrics.get("flow")), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in (metrics.get("warnings") or []) + ([short] if (short := resample_warning(metrics)) else []):

@@ -154,7 +154,8 @@ class Phase:
     trainable: int    # trainable weight tensors
 
 
-def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
+def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False,
+                  masked: bool = False) -> Phase:
     """Freeze for ``phase``, make its optimizer (learning rate for ``size`` ranks, warm-up over
     ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
     step of every way of training (plain, elastic, the benchmarks)."""
@@ -164,8 +165,7 @@ def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: boo
     # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
     opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),
                                    compression=cfg.train.allreduce_compression)
-    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=opt, loss=M.training_loss(multilabel, masked), metrics=M.training_metrics(masked))
     build_optimizer(opt, model)
     return Phase(phase, pcfg, model, opt, steps, trainable)
 
@@ -189,7 +189,7 @@ def train_phases(cfg, model, state, train_data, val_data, log, tb, tally: Tally,
             if state.phase != phase:  # entering this phase (not resuming inside it)
                 state.phase, state.phase_epoch, state.step = phase, 0, 0
                 state.early_stopping = {"best": math.inf, "wait": 0, "stopped": False}
-            ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel)
+            ph = prepare_phase(cfg, model, phase, hvd.size(), steps, multilabel, getattr(train_data, "masked", False))
             if hvd.is_root():  # Horovod: rank 0 writes the run's files
                 rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
             if opt_phase == phase and opt_values:

@@ -1,0 +1,45 @@
+"""What the prep recorded about the labels (``manifest["labels"]``), for metrics.json and one line of report.md.
+
+The data format, the uncertain-label policy (``data.uncertain``) and its counts: uncertain labels read,
+images left out of a binary task because their positive label was masked, labels masked per split
+(multilabel), and whether patient ids are pseudonymised. Pure: no TensorFlow."""
+from __future__ import annotations
+
+from typing import Mapping
+
+POLICY_TEXT = {"ignore": "masked out of the loss and the metrics (U-Ignore)",
+               "positive": "counted as positive (U-Ones)", "negative": "counted as negative (U-Zeros)"}
+
+
+def summary(manifest: Mapping, evaluated_mask=None) -> dict | None:
+    """``manifest["labels"]`` with each split's masked counts (and the test labels masked at evaluation)."""
+    labels = manifest.get("labels")
+    if not isinstance(labels, Mapping):
+        return None
+    out = dict(labels)
+    out["masked_per_split"] = {name: dict(s.get("masked") or {}) for name, s in (manifest.get("splits") or {}).items()}
+    if evaluated_mask is not None:
+        out["masked_test_labels"] = int((evaluated_mask == 0).sum())
+    return out
+
+
+def report_line(metrics: Mapping) -> str:
+    """One Markdown paragraph: the format, the uncertain-label policy and the masked counts ('' without)."""
+    lab = metrics.get("labels")
+    if not isinstance(lab, Mapping):
+        return ""
+    parts = [f"Labels: `data.format: {lab.get('format', 'nih')}`"]
+    pol = lab.get("uncertain")
+    if pol and lab.get("format") != "nih":
+        unc = sum(int(v) for v in (lab.get("uncertain_labels") or {}).values())
+        parts.append(f"uncertain labels (`data.uncertain: {pol}`): {unc} read, {POLICY_TEXT.get(pol, pol)}")
+        if "masked_images" in lab:
+            parts.append(f"{int(lab['masked_images'])} images left out of the binary task because their positive "
+                         "label was uncertain and masked")
+        masked = sum(int(v) for s in (lab.get("masked_per_split") or {}).values() for v in s.values())
+        if masked or "masked_test_labels" in lab:
+            parts.append(f"{masked} labels masked in the shards ({int(lab.get('masked_test_labels', 0))} of them "
+                         "in the evaluated test split)")
+    if lab.get("pseudonymized"):
+        parts.append(f"patient ids ({lab.get('patient_from', 'column')}) pseudonymised by a keyed hash")
+    return "; ".join(parts) + "."
