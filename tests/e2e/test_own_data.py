@@ -1,0 +1,96 @@
+"""A research group's own data through the whole pipeline on 2 ranks (tiny backbone, 32 px): a generated
+CheXpert-style set (one file name in many patient/study folders, string patients, uncertain and blank labels,
+lateral views filtered) under U-Ignore, and a generated DICOM set read by the csv format with the patient from
+the header's PatientID, pseudonymised. Each goes prep -> train -> evaluate -> report.md, with the splits
+disjoint by patient (read from the shards) and the label policy stated. Needs Open MPI and Horovod."""
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+from data_prep import synthetic
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.needs_mpirun, pytest.mark.needs_horovod]
+
+COMMON = ("model: {backbone: tiny, weights: none, dense_units: 16}\n"
+          "train: {batch_size: 8, warmup: {epochs: 1}, finetune: {epochs: 1, patience: 10}}\n"
+          "eval: {tta: false, bootstrap: 20, gradcam_per_group: 1}\n"
+          "runtime: {precision: float32}\n")
+
+
+def env():
+    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_COMM_WORLD", "HOROVOD_"))}
+    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if os.getuid() == 0:
+        e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    return e
+
+
+def pipeline(d: Path, data_yaml: str):
+    (d / "c.yaml").write_text(
+        data_yaml + f"prep: {{out: {d}/prepared, shard_size: 32, val_fraction: 0.2, test_fraction: 0.25}}\n"
+        + COMMON + f"run: {{dir: {d}/run}}\n")
+    r = subprocess.run([sys.executable, "-m", "launch", "pipeline", "--config", str(d / "c.yaml"), "--np", "2"],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-4000:]
+    for f in ("report.md", "metrics.json", "predictions.csv"):
+        assert (d / "run" / f).is_file(), f
+    return r
+
+
+def shard_columns(prep: Path) -> dict:
+    """Per split: (image ids, patient ids) read from the shards."""
+    man = json.loads((prep / "manifest.json").read_text())
+    out = {}
+    for split, s in man["splits"].items():
+        images, patients = [], []
+        for sh in s["shards"]:
+            with h5py.File(prep / sh["file"], "r") as h:
+                images += [x.decode() for x in h["image_index"][...]]
+                patients += [x.decode() for x in h["patient_id"][...]]
+        out[split] = (images, patients)
+    return out
+
+
+def assert_disjoint_by_patient(cols: dict):
+    sets = {s: set(p) for s, (_, p) in cols.items()}
+    assert all(sets.values()), {s: len(v) for s, v in sets.items()}
+    assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
+
+
+def test_chexpert_style_set_under_u_ignore(tmp_path):
+    s = synthetic.generate(tmp_path / "data", patients=40, image_size=64, seed=5, progress=False, fmt="chexpert")
+    assert s["uncertain Lung Opacity"] > 0
+    r = pipeline(tmp_path, f"data: {{format: chexpert, csv: {tmp_path}/data/CheXpert-v1.0-small/train.csv, "
+                           f"images: {tmp_path}/data, positive_label: Lung Opacity, uncertain: ignore, "
+                           "image_size: 32}\n")
+    prep = tmp_path / "prepared"
+    man = json.loads((prep / "manifest.json").read_text())
+    lab = man["labels"]
+    assert lab["format"] == "chexpert" and lab["uncertain"] == "ignore"
+    assert lab["uncertain_labels"]["Lung Opacity"] == s["uncertain Lung Opacity"]
+    assert lab["masked_images"] == s["uncertain Lung Opacity"]  # each left out of the binary task
+    laterals = [x for x in man["skipped"] if x["reason"].startswith("view not in data.views")]
+    assert len(laterals) == s["images"] - s["frontal"] and all(x["image"].endswith("view2_lateral.jpg")
+                                                               for x in laterals)
+    cols = shard_columns(prep)
+    assert_disjoint_by_patient(cols)
+    images = [i for im, _ in cols.values() for i in im]
+    assert len(images) == len(set(images)) and all(i.endswith("/view1_frontal.jpg") for i in images)
+    assert all(p.startswith("patient") for _, ps in cols.values() for p in ps)
+    with open(tmp_path / "run" / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["image"] for r in rows] == cols["test"][0] and [r["patient"] for r in rows] == cols["test"][1]
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["labels"]["uncertain"] == "ignore" and m["classes"] == ["No Finding", "Lung Opacity"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert (f"uncertain labels (`data.uncertain: ignore`): {sum(lab['uncertain_labels'].values())} read, masked "
+            f"out of the loss and the metrics (U-Ignore); {lab['masked_images']} images left out") in report
+    assert "prep: 2 rank(s)" in r.stderr and "train: 2 rank(s)" in r.stderr
