@@ -94,3 +94,32 @@ def test_chexpert_style_set_under_u_ignore(tmp_path):
     assert (f"uncertain labels (`data.uncertain: ignore`): {sum(lab['uncertain_labels'].values())} read, masked "
             f"out of the loss and the metrics (U-Ignore); {lab['masked_images']} images left out") in report
     assert "prep: 2 rank(s)" in r.stderr and "train: 2 rank(s)" in r.stderr
+
+
+def test_dicom_set_with_patients_from_the_header(tmp_path):
+    n = 30
+    synthetic.generate(tmp_path / "data", patients=n, image_size=64, seed=9, progress=False, fmt="dicom")
+    d = tmp_path / "data"
+    r = pipeline(tmp_path, f"data: {{format: csv, csv: {d}/labels.csv, images: {d}, image_size: 32, "
+                           "positive_label: Infiltration, columns: {image: image, labels: [Infiltration], "
+                           "view: view, sex: sex, age: age}}\n")
+    prep = tmp_path / "prepared"
+    man = json.loads((prep / "manifest.json").read_text())
+    assert man["labels"]["patient_from"] == "DICOM PatientID" and man["labels"]["pseudonymized"] is True
+    kinds = {c["kind"] for c in man["converted"]}
+    assert {"format", "bit depth"} <= kinds, kinds  # DICOM windowed to 8 bits, recorded per image
+    key = prep / ".patient-key"
+    assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600
+    cols = shard_columns(prep)
+    assert_disjoint_by_patient(cols)
+    assert all(i.startswith("images/") and i.endswith(".dcm") for im, _ in cols.values() for i in im)
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "patient ids (DICOM PatientID) pseudonymised by a keyed hash" in report
+    # no PatientID of a header in any file the run wrote, nor in its console output; the key file holds none
+    mrns = [synthetic.patient_mrn(9, p).encode() for p in range(1, n + 1)]
+    assert any(m in (d / "images" / "00000001_000.dcm").read_bytes() for m in mrns)  # the search can find them
+    written = [f for base in (prep, tmp_path / "run") for f in base.rglob("*") if f.is_file()]
+    assert len(written) > 20
+    leaks = [str(f) for f in written for m in mrns if m in f.read_bytes()]
+    assert not leaks, leaks[:5]
+    assert not [m for m in mrns if m.decode() in r.stdout + r.stderr]
