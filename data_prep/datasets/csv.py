@@ -52,5 +52,4 @@ def read(d, limit: int = 0) -> Table:
     policy = apply_policy(frame, labels, d.uncertain)
     frame["no_finding"] = (frame[[STATE + f for f in labels]].to_numpy() == 0).all(axis=1) & \
         ~frame[list(labels)].to_numpy(bool).any(axis=1)
-    policy["patient_from"] = "column " + c.patient if c.patient else "dicom or image"
     return Table(frame, labels, issues, len(raw), fmt="csv", policy=policy)

@@ -55,7 +55,8 @@ def pseudonym(k: bytes, patient: str) -> str:
 def resolve(df, d, out, log):
     """``df["patient"]`` filled (csv without a patient column: the DICOM header's PatientID, else the image
     id) and pseudonymised when asked; returns ``(df, {"patient_from", "pseudonymized"})`` for the manifest."""
-    source = "column"
+    source = {"nih": "column Patient ID", "chexpert": "Path's patientNNNNN folder"}.get(
+        d.format, f"column {d.columns.patient}")
     if d.format == "csv" and not d.columns.patient:
         ids = [header_patient(p) for p in df["path"]]
         from_header = sum(bool(i) for i in ids)
