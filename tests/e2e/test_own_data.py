@@ -123,3 +123,28 @@ def test_dicom_set_with_patients_from_the_header(tmp_path):
     leaks = [str(f) for f in written for m in mrns if m in f.read_bytes()]
     assert not leaks, leaks[:5]
     assert not [m for m in mrns if m.decode() in r.stdout + r.stderr]
+
+
+def test_chexpert_multilabel_masked_labels_train_and_evaluate(tmp_path):
+    """Multilabel under U-Ignore: uncertain and blank labels stay in the shards as masked, the masked loss
+    trains, and each finding's AUC counts only its labelled test images."""
+    synthetic.generate(tmp_path / "data", patients=30, image_size=64, seed=6, progress=False, fmt="chexpert")
+    pipeline(tmp_path, f"data: {{format: chexpert, csv: {tmp_path}/data/CheXpert-v1.0-small/train.csv, "
+                       f"images: {tmp_path}/data, task: multilabel, uncertain: ignore, image_size: 32}}\n")
+    prep = tmp_path / "prepared"
+    man = json.loads((prep / "manifest.json").read_text())
+    masked = man["splits"]["test"]["masked"]
+    assert len(masked) == 13 and sum(masked.values()) > 0
+    with h5py.File(prep / man["splits"]["test"]["shards"][0]["file"], "r") as h:
+        assert h["mask"].shape == h["targets"].shape and (h["mask"][...] == 0).any()
+    hist = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(hist) == 3 and all("nan" not in row for row in hist[1:])
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    test_mask = {}
+    for sh in man["splits"]["test"]["shards"]:
+        with h5py.File(prep / sh["file"], "r") as h:
+            for j, c in enumerate(man["classes"]):
+                test_mask[c] = test_mask.get(c, 0) + int((h["mask"][:, j] == 0).sum())
+    assert {c: f["masked"] for c, f in m["plain"]["findings"].items()} == test_mask
+    assert m["labels"]["masked_test_labels"] == sum(test_mask.values())
+    assert "labels masked in the shards" in (tmp_path / "run" / "report.md").read_text()
