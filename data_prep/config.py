@@ -529,7 +529,8 @@ def run_definition(cfg) -> dict:
     skip = {f"prep.{k}" for k in PREP_RUN_KEYS} | {f"train.{k}" for k in TRAIN_RUN_KEYS} | set(RUN_FREE_KEYS)
     out = {}
     for name in ("data", "prep", "model", "train"):
-        out.update({k: v for k, v in _leaves(getattr(cfg, name), name).items() if k not in skip})
+        out.update({k: list(v) if isinstance(v, tuple) else v  # as read back from config.yaml
+                    for k, v in _leaves(getattr(cfg, name), name).items() if k not in skip})
     return out
 
 

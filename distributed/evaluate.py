@@ -693,7 +693,7 @@ def _write_outputs(cfg, g: Gathered, log) -> dict:
 def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, log):
     """(targets, metrics without TTA, metrics with TTA or None, top-level extras), patient-bootstrapped.
     The operating point of each is chosen on its own validation predictions and applied to test."""
-    groups = np.asarray(meta["patient_id"])
+    groups = labelpolicy.bootstrap_groups(meta["patient_id"])
     subgroups = {"view": meta["view"], "sex": meta["sex"]}
     threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
     extra: dict = {}

@@ -7,8 +7,19 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
+
 POLICY_TEXT = {"ignore": "masked out of the loss and the metrics (U-Ignore)",
                "positive": "counted as positive (U-Ones)", "negative": "counted as negative (U-Zeros)"}
+
+
+def bootstrap_groups(patients) -> np.ndarray:
+    """Patient ids as the bootstrap's groups: numbers when every id is one (NIH's: the same resamples as when
+    the shards held integers), else the strings."""
+    ids = np.asarray([str(p) for p in patients], dtype=object)
+    if len(ids) and all(p.isdigit() for p in ids):
+        return ids.astype(np.int64)
+    return ids
 
 
 def summary(manifest: Mapping, evaluated_mask=None) -> dict | None:
