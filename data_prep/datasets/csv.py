@@ -45,6 +45,8 @@ def read(d, limit: int = 0) -> Table:
         issues.skip_rows(frame, empty, f"empty patient ({c.patient})")
         frame = frame.loc[~empty]
     frame = finish(frame, issues, d.max_age)
+    if not c.patient:  # each image its own patient until prep finds a DICOM header's PatientID (patients.resolve)
+        frame["patient"] = frame["image"]
     if c.view:
         other = ~frame["view"].isin(d.views)
         issues.skip_rows(frame, other, f"view not in data.views ({', '.join(d.views)})")
