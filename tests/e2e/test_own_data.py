@@ -107,7 +107,9 @@ def test_dicom_set_with_patients_from_the_header(tmp_path):
     man = json.loads((prep / "manifest.json").read_text())
     assert man["labels"]["patient_from"] == "DICOM PatientID" and man["labels"]["pseudonymized"] is True
     kinds = {c["kind"] for c in man["converted"]}
-    assert {"format", "bit depth"} <= kinds, kinds  # DICOM windowed to 8 bits, recorded per image
+    assert {"format", "VOI", "photometric", "bit depth"} <= kinds, kinds  # windowed to 8 bits, per image
+    syntaxes = {c["from"] for c in man["converted"] if c["kind"] == "format"}
+    assert any("RLE" in x for x in syntaxes) and len(syntaxes) >= 2, syntaxes  # some RLE-compressed
     key = prep / ".patient-key"
     assert key.is_file() and (key.stat().st_mode & 0o777) == 0o600
     cols = shard_columns(prep)

@@ -158,3 +158,18 @@ def test_dicom_patients_from_the_header_pseudonymised(tmp_path):
     k = patients.key(tmp_path / "out")
     assert got <= {patients.pseudonym(k, m) for m in mrns}
     assert np.all([i.startswith("images/") for s in plan["splits"].values() for i in s["image"]])
+
+
+def test_csv_missing_column_at_the_command_line(tmp_path, root):
+    import subprocess
+    import sys
+
+    (tmp_path / "labels.csv").write_text("path,label\na.png,1\n")
+    (tmp_path / "c.yaml").write_text(f"data: {{format: csv, csv: {tmp_path}/labels.csv, images: {tmp_path}, "
+                                     "columns: {image: file, labels: [label]}}\n"
+                                     f"prep: {{out: {tmp_path}/out}}\n")
+    r = subprocess.run([sys.executable, "-m", "data_prep", "-c", str(tmp_path / "c.yaml")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = [ln for ln in r.stderr.splitlines() if "error" in ln]
+    assert len(lines) == 1 and "missing column(s) 'file'; found 'path', 'label'" in lines[0], r.stderr
