@@ -39,7 +39,7 @@ def load_manifest(prep_out) -> dict:
         raise ManifestError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
     if m["format"] != FORMAT:
         raise ManifestError(f"{path}: shard format {m['format']}, this code reads format {FORMAT} "
-                            f"({FORMAT_NOTES.get(FORMAT, 'a newer layout')}); rerun prep with --overwrite")
+                            f"({changes_since(m['format'])}); rerun prep with --overwrite")
     if "flow" in m and not flow_valid(m["flow"]):  # optional: manifests of older preps have none
         raise ManifestError(f"{path}: its flow of images and patients is malformed; rerun prep")
     for name in SPLITS:
@@ -52,6 +52,12 @@ def load_manifest(prep_out) -> dict:
 
 FORMAT_NOTES = {3: "shards checksummed with HDF5's Fletcher-32 filter",
                 4: "images known by their path below data.images, string patient ids, label masks"}
+def changes_since(old) -> str:
+    """What the formats after ``old`` changed (FORMAT_NOTES), for the one-line refusal of older prep output."""
+    notes = [FORMAT_NOTES[f] for f in sorted(FORMAT_NOTES) if not isinstance(old, int) or f > old]
+    return "; ".join(notes) if notes else "a newer layout"
+
+
 FIX = ("rerun prep with --overwrite (prep.overwrite=true), or `python -m data_prep verify --config C` "
        "to list every damaged shard")
 
