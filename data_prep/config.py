@@ -51,10 +51,26 @@ def _copy(d):
 
 
 @dataclass(frozen=True)
+class ColumnsConfig:
+    image: str = _f("", "csv format: column of the image path relative to data.images (required)")
+    patient: str = _f("", "csv format: column of the patient id; empty: the DICOM header's PatientID (DICOM "
+                          "images), else each image is its own patient")
+    labels: tuple[str, ...] = _f((), "csv format: label columns (1 positive, 0 negative, -1 uncertain, blank "
+                                     "unlabelled), one for a binary task or several (required)")
+    view: str = _f("", "csv format: optional column of the view (PA, AP, LL, ...)")
+    sex: str = _f("", "csv format: optional column of the sex (M/F)")
+    age: str = _f("", "csv format: optional column of the age in years")
+
+
+@dataclass(frozen=True)
 class DataConfig:
-    csv: str = _f("data/Data_Entry_2017.csv", "NIH metadata CSV (2017 or v2020 schema)")
+    format: Literal["nih", "chexpert", "csv"] = _f(
+        "nih", "layout of data.csv: nih (ChestX-ray14), chexpert (CheXpert train.csv/valid.csv) or csv "
+               "(data.columns); docs/user-guide.md, Your own data")
+    csv: str = _f("data/Data_Entry_2017.csv", "metadata CSV (nih: the 2017 or v2020 schema)")
     images: str = _f(
-        "data", "root below which the PNGs are found by name (flat images/ or Kaggle's images_NNN/images/)")
+        "data", "root of the images: nih finds them by file name below it (flat images/ or Kaggle's "
+                "images_NNN/images/); chexpert: the folder holding CheXpert-v1.0-small; csv: the paths' root")
     image_size: int = _f(384, "side of the square image fed to the network, pixels", 32, 2048)
     task: Literal["binary", "multilabel"] = _f(
         "binary", "binary: positive_label vs negatives; multilabel: the 14 findings")
@@ -64,6 +80,15 @@ class DataConfig:
     official_split: bool = _f(False, "use train_val_list.txt/test_list.txt beside the CSV (or in data.images); "
                                       "a missing one stops prep")
     max_age: int = _f(120, "ages above this are implausible: the image is kept, its age recorded as unknown", 1, 200)
+    uncertain: Literal["ignore", "positive", "negative"] = _f(
+        "ignore", "uncertain labels (-1; chexpert, csv): ignore masks them out of the loss and the metrics "
+                  "(U-Ignore), positive counts them as 1 (U-Ones), negative as 0 (U-Zeros)")
+    views: tuple[str, ...] = _f(("PA", "AP"), "views kept (chexpert, and csv with a view column): frontal only "
+                                              "by default; add LL (lateral) to keep those")
+    columns: ColumnsConfig = _f(ColumnsConfig(), "")
+    pseudonymize: Literal["auto", "on", "off"] = _f(
+        "auto", "patient ids as a keyed hash (HMAC-SHA256, key in prep.out, 0600); auto: on when the patient "
+                "comes from a DICOM header")
 
 
 @dataclass(frozen=True)
@@ -251,6 +276,8 @@ class Config:
 # --------------------------------------------------------------------------- building
 
 def _type_name(tp) -> str:
+    if typing.get_origin(tp) is tuple:
+        return "list of str"
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
@@ -258,6 +285,12 @@ def _type_name(tp) -> str:
 
 def _check_scalar(key: str, tp, value, meta):
     origin = typing.get_origin(tp)
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{key}: expected a list of strings, got {value!r} ({type(value).__name__})")
+        return tuple(value)
     if origin is Literal:
         allowed = typing.get_args(tp)
         if isinstance(value, bool) and "on" in allowed and "off" in allowed:
@@ -440,7 +473,7 @@ def _check_across(cfg: Config) -> Config:
 
 
 def to_dict(cfg) -> dict:
-    return dataclasses.asdict(cfg)
+    return dataclasses.asdict(cfg, dict_factory=lambda kv: {k: list(v) if isinstance(v, tuple) else v for k, v in kv})
 
 
 def config_hash(section_dicts: Mapping[str, Any]) -> str:
@@ -458,8 +491,9 @@ def config_hash(section_dicts: Mapping[str, Any]) -> str:
 # meaning changes (then every output is made again).
 
 # layout version of the shards and manifest.json (2: `converted` lists every kind; 3: Fletcher-32
-# checksums on every dataset); a new one invalidates old outputs
-SHARD_FORMAT = 3
+# checksums on every dataset; 4: images known by their relative path, string patient ids, label masks and
+# findings); a new one invalidates old outputs
+SHARD_FORMAT = 4
 HASH_SCHEMA = 1   # version of what the defaults mean; a new one invalidates every stage's output
 PREP_RUN_KEYS = ("out", "strict", "overwrite", "stage_to")  # where and how prep runs or is read, not what it makes
 # how training runs, not what it trains
@@ -520,7 +554,8 @@ def run_definition(cfg) -> dict:
     skip = {f"prep.{k}" for k in PREP_RUN_KEYS} | {f"train.{k}" for k in TRAIN_RUN_KEYS} | set(RUN_FREE_KEYS)
     out = {}
     for name in ("data", "prep", "model", "train"):
-        out.update({k: v for k, v in _leaves(getattr(cfg, name), name).items() if k not in skip})
+        out.update({k: list(v) if isinstance(v, tuple) else v  # as read back from config.yaml
+                    for k, v in _leaves(getattr(cfg, name), name).items() if k not in skip})
     return out
 
 

@@ -86,7 +86,7 @@ def count(step: str, images, patients, cls, names: Sequence[str], split: str | N
     import numpy as np
     import pandas as pd
 
-    f = pd.DataFrame({"image": np.asarray(images, dtype=object), "patient": np.asarray(patients, dtype=np.int64),
+    f = pd.DataFrame({"image": np.asarray(images, dtype=object), "patient": np.asarray(patients).astype(str),
                       "cls": np.asarray(cls, dtype=object)})
     distinct = f.drop_duplicates("image")
     names = [c for c in names if c != OTHER or step == "usable"]  # the task rule leaves none of OTHER

@@ -39,7 +39,7 @@ def load_manifest(prep_out) -> dict:
         raise ManifestError(f"{path}: incomplete manifest, missing {', '.join(missing)}")
     if m["format"] != FORMAT:
         raise ManifestError(f"{path}: shard format {m['format']}, this code reads format {FORMAT} "
-                            f"({FORMAT_NOTES.get(FORMAT, 'a newer layout')}); rerun prep with --overwrite")
+                            f"({changes_since(m['format'])}); rerun prep with --overwrite")
     if "flow" in m and not flow_valid(m["flow"]):  # optional: manifests of older preps have none
         raise ManifestError(f"{path}: its flow of images and patients is malformed; rerun prep")
     for name in SPLITS:
@@ -50,7 +50,14 @@ def load_manifest(prep_out) -> dict:
     return m
 
 
-FORMAT_NOTES = {3: "shards checksummed with HDF5's Fletcher-32 filter"}
+FORMAT_NOTES = {3: "shards checksummed with HDF5's Fletcher-32 filter",
+                4: "images known by their path below data.images, string patient ids, label masks"}
+def changes_since(old) -> str:
+    """What the formats after ``old`` changed (FORMAT_NOTES), for the one-line refusal of older prep output."""
+    notes = [FORMAT_NOTES[f] for f in sorted(FORMAT_NOTES) if not isinstance(old, int) or f > old]
+    return "; ".join(notes) if notes else "a newer layout"
+
+
 FIX = ("rerun prep with --overwrite (prep.overwrite=true), or `python -m data_prep verify --config C` "
        "to list every damaged shard")
 
@@ -70,11 +77,12 @@ def shard_file(prep_out: Path, entry: dict, where="manifest") -> Path:
     return p
 
 
-_COLUMNS = {"label": "int64", "targets": "uint8", "patient_id": "int64", "age": "int16",
-            "image_index": None, "view": None, "sex": None}
+_COLUMNS = {"label": "int64", "targets": "uint8", "mask": "uint8", "patient_id": None, "age": "int16",
+            "image_index": None, "view": None, "sex": None, "findings": None}
 
 
-_STRINGS = ("image_index", "view", "sex")
+_STRINGS = ("image_index", "view", "sex", "findings")
+_OPTIONAL = ("mask", "findings")  # absent: every label known, no findings text (readers default them)
 
 
 def check_shard(h, entry: dict, manifest: dict, path) -> None:
@@ -100,16 +108,19 @@ def check_shard(h, entry: dict, manifest: dict, path) -> None:
             problems.append("images carry no Fletcher-32 checksums (an older shard format)")
     for name, dtype in _COLUMNS.items():
         if name not in h:
-            problems.append(f"no {name} dataset")
+            if name not in _OPTIONAL:
+                problems.append(f"no {name} dataset")
             continue
         ds = h[name]
-        rows = len(ds.shape) == (2 if name == "targets" else 1) and ds.shape[0] == n
+        rows = len(ds.shape) == (2 if name in ("targets", "mask") else 1) and ds.shape[0] == n
         if not rows or (dtype and ds.dtype.name != dtype):
             problems.append(f"{name} is {ds.dtype} {ds.shape}, expected {n} rows" + (f" of {dtype}" if dtype else ""))
-        elif name == "targets" and ds.shape[1] > 1000:
+        elif name in ("targets", "mask") and ds.shape[1] > 1000:
             problems.append(f"targets are {ds.shape}, expected ({n}, classes)")
         elif name in _STRINGS and h5py_string(ds) is None:
             problems.append(f"{name} is {ds.dtype}, expected strings")
+        elif name == "patient_id" and h5py_string(ds) is None and ds.dtype.kind not in "iu":
+            problems.append(f"patient_id is {ds.dtype}, expected strings or integers")
     if problems:
         raise ManifestError(f"shard {path} does not match the manifest: {problems[0]}; {FIX}")
 
@@ -212,8 +223,8 @@ def verify_manifest(prep_out, files=None) -> dict:
                 n = h["images"].shape[0]
                 if n != sh["count"]:
                     problems.append(f"{sh['file']}: {n} images, manifest says {sh['count']}")
-                for ds in ("label", "targets", "image_index", "patient_id", "view", "age", "sex"):
-                    if ds not in h or h[ds].shape[0] != n:
+                for ds in ("label", "targets", "mask", "image_index", "patient_id", "findings", "view", "age", "sex"):
+                    if (ds not in h and ds not in _OPTIONAL) or (ds in h and h[ds].shape[0] != n):
                         problems.append(f"{sh['file']}: dataset {ds} missing or of the wrong length")
                 if h["images"].shape[1:] != (m["image_size"], m["image_size"]):
                     problems.append(f"{sh['file']}: images are {h['images'].shape[1:]}, "

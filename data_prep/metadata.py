@@ -59,7 +59,8 @@ class Issues:
         """Record every row of ``frame[mask]``; ``reason`` is a string or a Series of strings."""
         sub = frame.loc[mask]
         reasons = reason.loc[sub.index] if isinstance(reason, pd.Series) else [reason] * len(sub)
-        for img, line, r in zip(sub["image"].tolist(), sub["line"].tolist(), reasons):
+        names = sub["name"] if "name" in sub else sub["image"]  # the CSV's own name: what the user finds there
+        for img, line, r in zip(names.tolist(), sub["line"].tolist(), reasons):
             self.skipped.append({"image": str(img), "reason": str(r), "line": int(line)})
 
     def extend(self, other: "Issues"):
@@ -153,10 +154,11 @@ def parse_frame(df: pd.DataFrame, max_age: int = 120) -> tuple[pd.DataFrame, Iss
     if img.str.len().ne(img.str.strip().str.len()).any():
         img = img.str.strip()
     df = df.assign(image=img)
-    # 1. names: no path, no '..', not empty
-    bad_name = (img == "") | img.str.contains(r"[/\\]|\.\.", regex=True)
+    # 1. names: a file name or a relative path below data.images (an image is known by that path); no '..',
+    # no absolute path, no backslash, not empty
+    bad_name = (img == "") | img.str.contains(r"\\|(?:^|/)\.\.(?:/|$)|^/|//", regex=True)
     issues.skip_rows(df, bad_name & (img == ""), "empty Image Index")
-    issues.skip_rows(df, bad_name & (img != ""), "unsafe Image Index (path separator or '..')")
+    issues.skip_rows(df, bad_name & (img != ""), "unsafe Image Index (absolute path, backslash or '..')")
     df = df.loc[~bad_name]
     # 2. duplicates: keep the first row of a name
     dup = df["image"].duplicated(keep="first")
@@ -215,9 +217,10 @@ def parse_frame(df: pd.DataFrame, max_age: int = 120) -> tuple[pd.DataFrame, Iss
 
 def find_images(root, names=None, exclude=(), refused: list | None = None) -> dict[str, str]:
     """Map file name -> path for every file below ``root`` (flat ``images/`` or Kaggle's
-    ``images_NNN/images/``). Only names in ``names`` are kept when given. Directories are walked
-    in sorted order, so when a name occurs twice the first path in that order wins. Symlink loops
-    and symlinks leaving ``root`` are not followed and are listed in ``refused`` (``fsutil.walk_tree``)."""
+    ``images_NNN/images/``): NIH's CSV names its images by file name only. Only names in ``names`` are kept
+    when given. Directories are walked in sorted order, so when a name occurs twice the first path in that
+    order wins. Symlink loops and symlinks leaving ``root`` are not followed and are listed in ``refused``
+    (``fsutil.walk_tree``)."""
     root = Path(root)
     if not root.is_dir():
         raise MetadataError(f"image folder not found: {root} (data.images)")
@@ -310,19 +313,20 @@ def split_patients(df: pd.DataFrame, val_fraction: float, test_fraction: float, 
     split = pd.Series("", index=df.index, dtype=object)
     rng = np.random.default_rng([seed, 0])
     if official is None:
-        patients = np.unique(df["patient"].to_numpy())
+        patients = patient_order(df["patient"])
         perm = patients[rng.permutation(len(patients))]
         n_test = min(_n_of(test_fraction, len(perm)), len(perm))
         n_val = min(_n_of(val_fraction, len(perm)), len(perm) - n_test)
         test_p, val_p = perm[:n_test], perm[n_test:n_test + n_val]
-        p = df["patient"]
+        p = df["patient"].astype(str) if len(patients) else df["patient"]
         split[:] = "train"
         split[p.isin(val_p)] = "val"
         split[p.isin(test_p)] = "test"
         return split, issues
     train_val, test = official
-    in_test = df["image"].isin(test)
-    in_tv = df["image"].isin(train_val) & ~in_test
+    name = df["name"] if "name" in df else df["image"]  # the lists name NIH's images by file name
+    in_test = name.isin(test)
+    in_tv = name.isin(train_val) & ~in_test
     neither = ~(in_test | in_tv)
     issues.skip_rows(df, neither, "not in train_val_list.txt or test_list.txt (data.official_split)")
     test_patients = df.loc[in_test, "patient"].unique()
@@ -330,18 +334,27 @@ def split_patients(df: pd.DataFrame, val_fraction: float, test_fraction: float, 
     issues.skip_rows(df, leak, "patient also in test_list.txt: train_val image dropped to keep splits disjoint")
     in_tv = in_tv & ~leak
     split[in_test] = "test"
-    tv_patients = np.unique(df.loc[in_tv, "patient"].to_numpy())
+    tv_patients = patient_order(df.loc[in_tv, "patient"])
     perm = tv_patients[rng.permutation(len(tv_patients))]
     val_p = perm[:min(_n_of(val_fraction, len(perm)), len(perm))]
     split[in_tv] = "train"
-    split[in_tv & df["patient"].isin(val_p)] = "val"
+    split[in_tv & df["patient"].astype(str).isin(val_p)] = "val"
     return split, issues
+
+
+def patient_order(patients: pd.Series) -> np.ndarray:
+    """The distinct patient ids in the split's order: by number when every id is a decimal number (NIH's, as
+    when they were integers), else as strings."""
+    uniq = pd.unique(patients.astype(str).to_numpy()) if len(patients) else np.array([], dtype=object)
+    if len(uniq) and all(u.isdigit() for u in uniq):
+        return uniq[np.argsort([int(u) for u in uniq], kind="stable")]
+    return np.sort(uniq.astype(object))
 
 
 def sample_split(df: pd.DataFrame, split: str, task: str, per_class: int, seed: int) -> pd.DataFrame:
     """Rows of one split in their final order (train: balanced when asked, then shuffled;
-    val/test: each image at most once, capped per class, sorted by image name)."""
-    df = df.sort_values("image", kind="stable")
+    val/test: each image at most once, capped per class, sorted by the CSV's name of the image)."""
+    df = df.sort_values("name" if "name" in df else "image", kind="stable")
     stream = {"train": 1, "val": 2, "test": 3}[split]
     rng = np.random.default_rng([seed, stream])
     if task != "binary" or per_class <= 0:

@@ -46,10 +46,12 @@ from PIL import Image
 from tqdm import tqdm
 
 from data_prep import config as cfgmod
+from data_prep import datasets as ds
 from data_prep import flow as fl
 from data_prep import locks, testhooks
 from data_prep import metadata as md
 from data_prep.cli import UserError
+from data_prep.datasets import patients
 from data_prep.fsutil import atomic_write_bytes, atomic_write_json, sha256_file
 from data_prep.imaging import ImageError, load_xray
 from data_prep.log import env_size, get_logger
@@ -84,26 +86,28 @@ def make_plan(cfg, log=None) -> dict:
     log = log or get_logger()
     t0 = time.perf_counter()
     d, p = cfg.data, cfg.prep
-    classes = md.task_classes(d.task, d.positive_label, d.negative_rule)
-    frame, issues = md.read_metadata(d.csv, d.max_age, p.limit)
-    log.info("metadata: %d usable rows of %s (%d rows skipped, %d notes)", len(frame), d.csv,
+    classes = ds.task_classes(d)
+    table = ds.read(d, p.limit)
+    frame, issues = table.frame, table.issues
+    log.info("metadata (%s): %d usable rows of %s (%d rows skipped, %d notes)", d.format, len(frame), d.csv,
              len(issues.skipped), len(issues.notes))
     names = fl.class_names(d.task, classes)
+    positive = classes[1] if d.task == "binary" else d.positive_label
 
     def step(name, rows, split_name=None):
-        cls = fl.row_classes(rows, d.task, classes, d.positive_label, d.negative_rule)
+        cls = fl.row_classes(rows, d.task, classes, positive, d.negative_rule)
         return fl.count(name, rows["image"], rows["patient"], cls, names, split_name)
-    flow = [fl.csv_step(len(frame) + len(issues.skipped), p.limit), step("usable", frame)]
-    df = md.select_task(frame, d.task, d.positive_label, d.negative_rule)
+    flow = [fl.csv_step(table.rows, p.limit), step("usable", frame)]
+    df, masked = ds.select_task(table, d)
     flow.append(step("task", df))
-    # files: find by name below data.images; missing and empty files are skipped here
+    # files: below data.images, by relative path (NIH: by file name); missing and empty files are skipped here
     refused: list[dict] = []  # symlink loops and links leaving data.images (fsutil.walk_tree)
-    found = md.find_images(d.images, df["image"].tolist(), exclude=[p.out], refused=refused)
-    paths = df["image"].map(found)
+    df = df.copy()
+    paths = ds.locate(df, table, d.images, exclude=[p.out], refused=refused)
     missing = paths.isna()
     by_name = {os.path.basename(r["image"]): r["reason"] for r in refused}
-    linked = missing & df["image"].isin(by_name)
-    issues.skip_rows(df, linked, df["image"].map(by_name))
+    linked = missing & df["image"].map(os.path.basename).isin(by_name)
+    issues.skip_rows(df, linked, df["image"].map(os.path.basename).map(by_name))
     issues.skip_rows(df, missing & ~linked, "file not found below data.images")
     if refused:
         log.warning("data.images: %d symlink(s) not followed (loops, or leading outside %s), e.g. %s: %s",
@@ -114,6 +118,10 @@ def make_plan(cfg, log=None) -> dict:
     empty = sizes == 0
     issues.skip_rows(df, empty, "zero-byte file")
     df = df.loc[~empty]
+    dup = df["image"].duplicated(keep="first")  # two names of one file
+    issues.skip_rows(df, dup, "the same file as an earlier row")
+    df = df.loc[~dup]
+    df, pseudo = patients.resolve(df, d, p.out, log)
     flow.append(step("files", df))
     # split by patient
     official, split_method = None, "seeded"
@@ -131,12 +139,15 @@ def make_plan(cfg, log=None) -> dict:
         rows = md.sample_split(df.loc[split == name], name, d.task, per_class, p.seed)
         flow.append(step("split", df.loc[split == name], name))
         capped.append(step("capped", rows, name))
+        tgt, mask = ds.targets(rows, d.task, classes)
         splits[name] = {
             "image": rows["image"].tolist(), "path": rows["path"].tolist(),
-            "label": rows["label"].to_numpy(np.int64), "targets": md.targets_matrix(rows, d.task),
-            "patient": rows["patient"].to_numpy(np.int64), "view": rows["view"].tolist(),
+            "label": rows["label"].to_numpy(np.int64), "targets": tgt, "mask": mask,
+            "findings": ds.findings_text(rows, table.findings),
+            "patient": rows["patient"].astype(str).to_numpy(object), "view": rows["view"].tolist(),
             "age": rows["age"].to_numpy(np.int16), "sex": rows["sex"].tolist(),
-            "available": md.label_counts(df.loc[split == name], d.task, classes),
+            "available": ds.label_counts(df.loc[split == name], d.task, classes),
+            "masked": ds.masked_counts(rows, d.task, classes),
         }
         n = len(rows)
         m = math.ceil(n / p.shard_size)
@@ -153,6 +164,7 @@ def make_plan(cfg, log=None) -> dict:
             "notes": issues.notes + refused,
             "max_pixels": p.max_pixels,
             "split_method": split_method, "flow": {"classes": names, "steps": flow + capped},
+            "labels": {"format": d.format, **table.policy, **masked, **pseudo},
             "plan_s": time.perf_counter() - t0}
     for name in md.SPLITS:
         s = splits[name]
@@ -254,7 +266,7 @@ def _result_from_file(path: Path, shard: dict, plan: dict) -> dict:
                "pixel_count": int(a["pixel_count"]),
                "skipped": json.loads(_attr_str(a["skipped"])), "converted": json.loads(_attr_str(a["converted"])),
                "label_counts": json.loads(_attr_str(a["label_counts"])),
-               "patients": sorted(set(h["patient_id"][...].tolist())), "resumed": True}
+               "patients": sorted({_attr_str(x) for x in h["patient_id"][...].tolist()}), "resumed": True}
     res["sha256"] = sha256_file(path)
     return res
 
@@ -315,11 +327,15 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
             h.create_dataset("targets", data=sp["targets"][idx].reshape(n, -1), dtype=np.uint8, **nums)
             h.create_dataset("image_index", data=np.array([sp["image"][i] for i in keep], dtype=object), dtype=st,
                              **opts)
-            h.create_dataset("patient_id", data=sp["patient"][idx], dtype=np.int64, **nums)
+            h.create_dataset("patient_id", data=np.array([sp["patient"][i] for i in keep], dtype=object), dtype=st,
+                             **opts)
+            h.create_dataset("mask", data=sp["mask"][idx].reshape(n, -1), dtype=np.uint8, **nums)
+            h.create_dataset("findings", data=np.array([sp["findings"][i] for i in keep], dtype=object), dtype=st,
+                             **opts)
             h.create_dataset("view", data=np.array([sp["view"][i] for i in keep], dtype=object), dtype=st, **opts)
             h.create_dataset("age", data=sp["age"][idx], dtype=np.int16, **nums)
             h.create_dataset("sex", data=np.array([sp["sex"][i] for i in keep], dtype=object), dtype=st, **opts)
-            rows = {"label": sp["label"][idx], "targets": sp["targets"][idx]}
+            rows = {"label": sp["label"][idx], "targets": sp["targets"][idx], "mask": sp["mask"][idx]}
             lc = _label_counts(rows, plan)
             a = h.attrs
             a["format"] = FORMAT
@@ -347,13 +363,13 @@ def write_shard(plan: dict, shard: dict, out: Path, tick=None) -> dict:
     return {"file": shard["file"], "split": shard["split"], "count": n, "sha256": digest,
             "pixel_sum": psum, "pixel_sumsq": psq, "pixel_count": n * S * S, "skipped": skipped,
             "converted": converted, "label_counts": lc,
-            "patients": sorted(set(sp["patient"][idx].tolist())), "resumed": False}
+            "patients": sorted({sp["patient"][i] for i in keep}), "resumed": False}
 
 
 def _label_counts(rows: dict, plan: dict) -> dict:
     if plan["task"] == "multilabel":
-        t = rows["targets"]
-        out = {f: int(t[:, j].sum()) for j, f in enumerate(md.FINDINGS)}
+        t = rows["targets"] & rows["mask"]
+        out = {f: int(t[:, j].sum()) for j, f in enumerate(plan["classes"])}
         out[md.NO_FINDING] = int((t.sum(axis=1) == 0).sum()) if len(t) else 0
         return out
     lab = rows["label"]
@@ -683,6 +699,7 @@ def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
         if not lc:
             lc = {c: 0 for c in plan["classes"]} if plan["task"] == "binary" else {}
         splits[name] = {"count": sum(r["count"] for r in shards), "planned": len(plan["splits"][name]["image"]),
+                        "masked": plan["splits"][name]["masked"],
                         "label_counts": lc, "available": plan["splits"][name]["available"],
                         "patients": len(patients),
                         "shards": [{"file": r["file"], "count": r["count"], "sha256": r["sha256"]} for r in shards]}
@@ -698,7 +715,7 @@ def _finish(cfg, plan, gathered, train_sums, out, log, timings) -> dict:
     manifest = {
         "format": FORMAT, "config_hash": plan["config_hash"], "config": cfgmod.to_dict(cfg),
         "task": plan["task"], "classes": plan["classes"], "image_size": plan["image_size"],
-        "split_method": plan["split_method"], "splits": splits,
+        "split_method": plan["split_method"], "splits": splits, "labels": plan["labels"],
         "mean": mean, "std": math.sqrt(var), "pixel_count": pcount,
         "skipped": _dedupe(skipped), "converted": _dedupe(converted), "notes": plan["notes"],
         "flow": {**plan["flow"], "steps": plan["flow"]["steps"] + written_flow(plan, results, splits)},

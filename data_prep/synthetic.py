@@ -10,7 +10,14 @@
 
 ``--format dicom`` writes the same pictures as DX DICOM files (``PPPPPPPP_FFF.dcm``, named so in the
 CSV) the way hospitals export them: 12 bits stored, a window, MONOCHROME1 for every second follow-up
-(inverted values), every third RLE-compressed, so prep and predict meet each case.
+(inverted values), every third RLE-compressed, so prep and predict meet each case; the header's PatientID is
+an MRN-like code found in no file name, and ``DIR/labels.csv`` (``image,Infiltration,view,sex,age``) is the
+table of ``data.format: csv`` (no patient column: the patient is the header's PatientID).
+
+``--format chexpert`` writes CheXpert's layout instead: ``DIR/CheXpert-v1.0-small/train.csv`` (``Path, Sex,
+Age, Frontal/Lateral, AP/PA`` and the 14 observations as 1.0 / 0.0 / -1.0 / blank) and the JPEGs at
+``CheXpert-v1.0-small/train/patientNNNNN/studyK/view1_frontal.jpg`` (the same file name in every folder),
+with a lateral ``view2_lateral.jpg`` beside every third study; Infiltration's opacities are "Lung Opacity".
 
 Pictures are procedural and only chest-LIKE in layout (body, two darker lung fields, heart,
 spine, ribs, noise); they are not medical data. Images labelled Infiltration carry patchy bright
@@ -224,7 +231,96 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 # --------------------------------------------------------------------------- driver
 
-FORMATS = ("nih", "dicom")
+FORMATS = ("nih", "chexpert", "dicom")
+CHEXPERT_DIR = "CheXpert-v1.0-small"
+CHEXPERT_OBS = ("No Finding", "Enlarged Cardiomediastinum", "Cardiomegaly", "Lung Opacity", "Lung Lesion", "Edema",
+                "Consolidation", "Pneumonia", "Atelectasis", "Pneumothorax", "Pleural Effusion", "Pleural Other",
+                "Fracture", "Support Devices")
+# NIH findings drawn by make_table -> the CheXpert observation that stands for them (Infiltration: Lung Opacity)
+_TO_CHEXPERT = {"Infiltration": "Lung Opacity", "Cardiomegaly": "Cardiomegaly", "Effusion": "Pleural Effusion",
+                "Atelectasis": "Atelectasis", "Pneumonia": "Pneumonia", "Pneumothorax": "Pneumothorax",
+                "Consolidation": "Consolidation", "Edema": "Edema", "Mass": "Lung Lesion", "Nodule": "Lung Lesion"}
+DICOM_LABELS = "labels.csv"  # --format dicom: the csv format's table (no patient column: the header's PatientID)
+
+
+def patient_mrn(seed: int, pid: int) -> str:
+    """The DICOM PatientID of a generated patient: an MRN-like code that no file name or CSV contains."""
+    import hashlib
+
+    return "MRN" + hashlib.sha256(f"cxr-synth-{seed}-{pid}".encode()).hexdigest()[:10].upper()
+
+
+def chexpert_rows(rows: list[dict], seed: int) -> list[dict]:
+    """The NIH-style rows as CheXpert rows: ``patientNNNNN/studyK/view1_frontal.jpg`` (the same file name in
+    every folder), a lateral ``view2_lateral.jpg`` beside every third study, observations as 1.0 / 0.0 / -1.0
+    (uncertain: about a sixth of the positive ones) / blank (not mentioned)."""
+    rng = np.random.default_rng([seed, 0xC4E7])
+    out = []
+    for r in rows:
+        found = {_TO_CHEXPERT[f] for f in r["Finding Labels"].split("|") if f in _TO_CHEXPERT}
+        obs = {}
+        for o in CHEXPERT_OBS[1:]:
+            if o in found:
+                obs[o] = "-1.0" if rng.random() < 0.17 else "1.0"
+            else:
+                obs[o] = "0.0" if rng.random() < 0.4 else ""
+        obs["No Finding"] = "1.0" if r["Finding Labels"] == NO_FINDING else ""
+        folder = f"{CHEXPERT_DIR}/train/patient{int(r['Patient ID']):05d}/study{int(r['Follow-up #']) + 1}"
+        sex = "Male" if r["Patient Gender"] == "M" else "Female"
+        base = {"Sex": sex, "Age": r["Patient Age"], "obs": obs, "nih": r}
+        out.append({**base, "Path": f"{folder}/view1_frontal.jpg", "Frontal/Lateral": "Frontal",
+                    "AP/PA": r["View Position"]})
+        if int(r["Follow-up #"]) % 3 == 0:
+            out.append({**base, "Path": f"{folder}/view2_lateral.jpg", "Frontal/Lateral": "Lateral", "AP/PA": ""})
+    return out
+
+
+def chexpert_csv(rows: list[dict]) -> str:
+    lines = [",".join(("Path", "Sex", "Age", "Frontal/Lateral", "AP/PA") + CHEXPERT_OBS)]
+    for r in rows:
+        lines.append(",".join([r["Path"], r["Sex"], str(r["Age"]), r["Frontal/Lateral"], r["AP/PA"]]
+                              + [r["obs"][o] for o in CHEXPERT_OBS]))
+    return "\n".join(lines) + "\n"
+
+
+def jpeg_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr, mode="L").save(buf, format="JPEG", quality=92)
+    return buf.getvalue()
+
+
+def generate_chexpert(out: Path, rows: list[dict], image_size: int, seed: int, progress: bool,
+                      overwrite_images: bool) -> dict:
+    cx = chexpert_rows(rows, seed)
+    for r in tqdm(cx, desc="synthetic images", unit="img", disable=not progress, file=sys.stderr):
+        path = out / r["Path"]
+        if not overwrite_images and path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        n = r["nih"]
+        arr = render(image_size, n["Finding Labels"], n["View Position"], image_rng(seed, n["Patient ID"],
+                                                                                    n["Follow-up #"]))
+        if r["Frontal/Lateral"] == "Lateral":
+            arr = np.ascontiguousarray(arr[:, ::-1])
+        atomic_write_bytes(path, jpeg_bytes(arr))
+    atomic_write_text(out / CHEXPERT_DIR / "train.csv", chexpert_csv(cx))
+    atomic_write_text(out / "SYNTHETIC.txt", f"Generated by data_prep.synthetic (seed {seed}): procedural pictures, "
+                                             "not medical data.\n")
+    frontal = [r for r in cx if r["Frontal/Lateral"] == "Frontal"]
+    return {"out": str(out), "images": len(cx), "patients": len({r["nih"]["Patient ID"] for r in cx}),
+            "image_size": image_size, "seed": seed, "frontal": len(frontal),
+            "Lung Opacity": sum(r["obs"]["Lung Opacity"] == "1.0" for r in frontal),
+            "uncertain Lung Opacity": sum(r["obs"]["Lung Opacity"] == "-1.0" for r in frontal),
+            "No Finding": sum(r["obs"]["No Finding"] == "1.0" for r in frontal)}
+
+
+def dicom_labels_csv(rows: list[dict]) -> str:
+    """--format dicom: the csv format's table, image paths relative to the output folder, no patient column."""
+    lines = ["image,Infiltration,view,sex,age"]
+    for r in rows:
+        pos = "1" if "Infiltration" in r["Finding Labels"].split("|") else "0"
+        lines.append(f"images/{r['Image Index']},{pos},{r['View Position']},{r['Patient Gender']},{r['Patient Age']}")
+    return "\n".join(lines) + "\n"
 
 
 def dicom_file(path: Path, arr: np.ndarray, row: dict, seed: int) -> None:
@@ -239,7 +335,7 @@ def dicom_file(path: Path, arr: np.ndarray, row: dict, seed: int) -> None:
         stored = 4095 - stored
     tmp = path.with_name(path.name + ".tmp")
     dicom.write_dicom(tmp, stored, photometric=photometric, window=(2048.0, 4096.0),
-                      compress="rle" if f % 3 == 2 else "", patient_id=f"{int(row['Patient ID']):08d}",
+                      compress="rle" if f % 3 == 2 else "", patient_id=patient_mrn(seed, int(row["Patient ID"])),
                       spacing=float(row["sx"]), uid_seed=f"cxr-synth-{seed}-{row['Image Index']}")
     os.replace(tmp, path)  # whole or absent, as the PNGs
 
@@ -250,9 +346,11 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     out = Path(out)
+    rows = make_table(patients, seed, image_size)
+    if fmt == "chexpert":
+        return generate_chexpert(out, rows, image_size, seed, progress, overwrite_images)
     img_dir = out / "images"
     img_dir.mkdir(parents=True, exist_ok=True)
-    rows = make_table(patients, seed, image_size)
     if fmt == "dicom":
         for r in rows:
             r["Image Index"] = r["Image Index"][:-4] + ".dcm"
@@ -269,6 +367,8 @@ def generate(out, patients: int = 200, image_size: int = 1024, seed: int = 0, pr
         else:
             atomic_write_bytes(path, png_bytes(arr))
     atomic_write_text(out / CSV_NAME, table_csv(rows))
+    if fmt == "dicom":
+        atomic_write_text(out / DICOM_LABELS, dicom_labels_csv(rows))
     atomic_write_text(out / "train_val_list.txt", "\n".join(train_val) + "\n")
     atomic_write_text(out / "test_list.txt", "\n".join(test) + "\n")
     # read by distributed.export: a model card of a model trained on these says so
@@ -292,7 +392,8 @@ def _out_folder(args, parser) -> str:
         return args.out
     cfg = load_config(args.config, args.overrides)
     out = args.out or cfg.data.images
-    expected = Path(out) / CSV_NAME
+    expected = Path(out) / {"chexpert": f"{CHEXPERT_DIR}/train.csv", "dicom": DICOM_LABELS}.get(
+        args.format if cfg.data.format != "nih" else "nih", CSV_NAME)
     if os.path.abspath(cfg.data.csv) != os.path.abspath(expected):
         raise ConfigError(f"data.csv: {cfg.data.csv} is not the CSV this writes ({expected}); set data.csv to it "
                           f"or --out to the folder of data.csv")
@@ -310,7 +411,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed; the same seed gives byte-identical output")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--format", choices=FORMATS, default="nih",
-                    help="nih: 8-bit PNGs (default); dicom: the same pictures as 12-bit DX DICOM files")
+                    help="nih: 8-bit PNGs (default); chexpert: CheXpert's layout (JPEGs in patient/study "
+                         "folders, train.csv with uncertain and blank labels, lateral views); dicom: the same "
+                         "pictures as 12-bit DX DICOM files, with labels.csv for data.format csv")
     add_config_args(ap, required=False)
     args = ap.parse_args(argv)
     args.out = _out_folder(args, ap)
@@ -320,6 +423,11 @@ def main(argv=None) -> int:
         ap.error("--image-size must be in [16, 4096]")
     s = generate(args.out, args.patients, args.image_size, args.seed, progress=not args.no_progress,
                  fmt=args.format)
+    if args.format == "chexpert":
+        print(f"wrote {s['images']} images of {s['patients']} patients ({s['image_size']} px) to {s['out']}: "
+              f"{s['frontal']} frontal, Lung Opacity {s['Lung Opacity']} (uncertain {s['uncertain Lung Opacity']}), "
+              f"No Finding {s['No Finding']}")
+        return 0
     print(f"wrote {s['images']} images of {s['patients']} patients ({s['image_size']} px) to {s['out']}: "
           f"Infiltration {s['Infiltration']}, No Finding {s['No Finding']}; "
           f"train_val {s['train_val']}, test {s['test']}")

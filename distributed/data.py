@@ -52,6 +52,7 @@ _SEED_MIX = np.int64(1_000_003)
 
 
 MAX_OPEN_SHARDS = 64  # shard files one SplitData keeps open at most (least recently used closed first)
+MASKED = 255  # a masked label in the uint8 targets fed to the model; -1 once cast (distributed.model.masked_loss)
 
 
 class SplitData:
@@ -92,15 +93,21 @@ class SplitData:
         self.peak_open = 0
         self._images: np.ndarray | None = None
         self._meta: dict | None = None
-        targets, labels = [], []
+        targets, labels, masks = [], [], []
         for i in range(len(self.files)):
             with self._lock:
                 h = self._file(i)
                 targets.append(np.asarray(h["targets"][:], dtype=np.uint8))
                 labels.append(np.asarray(h["label"][:], dtype=np.int64))
+                masks.append(np.asarray(h["mask"][:], dtype=np.uint8) if "mask" in h else np.ones_like(targets[-1]))
         k = len(self.classes) if self.multilabel else max(2, len(self.classes))
         self.targets = np.concatenate(targets) if targets else np.zeros((0, k), np.uint8)
         self.labels = np.concatenate(labels) if labels else np.zeros((0,), np.int64)
+        self.mask = np.concatenate(masks) if masks else np.ones_like(self.targets)
+        # labels masked out of the loss (data.uncertain: ignore, blank labels): MASKED in what the model is fed
+        self.masked = bool((self.mask == 0).any())
+        self.fed_targets = np.where(self.mask > 0, self.targets, MASKED).astype(np.uint8) if self.masked \
+            else self.targets
         self.num_classes = int(self.targets.shape[1]) if self.targets.ndim == 2 and self.n else k
 
     def __len__(self):
@@ -182,17 +189,20 @@ class SplitData:
         return out
 
     def metadata(self) -> dict:
-        """Per-image columns in split order: image_index, patient_id, view, age, sex, label."""
+        """Per-image columns in split order: image_index, patient_id (str), view, age, sex, findings (the image's
+        positive findings joined by ``|``), label."""
         if self._meta is None:
-            cols = {k: [] for k in ("image_index", "patient_id", "view", "age", "sex")}
+            cols = {k: [] for k in ("image_index", "patient_id", "view", "age", "sex", "findings")}
             for i in range(len(self.files)):
                 for k in cols:
                     with self._lock:
-                        v = self._file(i)[k][:]
+                        h = self._file(i)
+                        v = h[k][:] if k in h else np.array([""] * int(self.counts[i]), dtype=object)
                     if v.dtype.kind in ("O", "S"):
                         v = np.array([x.decode() if isinstance(x, bytes) else str(x) for x in v], dtype=object)
                     cols[k].append(v)
             self._meta = {k: (np.concatenate(v) if v else np.array([])) for k, v in cols.items()}
+            self._meta["patient_id"] = np.array([str(x) for x in self._meta["patient_id"]], dtype=object)
             self._meta["label"] = self.labels
         return self._meta
 
@@ -330,6 +340,12 @@ def map_and_prefetch(ds: tf.data.Dataset, fn, data_threads: int = 0, autotune: s
     return ds.prefetch(AUTOTUNE if on else 2).with_options(_options(data_threads, on))
 
 
+def fed(y):
+    """uint8 targets as the model's float targets: a masked label (``MASKED``) becomes -1."""
+    y = tf.cast(y, tf.float32)
+    return tf.where(y > 1.5, -tf.ones_like(y), y)
+
+
 def batch_preparer(augment, seed: int, rank: int = 0):
     """The training map: (epoch, batch, uint8 images (B,S,S), uint8 targets) -> (float32 images
     (B,S,S,1), float32 targets), augmented when ``augment`` is set (None or ``enabled: false``:
@@ -342,7 +358,7 @@ def batch_preparer(augment, seed: int, rank: int = 0):
         if augment is not None:
             s = tf.stack([tf.constant(seed, tf.int64) * _SEED_MIX + rank, tf.cast(epoch, tf.int64) * _SEED_MIX + b])
             x = augment_images(x, augment, seed=s)
-        return x, tf.cast(y, tf.float32)
+        return x, fed(y)
 
     return prepare
 
@@ -364,7 +380,7 @@ def train_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int 
         for b in range(start_step if epoch == start_epoch else 0, steps):
             if record is not None:
                 record[(epoch, b)] = hashlib.sha1(np.ascontiguousarray(idx[b], dtype=np.int64).tobytes()).hexdigest()
-            yield np.int64(b), data.read(idx[b]), data.targets[idx[b]]
+            yield np.int64(b), data.read(idx[b]), data.fed_targets[idx[b]]
 
     spec = (tf.TensorSpec((), tf.int64), tf.TensorSpec((batch_size, S, S), tf.uint8),
             tf.TensorSpec((batch_size, K), tf.uint8))
@@ -391,7 +407,7 @@ def eval_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int =
     def batches():
         for b in range(nb):
             sel = idx[b * batch_size:(b + 1) * batch_size]
-            yield np.int64(b), data.read(sel), data.targets[sel], sel
+            yield np.int64(b), data.read(sel), data.fed_targets[sel], sel
 
     spec = (tf.TensorSpec((), tf.int64), tf.TensorSpec((None, S, S), tf.uint8),
             tf.TensorSpec((None, K), tf.uint8), tf.TensorSpec((None,), tf.int64))
@@ -401,7 +417,7 @@ def eval_dataset(data: SplitData, *, batch_size: int, rank: int = 0, size: int =
         if augment is not None:
             s = None if seed is None else tf.stack([tf.constant(seed, tf.int64) * _SEED_MIX + rank, b])
             x = augment_images(x, augment, seed=s)
-        y = tf.cast(y, tf.float32)
+        y = fed(y)
         return (x, y, i) if with_index else (x, y)
 
     ds = tf.data.Dataset.from_generator(batches, output_signature=spec)

@@ -73,7 +73,7 @@ from data_prep.fsutil import atomic_write_json, atomic_write_text, sha256_file
 from data_prep.log import get_logger
 from data_prep.manifest import load_manifest
 from data_prep.textsafe import console, csv_row
-from distributed import decision, hvd, plots, provenance, results, runtime, tracking
+from distributed import decision, hvd, labelpolicy, plots, provenance, results, runtime, tracking
 from distributed import metrics as M
 from distributed import rundir as R
 from distributed.metrics import format_auc_line, format_auc_table, format_class_table, format_side_by_side
@@ -203,7 +203,7 @@ def predictions_csv(meta: dict, classes, multilabel: bool, probs, tta, targets=N
             (["calibrated_probability"] if calibrated is not None else [])
     w.writerow(csv_row(head))
     for i in range(len(probs)):
-        row = [i, meta["image_index"][i], int(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
+        row = [i, meta["image_index"][i], str(meta["patient_id"][i]), meta["view"][i], meta["sex"][i],
                int(meta["age"][i])]
         if multilabel:
             t = targets[i]
@@ -489,16 +489,11 @@ def evaluated_flow(manifest: Mapping, meta: dict, data) -> dict | None:
     return fl.with_evaluated(manifest.get("flow"), meta["image_index"], meta["patient_id"], cls)
 
 
-def finding_labels(cfg, names) -> list[str] | None:
-    """The CSV's Finding Labels of each image (``data.csv``), or None when the CSV cannot be read."""
-    from data_prep.metadata import MetadataError, read_metadata
-
-    try:
-        df, _ = read_metadata(cfg.data.csv, cfg.data.max_age)
-    except (MetadataError, OSError):
+def finding_labels(meta: dict | None) -> list[str] | None:
+    """Each image's findings as its shard records them (``|``-joined; 'No Finding' when none), or None."""
+    if meta is None or "findings" not in meta:
         return None
-    lab = dict(zip(df["image"], df["labels"]))
-    return [lab.get(str(n), "") for n in names]
+    return [str(f) or "No Finding" for f in meta["findings"]]
 
 
 def co_findings(cfg, findings: list[str] | None, y) -> np.ndarray | None:
@@ -603,8 +598,7 @@ def _write_outputs(cfg, g: Gathered, log) -> EvalResult:
     findings = vfindings = None
     plan = None
     if not multilabel:
-        findings = finding_labels(cfg, meta["image_index"])
-        vfindings = finding_labels(cfg, vmeta["image_index"]) if vmeta is not None and findings is not None else None
+        findings, vfindings = finding_labels(meta), finding_labels(vmeta)  # from the shards, never data.csv
         yv = np.asarray(vmeta["label"]).astype(int) if vmeta is not None else None
         plan = calibration_plan(cfg, g.manifest, yv, g.val_probs[:, 1] if g.val_probs is not None else None, log)
     cal = (lambda P: M.as_written(M.adjust(P[:, 1], plan["temperature"], plan["shift"], plan["center"]))) if plan else \
@@ -672,6 +666,7 @@ def _write_outputs(cfg, g: Gathered, log) -> EvalResult:
                                        negative_rule=None if multilabel else cfg.data.negative_rule),
         prevalence=results.Prevalence.from_json({**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None}),
         flow=results.Flow.from_json(evaluated_flow(g.manifest, meta, data)),
+        labels=results.Labels.from_json(labelpolicy.summary(g.manifest, data.mask if data.multilabel else None)),
         decision_curve=results.DecisionCurve.from_json(decision.summary(dcurve, float(Y.mean())) if dcurve else None),
         operating_point=plain.operating_point if not multilabel else None,  # of the primary (plain) evaluation
         tta_minus_plain=results.AucDifference.from_json(extra.get("tta_minus_plain")),
@@ -701,7 +696,7 @@ def _write_outputs(cfg, g: Gathered, log) -> EvalResult:
 def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, log):
     """(targets, metrics without TTA, metrics with TTA or None, top-level extras), patient-bootstrapped.
     The operating point of each is chosen on its own validation predictions and applied to test."""
-    groups = np.asarray(meta["patient_id"])
+    groups = labelpolicy.bootstrap_groups(meta["patient_id"])
     subgroups = {"view": meta["view"], "sex": meta["sex"]}
     threshold, n_boot, seed = cfg.eval.threshold, cfg.eval.bootstrap, cfg.train.seed
     extra: dict = {}
@@ -710,7 +705,8 @@ def _compute_metrics(cfg, data, meta: dict, g: Gathered, vmeta, findings, plan, 
 
         def one(P, _):
             return M.multilabel_metrics(Y, P, class_names=data.classes, threshold=threshold, groups=groups,
-                                        n_boot=n_boot, seed=seed, subgroups=subgroups)
+                                        n_boot=n_boot, seed=seed, subgroups=subgroups,
+                                        mask=data.mask if data.masked else None)
         if g.tta is not None:
             extra["tta_minus_plain"] = M.paired_mean_auc_difference(Y, g.probs, g.tta, groups, n_boot, seed)
         return Y, one(g.probs, None), (one(g.tta, None) if g.tta is not None else None), extra

@@ -799,20 +799,25 @@ def split_auc(y, p, mask_pos, groups, n_boot: int = 0, seed: int = 0) -> dict:
 
 def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0.5, groups=None,
                        n_boot: int = 1000, seed: int = 0, subgroups: Mapping[str, Iterable] | None = None,
-                       curves: bool = True) -> dict:
+                       curves: bool = True, mask=None) -> dict:
     """Per-finding AUC (patient-bootstrap interval), mean AUC, and the per-finding table at a
-    threshold. ``Y`` is (N, K) 0/1, ``P`` (N, K) sigmoid probabilities."""
+    threshold. ``Y`` is (N, K) 0/1, ``P`` (N, K) sigmoid probabilities. ``mask`` (N, K): 0 where a label is
+    masked (``data.uncertain: ignore``, blank): a finding's AUC and interval use its labelled images only."""
     Y = np.asarray(Y).astype(int)
     P = np.asarray(P, dtype=np.float64)
     if groups is None:
         groups = np.arange(len(Y))
+    groups = np.asarray(groups)
     findings = {}
     for k, name in enumerate(class_names):
-        y, p = Y[:, k], P[:, k]
-        boot = bootstrap_auc(y, p, groups, n_boot=n_boot, seed=seed + k, roc_band=False)
+        sel = np.asarray(mask)[:, k] > 0 if mask is not None else np.ones(len(Y), bool)
+        y, p, gk = Y[sel, k], P[sel, k], groups[sel]
+        boot = bootstrap_auc(y, p, gk, n_boot=n_boot, seed=seed + k, roc_band=False)
         f = {"positives": int(y.sum()), "auc": auc(y, p), "auc_ci": boot,
              "chexnet_auc": CHEXNET_AUC.get(_norm_name(name))}
-        f["subgroups"] = {g: subgroup_auc(y, p, keys, groups, n_boot, seed + k)
+        if mask is not None:
+            f["masked"] = int((~sel).sum())
+        f["subgroups"] = {g: subgroup_auc(y, p, np.asarray(keys)[sel], gk, n_boot, seed + k)
                           for g, keys in (subgroups or {}).items()}
         if curves and both_classes(y):
             fpr, tpr, _ = roc_curve(y, p)

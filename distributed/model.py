@@ -74,6 +74,49 @@ CUSTOM_OBJECTS = {"GrayToRGB": GrayToRGB, "BackbonePreprocess": BackbonePreproce
                   "cxr>GrayToRGB": GrayToRGB, "cxr>BackbonePreprocess": BackbonePreprocess}
 
 
+# --------------------------------------------------------------------------- masked labels
+# A target of -1 is a masked label (data.uncertain: ignore, blank CheXpert labels; distributed.data.fed): it
+# adds nothing to the loss or the accuracy. Without masked labels the stock Keras loss and metric are used.
+
+@tf.keras.saving.register_keras_serializable(package="cxr")
+def masked_binary_crossentropy(y_true, y_pred):
+    """Per image: the mean binary cross-entropy over its labelled outputs (0 when none is labelled)."""
+    y_true = tf.cast(y_true, y_pred.dtype)
+    w = tf.cast(y_true >= 0, y_pred.dtype)
+    p = tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7)
+    y = tf.maximum(y_true, 0.0)
+    bce = -(y * tf.math.log(p) + (1 - y) * tf.math.log(1 - p))
+    return tf.reduce_sum(bce * w, axis=-1) / tf.maximum(tf.reduce_sum(w, axis=-1), 1.0)
+
+
+@tf.keras.saving.register_keras_serializable(package="cxr")
+def masked_categorical_crossentropy(y_true, y_pred):
+    """Categorical cross-entropy; an image whose one-hot row is masked (-1) counts 0."""
+    y_true = tf.cast(y_true, y_pred.dtype)
+    w = tf.cast(tf.reduce_all(y_true >= 0, axis=-1), y_pred.dtype)
+    p = tf.clip_by_value(y_pred, 1e-7, 1 - 1e-7)
+    return -tf.reduce_sum(tf.maximum(y_true, 0.0) * tf.math.log(p), axis=-1) * w
+
+
+@tf.keras.saving.register_keras_serializable(package="cxr")
+def masked_accuracy(y_true, y_pred):
+    """Share of the labelled outputs on the right side of 0.5 (per image)."""
+    y_true = tf.cast(y_true, y_pred.dtype)
+    w = tf.cast(y_true >= 0, y_pred.dtype)
+    hit = tf.cast(tf.equal(y_pred > 0.5, y_true > 0.5), y_pred.dtype)
+    return tf.reduce_sum(hit * w, axis=-1) / tf.maximum(tf.reduce_sum(w, axis=-1), 1.0)
+
+
+def training_loss(multilabel: bool, masked: bool = False):
+    if not masked:
+        return "binary_crossentropy" if multilabel else "categorical_crossentropy"
+    return masked_binary_crossentropy if multilabel else masked_categorical_crossentropy
+
+
+def training_metrics(masked: bool = False) -> list:
+    return [masked_accuracy] if masked else ["accuracy"]
+
+
 def _tiny_backbone(x):
     """VGG16's shape (5 blocks of 2-2-3-3-3 3x3 convs, max pooling, the same layer names) at 1/8 to
     1/4 of the width, each conv followed by batch normalization so that it learns from scratch in

@@ -42,16 +42,25 @@ class LeakageError(UserError):
 
 
 def patient_ids(prep_out, split: str, manifest: dict) -> np.ndarray:
-    """The sorted distinct patient ids of ``split`` (read from the shards' ``patient_id`` column)."""
-    ids = [np.zeros(0, np.int64)]
+    """The distinct patient ids (str) of ``split`` (read from the shards' ``patient_id`` column), sorted by
+    number when all are numbers (NIH's), else as strings."""
+    ids = []
     for path in shard_paths(prep_out, split, manifest):
         with open_shard_read(path) as h:
-            ids.append(np.asarray(h["patient_id"][:], dtype=np.int64))
-    return np.unique(np.concatenate(ids))
+            ids += [x.decode() if isinstance(x, bytes) else str(x) for x in h["patient_id"][:].tolist()]
+    return _ordered(set(ids))
+
+
+def _ordered(ids) -> np.ndarray:
+    ids = sorted(str(i) for i in ids)
+    if ids and all(i.isdigit() for i in ids):
+        ids = sorted(ids, key=int)
+    return np.asarray(ids, dtype=object)
 
 
 def ids_digest(ids) -> str:
-    return hashlib.sha256(",".join(str(int(i)) for i in np.sort(np.asarray(ids, np.int64))).encode()).hexdigest()
+    return hashlib.sha256(",".join(str(int(i)) if str(i).isdigit() else str(i)
+                                   for i in _ordered(np.asarray(ids).tolist())).encode()).hexdigest()
 
 
 def identity(prep_out, manifest: dict | None = None, splits=SPLITS) -> dict:

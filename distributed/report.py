@@ -18,7 +18,7 @@ from data_prep import flow as fl
 from data_prep.fsutil import atomic_write_text
 from data_prep.manifest import conversion_counts
 from data_prep.textsafe import fence, md, md_code
-from distributed import rundir
+from distributed import labelpolicy, rundir
 from distributed.metrics import CHEXNET_AUC, _norm_name, format_class_table, format_side_by_side, short_resamples
 from distributed.provenance import leakage_sentence
 from distributed.results import (
@@ -898,7 +898,7 @@ def write_report(run_dir, *, cfg, manifest: Mapping | None, metrics: EvalResult,
                                 + (f"{metrics.tta_rounds} rounds" if tta else "off")],
              ], "ll"), "",
              task_section(metrics, cfg),
-             "## Data", "", data_section(manifest, metrics.provenance), "",
+             "## Data", "", data_section(manifest, metrics.provenance), "", labelpolicy.report_line(metrics.labels), "",
              flow_section(metrics.flow), "", PREPROCESSING_NOTE, ""]
     lines += ["## Results", ""]
     for warning in (metrics.warnings or []) + ([short] if (short := resample_warning(metrics)) else []):

@@ -518,6 +518,23 @@ class Flow(Record):
 
 
 @dataclass(frozen=True)
+class Labels(Record):
+    """How the prep read the labels (the manifest's ``labels``; [user guide](user-guide.md#your-own-data))."""
+    format: str | None = _f("`data.format`: `nih`, `chexpert` or `csv`")
+    uncertain: str | None = _f("`data.uncertain`: `ignore` (masked), `positive` or `negative`", omit=True)
+    uncertain_labels: dict[str, int] | None = _f("per finding: uncertain (-1) labels read", omit=True)
+    blank_labels: dict[str, int] | None = _f("per finding: blank labels read", omit=True)
+    masked_images: int | None = _f("binary: images left out because their positive label was uncertain and "
+                                   "masked", omit=True)
+    patient_from: str | None = _f("where patient ids came from: a column, CheXpert's path, the DICOM header or the "
+                                   "image itself", omit=True)
+    pseudonymized: bool | None = _f("patient ids replaced by a keyed hash (`data.pseudonymize`)", omit=True)
+    masked_per_split: dict[str, dict[str, int]] | None = _f("per split and finding: labels masked in the shards",
+                                                            omit=True)
+    masked_test_labels: int | None = _f("multilabel: labels masked in the evaluated test split", omit=True)
+
+
+@dataclass(frozen=True)
 class TaskDefinition(Record):
     """The task the model was trained for (`data.*`)."""
     task: str | None = _f("`data.task`")
@@ -609,6 +626,8 @@ class EvalResult(Record):
     prevalence: Prevalence | None = _f("share of positives per split (binary)")
     flow: Flow | None = _f("the manifest's flow of images and patients with the `evaluated` test step "
                            "(`data_prep.flow`); null for a prep that recorded none")
+    labels: Labels | None = _f("how the prep read the labels: format, uncertain-label policy and masked counts "
+                               "(absent for a prep that recorded none)", omit=True)
     decision_curve: DecisionCurve | None = _f("binary: the decision curve's summary")
     operating_point: OperatingPoint | None = _f("binary: the plain evaluation's operating point (copy of "
                                                 "`plain.operating_point`)", omit=True)

@@ -160,7 +160,8 @@ def train_phase(cfg, model, state, phase: str, steps: int, train_data, val_data,
     run_dir = Path(cfg.run.dir)
     # Horovod: learning rate x size (the global batch is size times larger), warmed up from the
     # one-rank rate (the schedule), and DistributedOptimizer, which averages gradients over ranks.
-    ph = prepare_phase(cfg, model, phase, hvd.size(), steps, train_data.multilabel)
+    ph = prepare_phase(cfg, model, phase, hvd.size(), steps, train_data.multilabel,
+                       masked=getattr(train_data, "masked", False))  # U-Ignore labels: a masked loss
     if hvd.is_root():  # Horovod: rank 0 writes the run's files
         rundir.record_phase_layers(run_dir, phase, M.trainable_summary(model))
     if opt_values:
@@ -181,7 +182,8 @@ def train_phase(cfg, model, state, phase: str, steps: int, train_data, val_data,
         tally.writes += ckpt.writes
 
 
-def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False) -> Phase:
+def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: bool = False,
+                  masked: bool = False) -> Phase:
     """Freeze for ``phase``, make its optimizer (learning rate for ``size`` ranks, warm-up over
     ``steps`` per epoch), wrap it in Horovod's DistributedOptimizer and compile: the training
     step of every way of training (plain, elastic, the benchmarks)."""
@@ -192,8 +194,7 @@ def prepare_phase(cfg, model, phase: str, size: int, steps: int, multilabel: boo
     # under both precisions (bfloat16 computes, the variables stay float32); fp16 compression halves the bytes.
     opt = hvd.DistributedOptimizer(make_optimizer(phase, pcfg, cfg.train, size, steps),
                                    compression=cfg.train.allreduce_compression)
-    model.compile(optimizer=opt, loss="binary_crossentropy" if multilabel else "categorical_crossentropy",
-                  metrics=["accuracy"])
+    model.compile(optimizer=opt, loss=M.training_loss(multilabel, masked), metrics=M.training_metrics(masked))
     build_optimizer(opt, model)
     return Phase(phase, pcfg, model, opt, steps, trainable)
 

@@ -27,9 +27,10 @@ def classification_metrics(y: np.ndarray, p: np.ndarray, multilabel: bool) -> di
     if len(y) == 0:
         return {"loss": float("nan"), "accuracy": float("nan"), "auc": float("nan")}
     if multilabel:
-        loss = float(np.mean(-(y * np.log(p) + (1 - y) * np.log(1 - p))))
-        acc = float(np.mean((p > 0.5) == (y > 0.5)))
-        aucs = [auc_score(y[:, k], p[:, k]) for k in range(y.shape[1])]
+        w = y >= 0  # -1: a masked label (data.uncertain: ignore, blank), in neither the loss nor the metrics
+        loss = float(np.sum(-(y * np.log(p) + (1 - y) * np.log(1 - p)) * w) / max(1, w.sum()))
+        acc = float(np.sum(((p > 0.5) == (y > 0.5)) * w) / max(1, w.sum()))
+        aucs = [auc_score(y[w[:, k], k], p[w[:, k], k]) for k in range(y.shape[1])]
         aucs = [a for a in aucs if not math.isnan(a)]
         auc = float(np.mean(aucs)) if aucs else float("nan")
     else:

@@ -170,7 +170,7 @@ def test_model_json_holds_the_run_s_numbers(work):
     assert t["calibrated"] == {"brier": plain["calibrated"]["brier"], "ece": plain["calibrated"]["ece"]}
     td = doc["training_data"]
     assert (td["prep_hash"], td["manifest_sha256"]) == (tp["config_hash"], tp["manifest_sha256"])
-    assert td["manifest_format"] == 3 and td["source"]["synthetic"] is True
+    assert td["manifest_format"] == 4 and td["source"]["synthetic"] is True  # shard format 4 since issue 31
     assert doc["files"]["model.keras"] == sha256_file(run_dir / "model.keras") == doc["source_run"]["sha256"]
     for rel, digest in doc["files"].items():
         assert sha256_file(bundle / rel) == digest, rel

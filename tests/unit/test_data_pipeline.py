@@ -84,7 +84,7 @@ def test_split_reads_images_in_requested_order(prepared):
     cached = D.load_split(prepared, "train", cache=True)
     np.testing.assert_array_equal(cached.read(idx), tr.read(idx))
     meta = tr.metadata()
-    assert meta["image_index"][45] == "00000045_000.png" and meta["patient_id"][45] == 22
+    assert meta["image_index"][45] == "00000045_000.png" and meta["patient_id"][45] == "22"  # str since format 4
     np.testing.assert_array_equal(tr.targets[:, 1], (np.arange(97) % 3 == 0))
 
 

@@ -67,7 +67,8 @@ def _shards(out, split) -> pd.DataFrame:
     for f in sorted((out / split).glob("shard-*.h5")):
         with h5py.File(f, "r") as h:
             parts.append(pd.DataFrame({"image": [x.decode() for x in h["image_index"][...]],
-                                       "patient": h["patient_id"][...], "label": h["label"][...]}))
+                                       "patient": [int(x) for x in h["patient_id"][...]],  # str since format 4
+                                       "label": h["label"][...]}))
     f = pd.concat(parts) if parts else pd.DataFrame({"image": [], "patient": [], "label": []})
     return f.assign(cls=np.where(f["label"] == 1, POS, NEG))
 
@@ -160,7 +161,7 @@ def test_flow_of_the_real_nih_metadata_recomputed_with_pandas(tmp_path, fixtures
     in_test = files["image"].isin(set(raw.loc[test, "Image Index"]))
     in_tv = files["image"].isin(set(raw.loc[~test & ~neither, "Image Index"])) & ~in_test
     in_tv &= ~files["patient"].isin(set(files.loc[in_test, "patient"]))
-    val_patients = set(full["splits"]["val"]["patient"].tolist())
+    val_patients = {int(x) for x in full["splits"]["val"]["patient"]}  # str since format 4
     split = {"test": files[in_test], "val": files[in_tv & files["patient"].isin(val_patients)],
              "train": files[in_tv & ~files["patient"].isin(val_patients)]}
     cls = {i: c for i, c in zip(files["image"], files["cls"])}
@@ -169,7 +170,7 @@ def test_flow_of_the_real_nih_metadata_recomputed_with_pandas(tmp_path, fixtures
         for s in ("train", "val", "test"):
             exp[("split", s)] = _counts(split[s], [NEG, POS])
             sp = p["splits"][s]
-            exp[("capped", s)] = _counts(pd.DataFrame({"image": sp["image"], "patient": sp["patient"],
+            exp[("capped", s)] = _counts(pd.DataFrame({"image": sp["image"], "patient": sp["patient"].astype(int),
                                                        "cls": [cls[n] for n in sp["image"]]}), [NEG, POS])
         assert _got(p["flow"]) == exp
     got = _got(capped["flow"])

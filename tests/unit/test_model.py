@@ -173,3 +173,23 @@ def test_model_and_data_never_import_horovod_or_mpi():
     for f in ("model.py", "data.py"):
         src = (ROOT / "distributed" / f).read_text()
         assert "import horovod" not in src and "mpi4py" not in src
+
+
+def test_masked_losses_leave_masked_labels_out():
+    from distributed.data import MASKED, fed
+
+    y8 = np.array([[1, 0, MASKED], [MASKED, MASKED, MASKED]], np.uint8)
+    y = fed(tf.constant(y8)).numpy()
+    assert y.tolist() == [[1, 0, -1], [-1, -1, -1]]
+    p = np.array([[0.8, 0.4, 0.99], [0.1, 0.2, 0.3]], np.float32)
+    got = M.masked_binary_crossentropy(tf.constant(y), tf.constant(p)).numpy()
+    hand = (-np.log(0.8) - np.log(0.6)) / 2  # the masked third output and the all-masked image add nothing
+    np.testing.assert_allclose(got, [hand, 0.0], rtol=1e-5)
+    np.testing.assert_allclose(M.masked_accuracy(tf.constant(y), tf.constant(p)).numpy(), [1.0, 0.0])
+    # without masked labels the stock Keras loss, as before
+    assert M.training_loss(True) == "binary_crossentropy" and M.training_metrics() == ["accuracy"]
+    assert M.training_loss(True, masked=True) is M.masked_binary_crossentropy
+    # the validation metrics mask the same labels
+    from distributed.validation import classification_metrics
+    m = classification_metrics(y[:1], p[:1], multilabel=True)
+    assert m["loss"] == pytest.approx(hand, rel=1e-6) and m["accuracy"] == 1.0

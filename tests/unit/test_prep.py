@@ -66,7 +66,7 @@ def bad_data(tmp_path, base_data, fixtures, odd_images):
 
 
 def _read_split(out, man, split):
-    cols = {k: [] for k in ("images", "label", "targets", "image_index", "patient_id", "view", "age", "sex")}
+    cols = {k: [] for k in ("images", "label", "targets", "mask", "image_index", "patient_id", "view", "age", "sex")}
     for sh in man["splits"][split]["shards"]:
         with h5py.File(out / sh["file"], "r") as h:
             for k in cols:
@@ -98,7 +98,8 @@ def test_bad_inputs_are_listed_and_run_succeeds(tmp_path, bad_data, odd_images):
         n = man["splits"][split]["count"]
         assert cols["images"].shape == (n, SIZE, SIZE) and cols["images"].dtype == np.uint8
         assert cols["label"].dtype == np.int64 and cols["targets"].shape == (n, 2)
-        assert cols["age"].dtype == np.int16 and cols["patient_id"].dtype == np.int64
+        assert cols["age"].dtype == np.int16 and cols["patient_id"].dtype == object  # strings since format 4
+        assert cols["mask"].shape == (n, 2) and cols["mask"].all()
         assert (cols["targets"].argmax(1) == cols["label"]).all()
         names = [x.decode() for x in cols["image_index"]]
         assert len(set(names)) == len(names)  # no balancing asked: every image once

@@ -105,3 +105,22 @@ def test_infiltration_pattern_is_visible_at_64px():
     assert auc > 0.85, auc
     # and the classes differ only by that: a picture without findings has no such texture
     assert np.median(feats[ys]) > 1.5 * np.median(feats[~ys])
+
+
+def test_chexpert_layout_is_deterministic_with_uncertain_blank_and_lateral(tmp_path):
+    import pandas as pd
+
+    s = synthetic.generate(tmp_path / "a", patients=12, image_size=32, seed=4, progress=False, fmt="chexpert")
+    synthetic.generate(tmp_path / "b", patients=12, image_size=32, seed=4, progress=False, fmt="chexpert")
+    csv = tmp_path / "a" / "CheXpert-v1.0-small" / "train.csv"
+    assert csv.read_bytes() == (tmp_path / "b" / "CheXpert-v1.0-small" / "train.csv").read_bytes()
+    df = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    assert list(df.columns[:5]) == ["Path", "Sex", "Age", "Frontal/Lateral", "AP/PA"] and len(df.columns) == 19
+    assert len(df) == s["images"] and (df["Frontal/Lateral"] == "Lateral").sum() == s["images"] - s["frontal"] > 0
+    frontal = df[df["Frontal/Lateral"] == "Frontal"]
+    assert frontal["Path"].str.endswith("/view1_frontal.jpg").all() and frontal["Path"].is_unique
+    assert frontal["Path"].str.extract(r"(patient\d{5})")[0].nunique() == 12
+    values = set(df.iloc[:, 5:].to_numpy().ravel())
+    assert values == {"1.0", "0.0", "-1.0", ""}
+    assert (frontal["Lung Opacity"] == "-1.0").sum() == s["uncertain Lung Opacity"] > 0
+    assert all((tmp_path / "a" / p).is_file() for p in df["Path"])
