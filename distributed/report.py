@@ -479,16 +479,40 @@ def _split_method(metrics: EvalResult) -> str:
     return _or(metrics.split_method, "seeded")
 
 
+# The binary task's rule as each data.format reads it (data_prep.datasets); NIH's words are NEGATIVE_RULES.
+FORMAT_POSITIVES = {
+    "chexpert": "every image whose **{label}** observation is positive (1.0; an uncertain -1.0 as "
+                "`data.uncertain` says), with or without other observations",
+    "csv": "every image whose label **{label}** is 1, whatever its other labels",
+}
+FORMAT_NEGATIVES = {
+    ("chexpert", "no_finding"): "images whose `No Finding` is 1, or with no other observation positive or uncertain",
+    ("csv", "no_finding"): "images with every label 0",
+}
+
+
+def _rule_text(fmt: str, td: TaskDefinition) -> tuple[str, str]:
+    """(positives, negatives) of the binary task in the words of its data format."""
+    label, rule = md(td.positive_label), td.negative_rule
+    if fmt in FORMAT_POSITIVES:
+        neg = FORMAT_NEGATIVES.get((fmt, rule), f"every other image (the label **{label}** 0)")
+        return FORMAT_POSITIVES[fmt].format(label=label), neg
+    return (f"every image whose Finding Labels include **{label}**, with or without other findings",
+            NEGATIVE_RULES[rule] if rule in NEGATIVE_RULES else md(rule))
+
+
 def task_section(metrics: EvalResult, cfg) -> str:
     td = metrics.task_definition or TaskDefinition()
+    fmt = (metrics.labels.format if metrics.labels else None) or "nih"
     out = ["## Task", ""]
     if metrics.task != "binary":
-        out += ["Multi-label: one sigmoid output per finding of the 14; an image can carry several.", ""]
+        out += ["Multi-label: one sigmoid output per finding of the 14; an image can carry several." if fmt == "nih"
+                else f"Multi-label: one sigmoid output per finding ({len(metrics.classes or [])}, `data.format: "
+                     f"{md(fmt)}`); an image can carry several.", ""]
         return "\n".join(out)
     rule = td.negative_rule
-    out.append(f"Positives: every image whose Finding Labels include **{md(td.positive_label)}**, with or "
-               f"without other findings. Negatives (`data.negative_rule: {rule}`): "
-               f"{NEGATIVE_RULES[rule] if rule in NEGATIVE_RULES else md(rule)}. Split: "
+    positives, negatives = _rule_text(fmt, td)
+    out.append(f"Positives: {positives}. Negatives (`data.negative_rule: {rule}`): {negatives}. Split: "
                f"{md(_split_method(metrics))} by patient.")
     co = metrics.co_findings
     if co:
@@ -500,10 +524,12 @@ def task_section(metrics: EvalResult, cfg) -> str:
                     for name, c in (("with co-findings", co.auc_with), ("without co-findings", co.auc_without))],
                        "lrrrr")]
     else:
-        out += ["", "_Co-findings not counted: the metadata CSV (data.csv) was not readable at evaluation._"]
-    out += ["", "Published patient-split AUCs for Infiltration (about 0.68–0.73, CheXNet 0.7345) are one-vs-rest "
-                "(`negative_rule: all_others`); with `no_finding` the negatives are clean and the AUC is not "
-                "comparable with them.", ""]
+        out += ["", "_Co-findings not counted: the shards record no findings._"]
+    if fmt == "nih":  # the published figures are ChestX-ray14's
+        out += ["", "Published patient-split AUCs for Infiltration (about 0.68–0.73, CheXNet 0.7345) are one-vs-rest "
+                    "(`negative_rule: all_others`); with `no_finding` the negatives are clean and the AUC is not "
+                    "comparable with them."]
+    out.append("")
     return "\n".join(out)
 
 

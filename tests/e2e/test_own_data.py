@@ -93,6 +93,9 @@ def test_chexpert_style_set_under_u_ignore(tmp_path):
     report = (tmp_path / "run" / "report.md").read_text()
     assert (f"uncertain labels (`data.uncertain: ignore`): {sum(lab['uncertain_labels'].values())} read, masked "
             f"out of the loss and the metrics (U-Ignore); {lab['masked_images']} images left out") in report
+    # the task in CheXpert's words, not NIH's (no "Finding Labels", no ChestX-ray14 published figures)
+    assert "Positives: every image whose **Lung Opacity** observation is positive" in report
+    assert "Finding Labels include" not in report and "CheXNet 0.7345" not in report
     assert "prep: 2 rank(s)" in r.stderr and "train: 2 rank(s)" in r.stderr
 
 
