@@ -44,7 +44,7 @@ def report_line(lab) -> str:
     if pol and lab.format != "nih":
         unc = sum(int(v) for v in (lab.uncertain_labels or {}).values())
         parts.append(f"uncertain labels (`data.uncertain: {pol}`): {unc} read, {POLICY_TEXT.get(pol, pol)}")
-        if lab.masked_images is not None:
+        if lab.masked_images is not None and pol == "ignore":  # U-Ones/U-Zeros keep every image
             parts.append(f"{int(lab.masked_images)} images left out of the binary task because their positive "
                          "label was uncertain and masked")
         masked = sum(int(v) for s in (lab.masked_per_split or {}).values() for v in s.values())

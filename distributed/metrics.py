@@ -802,7 +802,8 @@ def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0
                        curves: bool = True, mask=None) -> dict:
     """Per-finding AUC (patient-bootstrap interval), mean AUC, and the per-finding table at a
     threshold. ``Y`` is (N, K) 0/1, ``P`` (N, K) sigmoid probabilities. ``mask`` (N, K): 0 where a label is
-    masked (``data.uncertain: ignore``, blank): a finding's AUC and interval use its labelled images only."""
+    masked (``data.uncertain: ignore``, blank): a finding's AUC and interval, and the table at the threshold
+    (:func:`masked_class_report`), use its labelled images only."""
     Y = np.asarray(Y).astype(int)
     P = np.asarray(P, dtype=np.float64)
     if groups is None:
@@ -825,14 +826,53 @@ def multilabel_metrics(Y, P, *, class_names: Sequence[str], threshold: float = 0
         findings[name] = f
     aucs = [f["auc"] for f in findings.values() if f["auc"] is not None]
     pred = (P >= threshold).astype(int)
-    rep = classification_report(Y, pred, labels=list(range(len(class_names))), target_names=list(class_names),
-                                output_dict=True, zero_division=0)
-    report = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]),
-                  "f1-score": float(v["f1-score"]), "support": int(v["support"])} for k, v in rep.items()}
-    report["accuracy"] = float(accuracy_score(Y, pred))  # exact match of all findings (subset accuracy)
+    if mask is not None and not np.all(np.asarray(mask) > 0):
+        report = masked_class_report(Y, pred, np.asarray(mask) > 0, class_names)
+    else:
+        rep = classification_report(Y, pred, labels=list(range(len(class_names))), target_names=list(class_names),
+                                    output_dict=True, zero_division=0)
+        report = {k: {"precision": float(v["precision"]), "recall": float(v["recall"]),
+                      "f1-score": float(v["f1-score"]), "support": int(v["support"])} for k, v in rep.items()}
+        report["accuracy"] = float(accuracy_score(Y, pred))  # exact match of all findings (subset accuracy)
     return {"n": int(len(Y)), "patients": int(len(np.unique(np.asarray(groups)))), "threshold": float(threshold),
             "findings": findings, "mean_auc": float(np.mean(aucs)) if aucs else None,
             "findings_with_auc": len(aucs), "report": report}
+
+
+def _prf(tp, fp, fn) -> tuple[float, float, float]:
+    """Precision, recall, F1 from counts; 0 where undefined (classification_report's zero_division=0)."""
+    p = tp / (tp + fp) if tp + fp else 0.0
+    r = tp / (tp + fn) if tp + fn else 0.0
+    return float(p), float(r), float(2 * p * r / (p + r)) if p + r else 0.0
+
+
+def masked_class_report(Y, pred, labelled, class_names: Sequence[str]) -> dict:
+    """:func:`multilabel_metrics`' table when some labels are masked: classification_report's rows and
+    averages over the labelled entries only (a masked label is neither a positive nor a negative), and the
+    subset accuracy as the share of images whose labelled findings are all predicted right."""
+    Y, pred, labelled = np.asarray(Y), np.asarray(pred), np.asarray(labelled, bool)
+    tp, fp, fn = ((Y == 1) & (pred == 1) & labelled), ((Y == 0) & (pred == 1) & labelled), \
+        ((Y == 1) & (pred == 0) & labelled)
+    out, support = {}, (Y == 1) & labelled
+    for k, name in enumerate(class_names):
+        p, r, f = _prf(tp[:, k].sum(), fp[:, k].sum(), fn[:, k].sum())
+        out[name] = {"precision": p, "recall": r, "f1-score": f, "support": int(support[:, k].sum())}
+    rows = [out[n] for n in class_names]
+    n_pos = int(support.sum())
+    p, r, f = _prf(tp.sum(), fp.sum(), fn.sum())
+    out["micro avg"] = {"precision": p, "recall": r, "f1-score": f, "support": n_pos}
+    out["macro avg"] = {m: float(np.mean([x[m] for x in rows])) for m in ("precision", "recall", "f1-score")}
+    out["macro avg"]["support"] = n_pos
+    w = np.array([x["support"] for x in rows], dtype=float)
+    out["weighted avg"] = {m: float(np.dot(w, [x[m] for x in rows]) / w.sum()) if w.sum() else 0.0
+                           for m in ("precision", "recall", "f1-score")}
+    out["weighted avg"]["support"] = n_pos
+    per = [_prf(tp[i].sum(), fp[i].sum(), fn[i].sum()) for i in range(len(Y))]
+    out["samples avg"] = {m: float(np.mean([x[j] for x in per])) if per else 0.0
+                          for j, m in enumerate(("precision", "recall", "f1-score"))}
+    out["samples avg"]["support"] = n_pos
+    out["accuracy"] = float(np.mean(np.all((pred == Y) | ~labelled, axis=1))) if len(Y) else 0.0
+    return out
 
 
 # --------------------------------------------------------------------------- text tables

@@ -142,3 +142,31 @@ def test_format_class_table_looks_like_sklearn():
             == [ln.split() for ln in ref.splitlines() if ln.strip()])
     both = M.format_side_by_side(txt, txt)
     assert len(both.splitlines()) == len(txt.splitlines())
+
+
+def test_masked_class_report_equals_sklearn_on_the_labelled_entries():
+    """With every label kept it is classification_report; a masked entry counts for nothing: flipping its label
+    or prediction changes no number, and each finding's row is sklearn's on that finding's labelled images."""
+    from sklearn.metrics import precision_recall_fscore_support
+
+    rng = np.random.default_rng(4)
+    Y = rng.integers(0, 2, (60, 3))
+    pred = rng.integers(0, 2, (60, 3))
+    names = ["a", "b", "c"]
+    full = M.masked_class_report(Y, pred, np.ones_like(Y, bool), names)
+    ref = classification_report(Y, pred, target_names=names, output_dict=True, zero_division=0)
+    for k in ref:
+        for m in ("precision", "recall", "f1-score"):
+            assert full[k][m] == pytest.approx(ref[k][m]), (k, m)
+    labelled = rng.random((60, 3)) > 0.3
+    rep = M.masked_class_report(Y, pred, labelled, names)
+    flipped = M.masked_class_report(np.where(labelled, Y, 1 - Y), np.where(labelled, pred, 1 - pred),
+                                          labelled, names)
+    assert rep == flipped
+    for k, n in enumerate(names):
+        p, r, f, _ = precision_recall_fscore_support(Y[labelled[:, k], k], pred[labelled[:, k], k],
+                                                     average="binary", zero_division=0)
+        assert (rep[n]["precision"], rep[n]["recall"], rep[n]["f1-score"]) == pytest.approx((p, r, f))
+        assert rep[n]["support"] == int(Y[labelled[:, k], k].sum())
+    assert rep["accuracy"] == pytest.approx(np.mean([all(Y[i][labelled[i]] == pred[i][labelled[i]])
+                                                     for i in range(60)]))
