@@ -661,9 +661,10 @@ def _write_outputs(cfg, g: Gathered, log) -> EvalResult:
         timings=results.Timings(predict_per_rank=g.predict_seconds.tolist(), metrics=t_metrics),
         warnings=warnings, split_method=g.manifest.get("split_method", "seeded"),
         trained_layers=results.trained_layers(R.read_trained_layers(run_dir)),  # per phase, as the trainer recorded it
-        task_definition=results.TaskDefinition(task=cfg.data.task, positive_label=None if multilabel else
-                                       cfg.data.positive_label,
-                                       negative_rule=None if multilabel else cfg.data.negative_rule),
+        # the positive class as the prep resolved it (a one-label csv's default: its label column's name)
+        task_definition=results.TaskDefinition(task=cfg.data.task,
+                                               positive_label=None if multilabel else classes[1],
+                                               negative_rule=None if multilabel else cfg.data.negative_rule),
         prevalence=results.Prevalence.from_json({**prevalences(g.manifest), "deployment": cfg.eval.prevalence or None}),
         flow=results.Flow.from_json(evaluated_flow(g.manifest, meta, data)),
         labels=results.Labels.from_json(labelpolicy.summary(g.manifest, data.mask if data.multilabel else None)),
