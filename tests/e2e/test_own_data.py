@@ -1,8 +1,9 @@
 """A research group's own data through the whole pipeline on 2 ranks (tiny backbone, 32 px): a generated
 CheXpert-style set (one file name in many patient/study folders, string patients, uncertain and blank labels,
-lateral views filtered) under U-Ignore, and a generated DICOM set read by the csv format with the patient from
-the header's PatientID, pseudonymised. Each goes prep -> train -> evaluate -> report.md, with the splits
-disjoint by patient (read from the shards) and the label policy stated. Needs Open MPI and Horovod."""
+lateral views filtered) under each uncertain-label policy, and a generated DICOM set read by the csv format
+with the patient from the header's PatientID, pseudonymised. Each goes prep -> train -> evaluate -> report.md,
+with the splits disjoint by patient (read from the shards) and the label policy stated. Needs Open MPI and
+Horovod."""
 import csv
 import json
 import os
@@ -65,18 +66,22 @@ def assert_disjoint_by_patient(cols: dict):
     assert not (sets["train"] & sets["val"]) and not (sets["train"] & sets["test"]) and not (sets["val"] & sets["test"])
 
 
-def test_chexpert_style_set_under_u_ignore(tmp_path):
+@pytest.mark.parametrize("policy", ["ignore", "positive", "negative"])
+def test_chexpert_style_set_under_each_uncertain_policy(tmp_path, policy):
+    """U-Ignore, U-Ones and U-Zeros end to end: the same generated set, the policy stated in the manifest,
+    metrics.json and report.md; only U-Ignore leaves the uncertain images out of the binary task."""
     s = synthetic.generate(tmp_path / "data", patients=40, image_size=64, seed=5, progress=False, fmt="chexpert")
     assert s["uncertain Lung Opacity"] > 0
     r = pipeline(tmp_path, f"data: {{format: chexpert, csv: {tmp_path}/data/CheXpert-v1.0-small/train.csv, "
-                           f"images: {tmp_path}/data, positive_label: Lung Opacity, uncertain: ignore, "
+                           f"images: {tmp_path}/data, positive_label: Lung Opacity, uncertain: {policy}, "
                            "image_size: 32}\n")
     prep = tmp_path / "prepared"
     man = json.loads((prep / "manifest.json").read_text())
     lab = man["labels"]
-    assert lab["format"] == "chexpert" and lab["uncertain"] == "ignore"
+    assert lab["format"] == "chexpert" and lab["uncertain"] == policy
     assert lab["uncertain_labels"]["Lung Opacity"] == s["uncertain Lung Opacity"]
-    assert lab["masked_images"] == s["uncertain Lung Opacity"]  # each left out of the binary task
+    # U-Ignore: each uncertain image left out of the binary task; U-Ones/U-Zeros keep them
+    assert lab["masked_images"] == (s["uncertain Lung Opacity"] if policy == "ignore" else 0)
     laterals = [x for x in man["skipped"] if x["reason"].startswith("view not in data.views")]
     assert len(laterals) == s["images"] - s["frontal"] and all(x["image"].endswith("view2_lateral.jpg")
                                                                for x in laterals)
@@ -89,10 +94,13 @@ def test_chexpert_style_set_under_u_ignore(tmp_path):
         rows = list(csv.DictReader(f))
     assert [r["image"] for r in rows] == cols["test"][0] and [r["patient"] for r in rows] == cols["test"][1]
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
-    assert m["labels"]["uncertain"] == "ignore" and m["classes"] == ["No Finding", "Lung Opacity"]
+    assert m["labels"]["uncertain"] == policy and m["classes"] == ["No Finding", "Lung Opacity"]
     report = (tmp_path / "run" / "report.md").read_text()
-    assert (f"uncertain labels (`data.uncertain: ignore`): {sum(lab['uncertain_labels'].values())} read, masked "
-            f"out of the loss and the metrics (U-Ignore); {lab['masked_images']} images left out") in report
+    stated = (f"uncertain labels (`data.uncertain: {policy}`): {sum(lab['uncertain_labels'].values())} read, "
+              + {"ignore": "masked out of the loss and the metrics (U-Ignore)",
+                 "positive": "counted as positive (U-Ones)", "negative": "counted as negative (U-Zeros)"}[policy])
+    assert stated in report
+    assert (f"{lab['masked_images']} images left out" in report) == (policy == "ignore")
     # the task in CheXpert's words, not NIH's (no "Finding Labels", no ChestX-ray14 published figures)
     assert "Positives: every image whose **Lung Opacity** observation is positive" in report
     assert "Finding Labels include" not in report and "CheXNet 0.7345" not in report
