@@ -39,7 +39,8 @@ def sweep_png(s: dict, out: Path) -> Path:
             err = [[y - lo], [hi - y]] if lo is not None and hi is not None else None
             colour = "tab:red" if a["point"] == best else "tab:blue"
             ax.errorbar([x], [y], yerr=err, fmt="o", color=colour, capsize=3)
-            ax.annotate(a["point"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+            name = a["point"] + (f" seed {a['seed']}" if len(s.get("seeds") or []) > 1 else "")
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
         xs = [_xs(a)[k] for a in s["arms"] if _xs(a)[k]]
         if k == 0 and xs and max(xs) > 20 * min(xs):  # parameters span orders of magnitude: log scale
             ax.set_xscale("log")
