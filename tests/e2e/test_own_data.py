@@ -6,13 +6,13 @@ with the splits disjoint by patient (read from the shards) and the label policy 
 Horovod."""
 import csv
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import h5py
 import pytest
+from test_pipeline import env  # the subprocess environment of the e2e pipeline tests
 
 from data_prep import synthetic
 
@@ -23,15 +23,6 @@ COMMON = ("model: {backbone: tiny, weights: none, dense_units: 16}\n"
           "train: {batch_size: 8, warmup: {epochs: 1}, finetune: {epochs: 1, patience: 10}}\n"
           "eval: {tta: false, bootstrap: 20, gradcam_per_group: 1}\n"
           "runtime: {precision: float32}\n")
-
-
-def env():
-    e = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "OMPI_COMM_WORLD", "HOROVOD_"))}
-    e["PYTHONPATH"] = str(ROOT) + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    if os.getuid() == 0:
-        e.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    return e
 
 
 def pipeline(d: Path, data_yaml: str):
