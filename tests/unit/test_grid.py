@@ -253,3 +253,43 @@ def test_the_preset_writes_the_articles_table_with_measured_rows(tmp_path):
     with pytest.raises(LaunchError, match="--reference 'nope': not a grid point"):
         grid.cli(["--config", str(cfg), "--preset", "transfer-options", "--reference", "nope"], "sweep",
                  fake_pipeline([]))
+
+
+def test_a_multilabel_paired_difference_is_the_mean_over_findings_by_hand(tmp_path):
+    """Multi-label arms: the difference of the mean AUC over the findings with both classes (a finding with one
+    class in the test labels is left out), with the same explicit patient resampling."""
+    np = pytest.importorskip("numpy")
+    rng = np.random.default_rng(7)
+    n, patients = 40, [f"p{i // 2:02d}" for i in range(40)]
+    y = {"A": rng.integers(0, 2, n), "B": rng.integers(0, 2, n), "C": np.zeros(n, int)}  # C: one class only
+    pa = {k: np.round(rng.random(n), 2) for k in y}
+    pb = {k: np.round(np.clip(0.3 * y[k] + 0.7 * rng.random(n), 0, 1), 2) for k in y}
+
+    def write(path, probs):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "patient", *[c for k in y for c in (f"label_{k}", f"probability_{k}")]])
+            for i in range(n):
+                w.writerow([f"im{i}.png", patients[i], *[v for k in y for v in (int(y[k][i]), float(probs[k][i]))]])
+
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    write(a, pa)
+    write(b, pb)
+    got = paired.paired_difference(a, b, n_boot=60, seed=3)
+    assert got["findings"] == 2
+
+    def mean_auc(probs, w):
+        vals = [_weighted_auc_brute(y[k], probs[k], w) for k in ("A", "B")]
+        return None if None in vals else sum(vals) / 2
+
+    ids = sorted(set(patients))
+    r, diffs = random.Random(3), []
+    for _ in range(60):
+        drawn = [ids[r.randrange(len(ids))] for _ in ids]
+        w = [drawn.count(p) for p in patients]
+        da, db = mean_auc(pa, w), mean_auc(pb, w)
+        if da is not None and db is not None:
+            diffs.append(db - da)
+    low, high = np.quantile(diffs, [0.025, 0.975])
+    assert got["n_valid"] == len(diffs) and got["low"] == pytest.approx(low) and got["high"] == pytest.approx(high)
+    assert got["auc_diff"] == pytest.approx(mean_auc(pb, [1] * n) - mean_auc(pa, [1] * n))
