@@ -312,6 +312,10 @@ def test_sbatch_time_limit_signals_requeues_and_finishes(slurm, tmp_path):
                   CONFIG=str(config), CXR_STEP_SLEEP_S="1")
     _wait(slurm, job, 150, until=lambda: out.exists() and "requeueing job" in out.read_text(), log=out)
     assert "SIGUSR1 received" in out.read_text(), out.read_text()[-3000:]
+    # The requeued job's limit raised at once: Slurm may start it by itself as soon as the credential has
+    # expired, and with the old 2 min its second run would be signalled again before it could finish.
+    subprocess.run(["scontrol", "update", f"JobId={job}", "TimeLimit=15"], env=slurm.env(), capture_output=True,
+                   timeout=15)
     _start_requeued_now(slurm, job, "TimeLimit=15")
     _wait(slurm, job, 500, log=out)
     log = out.read_text()
